@@ -1,0 +1,121 @@
+//! Block devices: the core's only route to storage.
+//!
+//! [`BlockDevice`] is an asynchronous interface (read, write with optional FUA, flush, discard,
+//! write-zeroes) over owned buffers. Implementations:
+//! - [`UringDevice`]: a real block device or regular file, `O_DIRECT`, through io_uring on the
+//!   calling thread's ring (see [`reactor`]);
+//! - [`MemDevice`]: memory, with a volatile write cache that a simulated crash can lose or tear;
+//! - [`FaultyDevice`]: a seeded, deterministic fault injector wrapped around any device.
+//!
+//! Invariants every implementation keeps: requests outside the device fail with `EINVAL` and
+//! touch nothing; a request's buffer is handed back with its completion; errors are `io::Error`
+//! values carrying an errno, never panics.
+
+mod buf;
+mod faulty;
+mod mem;
+pub mod reactor;
+mod uring;
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+
+pub use buf::{AlignedBuf, BUF_ALIGN};
+pub use faulty::{FaultConfig, FaultyDevice, OpKind};
+pub use mem::MemDevice;
+pub use uring::{OpenOptions, UringDevice};
+
+use crate::units::{Extent, Sector, SectorCount};
+
+/// A future returned by a device operation. Not `Send`: real devices complete on the ring of
+/// the thread that submitted the request.
+pub type IoFuture<T> = Pin<Box<dyn Future<Output = T> + 'static>>;
+
+/// The result of a read: the outcome and the buffer, filled on success.
+pub type ReadDone = (io::Result<()>, AlignedBuf);
+
+/// What a device is and can do, read from the kernel (or set by a test device).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DeviceInfo {
+    /// A name for messages: the path, or a test label.
+    pub name: String,
+    /// Usable size in sectors (a whole number of logical blocks).
+    pub size: SectorCount,
+    pub logical_block_bytes: u32,
+    pub physical_block_bytes: u32,
+    /// Discard is passed down (and may or may not zero).
+    pub discard: bool,
+    /// Write-zeroes is offloaded to the device (otherwise it is emulated with writes).
+    pub write_zeroes: bool,
+    /// Writes may sit in a volatile cache until a flush.
+    pub volatile_cache: bool,
+    /// The device honours FUA natively.
+    pub fua: bool,
+    pub rotational: bool,
+}
+
+impl DeviceInfo {
+    /// The logical block size in sectors.
+    pub fn logical_block_sectors(&self) -> SectorCount {
+        SectorCount(u64::from(self.logical_block_bytes) / crate::units::SECTOR_BYTES)
+    }
+
+    /// Checks that `extent` lies on the device and on logical-block boundaries.
+    pub fn check_extent(&self, extent: Extent) -> io::Result<()> {
+        let block = self.logical_block_sectors().0.max(1);
+        let aligned = extent.start.0 % block == 0 && extent.len.0 % block == 0;
+        if extent.fits_in(self.size) && aligned {
+            Ok(())
+        } else {
+            Err(io::Error::from_raw_os_error(libc::EINVAL))
+        }
+    }
+}
+
+/// Flags on a write.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WriteFlags {
+    /// Forced unit access: the data is durable when the write completes.
+    pub fua: bool,
+}
+
+impl WriteFlags {
+    pub const FUA: WriteFlags = WriteFlags { fua: true };
+}
+
+/// An asynchronous block device. Shared between threads as `Arc<dyn BlockDevice>`; each
+/// operation runs on the thread that awaits it.
+pub trait BlockDevice: Send + Sync + 'static {
+    fn info(&self) -> &DeviceInfo;
+
+    /// Reads `buf.len()` bytes at `offset` into `buf`.
+    fn read(&self, offset: Sector, buf: AlignedBuf) -> IoFuture<ReadDone>;
+
+    /// Writes `buf` at `offset`. The buffer is shared so that one buffer can feed several
+    /// destinations at once.
+    fn write(&self, offset: Sector, buf: Arc<AlignedBuf>, flags: WriteFlags) -> IoFuture<io::Result<()>>;
+
+    /// Makes every completed write durable.
+    fn flush(&self) -> IoFuture<io::Result<()>>;
+
+    /// Discards `extent`; `EOPNOTSUPP` when the device cannot.
+    fn discard(&self, extent: Extent) -> IoFuture<io::Result<()>>;
+
+    /// Writes zeroes over `extent`, offloaded when the device can (see [`DeviceInfo::write_zeroes`]).
+    fn write_zeroes(&self, extent: Extent) -> IoFuture<io::Result<()>>;
+}
+
+/// A shared handle to any block device.
+pub type DeviceRef = Arc<dyn BlockDevice>;
+
+/// An `io::Error` for an errno.
+pub fn errno(code: i32) -> io::Error {
+    io::Error::from_raw_os_error(code)
+}
+
+/// Fails a request with `EINVAL` unless `extent` is valid for `info` and its buffer matches.
+pub(crate) fn check_buf_request(info: &DeviceInfo, offset: Sector, buf: &AlignedBuf) -> io::Result<()> {
+    info.check_extent(Extent::new(offset, buf.sectors()))
+}

@@ -1,0 +1,320 @@
+//! Real block devices and regular files, `O_DIRECT`, through io_uring.
+//!
+//! A [`UringDevice`] owns one file descriptor; every request is an SQE on the ring of the
+//! thread that awaits it (see [`super::reactor`]), so one device can serve many threads.
+//! Geometry and capabilities come from the block ioctls and sysfs for block devices, and from
+//! `fstat` for files. Block devices are opened `O_EXCL` (unless asked otherwise) so that two
+//! users cannot share one by accident.
+//!
+//! Mapping of operations: read/write use `IORING_OP_READ`/`WRITE` (FUA as `RWF_DSYNC`, which
+//! the block layer turns into a FUA write or a write plus flush); flush is `fdatasync`;
+//! write-zeroes is `fallocate(ZERO_RANGE)` (the kernel offloads or writes zero pages);
+//! discard is `fallocate(PUNCH_HOLE)` on files and `BLKDISCARD` on block devices, run on
+//! smol's blocking pool because it is a synchronous ioctl.
+
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use io_uring::{opcode, types};
+
+use super::reactor::{cqe_result, submit_owned};
+use super::{check_buf_request, errno, AlignedBuf, BlockDevice, DeviceInfo, IoFuture, ReadDone, WriteFlags};
+use crate::error::{Error, IoContext, Result};
+use crate::units::{Extent, Sector, SectorCount};
+
+// Block ioctls (linux/fs.h): _IO(0x12, n) and _IOR(0x12, 114, size_t).
+const BLKSSZGET: libc::c_ulong = 0x1268;
+const BLKPBSZGET: libc::c_ulong = 0x127b;
+const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+const BLKDISCARD: libc::c_ulong = 0x1277;
+
+/// How to open a device.
+#[derive(Clone, Copy, Debug)]
+pub struct OpenOptions {
+    /// Take the block device exclusively (`O_EXCL`): fails with "busy" if it is mounted or
+    /// held by another user such as dm, md or another ublkdm device.
+    pub exclusive: bool,
+    pub read_only: bool,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        OpenOptions { exclusive: true, read_only: false }
+    }
+}
+
+/// A block device or regular file served through io_uring with `O_DIRECT`.
+pub struct UringDevice {
+    fd: Arc<OwnedFd>,
+    path: PathBuf,
+    is_block: bool,
+    info: DeviceInfo,
+}
+
+impl UringDevice {
+    /// Opens `path` and reads its geometry. Errors name the path and the reason.
+    pub fn open(path: &Path, options: OpenOptions) -> Result<UringDevice> {
+        let meta = std::fs::metadata(path).context(|| format!("cannot open {}", path.display()))?;
+        let is_block = std::os::unix::fs::FileTypeExt::is_block_device(&meta.file_type());
+        if !is_block && !meta.is_file() {
+            return Err(Error::invalid(format!("{} is neither a block device nor a regular file", path.display())));
+        }
+        let fd = open_direct(path, options, is_block)?;
+        let info = if is_block { block_info(&fd, path)? } else { file_info(&meta, path) };
+        if info.size.is_zero() {
+            return Err(Error::invalid(format!("{} is empty", path.display())));
+        }
+        Ok(UringDevice { fd: Arc::new(fd), path: path.to_owned(), is_block, info })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn raw_fd(&self) -> i32 {
+        self.fd.as_raw_fd()
+    }
+
+    fn fallocate(&self, extent: Extent, mode: i32) -> IoFuture<io::Result<()>> {
+        let fd = Arc::clone(&self.fd);
+        let checked = self.info.check_extent(extent);
+        Box::pin(async move {
+            checked?;
+            let sqe = opcode::Fallocate::new(types::Fd(fd.as_raw_fd()), extent.len.to_bytes())
+                .offset(extent.start.to_bytes())
+                .mode(mode)
+                .build();
+            // SAFETY: fallocate points at no memory; `fd` is kept open by `keep`.
+            let (res, _fd) = unsafe { submit_owned(sqe, fd) }.await;
+            cqe_result(res).map(|_| ())
+        })
+    }
+}
+
+fn open_direct(path: &Path, options: OpenOptions, is_block: bool) -> Result<OwnedFd> {
+    let cpath = CString::new(path.as_os_str().as_bytes()).map_err(|_| Error::invalid("path contains a NUL byte"))?;
+    let access = if options.read_only { libc::O_RDONLY } else { libc::O_RDWR };
+    let excl = if is_block && options.exclusive { libc::O_EXCL } else { 0 };
+    let flags = access | excl | libc::O_DIRECT | libc::O_CLOEXEC;
+    // SAFETY: `cpath` is a valid NUL-terminated string for the duration of the call.
+    let fd = unsafe { libc::open(cpath.as_ptr(), flags) };
+    if fd < 0 {
+        let err = io::Error::last_os_error();
+        let why = match err.raw_os_error() {
+            Some(libc::EBUSY) => format!("{} is in use (mounted, or held by another device)", path.display()),
+            Some(libc::EINVAL) => format!("{} does not support O_DIRECT", path.display()),
+            _ => format!("cannot open {}", path.display()),
+        };
+        return Err(Error::io(why, err));
+    }
+    // SAFETY: `fd` was just returned by open and is owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn ioctl_u64(fd: &OwnedFd, request: libc::c_ulong) -> io::Result<u64> {
+    let mut value: u64 = 0;
+    // SAFETY: the request writes one u64 (BLKGETSIZE64) into `value`, which is live.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), request as _, &mut value as *mut u64) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(value)
+}
+
+fn ioctl_int(fd: &OwnedFd, request: libc::c_ulong) -> io::Result<u32> {
+    let mut value: libc::c_int = 0;
+    // SAFETY: the request writes one int (BLKSSZGET/BLKPBSZGET) into `value`, which is live.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), request as _, &mut value as *mut libc::c_int) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(value as u32)
+}
+
+fn block_info(fd: &OwnedFd, path: &Path) -> Result<DeviceInfo> {
+    let bytes = ioctl_u64(fd, BLKGETSIZE64).context(|| format!("cannot size {}", path.display()))?;
+    let logical = ioctl_int(fd, BLKSSZGET).context(|| format!("cannot read block size of {}", path.display()))?;
+    let physical = ioctl_int(fd, BLKPBSZGET).unwrap_or(logical).max(logical);
+    let queue = sysfs_queue(fd);
+    let read = |name: &str| queue.as_ref().and_then(|q| std::fs::read_to_string(q.join(name)).ok());
+    let nonzero = |name: &str| read(name).and_then(|s| s.trim().parse::<u64>().ok()).is_some_and(|v| v > 0);
+    let block_sectors = u64::from(logical) / 512;
+    Ok(DeviceInfo {
+        name: path.display().to_string(),
+        size: SectorCount::from_bytes_floor(bytes / u64::from(logical) * u64::from(logical)),
+        logical_block_bytes: logical,
+        physical_block_bytes: physical,
+        discard: nonzero("discard_max_bytes"),
+        write_zeroes: nonzero("write_zeroes_max_bytes"),
+        volatile_cache: read("write_cache").is_none_or(|s| s.trim() == "write back"),
+        fua: read("fua").is_some_and(|s| s.trim() == "1"),
+        rotational: read("rotational").is_some_and(|s| s.trim() == "1"),
+    })
+    .inspect(|info: &DeviceInfo| debug_assert_eq!(info.size.0 % block_sectors.max(1), 0))
+}
+
+/// The sysfs `queue` folder of a block device (a partition's is its disk's).
+fn sysfs_queue(fd: &OwnedFd) -> Option<PathBuf> {
+    // SAFETY: fstat writes into a zeroed, live stat buffer.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: `fd` is open and `st` is a valid out-pointer.
+    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } < 0 {
+        return None;
+    }
+    let (major, minor) = (libc::major(st.st_rdev), libc::minor(st.st_rdev));
+    let dev = PathBuf::from(format!("/sys/dev/block/{major}:{minor}"));
+    [dev.join("queue"), dev.join("../queue")].into_iter().find(|q| q.is_dir())
+}
+
+fn file_info(meta: &std::fs::Metadata, path: &Path) -> DeviceInfo {
+    // Files are served in 4 KiB blocks, which O_DIRECT accepts on every local filesystem.
+    let size = meta.len() / 4096 * 4096;
+    DeviceInfo {
+        name: path.display().to_string(),
+        size: SectorCount::from_bytes_floor(size),
+        logical_block_bytes: 4096,
+        physical_block_bytes: 4096,
+        discard: true,
+        write_zeroes: true,
+        volatile_cache: true,
+        fua: false,
+        rotational: false,
+    }
+}
+
+impl BlockDevice for UringDevice {
+    fn info(&self) -> &DeviceInfo {
+        &self.info
+    }
+
+    fn read(&self, offset: Sector, buf: AlignedBuf) -> IoFuture<ReadDone> {
+        let fd = Arc::clone(&self.fd);
+        let checked = check_buf_request(&self.info, offset, &buf);
+        Box::pin(async move {
+            if let Err(err) = checked {
+                return (Err(err), buf);
+            }
+            rw_loop(fd, offset, RwBuf::Read(buf), WriteFlags::default()).await.into_read()
+        })
+    }
+
+    fn write(&self, offset: Sector, buf: Arc<AlignedBuf>, flags: WriteFlags) -> IoFuture<io::Result<()>> {
+        let fd = Arc::clone(&self.fd);
+        let checked = check_buf_request(&self.info, offset, &buf);
+        Box::pin(async move {
+            checked?;
+            rw_loop(fd, offset, RwBuf::Write(buf), flags).await.0
+        })
+    }
+
+    fn flush(&self) -> IoFuture<io::Result<()>> {
+        let fd = Arc::clone(&self.fd);
+        Box::pin(async move {
+            let sqe = opcode::Fsync::new(types::Fd(fd.as_raw_fd())).flags(types::FsyncFlags::DATASYNC).build();
+            // SAFETY: fsync points at no memory; `fd` is kept open by `keep`.
+            let (res, _fd) = unsafe { submit_owned(sqe, fd) }.await;
+            cqe_result(res).map(|_| ())
+        })
+    }
+
+    fn discard(&self, extent: Extent) -> IoFuture<io::Result<()>> {
+        if !self.info.discard {
+            return Box::pin(std::future::ready(Err(errno(libc::EOPNOTSUPP))));
+        }
+        if !self.is_block {
+            return self.fallocate(extent, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE);
+        }
+        let fd = Arc::clone(&self.fd);
+        let checked = self.info.check_extent(extent);
+        Box::pin(async move {
+            checked?;
+            let range = [extent.start.to_bytes(), extent.len.to_bytes()];
+            smol::unblock(move || {
+                // SAFETY: BLKDISCARD reads two u64s from `range`, which is live.
+                let rc = unsafe { libc::ioctl(fd.as_raw_fd(), BLKDISCARD as _, range.as_ptr()) };
+                if rc < 0 {
+                    Err(io::Error::last_os_error())
+                } else {
+                    Ok(())
+                }
+            })
+            .await
+        })
+    }
+
+    fn write_zeroes(&self, extent: Extent) -> IoFuture<io::Result<()>> {
+        self.fallocate(extent, libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE)
+    }
+}
+
+/// The buffer of a read or a write in flight.
+enum RwBuf {
+    Read(AlignedBuf),
+    Write(Arc<AlignedBuf>),
+}
+
+impl RwBuf {
+    fn len(&self) -> usize {
+        match self {
+            RwBuf::Read(b) => b.len(),
+            RwBuf::Write(b) => b.len(),
+        }
+    }
+}
+
+struct RwDone(io::Result<()>, RwBuf);
+
+impl RwDone {
+    fn into_read(self) -> ReadDone {
+        match self.1 {
+            RwBuf::Read(buf) => (self.0, buf),
+            RwBuf::Write(_) => unreachable!("a read completes with its read buffer"),
+        }
+    }
+}
+
+/// Issues a read or write, resubmitting the rest after a short transfer. A transfer of zero
+/// bytes is an error (`EIO`): the extent was checked to lie on the device.
+async fn rw_loop(mut fd: Arc<OwnedFd>, offset: Sector, mut buf: RwBuf, flags: WriteFlags) -> RwDone {
+    let total = buf.len();
+    let mut done = 0usize;
+    while done < total {
+        let sqe = rw_sqe(&fd, offset.to_bytes() + done as u64, &mut buf, done, flags);
+        // SAFETY: the SQE points into `buf`'s heap allocation, which moves into `keep` with the
+        // fd and stays put until the CQE.
+        let (res, back) = unsafe { submit_owned(sqe, (buf, fd)) }.await;
+        (buf, fd) = back;
+        match cqe_result(res) {
+            Ok(0) => return RwDone(Err(errno(libc::EIO)), buf),
+            Ok(n) => done += n as usize,
+            Err(err) if err.raw_os_error() == Some(libc::EAGAIN) => {}
+            Err(err) => return RwDone(Err(err), buf),
+        }
+    }
+    RwDone(Ok(()), buf)
+}
+
+/// The SQE that transfers `buf[done..]` at byte `pos`.
+fn rw_sqe(fd: &OwnedFd, pos: u64, buf: &mut RwBuf, done: usize, flags: WriteFlags) -> io_uring::squeue::Entry {
+    let len = u32::try_from(buf.len() - done).expect("request fits in u32");
+    let fd = types::Fd(fd.as_raw_fd());
+    match buf {
+        RwBuf::Read(b) => {
+            assert!(done < b.len());
+            // SAFETY: `done < len <= capacity`, so the pointer stays inside the allocation.
+            let ptr = unsafe { b.as_mut_ptr().add(done) };
+            opcode::Read::new(fd, ptr, len).offset(pos).build()
+        }
+        RwBuf::Write(b) => {
+            assert!(done < b.len());
+            // SAFETY: as above.
+            let ptr = unsafe { b.as_ptr().add(done) };
+            let rw_flags = if flags.fua { libc::RWF_DSYNC } else { 0 };
+            opcode::Write::new(fd, ptr, len).offset(pos).rw_flags(rw_flags).build()
+        }
+    }
+}

@@ -1,0 +1,16 @@
+//! ublkdm: a userspace device-mapper served through Linux ublk.
+//!
+//! The core (this crate's `src/`) owns storage access ([`device`]), the shared copy engine
+//! ([`copy`]), region bookkeeping and the persistent dirty log ([`region`]), units ([`units`])
+//! and errors ([`error`]); [`target`] is the seam to the targets, which live under `targets/`
+//! and are compiled in as modules (see the README's architecture section for why). The ublk
+//! front end, the daemon and the CLI sit on top.
+pub mod copy;
+pub mod device;
+pub mod error;
+pub mod region;
+pub mod target;
+pub mod units;
+
+#[path = "../targets/mod.rs"]
+pub mod targets;

@@ -1,0 +1,1 @@
+//! Region bitmaps and the dirty log (placeholder).

@@ -1,0 +1,40 @@
+//! The seam between the ublk front end and the targets.
+//!
+//! A target is a [`BlockDevice`] (so targets compose, and the front end serves any of them)
+//! plus what a device-mapper target adds: a kind, a status, and runtime commands from the
+//! control socket. The front end never knows which target it serves; targets never see ublk.
+//!
+//! [`TargetSpec`] is what `ublkdm add` was asked for. It is stored with the ublk device so
+//! that `ublkdm recover` can rebuild the same target after the daemon died.
+
+use std::path::PathBuf;
+
+use crate::device::{BlockDevice, IoFuture};
+use crate::error::{Error, ErrorKind, Result};
+
+/// A block device served through ublk, with device-mapper-style control.
+pub trait Target: BlockDevice {
+    /// The target's kind, e.g. `linear` or `mirror`.
+    fn kind(&self) -> &'static str;
+
+    /// The target's state for `ublkdm status`: a JSON object.
+    fn status(&self) -> serde_json::Value;
+
+    /// A target command such as `fail-leg` with its arguments; the reply is a JSON value.
+    fn command(&self, name: &str, _args: &serde_json::Value) -> Result<serde_json::Value> {
+        Err(Error::new(ErrorKind::InvalidArgument, format!("the {} target has no command '{name}'", self.kind())))
+    }
+
+    /// Called once before the daemon exits in an orderly way: persist what must be persisted.
+    fn shutdown(&self) -> IoFuture<std::io::Result<()>> {
+        self.flush()
+    }
+}
+
+/// What to build: the arguments of `ublkdm add`, persisted for `recover`.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "target", rename_all = "lowercase")]
+pub enum TargetSpec {
+    /// Pass-through onto one backing device.
+    Linear { device: PathBuf },
+}
