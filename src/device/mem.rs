@@ -33,22 +33,27 @@ struct MemState {
 impl MemDevice {
     /// A zeroed device of `size` sectors whose writes are durable at once.
     pub fn new(name: &str, size: SectorCount) -> Arc<MemDevice> {
-        MemDevice::build(name, size, false)
+        MemDevice::build(name, size, false, true)
+    }
+
+    /// A device that does not offload write-zeroes (callers must write zero buffers).
+    pub fn new_without_write_zeroes(name: &str, size: SectorCount) -> Arc<MemDevice> {
+        MemDevice::build(name, size, false, false)
     }
 
     /// A zeroed device of `size` sectors with a volatile cache (see [`MemDevice::crash`]).
     pub fn new_volatile(name: &str, size: SectorCount) -> Arc<MemDevice> {
-        MemDevice::build(name, size, true)
+        MemDevice::build(name, size, true, true)
     }
 
-    fn build(name: &str, size: SectorCount, volatile_cache: bool) -> Arc<MemDevice> {
+    fn build(name: &str, size: SectorCount, volatile_cache: bool, write_zeroes: bool) -> Arc<MemDevice> {
         let info = DeviceInfo {
             name: name.to_owned(),
             size,
             logical_block_bytes: 512,
             physical_block_bytes: 4096,
             discard: true,
-            write_zeroes: true,
+            write_zeroes,
             volatile_cache,
             fua: true,
             rotational: false,
