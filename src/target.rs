@@ -22,7 +22,10 @@ pub trait Target: BlockDevice {
 
     /// A target command such as `fail-leg` with its arguments; the reply is a JSON value.
     fn command(&self, name: &str, _args: &serde_json::Value) -> Result<serde_json::Value> {
-        Err(Error::new(ErrorKind::InvalidArgument, format!("the {} target has no command '{name}'", self.kind())))
+        Err(Error::new(
+            ErrorKind::InvalidArgument,
+            format!("the {} target has no command '{name}'", self.kind()),
+        ))
     }
 
     /// Called once before the daemon exits in an orderly way: persist what must be persisted.

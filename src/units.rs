@@ -13,19 +13,44 @@ pub const SECTOR_BYTES: u64 = 512;
 pub const SECTOR_SHIFT: u32 = 9;
 
 /// A position on a device, in 512-byte sectors from its start.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
-#[derive(serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    serde::Serialize,
+    serde::Deserialize,
+)]
 pub struct Sector(pub u64);
 
 /// A length, in 512-byte sectors.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
-#[derive(serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    serde::Serialize,
+    serde::Deserialize,
+)]
 pub struct SectorCount(pub u64);
 
 impl Sector {
     /// The byte offset of this sector.
     pub fn to_bytes(self) -> u64 {
-        self.0.checked_shl(SECTOR_SHIFT).filter(|b| b >> SECTOR_SHIFT == self.0).expect("sector overflows bytes")
+        self.0
+            .checked_shl(SECTOR_SHIFT)
+            .filter(|b| b >> SECTOR_SHIFT == self.0)
+            .expect("sector overflows bytes")
     }
 
     /// The sector at `bytes`, or `None` when `bytes` is not sector aligned.
@@ -149,9 +174,13 @@ impl fmt::Display for Extent {
 /// Parses a size such as `512`, `16K`, `512KiB`, `4M`, `1G` into bytes.
 pub fn parse_size_bytes(text: &str) -> Result<u64, String> {
     let text = text.trim();
-    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
     let (digits, suffix) = text.split_at(split);
-    let value: u64 = digits.parse().map_err(|_| format!("'{text}' is not a size"))?;
+    let value: u64 = digits
+        .parse()
+        .map_err(|_| format!("'{text}' is not a size"))?;
     let shift = match suffix.trim().to_ascii_uppercase().as_str() {
         "" | "B" => 0,
         "K" | "KB" | "KIB" => 10,
@@ -160,7 +189,10 @@ pub fn parse_size_bytes(text: &str) -> Result<u64, String> {
         "T" | "TB" | "TIB" => 40,
         _ => return Err(format!("'{text}' has an unknown unit (use K, M, G or T)")),
     };
-    value.checked_shl(shift).filter(|v| v >> shift == value).ok_or_else(|| format!("'{text}' is too large"))
+    value
+        .checked_shl(shift)
+        .filter(|v| v >> shift == value)
+        .ok_or_else(|| format!("'{text}' is too large"))
 }
 
 #[cfg(test)]
@@ -188,6 +220,9 @@ mod tests {
     #[test]
     fn sub_extent_clips_at_the_end() {
         let e = Extent::new(Sector(10), SectorCount(100));
-        assert_eq!(e.sub_extent(SectorCount(90), SectorCount(64)), Extent::new(Sector(100), SectorCount(10)));
+        assert_eq!(
+            e.sub_extent(SectorCount(90), SectorCount(64)),
+            Extent::new(Sector(100), SectorCount(10))
+        );
     }
 }

@@ -17,10 +17,19 @@ use ublkdm::units::{Extent, Sector, SectorCount};
 fn bench_copy() {
     let var = |name: &str| std::env::var(name).unwrap_or_else(|_| panic!("{name} is not set"));
     let bytes: u64 = var("BENCH_BYTES").parse().expect("BENCH_BYTES");
-    let open = |p: String| -> DeviceRef { Arc::new(UringDevice::open(Path::new(&p), OpenOptions::default()).expect("open")) };
+    let open = |p: String| -> DeviceRef {
+        Arc::new(UringDevice::open(Path::new(&p), OpenOptions::default()).expect("open"))
+    };
     let (src, dst) = (open(var("BENCH_SRC")), open(var("BENCH_DST")));
-    let extent = Extent::new(Sector(0), SectorCount::from_bytes_exact(bytes).expect("whole sectors"));
-    let job = CopyJob::copy(Location::new(&src, extent), vec![Location::new(&dst, extent)]).flushing();
+    let extent = Extent::new(
+        Sector(0),
+        SectorCount::from_bytes_exact(bytes).expect("whole sectors"),
+    );
+    let job = CopyJob::copy(
+        Location::new(&src, extent),
+        vec![Location::new(&dst, extent)],
+    )
+    .flushing();
     let engine = CopyEngine::start(CopyConfig::default()).expect("engine");
     let e = engine.clone();
     let start = Instant::now();
@@ -30,5 +39,8 @@ fn bench_copy() {
     let stats = engine.stats();
     engine.shutdown();
     println!("engine_mbps={:.1}", bytes as f64 / secs / 1e6);
-    println!("engine_memory_peak_bytes={} budget={}", stats.memory_peak, stats.memory_budget);
+    println!(
+        "engine_memory_peak_bytes={} budget={}",
+        stats.memory_peak, stats.memory_budget
+    );
 }

@@ -24,12 +24,25 @@ fn open(path: &Path) -> DeviceRef {
 }
 
 fn whole(dev: &DeviceRef, bytes: u64) -> Location {
-    Location::new(dev, Extent::new(Sector(0), SectorCount::from_bytes_exact(bytes).expect("whole sectors")))
+    Location::new(
+        dev,
+        Extent::new(
+            Sector(0),
+            SectorCount::from_bytes_exact(bytes).expect("whole sectors"),
+        ),
+    )
 }
 
 /// crc32c of `len` bytes of `dev` from `start`, read with O_DIRECT through a fresh open.
 fn checksum(path: &Path, start: Sector, len: u64) -> u32 {
-    let dev = UringDevice::open(path, OpenOptions { exclusive: false, read_only: true }).expect("open");
+    let dev = UringDevice::open(
+        path,
+        OpenOptions {
+            exclusive: false,
+            read_only: true,
+        },
+    )
+    .expect("open");
     block_on(async move {
         let mut crc = 0u32;
         let mut buf = AlignedBuf::new(4 * MIB as usize);
@@ -66,7 +79,10 @@ fn copy_one_gib_and_compare_checksums() {
     assert!(stats.memory_peak <= stats.memory_budget, "{stats:?}");
     engine.shutdown();
     drop((s, d));
-    assert_eq!(checksum(&src.path, Sector(0), size), checksum(&dst.path, Sector(0), size));
+    assert_eq!(
+        checksum(&src.path, Sector(0), size),
+        checksum(&dst.path, Sector(0), size)
+    );
 }
 
 #[test]
@@ -76,13 +92,20 @@ fn one_source_to_three_destinations() {
     let size = 64 * MIB;
     let src = LoopDev::new(dir.path(), "src", size);
     fill_random(&src.file, size, 2);
-    let dsts: Vec<LoopDev> = (0..3).map(|i| LoopDev::new(dir.path(), &format!("d{i}"), size + 8 * MIB)).collect();
+    let dsts: Vec<LoopDev> = (0..3)
+        .map(|i| LoopDev::new(dir.path(), &format!("d{i}"), size + 8 * MIB))
+        .collect();
     let s = open(&src.path);
     let ds: Vec<DeviceRef> = dsts.iter().map(|l| open(&l.path)).collect();
     // Each destination gets the copy at a different offset.
     let len = SectorCount::from_bytes_exact(size - MIB).expect("sectors");
-    let dest_locs = ds.iter().enumerate().map(|(i, d)| Location::new(d, Extent::new(Sector(i as u64 * 2048), len))).collect();
-    let job = CopyJob::copy(Location::new(&s, Extent::new(Sector(2048), len)), dest_locs).with_priority(Priority::Foreground);
+    let dest_locs = ds
+        .iter()
+        .enumerate()
+        .map(|(i, d)| Location::new(d, Extent::new(Sector(i as u64 * 2048), len)))
+        .collect();
+    let job = CopyJob::copy(Location::new(&s, Extent::new(Sector(2048), len)), dest_locs)
+        .with_priority(Priority::Foreground);
     let engine = CopyEngine::start(CopyConfig::default()).expect("engine");
     let e = engine.clone();
     let done = block_on(async move { e.copy(job).await.expect("submit") });
@@ -91,7 +114,11 @@ fn one_source_to_three_destinations() {
     drop((s, ds));
     let want = checksum(&src.path, Sector(2048), len.to_bytes());
     for (i, d) in dsts.iter().enumerate() {
-        assert_eq!(checksum(&d.path, Sector(i as u64 * 2048), len.to_bytes()), want, "destination {i}");
+        assert_eq!(
+            checksum(&d.path, Sector(i as u64 * 2048), len.to_bytes()),
+            want,
+            "destination {i}"
+        );
     }
 }
 
@@ -104,7 +131,10 @@ fn zeroing_zeroes() {
     fill_random(&dst.file, size, 3);
     let d = open(&dst.path);
     let engine = CopyEngine::start(CopyConfig::default()).expect("engine");
-    let region = Extent::new(Sector(8), SectorCount::from_bytes_exact(16 * MIB).expect("sectors"));
+    let region = Extent::new(
+        Sector(8),
+        SectorCount::from_bytes_exact(16 * MIB).expect("sectors"),
+    );
     let job = CopyJob::zero(vec![Location::new(&d, region)]).flushing();
     let e = engine.clone();
     let done = block_on(async move { e.copy(job).await.expect("submit") });
@@ -113,7 +143,11 @@ fn zeroing_zeroes() {
     drop(d);
     let zero_crc = crc32c::crc32c(&vec![0u8; 16 * MIB as usize]);
     assert_eq!(checksum(&dst.path, region.start, 16 * MIB), zero_crc);
-    assert_ne!(checksum(&dst.path, region.end(), MIB), crc32c::crc32c(&vec![0u8; MIB as usize]), "beyond untouched");
+    assert_ne!(
+        checksum(&dst.path, region.end(), MIB),
+        crc32c::crc32c(&vec![0u8; MIB as usize]),
+        "beyond untouched"
+    );
 }
 
 #[test]
@@ -127,16 +161,27 @@ fn a_destination_on_a_full_filesystem_is_reported() {
     // 16 MiB of loop device over 2 MiB of space: writes past the space fail.
     let full = SmallTmpfs::new(2 * MIB);
     let bad_file = full.dir.path().join("bad");
-    std::fs::File::create(&bad_file).and_then(|f| f.set_len(size)).expect("sparse file");
+    std::fs::File::create(&bad_file)
+        .and_then(|f| f.set_len(size))
+        .expect("sparse file");
     let bad = LoopDev::over_buffered(&bad_file);
     let (s, g, b) = (open(&src.path), open(&good.path), open(&bad.path));
-    let job = CopyJob::copy(whole(&s, size), vec![whole(&g, size), whole(&b, size)]).ignoring_errors().flushing();
+    let job = CopyJob::copy(whole(&s, size), vec![whole(&g, size), whole(&b, size)])
+        .ignoring_errors()
+        .flushing();
     let engine = CopyEngine::start(CopyConfig::default()).expect("engine");
     let e = engine.clone();
     let done = block_on(async move { e.copy(job).await.expect("submit") });
     engine.shutdown();
     assert_eq!(done.read_error, None);
-    assert_eq!(done.write_errors.iter().collect::<Vec<_>>(), vec![1], "{done:?}");
+    assert_eq!(
+        done.write_errors.iter().collect::<Vec<_>>(),
+        vec![1],
+        "{done:?}"
+    );
     drop((s, g, b));
-    assert_eq!(checksum(&src.path, Sector(0), size), checksum(&good.path, Sector(0), size));
+    assert_eq!(
+        checksum(&src.path, Sector(0), size),
+        checksum(&good.path, Sector(0), size)
+    );
 }

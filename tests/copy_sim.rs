@@ -49,7 +49,11 @@ fn build_world(seed: u64) -> World {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let nr_jobs = rng.gen_range(1..=6u64);
     let size = SectorCount(SLOT * nr_jobs);
-    let faults = |rng: &mut ChaCha8Rng| FaultConfig { seed: rng.gen(), max_delay_turns: rng.gen_range(0..6), ..Default::default() };
+    let faults = |rng: &mut ChaCha8Rng| FaultConfig {
+        seed: rng.gen(),
+        max_delay_turns: rng.gen_range(0..6),
+        ..Default::default()
+    };
 
     let source = FaultyDevice::new(MemDevice::new("src", size), faults(&mut rng));
     let mut content = vec![0u8; size.to_usize_bytes()];
@@ -110,7 +114,10 @@ fn build_world(seed: u64) -> World {
             let mut job = if rng.gen_bool(0.15) {
                 CopyJob::zero(dest_locs)
             } else {
-                CopyJob::copy(Location::new(&src_dev, Extent::new(Sector(src_start), len)), dest_locs)
+                CopyJob::copy(
+                    Location::new(&src_dev, Extent::new(Sector(src_start), len)),
+                    dest_locs,
+                )
             };
             if rng.gen_bool(0.5) {
                 job = job.ignoring_errors();
@@ -121,7 +128,14 @@ fn build_world(seed: u64) -> World {
             (slot, job)
         })
         .collect();
-    World { source, dests, bad_writes, bad_reads, config, jobs }
+    World {
+        source,
+        dests,
+        bad_writes,
+        bad_reads,
+        config,
+        jobs,
+    }
 }
 
 /// An offset into a slot and a length that fits in the slot.
@@ -140,7 +154,10 @@ fn run_world(world: &World) -> (Vec<CopyDone>, usize, usize) {
         let runner = spawn(run);
         let completions = Completions::new();
         for (token, job) in jobs.iter().cloned() {
-            engine.submit(job, token, &completions).await.expect("submit");
+            engine
+                .submit(job, token, &completions)
+                .await
+                .expect("submit");
         }
         let mut done = Vec::new();
         for _ in 0..jobs.len() {
@@ -159,16 +176,31 @@ fn check_world(world: &World, done: &[CopyDone]) {
         let job = &world.jobs[d.token as usize].1;
         let len = job.len();
         let read_extent = job.source.as_ref().map(|s| s.extent);
-        let read_fails = read_extent.is_some_and(|e| world.bad_reads.iter().any(|b| overlaps(*b, e)));
+        let read_fails =
+            read_extent.is_some_and(|e| world.bad_reads.iter().any(|b| overlaps(*b, e)));
         if d.read_error.is_some() {
-            assert!(read_fails, "job {}: read error reported on a clean source", d.token);
+            assert!(
+                read_fails,
+                "job {}: read error reported on a clean source",
+                d.token
+            );
         }
         for (i, dest) in job.dests.iter().enumerate() {
-            let dest_fails = world.bad_writes[i].iter().any(|b| overlaps(*b, dest.extent));
+            let dest_fails = world.bad_writes[i]
+                .iter()
+                .any(|b| overlaps(*b, dest.extent));
             if d.write_errors.contains(i) {
-                assert!(dest_fails, "job {}: error reported on healthy destination {i}", d.token);
+                assert!(
+                    dest_fails,
+                    "job {}: error reported on healthy destination {i}",
+                    d.token
+                );
             } else if job.ignore_errors && !read_fails {
-                assert!(!dest_fails, "job {}: failed destination {i} not reported", d.token);
+                assert!(
+                    !dest_fails,
+                    "job {}: failed destination {i} not reported",
+                    d.token
+                );
             }
             if d.is_ok() {
                 let got = world.dests[i].inner().snapshot(dest.extent);
@@ -176,7 +208,11 @@ fn check_world(world: &World, done: &[CopyDone]) {
                     Some(src) => world.source.inner().snapshot(src),
                     None => vec![0; len.to_usize_bytes()],
                 };
-                assert!(got == want, "job {}: destination {i} differs from the source", d.token);
+                assert!(
+                    got == want,
+                    "job {}: destination {i} differs from the source",
+                    d.token
+                );
             }
         }
         assert!(d.write_errors.iter().all(|i| i < job.dests.len()));
@@ -192,8 +228,20 @@ fn run_seed(seed: u64) {
     // Replay: the same seed gives the same completions, in the same order.
     let again = build_world(seed);
     let (done_again, _, _) = run_world(&again);
-    let key = |d: &CopyDone| (d.token, d.read_error, d.write_errors, d.cancelled, d.sectors_done);
-    assert_eq!(done.iter().map(key).collect::<Vec<_>>(), done_again.iter().map(key).collect::<Vec<_>>(), "seed does not replay");
+    let key = |d: &CopyDone| {
+        (
+            d.token,
+            d.read_error,
+            d.write_errors,
+            d.cancelled,
+            d.sectors_done,
+        )
+    };
+    assert_eq!(
+        done.iter().map(key).collect::<Vec<_>>(),
+        done_again.iter().map(key).collect::<Vec<_>>(),
+        "seed does not replay"
+    );
 }
 
 #[test]
@@ -201,7 +249,10 @@ fn copy_engine_simulation() {
     let seeds: Vec<u64> = match std::env::var("SEED") {
         Ok(s) => vec![s.parse().expect("SEED is a number")],
         Err(_) => {
-            let n = std::env::var("SIM_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(200u64);
+            let n = std::env::var("SIM_SEEDS")
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(200u64);
             let random_base: u64 = rand::random::<u32>() as u64;
             (0..n).chain(random_base..random_base + 20).collect()
         }

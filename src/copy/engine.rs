@@ -50,9 +50,14 @@ pub(super) fn run_thread(run: EngineRun) {
     // SAFETY: prctl with integer arguments only.
     let rc = unsafe { libc::prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) };
     if rc != 0 {
-        log::debug!("copy engine: PR_SET_IO_FLUSHER refused: {}", io::Error::last_os_error());
+        log::debug!(
+            "copy engine: PR_SET_IO_FLUSHER refused: {}",
+            io::Error::last_os_error()
+        );
     }
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| reactor::block_on(run.into_future())));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        reactor::block_on(run.into_future())
+    }));
     if result.is_err() {
         log::error!("the copy engine panicked; aborting");
         std::process::abort();
@@ -68,15 +73,24 @@ struct EngineCtx {
 
 async fn run(rx: Receiver<Submission>, shared: Arc<Shared>) {
     let config = shared.config.clone();
-    let pool = BufferPool::new(config.buffer_count(), config.sub_job_sectors.to_usize_bytes());
-    let ctx = Rc::new(EngineCtx { shared, pool, pacer: RefCell::new(Pacer::default()) });
+    let pool = BufferPool::new(
+        config.buffer_count(),
+        config.sub_job_sectors.to_usize_bytes(),
+    );
+    let ctx = Rc::new(EngineCtx {
+        shared,
+        pool,
+        pacer: RefCell::new(Pacer::default()),
+    });
     let (done_tx, done_rx) = smol::channel::unbounded::<()>();
     let mut waiting: [VecDeque<Submission>; 2] = Default::default();
     let mut running = 0usize;
     let mut open = true;
     loop {
         while running < config.jobs_in_flight_max {
-            let Some(sub) = waiting.iter_mut().find_map(|q| q.pop_front()) else { break };
+            let Some(sub) = waiting.iter_mut().find_map(|q| q.pop_front()) else {
+                break;
+            };
             running += 1;
             start_job(&ctx, sub, done_tx.clone());
         }
@@ -147,7 +161,8 @@ struct JobState {
 impl JobState {
     fn fail_read(&self, err: &io::Error, ignore_errors: bool) {
         if self.read_error.get().is_none() {
-            self.read_error.set(Some(err.raw_os_error().unwrap_or(libc::EIO)));
+            self.read_error
+                .set(Some(err.raw_os_error().unwrap_or(libc::EIO)));
         }
         self.stop.set(self.stop.get() || !ignore_errors);
     }
@@ -168,7 +183,12 @@ async fn run_job(ctx: &Rc<EngineCtx>, sub: &Submission) -> CopyDone {
     let workers = (ctx.shared.config.sub_jobs_per_job as u64).min(count);
     let tasks: Vec<_> = (0..workers)
         .map(|_| {
-            let (ctx, job, state, cancel) = (Rc::clone(ctx), Rc::clone(&job), Rc::clone(&state), Arc::clone(&sub.cancel));
+            let (ctx, job, state, cancel) = (
+                Rc::clone(ctx),
+                Rc::clone(&job),
+                Rc::clone(&state),
+                Arc::clone(&sub.cancel),
+            );
             spawn(async move {
                 while !state.stop.get() && !cancel.load(Ordering::Relaxed) {
                     let index = state.next_piece.get();
@@ -222,8 +242,12 @@ async fn run_piece(ctx: &EngineCtx, job: &CopyJob, state: &JobState, piece: Piec
     }
     let buf = write_all(job, state, piece, buf).await;
     ctx.give_back(buf);
-    state.sectors_done.set(state.sectors_done.get() + piece.len.0);
-    ctx.shared.bytes_done.fetch_add(piece.len.to_bytes(), Ordering::Relaxed);
+    state
+        .sectors_done
+        .set(state.sectors_done.get() + piece.len.0);
+    ctx.shared
+        .bytes_done
+        .fetch_add(piece.len.to_bytes(), Ordering::Relaxed);
 }
 
 /// Writes `buf` to every destination at once; returns the buffer when all are done.
@@ -232,7 +256,13 @@ async fn write_all(job: &CopyJob, state: &JobState, piece: Piece, buf: AlignedBu
     let writes: Vec<_> = job
         .dests
         .iter()
-        .map(|d| spawn(d.dev.write(d.extent.start + piece.skip, Arc::clone(&buf), WriteFlags::default())))
+        .map(|d| {
+            spawn(d.dev.write(
+                d.extent.start + piece.skip,
+                Arc::clone(&buf),
+                WriteFlags::default(),
+            ))
+        })
         .collect();
     for (dest, write) in writes.into_iter().enumerate() {
         if write.await.is_err() {
@@ -243,13 +273,24 @@ async fn write_all(job: &CopyJob, state: &JobState, piece: Piece, buf: AlignedBu
 }
 
 async fn zero_piece_offloaded(job: &CopyJob, state: &JobState, piece: Piece) {
-    let zeroes: Vec<_> = job.dests.iter().map(|d| spawn(d.dev.write_zeroes(d.extent.sub_extent(piece.skip, piece.len)))).collect();
+    let zeroes: Vec<_> = job
+        .dests
+        .iter()
+        .map(|d| {
+            spawn(
+                d.dev
+                    .write_zeroes(d.extent.sub_extent(piece.skip, piece.len)),
+            )
+        })
+        .collect();
     for (dest, op) in zeroes.into_iter().enumerate() {
         if op.await.is_err() {
             state.fail_write(dest, job.ignore_errors);
         }
     }
-    state.sectors_done.set(state.sectors_done.get() + piece.len.0);
+    state
+        .sectors_done
+        .set(state.sectors_done.get() + piece.len.0);
 }
 
 async fn flush_dests(job: &CopyJob, state: &JobState) {

@@ -107,8 +107,11 @@ impl CopyConfig {
     /// Checks the bounds; errors are the user's (they come from options).
     pub fn validate(&self) -> Result<()> {
         let sub_bytes = self.sub_job_sectors.to_bytes();
-        if self.sub_job_sectors.is_zero() || self.sub_job_sectors.0 % 8 != 0 || sub_bytes > 64 << 20 {
-            return Err(Error::invalid("the copy sub-job size must be a multiple of 4 KiB, at most 64 MiB"));
+        if self.sub_job_sectors.is_zero() || self.sub_job_sectors.0 % 8 != 0 || sub_bytes > 64 << 20
+        {
+            return Err(Error::invalid(
+                "the copy sub-job size must be a multiple of 4 KiB, at most 64 MiB",
+            ));
         }
         if (self.memory_budget_bytes as u64) < sub_bytes {
             return Err(Error::invalid(format!(
@@ -137,7 +140,10 @@ pub struct Location {
 
 impl Location {
     pub fn new(dev: &DeviceRef, extent: Extent) -> Location {
-        Location { dev: Arc::clone(dev), extent }
+        Location {
+            dev: Arc::clone(dev),
+            extent,
+        }
     }
 }
 
@@ -164,12 +170,24 @@ pub struct CopyJob {
 impl CopyJob {
     /// Copies `source` to every destination, in the background, stopping at the first error.
     pub fn copy(source: Location, dests: Vec<Location>) -> CopyJob {
-        CopyJob { source: Some(source), dests, priority: Priority::Background, ignore_errors: false, flush: false }
+        CopyJob {
+            source: Some(source),
+            dests,
+            priority: Priority::Background,
+            ignore_errors: false,
+            flush: false,
+        }
     }
 
     /// Zeroes every destination.
     pub fn zero(dests: Vec<Location>) -> CopyJob {
-        CopyJob { source: None, dests, priority: Priority::Background, ignore_errors: false, flush: false }
+        CopyJob {
+            source: None,
+            dests,
+            priority: Priority::Background,
+            ignore_errors: false,
+            flush: false,
+        }
     }
 
     pub fn with_priority(mut self, priority: Priority) -> CopyJob {
@@ -189,7 +207,10 @@ impl CopyJob {
 
     /// The length every extent of the job has.
     pub fn len(&self) -> SectorCount {
-        self.source.as_ref().or(self.dests.first()).map_or(SectorCount::ZERO, |l| l.extent.len)
+        self.source
+            .as_ref()
+            .or(self.dests.first())
+            .map_or(SectorCount::ZERO, |l| l.extent.len)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -200,7 +221,10 @@ impl CopyJob {
     /// aligned to its logical block.
     pub fn validate(&self) -> Result<()> {
         if self.dests.is_empty() || self.dests.len() > MAX_DESTS {
-            return Err(Error::invalid(format!("a copy needs 1 to {MAX_DESTS} destinations, not {}", self.dests.len())));
+            return Err(Error::invalid(format!(
+                "a copy needs 1 to {MAX_DESTS} destinations, not {}",
+                self.dests.len()
+            )));
         }
         let len = self.len();
         if len.is_zero() {
@@ -208,10 +232,16 @@ impl CopyJob {
         }
         for loc in self.source.iter().chain(&self.dests) {
             if loc.extent.len != len {
-                return Err(Error::invalid(format!("copy extents differ in length: {loc:?} is not {len}")));
+                return Err(Error::invalid(format!(
+                    "copy extents differ in length: {loc:?} is not {len}"
+                )));
             }
             loc.dev.info().check_extent(loc.extent).map_err(|e| {
-                Error::with_source(ErrorKind::InvalidArgument, format!("copy extent {loc:?} is off the device or unaligned"), e)
+                Error::with_source(
+                    ErrorKind::InvalidArgument,
+                    format!("copy extent {loc:?} is off the device or unaligned"),
+                    e,
+                )
             })?;
         }
         Ok(())
@@ -297,7 +327,10 @@ impl Completions {
     /// Waits for the next completion.
     pub async fn next(&self) -> CopyDone {
         // The queue holds a sender itself, so it never closes.
-        self.rx.recv().await.expect("completion queue holds its own sender")
+        self.rx
+            .recv()
+            .await
+            .expect("completion queue holds its own sender")
     }
 
     /// The next completion, if one is ready.
@@ -376,7 +409,9 @@ impl CopyEngine {
     /// An engine whose future the caller runs on its own executor (deterministic tests).
     /// The future ends once every handle is dropped (or [`CopyEngine::close`]d) and all
     /// submitted jobs have completed.
-    pub fn new_local(config: CopyConfig) -> Result<(CopyEngine, impl std::future::Future<Output = ()>)> {
+    pub fn new_local(
+        config: CopyConfig,
+    ) -> Result<(CopyEngine, impl std::future::Future<Output = ()>)> {
         let (engine, run) = CopyEngine::build(config)?;
         Ok((engine, run.into_future()))
     }
@@ -404,20 +439,33 @@ impl CopyEngine {
 
     /// Submits `job`; waits while the queue is full (backpressure). Its completion, carrying
     /// `token`, goes to `completions`.
-    pub async fn submit(&self, job: CopyJob, token: u64, completions: &Completions) -> Result<JobId> {
+    pub async fn submit(
+        &self,
+        job: CopyJob,
+        token: u64,
+        completions: &Completions,
+    ) -> Result<JobId> {
         job.validate()?;
         let sub = self.submission(job, token, completions);
         let id = sub.id;
         self.shared.jobs_queued.fetch_add(1, Ordering::Relaxed);
         if self.tx.send(sub).await.is_err() {
             self.forget(id);
-            return Err(Error::new(ErrorKind::Daemon, "the copy engine has shut down"));
+            return Err(Error::new(
+                ErrorKind::Daemon,
+                "the copy engine has shut down",
+            ));
         }
         Ok(id)
     }
 
     /// Submits `job` if the queue has room.
-    pub fn try_submit(&self, job: CopyJob, token: u64, completions: &Completions) -> Result<JobId, TrySubmitError> {
+    pub fn try_submit(
+        &self,
+        job: CopyJob,
+        token: u64,
+        completions: &Completions,
+    ) -> Result<JobId, TrySubmitError> {
         job.validate().map_err(TrySubmitError::Rejected)?;
         let sub = self.submission(job, token, completions);
         let id = sub.id;
@@ -427,10 +475,12 @@ impl CopyEngine {
             Err(err) => {
                 self.forget(id);
                 match err {
-                    smol::channel::TrySendError::Full(sub) => Err(TrySubmitError::Busy(Box::new(sub.job))),
-                    smol::channel::TrySendError::Closed(_) => {
-                        Err(TrySubmitError::Rejected(Error::new(ErrorKind::Daemon, "the copy engine has shut down")))
+                    smol::channel::TrySendError::Full(sub) => {
+                        Err(TrySubmitError::Busy(Box::new(sub.job)))
                     }
+                    smol::channel::TrySendError::Closed(_) => Err(TrySubmitError::Rejected(
+                        Error::new(ErrorKind::Daemon, "the copy engine has shut down"),
+                    )),
                 }
             }
         }
@@ -446,8 +496,18 @@ impl CopyEngine {
     fn submission(&self, job: CopyJob, token: u64, completions: &Completions) -> Submission {
         let id = JobId(self.shared.next_id.fetch_add(1, Ordering::Relaxed));
         let cancel = Arc::new(AtomicBool::new(false));
-        self.shared.cancels.lock().expect("cancel map").insert(id, Arc::clone(&cancel));
-        Submission { id, token, job, reply: completions.tx.clone(), cancel }
+        self.shared
+            .cancels
+            .lock()
+            .expect("cancel map")
+            .insert(id, Arc::clone(&cancel));
+        Submission {
+            id,
+            token,
+            job,
+            reply: completions.tx.clone(),
+            cancel,
+        }
     }
 
     fn forget(&self, id: JobId) {
@@ -530,11 +590,18 @@ mod tests {
     }
 
     fn small_config() -> CopyConfig {
-        CopyConfig { sub_job_sectors: SectorCount(16), memory_budget_bytes: 4 * 16 * 512, ..CopyConfig::default() }
+        CopyConfig {
+            sub_job_sectors: SectorCount(16),
+            memory_budget_bytes: 4 * 16 * 512,
+            ..CopyConfig::default()
+        }
     }
 
     /// Runs `body` with a local engine on a deterministic executor.
-    fn with_local_engine<T: 'static>(config: CopyConfig, body: impl AsyncFnOnce(CopyEngine) -> T + 'static) -> T {
+    fn with_local_engine<T: 'static>(
+        config: CopyConfig,
+        body: impl AsyncFnOnce(CopyEngine) -> T + 'static,
+    ) -> T {
         run_local(async move {
             let (engine, run) = CopyEngine::new_local(config).expect("config");
             let runner = spawn(run);
@@ -553,7 +620,8 @@ mod tests {
         let done = with_local_engine(small_config(), {
             let (src, a, b) = (src.clone(), a.clone(), b.clone());
             async move |engine: CopyEngine| {
-                let job = CopyJob::copy(loc(&src, 8, 600), vec![loc(&a, 8, 600), loc(&b, 1000, 600)]);
+                let job =
+                    CopyJob::copy(loc(&src, 8, 600), vec![loc(&a, 8, 600), loc(&b, 1000, 600)]);
                 engine.copy(job).await.expect("submit")
             }
         });
@@ -561,8 +629,16 @@ mod tests {
         assert_eq!(done.sectors_done, SectorCount(600));
         let want = src.snapshot(Extent::new(Sector(8), SectorCount(600)));
         assert_eq!(a.snapshot(Extent::new(Sector(8), SectorCount(600))), want);
-        assert_eq!(b.snapshot(Extent::new(Sector(1000), SectorCount(600))), want);
-        assert!(a.snapshot(Extent::new(Sector(0), SectorCount(8))).iter().all(|&x| x == 0), "outside untouched");
+        assert_eq!(
+            b.snapshot(Extent::new(Sector(1000), SectorCount(600))),
+            want
+        );
+        assert!(
+            a.snapshot(Extent::new(Sector(0), SectorCount(8)))
+                .iter()
+                .all(|&x| x == 0),
+            "outside untouched"
+        );
     }
 
     #[test]
@@ -573,13 +649,22 @@ mod tests {
         let done = with_local_engine(small_config(), {
             let (a, b) = (offloads.clone(), plain.clone());
             async move |engine: CopyEngine| {
-                engine.copy(CopyJob::zero(vec![loc(&a, 16, 100), loc(&b, 16, 100)])).await.expect("zero")
+                engine
+                    .copy(CopyJob::zero(vec![loc(&a, 16, 100), loc(&b, 16, 100)]))
+                    .await
+                    .expect("zero")
             }
         });
         assert!(done.is_ok());
         for target in [&offloads, &plain] {
-            assert!(target.snapshot(Extent::new(Sector(16), SectorCount(100))).iter().all(|&x| x == 0));
-            assert!(target.snapshot(Extent::new(Sector(116), SectorCount(1))).iter().any(|&x| x != 0));
+            assert!(target
+                .snapshot(Extent::new(Sector(16), SectorCount(100)))
+                .iter()
+                .all(|&x| x == 0));
+            assert!(target
+                .snapshot(Extent::new(Sector(116), SectorCount(1)))
+                .iter()
+                .any(|&x| x != 0));
         }
     }
 
@@ -593,13 +678,23 @@ mod tests {
             let (src, good, bad) = (src.clone(), good.clone(), bad.clone());
             async move |engine: CopyEngine| {
                 let bad: DeviceRef = bad;
-                let dests = vec![loc(&good, 0, 512), Location::new(&bad, Extent::new(Sector(0), SectorCount(512)))];
-                engine.copy(CopyJob::copy(loc(&src, 0, 512), dests).ignoring_errors()).await.expect("copy")
+                let dests = vec![
+                    loc(&good, 0, 512),
+                    Location::new(&bad, Extent::new(Sector(0), SectorCount(512))),
+                ];
+                engine
+                    .copy(CopyJob::copy(loc(&src, 0, 512), dests).ignoring_errors())
+                    .await
+                    .expect("copy")
             }
         });
         assert_eq!(done.write_errors.iter().collect::<Vec<_>>(), vec![1]);
         assert_eq!(done.read_error, None);
-        assert_eq!(good.contents(), src.contents(), "the good destination is complete");
+        assert_eq!(
+            good.contents(),
+            src.contents(),
+            "the good destination is complete"
+        );
     }
 
     #[test]
@@ -607,12 +702,18 @@ mod tests {
         let src = FaultyDevice::new(patterned("src", 512), FaultConfig::default());
         src.fail_extent(OpKind::Read, Extent::new(Sector(0), SectorCount(16)));
         let dest = mem("d", 512);
-        let config = CopyConfig { sub_jobs_per_job: 1, ..small_config() };
+        let config = CopyConfig {
+            sub_jobs_per_job: 1,
+            ..small_config()
+        };
         let done = with_local_engine(config, {
             let (src, dest) = (src.clone(), dest.clone());
             async move |engine: CopyEngine| {
                 let src: DeviceRef = src;
-                let job = CopyJob::copy(Location::new(&src, Extent::new(Sector(0), SectorCount(512))), vec![loc(&dest, 0, 512)]);
+                let job = CopyJob::copy(
+                    Location::new(&src, Extent::new(Sector(0), SectorCount(512))),
+                    vec![loc(&dest, 0, 512)],
+                );
                 engine.copy(job).await.expect("copy")
             }
         });
@@ -624,25 +725,61 @@ mod tests {
     #[test]
     fn bad_jobs_are_refused() {
         let (a, b) = (mem("a", 64), mem("b", 32));
-        assert!(CopyJob::copy(loc(&a, 0, 64), vec![loc(&b, 0, 64)]).validate().is_err(), "off the end");
-        assert!(CopyJob::copy(loc(&a, 0, 16), vec![loc(&b, 0, 8)]).validate().is_err(), "lengths differ");
-        assert!(CopyJob::copy(loc(&a, 0, 16), vec![]).validate().is_err(), "no destination");
-        assert!(CopyJob::copy(loc(&a, 0, 1), vec![loc(&b, 0, 1); 9]).validate().is_err(), "nine");
-        let bad = CopyConfig { sub_job_sectors: SectorCount(12), ..CopyConfig::default() };
+        assert!(
+            CopyJob::copy(loc(&a, 0, 64), vec![loc(&b, 0, 64)])
+                .validate()
+                .is_err(),
+            "off the end"
+        );
+        assert!(
+            CopyJob::copy(loc(&a, 0, 16), vec![loc(&b, 0, 8)])
+                .validate()
+                .is_err(),
+            "lengths differ"
+        );
+        assert!(
+            CopyJob::copy(loc(&a, 0, 16), vec![]).validate().is_err(),
+            "no destination"
+        );
+        assert!(
+            CopyJob::copy(loc(&a, 0, 1), vec![loc(&b, 0, 1); 9])
+                .validate()
+                .is_err(),
+            "nine"
+        );
+        let bad = CopyConfig {
+            sub_job_sectors: SectorCount(12),
+            ..CopyConfig::default()
+        };
         assert!(bad.validate().is_err());
     }
 
     #[test]
     fn cancel_stops_a_job() {
         let src = patterned("src", 4096);
-        let dest = FaultyDevice::new(mem("d", 4096), FaultConfig { max_delay_turns: 3, ..Default::default() });
-        let config = CopyConfig { sub_jobs_per_job: 1, ..small_config() };
+        let dest = FaultyDevice::new(
+            mem("d", 4096),
+            FaultConfig {
+                max_delay_turns: 3,
+                ..Default::default()
+            },
+        );
+        let config = CopyConfig {
+            sub_jobs_per_job: 1,
+            ..small_config()
+        };
         let done = with_local_engine(config, {
             let (src, dest) = (src.clone(), dest.clone());
             async move |engine: CopyEngine| {
                 let dest: DeviceRef = dest;
                 let completions = Completions::new();
-                let job = CopyJob::copy(loc(&src, 0, 4096), vec![Location::new(&dest, Extent::new(Sector(0), SectorCount(4096)))]);
+                let job = CopyJob::copy(
+                    loc(&src, 0, 4096),
+                    vec![Location::new(
+                        &dest,
+                        Extent::new(Sector(0), SectorCount(4096)),
+                    )],
+                );
                 let id = engine.submit(job, 9, &completions).await.expect("submit");
                 for _ in 0..20 {
                     smol::future::yield_now().await;
@@ -653,22 +790,36 @@ mod tests {
         });
         assert!(done.cancelled);
         assert_eq!(done.token, 9);
-        assert!(done.sectors_done.0 > 0 && done.sectors_done.0 < 4096, "{done:?}");
+        assert!(
+            done.sectors_done.0 > 0 && done.sectors_done.0 < 4096,
+            "{done:?}"
+        );
     }
 
     #[test]
     fn foreground_jobs_overtake_background_ones() {
         let src = patterned("src", 64);
         let dest = mem("d", 64 * 16);
-        let config = CopyConfig { jobs_in_flight_max: 1, ..small_config() };
+        let config = CopyConfig {
+            jobs_in_flight_max: 1,
+            ..small_config()
+        };
         let order = with_local_engine(config, {
             let (src, dest) = (src.clone(), dest.clone());
             async move |engine: CopyEngine| {
                 let completions = Completions::new();
                 for token in 0..6u64 {
-                    let prio = if token == 5 { Priority::Foreground } else { Priority::Background };
-                    let job = CopyJob::copy(loc(&src, 0, 64), vec![loc(&dest, token * 64, 64)]).with_priority(prio);
-                    engine.submit(job, token, &completions).await.expect("submit");
+                    let prio = if token == 5 {
+                        Priority::Foreground
+                    } else {
+                        Priority::Background
+                    };
+                    let job = CopyJob::copy(loc(&src, 0, 64), vec![loc(&dest, token * 64, 64)])
+                        .with_priority(prio);
+                    engine
+                        .submit(job, token, &completions)
+                        .await
+                        .expect("submit");
                 }
                 let mut order = Vec::new();
                 for _ in 0..6 {
@@ -685,15 +836,25 @@ mod tests {
     fn a_full_queue_says_busy() {
         let src = patterned("src", 64);
         let dest = mem("d", 64);
-        let config = CopyConfig { queue_max: 1, jobs_in_flight_max: 1, ..small_config() };
+        let config = CopyConfig {
+            queue_max: 1,
+            jobs_in_flight_max: 1,
+            ..small_config()
+        };
         with_local_engine(config, {
             let (src, dest) = (src.clone(), dest.clone());
             async move |engine: CopyEngine| {
                 let completions = Completions::new();
                 let job = || CopyJob::copy(loc(&src, 0, 64), vec![loc(&dest, 0, 64)]);
                 // The engine has not run yet, so the channel (capacity 1) fills at once.
-                engine.try_submit(job(), 1, &completions).map_err(|_| ()).expect("first fits");
-                assert!(matches!(engine.try_submit(job(), 2, &completions), Err(TrySubmitError::Busy(_))));
+                engine
+                    .try_submit(job(), 1, &completions)
+                    .map_err(|_| ())
+                    .expect("first fits");
+                assert!(matches!(
+                    engine.try_submit(job(), 2, &completions),
+                    Err(TrySubmitError::Busy(_))
+                ));
                 assert!(completions.next().await.is_ok());
             }
         });
@@ -711,7 +872,8 @@ mod tests {
             let (engine, src, dest) = (engine.clone(), src.clone(), dest.clone());
             std::thread::spawn(move || {
                 block_on(async move {
-                    let job = CopyJob::copy(loc(&src, 0, 2048), vec![loc(&dest, 0, 2048)]).with_priority(Priority::Foreground);
+                    let job = CopyJob::copy(loc(&src, 0, 2048), vec![loc(&dest, 0, 2048)])
+                        .with_priority(Priority::Foreground);
                     engine.copy(job).await.expect("copy")
                 })
             })

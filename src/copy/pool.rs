@@ -41,20 +41,36 @@ impl BufferPool {
     pub fn new(count: usize, buf_bytes: usize) -> Rc<BufferPool> {
         assert!(count > 0 && buf_bytes > 0, "empty buffer pool");
         let free = (0..count).map(|_| AlignedBuf::new(buf_bytes)).collect();
-        let state =
-            PoolState { free, buf_bytes, total: count, in_use: 0, peak_in_use: 0, waiters: Default::default() };
-        Rc::new(BufferPool { state: RefCell::new(state) })
+        let state = PoolState {
+            free,
+            buf_bytes,
+            total: count,
+            in_use: 0,
+            peak_in_use: 0,
+            waiters: Default::default(),
+        };
+        Rc::new(BufferPool {
+            state: RefCell::new(state),
+        })
     }
 
     /// Waits for a buffer, full length, content unspecified.
     pub fn acquire(self: &Rc<Self>, priority: Priority) -> Acquire {
-        Acquire { pool: Rc::clone(self), priority, slot: None }
+        Acquire {
+            pool: Rc::clone(self),
+            priority,
+            slot: None,
+        }
     }
 
     /// Returns a buffer: to the first waiter of the highest priority, else to the free list.
     pub fn release(&self, mut buf: AlignedBuf) {
         let mut state = self.state.borrow_mut();
-        assert_eq!(buf.capacity(), state.buf_bytes, "foreign buffer returned to the pool");
+        assert_eq!(
+            buf.capacity(),
+            state.buf_bytes,
+            "foreign buffer returned to the pool"
+        );
         buf.set_len(state.buf_bytes);
         let waiter = state.waiters.iter_mut().find_map(|q| q.pop_front());
         match waiter {
@@ -70,13 +86,19 @@ impl BufferPool {
                 state.free.push(buf);
             }
         }
-        assert!(state.in_use + state.free.len() == state.total, "pool accounting");
+        assert!(
+            state.in_use + state.free.len() == state.total,
+            "pool accounting"
+        );
     }
 
     /// Bytes held by sub-jobs now, and the most ever held.
     pub fn bytes_in_use(&self) -> (usize, usize) {
         let state = self.state.borrow();
-        (state.in_use * state.buf_bytes, state.peak_in_use * state.buf_bytes)
+        (
+            state.in_use * state.buf_bytes,
+            state.peak_in_use * state.buf_bytes,
+        )
     }
 }
 
@@ -155,7 +177,11 @@ mod tests {
             let held = pool.acquire(Priority::Background).await;
             let log = Rc::new(RefCell::new(Vec::new()));
             let mut tasks = Vec::new();
-            for (name, prio) in [("bg1", Priority::Background), ("fg", Priority::Foreground), ("bg2", Priority::Background)] {
+            for (name, prio) in [
+                ("bg1", Priority::Background),
+                ("fg", Priority::Foreground),
+                ("bg2", Priority::Background),
+            ] {
                 let (pool, log) = (Rc::clone(&pool), Rc::clone(&log));
                 tasks.push(spawn(async move {
                     let buf = pool.acquire(prio).await;

@@ -29,7 +29,11 @@ pub fn piece_count(len: SectorCount, sub_job: SectorCount) -> u64 {
 pub fn piece(len: SectorCount, sub_job: SectorCount, index: u64) -> Piece {
     let skip = index.checked_mul(sub_job.0).expect("piece offset overflow");
     assert!(skip < len.0, "piece {index} is past the end of the job");
-    Piece { index, skip: SectorCount(skip), len: SectorCount(sub_job.0.min(len.0 - skip)) }
+    Piece {
+        index,
+        skip: SectorCount(skip),
+        len: SectorCount(sub_job.0.min(len.0 - skip)),
+    }
 }
 
 #[cfg(test)]

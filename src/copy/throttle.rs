@@ -21,22 +21,33 @@ pub struct ThrottleConfig {
 }
 
 impl ThrottleConfig {
-    pub const UNLIMITED: ThrottleConfig = ThrottleConfig { floor_mbps: None, ceiling_mbps: None };
+    pub const UNLIMITED: ThrottleConfig = ThrottleConfig {
+        floor_mbps: None,
+        ceiling_mbps: None,
+    };
 
     /// Checks that the floor is not above the ceiling and neither is zero.
     pub fn validate(&self) -> Result<(), String> {
         if self.floor_mbps == Some(0) || self.ceiling_mbps == Some(0) {
-            return Err("a throttle rate of 0 MB/s would stop copying; leave it unset for no limit".into());
+            return Err(
+                "a throttle rate of 0 MB/s would stop copying; leave it unset for no limit".into(),
+            );
         }
         match (self.floor_mbps, self.ceiling_mbps) {
-            (Some(f), Some(c)) if f > c => Err(format!("throttle floor {f} MB/s is above the ceiling {c} MB/s")),
+            (Some(f), Some(c)) if f > c => Err(format!(
+                "throttle floor {f} MB/s is above the ceiling {c} MB/s"
+            )),
             _ => Ok(()),
         }
     }
 
     /// The rate in bytes per second that applies now, or `None` for no limit.
     pub fn rate_bytes_per_sec(&self, foreground_busy: bool) -> Option<u64> {
-        let mbps = if foreground_busy { self.floor_mbps.or(self.ceiling_mbps) } else { self.ceiling_mbps };
+        let mbps = if foreground_busy {
+            self.floor_mbps.or(self.ceiling_mbps)
+        } else {
+            self.ceiling_mbps
+        };
         mbps.map(|m| m * 1_000_000)
     }
 }
@@ -81,21 +92,35 @@ mod tests {
         // Idle time is not credit for a burst.
         now += Duration::from_secs(60);
         assert_eq!(pacer.admit(now, 1_000_000, rate), Duration::ZERO);
-        assert_eq!(pacer.admit(now, 1_000_000, rate), Duration::from_millis(100));
+        assert_eq!(
+            pacer.admit(now, 1_000_000, rate),
+            Duration::from_millis(100)
+        );
     }
 
     #[test]
     fn foreground_uses_the_floor() {
-        let t = ThrottleConfig { floor_mbps: Some(5), ceiling_mbps: Some(100) };
+        let t = ThrottleConfig {
+            floor_mbps: Some(5),
+            ceiling_mbps: Some(100),
+        };
         assert_eq!(t.rate_bytes_per_sec(true), Some(5_000_000));
         assert_eq!(t.rate_bytes_per_sec(false), Some(100_000_000));
         assert_eq!(ThrottleConfig::UNLIMITED.rate_bytes_per_sec(true), None);
-        assert!(ThrottleConfig { floor_mbps: Some(9), ceiling_mbps: Some(3) }.validate().is_err());
+        assert!(ThrottleConfig {
+            floor_mbps: Some(9),
+            ceiling_mbps: Some(3)
+        }
+        .validate()
+        .is_err());
     }
 
     #[test]
     fn no_rate_means_no_wait() {
         let mut pacer = Pacer::default();
-        assert_eq!(pacer.admit(Duration::from_secs(1), u64::MAX / 2, None), Duration::ZERO);
+        assert_eq!(
+            pacer.admit(Duration::from_secs(1), u64::MAX / 2, None),
+            Duration::ZERO
+        );
     }
 }

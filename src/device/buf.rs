@@ -33,12 +33,19 @@ impl AlignedBuf {
     /// A zeroed buffer of `bytes` capacity and length. `bytes` must be a positive multiple of
     /// 512.
     pub fn new(bytes: usize) -> AlignedBuf {
-        assert!(bytes > 0 && bytes as u64 % SECTOR_BYTES == 0, "buffer of {bytes} bytes");
+        assert!(
+            bytes > 0 && bytes as u64 % SECTOR_BYTES == 0,
+            "buffer of {bytes} bytes"
+        );
         let layout = Layout::from_size_align(bytes, BUF_ALIGN).expect("buffer layout");
         // SAFETY: the layout has a non-zero size (asserted above).
         let raw = unsafe { alloc_zeroed(layout) };
         let ptr = NonNull::new(raw).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
-        AlignedBuf { ptr, capacity: bytes, len: bytes }
+        AlignedBuf {
+            ptr,
+            capacity: bytes,
+            len: bytes,
+        }
     }
 
     /// A zeroed buffer holding `len` sectors.
@@ -72,7 +79,10 @@ impl AlignedBuf {
 
     /// Sets the length an operation will use; it must fit the capacity and be whole sectors.
     pub fn set_len(&mut self, len: usize) {
-        assert!(len <= self.capacity && len as u64 % SECTOR_BYTES == 0, "buffer length {len}");
+        assert!(
+            len <= self.capacity && len as u64 % SECTOR_BYTES == 0,
+            "buffer length {len}"
+        );
         self.len = len;
     }
 

@@ -75,8 +75,17 @@ pub struct FaultyDevice<D: BlockDevice> {
 impl<D: BlockDevice> FaultyDevice<D> {
     pub fn new(inner: Arc<D>, config: FaultConfig) -> Arc<FaultyDevice<D>> {
         let rng = ChaCha8Rng::seed_from_u64(config.seed);
-        let state = FaultState { rng, config, bad_extents: Vec::new(), dead: false };
-        Arc::new(FaultyDevice { inner, state: Mutex::new(state), counters: FaultCounters::default() })
+        let state = FaultState {
+            rng,
+            config,
+            bad_extents: Vec::new(),
+            dead: false,
+        };
+        Arc::new(FaultyDevice {
+            inner,
+            state: Mutex::new(state),
+            counters: FaultCounters::default(),
+        })
     }
 
     pub fn inner(&self) -> &Arc<D> {
@@ -85,7 +94,11 @@ impl<D: BlockDevice> FaultyDevice<D> {
 
     /// Makes every `kind` request touching `extent` fail with `EIO`.
     pub fn fail_extent(&self, kind: OpKind, extent: Extent) {
-        self.state.lock().expect("fault state").bad_extents.push((kind, extent));
+        self.state
+            .lock()
+            .expect("fault state")
+            .bad_extents
+            .push((kind, extent));
     }
 
     /// Makes every request fail (`true`) or clears that (`false`): a leg that died.
@@ -114,7 +127,12 @@ impl<D: BlockDevice> FaultyDevice<D> {
             0 => 0,
             max => state.rng.gen_range(0..=max),
         };
-        let on_bad_extent = extent.is_some_and(|e| state.bad_extents.iter().any(|(k, bad)| *k == kind && overlaps(*bad, e)));
+        let on_bad_extent = extent.is_some_and(|e| {
+            state
+                .bad_extents
+                .iter()
+                .any(|(k, bad)| *k == kind && overlaps(*bad, e))
+        });
         let rate = match kind {
             OpKind::Read => state.config.read_error_rate,
             OpKind::Write => state.config.write_error_rate,
@@ -122,10 +140,16 @@ impl<D: BlockDevice> FaultyDevice<D> {
         };
         // Draw even when the outcome is already known, so one fault does not shift the others.
         let random_error = state.rng.gen_bool(rate.clamp(0.0, 1.0));
-        let drop_rate = if kind == OpKind::Write { state.config.drop_write_rate } else { 0.0 };
+        let drop_rate = if kind == OpKind::Write {
+            state.config.drop_write_rate
+        } else {
+            0.0
+        };
         let random_drop = state.rng.gen_bool(drop_rate.clamp(0.0, 1.0));
         if state.dead || on_bad_extent || random_error {
-            self.counters.injected_errors.fetch_add(1, Ordering::Relaxed);
+            self.counters
+                .injected_errors
+                .fetch_add(1, Ordering::Relaxed);
             Fate::Fail { delay }
         } else if random_drop {
             self.counters.dropped_writes.fetch_add(1, Ordering::Relaxed);
@@ -191,7 +215,12 @@ impl<D: BlockDevice> BlockDevice for FaultyDevice<D> {
         })
     }
 
-    fn write(&self, offset: Sector, buf: Arc<AlignedBuf>, flags: WriteFlags) -> IoFuture<io::Result<()>> {
+    fn write(
+        &self,
+        offset: Sector,
+        buf: Arc<AlignedBuf>,
+        flags: WriteFlags,
+    ) -> IoFuture<io::Result<()>> {
         let fate = self.decide(OpKind::Write, Some(Extent::new(offset, buf.sectors())));
         let op = match fate {
             Fate::Pass { .. } => self.inner.write(offset, buf, flags),
@@ -245,9 +274,16 @@ mod tests {
     #[test]
     fn same_seed_same_fates() {
         let fates = |seed| {
-            let config = FaultConfig { seed, read_error_rate: 0.3, max_delay_turns: 5, ..Default::default() };
+            let config = FaultConfig {
+                seed,
+                read_error_rate: 0.3,
+                max_delay_turns: 5,
+                ..Default::default()
+            };
             let dev = FaultyDevice::new(MemDevice::new("m", SectorCount(8)), config);
-            (0..64).map(|_| dev.decide(OpKind::Read, None)).collect::<Vec<_>>()
+            (0..64)
+                .map(|_| dev.decide(OpKind::Read, None))
+                .collect::<Vec<_>>()
         };
         assert_eq!(fates(42), fates(42));
         assert_ne!(fates(42), fates(43));

@@ -12,7 +12,9 @@ use std::sync::{Arc, Mutex};
 
 use rand::Rng;
 
-use super::{check_buf_request, AlignedBuf, BlockDevice, DeviceInfo, IoFuture, ReadDone, WriteFlags};
+use super::{
+    check_buf_request, AlignedBuf, BlockDevice, DeviceInfo, IoFuture, ReadDone, WriteFlags,
+};
 use crate::units::{Extent, Sector, SectorCount, SECTOR_BYTES};
 
 const SECTOR: usize = SECTOR_BYTES as usize;
@@ -46,7 +48,12 @@ impl MemDevice {
         MemDevice::build(name, size, true, true)
     }
 
-    fn build(name: &str, size: SectorCount, volatile_cache: bool, write_zeroes: bool) -> Arc<MemDevice> {
+    fn build(
+        name: &str,
+        size: SectorCount,
+        volatile_cache: bool,
+        write_zeroes: bool,
+    ) -> Arc<MemDevice> {
         let info = DeviceInfo {
             name: name.to_owned(),
             size,
@@ -58,8 +65,14 @@ impl MemDevice {
             fua: true,
             rotational: false,
         };
-        let state = MemState { data: vec![0; size.to_usize_bytes()], history: HashMap::new() };
-        Arc::new(MemDevice { info, state: Mutex::new(state) })
+        let state = MemState {
+            data: vec![0; size.to_usize_bytes()],
+            history: HashMap::new(),
+        };
+        Arc::new(MemDevice {
+            info,
+            state: Mutex::new(state),
+        })
     }
 
     /// A copy of `extent`'s current content (what a read would return).
@@ -124,8 +137,13 @@ impl MemState {
                 continue;
             }
             let old_at = start + i * SECTOR;
-            let old: [u8; SECTOR] = self.data[old_at..old_at + SECTOR].try_into().expect("sector");
-            self.history.entry(sector).or_insert_with(|| vec![old]).push(new);
+            let old: [u8; SECTOR] = self.data[old_at..old_at + SECTOR]
+                .try_into()
+                .expect("sector");
+            self.history
+                .entry(sector)
+                .or_insert_with(|| vec![old])
+                .push(new);
         }
     }
 }
@@ -149,12 +167,18 @@ impl BlockDevice for MemDevice {
         }
         let extent = Extent::new(offset, buf.sectors());
         let state = self.state.lock().expect("mem device");
-        buf.as_mut_slice().copy_from_slice(&state.data[byte_range(extent)]);
+        buf.as_mut_slice()
+            .copy_from_slice(&state.data[byte_range(extent)]);
         drop(state);
         ready((Ok(()), buf))
     }
 
-    fn write(&self, offset: Sector, buf: Arc<AlignedBuf>, flags: WriteFlags) -> IoFuture<io::Result<()>> {
+    fn write(
+        &self,
+        offset: Sector,
+        buf: Arc<AlignedBuf>,
+        flags: WriteFlags,
+    ) -> IoFuture<io::Result<()>> {
         if let Err(err) = check_buf_request(&self.info, offset, &buf) {
             return ready(Err(err));
         }
@@ -217,7 +241,8 @@ mod tests {
     fn out_of_range_requests_fail_without_effect() {
         let dev = MemDevice::new("m", SectorCount(4));
         let buf = Arc::new(AlignedBuf::from_slice(&[9; 1024]));
-        let err = run_local(dev.write(Sector(3), buf, WriteFlags::default())).expect_err("past the end");
+        let err =
+            run_local(dev.write(Sector(3), buf, WriteFlags::default())).expect_err("past the end");
         assert_eq!(err.raw_os_error(), Some(libc::EINVAL));
         assert!(dev.contents().iter().all(|&b| b == 0));
     }

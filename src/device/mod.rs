@@ -95,7 +95,12 @@ pub trait BlockDevice: Send + Sync + 'static {
 
     /// Writes `buf` at `offset`. The buffer is shared so that one buffer can feed several
     /// destinations at once.
-    fn write(&self, offset: Sector, buf: Arc<AlignedBuf>, flags: WriteFlags) -> IoFuture<io::Result<()>>;
+    fn write(
+        &self,
+        offset: Sector,
+        buf: Arc<AlignedBuf>,
+        flags: WriteFlags,
+    ) -> IoFuture<io::Result<()>>;
 
     /// Makes every completed write durable.
     fn flush(&self) -> IoFuture<io::Result<()>>;
@@ -116,6 +121,10 @@ pub fn errno(code: i32) -> io::Error {
 }
 
 /// Fails a request with `EINVAL` unless `extent` is valid for `info` and its buffer matches.
-pub(crate) fn check_buf_request(info: &DeviceInfo, offset: Sector, buf: &AlignedBuf) -> io::Result<()> {
+pub(crate) fn check_buf_request(
+    info: &DeviceInfo,
+    offset: Sector,
+    buf: &AlignedBuf,
+) -> io::Result<()> {
     info.check_extent(Extent::new(offset, buf.sectors()))
 }

@@ -71,7 +71,9 @@ pub fn has_driver() -> bool {
 }
 
 fn current_driver() -> Rc<dyn RingDriver> {
-    DRIVER.with(|d| d.borrow().clone()).expect("device I/O on a thread without a ring: run it inside reactor::block_on or a ublk queue")
+    DRIVER.with(|d| d.borrow().clone()).expect(
+        "device I/O on a thread without a ring: run it inside reactor::block_on or a ublk queue",
+    )
 }
 
 /// Submits `sqe` and resolves to its result and `keep`.
@@ -79,9 +81,15 @@ fn current_driver() -> Rc<dyn RingDriver> {
 /// # Safety
 /// Every pointer in `sqe` must point into memory owned by `keep` (heap memory that does not
 /// move when `keep` moves) or into memory that lives for the rest of the program.
-pub unsafe fn submit_owned<T: 'static>(sqe: squeue::Entry, keep: T) -> impl Future<Output = (i32, T)> {
+pub unsafe fn submit_owned<T: 'static>(
+    sqe: squeue::Entry,
+    keep: T,
+) -> impl Future<Output = (i32, T)> {
     let fut = current_driver().submit(sqe);
-    KeepAlive { fut, keep: Some(keep) }
+    KeepAlive {
+        fut,
+        keep: Some(keep),
+    }
 }
 
 /// Holds a request's memory until its CQE; leaks it if dropped early (see module doc).
@@ -144,7 +152,8 @@ impl Notifier {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: `fd` was just returned by eventfd and is owned by nobody else.
-        Ok(Notifier { fd: Arc::new(unsafe { OwnedFd::from_raw_fd(fd) }) })
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(Notifier { fd: Arc::new(fd) })
     }
 
     /// Makes the eventfd readable. Writes coalesce in the counter, so this never blocks.
@@ -172,7 +181,10 @@ pub async fn serve_notifier(notifier: Notifier) {
         let (res, back) = unsafe { submit_owned(sqe, counter) }.await;
         counter = back;
         if res < 0 && res != -libc::EAGAIN && res != -libc::EINTR {
-            log::error!("notifier read failed: {}", io::Error::from_raw_os_error(-res));
+            log::error!(
+                "notifier read failed: {}",
+                io::Error::from_raw_os_error(-res)
+            );
             return;
         }
     }
@@ -197,8 +209,14 @@ impl Executor {
     /// An executor for the current thread; `notifier` wakes this thread's ring on off-thread
     /// wakes (`None` for a ringless, purely local executor).
     pub fn new(notifier: Option<Notifier>) -> Executor {
-        let queue = RunQueue { runnables: Mutex::new(VecDeque::new()), owner: thread::current().id(), notifier };
-        Executor { queue: Arc::new(queue) }
+        let queue = RunQueue {
+            runnables: Mutex::new(VecDeque::new()),
+            owner: thread::current().id(),
+            notifier,
+        };
+        Executor {
+            queue: Arc::new(queue),
+        }
     }
 
     /// Spawns a task on this executor. Must be called on the executor's thread.
@@ -207,7 +225,11 @@ impl Executor {
         F: Future + 'static,
         F::Output: 'static,
     {
-        assert_eq!(thread::current().id(), self.queue.owner, "spawn on a foreign executor");
+        assert_eq!(
+            thread::current().id(),
+            self.queue.owner,
+            "spawn on a foreign executor"
+        );
         let queue = Arc::clone(&self.queue);
         let schedule = move |runnable| queue.push(runnable);
         let (runnable, task) = async_task::spawn_local(future, schedule);
@@ -244,7 +266,10 @@ impl Executor {
 
 impl RunQueue {
     fn push(&self, runnable: async_task::Runnable) {
-        self.runnables.lock().expect("run queue").push_back(runnable);
+        self.runnables
+            .lock()
+            .expect("run queue")
+            .push_back(runnable);
         if thread::current().id() != self.owner {
             if let Some(notifier) = &self.notifier {
                 notifier.notify();
@@ -270,7 +295,10 @@ where
     F: Future + 'static,
     F::Output: 'static,
 {
-    EXECUTOR.with(|e| e.borrow().clone()).expect("spawn outside an executor").spawn(future)
+    EXECUTOR
+        .with(|e| e.borrow().clone())
+        .expect("spawn outside an executor")
+        .spawn(future)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -295,8 +323,14 @@ enum Slot {
 
 impl LocalRing {
     pub fn new() -> io::Result<Rc<LocalRing>> {
-        let ring = IoUring::builder().setup_cqsize(LOCAL_RING_CQ_ENTRIES).build(LOCAL_RING_ENTRIES)?;
-        Ok(Rc::new(LocalRing { ring: RefCell::new(ring), slots: RefCell::new(Slab::new()), in_flight: Cell::new(0) }))
+        let ring = IoUring::builder()
+            .setup_cqsize(LOCAL_RING_CQ_ENTRIES)
+            .build(LOCAL_RING_ENTRIES)?;
+        Ok(Rc::new(LocalRing {
+            ring: RefCell::new(ring),
+            slots: RefCell::new(Slab::new()),
+            in_flight: Cell::new(0),
+        }))
     }
 
     fn push(&self, sqe: squeue::Entry) {
@@ -359,7 +393,10 @@ impl RingDriver for Rc<LocalRing> {
         let key = self.slots.borrow_mut().insert(Slot::Waiting(None));
         self.push(sqe.user_data(key as u64));
         self.in_flight.set(self.in_flight.get() + 1);
-        Box::pin(LocalRingFuture { ring: Rc::clone(self), key })
+        Box::pin(LocalRingFuture {
+            ring: Rc::clone(self),
+            key,
+        })
     }
 }
 
@@ -432,7 +469,10 @@ where
     let _current = executor.enter();
     let mut main = executor.spawn(future);
     while executor.run_ready() {}
-    assert!(main.is_finished(), "simulation deadlock: every task is waiting");
+    assert!(
+        main.is_finished(),
+        "simulation deadlock: every task is waiting"
+    );
     match Pin::new(&mut main).poll(&mut Context::from_waker(Waker::noop())) {
         Poll::Ready(value) => value,
         Poll::Pending => unreachable!("finished task is pending"),

@@ -22,7 +22,9 @@ use std::sync::Arc;
 use io_uring::{opcode, types};
 
 use super::reactor::{cqe_result, submit_owned};
-use super::{check_buf_request, errno, AlignedBuf, BlockDevice, DeviceInfo, IoFuture, ReadDone, WriteFlags};
+use super::{
+    check_buf_request, errno, AlignedBuf, BlockDevice, DeviceInfo, IoFuture, ReadDone, WriteFlags,
+};
 use crate::error::{Error, IoContext, Result};
 use crate::units::{Extent, Sector, SectorCount};
 
@@ -43,7 +45,10 @@ pub struct OpenOptions {
 
 impl Default for OpenOptions {
     fn default() -> Self {
-        OpenOptions { exclusive: true, read_only: false }
+        OpenOptions {
+            exclusive: true,
+            read_only: false,
+        }
     }
 }
 
@@ -61,14 +66,26 @@ impl UringDevice {
         let meta = std::fs::metadata(path).context(|| format!("cannot open {}", path.display()))?;
         let is_block = std::os::unix::fs::FileTypeExt::is_block_device(&meta.file_type());
         if !is_block && !meta.is_file() {
-            return Err(Error::invalid(format!("{} is neither a block device nor a regular file", path.display())));
+            return Err(Error::invalid(format!(
+                "{} is neither a block device nor a regular file",
+                path.display()
+            )));
         }
         let fd = open_direct(path, options, is_block)?;
-        let info = if is_block { block_info(&fd, path)? } else { file_info(&meta, path) };
+        let info = if is_block {
+            block_info(&fd, path)?
+        } else {
+            file_info(&meta, path)
+        };
         if info.size.is_zero() {
             return Err(Error::invalid(format!("{} is empty", path.display())));
         }
-        Ok(UringDevice { fd: Arc::new(fd), path: path.to_owned(), is_block, info })
+        Ok(UringDevice {
+            fd: Arc::new(fd),
+            path: path.to_owned(),
+            is_block,
+            info,
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -96,16 +113,28 @@ impl UringDevice {
 }
 
 fn open_direct(path: &Path, options: OpenOptions, is_block: bool) -> Result<OwnedFd> {
-    let cpath = CString::new(path.as_os_str().as_bytes()).map_err(|_| Error::invalid("path contains a NUL byte"))?;
-    let access = if options.read_only { libc::O_RDONLY } else { libc::O_RDWR };
-    let excl = if is_block && options.exclusive { libc::O_EXCL } else { 0 };
+    let cpath = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| Error::invalid("path contains a NUL byte"))?;
+    let access = if options.read_only {
+        libc::O_RDONLY
+    } else {
+        libc::O_RDWR
+    };
+    let excl = if is_block && options.exclusive {
+        libc::O_EXCL
+    } else {
+        0
+    };
     let flags = access | excl | libc::O_DIRECT | libc::O_CLOEXEC;
     // SAFETY: `cpath` is a valid NUL-terminated string for the duration of the call.
     let fd = unsafe { libc::open(cpath.as_ptr(), flags) };
     if fd < 0 {
         let err = io::Error::last_os_error();
         let why = match err.raw_os_error() {
-            Some(libc::EBUSY) => format!("{} is in use (mounted, or held by another device)", path.display()),
+            Some(libc::EBUSY) => format!(
+                "{} is in use (mounted, or held by another device)",
+                path.display()
+            ),
             Some(libc::EINVAL) => format!("{} does not support O_DIRECT", path.display()),
             _ => format!("cannot open {}", path.display()),
         };
@@ -136,12 +165,22 @@ fn ioctl_int(fd: &OwnedFd, request: libc::c_ulong) -> io::Result<u32> {
 }
 
 fn block_info(fd: &OwnedFd, path: &Path) -> Result<DeviceInfo> {
-    let bytes = ioctl_u64(fd, BLKGETSIZE64).context(|| format!("cannot size {}", path.display()))?;
-    let logical = ioctl_int(fd, BLKSSZGET).context(|| format!("cannot read block size of {}", path.display()))?;
+    let bytes =
+        ioctl_u64(fd, BLKGETSIZE64).context(|| format!("cannot size {}", path.display()))?;
+    let logical = ioctl_int(fd, BLKSSZGET)
+        .context(|| format!("cannot read block size of {}", path.display()))?;
     let physical = ioctl_int(fd, BLKPBSZGET).unwrap_or(logical).max(logical);
     let queue = sysfs_queue(fd);
-    let read = |name: &str| queue.as_ref().and_then(|q| std::fs::read_to_string(q.join(name)).ok());
-    let nonzero = |name: &str| read(name).and_then(|s| s.trim().parse::<u64>().ok()).is_some_and(|v| v > 0);
+    let read = |name: &str| {
+        queue
+            .as_ref()
+            .and_then(|q| std::fs::read_to_string(q.join(name)).ok())
+    };
+    let nonzero = |name: &str| {
+        read(name)
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .is_some_and(|v| v > 0)
+    };
     let block_sectors = u64::from(logical) / 512;
     Ok(DeviceInfo {
         name: path.display().to_string(),
@@ -167,7 +206,9 @@ fn sysfs_queue(fd: &OwnedFd) -> Option<PathBuf> {
     }
     let (major, minor) = (libc::major(st.st_rdev), libc::minor(st.st_rdev));
     let dev = PathBuf::from(format!("/sys/dev/block/{major}:{minor}"));
-    [dev.join("queue"), dev.join("../queue")].into_iter().find(|q| q.is_dir())
+    [dev.join("queue"), dev.join("../queue")]
+        .into_iter()
+        .find(|q| q.is_dir())
 }
 
 fn file_info(meta: &std::fs::Metadata, path: &Path) -> DeviceInfo {
@@ -198,11 +239,18 @@ impl BlockDevice for UringDevice {
             if let Err(err) = checked {
                 return (Err(err), buf);
             }
-            rw_loop(fd, offset, RwBuf::Read(buf), WriteFlags::default()).await.into_read()
+            rw_loop(fd, offset, RwBuf::Read(buf), WriteFlags::default())
+                .await
+                .into_read()
         })
     }
 
-    fn write(&self, offset: Sector, buf: Arc<AlignedBuf>, flags: WriteFlags) -> IoFuture<io::Result<()>> {
+    fn write(
+        &self,
+        offset: Sector,
+        buf: Arc<AlignedBuf>,
+        flags: WriteFlags,
+    ) -> IoFuture<io::Result<()>> {
         let fd = Arc::clone(&self.fd);
         let checked = check_buf_request(&self.info, offset, &buf);
         Box::pin(async move {
@@ -214,7 +262,9 @@ impl BlockDevice for UringDevice {
     fn flush(&self) -> IoFuture<io::Result<()>> {
         let fd = Arc::clone(&self.fd);
         Box::pin(async move {
-            let sqe = opcode::Fsync::new(types::Fd(fd.as_raw_fd())).flags(types::FsyncFlags::DATASYNC).build();
+            let sqe = opcode::Fsync::new(types::Fd(fd.as_raw_fd()))
+                .flags(types::FsyncFlags::DATASYNC)
+                .build();
             // SAFETY: fsync points at no memory; `fd` is kept open by `keep`.
             let (res, _fd) = unsafe { submit_owned(sqe, fd) }.await;
             cqe_result(res).map(|_| ())
@@ -226,7 +276,10 @@ impl BlockDevice for UringDevice {
             return Box::pin(std::future::ready(Err(errno(libc::EOPNOTSUPP))));
         }
         if !self.is_block {
-            return self.fallocate(extent, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE);
+            return self.fallocate(
+                extent,
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            );
         }
         let fd = Arc::clone(&self.fd);
         let checked = self.info.check_extent(extent);
@@ -247,7 +300,10 @@ impl BlockDevice for UringDevice {
     }
 
     fn write_zeroes(&self, extent: Extent) -> IoFuture<io::Result<()>> {
-        self.fallocate(extent, libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE)
+        self.fallocate(
+            extent,
+            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+        )
     }
 }
 
@@ -279,7 +335,12 @@ impl RwDone {
 
 /// Issues a read or write, resubmitting the rest after a short transfer. A transfer of zero
 /// bytes is an error (`EIO`): the extent was checked to lie on the device.
-async fn rw_loop(mut fd: Arc<OwnedFd>, offset: Sector, mut buf: RwBuf, flags: WriteFlags) -> RwDone {
+async fn rw_loop(
+    mut fd: Arc<OwnedFd>,
+    offset: Sector,
+    mut buf: RwBuf,
+    flags: WriteFlags,
+) -> RwDone {
     let total = buf.len();
     let mut done = 0usize;
     while done < total {
@@ -299,7 +360,13 @@ async fn rw_loop(mut fd: Arc<OwnedFd>, offset: Sector, mut buf: RwBuf, flags: Wr
 }
 
 /// The SQE that transfers `buf[done..]` at byte `pos`.
-fn rw_sqe(fd: &OwnedFd, pos: u64, buf: &mut RwBuf, done: usize, flags: WriteFlags) -> io_uring::squeue::Entry {
+fn rw_sqe(
+    fd: &OwnedFd,
+    pos: u64,
+    buf: &mut RwBuf,
+    done: usize,
+    flags: WriteFlags,
+) -> io_uring::squeue::Entry {
     let len = u32::try_from(buf.len() - done).expect("request fits in u32");
     let fd = types::Fd(fd.as_raw_fd());
     match buf {
@@ -314,7 +381,10 @@ fn rw_sqe(fd: &OwnedFd, pos: u64, buf: &mut RwBuf, done: usize, flags: WriteFlag
             // SAFETY: as above.
             let ptr = unsafe { b.as_ptr().add(done) };
             let rw_flags = if flags.fua { libc::RWF_DSYNC } else { 0 };
-            opcode::Write::new(fd, ptr, len).offset(pos).rw_flags(rw_flags).build()
+            opcode::Write::new(fd, ptr, len)
+                .offset(pos)
+                .rw_flags(rw_flags)
+                .build()
         }
     }
 }

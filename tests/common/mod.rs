@@ -47,7 +47,9 @@ impl LoopDev {
     /// A loop device over a new sparse file of `bytes` in `dir`.
     pub fn new(dir: &Path, name: &str, bytes: u64) -> LoopDev {
         let file = dir.join(name);
-        std::fs::File::create(&file).and_then(|f| f.set_len(bytes)).expect("create backing file");
+        std::fs::File::create(&file)
+            .and_then(|f| f.set_len(bytes))
+            .expect("create backing file");
         LoopDev::over(&file)
     }
 
@@ -62,15 +64,26 @@ impl LoopDev {
     }
 
     fn attach(file: &Path, direct: bool) -> LoopDev {
-        let direct = if direct { "--direct-io=on" } else { "--direct-io=off" };
+        let direct = if direct {
+            "--direct-io=on"
+        } else {
+            "--direct-io=off"
+        };
         let out = Command::new("losetup")
             .args(["--find", "--show", direct])
             .arg(file)
             .output()
             .expect("run losetup");
-        assert!(out.status.success(), "losetup failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "losetup failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let path = PathBuf::from(String::from_utf8(out.stdout).expect("utf8").trim());
-        LoopDev { path, file: file.to_owned() }
+        LoopDev {
+            path,
+            file: file.to_owned(),
+        }
     }
 }
 
@@ -82,14 +95,22 @@ impl Drop for LoopDev {
 
 /// A scratch folder on a disk-backed filesystem (not tmpfs, which refuses O_DIRECT).
 pub fn scratch_dir() -> tempfile::TempDir {
-    tempfile::Builder::new().prefix("ublkdm-test-").tempdir_in("/var/tmp").expect("scratch dir")
+    tempfile::Builder::new()
+        .prefix("ublkdm-test-")
+        .tempdir_in("/var/tmp")
+        .expect("scratch dir")
 }
 
 /// Fills `file` with `bytes` of pseudo-random data from `seed`, 1 MiB at a time.
 pub fn fill_random(file: &Path, bytes: u64, seed: u64) {
     use std::io::Write;
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let mut out = std::io::BufWriter::new(std::fs::OpenOptions::new().write(true).open(file).expect("open"));
+    let mut out = std::io::BufWriter::new(
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(file)
+            .expect("open"),
+    );
     let mut chunk = vec![0u8; 1 << 20];
     let mut left = bytes;
     while left > 0 {
@@ -110,7 +131,10 @@ pub struct SmallTmpfs {
 
 impl SmallTmpfs {
     pub fn new(bytes: u64) -> SmallTmpfs {
-        let dir = tempfile::Builder::new().prefix("ublkdm-full-").tempdir().expect("dir");
+        let dir = tempfile::Builder::new()
+            .prefix("ublkdm-full-")
+            .tempdir()
+            .expect("dir");
         let status = Command::new("mount")
             .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
             .arg(dir.path())
