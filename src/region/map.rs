@@ -266,7 +266,10 @@ impl RegionMap {
         if ok && !again {
             self.out_of_sync.set(region, false);
         }
-        self.cursor = region.next();
+        // Recoveries complete out of order when several are in flight: the cursor only moves
+        // forward here (the walk wraps in `next_to_recover`), or an early region finishing
+        // late would send the walk back to a region that just failed.
+        self.cursor = self.cursor.max(region.next());
     }
 
     /// Marks `range` out of sync (a leg was replaced, or a resync was asked for). Then, in
@@ -516,6 +519,33 @@ mod tests {
         let expect: Vec<u64> = vec![0, 1, 2, 3, 4, 5, 6, 7, 5];
         assert_eq!(order.iter().map(|r| r.0).collect::<Vec<_>>(), expect);
         assert_eq!(m.sync_count(), RegionCount(8));
+    }
+
+    /// Regression: with recoveries in flight, a late completion of an earlier region must not
+    /// move the walk back onto a region that just failed.
+    #[test]
+    fn out_of_order_completions_do_not_rewind_the_walk() {
+        let mut m = map(8);
+        m.mark_out_of_sync(m.geometry().all());
+        let started: Vec<_> = (0..3)
+            .map(|_| {
+                let r = m.next_to_recover().expect("region");
+                m.begin_recovery(r);
+                r
+            })
+            .collect();
+        assert_eq!(
+            started,
+            vec![RegionIndex(0), RegionIndex(1), RegionIndex(2)]
+        );
+        m.recovery_done(RegionIndex(1), false);
+        m.recovery_done(RegionIndex(2), true);
+        m.recovery_done(RegionIndex(0), true);
+        assert_eq!(
+            m.next_to_recover(),
+            Some(RegionIndex(3)),
+            "the failed region 1 waits for the wrap"
+        );
     }
 
     #[test]

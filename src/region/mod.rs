@@ -24,3 +24,18 @@ pub use geometry::{
 };
 pub use log::{image_sectors, DirtyLog};
 pub use map::{RegionMap, RegionState, StateCounts, WriteAdmission};
+
+use crate::copy::CopyDone;
+
+/// Records the completion of a resync copy of `region` in `map`: the region is in sync only
+/// if the copy read its source and wrote every destination. Returns whether it is now.
+/// Resync submits one job per region with the region's index as its token, so the caller
+/// drains completions and calls this with `RegionIndex(done.token)`.
+pub fn record_recovery(map: &mut RegionMap, region: RegionIndex, done: &CopyDone) -> bool {
+    assert_eq!(
+        done.token, region.0,
+        "completion token names another region"
+    );
+    map.recovery_done(region, done.is_ok());
+    done.is_ok()
+}
