@@ -60,6 +60,15 @@ pub struct UringDevice {
     info: DeviceInfo,
 }
 
+impl std::fmt::Debug for UringDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UringDevice")
+            .field("path", &self.path)
+            .field("info", &self.info)
+            .finish()
+    }
+}
+
 impl UringDevice {
     /// Opens `path` and reads its geometry. Errors name the path and the reason.
     pub fn open(path: &Path, options: OpenOptions) -> Result<UringDevice> {
