@@ -221,12 +221,8 @@ impl<D: BlockDevice> BlockDevice for FaultyDevice<D> {
         buf: Arc<AlignedBuf>,
         flags: WriteFlags,
     ) -> IoFuture<io::Result<()>> {
-        let fate = self.decide(OpKind::Write, Some(Extent::new(offset, buf.sectors())));
-        let op = match fate {
-            Fate::Pass { .. } => self.inner.write(offset, buf, flags),
-            _ => Box::pin(std::future::ready(Ok(()))),
-        };
-        with_fate(fate, op)
+        let extent = Extent::new(offset, buf.sectors());
+        self.gated_write(extent, |inner| inner.write(offset, buf, flags))
     }
 
     fn flush(&self) -> IoFuture<io::Result<()>> {
@@ -235,18 +231,25 @@ impl<D: BlockDevice> BlockDevice for FaultyDevice<D> {
     }
 
     fn discard(&self, extent: Extent) -> IoFuture<io::Result<()>> {
-        let fate = self.decide(OpKind::Write, Some(extent));
-        let op = match fate {
-            Fate::Pass { .. } => self.inner.discard(extent),
-            _ => Box::pin(std::future::ready(Ok(()))),
-        };
-        with_fate(fate, op)
+        self.gated_write(extent, |inner| inner.discard(extent))
     }
 
     fn write_zeroes(&self, extent: Extent) -> IoFuture<io::Result<()>> {
+        self.gated_write(extent, |inner| inner.write_zeroes(extent))
+    }
+}
+
+impl<D: BlockDevice> FaultyDevice<D> {
+    /// Decides the fate of a request that changes `extent`, and issues it to the inner device
+    /// only if it is to pass (a failed or dropped write never reaches it).
+    fn gated_write(
+        &self,
+        extent: Extent,
+        issue: impl FnOnce(&D) -> IoFuture<io::Result<()>>,
+    ) -> IoFuture<io::Result<()>> {
         let fate = self.decide(OpKind::Write, Some(extent));
         let op = match fate {
-            Fate::Pass { .. } => self.inner.write_zeroes(extent),
+            Fate::Pass { .. } => issue(&self.inner),
             _ => Box::pin(std::future::ready(Ok(()))),
         };
         with_fate(fate, op)
