@@ -13,13 +13,11 @@ pub const SECTOR_BYTES: u64 = 512;
 pub const SECTOR_SHIFT: u32 = 9;
 
 /// A position on a device, in 512-byte sectors from its start.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
-#[derive(serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
 pub struct Sector(pub u64);
 
 /// A length, in 512-byte sectors.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
-#[derive(serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
 pub struct SectorCount(pub u64);
 
 impl Sector {

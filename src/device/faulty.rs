@@ -114,7 +114,8 @@ impl<D: BlockDevice> FaultyDevice<D> {
             0 => 0,
             max => state.rng.gen_range(0..=max),
         };
-        let on_bad_extent = extent.is_some_and(|e| state.bad_extents.iter().any(|(k, bad)| *k == kind && overlaps(*bad, e)));
+        let on_bad_extent =
+            extent.is_some_and(|e| state.bad_extents.iter().any(|(k, bad)| *k == kind && overlaps(*bad, e)));
         let rate = match kind {
             OpKind::Read => state.config.read_error_rate,
             OpKind::Write => state.config.write_error_rate,
