@@ -114,6 +114,10 @@ fn parse_id(text: &str) -> std::result::Result<u32, String> {
 
 /// Parses the command line, runs it, reports: the process exit code.
 pub fn main() -> i32 {
+    // Rust ignores SIGPIPE, which turns `ublkdm list | head` into a panic; a command line tool
+    // should simply end instead.
+    // SAFETY: installs the default disposition; no handler code runs.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => 0,

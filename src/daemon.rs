@@ -195,9 +195,15 @@ fn pipe() -> Result<(File, File)> {
     Ok((read, write))
 }
 
-/// Threads of this process (forking is only safe with one).
+/// User threads of this process (forking is only safe with one). io_uring's kernel workers
+/// (`iou-wrk-*`, `iou-sqp-*`) are listed as threads too but are not copied by fork and hold no
+/// user locks, so they do not count.
 fn thread_count() -> usize {
-    fs::read_dir("/proc/self/task").map(|d| d.count()).unwrap_or(1)
+    let Ok(tasks) = fs::read_dir("/proc/self/task") else { return 1 };
+    tasks
+        .filter_map(|t| t.ok())
+        .filter(|t| fs::read_to_string(t.path().join("comm")).map_or(true, |comm| !comm.starts_with("iou-")))
+        .count()
 }
 
 /// The parent's side of the handshake, bounded by [`HANDSHAKE_TIMEOUT`].
@@ -306,6 +312,7 @@ fn install_panic_hook() {
 
 /// Serves `spec` until an orderly stop.
 fn run(start: Start, spec: TargetSpec, reporter: Arc<Reporter>) -> Result<()> {
+    ignore_sigpipe();
     private_mount_namespace()?;
     block_stop_signals()?;
     let target = targets::open_target(&spec)?;
@@ -354,6 +361,13 @@ fn private_mount_namespace() -> Result<()> {
         return Err(Error::io("cannot make / private in the daemon's namespace", std::io::Error::last_os_error()));
     }
     Ok(())
+}
+
+/// A control client that hangs up early must cost an EPIPE, not the daemon (the CLI restores
+/// the default action so that `ublkdm list | head` behaves).
+fn ignore_sigpipe() {
+    // SAFETY: installs the SIG_IGN disposition; no handler code runs.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
 }
 
 /// The signals that stop the daemon.

@@ -23,6 +23,7 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
+use std::thread;
 use std::time::Duration;
 
 use libublk::ctrl::{UblkCtrl, UblkCtrlBuilder};
@@ -492,8 +493,17 @@ pub fn device_exists(id: u32) -> bool {
 /// The state of device `id`.
 pub fn query(id: u32) -> Result<DevInfo> {
     require_driver()?;
-    let ctrl = open_ctrl(id)?;
-    Ok(dev_info(&ctrl, None))
+    on_scratch_thread(move || open_ctrl(id).map(|ctrl| dev_info(&ctrl, None)))
+}
+
+/// Runs `f` on a short-lived thread. libublk keeps a control ring per thread for the thread's
+/// life; the CLI's main thread must not own one, because `add`/`recover` fork the daemon from
+/// it and the child would inherit (and share with the parent) that ring.
+fn on_scratch_thread<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    thread::scope(|scope| match scope.spawn(f).join() {
+        Ok(value) => value,
+        Err(panic) => std::panic::resume_unwind(panic),
+    })
 }
 
 /// STOP_DEV and DEL_DEV on device `id`, from outside its daemon: only for a device whose
@@ -501,7 +511,7 @@ pub fn query(id: u32) -> Result<DevInfo> {
 pub fn remove(id: u32) -> Result<()> {
     require_driver()?;
     let (done_tx, done_rx) = std::sync::mpsc::channel();
-    std::thread::Builder::new()
+    thread::Builder::new()
         .name(format!("remove-{id}"))
         .spawn(move || {
             let result = open_ctrl(id).and_then(|ctrl| {
