@@ -11,7 +11,8 @@
 # field ID JQ            a field of `ublkdm status --json ID` (jq filter), e.g. '.state'
 # wait_until SECS CMD..  polls CMD every 0.1 s until it succeeds; fails after SECS
 # pid_alive PID          whether PID runs (a zombie does not)
-# run_fio NAME ARG..     fio --name=NAME ARG.. with output in $T/NAME.out; bounded by
+# run_fio NAME ARG..     fio --name=NAME ARG.. with output in $T/NAME.out (stderr in
+#                        $T/NAME.err); bounded by
 #                        FIO_TIMEOUT (default 240 s) on top of the job's own bounds
 # sha_range DEV MIB [SKIP_MIB]  sha256 of MIB MiB of DEV after SKIP_MIB, read O_DIRECT
 # Every test ends with `ublkdm del --all` (bounded), so one failure cannot hang the VM.
@@ -66,7 +67,7 @@ pid_alive() {
 run_fio() {
 	local name=${1:?run_fio NAME ARG..}
 	shift
-	timeout "$FIO_TIMEOUT" fio --name="$name" --output="$T/$name.out" "$@"
+	timeout "$FIO_TIMEOUT" fio --name="$name" --output="$T/$name.out" "$@" 2>"$T/$name.err"
 }
 
 sha_range() {
