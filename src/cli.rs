@@ -286,7 +286,10 @@ fn print_status(info: &DevInfo, alive: bool, reply: Option<&Result<serde_json::V
 fn print_daemon_status(status: &serde_json::Value) {
     if let Some(fields) = status["target"]["status"].as_object() {
         for (key, value) in fields {
-            println!("    {key}: {value}");
+            match value.as_str() {
+                Some(text) => println!("    {key}: {text}"),
+                None => println!("    {key}: {value}"),
+            }
         }
     }
     let io = &status["io"];
