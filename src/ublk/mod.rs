@@ -49,6 +49,8 @@ pub const IO_BUF_BYTES: u32 = 512 << 10;
 const SQES_PER_TAG: u16 = 4;
 /// How long a failed start waits for its queue threads to exit before leaving the device.
 const QUEUE_EXIT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long [`query`] waits for the driver.
+const QUERY_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long [`remove`] waits for STOP_DEV and DEL_DEV.
 const REMOVE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Entries of a control ring (one command at a time is in flight).
@@ -490,19 +492,35 @@ pub fn device_exists(id: u32) -> bool {
     Path::new(CHAR_CLASS_DIR).join(format!("ublkc{id}")).exists()
 }
 
-/// The state of device `id`.
+/// The state of device `id`. Bounded by [`QUERY_TIMEOUT`].
 pub fn query(id: u32) -> Result<DevInfo> {
     require_driver()?;
-    on_scratch_thread(move || open_ctrl(id).map(|ctrl| dev_info(&ctrl, None)))
+    on_scratch_thread(QUERY_TIMEOUT, format!("reading device {id}"), move || {
+        open_ctrl(id).map(|ctrl| dev_info(&ctrl, None))
+    })
 }
 
-/// Runs `f` on a short-lived thread. libublk keeps a control ring per thread for the thread's
-/// life; the CLI's main thread must not own one, because `add`/`recover` fork the daemon from
-/// it and the child would inherit (and share with the parent) that ring.
-fn on_scratch_thread<T: Send>(f: impl FnOnce() -> T + Send) -> T {
-    thread::scope(|scope| match scope.spawn(f).join() {
-        Ok(value) => value,
-        Err(panic) => std::panic::resume_unwind(panic),
+/// Runs `f` on a short-lived thread and waits up to `timeout` for it. libublk keeps a control
+/// ring per thread for the thread's life; the CLI's main thread must not own one, because
+/// `add`/`recover` fork the daemon from it and the child would inherit (and share with the
+/// parent) that ring. The bound keeps a stuck driver from hanging the CLI.
+fn on_scratch_thread<T: Send + 'static>(
+    timeout: Duration,
+    what: String,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    thread::Builder::new()
+        .name("ublk-ctrl".into())
+        .spawn(move || {
+            let _ = done_tx.send(f());
+        })
+        .map_err(|e| Error::io("cannot start a thread", e))?;
+    done_rx.recv_timeout(timeout).unwrap_or_else(|_| {
+        Err(Error::new(
+            ErrorKind::Daemon,
+            format!("{what}: the ublk driver did not answer within {}s", timeout.as_secs()),
+        ))
     })
 }
 
@@ -510,25 +528,12 @@ fn on_scratch_thread<T: Send>(f: impl FnOnce() -> T + Send) -> T {
 /// daemon is gone (with a live daemon, DEL_DEV could wait for it forever). Bounded.
 pub fn remove(id: u32) -> Result<()> {
     require_driver()?;
-    let (done_tx, done_rx) = std::sync::mpsc::channel();
-    thread::Builder::new()
-        .name(format!("remove-{id}"))
-        .spawn(move || {
-            let result = open_ctrl(id).and_then(|ctrl| {
-                // STOP may fail on a device that never started; DEL decides.
-                let _ = ctrl.kill_dev();
-                ctrl.del_dev().map(drop).map_err(|e| ublk_error(format!("cannot delete device {id}"), e))
-            });
-            let _ = done_tx.send(result);
-        })
-        .map_err(|e| Error::io("cannot start a thread", e))?;
-    match done_rx.recv_timeout(REMOVE_TIMEOUT) {
-        Ok(result) => result,
-        Err(_) => Err(Error::new(
-            ErrorKind::Daemon,
-            format!("deleting device {id} did not finish within {}s", REMOVE_TIMEOUT.as_secs()),
-        )),
-    }
+    on_scratch_thread(REMOVE_TIMEOUT, format!("deleting device {id}"), move || {
+        let ctrl = open_ctrl(id)?;
+        // STOP may fail on a device that never started; DEL decides.
+        let _ = ctrl.kill_dev();
+        ctrl.del_dev().map(drop).map_err(|e| ublk_error(format!("cannot delete device {id}"), e))
+    })
 }
 
 fn open_ctrl(id: u32) -> Result<UblkCtrl> {

@@ -14,6 +14,7 @@
 # run_fio NAME ARG..     fio --name=NAME ARG.. with output in $T/NAME.out (stderr in
 #                        $T/NAME.err); bounded by
 #                        FIO_TIMEOUT (default 240 s) on top of the job's own bounds
+# control ID LINE       sends LINE to /run/ublkdm/ID.sock, prints the reply line
 # sha_range DEV MIB [SKIP_MIB]  sha256 of MIB MiB of DEV after SKIP_MIB, read O_DIRECT
 # Every test ends with `ublkdm del --all` (bounded), so one failure cannot hang the VM.
 
@@ -73,4 +74,15 @@ run_fio() {
 sha_range() {
 	local dev=${1:?sha_range DEV MIB [SKIP]} mib=${2:?sha_range DEV MIB [SKIP]} skip=${3:-0}
 	dd if="$dev" bs=1M count="$mib" skip="$skip" iflag=direct status=none | sha256sum | cut -d' ' -f1
+}
+
+control() {
+	python3 - "${1:?control ID LINE}" "${2:?control ID LINE}" <<'PY'
+import socket, sys
+conn = socket.socket(socket.AF_UNIX)
+conn.settimeout(10)
+conn.connect(f"/run/ublkdm/{sys.argv[1]}.sock")
+conn.sendall(sys.argv[2].encode() + b"\n")
+print(conn.makefile().readline().strip())
+PY
 }

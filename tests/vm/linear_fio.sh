@@ -4,7 +4,8 @@
 # Method: a linear device over /dev/vda with 2 queues; fio writes 4 KiB random blocks at
 # iodepth 32, then 1 MiB sequential blocks, each verified with crc32c; the device and the
 # backing disk must then hold the same bytes over the written range (read O_DIRECT); list and
-# status must show the device; del must remove device and daemon.
+# status must show the device; the control socket must answer its protocol; del must remove
+# device and daemon.
 set -uo pipefail
 . "$UBLKDM_REPO/scripts/vm/lib.sh"
 . "$UBLKDM_REPO/tests/vm/common.sh"
@@ -46,6 +47,20 @@ if [[ $state == LIVE && $flusher == true && $kind == linear ]] && ublkdm list | 
 else
 	fail "list-and-status" "state=$state io_flusher=$flusher kind=$kind"
 	ublkdm list
+fi
+
+# The control socket: root-only, versioned, target commands routed to the target.
+sock=/run/ublkdm/$id.sock
+status_ok=$(control "$id" '{"version":1,"cmd":"status"}' | jq -r '.ok and .result.target.kind == "linear"')
+cmd_err=$(control "$id" '{"version":1,"cmd":"target","name":"fail-leg","args":{"leg":1}}' | jq -r '.error.kind')
+version_err=$(control "$id" '{"version":2,"cmd":"status"}' | jq -r '.error.kind')
+junk_err=$(control "$id" 'not json' | jq -r '.ok')
+modes="$(stat -c %a /run/ublkdm) $(stat -c %a "$sock")"
+if [[ $status_ok == true && $cmd_err == invalid-argument && $version_err == invalid-argument &&
+	$junk_err == false && $modes == "700 600" ]]; then
+	pass "control-socket"
+else
+	fail "control-socket" "status=$status_ok target-cmd=$cmd_err version=$version_err junk=$junk_err modes=$modes"
 fi
 
 pid=$(field "$id" .daemon_pid)
