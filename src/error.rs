@@ -39,6 +39,36 @@ impl ErrorKind {
         }
     }
 
+    /// A stable name for the class, used on the wire (control socket, daemon handshake).
+    pub fn name(self) -> &'static str {
+        match self {
+            ErrorKind::InvalidArgument => "invalid-argument",
+            ErrorKind::NotFound => "not-found",
+            ErrorKind::Busy => "busy",
+            ErrorKind::Unsupported => "unsupported",
+            ErrorKind::Io => "io",
+            ErrorKind::Corrupt => "corrupt",
+            ErrorKind::Daemon => "daemon",
+        }
+    }
+
+    /// The class named `name` (see [`ErrorKind::name`]); unknown names are daemon errors, because
+    /// they can only come from a peer that speaks another protocol version.
+    pub fn from_name(name: &str) -> ErrorKind {
+        const ALL: [ErrorKind; 7] = [
+            ErrorKind::InvalidArgument,
+            ErrorKind::NotFound,
+            ErrorKind::Busy,
+            ErrorKind::Unsupported,
+            ErrorKind::Io,
+            ErrorKind::Corrupt,
+            ErrorKind::Daemon,
+        ];
+        ALL.into_iter()
+            .find(|k| k.name() == name)
+            .unwrap_or(ErrorKind::Daemon)
+    }
+
     /// The errno a block request failing with this class completes with.
     pub fn errno(self) -> i32 {
         match self {
@@ -107,6 +137,53 @@ impl Error {
             cause = err.source();
         }
         lines
+    }
+}
+
+/// A cause known only as text: the chain of an error that crossed a process boundary (the
+/// daemon handshake, the control socket), rebuilt so that it prints like a local one.
+#[derive(Debug)]
+pub struct RemoteCause {
+    message: String,
+    source: Option<Box<RemoteCause>>,
+}
+
+impl RemoteCause {
+    /// The chain `lines` (outermost first) as nested causes; `None` when empty.
+    pub fn chain(lines: &[String]) -> Option<RemoteCause> {
+        let (first, rest) = lines.split_first()?;
+        Some(RemoteCause {
+            message: first.clone(),
+            source: RemoteCause::chain(rest).map(Box::new),
+        })
+    }
+}
+
+impl std::fmt::Display for RemoteCause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for RemoteCause {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source
+            .as_deref()
+            .map(|s| s as &(dyn std::error::Error + 'static))
+    }
+}
+
+impl Error {
+    /// Rebuilds an error sent as `kind` and its chain of lines (see [`Error::chain`]).
+    pub fn from_remote(kind: ErrorKind, lines: &[String]) -> Error {
+        let message = lines
+            .first()
+            .cloned()
+            .unwrap_or_else(|| "unknown error".to_owned());
+        match RemoteCause::chain(lines.get(1..).unwrap_or_default()) {
+            Some(cause) => Error::with_source(kind, message, cause),
+            None => Error::new(kind, message),
+        }
     }
 }
 

@@ -4,12 +4,17 @@
 //! ([`copy`]), region bookkeeping and the persistent dirty log ([`region`]), units ([`units`])
 //! and errors ([`error`]); [`target`] is the seam to the targets, which live under `targets/`
 //! and are compiled in as modules (see the README's architecture section for why). The ublk
-//! front end, the daemon and the CLI sit on top.
+//! front end ([`ublk`], the only user of libublk), the daemon ([`daemon`]), the control socket
+//! protocol ([`control`]) and the CLI ([`cli`]) sit on top.
+pub mod cli;
+pub mod control;
 pub mod copy;
+pub mod daemon;
 pub mod device;
 pub mod error;
 pub mod region;
 pub mod target;
+pub mod ublk;
 pub mod units;
 
 #[path = "../targets/mod.rs"]

@@ -1,2 +1,20 @@
 //! The targets, compiled into the core library as modules (see the README's architecture
 //! section): each builds a [`crate::target::Target`] from a [`crate::target::TargetSpec`].
+//!
+//! [`open_target`] is the one place that maps a spec to its implementation, so the daemon (for
+//! `add`) and recovery (for `recover`, from the spec stored with the device) build exactly the
+//! same target.
+
+pub mod linear;
+
+use std::sync::Arc;
+
+use crate::error::Result;
+use crate::target::{Target, TargetSpec};
+
+/// Builds the target `spec` describes, opening its devices.
+pub fn open_target(spec: &TargetSpec) -> Result<Arc<dyn Target>> {
+    match spec {
+        TargetSpec::Linear { device } => Ok(Arc::new(linear::Linear::open(device)?)),
+    }
+}

@@ -173,8 +173,15 @@ impl Notifier {
 /// Keeps a read of `notifier` outstanding on the current ring, forever: each off-thread
 /// [`Notifier::notify`] completes it and so wakes the ring. Spawn it on the ring's executor.
 pub async fn serve_notifier(notifier: Notifier) {
+    serve_notifier_until(notifier, || false).await
+}
+
+/// [`serve_notifier`] that returns once `stop()` holds after a wake: to end it, make `stop()`
+/// true and call [`Notifier::notify`]. A ring that is being torn down uses this so that no read
+/// is left in flight (its buffer would have to be leaked).
+pub async fn serve_notifier_until(notifier: Notifier, stop: impl Fn() -> bool) {
     let mut counter = Box::new(0u64);
-    loop {
+    while !stop() {
         let ptr = (&mut *counter as *mut u64).cast::<u8>();
         let sqe = opcode::Read::new(types::Fd(notifier.raw_fd()), ptr, 8).build();
         // SAFETY: the SQE points only into `counter`, a heap allocation moved into `keep`.

@@ -1,0 +1,532 @@
+//! The command line: parsing (clap derive) and the commands.
+//!
+//! `ublkdm add`, `list`, `status`, `del` and `recover`. Commands that change a device act
+//! through its daemon where one runs (control socket, then signals), and on the driver
+//! directly only when the daemon is gone. Every wait is bounded. Output for people goes to
+//! stdout, errors to stderr as `error: <line>` plus `  caused by: <line>`s; the exit code is
+//! the error's [`ErrorKind::exit_code`] (see docs/exit-codes.md).
+
+use std::path::PathBuf;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::control::{self, Command};
+use crate::daemon;
+use crate::error::{Error, ErrorKind, Result};
+use crate::target::TargetSpec;
+use crate::ublk::{self, DevInfo, DevState, DeviceConfig, Start};
+
+/// How long `del` waits for a daemon to stop and delete its device after being asked.
+const STOP_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long `del` waits for a killed daemon to be gone.
+const KILL_TIMEOUT: Duration = Duration::from_secs(10);
+/// The polling step of those waits.
+const POLL_STEP: Duration = Duration::from_millis(50);
+
+/// A userspace device-mapper served through Linux ublk.
+#[derive(Debug, Parser)]
+#[command(name = "ublkdm", version, about, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: CliCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CliCommand {
+    /// Create a device served by a new daemon; prints the block device (e.g. /dev/ublkb0).
+    Add {
+        #[command(subcommand)]
+        target: AddTarget,
+    },
+    /// List ublk devices.
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a device, its daemon and its target.
+    Status {
+        /// Device id, ublkbN or /dev/ublkbN.
+        #[arg(value_parser = parse_id)]
+        id: u32,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop and delete devices (an orderly stop through the daemon where one runs).
+    Del {
+        /// Device id, ublkbN or /dev/ublkbN.
+        #[arg(value_parser = parse_id, required_unless_present = "all", conflicts_with = "all")]
+        id: Option<u32>,
+        /// Every ublk device.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Take over a QUIESCED device whose daemon died, with a new daemon.
+    Recover {
+        /// Device id, ublkbN or /dev/ublkbN.
+        #[arg(value_parser = parse_id)]
+        id: u32,
+        /// Stay attached and log to stderr.
+        #[arg(long)]
+        foreground: bool,
+    },
+}
+
+/// The targets `add` can create.
+#[derive(Debug, Subcommand)]
+pub enum AddTarget {
+    /// Pass-through onto one block device or file.
+    Linear {
+        /// The backing block device (or regular file).
+        device: PathBuf,
+        #[command(flatten)]
+        options: AddOptions,
+    },
+}
+
+/// Options of every `add`.
+#[derive(Debug, Args)]
+pub struct AddOptions {
+    /// Hardware queues (one daemon thread each).
+    #[arg(long, default_value_t = ublk::DEFAULT_QUEUES)]
+    pub queues: u16,
+    /// Requests in flight per queue.
+    #[arg(long, default_value_t = ublk::DEFAULT_DEPTH)]
+    pub depth: u16,
+    /// Stay attached and log to stderr.
+    #[arg(long)]
+    pub foreground: bool,
+}
+
+/// Accepts `N`, `ublkbN` and `/dev/ublkbN`.
+fn parse_id(text: &str) -> std::result::Result<u32, String> {
+    let digits = text.strip_prefix("/dev/").unwrap_or(text);
+    let digits = digits.strip_prefix("ublkb").unwrap_or(digits);
+    digits
+        .parse::<u32>()
+        .ok()
+        .filter(|&id| i32::try_from(id).is_ok())
+        .ok_or_else(|| format!("'{text}' is not a device id (N, ublkbN or /dev/ublkbN)"))
+}
+
+/// Parses the command line, runs it, reports: the process exit code.
+pub fn main() -> i32 {
+    // Rust ignores SIGPIPE, which turns `ublkdm list | head` into a panic; a command line tool
+    // should simply end instead.
+    // SAFETY: installs the default disposition; no handler code runs.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => 0,
+        Err(err) => {
+            report(&err);
+            err.kind().exit_code()
+        }
+    }
+}
+
+/// Prints `err` as `error: ...` and its causes.
+pub fn report(err: &Error) {
+    let mut lines = err.chain().into_iter();
+    if let Some(first) = lines.next() {
+        eprintln!("error: {first}");
+    }
+    for line in lines {
+        eprintln!("  caused by: {line}");
+    }
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        CliCommand::Add { target } => add(target),
+        CliCommand::List { json } => list(json),
+        CliCommand::Status { id, json } => status(id, json),
+        CliCommand::Del { id, all } => del(id, all),
+        CliCommand::Recover { id, foreground } => recover(id, foreground),
+    }
+}
+
+/// Logging for commands that do not become daemons: warnings only.
+fn init_cli_logging() {
+    let env = env_logger::Env::default().default_filter_or("warn");
+    let _ = env_logger::Builder::from_env(env).try_init();
+}
+
+// ---------------------------------------------------------------------------------------------
+// add / recover
+
+fn add(target: AddTarget) -> Result<()> {
+    let (spec, options) = match target {
+        AddTarget::Linear { device, options } => (
+            TargetSpec::Linear {
+                device: absolute(device)?,
+            },
+            options,
+        ),
+    };
+    let config = DeviceConfig {
+        queues: options.queues,
+        depth: options.depth,
+        io_buf_bytes: ublk::IO_BUF_BYTES,
+    };
+    config.validate()?;
+    ublk::require_driver()?;
+    start_daemon(Start::Add(config), spec, options.foreground)
+}
+
+fn recover(id: u32, foreground: bool) -> Result<()> {
+    let info = ublk::query(id)?;
+    if info.state != DevState::Quiesced {
+        return Err(Error::new(
+            ErrorKind::Busy,
+            format!(
+                "device {id} is {}: only a QUIESCED device (its daemon died) can be recovered",
+                info.state
+            ),
+        ));
+    }
+    if daemon::process_alive(info.daemon_pid) {
+        return Err(Error::new(
+            ErrorKind::Busy,
+            format!(
+                "the daemon of device {id} (pid {}) is still running",
+                info.daemon_pid
+            ),
+        ));
+    }
+    let spec = info.spec.ok_or_else(|| {
+        Error::new(
+            ErrorKind::NotFound,
+            format!("device {id} has no stored ublkdm target (was it created by ublkdm?)"),
+        )
+    })?;
+    start_daemon(Start::Recover(id), spec, foreground)
+}
+
+fn start_daemon(start: Start, spec: TargetSpec, foreground: bool) -> Result<()> {
+    if foreground {
+        daemon::init_logging();
+        return daemon::run_foreground(start, spec);
+    }
+    let path = daemon::launch(start, spec)?;
+    println!("{}", path.display());
+    Ok(())
+}
+
+/// `path` made absolute (the daemon runs in `/`, and `recover` may run from anywhere).
+fn absolute(path: PathBuf) -> Result<PathBuf> {
+    std::path::absolute(&path)
+        .map_err(|e| Error::io(format!("cannot resolve {}", path.display()), e))
+}
+
+// ---------------------------------------------------------------------------------------------
+// list / status
+
+fn list(json: bool) -> Result<()> {
+    init_cli_logging();
+    let devices: Vec<DevInfo> = if ublk::driver_loaded() {
+        // A device deleted between listing and querying is simply not shown.
+        ublk::device_ids()
+            .into_iter()
+            .filter_map(|id| ublk::query(id).ok())
+            .collect()
+    } else {
+        Vec::new()
+    };
+    if json {
+        let rows: Vec<_> = devices.iter().map(device_json).collect();
+        println!("{}", serde_json::to_string_pretty(&rows).expect("json"));
+        return Ok(());
+    }
+    println!(
+        "{:<4} {:<13} {:<9} {:>10}  {:<14} TARGET",
+        "ID", "DEVICE", "STATE", "SIZE", "DAEMON"
+    );
+    for d in &devices {
+        let size = d.size_bytes.map_or_else(|| "-".to_owned(), human_bytes);
+        println!(
+            "{:<4} {:<13} {:<9} {:>10}  {:<14} {}",
+            d.id,
+            d.block_device.display(),
+            d.state,
+            size,
+            daemon_column(d.daemon_pid),
+            describe(d.spec.as_ref())
+        );
+    }
+    Ok(())
+}
+
+fn status(id: u32, json: bool) -> Result<()> {
+    init_cli_logging();
+    let info = ublk::query(id)?;
+    let alive = daemon::process_alive(info.daemon_pid);
+    let reply = if alive {
+        Some(control::request(id, Command::Status))
+    } else {
+        None
+    };
+    if json {
+        let mut out = device_json(&info);
+        match &reply {
+            Some(Ok(status)) => out["daemon_status"] = status.clone(),
+            Some(Err(err)) => out["daemon_error"] = err.chain().join(": ").into(),
+            None => {}
+        }
+        println!("{}", serde_json::to_string_pretty(&out).expect("json"));
+        return Ok(());
+    }
+    print_status(&info, alive, reply.as_ref());
+    Ok(())
+}
+
+fn device_json(info: &DevInfo) -> serde_json::Value {
+    let mut value = serde_json::to_value(info).expect("json");
+    value["daemon_alive"] = daemon::process_alive(info.daemon_pid).into();
+    value
+}
+
+fn print_status(info: &DevInfo, alive: bool, reply: Option<&Result<serde_json::Value>>) {
+    println!(
+        "{} (ublk device {}): {}",
+        info.block_device.display(),
+        info.id,
+        info.state
+    );
+    if alive {
+        println!(
+            "  daemon:  pid {}, running; log {}",
+            info.daemon_pid,
+            daemon::log_path(info.id).display()
+        );
+    } else {
+        println!("  daemon:  pid {}, dead", info.daemon_pid);
+        if info.state == DevState::Quiesced {
+            println!(
+                "           the device is QUIESCED: 'ublkdm recover {}' takes it over",
+                info.id
+            );
+        }
+    }
+    if let Some(size) = info.size_bytes {
+        println!(
+            "  size:    {} ({size} bytes, {} sectors)",
+            human_bytes(size),
+            size >> crate::units::SECTOR_SHIFT
+        );
+    }
+    println!(
+        "  queues:  {} x depth {}, max io {}",
+        info.queues,
+        info.depth,
+        human_bytes(u64::from(info.max_io_bytes))
+    );
+    println!(
+        "  flags:   {:#x}{}",
+        info.flags,
+        if info.user_recovery {
+            " (user recovery)"
+        } else {
+            ""
+        }
+    );
+    println!("  target:  {}", describe(info.spec.as_ref()));
+    match reply {
+        Some(Ok(status)) => print_daemon_status(status),
+        Some(Err(err)) => println!("  (no answer from the daemon: {})", err.chain().join(": ")),
+        None => {}
+    }
+}
+
+fn print_daemon_status(status: &serde_json::Value) {
+    if let Some(fields) = status["target"]["status"].as_object() {
+        for (key, value) in fields {
+            match value.as_str() {
+                Some(text) => println!("    {key}: {text}"),
+                None => println!("    {key}: {value}"),
+            }
+        }
+    }
+    let io = &status["io"];
+    println!(
+        "  io:      reads {}, writes {}, flushes {}, discards {}, write-zeroes {}, errors {}",
+        io["reads"], io["writes"], io["flushes"], io["discards"], io["write_zeroes"], io["errors"]
+    );
+    println!("  io flusher threads: {}", io["io_flusher"]);
+}
+
+fn daemon_column(pid: i32) -> String {
+    if daemon::process_alive(pid) {
+        pid.to_string()
+    } else {
+        format!("{pid} (dead)")
+    }
+}
+
+fn describe(spec: Option<&TargetSpec>) -> String {
+    match spec {
+        Some(TargetSpec::Linear { device }) => format!("linear {}", device.display()),
+        None => "-".to_owned(),
+    }
+}
+
+/// `bytes` in the largest binary unit that keeps it at or above 1.
+fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if value.fract() == 0.0 {
+        format!("{value:.0} {}", UNITS[unit])
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// del
+
+fn del(id: Option<u32>, all: bool) -> Result<()> {
+    init_cli_logging();
+    ublk::require_driver()?;
+    let ids = if all {
+        ublk::device_ids()
+    } else {
+        id.into_iter().collect()
+    };
+    let mut first_error = None;
+    for id in ids {
+        match del_one(id) {
+            Ok(()) => println!("deleted device {id}"),
+            Err(err) if all => {
+                report(&err);
+                first_error.get_or_insert(err);
+            }
+            Err(err) => return Err(err),
+        }
+    }
+    first_error.map_or(Ok(()), Err)
+}
+
+/// Deletes one device: through its daemon if it runs (socket, then SIGTERM, then SIGKILL),
+/// then on the driver directly. Every step is bounded.
+fn del_one(id: u32) -> Result<()> {
+    let info = ublk::query(id)?;
+    let pid = info.daemon_pid;
+    if daemon::process_alive(pid) {
+        if !daemon::is_ublkdm(pid) {
+            return Err(Error::new(
+                ErrorKind::Busy,
+                format!("device {id} is served by pid {pid}, which is not ublkdm"),
+            ));
+        }
+        if stop_daemon(id, pid) {
+            return Ok(());
+        }
+    }
+    if ublk::device_exists(id) {
+        ublk::remove(id)?;
+    }
+    if wait_until(STOP_TIMEOUT, || !ublk::device_exists(id)) {
+        Ok(())
+    } else {
+        Err(Error::new(
+            ErrorKind::Daemon,
+            format!("device {id} is still there after deletion"),
+        ))
+    }
+}
+
+/// Asks the daemon to stop, then signals it; true once the device is gone, false once the
+/// daemon is dead but the device remains (the caller deletes it).
+fn stop_daemon(id: u32, pid: i32) -> bool {
+    match control::request(id, Command::Stop) {
+        Ok(_) if wait_until(STOP_TIMEOUT, || !ublk::device_exists(id)) => return true,
+        Ok(_) => log::warn!("device {id}: the daemon did not finish stopping; sending SIGTERM"),
+        Err(err) => log::warn!("device {id}: {}; sending SIGTERM", err.chain().join(": ")),
+    }
+    if daemon::signal(pid, libc::SIGTERM).is_ok()
+        && wait_until(STOP_TIMEOUT, || !ublk::device_exists(id))
+    {
+        return true;
+    }
+    log::warn!("device {id}: the daemon (pid {pid}) ignored SIGTERM; killing it");
+    let _ = daemon::signal(pid, libc::SIGKILL);
+    wait_until(KILL_TIMEOUT, || !daemon::process_alive(pid));
+    !ublk::device_exists(id)
+}
+
+/// Polls `done` every [`POLL_STEP`] until it holds or `timeout` passes; whether it held.
+fn wait_until(timeout: Duration, done: impl Fn() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if done() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        thread::sleep(POLL_STEP);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn ids_parse_in_every_form() {
+        assert_eq!(parse_id("3"), Ok(3));
+        assert_eq!(parse_id("ublkb3"), Ok(3));
+        assert_eq!(parse_id("/dev/ublkb12"), Ok(12));
+        assert!(parse_id("/dev/vda").is_err());
+        assert!(parse_id("4294967295").is_err());
+    }
+
+    #[test]
+    fn add_takes_its_options_after_the_device() {
+        let cli = Cli::try_parse_from([
+            "ublkdm",
+            "add",
+            "linear",
+            "/dev/vda",
+            "--queues",
+            "4",
+            "--foreground",
+        ])
+        .expect("parse");
+        let CliCommand::Add {
+            target: AddTarget::Linear { device, options },
+        } = cli.command
+        else {
+            panic!("not add")
+        };
+        assert_eq!(device, PathBuf::from("/dev/vda"));
+        assert_eq!(
+            (options.queues, options.depth, options.foreground),
+            (4, ublk::DEFAULT_DEPTH, true)
+        );
+        assert!(Cli::try_parse_from(["ublkdm", "add", "linear", "/dev/vda", "--bogus"]).is_err());
+        assert!(Cli::try_parse_from(["ublkdm", "del"]).is_err());
+        assert!(Cli::try_parse_from(["ublkdm", "del", "1", "--all"]).is_err());
+    }
+
+    #[test]
+    fn sizes_read_well() {
+        assert_eq!(human_bytes(256 << 20), "256 MiB");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(100), "100 B");
+    }
+}

@@ -1,0 +1,243 @@
+//! The control socket protocol, and its client.
+//!
+//! Each daemon listens on `/run/ublkdm/<id>.sock` (a root-only directory, the socket mode
+//! 0600). One connection carries one exchange: the client writes a request as one line of
+//! JSON, the daemon answers with one line of JSON and closes. Messages are versioned
+//! ([`PROTOCOL_VERSION`]); a daemon refuses a version it does not speak.
+//!
+//! Requests: `{"version":1,"cmd":"status"}`, `{"version":1,"cmd":"stop"}`, and target commands
+//! `{"version":1,"cmd":"target","name":"fail-leg","args":{...}}`, which the daemon hands to
+//! [`crate::target::Target::command`]. Replies: `{"version":1,"ok":true,"result":...}` or
+//! `{"version":1,"ok":false,"error":{"kind":"busy","message":"..."}}`, `kind` being an
+//! [`ErrorKind::name`].
+//!
+//! Every exchange is bounded: a message is at most [`MAX_MESSAGE_BYTES`], and reads and
+//! writes time out after [`IO_TIMEOUT`], on both sides.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::error::{Error, ErrorKind, IoContext, Result};
+
+/// The protocol version this build speaks.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// The directory of the sockets (and nothing else of other users): root only.
+pub const SOCKET_DIR: &str = "/run/ublkdm";
+/// The largest request or reply, newline included.
+pub const MAX_MESSAGE_BYTES: u64 = 64 << 10;
+/// How long either side waits for the other to send or take a message.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The socket of device `id`'s daemon.
+pub fn socket_path(id: u32) -> PathBuf {
+    PathBuf::from(SOCKET_DIR).join(format!("{id}.sock"))
+}
+
+/// A command to a daemon.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "cmd", rename_all = "kebab-case")]
+pub enum Command {
+    /// The device, its daemon and its target.
+    Status,
+    /// An orderly stop: flush the target, stop and delete the device, exit.
+    Stop,
+    /// A target command, routed to `Target::command(name, args)`.
+    Target {
+        name: String,
+        #[serde(default)]
+        args: serde_json::Value,
+    },
+}
+
+/// A request on the wire.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Request {
+    pub version: u32,
+    #[serde(flatten)]
+    pub command: Command,
+}
+
+/// An error on the wire.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ReplyError {
+    pub kind: String,
+    pub message: String,
+}
+
+/// A reply on the wire.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Reply {
+    pub version: u32,
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ReplyError>,
+}
+
+impl Reply {
+    pub fn success(result: serde_json::Value) -> Reply {
+        Reply {
+            version: PROTOCOL_VERSION,
+            ok: true,
+            result: Some(result),
+            error: None,
+        }
+    }
+
+    pub fn failure(err: &Error) -> Reply {
+        let error = ReplyError {
+            kind: err.kind().name().to_owned(),
+            message: err.chain().join(": "),
+        };
+        Reply {
+            version: PROTOCOL_VERSION,
+            ok: false,
+            result: None,
+            error: Some(error),
+        }
+    }
+
+    /// The result, or the daemon's error as an [`Error`] of the same kind.
+    pub fn into_result(self) -> Result<serde_json::Value> {
+        if self.version != PROTOCOL_VERSION {
+            return Err(Error::new(
+                ErrorKind::Daemon,
+                format!("the daemon speaks protocol version {}", self.version),
+            ));
+        }
+        match (self.ok, self.error) {
+            (true, _) => Ok(self.result.unwrap_or(serde_json::Value::Null)),
+            (false, Some(e)) => Err(Error::new(ErrorKind::from_name(&e.kind), e.message)),
+            (false, None) => Err(Error::new(
+                ErrorKind::Daemon,
+                "the daemon failed without saying why",
+            )),
+        }
+    }
+}
+
+/// Reads one line of at most [`MAX_MESSAGE_BYTES`] and parses it as `T`.
+pub fn read_message<T: serde::de::DeserializeOwned>(stream: &UnixStream) -> Result<T> {
+    let mut line = String::new();
+    let mut reader = BufReader::new(stream.take(MAX_MESSAGE_BYTES));
+    reader
+        .read_line(&mut line)
+        .context(|| "cannot read from the control socket".to_owned())?;
+    if !line.ends_with('\n') {
+        return Err(Error::new(
+            ErrorKind::Daemon,
+            "truncated or oversized control message",
+        ));
+    }
+    serde_json::from_str(&line)
+        .map_err(|e| Error::with_source(ErrorKind::InvalidArgument, "malformed control message", e))
+}
+
+/// Writes `message` as one line of JSON.
+pub fn write_message<T: serde::Serialize>(mut stream: &UnixStream, message: &T) -> Result<()> {
+    let mut line = serde_json::to_string(message).expect("control messages serialize");
+    line.push('\n');
+    stream
+        .write_all(line.as_bytes())
+        .context(|| "cannot write to the control socket".to_owned())
+}
+
+/// Sends `command` to device `id`'s daemon and returns its result. A missing or refusing
+/// socket is a `Daemon` error: the daemon is gone.
+pub fn request(id: u32, command: Command) -> Result<serde_json::Value> {
+    let path = socket_path(id);
+    let stream = UnixStream::connect(&path).map_err(|e| {
+        Error::with_source(
+            ErrorKind::Daemon,
+            format!("no daemon answers for device {id} ({})", path.display()),
+            e,
+        )
+    })?;
+    let timeouts = stream
+        .set_read_timeout(Some(IO_TIMEOUT))
+        .and_then(|()| stream.set_write_timeout(Some(IO_TIMEOUT)));
+    timeouts.context(|| "cannot set socket timeouts".to_owned())?;
+    write_message(
+        &stream,
+        &Request {
+            version: PROTOCOL_VERSION,
+            command,
+        },
+    )?;
+    let reply: Reply = read_message(&stream).map_err(|e| {
+        Error::with_source(
+            ErrorKind::Daemon,
+            format!("the daemon of device {id} did not answer"),
+            e,
+        )
+    })?;
+    reply.into_result()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_have_the_documented_shape() {
+        let status = serde_json::to_value(Request {
+            version: 1,
+            command: Command::Status,
+        })
+        .expect("json");
+        assert_eq!(status, serde_json::json!({"version": 1, "cmd": "status"}));
+        let parsed: Request = serde_json::from_str(
+            r#"{"version":1,"cmd":"target","name":"fail-leg","args":{"leg":1}}"#,
+        )
+        .expect("parse");
+        assert_eq!(
+            parsed.command,
+            Command::Target {
+                name: "fail-leg".into(),
+                args: serde_json::json!({"leg": 1})
+            }
+        );
+        let no_args: Request =
+            serde_json::from_str(r#"{"version":1,"cmd":"target","name":"x"}"#).expect("parse");
+        assert_eq!(
+            no_args.command,
+            Command::Target {
+                name: "x".into(),
+                args: serde_json::Value::Null
+            }
+        );
+    }
+
+    #[test]
+    fn replies_carry_errors_with_their_kind() {
+        let reply = Reply::failure(&Error::new(ErrorKind::Busy, "leg 1 is already failed"));
+        let wire = serde_json::to_string(&reply).expect("json");
+        let back: Reply = serde_json::from_str(&wire).expect("parse");
+        let err = back.into_result().expect_err("failure");
+        assert_eq!(err.kind(), ErrorKind::Busy);
+        assert_eq!(
+            Reply::success(serde_json::json!(3))
+                .into_result()
+                .expect("ok"),
+            serde_json::json!(3)
+        );
+    }
+
+    #[test]
+    fn messages_round_trip_over_a_socket() {
+        let (a, b) = UnixStream::pair().expect("pair");
+        write_message(
+            &a,
+            &Request {
+                version: 1,
+                command: Command::Stop,
+            },
+        )
+        .expect("write");
+        let got: Request = read_message(&b).expect("read");
+        assert_eq!(got.command, Command::Stop);
+    }
+}

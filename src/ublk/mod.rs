@@ -1,0 +1,670 @@
+//! The ublk front end: the only user of libublk.
+//!
+//! It owns the life of a ublk device: creating it (ADD_DEV) or taking a quiesced one over
+//! (START/END_USER_RECOVERY), serving a [`Target`] on one thread per queue ([`queue`]), stopping
+//! and deleting it; and, for the CLI, reading the state of any device ([`query`], [`device_ids`],
+//! [`remove`]). Targets never see ublk; the daemon sees only [`serve`], [`Device`] and
+//! [`DevInfo`].
+//!
+//! Invariants:
+//! - every device is created with `UBLK_F_USER_RECOVERY`, and serving fails if the kernel did
+//!   not grant it: a daemon that dies must leave a QUIESCED device that `recover` can take over;
+//! - the [`TargetSpec`] is stored in the device's json (`target_data`), the only state besides
+//!   the kernel's that survives the daemon;
+//! - a device is deleted only once its queue threads are gone (DEL_DEV waits for the char device
+//!   to be released, and would wait forever on our own open queues).
+
+mod params;
+mod queue;
+
+use std::cell::RefCell;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread;
+use std::time::Duration;
+
+use libublk::ctrl::{UblkCtrl, UblkCtrlBuilder};
+use libublk::io::UblkDev;
+use libublk::{sys, UblkError, UblkFlags};
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::target::{Target, TargetSpec};
+use queue::QueueShared;
+
+/// Queues of a new device unless asked otherwise.
+pub const DEFAULT_QUEUES: u16 = 2;
+/// The most queues a device may have (one thread each).
+pub const MAX_QUEUES: u16 = 16;
+/// Requests in flight per queue unless asked otherwise.
+pub const DEFAULT_DEPTH: u16 = 128;
+/// The deepest queue we accept: each tag owns an io buffer, so depth bounds memory.
+pub const MAX_DEPTH: u16 = 512;
+/// The io buffer of each tag, and so the largest request the kernel sends (max_sectors).
+pub const IO_BUF_BYTES: u32 = 512 << 10;
+/// SQEs one tag may have on the queue ring at once (its ublk command plus target I/O); sizes
+/// the ring's SQ and CQ so that completions never overflow.
+const SQES_PER_TAG: u16 = 4;
+/// How long a failed start waits for its queue threads to exit before leaving the device.
+const QUEUE_EXIT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long [`query`] waits for the driver.
+const QUERY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long [`remove`] waits for STOP_DEV and DEL_DEV.
+const REMOVE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Entries of a control ring (one command at a time is in flight).
+const CTRL_RING_ENTRIES: u32 = 16;
+/// The control device of the ublk driver.
+const CONTROL_PATH: &str = "/dev/ublk-control";
+/// Where the driver lists its devices (`ublkcN`).
+const CHAR_CLASS_DIR: &str = "/sys/class/ublk-char";
+/// The key of our data in the device json's `target_data`.
+const JSON_KEY: &str = "ublkdm";
+/// The version of what we store under [`JSON_KEY`].
+const JSON_VERSION: u64 = 1;
+
+/// The shape of a new device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeviceConfig {
+    pub queues: u16,
+    pub depth: u16,
+    pub io_buf_bytes: u32,
+}
+
+impl Default for DeviceConfig {
+    fn default() -> Self {
+        DeviceConfig {
+            queues: DEFAULT_QUEUES,
+            depth: DEFAULT_DEPTH,
+            io_buf_bytes: IO_BUF_BYTES,
+        }
+    }
+}
+
+impl DeviceConfig {
+    /// Refuses queue counts and depths outside the bounds above.
+    pub fn validate(&self) -> Result<()> {
+        if !(1..=MAX_QUEUES).contains(&self.queues) {
+            return Err(Error::invalid(format!(
+                "--queues must be 1..={MAX_QUEUES}, not {}",
+                self.queues
+            )));
+        }
+        if !(1..=MAX_DEPTH).contains(&self.depth) {
+            return Err(Error::invalid(format!(
+                "--depth must be 1..={MAX_DEPTH}, not {}",
+                self.depth
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// How [`serve`] gets its device.
+#[derive(Clone, Copy, Debug)]
+pub enum Start {
+    /// Create a new device.
+    Add(DeviceConfig),
+    /// Take over device `id`, QUIESCED after its daemon died.
+    Recover(u32),
+}
+
+/// A device's state, as the driver reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum DevState {
+    Dead,
+    Live,
+    Quiesced,
+    FailIo,
+    Unknown,
+}
+
+impl DevState {
+    fn from_raw(state: u16) -> DevState {
+        match u32::from(state) {
+            sys::UBLK_S_DEV_DEAD => DevState::Dead,
+            sys::UBLK_S_DEV_LIVE => DevState::Live,
+            sys::UBLK_S_DEV_QUIESCED => DevState::Quiesced,
+            sys::UBLK_S_DEV_FAIL_IO => DevState::FailIo,
+            _ => DevState::Unknown,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DevState::Dead => "DEAD",
+            DevState::Live => "LIVE",
+            DevState::Quiesced => "QUIESCED",
+            DevState::FailIo => "FAIL_IO",
+            DevState::Unknown => "UNKNOWN",
+        }
+    }
+}
+
+impl std::fmt::Display for DevState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
+/// What the driver (and the stored json) says about one device.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DevInfo {
+    pub id: u32,
+    pub state: DevState,
+    /// The pid of the daemon that started (or last recovered) the device.
+    pub daemon_pid: i32,
+    pub queues: u16,
+    pub depth: u16,
+    pub max_io_bytes: u32,
+    /// The `UBLK_F_*` flags the driver granted.
+    pub flags: u64,
+    pub user_recovery: bool,
+    /// Size in bytes, when the device has parameters.
+    pub size_bytes: Option<u64>,
+    pub block_device: PathBuf,
+    /// The target, as stored when the device was last started.
+    pub spec: Option<TargetSpec>,
+}
+
+/// Request counters of a device, shared by its queue threads.
+pub struct Stats {
+    reads: AtomicU64,
+    writes: AtomicU64,
+    flushes: AtomicU64,
+    discards: AtomicU64,
+    write_zeroes: AtomicU64,
+    other: AtomicU64,
+    errors: AtomicU64,
+    io_flusher: Vec<AtomicBool>,
+}
+
+impl Stats {
+    fn new(queues: u16) -> Stats {
+        Stats {
+            reads: AtomicU64::new(0),
+            writes: AtomicU64::new(0),
+            flushes: AtomicU64::new(0),
+            discards: AtomicU64::new(0),
+            write_zeroes: AtomicU64::new(0),
+            other: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            io_flusher: (0..queues).map(|_| AtomicBool::new(false)).collect(),
+        }
+    }
+
+    fn record(&self, op: u32, res: i32) {
+        let counter = match op {
+            sys::UBLK_IO_OP_READ => &self.reads,
+            sys::UBLK_IO_OP_WRITE => &self.writes,
+            sys::UBLK_IO_OP_FLUSH => &self.flushes,
+            sys::UBLK_IO_OP_DISCARD => &self.discards,
+            sys::UBLK_IO_OP_WRITE_ZEROES => &self.write_zeroes,
+            _ => &self.other,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        if res < 0 {
+            self.errors.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn set_io_flusher(&self, qid: u16, on: bool) {
+        if !on {
+            log::warn!("queue {qid}: the queue thread is not an IO_FLUSHER");
+        }
+        if let Some(flag) = self.io_flusher.get(usize::from(qid)) {
+            flag.store(on, Ordering::Relaxed);
+        }
+    }
+
+    /// The counters as JSON, for `status`.
+    pub fn to_json(&self) -> serde_json::Value {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        serde_json::json!({
+            "reads": get(&self.reads),
+            "writes": get(&self.writes),
+            "flushes": get(&self.flushes),
+            "discards": get(&self.discards),
+            "write_zeroes": get(&self.write_zeroes),
+            "other": get(&self.other),
+            "errors": get(&self.errors),
+            "io_flusher": self.io_flusher.iter().map(|f| f.load(Ordering::Relaxed)).collect::<Vec<_>>(),
+        })
+    }
+}
+
+/// A device being served, as the daemon's other threads see it.
+#[derive(Clone)]
+pub struct Device {
+    ctrl: Arc<UblkCtrl>,
+    stats: Arc<Stats>,
+}
+
+impl Device {
+    pub fn id(&self) -> u32 {
+        self.ctrl.dev_info().dev_id
+    }
+
+    pub fn block_device(&self) -> PathBuf {
+        PathBuf::from(self.ctrl.get_bdev_path())
+    }
+
+    /// The driver's current view of the device.
+    pub fn info(&self) -> Result<DevInfo> {
+        ctrl_ring_for_this_thread()?;
+        self.ctrl
+            .read_dev_info()
+            .map_err(|e| ublk_error(format!("cannot read device {}", self.id()), e))?;
+        Ok(dev_info(&self.ctrl, None))
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// STOP_DEV: the kernel removes the block device, fails what is queued and aborts the queue
+    /// commands, so the queue threads exit and [`serve`] returns (and deletes the device).
+    pub fn stop(&self) -> Result<()> {
+        ctrl_ring_for_this_thread()?;
+        self.ctrl
+            .kill_dev()
+            .map(drop)
+            .map_err(|e| ublk_error(format!("cannot stop device {}", self.id()), e))
+    }
+}
+
+/// Control commands go through a thread-local ring that libublk creates only on the thread
+/// that built the control; any other thread that sends commands needs its own.
+fn ctrl_ring_for_this_thread() -> Result<()> {
+    libublk::ublk_init_ctrl_task_ring(|ring| {
+        if ring.is_none() {
+            *ring = Some(
+                io_uring::IoUring::builder()
+                    .build(CTRL_RING_ENTRIES)
+                    .map_err(UblkError::IOError)?,
+            );
+        }
+        Ok(())
+    })
+    .map_err(|e| ublk_error("cannot create a control ring".into(), e))
+}
+
+/// Called by [`serve`] as the device comes up.
+pub struct Hooks {
+    /// The device exists and has this id (not yet serving).
+    pub added: Box<dyn FnOnce(u32) -> Result<()>>,
+    /// The device is LIVE; called on the serving thread, must return promptly.
+    pub live: Box<dyn FnOnce(Device) + Send + Sync>,
+}
+
+/// Serves `target` as a ublk device until the device is stopped, then deletes it.
+pub fn serve(start: Start, target: Arc<dyn Target>, spec: &TargetSpec, hooks: Hooks) -> Result<()> {
+    require_driver()?;
+    let ctrl = Arc::new(match start {
+        Start::Add(config) => add_ctrl(config, target.kind())?,
+        Start::Recover(id) => recover_ctrl(id, &*target)?,
+    });
+    let info = ctrl.dev_info();
+    check_granted_flags(&ctrl)?;
+    let params = params::device_params(target.info(), info.max_io_buf_bytes)?;
+    (hooks.added)(info.dev_id)?;
+    let stats = Arc::new(Stats::new(info.nr_hw_queues));
+    let shared = Arc::new(QueueShared {
+        target: Arc::clone(&target),
+        stats: Arc::clone(&stats),
+        io_buf_bytes: usize::try_from(info.max_io_buf_bytes).expect("io buffer fits in memory"),
+    });
+    let threads = Arc::new(ThreadCount::default());
+    let json = stored_json(spec);
+    let ring_depth = info.queue_depth.saturating_mul(SQES_PER_TAG);
+    let tgt_init = move |dev: &mut UblkDev| {
+        dev.tgt.dev_size = params.basic.dev_sectors << crate::units::SECTOR_SHIFT;
+        dev.tgt.params = params;
+        dev.tgt.sq_depth = ring_depth;
+        dev.tgt.cq_depth = ring_depth;
+        dev.set_target_json(json);
+        Ok(())
+    };
+    let queue_threads = Arc::clone(&threads);
+    let queue_fn = move |qid: u16, dev: &UblkDev| {
+        let _running = queue_threads.enter();
+        queue::serve_queue(qid, dev, &shared);
+    };
+    let device = Device {
+        ctrl: Arc::clone(&ctrl),
+        stats,
+    };
+    let live = hooks.live;
+    match ctrl.run_target(tgt_init, queue_fn, move |_| live(device)) {
+        Ok(_) => delete_stopped(&ctrl),
+        Err(err) => Err(abandon_start(&ctrl, &threads, err)),
+    }
+}
+
+fn add_ctrl(config: DeviceConfig, kind: &str) -> Result<UblkCtrl> {
+    config.validate()?;
+    UblkCtrlBuilder::default()
+        .name(kind)
+        .id(-1)
+        .nr_queues(config.queues)
+        .depth(config.depth)
+        .io_buf_bytes(config.io_buf_bytes)
+        .ctrl_flags(u64::from(sys::UBLK_F_USER_RECOVERY))
+        .dev_flags(UblkFlags::UBLK_DEV_F_ADD_DEV)
+        .build()
+        .map_err(|e| ublk_error("cannot create a ublk device".into(), e))
+}
+
+/// START_USER_RECOVERY on QUIESCED device `id`, then a control for it with the same geometry.
+fn recover_ctrl(id: u32, target: &dyn Target) -> Result<UblkCtrl> {
+    let old = open_ctrl(id)?;
+    let info = dev_info(&old, None);
+    if info.state != DevState::Quiesced {
+        return Err(Error::new(
+            ErrorKind::Busy,
+            format!(
+                "device {id} is {}, not QUIESCED: only a device whose daemon died can be recovered",
+                info.state
+            ),
+        ));
+    }
+    if !info.user_recovery {
+        return Err(Error::new(
+            ErrorKind::Unsupported,
+            format!("device {id} was created without user recovery"),
+        ));
+    }
+    if info.size_bytes != Some(target.info().size.to_bytes()) {
+        return Err(Error::new(
+            ErrorKind::Corrupt,
+            format!(
+                "the backing store of device {id} changed size ({:?} -> {} bytes)",
+                info.size_bytes,
+                target.info().size.to_bytes()
+            ),
+        ));
+    }
+    // libublk retries EBUSY (the old daemon not fully gone) for a bounded time.
+    old.start_user_recover()
+        .map_err(|e| ublk_error(format!("cannot start recovery of device {id}"), e))?;
+    let raw = old.dev_info();
+    UblkCtrlBuilder::default()
+        .name(target.kind())
+        .id(i32::try_from(id)
+            .map_err(|_| Error::invalid(format!("device id {id} is out of range")))?)
+        .nr_queues(raw.nr_hw_queues)
+        .depth(raw.queue_depth)
+        .io_buf_bytes(raw.max_io_buf_bytes)
+        .ctrl_flags(u64::from(sys::UBLK_F_USER_RECOVERY))
+        .dev_flags(UblkFlags::UBLK_DEV_F_RECOVER_DEV)
+        .build()
+        .map_err(|e| ublk_error(format!("cannot reopen device {id} for recovery"), e))
+}
+
+/// The kernel silently drops flags it does not know; user recovery is not optional here.
+fn check_granted_flags(ctrl: &UblkCtrl) -> Result<()> {
+    let flags = ctrl.dev_info().flags;
+    if flags & u64::from(sys::UBLK_F_USER_RECOVERY) == 0 {
+        return Err(Error::new(
+            ErrorKind::Unsupported,
+            format!("the ublk driver refused user recovery (granted flags {flags:#x}); Linux 6.1 or later is needed"),
+        ));
+    }
+    Ok(())
+}
+
+/// After the queues stopped: DEL_DEV, which is safe now that nothing of ours holds the device.
+fn delete_stopped(ctrl: &UblkCtrl) -> Result<()> {
+    let id = ctrl.dev_info().dev_id;
+    ctrl.del_dev()
+        .map(drop)
+        .map_err(|e| ublk_error(format!("cannot delete device {id}"), e))?;
+    log::info!("device {id} deleted");
+    Ok(())
+}
+
+/// After a failed start: stop the device so that the queue threads exit, then delete it if
+/// they did (DEL_DEV would hang while they hold the char device).
+fn abandon_start(ctrl: &UblkCtrl, threads: &ThreadCount, err: UblkError) -> Error {
+    let id = ctrl.dev_info().dev_id;
+    let error = ublk_error(format!("cannot start device {id}"), err);
+    log::error!("{error}; stopping the device");
+    if let Err(e) = ctrl.kill_dev() {
+        log::warn!("stop of device {id} failed: {e}");
+    }
+    if threads.wait_idle(QUEUE_EXIT_TIMEOUT) {
+        if let Err(e) = ctrl.del_dev() {
+            log::warn!("delete of device {id} failed: {e}");
+        }
+    } else {
+        log::error!(
+            "queue threads of device {id} did not exit; leaving the device for `ublkdm del {id}`"
+        );
+        ctrl.disown();
+    }
+    error
+}
+
+/// Counts running queue threads so that a failed start can wait for them.
+#[derive(Default)]
+struct ThreadCount {
+    running: Mutex<usize>,
+    idle: Condvar,
+}
+
+struct ThreadGuard<'a>(&'a ThreadCount);
+
+impl ThreadCount {
+    fn enter(&self) -> ThreadGuard<'_> {
+        *self.running.lock().expect("thread count") += 1;
+        ThreadGuard(self)
+    }
+
+    /// Waits up to `timeout` for every thread to leave; true if they did.
+    fn wait_idle(&self, timeout: Duration) -> bool {
+        let running = self.running.lock().expect("thread count");
+        let (running, _) = self
+            .idle
+            .wait_timeout_while(running, timeout, |n| *n > 0)
+            .expect("thread count");
+        *running == 0
+    }
+}
+
+impl Drop for ThreadGuard<'_> {
+    fn drop(&mut self) {
+        *self.0.running.lock().expect("thread count") -= 1;
+        self.0.idle.notify_all();
+    }
+}
+
+/// What we store in the device json so that `recover` can rebuild the target.
+fn stored_json(spec: &TargetSpec) -> serde_json::Value {
+    serde_json::json!({ JSON_KEY: { "version": JSON_VERSION, "spec": spec } })
+}
+
+/// The spec stored by [`stored_json`], if the json holds one we understand.
+fn spec_from_json(json: Option<serde_json::Value>) -> Option<TargetSpec> {
+    let ours = json?.get(JSON_KEY)?.clone();
+    if ours.get("version")?.as_u64()? != JSON_VERSION {
+        return None;
+    }
+    serde_json::from_value(ours.get("spec")?.clone()).ok()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Queries for the CLI
+
+/// Fails clearly when the ublk driver is not loaded.
+pub fn require_driver() -> Result<()> {
+    if Path::new(CONTROL_PATH).exists() {
+        Ok(())
+    } else {
+        Err(Error::new(
+            ErrorKind::Unsupported,
+            format!("the ublk driver is not loaded ({CONTROL_PATH} is missing; try 'modprobe ublk_drv')"),
+        ))
+    }
+}
+
+/// Whether the ublk driver is loaded.
+pub fn driver_loaded() -> bool {
+    require_driver().is_ok()
+}
+
+/// The ids of every ublk device on the host (ours or not), ascending.
+pub fn device_ids() -> Vec<u32> {
+    let ids = Rc::new(RefCell::new(Vec::new()));
+    let sink = Rc::clone(&ids);
+    UblkCtrl::for_each_dev_id(move |id| sink.borrow_mut().push(id));
+    let mut ids = ids.take();
+    ids.sort_unstable();
+    ids
+}
+
+/// Whether device `id` exists (its char device is registered).
+pub fn device_exists(id: u32) -> bool {
+    Path::new(CHAR_CLASS_DIR)
+        .join(format!("ublkc{id}"))
+        .exists()
+}
+
+/// The state of device `id`. Bounded by [`QUERY_TIMEOUT`].
+pub fn query(id: u32) -> Result<DevInfo> {
+    require_driver()?;
+    on_scratch_thread(QUERY_TIMEOUT, format!("reading device {id}"), move || {
+        open_ctrl(id).map(|ctrl| dev_info(&ctrl, None))
+    })
+}
+
+/// Runs `f` on a short-lived thread and waits up to `timeout` for it. libublk keeps a control
+/// ring per thread for the thread's life; the CLI's main thread must not own one, because
+/// `add`/`recover` fork the daemon from it and the child would inherit (and share with the
+/// parent) that ring. The bound keeps a stuck driver from hanging the CLI.
+fn on_scratch_thread<T: Send + 'static>(
+    timeout: Duration,
+    what: String,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    thread::Builder::new()
+        .name("ublk-ctrl".into())
+        .spawn(move || {
+            let _ = done_tx.send(f());
+        })
+        .map_err(|e| Error::io("cannot start a thread", e))?;
+    done_rx.recv_timeout(timeout).unwrap_or_else(|_| {
+        Err(Error::new(
+            ErrorKind::Daemon,
+            format!(
+                "{what}: the ublk driver did not answer within {}s",
+                timeout.as_secs()
+            ),
+        ))
+    })
+}
+
+/// STOP_DEV and DEL_DEV on device `id`, from outside its daemon: only for a device whose
+/// daemon is gone (with a live daemon, DEL_DEV could wait for it forever). Bounded.
+pub fn remove(id: u32) -> Result<()> {
+    require_driver()?;
+    on_scratch_thread(REMOVE_TIMEOUT, format!("deleting device {id}"), move || {
+        let ctrl = open_ctrl(id)?;
+        // STOP may fail on a device that never started; DEL decides.
+        let _ = ctrl.kill_dev();
+        ctrl.del_dev()
+            .map(drop)
+            .map_err(|e| ublk_error(format!("cannot delete device {id}"), e))
+    })
+}
+
+fn open_ctrl(id: u32) -> Result<UblkCtrl> {
+    let raw_id =
+        i32::try_from(id).map_err(|_| Error::invalid(format!("device id {id} is out of range")))?;
+    if !device_exists(id) {
+        return Err(Error::new(
+            ErrorKind::NotFound,
+            format!("there is no ublk device {id}"),
+        ));
+    }
+    UblkCtrl::new_simple(raw_id).map_err(|e| ublk_error(format!("cannot open ublk device {id}"), e))
+}
+
+/// The [`DevInfo`] of `ctrl`'s last read device info; `spec` overrides the stored one.
+fn dev_info(ctrl: &UblkCtrl, spec: Option<TargetSpec>) -> DevInfo {
+    let raw = ctrl.dev_info();
+    let mut params = sys::ublk_params::default();
+    let size_bytes = ctrl
+        .get_params(&mut params)
+        .ok()
+        .filter(|_| params.types & sys::UBLK_PARAM_TYPE_BASIC != 0)
+        .map(|_| params.basic.dev_sectors << crate::units::SECTOR_SHIFT);
+    DevInfo {
+        id: raw.dev_id,
+        state: DevState::from_raw(raw.state),
+        daemon_pid: raw.ublksrv_pid,
+        queues: raw.nr_hw_queues,
+        depth: raw.queue_depth,
+        max_io_bytes: raw.max_io_buf_bytes,
+        flags: raw.flags,
+        user_recovery: raw.flags & u64::from(sys::UBLK_F_USER_RECOVERY) != 0,
+        size_bytes,
+        block_device: PathBuf::from(ctrl.get_bdev_path()),
+        spec: spec.or_else(|| spec_from_json(ctrl.get_target_data_from_json())),
+    }
+}
+
+/// An [`Error`] for a failed libublk call, classified by its errno where it has one.
+fn ublk_error(message: String, err: UblkError) -> Error {
+    let errno = match &err {
+        UblkError::OtherError(e) | UblkError::UringIOError(e) => Some(e.abs()),
+        UblkError::IOError(e) => e.raw_os_error(),
+        _ => None,
+    };
+    match errno {
+        Some(e) if e > 0 => Error::io(message, io::Error::from_raw_os_error(e)),
+        _ => Error::with_source(ErrorKind::Daemon, message, err),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_spec_round_trips_through_the_device_json() {
+        let spec = TargetSpec::Linear {
+            device: "/dev/vda".into(),
+        };
+        assert_eq!(spec_from_json(Some(stored_json(&spec))), Some(spec));
+        assert_eq!(spec_from_json(Some(serde_json::json!({"loop": {}}))), None);
+        assert_eq!(spec_from_json(None), None);
+    }
+
+    #[test]
+    fn configs_are_bounded() {
+        assert!(DeviceConfig::default().validate().is_ok());
+        assert!(DeviceConfig {
+            queues: 0,
+            ..Default::default()
+        }
+        .validate()
+        .is_err());
+        assert!(DeviceConfig {
+            depth: MAX_DEPTH + 1,
+            ..Default::default()
+        }
+        .validate()
+        .is_err());
+    }
+
+    #[test]
+    fn libublk_errors_keep_their_errno() {
+        let err = ublk_error("x".into(), UblkError::OtherError(-libc::EBUSY));
+        assert_eq!(err.kind(), ErrorKind::Busy);
+        let err = ublk_error("x".into(), UblkError::QueueIsDown);
+        assert_eq!(err.kind(), ErrorKind::Daemon);
+    }
+}

@@ -1,0 +1,435 @@
+//! One ublk queue: its thread's ring, executor and tag tasks.
+//!
+//! libublk calls [`serve_queue`] on a thread of its own for each queue. On that thread the
+//! queue's io_uring (libublk's) is also the thread's device ring: [`QueueRing`] submits every
+//! SQE the target issues through libublk's slab (user_data = the `Target` bit; libublk adds the
+//! slot key), so target I/O and ublk commands share one ring and one wait. Our
+//! [`reactor::Executor`] runs the tasks; its off-thread wakes reach the ring through the
+//! [`Notifier`] read that [`reactor::serve_notifier_until`] keeps in flight.
+//!
+//! Each tag has one task and one io buffer of `max_io_buf_bytes` for its whole life: FETCH
+//! hands the buffer's address to the kernel, then the task loops (request -> target -> COMMIT
+//! and FETCH). **Every fetched request is committed exactly once**, with the byte count or
+//! `-errno`: an uncommitted request would block STOP/DEL in the kernel for good. The request
+//! path therefore has no panics on bad input; it maps every failure to an errno.
+//!
+//! The queue ends when the kernel aborts its commands (STOP_DEV, or the device going away): the
+//! tag tasks see `QueueIsDown`, the notifier read is woken and not renewed, and the thread
+//! returns after every task (and with them every borrow of the device) is gone.
+
+use std::cell::Cell;
+use std::io;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use io_uring::squeue;
+use libublk::io::{UblkDev, UblkQueue};
+use libublk::uring_async::ublk_submit_sqe_async;
+use libublk::{sys, BufDesc, UblkError, UblkUringData};
+
+use super::Stats;
+use crate::device::reactor::{self, Executor, Notifier, RingDriver, SqeFuture};
+use crate::device::{AlignedBuf, WriteFlags};
+use crate::target::Target;
+use crate::units::{Extent, Sector, SectorCount, SECTOR_SHIFT};
+
+/// How long the ring may sleep with nothing to do; libublk then marks the queue idle.
+const QUEUE_IDLE_SECS: u64 = 20;
+/// How long a queue whose commands were aborted waits for its tag tasks to finish before it
+/// gives up on them (they can only be stuck in a target request that never completes).
+const QUEUE_STOP_GRACE: Duration = Duration::from_secs(10);
+/// The last sector whose byte offset fits in a u64: bounds request extents before arithmetic.
+const MAX_SECTOR: u64 = u64::MAX >> SECTOR_SHIFT;
+
+/// What every queue thread of a device shares.
+pub(super) struct QueueShared {
+    pub target: Arc<dyn Target>,
+    pub stats: Arc<Stats>,
+    pub io_buf_bytes: usize,
+}
+
+/// The body of a queue thread: serves queue `qid` until the kernel aborts it.
+pub(super) fn serve_queue(qid: u16, dev: &UblkDev, shared: &QueueShared) {
+    shared.stats.set_io_flusher(qid, is_io_flusher());
+    match run_queue(qid, dev, shared) {
+        Ok(()) => log::info!("queue {qid}: stopped"),
+        Err(err) => log::error!("queue {qid}: {err}"),
+    }
+}
+
+/// Whether this thread is an IO_FLUSHER (libublk sets it on queue threads; reclaim must not
+/// recurse into our own device).
+fn is_io_flusher() -> bool {
+    const PR_GET_IO_FLUSHER: libc::c_int = 58;
+    // SAFETY: PR_GET_IO_FLUSHER takes no pointers and only reads the calling thread's flags.
+    let flag = unsafe { libc::prctl(PR_GET_IO_FLUSHER, 0, 0, 0, 0) };
+    flag == 1
+}
+
+fn run_queue(qid: u16, dev: &UblkDev, shared: &QueueShared) -> Result<(), String> {
+    // SAFETY: libublk's run_target keeps the UblkDev alive (an Arc it joins this thread
+    // against) for as long as this function runs. Everything that holds the extended reference
+    // (the queue and the tag tasks that hold the queue) is dropped before this function
+    // returns: the tasks by `teardown`, the queue at the end of this scope. The 'static
+    // lifetime only lets the tasks be spawned on our executor, which requires it.
+    let dev: &'static UblkDev = unsafe { &*(dev as *const UblkDev) };
+    let queue =
+        Rc::new(UblkQueue::new(qid, dev).map_err(|e| format!("cannot set up the queue: {e}"))?);
+    let _driver = reactor::install_driver(Rc::new(QueueRing));
+    let notifier = Notifier::new().map_err(|e| format!("cannot create an eventfd: {e}"))?;
+    let exec = Executor::new(Some(notifier.clone()));
+    let _current = exec.enter();
+    let tags: Vec<_> = queue
+        .tags()
+        .map(|tag| {
+            let buf = AlignedBuf::new(shared.io_buf_bytes);
+            let task = serve_tag(
+                Rc::clone(&queue),
+                tag,
+                Arc::clone(&shared.target),
+                buf,
+                Arc::clone(&shared.stats),
+            );
+            exec.spawn(task)
+        })
+        .collect();
+    // FETCH passes each buffer as a raw address (the buffers are ours, not libublk's IoBufs),
+    // so libublk's own registration count never runs: report this queue ready ourselves, or
+    // START_DEV would wait for it forever.
+    dev.notify_buffer_registration_complete(false);
+    let stopping = Rc::new(Cell::new(false));
+    let stop_flag = Rc::clone(&stopping);
+    let notifier_task = exec.spawn(reactor::serve_notifier_until(notifier.clone(), move || {
+        stop_flag.get()
+    }));
+    let result = drive(&queue, &exec, &tags, &notifier_task, &stopping, &notifier);
+    teardown(&exec, tags, notifier_task);
+    if Rc::strong_count(&queue) != 1 {
+        log::error!("queue {qid}: a task outlived teardown");
+    }
+    result
+}
+
+/// Runs the ring and the executor until the queue is aborted and its tasks are done.
+fn drive(
+    queue: &UblkQueue<'static>,
+    exec: &Executor,
+    tags: &[async_task::Task<()>],
+    notifier_task: &async_task::Task<()>,
+    stopping: &Cell<bool>,
+    notifier: &Notifier,
+) -> Result<(), String> {
+    let tags_done = || tags.iter().all(|t| t.is_finished());
+    let run_ops = || {
+        exec.run_ready();
+        if tags_done() && !stopping.replace(true) {
+            // Wake the notifier task so that it sees `stopping` and leaves no read in flight.
+            notifier.notify();
+        }
+    };
+    let aborted_at = Cell::new(None::<Instant>);
+    let done = || {
+        if tags_done() && notifier_task.is_finished() {
+            return true;
+        }
+        let since = aborted_at.get().unwrap_or_else(Instant::now);
+        aborted_at.set(Some(since));
+        let expired = since.elapsed() > QUEUE_STOP_GRACE;
+        if expired {
+            log::error!(
+                "queue {}: tasks still busy {QUEUE_STOP_GRACE:?} after the abort",
+                queue.get_qid()
+            );
+        }
+        expired
+    };
+    let events = libublk::wait_and_handle_io_events(queue, Some(QUEUE_IDLE_SECS), run_ops, done);
+    // The event loop never waits on a waker (it blocks in io_uring_enter), so this polls it
+    // to completion in one go.
+    smol::block_on(events).map_err(|e| format!("queue event loop failed: {e}"))
+}
+
+/// Drops every task on this thread: finished ones, and (after a give-up) cancelled ones, whose
+/// futures are dropped by running them once more.
+fn teardown(exec: &Executor, tags: Vec<async_task::Task<()>>, notifier_task: async_task::Task<()>) {
+    drop(tags);
+    drop(notifier_task);
+    exec.run_ready();
+}
+
+/// The queue's ring as the thread's device ring.
+struct QueueRing;
+
+impl RingDriver for QueueRing {
+    fn submit(&self, sqe: squeue::Entry) -> SqeFuture {
+        Box::pin(async move {
+            // Only the Target bit: libublk puts its slab key in the other bits and routes the
+            // CQE back to this future.
+            match ublk_submit_sqe_async(sqe, UblkUringData::Target as u64).await {
+                Ok(res) => res,
+                Err(err) => {
+                    // Only a malformed user_data fails here, before anything is queued.
+                    log::error!("cannot queue an SQE on the ublk ring: {err}");
+                    -libc::EIO
+                }
+            }
+        })
+    }
+}
+
+/// The life of one tag: FETCH, then serve and COMMIT+FETCH until the queue goes down.
+async fn serve_tag(
+    queue: Rc<UblkQueue<'static>>,
+    tag: u16,
+    target: Arc<dyn Target>,
+    mut buf: AlignedBuf,
+    stats: Arc<Stats>,
+) {
+    let capacity = buf.capacity();
+    let fetched = queue
+        .submit_io_prep_cmd(tag, BufDesc::RawAddress(buf.as_ptr()), 0, None)
+        .await;
+    if let Err(err) = fetched {
+        return tag_ended(&queue, tag, err);
+    }
+    loop {
+        let request = Request::from_iod(queue.get_iod(tag));
+        let (res, back) = handle_request(&*target, request, buf).await;
+        buf = back;
+        // The kernel copies read data from, and the next write into, this same allocation.
+        assert_eq!(buf.capacity(), capacity, "the target swapped a tag buffer");
+        buf.set_len(capacity);
+        stats.record(request.op, res);
+        if let Err(err) = queue
+            .submit_io_commit_cmd(tag, BufDesc::Slice(buf.as_slice()), res)
+            .await
+        {
+            return tag_ended(&queue, tag, err);
+        }
+    }
+}
+
+fn tag_ended(queue: &UblkQueue<'_>, tag: u16, err: UblkError) {
+    match err {
+        UblkError::QueueIsDown => log::debug!("queue {} tag {tag}: queue is down", queue.get_qid()),
+        err => log::error!(
+            "queue {} tag {tag}: ublk command failed: {err}",
+            queue.get_qid()
+        ),
+    }
+}
+
+/// A request as the kernel described it (copied out of the shared descriptor array).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Request {
+    /// The operation, `UBLK_IO_OP_*`.
+    pub op: u32,
+    /// The whole `op_flags` word: flags such as `UBLK_IO_F_FUA` are tested against it
+    /// unshifted.
+    pub flags: u32,
+    pub start: Sector,
+    pub len: SectorCount,
+}
+
+impl Request {
+    fn from_iod(iod: &sys::ublksrv_io_desc) -> Request {
+        Request {
+            op: iod.op_flags & 0xff,
+            flags: iod.op_flags,
+            start: Sector(iod.start_sector),
+            len: SectorCount(u64::from(iod.nr_sectors)),
+        }
+    }
+
+    /// The request's extent, or `EINVAL` when its end would not be addressable.
+    fn extent(&self) -> Result<Extent, i32> {
+        match self.start.0.checked_add(self.len.0) {
+            Some(end) if end <= MAX_SECTOR => Ok(Extent::new(self.start, self.len)),
+            _ => Err(-libc::EINVAL),
+        }
+    }
+
+    /// The data length of a read or write, checked against the tag buffer.
+    fn data_bytes(&self, buf: &AlignedBuf) -> Result<usize, i32> {
+        self.extent()?;
+        let bytes = usize::try_from(self.len.to_bytes()).map_err(|_| -libc::EINVAL)?;
+        if bytes == 0 || bytes > buf.capacity() {
+            return Err(-libc::EINVAL);
+        }
+        Ok(bytes)
+    }
+}
+
+/// Serves one request on `target`: the CQE result to commit (bytes or `-errno`) and the buffer.
+pub(super) async fn handle_request(
+    target: &dyn Target,
+    request: Request,
+    buf: AlignedBuf,
+) -> (i32, AlignedBuf) {
+    match request.op {
+        sys::UBLK_IO_OP_READ => read(target, request, buf).await,
+        sys::UBLK_IO_OP_WRITE => write(target, request, buf).await,
+        sys::UBLK_IO_OP_FLUSH => (status(target.flush().await), buf),
+        sys::UBLK_IO_OP_DISCARD => match request.extent() {
+            Ok(extent) => (status(target.discard(extent).await), buf),
+            Err(errno) => (errno, buf),
+        },
+        sys::UBLK_IO_OP_WRITE_ZEROES => match request.extent() {
+            Ok(extent) => (status(target.write_zeroes(extent).await), buf),
+            Err(errno) => (errno, buf),
+        },
+        _ => (-libc::EOPNOTSUPP, buf),
+    }
+}
+
+async fn read(target: &dyn Target, request: Request, mut buf: AlignedBuf) -> (i32, AlignedBuf) {
+    let bytes = match request.data_bytes(&buf) {
+        Ok(bytes) => bytes,
+        Err(errno) => return (errno, buf),
+    };
+    buf.set_len(bytes);
+    let (res, buf) = target.read(request.start, buf).await;
+    (
+        res.map_or_else(|e| neg_errno(&e), |()| byte_count(bytes)),
+        buf,
+    )
+}
+
+async fn write(target: &dyn Target, request: Request, mut buf: AlignedBuf) -> (i32, AlignedBuf) {
+    let bytes = match request.data_bytes(&buf) {
+        Ok(bytes) => bytes,
+        Err(errno) => return (errno, buf),
+    };
+    buf.set_len(bytes);
+    let flags = WriteFlags {
+        fua: request.flags & sys::UBLK_IO_F_FUA != 0,
+    };
+    let shared = Arc::new(buf);
+    let res = target
+        .write(request.start, Arc::clone(&shared), flags)
+        .await;
+    let buf = Arc::try_unwrap(shared).expect("the target kept a reference to a tag buffer");
+    (
+        res.map_or_else(|e| neg_errno(&e), |()| byte_count(bytes)),
+        buf,
+    )
+}
+
+/// The result of a request without data: 0 or `-errno`.
+fn status(res: io::Result<()>) -> i32 {
+    res.map_or_else(|e| neg_errno(&e), |()| 0)
+}
+
+/// `-errno` for `err`, `-EIO` when it carries none.
+fn neg_errno(err: &io::Error) -> i32 {
+    err.raw_os_error()
+        .filter(|&e| e > 0)
+        .map_or(-libc::EIO, |e| -e)
+}
+
+/// A completed transfer of `bytes` as a CQE result (bounded by the tag buffer, so it fits).
+fn byte_count(bytes: usize) -> i32 {
+    i32::try_from(bytes).unwrap_or(-libc::EINVAL)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::reactor::run_local;
+    use crate::device::{BlockDevice, DeviceInfo, IoFuture, MemDevice, ReadDone};
+
+    /// A target over a memory device, to drive the request mapping without a kernel.
+    struct MemTarget(Arc<MemDevice>);
+
+    impl BlockDevice for MemTarget {
+        fn info(&self) -> &DeviceInfo {
+            self.0.info()
+        }
+        fn read(&self, offset: Sector, buf: AlignedBuf) -> IoFuture<ReadDone> {
+            self.0.read(offset, buf)
+        }
+        fn write(
+            &self,
+            offset: Sector,
+            buf: Arc<AlignedBuf>,
+            flags: WriteFlags,
+        ) -> IoFuture<io::Result<()>> {
+            self.0.write(offset, buf, flags)
+        }
+        fn flush(&self) -> IoFuture<io::Result<()>> {
+            self.0.flush()
+        }
+        fn discard(&self, extent: Extent) -> IoFuture<io::Result<()>> {
+            self.0.discard(extent)
+        }
+        fn write_zeroes(&self, extent: Extent) -> IoFuture<io::Result<()>> {
+            self.0.write_zeroes(extent)
+        }
+    }
+
+    impl Target for MemTarget {
+        fn kind(&self) -> &'static str {
+            "mem"
+        }
+        fn status(&self) -> serde_json::Value {
+            serde_json::Value::Null
+        }
+    }
+
+    fn request(op: u32, flags: u32, start: u64, len: u64) -> Request {
+        Request {
+            op,
+            flags: op | flags,
+            start: Sector(start),
+            len: SectorCount(len),
+        }
+    }
+
+    fn serve(target: &Arc<MemTarget>, req: Request, buf: AlignedBuf) -> (i32, AlignedBuf) {
+        let target = Arc::clone(target);
+        run_local(async move { handle_request(&*target, req, buf).await })
+    }
+
+    #[test]
+    fn writes_and_reads_return_byte_counts_and_data() {
+        let mem = MemDevice::new_volatile("m", SectorCount(64));
+        let target = Arc::new(MemTarget(Arc::clone(&mem)));
+        let mut buf = AlignedBuf::new(16 << 10);
+        buf.as_mut_slice()[..4096].fill(0xab);
+        let (res, mut buf) = serve(
+            &target,
+            request(sys::UBLK_IO_OP_WRITE, sys::UBLK_IO_F_FUA, 8, 8),
+            buf,
+        );
+        assert_eq!(res, 4096);
+        assert_eq!(mem.unflushed_sectors(), 0, "FUA reached the device");
+        buf.set_len(buf.capacity());
+        buf.zero();
+        let (res, buf) = serve(&target, request(sys::UBLK_IO_OP_READ, 0, 8, 8), buf);
+        assert_eq!(res, 4096);
+        assert!(buf.as_slice().iter().all(|&b| b == 0xab));
+        let (res, _) = serve(&target, request(sys::UBLK_IO_OP_FLUSH, 0, 0, 0), buf);
+        assert_eq!(res, 0);
+    }
+
+    #[test]
+    fn bad_requests_complete_with_an_errno() {
+        let target = Arc::new(MemTarget(MemDevice::new("m", SectorCount(64))));
+        let buf = AlignedBuf::new(4096);
+        let (res, buf) = serve(&target, request(sys::UBLK_IO_OP_READ, 0, 60, 8), buf);
+        assert_eq!(res, -libc::EINVAL, "past the end");
+        let (res, buf) = serve(&target, request(sys::UBLK_IO_OP_WRITE, 0, 0, 16), buf);
+        assert_eq!(res, -libc::EINVAL, "larger than the tag buffer");
+        let (res, buf) = serve(
+            &target,
+            request(sys::UBLK_IO_OP_DISCARD, 0, u64::MAX - 1, 8),
+            buf,
+        );
+        assert_eq!(res, -libc::EINVAL, "unaddressable extent");
+        let (res, buf) = serve(&target, request(sys::UBLK_IO_OP_WRITE_SAME, 0, 0, 8), buf);
+        assert_eq!(res, -libc::EOPNOTSUPP);
+        let (res, _) = serve(&target, request(sys::UBLK_IO_OP_WRITE_ZEROES, 0, 0, 8), buf);
+        assert_eq!(res, 0);
+    }
+}
