@@ -451,3 +451,6 @@ pub fn open_mirror_with(
 pub fn open_leg(path: &Path) -> Result<DeviceRef> {
     Ok(Arc::new(UringDevice::open(path, OpenOptions::default())?))
 }
+
+#[cfg(test)]
+mod tests;

@@ -540,9 +540,10 @@ mod tests {
         let first = sb.clone();
         sb.events += 1;
         let second = sb.clone();
+        let (f, s) = (first.clone(), second.clone());
         run_local(async move {
-            write_superblock(&d, &first).await.expect("write");
-            write_superblock(&d, &second).await.expect("write");
+            write_superblock(&d, &f).await.expect("write");
+            write_superblock(&d, &s).await.expect("write");
         });
         let probed = run_local({
             let d = Arc::clone(&dev);
