@@ -65,8 +65,8 @@ pub async fn open(
             .iter()
             .all(|p| matches!(p, Probe::Ours(sb) if sb.uuid == uuid))
     });
-    if all_ours && !options.force {
-        return assemble(legs, probes, env).await;
+    if all_ours {
+        return assemble(legs, probes, options.force, env).await;
     }
     if let (Some(uuid), false) = (mirror, options.force) {
         let (dev, _) = legs
@@ -196,10 +196,14 @@ enum Plan {
     Returning { full: bool },
 }
 
-/// Assembles the mirror that every probe says `legs` belong to.
+/// Assembles the mirror that every probe says `legs` belong to. Without `force`, every leg
+/// the freshest slot table calls in sync must be among them: a leg left out may hold writes
+/// the others missed, and starting without it would bring back old data (mdadm asks for
+/// `--run` in the same case).
 pub async fn assemble(
     legs: Vec<DeviceRef>,
     probes: Vec<Probe>,
+    force: bool,
     env: MirrorEnv,
 ) -> Result<Arc<Inner>> {
     if legs.is_empty() || legs.len() > MAX_LEGS {
@@ -262,7 +266,33 @@ pub async fn assemble(
                 full: sb.events < auth.events_cleared,
             },
         };
+        log::debug!(
+            "mirror {uuid}: slot {} ({}) at event {} of {}: {}",
+            sb.slot,
+            dev.info().name,
+            sb.events,
+            auth.events,
+            match plan {
+                Plan::InSync => "in sync".to_owned(),
+                Plan::Resume => "resumes its recovery".to_owned(),
+                Plan::Returning { full } => format!("returning, full resync {full}"),
+            }
+        );
         present[sb.slot] = Some((Arc::clone(dev), plan, sb.events));
+    }
+    if !force {
+        if let Some(slot) =
+            (0..MAX_LEGS).find(|&s| auth.table[s].state == LegState::InSync && present[s].is_none())
+        {
+            return Err(Error::new(
+                ErrorKind::Busy,
+                format!(
+                    "the in-sync leg in slot {slot} of mirror {uuid} (leg {}) is missing; give \
+                     every leg, or force to start degraded without it",
+                    auth.table[slot].leg_uuid
+                ),
+            ));
+        }
     }
     let in_sync: Vec<usize> = (0..MAX_LEGS)
         .filter(|&s| matches!(present[s], Some((_, Plan::InSync, _))))
@@ -347,6 +377,10 @@ pub async fn assemble(
         }
     }
     let mut map = RegionMap::new(geometry);
+    log::debug!(
+        "mirror {uuid}: dirty regions {:?}",
+        bits.iter_ones().collect::<Vec<_>>()
+    );
     map.load_dirty_log(&bits);
     let full = log_lost
         || present

@@ -185,29 +185,43 @@ impl Inner {
         }
     }
 
+    /// A foreground flush: every active leg is flushed; it succeeds if any leg's flush did
+    /// (the others are failed, and that is durable before the flush completes).
     pub(crate) async fn flush_op(self: Arc<Self>) -> io::Result<()> {
         self.engine.note_foreground_io();
-        self.flush_active().await?;
+        let (any, _) = self.flush_legs().await;
+        any?;
         self.await_persisted().await
     }
 
-    /// Flushes every active leg; a leg whose flush fails is failed. Succeeds only if every
-    /// leg's flush did (the clearing protocol needs all of them durable).
+    /// Flushes every active leg; succeeds only if every leg's flush did (clearing a bit and
+    /// promoting a leg need all of them durable).
     pub(crate) async fn flush_active(&self) -> io::Result<()> {
+        self.flush_legs().await.1
+    }
+
+    /// Flushes every active leg, failing those whose flush fails. Returns whether any
+    /// succeeded and whether all did.
+    async fn flush_legs(&self) -> (io::Result<()>, io::Result<()>) {
         let targets = self.lock().active();
         if targets.is_empty() {
-            return Err(errno(libc::EIO));
+            return (Err(errno(libc::EIO)), Err(errno(libc::EIO)));
         }
         let results = join_all(targets.iter().map(|l| l.dev.flush()).collect()).await;
-        let mut outcome = Ok(());
+        let mut all = Ok(());
+        let mut any = false;
         for (leg, res) in targets.iter().zip(results) {
-            if let Err(err) = res {
-                LegStats::bump(&leg.stats.write_errors);
-                self.fail_leg(leg.slot, leg.generation, "a flush failed");
-                outcome = Err(err);
+            match res {
+                Ok(()) => any = true,
+                Err(err) => {
+                    LegStats::bump(&leg.stats.write_errors);
+                    self.fail_leg(leg.slot, leg.generation, "a flush failed");
+                    all = Err(err);
+                }
             }
         }
-        outcome
+        let any = if any { Ok(()) } else { Err(errno(libc::EIO)) };
+        (any, all)
     }
 
     // -----------------------------------------------------------------------------------------

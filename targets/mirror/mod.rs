@@ -78,7 +78,8 @@ pub struct CreateOptions {
     pub region_size: Option<SectorCount>,
     /// Declare the legs identical: no initial copy.
     pub nosync: bool,
-    /// Overwrite legs that carry other metadata.
+    /// Overwrite legs that carry other metadata; when assembling, start even if an in-sync
+    /// leg is missing.
     pub force: bool,
 }
 
@@ -192,9 +193,9 @@ impl MirrorTarget {
         }
     }
 
-    /// Probes `legs` and assembles the mirror they hold, or creates a new one if they are
-    /// blank (or `force` is set). Running the same command twice assembles what the first
-    /// created.
+    /// Probes `legs` and assembles the mirror they hold (all of them belong to it; `force`
+    /// then allows a degraded start), or creates a new one if they are blank (`force`: or
+    /// hold anything else). Running the same command twice assembles what the first created.
     pub async fn open(
         legs: Vec<DeviceRef>,
         options: &CreateOptions,
@@ -217,10 +218,15 @@ impl MirrorTarget {
             .map(MirrorTarget::from_inner)
     }
 
-    /// Starts the mirror whose legs `legs` are (all of them or some).
-    pub async fn assemble(legs: Vec<DeviceRef>, env: MirrorEnv) -> Result<MirrorTarget> {
+    /// Starts the mirror whose legs `legs` are. Every leg the mirror last knew as in sync
+    /// must be given, unless `force` (start degraded without the missing ones).
+    pub async fn assemble(
+        legs: Vec<DeviceRef>,
+        force: bool,
+        env: MirrorEnv,
+    ) -> Result<MirrorTarget> {
         let probes = assemble::probe_all(&legs).await?;
-        assemble::assemble(legs, probes, env)
+        assemble::assemble(legs, probes, force, env)
             .await
             .map(MirrorTarget::from_inner)
     }

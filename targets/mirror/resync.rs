@@ -56,12 +56,12 @@ impl Inner {
         loop {
             let seen = self.kick.generation();
             let stopping = self.stopping.load(Ordering::Relaxed);
-            if stopping && d.jobs.is_empty() {
-                break;
-            }
             let mut busy = false;
             if let Err(err) = self.await_persisted().await {
                 log::error!("mirror {}: superblock update failed: {err}", self.uuid);
+            }
+            if stopping && d.jobs.is_empty() {
+                break;
             }
             let ticks = self.ticks.load(Ordering::Relaxed);
             if ticks != d.ticks_seen {
@@ -79,7 +79,7 @@ impl Inner {
                 self.scrub_step().await;
                 busy = true;
             }
-            busy |= self.promote_if_synced();
+            busy |= self.promote_if_synced().await;
             if busy {
                 yield_now().await;
                 continue;
@@ -142,6 +142,7 @@ impl Inner {
         if regions.is_empty() {
             return;
         }
+        log::debug!("mirror {}: clearing {regions:?}", self.uuid);
         let result = self.log.commit_clears(self.flush_active()).await;
         let mut st = self.lock();
         match result {
@@ -206,6 +207,12 @@ impl Inner {
                 (region, (copy, job))
             };
             let (copy, job) = job;
+            log::debug!(
+                "mirror {}: copy {region} from slot {} to {:?}",
+                self.uuid,
+                job.source.0,
+                job.dests
+            );
             match self.engine.submit(copy, region.0, &self.completions).await {
                 Ok(_) => {
                     d.jobs.insert(region.0, job);
@@ -269,6 +276,12 @@ impl Inner {
                 .filter(|l| l.slot != source)
                 .all(|l| job.dests.contains(&(l.slot, l.generation)));
             let ok = done.read_error.is_none() && !done.cancelled && source_ok && covered;
+            log::debug!(
+                "mirror {}: copy of {region} done: ok {ok} (read error {:?}, write errors {:?})",
+                self.uuid,
+                done.read_error,
+                done.write_errors
+            );
             st.map.recovery_done(region, ok);
             if ok {
                 st.repair_source.remove(&region);
@@ -282,21 +295,35 @@ impl Inner {
         self.recovered.notify_all();
     }
 
-    /// Once every region is in sync, recovering legs are complete copies. True if any was
-    /// promoted.
-    fn promote_if_synced(&self) -> bool {
-        let mut st = self.lock();
-        let synced = st.map.sync_count() == self.geometry.count();
-        if !synced
-            || !st
-                .legs
-                .iter()
-                .any(|l| l.state == LegState::Recovering && l.dev.is_some())
-        {
+    /// Once every region is in sync, recovering legs are complete copies: they are flushed
+    /// (the copies to them are not durable before) and then promoted. True if any was.
+    async fn promote_if_synced(&self) -> bool {
+        let before = {
+            let mut st = self.lock();
             let out_of_sync = self.geometry.count().0 - st.map.sync_count().0;
             st.progress
                 .observe(out_of_sync, self.engine.stats().bytes_done);
-            return false;
+            let recovering = st
+                .legs
+                .iter()
+                .any(|l| l.state == LegState::Recovering && l.dev.is_some());
+            if out_of_sync > 0 || !recovering {
+                return false;
+            }
+            (st.state_gen, st.progress.done)
+        };
+        // A crash must not find a promoted leg whose copied data was still in its cache.
+        if let Err(err) = self.flush_active().await {
+            log::warn!(
+                "mirror {}: flush before promoting legs failed: {err}",
+                self.uuid
+            );
+            return true;
+        }
+        let mut st = self.lock();
+        let unchanged = (st.state_gen, st.progress.done) == before;
+        if !unchanged || st.map.sync_count() != self.geometry.count() {
+            return true;
         }
         for leg in st.legs.iter_mut() {
             if leg.state == LegState::Recovering && leg.dev.is_some() {
@@ -304,7 +331,6 @@ impl Inner {
             }
         }
         st.state_gen += 1;
-        st.progress.observe(0, 0);
         log::info!("mirror {}: every leg is in sync", self.uuid);
         true
     }

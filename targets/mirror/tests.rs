@@ -367,8 +367,15 @@ fn a_leg_missing_at_assembly_is_stale_and_resynced_when_added() {
     )
     .expect("create");
     let two = vec![Arc::clone(&legs[0]), Arc::clone(&legs[1])];
+    let err = with_mirror(devs(&two), options(64), |_| async {}).expect_err("leg 2 is missing");
+    assert_eq!(err.kind(), ErrorKind::Busy);
+    assert!(err.to_string().contains("force to start degraded"), "{err}");
+    let forced = CreateOptions {
+        force: true,
+        ..options(64)
+    };
     let l = legs.clone();
-    with_mirror(devs(&two), options(64), move |t| async move {
+    with_mirror(devs(&two), forced, move |t| async move {
         assert_eq!(t.leg_states()[2], LegState::Stale);
         write(&t, 300, &pattern(4, 16)).await;
         let dev: DeviceRef = l[2].clone();
@@ -381,7 +388,6 @@ fn a_leg_missing_at_assembly_is_stale_and_resynced_when_added() {
         assert_eq!(data_of(&l[2], layout), data_of(&l[0], layout));
     })
     .expect("assemble degraded");
-    // A stale leg alone cannot be assembled.
     let status =
         with_mirror(devs(&legs), options(64), |t| async move { t.status() }).expect("all three");
     assert_eq!(status["degraded"], false);
