@@ -628,13 +628,29 @@ impl Sim {
             }
         }
         // Heal everything, bring every leg back, and let the resync finish.
+        // A copy or write issued before the heal may still fail a leg: repeat until none did.
         let target = Arc::clone(&inst.target);
-        for leg in &mut self.legs {
-            leg.dev.heal();
-            leg.faulty = false;
+        for round in 0.. {
+            assert!(
+                round < 5,
+                "seed {}: legs keep failing after healing",
+                self.seed
+            );
+            for leg in &mut self.legs {
+                leg.dev.heal();
+                leg.faulty = false;
+            }
+            self.heal_and_add(&target, true).await;
+            self.settle(&target).await;
+            let states = target.leg_states();
+            if self
+                .legs
+                .iter()
+                .all(|l| l.slot.is_some_and(|s| states[s].is_active()))
+            {
+                break;
+            }
         }
-        self.heal_and_add(&target, true).await;
-        self.settle(&target).await;
         target.flush().await.expect("final flush");
         self.model.borrow_mut().flushed();
         self.check_all(&target, "at the end").await;
@@ -674,9 +690,14 @@ fn run_seed(seed: u64) {
 
 #[test]
 fn mirror_survives_faults_crashes_and_leg_changes() {
-    let seeds: Vec<u64> = match std::env::var("SEED") {
-        Ok(s) => vec![s.parse().expect("SEED is a number")],
-        Err(_) => (0..40).collect(),
+    // SEED=n replays one seed; SEEDS=a..b runs a range (for long hunts).
+    let seeds: Vec<u64> = match (std::env::var("SEED"), std::env::var("SEEDS")) {
+        (Ok(s), _) => vec![s.parse().expect("SEED is a number")],
+        (_, Ok(range)) => {
+            let (a, b) = range.split_once("..").expect("SEEDS=a..b");
+            (a.parse().expect("a number")..b.parse().expect("a number")).collect()
+        }
+        _ => (0..40).collect(),
     };
     for seed in seeds {
         if let Err(panic) = std::panic::catch_unwind(|| run_seed(seed)) {

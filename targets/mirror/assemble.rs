@@ -376,6 +376,12 @@ pub async fn assemble(
                 })?;
         }
     }
+    // A power cut during a log commit can leave the newest image on some legs and not on
+    // others. One commit now, before any I/O, makes the newest image the same on every
+    // member, so a later assembly reads the bits this one acts on whichever leg it reads.
+    log.bump_event()
+        .await
+        .map_err(|e| Error::io(format!("cannot rewrite the dirty log of mirror {uuid}"), e))?;
     let mut map = RegionMap::new(geometry);
     log::debug!(
         "mirror {uuid}: dirty regions {:?}",

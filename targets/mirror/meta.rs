@@ -17,6 +17,10 @@
 //! - A member joins ([`MetaDevice::add_member`]) only after the whole area was copied to it
 //!   from a current member and flushed, under the same gate that writes and flushes take, so
 //!   a member's area is always a copy of the others'.
+//! - A power cut during a commit may leave members with different newest images (the commit
+//!   landed on some). Assembly therefore commits once right after opening the log: the
+//!   commit goes to the slot that holds the divergent image on every member, so afterwards
+//!   all members agree again.
 
 use std::io;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
