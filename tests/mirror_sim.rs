@@ -42,7 +42,10 @@ use ublkdm::targets::mirror::{
 };
 use ublkdm::units::{Extent, Sector, SectorCount};
 
-const BATCHES: usize = 120;
+/// Batches per seed; `BATCHES=n` overrides it for long hunts.
+fn batches() -> usize {
+    std::env::var("BATCHES").map_or(120, |b| b.parse().expect("BATCHES is a number"))
+}
 
 /// `TRACE=1` prints what the simulation does.
 fn trace(what: std::fmt::Arguments<'_>) {
@@ -174,6 +177,29 @@ impl SimLeg {
     fn dev(&self) -> DeviceRef {
         self.dev.clone()
     }
+}
+
+/// A runtime command the simulation issues.
+#[derive(Clone, Copy, Debug)]
+enum Command {
+    Fail(usize),
+    /// Remove sim leg `i` (missing) from its slot.
+    Remove(usize),
+    /// Heal sim leg `i` and add it.
+    Add(usize),
+    /// Put sim leg `new` in the slot of the missing sim leg `old`.
+    Replace {
+        old: usize,
+        new: usize,
+    },
+    Scrub(bool),
+}
+
+/// What a command changed in the simulation's view of the legs.
+enum Outcome {
+    Nothing,
+    /// (sim leg, its new slot).
+    Slots(Vec<(usize, Option<usize>)>),
 }
 
 /// One running incarnation of the mirror (until a crash or the end).
@@ -424,21 +450,32 @@ impl Sim {
             .collect()
     }
 
-    async fn fault(&mut self, target: &Arc<MirrorTarget>) {
+    /// Injects a fault now, or plans a command to run (maybe alongside the next batch).
+    fn plan_fault(&mut self, target: &Arc<MirrorTarget>) -> Option<Command> {
         let states = target.leg_states();
-        let action = self.rng.gen_range(0..7);
+        let action = self.rng.gen_range(0..9);
         trace(format_args!("fault {action}, states {states:?}"));
+        let missing: Vec<usize> = (0..self.legs.len())
+            .filter(|&i| self.legs[i].slot.is_some_and(|s| states[s].is_missing()))
+            .collect();
+        let away: Vec<usize> = (0..self.legs.len())
+            .filter(|&i| self.legs[i].slot.is_none_or(|s| !states[s].is_active()))
+            .collect();
         match action {
             0 | 1 => {
-                // A leg dies, or grows a bad spot.
+                // A leg dies, or grows a bad spot (in its data or, for writes, its metadata).
                 let ok = self.faultable(target);
                 if ok.is_empty() {
-                    return;
+                    return None;
                 }
                 let i = ok[self.rng.gen_range(0..ok.len())];
                 let leg = &self.legs[i];
-                if self.rng.gen_bool(0.4) {
+                if self.rng.gen_bool(0.3) {
                     leg.dev.set_dead(true);
+                } else if self.rng.gen_bool(0.2) {
+                    let start = Sector(self.rng.gen_range(0..2048));
+                    leg.dev
+                        .fail_extent(OpKind::Write, Extent::new(start, SectorCount(1)));
                 } else {
                     let start = Sector(2048 + self.rng.gen_range(0..self.size.0));
                     let kind = if self.rng.gen_bool(0.5) {
@@ -450,31 +487,97 @@ impl Sim {
                         .fail_extent(kind, Extent::new(start, SectorCount(4)));
                 }
                 self.legs[i].faulty = true;
+                None
             }
             2 => {
                 let ok = self.faultable(target);
-                let candidates: Vec<usize> = ok
+                let slots: Vec<usize> = ok
                     .into_iter()
                     .filter_map(|i| self.legs[i].slot)
                     .filter(|&s| states[s].is_active())
                     .collect();
-                if let Some(&slot) = candidates.first() {
-                    let _ = target.fail_leg(slot).await;
+                slots.first().map(|&slot| Command::Fail(slot))
+            }
+            3 => missing.first().map(|&i| Command::Remove(i)),
+            4 | 5 => away.first().map(|&i| Command::Add(i)),
+            6 => {
+                // Replace a missing leg by another leg that is away (healed first).
+                let new = away
+                    .iter()
+                    .copied()
+                    .find(|&j| Some(&j) != missing.first())?;
+                let old = *missing.first()?;
+                Some(Command::Replace { old, new })
+            }
+            7 => Some(Command::Scrub(false)),
+            _ => Some(Command::Scrub(true)),
+        }
+    }
+
+    /// The devices a command touches, healed (a leg comes back repaired).
+    fn prepare(&mut self, command: &Command) -> Vec<usize> {
+        let legs = match *command {
+            Command::Add(i) => vec![i],
+            Command::Remove(i) => vec![i],
+            Command::Replace { old, new } => vec![old, new],
+            Command::Fail(_) | Command::Scrub(_) => Vec::new(),
+        };
+        for &i in &legs {
+            if !matches!(command, Command::Remove(_)) {
+                self.legs[i].dev.heal();
+                self.legs[i].faulty = false;
+            }
+        }
+        legs
+    }
+
+    /// Runs `command` against the mirror.
+    async fn execute(
+        target: Arc<MirrorTarget>,
+        command: Command,
+        slots: Vec<Option<usize>>,
+        devs: Vec<DeviceRef>,
+        seed: u64,
+    ) -> Outcome {
+        trace(format_args!("command {command:?}"));
+        match command {
+            Command::Fail(slot) => {
+                let _ = target.fail_leg(slot).await;
+                Outcome::Nothing
+            }
+            Command::Remove(i) => {
+                let slot = slots[i].expect("a member");
+                target.remove_leg(slot).await.expect("remove a missing leg");
+                Outcome::Slots(vec![(i, None)])
+            }
+            Command::Add(i) => match target
+                .add_leg(Arc::clone(&devs[i]), AddLegOptions::default())
+                .await
+            {
+                Ok(slot) => Outcome::Slots(vec![(i, Some(slot))]),
+                Err(err) => panic!("seed {seed}: add leg {i}: {err}"),
+            },
+            Command::Replace { old, new } => {
+                let slot = slots[old].expect("a member");
+                match target
+                    .replace_leg(slot, Arc::clone(&devs[new]), false)
+                    .await
+                {
+                    Ok(got) => Outcome::Slots(vec![(old, None), (new, Some(got))]),
+                    Err(err) => panic!("seed {seed}: replace slot {slot}: {err}"),
                 }
             }
-            3 => {
-                let missing: Vec<usize> = (0..self.legs.len())
-                    .filter(|&i| self.legs[i].slot.is_some_and(|s| states[s].is_missing()))
-                    .collect();
-                if let Some(&i) = missing.first() {
-                    let slot = self.legs[i].slot.expect("member");
-                    target.remove_leg(slot).await.expect("remove a missing leg");
-                    self.legs[i].slot = None;
-                }
+            Command::Scrub(repair) => {
+                let _ = target.start_scrub(repair);
+                Outcome::Nothing
             }
-            4 | 5 => self.heal_and_add(target, false).await,
-            _ => {
-                let _ = target.start_scrub(false);
+        }
+    }
+
+    fn apply(&mut self, outcome: Outcome) {
+        if let Outcome::Slots(changes) = outcome {
+            for (i, slot) in changes {
+                self.legs[i].slot = slot;
             }
         }
     }
@@ -591,10 +694,22 @@ impl Sim {
 
     async fn run(mut self) {
         let mut inst = self.create().await;
-        for _ in 0..BATCHES {
+        for _ in 0..batches() {
             let target = Arc::clone(&inst.target);
+            let mut command = None;
             if self.rng.gen_bool(0.12) {
-                self.fault(&target).await;
+                if let Some(c) = self.plan_fault(&target) {
+                    let legs = self.prepare(&c);
+                    let slots = self.legs.iter().map(|l| l.slot).collect();
+                    let devs = self.legs.iter().map(SimLeg::dev).collect();
+                    let run = Self::execute(Arc::clone(&target), c, slots, devs, self.seed);
+                    if self.rng.gen_bool(0.5) {
+                        let outcome = run.await;
+                        self.apply(outcome);
+                    } else {
+                        command = Some((spawn(run), legs));
+                    }
+                }
             }
             if self.rng.gen_bool(0.3) {
                 target.tick();
@@ -603,12 +718,24 @@ impl Sim {
                 target.flush().await.expect("flush");
                 trace(format_args!("flushed"));
                 self.model.borrow_mut().flushed();
+                if let Some((task, _)) = command.take() {
+                    let outcome = task.await;
+                    self.apply(outcome);
+                }
                 continue;
             }
             let tasks = self.spawn_batch(&target);
             if self.rng.gen_bool(0.04) {
                 for _ in 0..self.rng.gen_range(0..60) {
                     yield_now().await;
+                }
+                // A command cut short leaves its legs' membership unknown: they are left out
+                // of the assembly and added back later.
+                if let Some((task, legs)) = command.take() {
+                    match task.cancel().await {
+                        Some(outcome) => self.apply(outcome),
+                        None => legs.into_iter().for_each(|i| self.legs[i].slot = None),
+                    }
                 }
                 drop(target);
                 let states = self.crash(inst, tasks).await;
@@ -618,6 +745,10 @@ impl Sim {
             }
             for task in tasks {
                 task.await;
+            }
+            if let Some((task, _)) = command.take() {
+                let outcome = task.await;
+                self.apply(outcome);
             }
             if self.rng.gen_bool(0.03) {
                 drop(target);
