@@ -364,7 +364,7 @@ impl Inner {
     /// it is retried, and skipped after a few tries.
     async fn scrub_step(&self) {
         let count = self.geometry.count();
-        let (region, legs, epoch, repair) = {
+        let (region, legs, epoch) = {
             let mut st = self.lock();
             let Some(scrub) = st.scrub.clone() else {
                 return;
@@ -390,7 +390,7 @@ impl Inner {
                 s.retries = 0;
                 return;
             }
-            (region, legs, st.write_epoch(region), scrub.repair)
+            (region, legs, st.write_epoch(region))
         };
         let extent = self.geometry.extent_of(region);
         let at = self.leg_sector(extent.start);
@@ -413,38 +413,7 @@ impl Inner {
         let differ = copies
             .windows(2)
             .any(|w| w[0].1.as_slice() != w[1].1.as_slice());
-        let mut st = self.lock();
-        let valid = st.map.in_sync(region)
-            && st.map.pending_writes(region) == 0
-            && st.write_epoch(region) == epoch;
-        let Some(scrub) = st.scrub.as_mut() else {
-            return;
-        };
-        if !valid && scrub.retries < SCRUB_RETRIES {
-            scrub.retries += 1;
-            return;
-        }
-        scrub.next = region.next();
-        scrub.retries = 0;
-        if !valid {
-            scrub.skipped += 1;
-            return;
-        }
-        scrub.checked += 1;
-        if !(differ || read_failed) {
-            return;
-        }
-        scrub.mismatches += u64::from(differ);
-        if repair {
-            // Resync the region from its source (a leg that answered, if the source did not).
-            let good = copies.first().map(|c| c.0);
-            if let (true, Some(good)) = (read_failed, good) {
-                if st.legs[good].state == LegState::InSync {
-                    st.repair_source.insert(region, good);
-                }
-            }
-            st.map.mark_out_of_sync(RegionRange::one(region));
-            drop(st);
+        if self.record_scrub(region, epoch, differ, read_failed, &copies) {
             if let Err(err) = self.log.mark_range(RegionRange::one(region)).await {
                 log::error!(
                     "mirror {}: cannot mark {region} for repair: {err}",
@@ -452,5 +421,50 @@ impl Inner {
                 );
             }
         }
+    }
+
+    /// Records one scrub check under the lock. True when the region was marked out of sync
+    /// for a repair, so its dirty bit must be marked in the log.
+    fn record_scrub(
+        &self,
+        region: RegionIndex,
+        epoch: u64,
+        differ: bool,
+        read_failed: bool,
+        copies: &[(usize, AlignedBuf)],
+    ) -> bool {
+        let mut st = self.lock();
+        let valid = st.map.in_sync(region)
+            && st.map.pending_writes(region) == 0
+            && st.write_epoch(region) == epoch;
+        let Some(scrub) = st.scrub.as_mut() else {
+            return false;
+        };
+        if !valid && scrub.retries < SCRUB_RETRIES {
+            scrub.retries += 1;
+            return false;
+        }
+        scrub.next = region.next();
+        scrub.retries = 0;
+        if !valid {
+            scrub.skipped += 1;
+            return false;
+        }
+        scrub.checked += 1;
+        if !(differ || read_failed) {
+            return false;
+        }
+        scrub.mismatches += u64::from(differ);
+        if !scrub.repair {
+            return false;
+        }
+        // Resync the region from its source (a leg that answered, if the source did not).
+        if let (true, Some(&(good, _))) = (read_failed, copies.first()) {
+            if st.legs[good].state == LegState::InSync {
+                st.repair_source.insert(region, good);
+            }
+        }
+        st.map.mark_out_of_sync(RegionRange::one(region));
+        true
     }
 }

@@ -555,7 +555,7 @@ mod tests {
         );
         // Tear the newest slot (B, odd counter): its second half never landed.
         let mem = MemDevice::new("torn", SectorCount(8192));
-        mem.poke(Sector(0), &first.encode().as_slice()[..]);
+        mem.poke(Sector(0), first.encode().as_slice());
         let mut torn = second.encode().as_slice().to_vec();
         torn[100] ^= 0xff;
         mem.poke(Sector(8), &torn);
