@@ -50,7 +50,8 @@ impl LegStats {
 #[derive(Clone)]
 pub struct Leg {
     pub state: LegState,
-    /// `None` when the leg is not present (stale after an assembly without it, or empty).
+    /// `None` when the leg is not present (stale after an assembly without it, failed, or
+    /// empty).
     pub dev: Option<DeviceRef>,
     pub uuid: Uuid,
     pub generation: u64,
@@ -255,6 +256,9 @@ impl State {
             return false;
         }
         self.legs[slot].state = LegState::Failed;
+        // Close it (once I/O in flight lets go), so the same device can be opened again to
+        // add it back (block devices are opened exclusively).
+        self.legs[slot].dev = None;
         self.update_degraded();
         self.state_gen += 1;
         true
