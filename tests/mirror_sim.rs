@@ -828,7 +828,7 @@ fn mirror_survives_faults_crashes_and_leg_changes() {
             let (a, b) = range.split_once("..").expect("SEEDS=a..b");
             (a.parse().expect("a number")..b.parse().expect("a number")).collect()
         }
-        _ => (0..40).collect(),
+        _ => (0..150).collect(),
     };
     for seed in seeds {
         if let Err(panic) = std::panic::catch_unwind(|| run_seed(seed)) {

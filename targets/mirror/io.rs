@@ -56,7 +56,7 @@ impl Inner {
         }
         self.engine.note_foreground_io();
         let regions: Vec<RegionIndex> = self.geometry.regions_touching(extent).collect();
-        let (needs_mark, targets) = self.admit(&regions).await;
+        let (needs_mark, targets, in_sync) = self.admit(&regions).await;
         if targets.is_empty() {
             self.abort(&regions);
             return Err(errno(libc::EIO));
@@ -83,7 +83,14 @@ impl Inner {
                 _ => None,
             };
             let at = self.leg_sector(piece.start);
+            // A recovering leg gets the write only where its region is already copied; an
+            // out-of-sync region is copied to it whole later (unless it is all there is).
+            let copied = |leg: &LegRef| in_sync[p] || leg.state == LegState::InSync;
+            let only_recovering = !targets.iter().any(copied);
             for (t, leg) in targets.iter().enumerate() {
+                if !only_recovering && !copied(leg) {
+                    continue;
+                }
                 let leg_extent = Extent::new(at, piece.len);
                 ops.push(match (&op, &piece_buf) {
                     (LegOp::Write { flags, .. }, Some(b)) => {
@@ -140,8 +147,8 @@ impl Inner {
     }
 
     /// Admits a write to every region in `regions`, waiting while any recovers. Returns the
-    /// regions whose bits need a mark and the legs to write.
-    async fn admit(&self, regions: &[RegionIndex]) -> (Vec<RegionIndex>, Vec<LegRef>) {
+    /// regions whose bits need a mark, the active legs, and whether each region is in sync.
+    async fn admit(&self, regions: &[RegionIndex]) -> (Vec<RegionIndex>, Vec<LegRef>, Vec<bool>) {
         loop {
             let seen = {
                 let mut st = self.lock();
@@ -167,7 +174,8 @@ impl Inner {
                     for &region in regions {
                         st.note_write(region);
                     }
-                    return (needs, st.active());
+                    let in_sync = regions.iter().map(|&r| st.map.in_sync(r)).collect();
+                    return (needs, st.active(), in_sync);
                 }
                 for region in admitted {
                     st.map.abort_write(region);

@@ -83,6 +83,7 @@ impl Leg {
 pub struct LegRef {
     pub slot: usize,
     pub generation: u64,
+    pub state: LegState,
     pub dev: DeviceRef,
     pub stats: Arc<LegStats>,
 }
@@ -211,6 +212,7 @@ impl State {
         Some(LegRef {
             slot,
             generation: leg.generation,
+            state: leg.state,
             dev: leg.dev.clone()?,
             stats: Arc::clone(&leg.stats),
         })
