@@ -52,8 +52,16 @@ pub enum CliCommand {
         #[arg(value_parser = parse_id)]
         id: u32,
         /// Print JSON.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "watch")]
         json: bool,
+        /// Follow resync, scrub and merge progress with live progress bars until they end.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Mirror commands: leg failure and replacement, scrub.
+    Mirror {
+        #[command(subcommand)]
+        command: MirrorCommand,
     },
     /// Stop and delete devices (an orderly stop through the daemon where one runs).
     Del {
@@ -85,6 +93,76 @@ pub enum AddTarget {
         #[command(flatten)]
         options: AddOptions,
     },
+    /// An N-way mirror (RAID1) with a persistent write-intent bitmap; running the same command
+    /// again assembles an existing mirror from its legs.
+    Mirror {
+        #[command(flatten)]
+        mirror: MirrorArgs,
+        #[command(flatten)]
+        options: AddOptions,
+    },
+}
+
+/// Arguments of `add mirror`.
+#[derive(Debug, Args)]
+pub struct MirrorArgs {
+    /// A leg: a block device or file. Give 2 to 8, each once.
+    #[arg(long = "leg", required = true, value_name = "DEV")]
+    pub legs: Vec<PathBuf>,
+    /// Region size: the unit of the write-intent bitmap and of resync (a power of two, at
+    /// least 4K), e.g. 512K or 2M.
+    #[arg(long, value_name = "SIZE", default_value = "512K", value_parser = parse_region_size)]
+    pub region_size: u64,
+    /// Trust that the legs already hold the same data: skip the initial copy.
+    #[arg(long)]
+    pub nosync: bool,
+    /// Use legs that carry another mirror's or foreign metadata (it is overwritten).
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// The runtime commands of a mirror.
+#[derive(Debug, Subcommand)]
+pub enum MirrorCommand {
+    /// Mark a leg failed: it is no longer read or written (its dirty regions are kept).
+    FailLeg {
+        #[arg(value_parser = parse_id)]
+        id: u32,
+        slot: u32,
+    },
+    /// Remove a leg from the mirror (it must not be the last in-sync leg).
+    RemoveLeg {
+        #[arg(value_parser = parse_id)]
+        id: u32,
+        slot: u32,
+    },
+    /// Add a leg: a returning leg resyncs what changed, a new one everything.
+    AddLeg {
+        #[arg(value_parser = parse_id)]
+        id: u32,
+        device: PathBuf,
+        /// Use a device that carries foreign metadata.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Replace the leg in SLOT with DEVICE (fully resynced).
+    ReplaceLeg {
+        #[arg(value_parser = parse_id)]
+        id: u32,
+        slot: u32,
+        device: PathBuf,
+        /// Use a device that carries foreign metadata.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Compare the legs region by region and count mismatches (in the background).
+    Scrub {
+        #[arg(value_parser = parse_id)]
+        id: u32,
+        /// Rewrite mismatched regions from an in-sync leg.
+        #[arg(long)]
+        repair: bool,
+    },
 }
 
 /// Options of every `add`.
@@ -110,6 +188,17 @@ fn parse_id(text: &str) -> std::result::Result<u32, String> {
         .ok()
         .filter(|&id| i32::try_from(id).is_ok())
         .ok_or_else(|| format!("'{text}' is not a device id (N, ublkbN or /dev/ublkbN)"))
+}
+
+/// A region size in bytes: a power of two, at least 4 KiB.
+fn parse_region_size(text: &str) -> std::result::Result<u64, String> {
+    let bytes = crate::units::parse_size_bytes(text)?;
+    if bytes < 4096 || !bytes.is_power_of_two() {
+        return Err(format!(
+            "region size '{text}' is not a power of two of at least 4K"
+        ));
+    }
+    Ok(bytes)
 }
 
 /// Parses the command line, runs it, reports: the process exit code.
@@ -143,7 +232,12 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         CliCommand::Add { target } => add(target),
         CliCommand::List { json } => list(json),
-        CliCommand::Status { id, json } => status(id, json),
+        CliCommand::Status { id, json, watch } if watch => {
+            debug_assert!(!json);
+            crate::watch::watch(id)
+        }
+        CliCommand::Status { id, json, .. } => status(id, json),
+        CliCommand::Mirror { command } => mirror_command(command),
         CliCommand::Del { id, all } => del(id, all),
         CliCommand::Recover { id, foreground } => recover(id, foreground),
     }
@@ -166,6 +260,7 @@ fn add(target: AddTarget) -> Result<()> {
             },
             options,
         ),
+        AddTarget::Mirror { mirror, options } => (mirror_spec(mirror)?, options),
     };
     let config = DeviceConfig {
         queues: options.queues,
@@ -213,6 +308,81 @@ fn start_daemon(start: Start, spec: TargetSpec, foreground: bool) -> Result<()> 
     }
     let path = daemon::launch(start, spec)?;
     println!("{}", path.display());
+    Ok(())
+}
+
+/// The spec of `add mirror`: legs made absolute and checked for repeats (the same device under
+/// two names included), the region size in sectors.
+fn mirror_spec(args: MirrorArgs) -> Result<TargetSpec> {
+    let mut legs = Vec::with_capacity(args.legs.len());
+    let mut seen = Vec::new();
+    for leg in args.legs {
+        let leg = absolute(leg)?;
+        let real = std::fs::canonicalize(&leg)
+            .map_err(|e| Error::io(format!("cannot open leg {}", leg.display()), e))?;
+        if seen.contains(&real) {
+            return Err(Error::invalid(format!(
+                "leg {} is given twice (as {})",
+                real.display(),
+                leg.display()
+            )));
+        }
+        seen.push(real);
+        legs.push(leg);
+    }
+    Ok(TargetSpec::Mirror {
+        legs,
+        region_size_sectors: args.region_size >> crate::units::SECTOR_SHIFT,
+        nosync: args.nosync,
+        force: args.force,
+    })
+}
+
+/// Sends a mirror command to the device's daemon and prints its answer.
+fn mirror_command(command: MirrorCommand) -> Result<()> {
+    init_cli_logging();
+    let (id, name, args) = match command {
+        MirrorCommand::FailLeg { id, slot } => {
+            (id, "fail-leg", serde_json::json!({ "slot": slot }))
+        }
+        MirrorCommand::RemoveLeg { id, slot } => {
+            (id, "remove-leg", serde_json::json!({ "slot": slot }))
+        }
+        MirrorCommand::AddLeg { id, device, force } => {
+            let device = absolute(device)?;
+            (
+                id,
+                "add-leg",
+                serde_json::json!({ "device": device, "force": force }),
+            )
+        }
+        MirrorCommand::ReplaceLeg {
+            id,
+            slot,
+            device,
+            force,
+        } => {
+            let device = absolute(device)?;
+            let args = serde_json::json!({ "slot": slot, "device": device, "force": force });
+            (id, "replace-leg", args)
+        }
+        MirrorCommand::Scrub { id, repair } => {
+            (id, "scrub", serde_json::json!({ "repair": repair }))
+        }
+    };
+    let info = ublk::query(id)?;
+    if !matches!(info.spec, Some(TargetSpec::Mirror { .. })) {
+        return Err(Error::invalid(format!(
+            "device {id} is not a mirror ({})",
+            describe(info.spec.as_ref())
+        )));
+    }
+    let command = Command::Target {
+        name: name.to_owned(),
+        args,
+    };
+    let reply = control::request(id, command)?;
+    println!("{}", serde_json::to_string(&reply).expect("json"));
     Ok(())
 }
 
@@ -366,9 +536,13 @@ fn daemon_column(pid: i32) -> String {
     }
 }
 
-fn describe(spec: Option<&TargetSpec>) -> String {
+pub(crate) fn describe(spec: Option<&TargetSpec>) -> String {
     match spec {
         Some(TargetSpec::Linear { device }) => format!("linear {}", device.display()),
+        Some(TargetSpec::Mirror { legs, .. }) => {
+            let legs: Vec<_> = legs.iter().map(|l| l.display().to_string()).collect();
+            format!("mirror {}", legs.join(" "))
+        }
         None => "-".to_owned(),
     }
 }

@@ -16,6 +16,7 @@ pub mod region;
 pub mod target;
 pub mod ublk;
 pub mod units;
+pub mod watch;
 
 #[path = "../targets/mod.rs"]
 pub mod targets;

@@ -40,4 +40,18 @@ pub trait Target: BlockDevice {
 pub enum TargetSpec {
     /// Pass-through onto one backing device.
     Linear { device: PathBuf },
+    /// An N-way mirror (`targets/mirror`): created on blank legs, assembled from legs that
+    /// already hold it.
+    Mirror {
+        legs: Vec<PathBuf>,
+        /// Region size in sectors; 0 picks the default.
+        #[serde(default)]
+        region_size_sectors: u64,
+        /// Skip the initial copy of a new mirror.
+        #[serde(default)]
+        nosync: bool,
+        /// Overwrite legs that carry other metadata.
+        #[serde(default)]
+        force: bool,
+    },
 }

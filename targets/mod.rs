@@ -6,6 +6,7 @@
 //! same target.
 
 pub mod linear;
+pub mod mirror;
 
 use std::sync::Arc;
 
@@ -16,5 +17,6 @@ use crate::target::{Target, TargetSpec};
 pub fn open_target(spec: &TargetSpec) -> Result<Arc<dyn Target>> {
     match spec {
         TargetSpec::Linear { device } => Ok(Arc::new(linear::Linear::open(device)?)),
+        TargetSpec::Mirror { .. } => mirror::open_mirror(spec),
     }
 }

@@ -1,0 +1,479 @@
+//! The mirror's foreground I/O: writes through the region protocol, balanced reads with
+//! retry and repair, flushes; and the two things a failing leg sets off: failing it, and
+//! the superblock update that records it on the survivors.
+//!
+//! Invariants:
+//! - a region's dirty bit is durable before any leg write to it is issued;
+//! - a write is acknowledged only when every active leg finished its piece and, if the slot
+//!   table changed meanwhile (a leg failed), the superblocks saying so are durable;
+//! - a read of an out-of-sync region is served by its resync source (other in-sync legs
+//!   only when that fails), never by a recovering leg, so no read returns data a resync is
+//!   about to overwrite;
+//! - a read error is retried on another readable leg; the region is then marked for a
+//!   resync from the leg that answered, which writes the good data back over the failing
+//!   leg (through the region protocol, so no foreground write can race the repair).
+
+use std::io;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use super::state::{LegRef, LegStats};
+use super::superblock::{write_superblock, LegState};
+use super::{join_all, Inner};
+use crate::device::{errno, AlignedBuf, IoFuture, ReadDone, WriteFlags};
+use crate::region::{RegionIndex, RegionRange, WriteAdmission};
+use crate::units::{Extent, Sector, SectorCount};
+
+/// What a write does on each leg.
+pub(crate) enum LegOp {
+    Write {
+        buf: Arc<AlignedBuf>,
+        flags: WriteFlags,
+    },
+    Discard,
+    WriteZeroes,
+}
+
+/// One read of a leg: the mirror's extent and the legs to try, in order.
+struct SubRead {
+    extent: Extent,
+    region: RegionIndex,
+    candidates: Vec<LegRef>,
+}
+
+impl Inner {
+    fn check_request(&self, extent: Extent) -> io::Result<()> {
+        self.info.check_extent(extent)
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Writes
+
+    pub(crate) async fn write_op(self: Arc<Self>, extent: Extent, op: LegOp) -> io::Result<()> {
+        self.check_request(extent)?;
+        if extent.is_empty() {
+            return Ok(());
+        }
+        self.engine.note_foreground_io();
+        let regions: Vec<RegionIndex> = self.geometry.regions_touching(extent).collect();
+        let (needs_mark, targets, in_sync) = self.admit(&regions).await;
+        if targets.is_empty() {
+            self.abort(&regions);
+            return Err(errno(libc::EIO));
+        }
+        if !needs_mark.is_empty() {
+            if let Err(err) = self.log.mark(&needs_mark).await {
+                log::error!("mirror {}: cannot mark the dirty log: {err}", self.uuid);
+                self.abort(&regions);
+                return Err(err);
+            }
+            self.lock().map.marked(&needs_mark);
+        }
+        let pieces: Vec<(RegionIndex, Extent)> = self.geometry.split_at_regions(extent).collect();
+        let mut ops: Vec<IoFuture<io::Result<()>>> = Vec::new();
+        let mut who = Vec::new();
+        for (p, &(_, piece)) in pieces.iter().enumerate() {
+            let piece_buf = match &op {
+                LegOp::Write { buf, .. } if pieces.len() == 1 => Some(Arc::clone(buf)),
+                LegOp::Write { buf, .. } => {
+                    let skip = (piece.start - extent.start).to_usize_bytes();
+                    let bytes = &buf.as_slice()[skip..skip + piece.len.to_usize_bytes()];
+                    Some(Arc::new(AlignedBuf::from_slice(bytes)))
+                }
+                _ => None,
+            };
+            let at = self.leg_sector(piece.start);
+            // A recovering leg gets the write only where its region is already copied; an
+            // out-of-sync region is copied to it whole later (unless it is all there is).
+            let copied = |leg: &LegRef| in_sync[p] || leg.state == LegState::InSync;
+            let only_recovering = !targets.iter().any(copied);
+            for (t, leg) in targets.iter().enumerate() {
+                if !only_recovering && !copied(leg) {
+                    continue;
+                }
+                let leg_extent = Extent::new(at, piece.len);
+                ops.push(match (&op, &piece_buf) {
+                    (LegOp::Write { flags, .. }, Some(b)) => {
+                        leg.dev.write(at, Arc::clone(b), *flags)
+                    }
+                    (LegOp::Discard, _) => leg.dev.discard(leg_extent),
+                    _ => leg.dev.write_zeroes(leg_extent),
+                });
+                who.push((p, t));
+            }
+        }
+        let results = join_all(ops).await;
+        let mut piece_ok = vec![true; pieces.len()];
+        let mut piece_any = vec![false; pieces.len()];
+        let mut failed = vec![false; targets.len()];
+        let mut unsupported = true;
+        for (&(p, t), res) in who.iter().zip(results) {
+            match res {
+                Ok(()) => piece_any[p] = true,
+                Err(err) => {
+                    piece_ok[p] = false;
+                    // A leg that cannot discard is not broken: resync makes the legs agree.
+                    if err.raw_os_error() != Some(libc::EOPNOTSUPP) {
+                        unsupported = false;
+                        failed[t] = true;
+                    }
+                }
+            }
+        }
+        for (_, leg) in targets.iter().enumerate().filter(|(t, _)| failed[*t]) {
+            LegStats::bump(&leg.stats.write_errors);
+            self.fail_leg(leg.slot, leg.generation, "a write failed");
+        }
+        let mut resync = false;
+        {
+            let mut st = self.lock();
+            for (p, &(region, _)) in pieces.iter().enumerate() {
+                st.map.end_write(region, piece_ok[p]);
+                resync |= !st.map.in_sync(region);
+            }
+        }
+        if resync {
+            self.kick();
+        }
+        if piece_any.contains(&false) {
+            let code = if unsupported {
+                libc::EOPNOTSUPP
+            } else {
+                libc::EIO
+            };
+            return Err(errno(code));
+        }
+        self.await_persisted().await
+    }
+
+    /// Admits a write to every region in `regions`, waiting while any recovers. Returns the
+    /// regions whose bits need a mark, the active legs, and whether each region is in sync.
+    async fn admit(&self, regions: &[RegionIndex]) -> (Vec<RegionIndex>, Vec<LegRef>, Vec<bool>) {
+        loop {
+            let seen = {
+                let mut st = self.lock();
+                let mut admitted = Vec::with_capacity(regions.len());
+                let mut needs = Vec::new();
+                let mut wait = false;
+                for &region in regions {
+                    match st.map.begin_write(region) {
+                        WriteAdmission::Proceed { needs_mark } => {
+                            admitted.push(region);
+                            if needs_mark {
+                                needs.push(region);
+                            }
+                        }
+                        WriteAdmission::Wait => {
+                            wait = true;
+                            break;
+                        }
+                    }
+                }
+                if !wait {
+                    st.writes_started += 1;
+                    for &region in regions {
+                        st.note_write(region);
+                    }
+                    let in_sync = regions.iter().map(|&r| st.map.in_sync(r)).collect();
+                    return (needs, st.active(), in_sync);
+                }
+                for region in admitted {
+                    st.map.abort_write(region);
+                }
+                self.recovered.generation()
+            };
+            self.recovered.wait(seen).await;
+        }
+    }
+
+    fn abort(&self, regions: &[RegionIndex]) {
+        let mut st = self.lock();
+        for &region in regions {
+            st.map.abort_write(region);
+        }
+    }
+
+    /// A foreground flush: every active leg is flushed; it succeeds if any leg's flush did
+    /// (the others are failed, and that is durable before the flush completes).
+    pub(crate) async fn flush_op(self: Arc<Self>) -> io::Result<()> {
+        self.engine.note_foreground_io();
+        let (any, _) = self.flush_legs().await;
+        any?;
+        self.await_persisted().await
+    }
+
+    /// Flushes every active leg; succeeds only if every leg's flush did (clearing a bit and
+    /// promoting a leg need all of them durable).
+    pub(crate) async fn flush_active(&self) -> io::Result<()> {
+        self.flush_legs().await.1
+    }
+
+    /// Flushes every active leg, failing those whose flush fails. Returns whether any
+    /// succeeded and whether all did.
+    async fn flush_legs(&self) -> (io::Result<()>, io::Result<()>) {
+        let targets = self.lock().active();
+        if targets.is_empty() {
+            return (Err(errno(libc::EIO)), Err(errno(libc::EIO)));
+        }
+        let results = join_all(targets.iter().map(|l| l.dev.flush()).collect()).await;
+        let mut all = Ok(());
+        let mut any = false;
+        for (leg, res) in targets.iter().zip(results) {
+            match res {
+                Ok(()) => any = true,
+                Err(err) => {
+                    LegStats::bump(&leg.stats.write_errors);
+                    self.fail_leg(leg.slot, leg.generation, "a flush failed");
+                    all = Err(err);
+                }
+            }
+        }
+        let any = if any { Ok(()) } else { Err(errno(libc::EIO)) };
+        (any, all)
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Reads
+
+    pub(crate) async fn read_op(self: Arc<Self>, offset: Sector, mut buf: AlignedBuf) -> ReadDone {
+        let extent = Extent::new(offset, buf.sectors());
+        if let Err(err) = self.check_request(extent) {
+            return (Err(err), buf);
+        }
+        if extent.is_empty() {
+            return (Ok(()), buf);
+        }
+        self.engine.note_foreground_io();
+        let plan = self.plan_read(extent);
+        if plan.len() == 1 {
+            let sub = plan.into_iter().next().expect("one read");
+            let (res, back) = self.read_sub(&sub, buf).await;
+            return (res, back);
+        }
+        let reads = plan
+            .iter()
+            .map(|sub| self.read_sub(sub, AlignedBuf::for_sectors(sub.extent.len)))
+            .collect();
+        let results = join_all(reads).await;
+        let mut outcome = Ok(());
+        for (sub, (res, part)) in plan.iter().zip(results) {
+            match res {
+                Ok(()) => {
+                    let at = (sub.extent.start - extent.start).to_usize_bytes();
+                    buf.as_mut_slice()[at..at + part.len()].copy_from_slice(part.as_slice());
+                }
+                Err(err) => outcome = Err(err),
+            }
+        }
+        (outcome, buf)
+    }
+
+    /// Cuts a read at regions, picks the legs each piece may come from, and splits large
+    /// pieces of in-sync regions across legs.
+    fn plan_read(&self, extent: Extent) -> Vec<SubRead> {
+        let mut st = self.lock();
+        let mut plan = Vec::new();
+        for (region, piece) in self.geometry.split_at_regions(extent) {
+            if !st.map.in_sync(region) {
+                let Some(source) = st.source_for(region) else {
+                    plan.push(SubRead {
+                        extent: piece,
+                        region,
+                        candidates: Vec::new(),
+                    });
+                    continue;
+                };
+                let mut candidates: Vec<LegRef> = st.leg_ref(source).into_iter().collect();
+                for slot in st.in_sync_slots() {
+                    if slot != source {
+                        candidates.extend(st.leg_ref(slot));
+                    }
+                }
+                plan.push(SubRead {
+                    extent: piece,
+                    region,
+                    candidates,
+                });
+                continue;
+            }
+            let mut legs = st.active();
+            st.rotor = st.rotor.wrapping_add(1);
+            let rotor = st.rotor;
+            let n = legs.len().max(1);
+            legs.sort_by_key(|l| {
+                let load = l.stats.in_flight.load(Ordering::Relaxed);
+                (load, (l.slot + n - rotor % n) % n)
+            });
+            let split = piece.len >= self.tuning.read_split && legs.len() > 1;
+            if !split {
+                plan.push(SubRead {
+                    extent: piece,
+                    region,
+                    candidates: legs,
+                });
+                continue;
+            }
+            let ways = legs.len() as u64;
+            let chunk = piece.len.0.div_ceil(ways).next_multiple_of(8);
+            let mut skip = 0;
+            let mut i = 0;
+            while skip < piece.len.0 {
+                let part = piece.sub_extent(SectorCount(skip), SectorCount(chunk));
+                let mut candidates = legs.clone();
+                candidates.rotate_left(i % legs.len());
+                plan.push(SubRead {
+                    extent: part,
+                    region,
+                    candidates,
+                });
+                skip += part.len.0;
+                i += 1;
+            }
+        }
+        plan
+    }
+
+    /// Reads one piece from its first candidate that answers; after a failure the region is
+    /// repaired from the leg that answered.
+    async fn read_sub(&self, sub: &SubRead, mut buf: AlignedBuf) -> ReadDone {
+        let mut last = errno(libc::EIO);
+        let mut failed = false;
+        let at = self.leg_sector(sub.extent.start);
+        for leg in &sub.candidates {
+            leg.stats.in_flight.fetch_add(1, Ordering::Relaxed);
+            let (res, back) = leg.dev.read(at, buf).await;
+            leg.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+            LegStats::bump(&leg.stats.reads);
+            buf = back;
+            match res {
+                Ok(()) => {
+                    if failed {
+                        self.repair_from(sub.region, leg.slot).await;
+                    }
+                    return (Ok(()), buf);
+                }
+                Err(err) => {
+                    log::warn!(
+                        "mirror {}: read error on {} (slot {}) at {at}: {err}",
+                        self.uuid,
+                        leg.dev.info().name,
+                        leg.slot
+                    );
+                    LegStats::bump(&leg.stats.read_errors);
+                    failed = true;
+                    last = err;
+                }
+            }
+        }
+        (Err(last), buf)
+    }
+
+    /// Marks `region` out of sync with `good` as its copy source, so the resync writes the
+    /// good data back over the leg that failed the read.
+    pub(crate) async fn repair_from(&self, region: RegionIndex, good: usize) {
+        {
+            let mut st = self.lock();
+            if st.legs[good].state == LegState::InSync {
+                st.repair_source.insert(region, good);
+            }
+            st.map.mark_out_of_sync(RegionRange::one(region));
+        }
+        if let Err(err) = self.log.mark_range(RegionRange::one(region)).await {
+            log::error!(
+                "mirror {}: cannot mark {region} for repair: {err}",
+                self.uuid
+            );
+        }
+        self.kick();
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Leg failure and superblock updates
+
+    /// Fails the leg `(slot, generation)` if it is still that incarnation and active: no I/O
+    /// goes to it from now on; the superblock update follows (see `persist`).
+    pub(crate) fn fail_leg(&self, slot: usize, generation: u64, why: &str) {
+        let failed = self.lock().fail(slot, generation);
+        if failed {
+            log::error!(
+                "mirror {}: leg in slot {slot} failed ({why}); running degraded",
+                self.uuid
+            );
+            self.meta.remove_member(slot);
+            self.kick();
+            // Writes waiting for a recovery must not wait for one that can no longer end.
+            self.recovered.notify_all();
+        }
+    }
+
+    /// Waits until the slot table as it is now is durable on every live leg.
+    pub(crate) async fn await_persisted(&self) -> io::Result<()> {
+        let pending = {
+            let st = self.lock();
+            st.persisted_gen < st.state_gen
+        };
+        if pending {
+            self.persist().await
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Writes the slot table, with the event counter raised, to every active leg; legs that
+    /// fail the write are failed and the update is redone without them.
+    pub(crate) async fn persist(&self) -> io::Result<()> {
+        let _serial = self.sb_lock.lock().await;
+        for _ in 0..=super::MAX_LEGS + 1 {
+            let (generation, writes) = {
+                let mut st = self.lock();
+                if st.persisted_gen >= st.state_gen {
+                    return Ok(());
+                }
+                st.events += 1;
+                if !st.missing_legs() {
+                    st.events_cleared = st.events;
+                }
+                let writes: Vec<(LegRef, super::Superblock)> = st
+                    .active()
+                    .into_iter()
+                    .map(|leg| {
+                        let sb = st.superblock(self.uuid, self.layout, leg.slot);
+                        (leg, sb)
+                    })
+                    .collect();
+                (st.state_gen, writes)
+            };
+            if writes.is_empty() {
+                return Err(errno(libc::EIO));
+            }
+            let results = join_all(
+                writes
+                    .iter()
+                    .map(|(leg, sb)| write_superblock(&leg.dev, sb))
+                    .collect(),
+            )
+            .await;
+            let mut all_ok = true;
+            for ((leg, _), res) in writes.iter().zip(results) {
+                if let Err(err) = res {
+                    all_ok = false;
+                    LegStats::bump(&leg.stats.write_errors);
+                    log::error!(
+                        "mirror {}: superblock update failed on slot {}: {err}",
+                        self.uuid,
+                        leg.slot
+                    );
+                    self.fail_leg(leg.slot, leg.generation, "its superblock update failed");
+                }
+            }
+            if all_ok {
+                let mut st = self.lock();
+                st.persisted_gen = st.persisted_gen.max(generation);
+                if st.persisted_gen >= st.state_gen {
+                    return Ok(());
+                }
+            }
+        }
+        Err(errno(libc::EIO))
+    }
+}

@@ -1,0 +1,462 @@
+//! The mirror target: N-way RAID1 (2..=8 legs) with persistent, self-describing metadata on
+//! every leg, a write-intent bitmap, background resync through the copy engine, read
+//! balancing with repair, scrubbing, and runtime leg management.
+//!
+//! # Files
+//! - `superblock.rs`: the on-disk layout of a leg, the superblock (two torn-write-safe
+//!   slots), and the probe for blank, foreign and damaged devices.
+//! - `meta.rs`: the replicated metadata device that carries the one dirty log to every
+//!   live leg (and why one replicated log rather than one log per leg).
+//! - `state.rs`: the in-memory state under the mirror's lock (region map + slot table).
+//! - `io.rs`: reads (balancing, splitting, retry and repair), writes (the region protocol),
+//!   flushes, discards; leg failure and superblock updates.
+//! - `resync.rs`: the resync driver (copies, lazy clearing, scrub), run as a local task or on
+//!   its own thread.
+//! - `assemble.rs`: create, assemble, and adding legs (new or returning).
+//! - `commands.rs`: runtime commands and the status report.
+//!
+//! # How the pieces follow the region protocol
+//! - **Writes** split at regions; `begin_write` for each (waiting while a region recovers),
+//!   one `DirtyLog::mark` for the regions that need it, then the legs, then `end_write` with
+//!   whether every leg took the piece. A leg that fails is failed at once (in memory, then in
+//!   the superblocks of the survivors), and the write is acknowledged only after that update
+//!   is durable, so no acknowledged write can later be "resynced away" from a stale leg.
+//! - **Reads** of an in-sync region go to any active leg (least in flight first; large reads
+//!   split across legs); reads of an out-of-sync region go to its resync source only.
+//! - **Resync** copies out-of-sync regions from the source (the first in-sync leg, or the
+//!   leg a read-error repair named) to every other active leg, one engine job per region.
+//! - **Degraded** (a stale or failed leg in the table): no dirty bit is cleared; a leg that
+//!   returns is resynced from the bitmap if its event counter is at least `events_cleared`,
+//!   else fully.
+//!
+//! # Threads
+//! Every future is `!Send` and runs on the thread that awaits it; the state is behind a
+//! `std::sync::Mutex` never held across an await, the dirty log and the copy engine are
+//! shared, and wakers may fire across threads. [`MirrorTarget::resync_task`] is the resync
+//! driver as a future: the daemon runs it on a thread of its own
+//! ([`MirrorTarget::start_resync_thread`]), simulations spawn it as a local task and call
+//! [`MirrorTarget::tick`] themselves.
+
+mod assemble;
+mod commands;
+mod io;
+mod meta;
+mod resync;
+mod state;
+mod superblock;
+mod util;
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use smol::lock::Mutex as AsyncMutex;
+use uuid::Uuid;
+
+pub use superblock::{probe, Layout, LegState, Probe, Superblock, MAX_LEGS, MIN_LEGS};
+
+use self::meta::MetaDevice;
+use self::state::State;
+use self::util::{join_all, Notify};
+use crate::copy::{Completions, CopyConfig, CopyEngine, ThrottleConfig};
+use crate::device::reactor;
+use crate::device::{
+    AlignedBuf, BlockDevice, DeviceInfo, DeviceRef, IoFuture, OpenOptions, ReadDone, UringDevice,
+    WriteFlags,
+};
+use crate::error::{Error, Result};
+use crate::region::{DirtyLog, RegionGeometry};
+use crate::target::{Target, TargetSpec};
+use crate::units::{Extent, Sector, SectorCount};
+
+/// How to create a mirror.
+#[derive(Clone, Debug, Default)]
+pub struct CreateOptions {
+    /// Region size in sectors (a power of two, at least 8); `None` for the default.
+    pub region_size: Option<SectorCount>,
+    /// Declare the legs identical: no initial copy.
+    pub nosync: bool,
+    /// Overwrite legs that carry other metadata; when assembling, start even if an in-sync
+    /// leg is missing.
+    pub force: bool,
+}
+
+/// Knobs of the running mirror.
+#[derive(Clone, Debug)]
+pub struct Tuning {
+    /// Resync copies in flight at once.
+    pub resync_depth: usize,
+    /// Reads at least this long are split across the legs.
+    pub read_split: SectorCount,
+    /// Dirty bits are cleared at a tick with no write since the previous tick, or at the
+    /// latest every this many ticks.
+    pub clean_every_ticks: u64,
+    /// Most bits cleared by one commit.
+    pub clear_batch: usize,
+    /// The resync thread's tick (lazy clearing, retrying stuck regions).
+    pub tick: Duration,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Tuning {
+            resync_depth: 4,
+            read_split: SectorCount(256),
+            clean_every_ticks: 5,
+            clear_batch: 4096,
+            tick: Duration::from_secs(1),
+        }
+    }
+}
+
+/// What a mirror runs with: its copy engine (owned: it is closed when the mirror is
+/// dropped) and its knobs.
+pub struct MirrorEnv {
+    pub engine: CopyEngine,
+    pub tuning: Tuning,
+}
+
+impl MirrorEnv {
+    /// An environment with a copy engine of its own thread.
+    pub fn start(throttle: ThrottleConfig, tuning: Tuning) -> Result<MirrorEnv> {
+        let config = CopyConfig {
+            throttle,
+            ..CopyConfig::default()
+        };
+        Ok(MirrorEnv {
+            engine: CopyEngine::start(config)?,
+            tuning,
+        })
+    }
+}
+
+/// Options of `add-leg` and `replace-leg`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct AddLegOptions {
+    /// Overwrite a device that carries other metadata.
+    pub force: bool,
+    /// Put the leg in this slot (which must be empty).
+    pub slot: Option<usize>,
+}
+
+/// A running mirror (see the module doc). Dropping it stops the resync driver and the copy
+/// engine.
+pub struct MirrorTarget {
+    inner: Arc<Inner>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// What the target, its futures and its resync driver share.
+pub(crate) struct Inner {
+    uuid: Uuid,
+    layout: Layout,
+    geometry: RegionGeometry,
+    info: DeviceInfo,
+    state: Mutex<State>,
+    log: DirtyLog,
+    meta: Arc<MetaDevice>,
+    engine: CopyEngine,
+    completions: Completions,
+    tuning: Tuning,
+    /// Wakes the resync driver: new work, a tick, a stop.
+    kick: Notify,
+    /// A region's recovery ended: writes waiting for it retry.
+    recovered: Notify,
+    /// Serialises superblock updates.
+    sb_lock: AsyncMutex<()>,
+    stopping: AtomicBool,
+    ticks: AtomicU64,
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().expect("mirror state")
+    }
+
+    fn kick(&self) {
+        self.kick.notify_all();
+    }
+
+    /// Where the data of the mirror's sector `at` is on every leg.
+    fn leg_sector(&self, at: Sector) -> Sector {
+        self.layout.data_offset + (at - Sector(0))
+    }
+}
+
+impl MirrorTarget {
+    fn from_inner(inner: Arc<Inner>) -> MirrorTarget {
+        MirrorTarget {
+            inner,
+            thread: Mutex::new(None),
+        }
+    }
+
+    /// Probes `legs` and assembles the mirror they hold (all of them belong to it; `force`
+    /// then allows a degraded start), or creates a new one if they are blank (`force`: or
+    /// hold anything else). Running the same command twice assembles what the first created.
+    pub async fn open(
+        legs: Vec<DeviceRef>,
+        options: &CreateOptions,
+        env: MirrorEnv,
+    ) -> Result<MirrorTarget> {
+        assemble::open(legs, options, env)
+            .await
+            .map(MirrorTarget::from_inner)
+    }
+
+    /// Writes new metadata on `legs` and starts a mirror over them; unless `nosync`, leg 0
+    /// is copied to the others in the background.
+    pub async fn create(
+        legs: Vec<DeviceRef>,
+        options: &CreateOptions,
+        env: MirrorEnv,
+    ) -> Result<MirrorTarget> {
+        assemble::create(legs, options, env)
+            .await
+            .map(MirrorTarget::from_inner)
+    }
+
+    /// Starts the mirror whose legs `legs` are. Every leg the mirror last knew as in sync
+    /// must be given, unless `force` (start degraded without the missing ones).
+    pub async fn assemble(
+        legs: Vec<DeviceRef>,
+        force: bool,
+        env: MirrorEnv,
+    ) -> Result<MirrorTarget> {
+        let probes = assemble::probe_all(&legs).await?;
+        assemble::assemble(legs, probes, force, env)
+            .await
+            .map(MirrorTarget::from_inner)
+    }
+
+    /// The resync driver (copies, lazy clearing, scrub), to run as a task on any executor.
+    /// It ends after [`MirrorTarget::stop`] once its copies in flight have completed.
+    pub fn resync_task(&self) -> impl std::future::Future<Output = ()> + 'static {
+        Arc::clone(&self.inner).drive()
+    }
+
+    /// Runs the resync driver on a thread of its own, with a ticker every `Tuning::tick`.
+    pub fn start_resync_thread(&self) -> Result<()> {
+        let inner = Arc::clone(&self.inner);
+        let handle = std::thread::Builder::new()
+            .name("ublkdm-mirror".into())
+            .spawn(move || {
+                reactor::block_on(async move {
+                    let ticker = reactor::spawn(Arc::clone(&inner).ticker());
+                    inner.drive().await;
+                    ticker.await;
+                })
+            })
+            .map_err(|e| Error::io("cannot start the mirror's resync thread", e))?;
+        *self.thread.lock().expect("resync thread") = Some(handle);
+        Ok(())
+    }
+
+    /// One tick of the cleaner's clock: dirty bits of quiet regions may be cleared, and
+    /// regions that could not be read are retried.
+    pub fn tick(&self) {
+        self.inner.ticks.fetch_add(1, Ordering::Relaxed);
+        self.inner.kick();
+    }
+
+    /// Asks the resync driver to finish.
+    pub fn stop(&self) {
+        self.inner.stopping.store(true, Ordering::Relaxed);
+        self.inner.kick();
+    }
+
+    pub fn uuid(&self) -> Uuid {
+        self.inner.uuid
+    }
+
+    pub fn layout(&self) -> Layout {
+        self.inner.layout
+    }
+
+    /// The state of every slot.
+    pub fn leg_states(&self) -> Vec<LegState> {
+        self.inner.lock().legs.iter().map(|l| l.state).collect()
+    }
+
+    /// Whether every region is in sync and every present leg is in sync.
+    pub fn is_synced(&self) -> bool {
+        let st = self.inner.lock();
+        st.map.sync_count() == self.inner.geometry.count()
+            && st.legs.iter().all(|l| l.state != LegState::Recovering)
+    }
+
+    /// Adds a leg: a returning leg of this mirror is resynced from the bitmap when it can be,
+    /// any other device fully. Returns its slot.
+    pub async fn add_leg(&self, dev: DeviceRef, options: AddLegOptions) -> Result<usize> {
+        Arc::clone(&self.inner).add_leg(dev, options).await
+    }
+
+    /// Stops using the leg in `slot` (it stays in the table as failed, so the mirror is
+    /// degraded until it is added back or removed).
+    pub async fn fail_leg(&self, slot: usize) -> Result<()> {
+        self.inner.fail_leg_command(slot).await
+    }
+
+    /// Takes the leg in `slot` out of the mirror altogether.
+    pub async fn remove_leg(&self, slot: usize) -> Result<()> {
+        self.inner.remove_leg(slot).await
+    }
+
+    /// Replaces the leg in `slot` with `dev`, which is resynced fully.
+    pub async fn replace_leg(&self, slot: usize, dev: DeviceRef, force: bool) -> Result<usize> {
+        Arc::clone(&self.inner).replace_leg(slot, dev, force).await
+    }
+
+    /// Starts a scrub pass: check counts regions whose legs differ; repair also resyncs them.
+    pub fn start_scrub(&self, repair: bool) -> Result<()> {
+        self.inner.start_scrub(repair)
+    }
+
+    /// Runs a command (see [`Target::command`]) on the calling executor.
+    pub async fn command_async(
+        &self,
+        name: &str,
+        args: &serde_json::Value,
+    ) -> Result<serde_json::Value> {
+        Arc::clone(&self.inner).command(name, args).await
+    }
+}
+
+impl Drop for MirrorTarget {
+    fn drop(&mut self) {
+        self.stop();
+        let thread = self.thread.lock().expect("resync thread").take();
+        if let Some(thread) = thread {
+            if thread.join().is_err() {
+                log::error!("the mirror's resync thread panicked");
+            }
+        }
+        self.inner.engine.shutdown();
+    }
+}
+
+impl BlockDevice for MirrorTarget {
+    fn info(&self) -> &DeviceInfo {
+        &self.inner.info
+    }
+
+    fn read(&self, offset: Sector, buf: AlignedBuf) -> IoFuture<ReadDone> {
+        Box::pin(Arc::clone(&self.inner).read_op(offset, buf))
+    }
+
+    fn write(
+        &self,
+        offset: Sector,
+        buf: Arc<AlignedBuf>,
+        flags: WriteFlags,
+    ) -> IoFuture<std::io::Result<()>> {
+        let extent = Extent::new(offset, buf.sectors());
+        Box::pin(Arc::clone(&self.inner).write_op(extent, io::LegOp::Write { buf, flags }))
+    }
+
+    fn flush(&self) -> IoFuture<std::io::Result<()>> {
+        Box::pin(Arc::clone(&self.inner).flush_op())
+    }
+
+    fn discard(&self, extent: Extent) -> IoFuture<std::io::Result<()>> {
+        if !self.inner.info.discard {
+            return Box::pin(std::future::ready(Err(crate::device::errno(
+                libc::EOPNOTSUPP,
+            ))));
+        }
+        Box::pin(Arc::clone(&self.inner).write_op(extent, io::LegOp::Discard))
+    }
+
+    fn write_zeroes(&self, extent: Extent) -> IoFuture<std::io::Result<()>> {
+        Box::pin(Arc::clone(&self.inner).write_op(extent, io::LegOp::WriteZeroes))
+    }
+}
+
+impl Target for MirrorTarget {
+    fn kind(&self) -> &'static str {
+        "mirror"
+    }
+
+    fn status(&self) -> serde_json::Value {
+        self.inner.status()
+    }
+
+    /// Runs a command. Commands that touch devices block the calling thread on a ring of its
+    /// own: call this from the control thread, never from a thread serving this mirror's I/O.
+    fn command(&self, name: &str, args: &serde_json::Value) -> Result<serde_json::Value> {
+        match name {
+            "status" => Ok(self.status()),
+            "scrub" => {
+                let repair = args
+                    .get("repair")
+                    .and_then(|v| v.as_bool())
+                    .unwrap_or(false);
+                self.start_scrub(repair)?;
+                Ok(serde_json::json!({ "scrub": if repair { "repair" } else { "check" } }))
+            }
+            _ => {
+                let inner = Arc::clone(&self.inner);
+                let (name, args) = (name.to_owned(), args.clone());
+                reactor::block_on(async move { inner.command(&name, &args).await })
+            }
+        }
+    }
+
+    fn shutdown(&self) -> IoFuture<std::io::Result<()>> {
+        let inner = Arc::clone(&self.inner);
+        Box::pin(async move {
+            let res = Arc::clone(&inner).flush_op().await;
+            inner.stopping.store(true, Ordering::Relaxed);
+            inner.kick();
+            res
+        })
+    }
+}
+
+/// Opens the legs of `spec` (a [`TargetSpec::Mirror`]) and creates or assembles the mirror,
+/// with its own copy engine and resync thread.
+pub fn open_mirror(spec: &TargetSpec) -> Result<Arc<dyn Target>> {
+    open_mirror_with(spec, ThrottleConfig::UNLIMITED, Tuning::default())
+}
+
+/// [`open_mirror`] with a resync throttle (floor and ceiling) and tuning.
+pub fn open_mirror_with(
+    spec: &TargetSpec,
+    throttle: ThrottleConfig,
+    tuning: Tuning,
+) -> Result<Arc<dyn Target>> {
+    #[allow(irrefutable_let_patterns)]
+    let TargetSpec::Mirror {
+        legs,
+        region_size_sectors,
+        nosync,
+        force,
+    } = spec
+    else {
+        return Err(Error::invalid("open_mirror needs a mirror target spec"));
+    };
+    let devices = legs
+        .iter()
+        .map(|path| open_leg(path))
+        .collect::<Result<Vec<_>>>()?;
+    let options = CreateOptions {
+        region_size: (*region_size_sectors != 0).then_some(SectorCount(*region_size_sectors)),
+        nosync: *nosync,
+        force: *force,
+    };
+    let env = MirrorEnv::start(throttle, tuning)?;
+    let target =
+        reactor::block_on(async move { MirrorTarget::open(devices, &options, env).await })?;
+    target.start_resync_thread()?;
+    Ok(Arc::new(target))
+}
+
+/// Opens a leg device exclusively.
+pub fn open_leg(path: &Path) -> Result<DeviceRef> {
+    Ok(Arc::new(UringDevice::open(path, OpenOptions::default())?))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,615 @@
+//! The mirror's self-describing metadata on every leg: the superblock, the on-disk layout it
+//! describes, and the probe that tells our legs from blank and foreign devices.
+//!
+//! # On-disk layout of a leg
+//!
+//! | sectors                      | content                                                  |
+//! |------------------------------|----------------------------------------------------------|
+//! | 0..8                         | superblock slot A (4 KiB)                                |
+//! | 8..16                        | superblock slot B (4 KiB)                                |
+//! | 16..16 + log length          | this leg's copy of the write-intent bitmap (a `DirtyLog` |
+//! |                              | area, see `meta.rs`)                                     |
+//! | data offset..+ data size     | the mirrored data; the data offset is a multiple of 1 MiB|
+//!
+//! # Superblock (little-endian, the first 512 bytes of a 4 KiB slot, the rest zero)
+//!
+//! | offset | size  | field                                                                |
+//! |--------|-------|----------------------------------------------------------------------|
+//! | 0      | 8     | magic `UBDMMIRR`                                                     |
+//! | 8      | 4     | version, 1                                                           |
+//! | 12     | 4     | crc32c of the whole 4 KiB slot, computed with this field zero        |
+//! | 16     | 16    | mirror UUID                                                          |
+//! | 32     | 4     | this leg's slot (0..8)                                               |
+//! | 36     | 4     | zero                                                                 |
+//! | 40     | 8     | event counter                                                        |
+//! | 48     | 8     | events_cleared: the counter when dirty bits were last allowed to clear|
+//! | 56     | 8     | region size, sectors                                                 |
+//! | 64     | 8     | data offset, sectors                                                 |
+//! | 72     | 8     | data size, sectors (the exposed size)                                |
+//! | 80     | 8     | log area start, sectors                                              |
+//! | 88     | 8     | log area length, sectors                                             |
+//! | 96     | 32    | zero                                                                 |
+//! | 128    | 8x48  | slot table: per slot, state (u8: 0 empty, 1 in sync, 2 recovering,   |
+//! |        |       | 3 stale, 4 failed), 7 zero bytes, leg UUID (16), leg size (8), zero  |
+//!
+//! # Invariants
+//!
+//! - An update with event counter `e` goes to slot `e % 2` (even: A, odd: B) with FUA, so a
+//!   torn update leaves the previous one intact in the other slot; the probe takes the valid
+//!   slot with the highest counter. Every live leg gets the same table and counter; only the
+//!   "this leg's slot" field differs.
+//! - A leg whose counter is behind the freshest leg's missed updates (it was failed or away).
+//!   md's rule decides how it comes back: if its counter is at least `events_cleared`, no
+//!   dirty bit was cleared since it left and the bitmap covers what it missed.
+//! - The encoded superblock stays within the first 512 bytes of slot A, so byte 1080 (the
+//!   ext2/3/4 magic) of a mirror leg is always zero: a leg that shows that magic and no valid
+//!   slot A was reformatted.
+
+use std::sync::Arc;
+
+use uuid::Uuid;
+
+use crate::device::{AlignedBuf, DeviceRef, WriteFlags};
+use crate::error::{Error, ErrorKind, IoContext, Result};
+use crate::region::{DirtyLog, RegionGeometry, MAX_REGION_COUNT};
+use crate::units::{Extent, Sector, SectorCount, SECTOR_BYTES};
+
+/// The most legs a mirror has (one copy job writes to all but the source: the copy engine's
+/// destination limit plus one would allow 9; 8 keeps the slot table a round size).
+pub const MAX_LEGS: usize = 8;
+/// The fewest legs a mirror is created with.
+pub const MIN_LEGS: usize = 2;
+
+const MAGIC: [u8; 8] = *b"UBDMMIRR";
+const VERSION: u32 = 1;
+const CRC_AT: std::ops::Range<usize> = 12..16;
+const TABLE_AT: usize = 128;
+const ENTRY_BYTES: usize = 48;
+
+/// One superblock slot: 4 KiB.
+pub const SB_SECTORS: SectorCount = SectorCount(8);
+/// Where the dirty log's area starts on every leg.
+pub const LOG_START: Sector = Sector(16);
+/// The data offset is a multiple of this (1 MiB).
+pub const DATA_ALIGN: SectorCount = SectorCount(2048);
+/// The region size used when none is given: 512 KiB, dm-mirror's default, doubled while
+/// the device would have too many regions.
+pub const DEFAULT_REGION: SectorCount = SectorCount(1024);
+
+/// What a leg is to the mirror, as recorded in the slot table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LegState {
+    /// No leg in this slot.
+    Empty,
+    /// A complete copy: written, read, and a resync source.
+    InSync,
+    /// Written, and read where its region is in sync; the resync copies it what it lacks.
+    Recovering,
+    /// Missed writes while away; not written or read until it comes back.
+    Stale,
+    /// Failed an I/O; not written or read until it is added back.
+    Failed,
+}
+
+impl LegState {
+    fn code(self) -> u8 {
+        match self {
+            LegState::Empty => 0,
+            LegState::InSync => 1,
+            LegState::Recovering => 2,
+            LegState::Stale => 3,
+            LegState::Failed => 4,
+        }
+    }
+
+    fn from_code(code: u8) -> Option<LegState> {
+        Some(match code {
+            0 => LegState::Empty,
+            1 => LegState::InSync,
+            2 => LegState::Recovering,
+            3 => LegState::Stale,
+            4 => LegState::Failed,
+            _ => return None,
+        })
+    }
+
+    /// Whether the leg receives writes.
+    pub fn is_active(self) -> bool {
+        matches!(self, LegState::InSync | LegState::Recovering)
+    }
+
+    /// Whether a leg in this state is missing from the set (degraded mode).
+    pub fn is_missing(self) -> bool {
+        matches!(self, LegState::Stale | LegState::Failed)
+    }
+}
+
+/// One entry of the slot table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SlotEntry {
+    pub state: LegState,
+    /// Names the leg that holds the slot, so a replaced leg is not taken for its successor.
+    pub leg_uuid: Uuid,
+    pub leg_size: SectorCount,
+}
+
+impl SlotEntry {
+    pub const EMPTY: SlotEntry = SlotEntry {
+        state: LegState::Empty,
+        leg_uuid: Uuid::nil(),
+        leg_size: SectorCount(0),
+    };
+}
+
+/// Where things are on every leg: fixed when the mirror is created.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Layout {
+    pub region_size: SectorCount,
+    pub data_offset: Sector,
+    pub data_size: SectorCount,
+    pub log_area: Extent,
+}
+
+impl Layout {
+    /// The layout for legs of at least `smallest` sectors. `region_size` `None` picks the
+    /// default, doubled until the region count fits.
+    pub fn compute(smallest: SectorCount, region_size: Option<SectorCount>) -> Result<Layout> {
+        let room = smallest.0.saturating_sub(DATA_ALIGN.0) / 8 * 8;
+        let region_size = match region_size {
+            Some(size) => size,
+            None => {
+                let mut size = DEFAULT_REGION;
+                while room.div_ceil(size.0) > MAX_REGION_COUNT.0 {
+                    size = SectorCount(size.0 * 2);
+                }
+                SectorCount(size.0.min(room.max(8).next_power_of_two() / 2).max(8))
+            }
+        };
+        // The log's size depends on the region count, which depends on the data size, which
+        // depends on the log's size: size the log for the larger guess, then fit the data.
+        let guess = RegionGeometry::new(SectorCount(room.max(region_size.0)), region_size)?;
+        let log_len = DirtyLog::area_sectors(guess.count());
+        let log_area = Extent::new(LOG_START, log_len);
+        let data_offset = Sector(log_area.end().0.next_multiple_of(DATA_ALIGN.0));
+        let data_size = SectorCount(smallest.0.saturating_sub(data_offset.0) / 8 * 8);
+        if data_size < region_size || data_size.is_zero() {
+            return Err(Error::invalid(format!(
+                "the smallest leg ({smallest}) leaves no room for data after {} sectors of \
+                 metadata and one region of {} sectors",
+                data_offset.0, region_size.0
+            )));
+        }
+        RegionGeometry::new(data_size, region_size)?;
+        Ok(Layout {
+            region_size,
+            data_offset,
+            data_size,
+            log_area,
+        })
+    }
+
+    /// The region geometry of the data area.
+    pub fn geometry(&self) -> RegionGeometry {
+        RegionGeometry::new(self.data_size, self.region_size).expect("checked layout")
+    }
+
+    /// The sectors a leg needs.
+    pub fn leg_sectors(&self) -> SectorCount {
+        self.data_offset + self.data_size - Sector(0)
+    }
+}
+
+/// A decoded superblock.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Superblock {
+    pub uuid: Uuid,
+    pub slot: usize,
+    pub events: u64,
+    pub events_cleared: u64,
+    pub layout: Layout,
+    pub table: [SlotEntry; MAX_LEGS],
+}
+
+impl Superblock {
+    /// This leg's own entry.
+    pub fn own(&self) -> &SlotEntry {
+        &self.table[self.slot]
+    }
+
+    /// The 4 KiB slot image of this superblock.
+    pub fn encode(&self) -> AlignedBuf {
+        let mut buf = AlignedBuf::for_sectors(SB_SECTORS);
+        let b = buf.as_mut_slice();
+        b[0..8].copy_from_slice(&MAGIC);
+        b[8..12].copy_from_slice(&VERSION.to_le_bytes());
+        b[16..32].copy_from_slice(self.uuid.as_bytes());
+        b[32..36].copy_from_slice(&(self.slot as u32).to_le_bytes());
+        let l = &self.layout;
+        let fields = [
+            self.events,
+            self.events_cleared,
+            l.region_size.0,
+            l.data_offset.0,
+            l.data_size.0,
+            l.log_area.start.0,
+            l.log_area.len.0,
+        ];
+        for (i, value) in fields.iter().enumerate() {
+            b[40 + 8 * i..48 + 8 * i].copy_from_slice(&value.to_le_bytes());
+        }
+        for (i, entry) in self.table.iter().enumerate() {
+            let at = TABLE_AT + i * ENTRY_BYTES;
+            b[at] = entry.state.code();
+            b[at + 8..at + 24].copy_from_slice(entry.leg_uuid.as_bytes());
+            b[at + 24..at + 32].copy_from_slice(&entry.leg_size.0.to_le_bytes());
+        }
+        let crc = slot_crc(b);
+        b[CRC_AT].copy_from_slice(&crc.to_le_bytes());
+        buf
+    }
+
+    /// Decodes and checks one 4 KiB slot; the error says why it is not a valid superblock.
+    pub fn decode(b: &[u8]) -> std::result::Result<Superblock, String> {
+        assert_eq!(b.len(), SB_SECTORS.to_usize_bytes(), "a superblock slot");
+        if b[0..8] != MAGIC {
+            return Err("has no mirror magic".into());
+        }
+        let version = u32::from_le_bytes(b[8..12].try_into().expect("four bytes"));
+        if version != VERSION {
+            return Err(format!("has version {version}, not {VERSION}"));
+        }
+        let stored = u32::from_le_bytes(b[CRC_AT].try_into().expect("four bytes"));
+        if stored != slot_crc(b) {
+            return Err("fails its checksum (torn or damaged)".into());
+        }
+        let u64_at = |at: usize| u64::from_le_bytes(b[at..at + 8].try_into().expect("eight"));
+        let slot = u32::from_le_bytes(b[32..36].try_into().expect("four bytes")) as usize;
+        if slot >= MAX_LEGS {
+            return Err(format!("claims slot {slot}"));
+        }
+        let layout = Layout {
+            region_size: SectorCount(u64_at(56)),
+            data_offset: Sector(u64_at(64)),
+            data_size: SectorCount(u64_at(72)),
+            log_area: Extent {
+                start: Sector(u64_at(80)),
+                len: SectorCount(u64_at(88)),
+            },
+        };
+        check_layout(&layout)?;
+        let mut table = [SlotEntry::EMPTY; MAX_LEGS];
+        for (i, entry) in table.iter_mut().enumerate() {
+            let at = TABLE_AT + i * ENTRY_BYTES;
+            let state = LegState::from_code(b[at])
+                .ok_or_else(|| format!("has leg state {} in slot {i}", b[at]))?;
+            *entry = SlotEntry {
+                state,
+                leg_uuid: Uuid::from_bytes(b[at + 8..at + 24].try_into().expect("sixteen")),
+                leg_size: SectorCount(u64_at(at + 24)),
+            };
+        }
+        if table[slot].state == LegState::Empty {
+            return Err(format!("names slot {slot}, which its table says is empty"));
+        }
+        Ok(Superblock {
+            uuid: Uuid::from_bytes(b[16..32].try_into().expect("sixteen bytes")),
+            slot,
+            events: u64_at(40),
+            events_cleared: u64_at(48),
+            layout,
+            table,
+        })
+    }
+
+    /// Where an update with this superblock's counter goes.
+    pub fn sector(&self) -> Sector {
+        slot_sector(self.events)
+    }
+}
+
+/// The slot an update with event counter `events` is written to.
+fn slot_sector(events: u64) -> Sector {
+    if events % 2 == 0 {
+        Sector(0)
+    } else {
+        Sector(SB_SECTORS.0)
+    }
+}
+
+fn check_layout(l: &Layout) -> std::result::Result<(), String> {
+    let log_end = l.log_area.start.0.checked_add(l.log_area.len.0);
+    let data_end = l.data_offset.0.checked_add(l.data_size.0);
+    let sane = l.log_area.start == LOG_START
+        && log_end.is_some_and(|end| end <= l.data_offset.0)
+        && l.data_offset.0 % DATA_ALIGN.0 == 0
+        && data_end.is_some();
+    if !sane {
+        return Err(format!("has an impossible layout {l:?}"));
+    }
+    RegionGeometry::new(l.data_size, l.region_size)
+        .map(|_| ())
+        .map_err(|e| format!("has a bad geometry: {e}"))
+}
+
+fn slot_crc(b: &[u8]) -> u32 {
+    let crc = crc32c::crc32c(&b[..CRC_AT.start]);
+    let crc = crc32c::crc32c_append(crc, &[0; 4]);
+    crc32c::crc32c_append(crc, &b[CRC_AT.end..])
+}
+
+/// Writes `sb` to its slot on `dev`, durably (FUA).
+pub async fn write_superblock(dev: &DeviceRef, sb: &Superblock) -> std::io::Result<()> {
+    dev.write(sb.sector(), Arc::new(sb.encode()), WriteFlags::FUA)
+        .await
+}
+
+/// Zeroes both superblock slots of `dev` (and with them any signature in its first 8 KiB).
+pub async fn wipe_superblocks(dev: &DeviceRef) -> Result<()> {
+    let zero = Arc::new(AlignedBuf::for_sectors(SB_SECTORS + SB_SECTORS));
+    dev.write(Sector(0), zero, WriteFlags::FUA)
+        .await
+        .context(|| format!("cannot wipe the superblocks of {}", dev.info().name))
+}
+
+/// What a device holds, as far as the mirror cares.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Probe {
+    /// A leg of one of our mirrors (the freshest valid slot).
+    Ours(Box<Superblock>),
+    /// Our magic, but no valid slot: a damaged leg.
+    Damaged(String),
+    /// Another program's metadata: a file system, md, LVM.
+    Foreign(String),
+    /// Nothing we recognise.
+    Blank,
+}
+
+/// Reads `dev`'s first 8 KiB (and md's end-of-device superblock spots) and says what it is.
+pub async fn probe(dev: &DeviceRef) -> Result<Probe> {
+    let name = dev.info().name.clone();
+    let size = dev.info().size;
+    if size < SB_SECTORS + SB_SECTORS {
+        return Err(Error::invalid(format!(
+            "{name} is too small to be a mirror leg"
+        )));
+    }
+    let head = read(dev, Sector(0), SB_SECTORS + SB_SECTORS).await?;
+    let bytes = head.as_slice();
+    let half = SB_SECTORS.to_usize_bytes();
+    let a = Superblock::decode(&bytes[..half]);
+    let b = Superblock::decode(&bytes[half..]);
+    let foreign = foreign_in_head(bytes);
+    let best = match (a, b) {
+        (Ok(a), Ok(b)) => Ok(if a.events >= b.events { a } else { b }),
+        (Ok(a), Err(_)) => Ok(a),
+        (Err(_), Ok(b)) => match &foreign {
+            // Slot A was overwritten by a new file system or volume: not ours any more.
+            Some(kind) => return Ok(Probe::Foreign(kind.clone())),
+            None => Ok(b),
+        },
+        (Err(why_a), Err(why_b)) => Err(format!("slot A {why_a}; slot B {why_b}")),
+    };
+    match best {
+        Ok(sb) => Ok(Probe::Ours(Box::new(sb))),
+        Err(why) if bytes[..8] == MAGIC || bytes[half..half + 8] == MAGIC => {
+            Ok(Probe::Damaged(why))
+        }
+        Err(_) => match foreign {
+            Some(kind) => Ok(Probe::Foreign(kind)),
+            None => Ok(match md_at_end(dev, size).await? {
+                Some(kind) => Probe::Foreign(kind),
+                None => Probe::Blank,
+            }),
+        },
+    }
+}
+
+/// Signatures found in a device's first 8 KiB.
+fn foreign_in_head(b: &[u8]) -> Option<String> {
+    const MD_MAGIC: [u8; 4] = 0xa92b_4efc_u32.to_le_bytes();
+    if b[1080..1082] == [0x53, 0xef] {
+        return Some("an ext2/3/4 file system".into());
+    }
+    if &b[0..4] == b"XFSB" {
+        return Some("an XFS file system".into());
+    }
+    if (0..4).any(|s| &b[s * 512..s * 512 + 8] == b"LABELONE") {
+        return Some("an LVM physical volume label".into());
+    }
+    if b[0..4] == MD_MAGIC || b[4096..4100] == MD_MAGIC {
+        return Some("an md RAID superblock".into());
+    }
+    None
+}
+
+/// md v0.90 and v1.0 superblocks live near the end of the device.
+async fn md_at_end(dev: &DeviceRef, size: SectorCount) -> Result<Option<String>> {
+    const MD_MAGIC: [u8; 4] = 0xa92b_4efc_u32.to_le_bytes();
+    let bytes = size.to_bytes();
+    let mut spots = Vec::new();
+    if bytes >= 128 << 10 {
+        spots.push(((bytes & !(64 * 1024 - 1)) - 64 * 1024) / SECTOR_BYTES);
+    }
+    if bytes >= 16 << 10 {
+        spots.push(((bytes - 8192) & !(4096 - 1)) / SECTOR_BYTES);
+    }
+    let block = dev.info().logical_block_sectors().0.max(1);
+    for spot in spots {
+        let at = spot / block * block;
+        let buf = read(dev, Sector(at), SectorCount(block)).await?;
+        let off = ((spot - at) * SECTOR_BYTES) as usize;
+        if buf.as_slice()[off..off + 4] == MD_MAGIC {
+            return Ok(Some("an md RAID superblock".into()));
+        }
+    }
+    Ok(None)
+}
+
+async fn read(dev: &DeviceRef, at: Sector, len: SectorCount) -> Result<AlignedBuf> {
+    let (res, buf) = dev.read(at, AlignedBuf::for_sectors(len)).await;
+    res.context(|| format!("cannot read the metadata of {}", dev.info().name))?;
+    Ok(buf)
+}
+
+/// An error for a device whose metadata we will not overwrite without `force`.
+pub fn refuse(dev: &DeviceRef, probe: &Probe) -> Error {
+    let name = &dev.info().name;
+    match probe {
+        Probe::Ours(sb) => Error::new(
+            ErrorKind::Busy,
+            format!(
+                "{name} is slot {} of mirror {}; use force to overwrite it",
+                sb.slot, sb.uuid
+            ),
+        ),
+        Probe::Damaged(why) => Error::new(
+            ErrorKind::Corrupt,
+            format!("{name} has a damaged mirror superblock ({why}); use force to overwrite it"),
+        ),
+        Probe::Foreign(kind) => Error::new(
+            ErrorKind::Busy,
+            format!("{name} holds {kind}; use force to overwrite it"),
+        ),
+        Probe::Blank => Error::invalid(format!("{name} is blank")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::reactor::run_local;
+    use crate::device::MemDevice;
+
+    fn sample() -> Superblock {
+        let layout = Layout::compute(SectorCount(8192), Some(SectorCount(64))).expect("layout");
+        let mut table = [SlotEntry::EMPTY; MAX_LEGS];
+        table[0] = SlotEntry {
+            state: LegState::InSync,
+            leg_uuid: Uuid::from_u128(1),
+            leg_size: SectorCount(8192),
+        };
+        table[3] = SlotEntry {
+            state: LegState::Recovering,
+            leg_uuid: Uuid::from_u128(2),
+            leg_size: SectorCount(9000),
+        };
+        Superblock {
+            uuid: Uuid::from_u128(0xabc),
+            slot: 3,
+            events: 7,
+            events_cleared: 5,
+            layout,
+            table,
+        }
+    }
+
+    #[test]
+    fn layout_aligns_the_data_and_fits_the_log() {
+        let l = Layout::compute(SectorCount(1 << 21), None).expect("layout");
+        assert_eq!(l.data_offset.0 % DATA_ALIGN.0, 0);
+        assert!(l.log_area.end() <= l.data_offset);
+        assert_eq!(l.region_size, DEFAULT_REGION);
+        assert!(l.leg_sectors().0 <= 1 << 21);
+        let count = l.geometry().count();
+        assert!(DirtyLog::area_sectors(count) <= l.log_area.len);
+        assert!(Layout::compute(SectorCount(2048), None).is_err(), "no room");
+    }
+
+    #[test]
+    fn superblock_round_trips() {
+        let sb = sample();
+        let buf = sb.encode();
+        assert_eq!(Superblock::decode(buf.as_slice()), Ok(sb.clone()));
+        assert!(
+            buf.as_slice()[512..].iter().all(|&b| b == 0),
+            "the encoding fits in one sector"
+        );
+        let mut bad = buf.as_slice().to_vec();
+        bad[200] ^= 1;
+        assert!(Superblock::decode(&bad)
+            .expect_err("crc")
+            .contains("checksum"));
+    }
+
+    #[test]
+    fn a_torn_update_falls_back_to_the_other_slot() {
+        let dev: DeviceRef = MemDevice::new("leg", SectorCount(8192));
+        let mut sb = sample();
+        let d = Arc::clone(&dev);
+        let first = sb.clone();
+        sb.events += 1;
+        let second = sb.clone();
+        let (f, s) = (first.clone(), second.clone());
+        run_local(async move {
+            write_superblock(&d, &f).await.expect("write");
+            write_superblock(&d, &s).await.expect("write");
+        });
+        let probed = run_local({
+            let d = Arc::clone(&dev);
+            async move { probe(&d).await }
+        });
+        assert_eq!(
+            probed.expect("probe"),
+            Probe::Ours(Box::new(second.clone()))
+        );
+        // Tear the newest slot (B, odd counter): its second half never landed.
+        let mem = MemDevice::new("torn", SectorCount(8192));
+        mem.poke(Sector(0), first.encode().as_slice());
+        let mut torn = second.encode().as_slice().to_vec();
+        torn[100] ^= 0xff;
+        mem.poke(Sector(8), &torn);
+        let probed = run_local(async move { probe(&(mem as DeviceRef)).await });
+        assert_eq!(probed.expect("probe"), Probe::Ours(Box::new(first)));
+    }
+
+    #[test]
+    fn both_slots_damaged_is_reported() {
+        let mem = MemDevice::new("bad", SectorCount(8192));
+        let mut bytes = sample().encode().as_slice().to_vec();
+        bytes[300] ^= 1;
+        mem.poke(Sector(0), &bytes);
+        mem.poke(Sector(8), &bytes);
+        let probed = run_local(async move { probe(&(mem as DeviceRef)).await });
+        match probed.expect("probe") {
+            Probe::Damaged(why) => assert!(why.contains("checksum"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn foreign_signatures_are_recognised() {
+        let cases: Vec<(usize, &[u8], &str)> = vec![
+            (1080, &[0x53, 0xef], "ext2/3/4"),
+            (0, b"XFSB", "XFS"),
+            (512, b"LABELONE", "LVM"),
+            (4096, &[0xfc, 0x4e, 0x2b, 0xa9], "md"),
+        ];
+        for (at, magic, kind) in cases {
+            let mem = MemDevice::new("f", SectorCount(8192));
+            let mut sector = vec![0u8; 512];
+            sector[at % 512..at % 512 + magic.len()].copy_from_slice(magic);
+            mem.poke(Sector(at as u64 / 512), &sector);
+            let probed = run_local(async move { probe(&(mem as DeviceRef)).await });
+            match probed.expect("probe") {
+                Probe::Foreign(what) => assert!(what.contains(kind), "{what}"),
+                other => panic!("{kind}: {other:?}"),
+            }
+        }
+        let blank = MemDevice::new("b", SectorCount(8192));
+        let probed = run_local(async move { probe(&(blank as DeviceRef)).await });
+        assert_eq!(probed.expect("probe"), Probe::Blank);
+    }
+
+    #[test]
+    fn md_superblock_at_the_end_is_foreign() {
+        let mem = MemDevice::new("md", SectorCount(8192));
+        let bytes = 8192u64 * 512;
+        let at = ((bytes - 8192) & !4095) / 512;
+        let mut sector = vec![0u8; 512];
+        sector[..4].copy_from_slice(&0xa92b_4efc_u32.to_le_bytes());
+        mem.poke(Sector(at), &sector);
+        let probed = run_local(async move { probe(&(mem as DeviceRef)).await });
+        assert!(matches!(probed.expect("probe"), Probe::Foreign(_)));
+    }
+}
