@@ -1,5 +1,5 @@
 //! A deterministic, seeded simulation of the mirror target: random concurrent writes (some
-//! FUA), reads, flushes, write-zeroes and discards over 2..=4 legs of
+//! FUA), reads, flushes, write-zeroes and discards over 2..=5 legs of
 //! `FaultyDevice<MemDevice::new_volatile>`, with leg faults (dead legs, bad extents, the
 //! fail-leg and remove-leg commands), legs healed and added back, scrubs, lazy clearing, and
 //! power cuts at random points (between batches and with requests in flight), after which
@@ -231,7 +231,7 @@ fn engine_config() -> CopyConfig {
 impl Sim {
     fn new(seed: u64) -> Sim {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let count = rng.gen_range(2..=4);
+        let count = rng.gen_range(2..=5);
         let data = 8 * rng.gen_range(32..128u64);
         let legs = (0..count)
             .map(|i| {

@@ -17,17 +17,27 @@
 //!
 //! # How the pieces follow the region protocol
 //! - **Writes** split at regions; `begin_write` for each (waiting while a region recovers),
-//!   one `DirtyLog::mark` for the regions that need it, then the legs, then `end_write` with
-//!   whether every leg took the piece. A leg that fails is failed at once (in memory, then in
-//!   the superblocks of the survivors), and the write is acknowledged only after that update
-//!   is durable, so no acknowledged write can later be "resynced away" from a stale leg.
+//!   one `DirtyLog::mark` for the regions that need it, then the legs (every in-sync leg, and
+//!   recovering legs where the region is already copied), then `end_write` with whether every
+//!   leg took the piece. A leg that fails is failed at once (in memory, then in the
+//!   superblocks of the survivors), and the write is acknowledged only after that update is
+//!   durable, so no acknowledged write can later be "resynced away" from a stale leg.
 //! - **Reads** of an in-sync region go to any active leg (least in flight first; large reads
 //!   split across legs); reads of an out-of-sync region go to its resync source only.
 //! - **Resync** copies out-of-sync regions from the source (the first in-sync leg, or the
-//!   leg a read-error repair named) to every other active leg, one engine job per region.
+//!   leg a read-error repair named) to every other active leg, one engine job per region. A
+//!   recovering leg is promoted to in sync only once every region is, after a flush.
 //! - **Degraded** (a stale or failed leg in the table): no dirty bit is cleared; a leg that
 //!   returns is resynced from the bitmap if its event counter is at least `events_cleared`,
-//!   else fully.
+//!   else fully. A recovering leg is present, not missing: bits of regions already copied to
+//!   it are cleared as usual, so a crash resumes its resync where it was.
+//!
+//! # Invariants across a power cut
+//! - acknowledged writes followed by a completed flush (or FUA) survive on every leg the
+//!   slot table calls in sync: a resync source after the crash never lacks them;
+//! - every region whose legs may differ has its dirty bit set on every live leg's log copy;
+//! - assembly refuses to start without a leg the freshest table calls in sync (`force`
+//!   overrides), since that leg may hold the only copy of acknowledged writes.
 //!
 //! # Threads
 //! Every future is `!Send` and runs on the thread that awaits it; the state is behind a
