@@ -38,6 +38,8 @@ expect_refusal one-leg add mirror --leg /dev/vda
 expect_refusal leg-twice add mirror --leg /dev/vda --leg /dev/vda
 expect_refusal sizes-differ add mirror --leg /dev/vda --leg /dev/mapper/small --force
 expect_refusal region-not-power-of-two add mirror --leg /dev/vda --leg /dev/vdb --region-size 96K
+# The slice holds /dev/vdb (dm claims its devices); let go of it for the in-use case.
+dmsetup remove small || die "cannot remove the dm slice"
 lin=$(add_linear /dev/vdb) || die "add linear failed"
 out=$(ublkdm add mirror --leg /dev/vda --leg /dev/vdb 2>&1)
 rc=$?
