@@ -82,7 +82,7 @@ impl Reporter {
     }
 
     fn added(&self, id: u32) {
-        log::info!("created ublk device {id}");
+        log::info!("serving ublk device {id}");
         if let Some(log) = &self.log {
             log.name_after(id);
         }

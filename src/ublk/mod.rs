@@ -302,6 +302,10 @@ pub struct Hooks {
 /// Serves `target` as a ublk device until the device is stopped, then deletes it.
 pub fn serve(start: Start, target: Arc<dyn Target>, spec: &TargetSpec, hooks: Hooks) -> Result<()> {
     require_driver()?;
+    if let Start::Add(config) = start {
+        // Refuse a target the kernel cannot serve before a device exists.
+        params::device_params(target.info(), config.io_buf_bytes)?;
+    }
     let ctrl = Arc::new(match start {
         Start::Add(config) => add_ctrl(config, target.kind())?,
         Start::Recover(id) => recover_ctrl(id, &*target)?,
