@@ -553,21 +553,27 @@ fn on_scratch_thread<T: Send + 'static>(
     f: impl FnOnce() -> Result<T> + Send + 'static,
 ) -> Result<T> {
     let (done_tx, done_rx) = std::sync::mpsc::channel();
-    thread::Builder::new()
+    let helper = thread::Builder::new()
         .name("ublk-ctrl".into())
         .spawn(move || {
             let _ = done_tx.send(f());
         })
         .map_err(|e| Error::io("cannot start a thread", e))?;
-    done_rx.recv_timeout(timeout).unwrap_or_else(|_| {
-        Err(Error::new(
+    match done_rx.recv_timeout(timeout) {
+        Ok(result) => {
+            // It ends right after sending: join it, so that it and its ring are gone before
+            // the caller may fork.
+            let _ = helper.join();
+            result
+        }
+        Err(_) => Err(Error::new(
             ErrorKind::Daemon,
             format!(
                 "{what}: the ublk driver did not answer within {}s",
                 timeout.as_secs()
             ),
-        ))
-    })
+        )),
+    }
 }
 
 /// STOP_DEV and DEL_DEV on device `id`, from outside its daemon: only for a device whose
