@@ -48,6 +48,8 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(90);
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the daemon waits for its block device node to appear once the device is LIVE.
 const NODE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long `launch` waits for the CLI's helper threads to be gone before it forks.
+const FORK_SETTLE_TIMEOUT: Duration = Duration::from_secs(1);
 /// The pause after a failed `accept` on the control socket (so an error cannot spin).
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
@@ -82,7 +84,7 @@ impl Reporter {
     }
 
     fn added(&self, id: u32) {
-        log::info!("created ublk device {id}");
+        log::info!("serving ublk device {id}");
         if let Some(log) = &self.log {
             log.name_after(id);
         }
@@ -184,6 +186,11 @@ pub fn log_path(id: u32) -> PathBuf {
 /// Forks a daemon for `start` and waits for its device to be LIVE: returns the block device.
 pub fn launch(start: Start, spec: TargetSpec) -> Result<PathBuf> {
     let (read_end, write_end) = pipe()?;
+    // Helper threads of earlier queries may still be exiting: give them a moment.
+    let deadline = Instant::now() + FORK_SETTLE_TIMEOUT;
+    while thread_count() > 1 && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(5));
+    }
     assert_eq!(thread_count(), 1, "fork from a multi-threaded process");
     // SAFETY: the process is single-threaded (asserted above), so the child may run any code.
     match unsafe { libc::fork() } {

@@ -302,6 +302,10 @@ pub struct Hooks {
 /// Serves `target` as a ublk device until the device is stopped, then deletes it.
 pub fn serve(start: Start, target: Arc<dyn Target>, spec: &TargetSpec, hooks: Hooks) -> Result<()> {
     require_driver()?;
+    if let Start::Add(config) = start {
+        // Refuse a target the kernel cannot serve before a device exists.
+        params::device_params(target.info(), config.io_buf_bytes)?;
+    }
     let ctrl = Arc::new(match start {
         Start::Add(config) => add_ctrl(config, target.kind())?,
         Start::Recover(id) => recover_ctrl(id, &*target)?,
@@ -549,21 +553,27 @@ fn on_scratch_thread<T: Send + 'static>(
     f: impl FnOnce() -> Result<T> + Send + 'static,
 ) -> Result<T> {
     let (done_tx, done_rx) = std::sync::mpsc::channel();
-    thread::Builder::new()
+    let helper = thread::Builder::new()
         .name("ublk-ctrl".into())
         .spawn(move || {
             let _ = done_tx.send(f());
         })
         .map_err(|e| Error::io("cannot start a thread", e))?;
-    done_rx.recv_timeout(timeout).unwrap_or_else(|_| {
-        Err(Error::new(
+    match done_rx.recv_timeout(timeout) {
+        Ok(result) => {
+            // It ends right after sending: join it, so that it and its ring are gone before
+            // the caller may fork.
+            let _ = helper.join();
+            result
+        }
+        Err(_) => Err(Error::new(
             ErrorKind::Daemon,
             format!(
                 "{what}: the ublk driver did not answer within {}s",
                 timeout.as_secs()
             ),
-        ))
-    })
+        )),
+    }
 }
 
 /// STOP_DEV and DEL_DEV on device `id`, from outside its daemon: only for a device whose

@@ -133,6 +133,10 @@ fn drive(
         if tags_done() && notifier_task.is_finished() {
             return true;
         }
+        // Also asked after a failed ring wait (EINTR), which is no reason to give up.
+        if !queue.is_stopping() {
+            return false;
+        }
         let since = aborted_at.get().unwrap_or_else(Instant::now);
         aborted_at.set(Some(since));
         let expired = since.elapsed() > QUEUE_STOP_GRACE;

@@ -16,7 +16,8 @@
 #                        FIO_TIMEOUT (default 240 s) on top of the job's own bounds
 # control ID LINE       sends LINE to /run/ublkdm/ID.sock, prints the reply line
 # sha_range DEV MIB [SKIP_MIB]  sha256 of MIB MiB of DEV after SKIP_MIB, read O_DIRECT
-# Every test ends with `ublkdm del --all` (bounded), so one failure cannot hang the VM.
+# Every test ends with `ublkdm del --all` (bounded), so one failure cannot hang the VM, and
+# prints the daemons' logs if a case failed.
 
 UBLKDM=${UBLKDM:-$UBLKDM_REPO/target/release/ublkdm}
 [[ -x $UBLKDM ]] || die "no ublkdm binary at $UBLKDM (build it first)"
@@ -29,6 +30,12 @@ CLI_TIMEOUT=120
 
 T=$(mktemp -d)
 _common_cleanup() {
+	if ((VM_FAILED > 0)); then
+		# The daemons' side of the story, for the failure above.
+		for log in /var/log/ublkdm/*.log; do
+			[[ -f $log ]] && { echo "--- $log (last 30 lines)"; tail -n 30 "$log"; }
+		done
+	fi
 	timeout "$CLI_TIMEOUT" "$UBLKDM" del --all >/dev/null 2>&1 || true
 	rm -rf "$T"
 }
