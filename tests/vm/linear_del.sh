@@ -20,7 +20,9 @@ vm_log "serving $BACKING as $dev (id $id), daemon pid $pid"
 run_fio busy --filename="$dev" --direct=1 --ioengine=io_uring --rw=randwrite --bs=4k --iodepth=32 \
 	--size=200M --time_based --runtime=60 &
 fio_pid=$!
-sleep 4
+# Delete only once writes are flowing (fio starts slowly under TCG).
+wait_until 60 bash -c "(( \$($UBLKDM status --json $id | jq -r '.daemon_status.io.writes // 0') >= 1000 ))" ||
+	die "fio did not get going: $(cat "$T/busy.err")"
 pid_alive "$fio_pid" || die "fio ended early: $(cat "$T/busy.out")"
 
 t0=$SECONDS
@@ -50,7 +52,10 @@ if wait_until 30 bash -c "! kill -0 $fio_pid 2>/dev/null"; then
 		fail "fio-sees-errors" "fio exit 0 and no err= in its report"
 	fi
 else
-	kill -9 "$fio_pid"
+	for task in /proc/$(pgrep -x fio | head -1)/task/*; do
+		echo "fio task $task: $(cut -d' ' -f3 "$task/stat") $(tr '\n' ' ' <"$task/stack" 2>/dev/null | head -c 300)"
+	done
+	kill -9 "$fio_pid" $(pgrep -x fio)
 	fail "fio-sees-errors" "fio still running 30 s after del"
 fi
 
