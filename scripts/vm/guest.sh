@@ -38,6 +38,18 @@ for dev in $UBLKDM_DISKS; do
 	[ -b "$dev" ] || job_err "$dev did not appear"
 done
 
+# /tmp and /run are fresh tmpfs here; a checkout that lives there is bound back from the
+# host's view (see init), at the same path, so that absolute paths still work.
+case $UBLKDM_REPO in
+/tmp/* | /run/*)
+	top=${UBLKDM_REPO#/}
+	top=${top%%/*}
+	mkdir -p "$UBLKDM_REPO" &&
+		mount --bind "/.host-$top/${UBLKDM_REPO#/"$top"/}" "$UBLKDM_REPO" ||
+		{ job_err "cannot bind the checkout at $UBLKDM_REPO"; exit 1; }
+	;;
+esac
+
 : >"$UBLKDM_JOB/started"
 cd "$UBLKDM_REPO" || { job_err "cannot cd to $UBLKDM_REPO"; exit 1; }
 
