@@ -10,6 +10,7 @@
 # dev_id /dev/ublkbN     prints N
 # field ID JQ            a field of `ublkdm status --json ID` (jq filter), e.g. '.state'
 # wait_until SECS CMD..  polls CMD every 0.1 s until it succeeds; fails after SECS
+# wait_writes ID N [SECS] waits until device ID's daemon has acknowledged N writes (60 s)
 # pid_alive PID          whether PID runs (a zombie does not)
 # run_fio NAME ARG..     fio --name=NAME ARG.. with output in $T/NAME.out (stderr in
 #                        $T/NAME.err); bounded by
@@ -63,6 +64,11 @@ wait_until() {
 		((SECONDS < deadline)) || return 1
 		sleep 0.1
 	done
+}
+
+wait_writes() {
+	local id=${1:?wait_writes ID N} n=${2:?wait_writes ID N}
+	wait_until "${3:-60}" bash -c "(( \$($UBLKDM status --json $id | jq -r '.daemon_status.io.writes // 0') >= $n ))"
 }
 
 pid_alive() {

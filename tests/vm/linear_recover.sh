@@ -28,7 +28,7 @@ run_fio write-phase "${job[@]}" --runtime=120 --verify_state_save=1 \
 fio_pid=$!
 # Kill only once a good number of writes has been acknowledged (fio starts slowly under TCG).
 writes() { ublkdm status --json "$id" | jq -r '.daemon_status.io.writes // 0'; }
-wait_until 60 bash -c "(( \$($UBLKDM status --json $id | jq -r '.daemon_status.io.writes // 0') >= 3000 ))" ||
+wait_writes "$id" 3000 ||
 	die "fio did not get going: $(writes) writes; $(cat "$T/write-phase.err")"
 pid_alive "$fio_pid" || die "fio ended before the kill: $(cat "$T/write-phase.out")"
 vm_log "$(writes) writes acknowledged; killing the daemon through fio's trigger"

@@ -31,7 +31,7 @@ phase1() {
 		--trigger-file="$trigger" --trigger="true" &
 	local fio_pid=$!
 	# Save the state only once a good number of writes was acknowledged (TCG starts slowly).
-	wait_until 60 bash -c "(( \$($UBLKDM status --json $id | jq -r '.daemon_status.io.writes // 0') >= 3000 ))" ||
+	wait_writes "$id" 3000 ||
 		die "fio did not get going"
 	touch "$trigger"
 	wait "$fio_pid"
@@ -55,7 +55,11 @@ phase2() {
 	id=$(dev_id "$dev")
 	total=$(mstatus "$id" .regions.total)
 	# The resync of the dirty regions may finish before anyone looks: count what it copied.
-	wait_in_sync "$id" 180 && pass "resync-completes" || fail "resync-completes" "$(mstatus "$id" .regions)"
+	if wait_in_sync "$id" 180; then
+		pass "resync-completes"
+	else
+		fail "resync-completes" "$(mstatus "$id" .regions)"
+	fi
 	resynced=$(mstatus "$id" .resync.regions_done)
 	echo "power cut: $resynced of $total regions resynced after assembly"
 	if ((resynced > 0 && resynced < total / 2)); then

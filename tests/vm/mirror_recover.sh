@@ -23,7 +23,7 @@ run_fio write-phase "${job[@]}" --runtime=120 --verify_state_save=1 \
 	--trigger-file="$trigger" --trigger="kill -9 $pid" &
 fio_pid=$!
 # Kill only once a good number of writes was acknowledged (fio starts slowly under TCG).
-wait_until 60 bash -c "(( \$($UBLKDM status --json $id | jq -r '.daemon_status.io.writes // 0') >= 3000 ))" ||
+wait_writes "$id" 3000 ||
 	die "fio did not get going"
 pid_alive "$fio_pid" || die "fio ended before the kill: $(cat "$T/write-phase.out")"
 touch "$trigger"
