@@ -119,6 +119,12 @@ pub struct MirrorArgs {
     /// Use legs that carry another mirror's or foreign metadata (it is overwritten).
     #[arg(long)]
     pub force: bool,
+    /// Resync bandwidth kept while foreground I/O is active, in MB/s (default: the ceiling).
+    #[arg(long, value_name = "MB/s")]
+    pub resync_min_mbps: Option<u64>,
+    /// Resync bandwidth when the mirror is otherwise idle, in MB/s (default: unlimited).
+    #[arg(long, value_name = "MB/s")]
+    pub resync_max_mbps: Option<u64>,
 }
 
 /// The runtime commands of a mirror.
@@ -330,11 +336,17 @@ fn mirror_spec(args: MirrorArgs) -> Result<TargetSpec> {
         seen.push(real);
         legs.push(leg);
     }
+    let resync_throttle = crate::copy::ThrottleConfig {
+        floor_mbps: args.resync_min_mbps,
+        ceiling_mbps: args.resync_max_mbps,
+    };
+    resync_throttle.validate().map_err(Error::invalid)?;
     Ok(TargetSpec::Mirror {
         legs,
         region_size_sectors: args.region_size >> crate::units::SECTOR_SHIFT,
         nosync: args.nosync,
         force: args.force,
+        resync_throttle,
     })
 }
 

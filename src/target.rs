@@ -53,5 +53,8 @@ pub enum TargetSpec {
         /// Overwrite legs that carry other metadata.
         #[serde(default)]
         force: bool,
+        /// Resync bandwidth: the floor kept under foreground I/O and the ceiling when idle.
+        #[serde(default)]
+        resync_throttle: crate::copy::ThrottleConfig,
     },
 }

@@ -24,6 +24,7 @@ fn spec(legs: &[PathBuf]) -> TargetSpec {
         region_size_sectors: 256,
         nosync: false,
         force: false,
+        resync_throttle: Default::default(),
     }
 }
 

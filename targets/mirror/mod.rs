@@ -428,7 +428,13 @@ impl Target for MirrorTarget {
 /// Opens the legs of `spec` (a [`TargetSpec::Mirror`]) and creates or assembles the mirror,
 /// with its own copy engine and resync thread.
 pub fn open_mirror(spec: &TargetSpec) -> Result<Arc<dyn Target>> {
-    open_mirror_with(spec, ThrottleConfig::UNLIMITED, Tuning::default())
+    let throttle = match spec {
+        TargetSpec::Mirror {
+            resync_throttle, ..
+        } => *resync_throttle,
+        _ => ThrottleConfig::UNLIMITED,
+    };
+    open_mirror_with(spec, throttle, Tuning::default())
 }
 
 /// [`open_mirror`] with a resync throttle (floor and ceiling) and tuning.
@@ -443,6 +449,7 @@ pub fn open_mirror_with(
         region_size_sectors,
         nosync,
         force,
+        ..
     } = spec
     else {
         return Err(Error::invalid("open_mirror needs a mirror target spec"));
