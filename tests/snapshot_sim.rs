@@ -703,7 +703,7 @@ fn snapshot_simulation() {
         run_seed(seed.parse().expect("SEED is a number"), batches);
         return;
     }
-    let seeds = std::env::var("SEEDS").map_or(40, |s| s.parse().expect("SEEDS"));
+    let seeds = std::env::var("SEEDS").map_or(150, |s| s.parse().expect("SEEDS"));
     for seed in 0..seeds {
         run_seed(seed, batches);
     }
