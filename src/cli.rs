@@ -555,6 +555,9 @@ pub(crate) fn describe(spec: Option<&TargetSpec>) -> String {
             let legs: Vec<_> = legs.iter().map(|l| l.display().to_string()).collect();
             format!("mirror {}", legs.join(" "))
         }
+        Some(TargetSpec::Origin { device, cow, .. }) => {
+            format!("snapshot-origin {} cow {}", device.display(), cow.display())
+        }
         None => "-".to_owned(),
     }
 }

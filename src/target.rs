@@ -57,4 +57,13 @@ pub enum TargetSpec {
         #[serde(default)]
         resync_throttle: crate::copy::ThrottleConfig,
     },
+    /// A snapshot origin with its COW store (`targets/snapshot`): the store is created on a
+    /// blank COW device and reassembled from one that holds it.
+    Origin {
+        device: PathBuf,
+        cow: PathBuf,
+        /// Chunk size in sectors for a new store; 0 picks the default (16 KiB).
+        #[serde(default)]
+        chunk_size_sectors: u64,
+    },
 }

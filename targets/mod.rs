@@ -7,6 +7,7 @@
 
 pub mod linear;
 pub mod mirror;
+pub mod snapshot;
 
 use std::sync::Arc;
 
@@ -18,5 +19,6 @@ pub fn open_target(spec: &TargetSpec) -> Result<Arc<dyn Target>> {
     match spec {
         TargetSpec::Linear { device } => Ok(Arc::new(linear::Linear::open(device)?)),
         TargetSpec::Mirror { .. } => mirror::open_mirror(spec),
+        TargetSpec::Origin { .. } => Ok(snapshot::open_group(spec)?.origin()),
     }
 }

@@ -1,0 +1,747 @@
+//! The snapshot target: one origin device, any number (up to 64) of writable snapshots of
+//! it, and one COW store holding what the snapshots need, with background merge (rolling the
+//! origin back to a snapshot).
+//!
+//! A [`SnapshotGroup`] owns the shared state and hands out targets: the origin
+//! ([`SnapshotGroup::origin`], kind `snapshot-origin`, which takes the commands) and each
+//! snapshot by name ([`SnapshotGroup::snapshot`], kind `snapshot`), so one daemon can serve
+//! them all.
+//!
+//! # Files
+//! - `format.rs`: the on-disk layout, superblock, log blocks and records.
+//! - `state.rs`: the in-memory tables, changed only by applying durable records.
+//! - `io.rs`: origin and snapshot I/O, copy-on-write, merge steps, per-chunk locks.
+//! - `commands.rs`: `snapshot-create`, `snapshot-delete`, `snapshot-list`, `merge`, `status`.
+//!
+//! # COW store format
+//! All integers little-endian; the device is cut into:
+//!
+//! | sectors                      | what                                                  |
+//! |------------------------------|-------------------------------------------------------|
+//! | 0..8, 8..16                  | superblock slots A and B (4 KiB each)                 |
+//! | 16..16+8n, 16+8n..16+16n     | log areas 0 and 1, `n` = `area_blocks` 4 KiB blocks   |
+//! | `data_start`.. (chunk aligned)| `data_chunks` data chunks                            |
+//!
+//! A superblock slot: magic `UBDMSNAP` (0), version u32 = 1 (8), crc32c of the 4 KiB slot
+//! computed with this field zero (12), store UUID (16), then u64s: sequence (32), chunk size
+//! in sectors (40), origin size in sectors (48), COW size at creation (56), `area_blocks`
+//! (64), `data_start` (72), `data_chunks` (80), active log area 0/1 (88), log epoch (96).
+//! Open reads both slots and takes the valid one with the higher sequence; a slot is only
+//! rewritten (alternately, FUA) when the log is compacted, so a torn superblock write leaves
+//! the other slot intact.
+//!
+//! A log block: magic `UBDMSLOG` (0), crc32c of the block with this field zero (8), bytes of
+//! records (12, u32), store UUID (16), epoch (32, u64), index of the block in its area (40,
+//! u64), records from byte 48. The log of the active area is the run of blocks 0, 1, 2, ...
+//! that carry the superblock's epoch, their own index and a good checksum; the first block
+//! that does not ends it. So a torn last block, a never-written one and a stale block of an
+//! earlier epoch all read as "end of log", never as records. Records (type byte first):
+//! `Create{slot u8, seq u64, state u8, reason u8, merge_total u64, name_len u8, name}` (1),
+//! `Delete{slot}` (2), `Invalidate{slot, reason u8}` (3), `MergeStart{slot, total u64}` (4),
+//! `Map{cow u64, origin u64, mask u64}` (5: COW chunk `cow` holds origin chunk `origin` for
+//! every snapshot in the 64-bit `mask`; each one's previous mapping of that chunk is
+//! released), `Unmap{slot, origin u64}` (6: a merged chunk).
+//!
+//! Commits: each commit (a *batch* of every record queued meanwhile: group commit) flushes the
+//! COW device, so the data chunks the records point at are durable first, then writes new
+//! blocks after the tail with FUA. A committed block is never rewritten. When the area is
+//! full the state is compacted: a checkpoint (its `Create` and `Map` records) goes to the
+//! other area with the next epoch, is flushed, and then the superblock switches to it. Free
+//! chunks are not recorded: a chunk is free when no record maps it, so a chunk copied before
+//! a crash but never committed is simply free again (no leak), and a chunk is reused only
+//! after the record releasing it is durable (the in-memory state changes only then).
+//!
+//! # Copy-on-write, shared across snapshots
+//! Each snapshot has a map origin chunk -> COW chunk; each used COW chunk knows the origin
+//! chunk it holds and the mask of snapshots sharing it. An origin write to chunk `c` first
+//! finds every valid snapshot with no mapping for `c` (they all still read it from the
+//! origin, so they share one image of it), copies `c` once to a free COW chunk through the
+//! copy engine (foreground priority), commits one `Map` record for all of them, and only
+//! then writes the origin: with `k` snapshots a first write costs one copy and one record. A
+//! snapshot write to a chunk it shares takes a chunk of its own first (copying the shared
+//! image, or nothing when the write covers the whole chunk); to a chunk only it holds it
+//! writes in place.
+//!
+//! # Ordering
+//! - Per chunk, a reader/writer lock: snapshot reads and origin reads/writes that need no
+//!   copy share it; copies, merges and snapshot writes take it exclusively. A snapshot read
+//!   that reads the origin therefore finishes before an origin write to that chunk can copy
+//!   and overwrite it (dm-snapshot's exception race), and a write waits for the chunk's
+//!   pending copy. A request takes its chunks' locks in ascending order.
+//! - A group-wide gate: every request holds it shared; `snapshot-create`, `snapshot-delete`
+//!   and `merge` hold it exclusively, so a snapshot is taken between requests, never in the
+//!   middle of one. Taking a snapshot flushes the origin first, so its image is durable.
+//!
+//! # Overflow and failures
+//! No free chunk when a copy is needed: the snapshots that needed it are invalidated
+//! (`Invalidate` record; their chunks are released), their I/O fails with EIO, and the
+//! origin write proceeds. A failed copy invalidates the same way. A failed metadata write
+//! invalidates every snapshot in memory and stops further commits (the origin keeps working).
+//!
+//! # Merge
+//! `merge {name}` makes the origin read as the snapshot at once (unmerged chunks are read
+//! from the COW store) and starts copying its chunks back in the background. Each step,
+//! under the chunk's exclusive lock: copy the origin chunk for the other snapshots that still
+//! read it from the origin, copy the COW chunk to the origin (flushed), commit `Unmap`. An
+//! origin write to an unmerged chunk does that step first, in the foreground. When the map
+//! is empty the snapshot is deleted. Progress is the `Unmap` records, so a restart resumes.
+//! While merging, the snapshot's own I/O fails, and no snapshot can be created.
+//!
+//! # Threads
+//! Futures are `!Send` and run where awaited; state sits behind `std::sync::Mutex`es never
+//! held across an await. [`SnapshotGroup::merge_task`] is the merge driver as a future: the
+//! daemon runs it on a thread of its own ([`SnapshotGroup::start_merge_thread`]), simulations
+//! spawn it locally.
+
+mod commands;
+mod format;
+mod io;
+mod state;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Poll, Waker};
+use std::thread::JoinHandle;
+
+use smol::lock::{Mutex as AsyncMutex, RwLock};
+use uuid::Uuid;
+
+pub use format::{Layout, Reason, SnapState, MAX_NAME, MAX_SNAPSHOTS};
+
+use self::format::{Record, Superblock, BLOCK, BLOCK_SECTORS};
+use self::io::ChunkLocks;
+use self::state::Store;
+use crate::copy::{CopyConfig, CopyEngine};
+use crate::device::{
+    errno, reactor, AlignedBuf, BlockDevice, DeviceInfo, DeviceRef, IoFuture, OpenOptions,
+    ReadDone, UringDevice, WriteFlags,
+};
+use crate::error::{Error, ErrorKind, Result};
+use crate::target::{Target, TargetSpec};
+use crate::units::{Extent, Sector, SectorCount};
+
+/// The default chunk size: 16 KiB.
+pub const DEFAULT_CHUNK: SectorCount = SectorCount(32);
+
+/// How to open a group.
+#[derive(Clone, Debug, Default)]
+pub struct GroupOptions {
+    /// Chunk size of a new store (a power of two, at least 4 KiB); `None` for the default.
+    /// An existing store keeps its own; giving a different one is an error.
+    pub chunk_size: Option<SectorCount>,
+}
+
+/// Where the log stands (owned by the committer).
+struct LogWriter {
+    sb_sequence: u64,
+    active_area: u8,
+    epoch: u64,
+    /// The next block to write in the active area.
+    tail: u64,
+}
+
+/// Records waiting for a commit.
+struct Queue {
+    records: Vec<Record>,
+    /// The batch the queued records will be written in.
+    batch: u64,
+    /// The last batch known durable.
+    durable: u64,
+    /// A metadata write failed: no more commits.
+    failed: bool,
+}
+
+impl Default for Queue {
+    fn default() -> Self {
+        Queue {
+            records: Vec::new(),
+            batch: 1,
+            durable: 0,
+            failed: false,
+        }
+    }
+}
+
+/// A tiny broadcast wake-up: a generation counter and the wakers waiting for it to move.
+#[derive(Default)]
+struct Notify {
+    inner: Mutex<(u64, Vec<Waker>)>,
+}
+
+impl Notify {
+    fn generation(&self) -> u64 {
+        self.inner.lock().expect("notify").0
+    }
+
+    fn notify_all(&self) {
+        let wakers = {
+            let mut n = self.inner.lock().expect("notify");
+            n.0 += 1;
+            std::mem::take(&mut n.1)
+        };
+        wakers.into_iter().for_each(Waker::wake);
+    }
+
+    async fn wait(&self, seen: u64) {
+        std::future::poll_fn(|cx| {
+            let mut n = self.inner.lock().expect("notify");
+            if n.0 != seen {
+                return Poll::Ready(());
+            }
+            n.1.push(cx.waker().clone());
+            Poll::Pending
+        })
+        .await
+    }
+}
+
+/// The state every target of a group shares.
+pub(crate) struct Inner {
+    origin: DeviceRef,
+    cow: DeviceRef,
+    layout: Layout,
+    engine: CopyEngine,
+    store: Mutex<Store>,
+    writer: AsyncMutex<LogWriter>,
+    queue: Mutex<Queue>,
+    gate: RwLock<()>,
+    locks: ChunkLocks,
+    kick: Notify,
+    stopping: AtomicBool,
+    merge_error: Mutex<Option<String>>,
+    origin_info: DeviceInfo,
+}
+
+/// A snapshot group: an origin, its snapshots and their COW store (see the module doc).
+pub struct SnapshotGroup {
+    inner: Arc<Inner>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl SnapshotGroup {
+    /// Creates a store on a COW device without one, or opens the store it holds (which must
+    /// belong to an origin of this size).
+    pub async fn open(
+        origin: DeviceRef,
+        cow: DeviceRef,
+        options: &GroupOptions,
+        engine: CopyEngine,
+    ) -> Result<Arc<SnapshotGroup>> {
+        let origin_size = origin.info().size;
+        let cow_size = cow.info().size;
+        let slots = [
+            read_block(&cow, Sector(0)).await?,
+            read_block(&cow, BLOCK_SECTORS.to_sector()).await?,
+        ];
+        let decoded = slots.map(|b| Superblock::decode(&b));
+        let blank = decoded.iter().all(|d| matches!(d, Ok(None)));
+        let (sb, fresh) = if blank {
+            let chunk = options.chunk_size.unwrap_or(DEFAULT_CHUNK);
+            let layout = Layout::plan(Uuid::new_v4(), chunk, origin_size, cow_size)?;
+            let sb = Superblock {
+                layout,
+                sequence: 1,
+                active_area: 0,
+                epoch: 1,
+            };
+            let bytes = Arc::new(AlignedBuf::from_slice(&sb.encode()));
+            for at in [Sector(0), BLOCK_SECTORS.to_sector()] {
+                cow.write(at, Arc::clone(&bytes), WriteFlags::FUA)
+                    .await
+                    .map_err(|e| Error::io("cannot write the COW superblock", e))?;
+            }
+            (sb, true)
+        } else {
+            let mut best: Option<Superblock> = None;
+            let mut first_err = None;
+            for d in decoded {
+                match d {
+                    Ok(Some(sb)) if best.as_ref().is_none_or(|b| b.sequence < sb.sequence) => {
+                        best = Some(sb)
+                    }
+                    Ok(_) => {}
+                    Err(e) => first_err = first_err.or(Some(e)),
+                }
+            }
+            match (best, first_err) {
+                (Some(sb), _) => (sb, false),
+                (None, Some(e)) => return Err(e),
+                (None, None) => unreachable!("not blank yet no slot"),
+            }
+        };
+        let layout = sb.layout.clone();
+        if !fresh {
+            if layout.origin_size != origin_size {
+                return Err(Error::new(
+                    ErrorKind::InvalidArgument,
+                    format!(
+                        "the COW device holds the store of another origin ({} sectors, this one \
+                         has {}; store {})",
+                        layout.origin_size.0, origin_size.0, layout.uuid
+                    ),
+                ));
+            }
+            if cow_size < layout.cow_size {
+                return Err(Error::new(
+                    ErrorKind::Corrupt,
+                    format!(
+                        "the COW device shrank: the store needs {} sectors, it has {}",
+                        layout.cow_size.0, cow_size.0
+                    ),
+                ));
+            }
+            if let Some(chunk) = options.chunk_size {
+                if chunk != layout.chunk {
+                    return Err(Error::invalid(format!(
+                        "the COW store was created with chunks of {} sectors, not {}",
+                        layout.chunk.0, chunk.0
+                    )));
+                }
+            }
+        }
+        let mut store = Store::new(layout.data_chunks);
+        let tail = replay(&cow, &layout, &sb, &mut store).await?;
+        store.rebuild_free();
+        let origin_info = DeviceInfo {
+            name: format!("snapshot-origin of {}", origin.info().name),
+            discard: false,
+            write_zeroes: false,
+            ..origin.info().clone()
+        };
+        let inner = Arc::new(Inner {
+            origin,
+            cow,
+            engine,
+            store: Mutex::new(store),
+            writer: AsyncMutex::new(LogWriter {
+                sb_sequence: sb.sequence,
+                active_area: sb.active_area,
+                epoch: sb.epoch,
+                tail,
+            }),
+            queue: Mutex::new(Queue::default()),
+            gate: RwLock::new(()),
+            locks: ChunkLocks::default(),
+            kick: Notify::default(),
+            stopping: AtomicBool::new(false),
+            merge_error: Mutex::new(None),
+            origin_info,
+            layout,
+        });
+        Ok(Arc::new(SnapshotGroup {
+            inner,
+            thread: Mutex::new(None),
+        }))
+    }
+
+    /// The origin target (it takes the group's commands).
+    pub fn origin(self: &Arc<Self>) -> Arc<OriginTarget> {
+        Arc::new(OriginTarget {
+            group: Arc::clone(self),
+        })
+    }
+
+    /// The snapshot named `name`.
+    pub fn snapshot(self: &Arc<Self>, name: &str) -> Result<Arc<SnapshotTarget>> {
+        let store = self.inner.store();
+        let slot = store.find(name).ok_or_else(|| {
+            Error::new(ErrorKind::NotFound, format!("no snapshot named '{name}'"))
+        })?;
+        let seq = store.snap(slot).expect("found").seq;
+        let info = DeviceInfo {
+            name: format!("snapshot {name}"),
+            ..self.inner.origin_info.clone()
+        };
+        Ok(Arc::new(SnapshotTarget {
+            group: Arc::clone(self),
+            slot,
+            seq,
+            name: name.to_owned(),
+            info,
+        }))
+    }
+
+    pub fn layout(&self) -> &Layout {
+        &self.inner.layout
+    }
+
+    /// Runs a command on the calling executor (see [`OriginTarget`]'s `command`).
+    pub async fn command_async(
+        &self,
+        name: &str,
+        args: &serde_json::Value,
+    ) -> Result<serde_json::Value> {
+        Arc::clone(&self.inner).command(name, args).await
+    }
+
+    pub fn status(&self) -> serde_json::Value {
+        self.inner.status()
+    }
+
+    /// The merge driver: merges whatever snapshot is merging, then waits for the next merge;
+    /// ends after [`SnapshotGroup::stop`].
+    pub fn merge_task(&self) -> impl std::future::Future<Output = ()> + 'static {
+        Arc::clone(&self.inner).merge_task()
+    }
+
+    /// Runs [`SnapshotGroup::merge_task`] on a thread of its own.
+    pub fn start_merge_thread(&self) -> Result<()> {
+        let inner = Arc::clone(&self.inner);
+        let handle = std::thread::Builder::new()
+            .name("ublkdm-merge".into())
+            .spawn(move || reactor::block_on(inner.merge_task()))
+            .map_err(|e| Error::io("cannot start the snapshot merge thread", e))?;
+        *self.thread.lock().expect("merge thread") = Some(handle);
+        Ok(())
+    }
+
+    /// Asks the merge driver to finish.
+    pub fn stop(&self) {
+        self.inner.stopping.store(true, Ordering::Relaxed);
+        self.inner.kick.notify_all();
+    }
+
+    /// Panics unless the in-memory tables agree with each other (for tests).
+    pub fn check_invariants(&self) {
+        self.inner.store().check();
+    }
+}
+
+impl Drop for SnapshotGroup {
+    fn drop(&mut self) {
+        self.stop();
+        let thread = self.thread.lock().expect("merge thread").take();
+        if let Some(thread) = thread {
+            if thread.join().is_err() {
+                log::error!("the snapshot merge thread panicked");
+            }
+        }
+        self.inner.engine.shutdown();
+    }
+}
+
+trait ToSector {
+    fn to_sector(self) -> Sector;
+}
+
+impl ToSector for SectorCount {
+    fn to_sector(self) -> Sector {
+        Sector(self.0)
+    }
+}
+
+async fn read_block(dev: &DeviceRef, at: Sector) -> Result<Vec<u8>> {
+    let (res, buf) = dev.read(at, AlignedBuf::new(BLOCK)).await;
+    res.map_err(|e| Error::io(format!("cannot read the COW device at {at}"), e))?;
+    Ok(buf.as_slice().to_vec())
+}
+
+/// Applies the log of the active area to `store`; returns the index of the first block after
+/// it.
+async fn replay(
+    cow: &DeviceRef,
+    layout: &Layout,
+    sb: &Superblock,
+    store: &mut Store,
+) -> Result<u64> {
+    const READ_BLOCKS: u64 = 64;
+    let start = layout.area_start(sb.active_area);
+    let mut index = 0;
+    while index < layout.area_blocks {
+        let n = READ_BLOCKS.min(layout.area_blocks - index);
+        let at = start + SectorCount(index * BLOCK_SECTORS.0);
+        let (res, buf) = cow.read(at, AlignedBuf::new(n as usize * BLOCK)).await;
+        res.map_err(|e| Error::io("cannot read the COW store's log", e))?;
+        for block in buf.as_slice().chunks(BLOCK) {
+            match format::decode_block(block, layout.uuid, sb.epoch, index) {
+                Some(records) => records.iter().for_each(|r| store.apply(r, false)),
+                None => return Ok(index),
+            }
+            index += 1;
+        }
+    }
+    Ok(index)
+}
+
+impl Inner {
+    fn store(&self) -> MutexGuard<'_, Store> {
+        self.store.lock().expect("snapshot store")
+    }
+
+    /// Makes `records` durable (with whatever else is queued: group commit), then applies
+    /// them to the in-memory state.
+    async fn commit(&self, records: Vec<Record>) -> std::io::Result<()> {
+        let mine = {
+            let mut q = self.queue.lock().expect("commit queue");
+            if q.failed {
+                return Err(errno(libc::EIO));
+            }
+            q.records.extend(records);
+            q.batch
+        };
+        let mut writer = self.writer.lock().await;
+        let batch = {
+            let mut q = self.queue.lock().expect("commit queue");
+            if q.durable >= mine {
+                return Ok(());
+            }
+            if q.failed {
+                return Err(errno(libc::EIO));
+            }
+            debug_assert_eq!(q.batch, mine);
+            q.batch += 1;
+            std::mem::take(&mut q.records)
+        };
+        match self.write_batch(&mut writer, &batch).await {
+            Ok(()) => {
+                let mut store = self.store();
+                for record in &batch {
+                    store.apply(record, true);
+                }
+                drop(store);
+                self.queue.lock().expect("commit queue").durable = mine;
+                Ok(())
+            }
+            Err(err) => {
+                log::error!("snapshot metadata commit failed: {err}");
+                self.queue.lock().expect("commit queue").failed = true;
+                let mut store = self.store();
+                for s in store.slots.iter_mut().flatten() {
+                    s.state = SnapState::Invalid(Reason::MetadataError);
+                }
+                Err(err)
+            }
+        }
+    }
+
+    async fn write_batch(&self, w: &mut LogWriter, records: &[Record]) -> std::io::Result<()> {
+        let l = &self.layout;
+        let mut bytes = format::encode_blocks(l.uuid, w.epoch, w.tail, records);
+        if w.tail + (bytes.len() / BLOCK) as u64 > l.area_blocks {
+            self.compact(w).await?;
+            bytes = format::encode_blocks(l.uuid, w.epoch, w.tail, records);
+            if w.tail + (bytes.len() / BLOCK) as u64 > l.area_blocks {
+                return Err(errno(libc::ENOSPC));
+            }
+        }
+        // The data the records point at is durable before the records.
+        self.cow.flush().await?;
+        let at = l.area_start(w.active_area) + SectorCount(w.tail * BLOCK_SECTORS.0);
+        let n = (bytes.len() / BLOCK) as u64;
+        self.cow
+            .write(
+                at,
+                Arc::new(AlignedBuf::from_slice(&bytes)),
+                WriteFlags::FUA,
+            )
+            .await?;
+        w.tail += n;
+        Ok(())
+    }
+
+    /// Writes a checkpoint of the durable state into the other area and switches to it.
+    async fn compact(&self, w: &mut LogWriter) -> std::io::Result<()> {
+        let l = &self.layout;
+        let records = self.store().checkpoint();
+        let area = 1 - w.active_area;
+        let epoch = w.epoch + 1;
+        let bytes = format::encode_blocks(l.uuid, epoch, 0, &records);
+        let n = (bytes.len() / BLOCK) as u64;
+        if n > l.area_blocks {
+            return Err(errno(libc::ENOSPC));
+        }
+        self.cow
+            .write(
+                l.area_start(area),
+                Arc::new(AlignedBuf::from_slice(&bytes)),
+                WriteFlags::default(),
+            )
+            .await?;
+        self.cow.flush().await?;
+        let sb = Superblock {
+            layout: l.clone(),
+            sequence: w.sb_sequence + 1,
+            active_area: area,
+            epoch,
+        };
+        let slot = Sector((sb.sequence % 2) * BLOCK_SECTORS.0);
+        self.cow
+            .write(
+                slot,
+                Arc::new(AlignedBuf::from_slice(&sb.encode())),
+                WriteFlags::FUA,
+            )
+            .await?;
+        *w = LogWriter {
+            sb_sequence: sb.sequence,
+            active_area: area,
+            epoch,
+            tail: n,
+        };
+        Ok(())
+    }
+}
+
+/// The origin of a group: reads and writes the origin device, copying chunks the snapshots
+/// need first. Takes the group's commands.
+pub struct OriginTarget {
+    group: Arc<SnapshotGroup>,
+}
+
+impl OriginTarget {
+    pub fn group(&self) -> &Arc<SnapshotGroup> {
+        &self.group
+    }
+}
+
+fn unsupported<T: 'static>() -> IoFuture<std::io::Result<T>> {
+    Box::pin(std::future::ready(Err(errno(libc::EOPNOTSUPP))))
+}
+
+/// A buffer of zeroes for `extent` (write-zeroes is emulated with writes).
+fn zeroes(extent: Extent) -> Arc<AlignedBuf> {
+    Arc::new(AlignedBuf::for_sectors(extent.len))
+}
+
+impl BlockDevice for OriginTarget {
+    fn info(&self) -> &DeviceInfo {
+        &self.group.inner.origin_info
+    }
+
+    fn read(&self, offset: Sector, buf: AlignedBuf) -> IoFuture<ReadDone> {
+        Box::pin(Arc::clone(&self.group.inner).origin_read(offset, buf))
+    }
+
+    fn write(
+        &self,
+        offset: Sector,
+        buf: Arc<AlignedBuf>,
+        flags: WriteFlags,
+    ) -> IoFuture<std::io::Result<()>> {
+        Box::pin(Arc::clone(&self.group.inner).origin_write(offset, buf, flags))
+    }
+
+    fn flush(&self) -> IoFuture<std::io::Result<()>> {
+        self.group.inner.origin.flush()
+    }
+
+    fn discard(&self, _extent: Extent) -> IoFuture<std::io::Result<()>> {
+        unsupported()
+    }
+
+    fn write_zeroes(&self, extent: Extent) -> IoFuture<std::io::Result<()>> {
+        self.write(extent.start, zeroes(extent), WriteFlags::default())
+    }
+}
+
+impl Target for OriginTarget {
+    fn kind(&self) -> &'static str {
+        "snapshot-origin"
+    }
+
+    fn status(&self) -> serde_json::Value {
+        self.group.status()
+    }
+
+    /// Runs a command; those that touch devices block the calling thread on a ring of its
+    /// own: call this from the control thread, never from a thread serving this group's I/O.
+    fn command(&self, name: &str, args: &serde_json::Value) -> Result<serde_json::Value> {
+        match name {
+            "status" => Ok(self.group.status()),
+            _ => {
+                let inner = Arc::clone(&self.group.inner);
+                let (name, args) = (name.to_owned(), args.clone());
+                reactor::block_on(async move { inner.command(&name, &args).await })
+            }
+        }
+    }
+}
+
+/// One snapshot of a group, as a writable block device. Its I/O fails with EIO once it is
+/// invalid, merging or deleted.
+pub struct SnapshotTarget {
+    group: Arc<SnapshotGroup>,
+    slot: usize,
+    seq: u64,
+    name: String,
+    info: DeviceInfo,
+}
+
+impl SnapshotTarget {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl BlockDevice for SnapshotTarget {
+    fn info(&self) -> &DeviceInfo {
+        &self.info
+    }
+
+    fn read(&self, offset: Sector, buf: AlignedBuf) -> IoFuture<ReadDone> {
+        let inner = Arc::clone(&self.group.inner);
+        Box::pin(inner.snap_read(self.slot, self.seq, offset, buf))
+    }
+
+    fn write(
+        &self,
+        offset: Sector,
+        buf: Arc<AlignedBuf>,
+        flags: WriteFlags,
+    ) -> IoFuture<std::io::Result<()>> {
+        let inner = Arc::clone(&self.group.inner);
+        Box::pin(inner.snap_write(self.slot, self.seq, offset, buf, flags))
+    }
+
+    fn flush(&self) -> IoFuture<std::io::Result<()>> {
+        self.group.inner.cow.flush()
+    }
+
+    fn discard(&self, _extent: Extent) -> IoFuture<std::io::Result<()>> {
+        unsupported()
+    }
+
+    fn write_zeroes(&self, extent: Extent) -> IoFuture<std::io::Result<()>> {
+        self.write(extent.start, zeroes(extent), WriteFlags::default())
+    }
+}
+
+impl Target for SnapshotTarget {
+    fn kind(&self) -> &'static str {
+        "snapshot"
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let status = self.group.status();
+        status["snapshots"]
+            .as_array()
+            .and_then(|a| a.iter().find(|s| s["name"] == self.name.as_str()).cloned())
+            .unwrap_or_else(|| serde_json::json!({ "name": self.name, "state": "deleted" }))
+    }
+}
+
+/// Opens the group a [`TargetSpec::Origin`] describes (creating the store on a blank COW
+/// device), with a copy engine and a merge thread of its own.
+pub fn open_group(spec: &TargetSpec) -> Result<Arc<SnapshotGroup>> {
+    let TargetSpec::Origin {
+        device,
+        cow,
+        chunk_size_sectors,
+    } = spec
+    else {
+        return Err(Error::invalid("open_group needs an origin target spec"));
+    };
+    let origin: DeviceRef = Arc::new(UringDevice::open(device, OpenOptions::default())?);
+    let cow: DeviceRef = Arc::new(UringDevice::open(cow, OpenOptions::default())?);
+    let options = GroupOptions {
+        chunk_size: (*chunk_size_sectors != 0).then_some(SectorCount(*chunk_size_sectors)),
+    };
+    let engine = CopyEngine::start(CopyConfig::default())?;
+    let group =
+        reactor::block_on(async move { SnapshotGroup::open(origin, cow, &options, engine).await })?;
+    group.start_merge_thread()?;
+    Ok(group)
+}
+
+#[cfg(test)]
+mod tests;

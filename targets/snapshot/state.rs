@@ -1,0 +1,323 @@
+//! The in-memory state of a snapshot group: the snapshot table, each snapshot's exception map,
+//! the COW chunks with their sharers, and the free chunks. It changes only by applying log
+//! records once they are durable ([`Store::apply`]), so it always equals what a replay of the
+//! log after a crash would build.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+
+use super::format::{Record, SnapState, MAX_SNAPSHOTS};
+
+/// One snapshot.
+#[derive(Clone, Debug)]
+pub struct Snap {
+    pub name: String,
+    /// Creation order; also tells incarnations of one slot apart.
+    pub seq: u64,
+    pub state: SnapState,
+    /// Exceptions when its merge started.
+    pub merge_total: u64,
+    /// Origin chunk -> COW chunk.
+    pub map: BTreeMap<u64, u64>,
+}
+
+/// A used COW chunk: the origin chunk it holds and the snapshots sharing it.
+#[derive(Clone, Copy, Debug)]
+pub struct CowChunk {
+    pub origin: u64,
+    pub mask: u64,
+}
+
+pub struct Store {
+    pub slots: Vec<Option<Snap>>,
+    pub chunks: HashMap<u64, CowChunk>,
+    /// Chunks below `next_fresh` that are free.
+    freed: BTreeSet<u64>,
+    next_fresh: u64,
+    data_chunks: u64,
+    /// Chunks allocated to a copy not yet committed.
+    pub reserved: usize,
+    /// In-place snapshot writes in flight per COW chunk, and chunks freed meanwhile (they are
+    /// reusable only once those writes are done).
+    inflight: HashMap<u64, u32>,
+    zombies: HashSet<u64>,
+    pub next_seq: u64,
+}
+
+impl Store {
+    pub fn new(data_chunks: u64) -> Store {
+        Store {
+            slots: vec![None; MAX_SNAPSHOTS],
+            chunks: HashMap::new(),
+            freed: BTreeSet::new(),
+            next_fresh: 0,
+            data_chunks,
+            reserved: 0,
+            inflight: HashMap::new(),
+            zombies: HashSet::new(),
+            next_seq: 1,
+        }
+    }
+
+    /// After replaying a log: every chunk below the highest used one that nothing uses is
+    /// free (a chunk copied but never committed before a crash is free again: no leak).
+    pub fn rebuild_free(&mut self) {
+        self.next_fresh = self.chunks.keys().max().map_or(0, |m| m + 1);
+        self.freed = (0..self.next_fresh)
+            .filter(|c| !self.chunks.contains_key(c))
+            .collect();
+    }
+
+    pub fn snap(&self, slot: usize) -> Option<&Snap> {
+        self.slots.get(slot).and_then(Option::as_ref)
+    }
+
+    /// The slot of a snapshot named `name`.
+    pub fn find(&self, name: &str) -> Option<usize> {
+        self.slots
+            .iter()
+            .position(|s| s.as_ref().is_some_and(|s| s.name == name))
+    }
+
+    /// Whether `slot` still holds incarnation `seq` and it is valid.
+    pub fn is_valid(&self, slot: usize, seq: u64) -> bool {
+        self.snap(slot)
+            .is_some_and(|s| s.seq == seq && s.state == SnapState::Valid)
+    }
+
+    pub fn merging(&self) -> Option<usize> {
+        self.slots
+            .iter()
+            .position(|s| s.as_ref().is_some_and(|s| s.state == SnapState::Merging))
+    }
+
+    /// Valid snapshots that read origin chunk `c` from the origin: those an origin write to
+    /// `c` must copy it for first.
+    pub fn needing(&self, c: u64) -> u64 {
+        let mut mask = 0;
+        for (i, s) in self.slots.iter().enumerate() {
+            if let Some(s) = s {
+                if s.state == SnapState::Valid && !s.map.contains_key(&c) {
+                    mask |= 1 << i;
+                }
+            }
+        }
+        mask
+    }
+
+    /// The COW chunk of the merging snapshot for origin chunk `c`, if it is not merged yet.
+    pub fn unmerged(&self, c: u64) -> Option<u64> {
+        let m = self.merging()?;
+        self.slots[m].as_ref()?.map.get(&c).copied()
+    }
+
+    /// A free COW chunk, reserved; `None` when the store is full.
+    pub fn alloc(&mut self) -> Option<u64> {
+        let chunk = if let Some(c) = self.freed.pop_first() {
+            c
+        } else if self.next_fresh < self.data_chunks {
+            self.next_fresh += 1;
+            self.next_fresh - 1
+        } else {
+            return None;
+        };
+        self.reserved += 1;
+        Some(chunk)
+    }
+
+    /// Returns a reserved chunk that will not be committed.
+    pub fn unreserve(&mut self, chunk: u64) {
+        self.reserved -= 1;
+        self.free(chunk);
+    }
+
+    pub fn begin_inplace(&mut self, chunk: u64) {
+        *self.inflight.entry(chunk).or_default() += 1;
+    }
+
+    pub fn end_inplace(&mut self, chunk: u64) {
+        let n = self
+            .inflight
+            .get_mut(&chunk)
+            .expect("in-place write counted");
+        *n -= 1;
+        if *n == 0 {
+            self.inflight.remove(&chunk);
+            if self.zombies.remove(&chunk) {
+                self.freed.insert(chunk);
+            }
+        }
+    }
+
+    fn free(&mut self, chunk: u64) {
+        if self.inflight.contains_key(&chunk) {
+            self.zombies.insert(chunk);
+        } else {
+            self.freed.insert(chunk);
+        }
+    }
+
+    fn unref(&mut self, chunk: u64, slot: usize) {
+        let entry = self.chunks.get_mut(&chunk).expect("mapped chunk is used");
+        entry.mask &= !(1 << slot);
+        if entry.mask == 0 {
+            self.chunks.remove(&chunk);
+            self.free(chunk);
+        }
+    }
+
+    fn drop_map(&mut self, slot: usize) {
+        let map = match self.slots[slot].as_mut() {
+            Some(s) => std::mem::take(&mut s.map),
+            None => return,
+        };
+        for chunk in map.into_values() {
+            self.unref(chunk, slot);
+        }
+    }
+
+    /// Applies a durable record. `live` records were reserved by this process (their Map
+    /// chunks are counted in `reserved`); replayed ones were not.
+    pub fn apply(&mut self, record: &Record, live: bool) {
+        match record {
+            Record::Create {
+                slot,
+                seq,
+                state,
+                merge_total,
+                name,
+            } => {
+                let slot = *slot as usize;
+                self.drop_map(slot);
+                self.slots[slot] = Some(Snap {
+                    name: name.clone(),
+                    seq: *seq,
+                    state: *state,
+                    merge_total: *merge_total,
+                    map: BTreeMap::new(),
+                });
+                self.next_seq = self.next_seq.max(seq + 1);
+            }
+            Record::Delete { slot } => {
+                self.drop_map(*slot as usize);
+                self.slots[*slot as usize] = None;
+            }
+            Record::Invalidate { slot, reason } => {
+                let slot = *slot as usize;
+                self.drop_map(slot);
+                if let Some(s) = self.slots[slot].as_mut() {
+                    s.state = SnapState::Invalid(*reason);
+                }
+            }
+            Record::MergeStart { slot, total } => {
+                if let Some(s) = self.slots[*slot as usize].as_mut() {
+                    s.state = SnapState::Merging;
+                    s.merge_total = *total;
+                }
+            }
+            Record::Map { cow, origin, mask } => {
+                if live {
+                    self.reserved -= 1;
+                }
+                let mut effective = 0u64;
+                for (i, s) in self.slots.iter().enumerate() {
+                    let wanted = mask & (1 << i) != 0;
+                    if wanted
+                        && s.as_ref()
+                            .is_some_and(|s| !matches!(s.state, SnapState::Invalid(_)))
+                    {
+                        effective |= 1 << i;
+                    }
+                }
+                if effective == 0 {
+                    if live {
+                        self.free(*cow);
+                    }
+                    return;
+                }
+                self.chunks.insert(
+                    *cow,
+                    CowChunk {
+                        origin: *origin,
+                        mask: effective,
+                    },
+                );
+                for i in 0..MAX_SNAPSHOTS {
+                    if effective & (1 << i) != 0 {
+                        let old = self.slots[i]
+                            .as_mut()
+                            .expect("effective slot exists")
+                            .map
+                            .insert(*origin, *cow);
+                        if let Some(old) = old {
+                            self.unref(old, i);
+                        }
+                    }
+                }
+            }
+            Record::Unmap { slot, origin } => {
+                let slot = *slot as usize;
+                let old = self.slots[slot].as_mut().and_then(|s| s.map.remove(origin));
+                if let Some(old) = old {
+                    self.unref(old, slot);
+                }
+            }
+        }
+    }
+
+    /// Records that rebuild this state from nothing: a checkpoint.
+    pub fn checkpoint(&self) -> Vec<Record> {
+        let mut records = Vec::new();
+        for (i, s) in self.slots.iter().enumerate() {
+            if let Some(s) = s {
+                records.push(Record::Create {
+                    slot: i as u8,
+                    seq: s.seq,
+                    state: s.state,
+                    merge_total: s.merge_total,
+                    name: s.name.clone(),
+                });
+            }
+        }
+        let mut chunks: Vec<_> = self.chunks.iter().collect();
+        chunks.sort_unstable_by_key(|(k, _)| **k);
+        for (&cow, c) in chunks {
+            records.push(Record::Map {
+                cow,
+                origin: c.origin,
+                mask: c.mask,
+            });
+        }
+        records
+    }
+
+    /// COW chunks holding data.
+    pub fn used(&self) -> u64 {
+        self.chunks.len() as u64
+    }
+
+    /// Chunks neither used nor reserved.
+    pub fn free_count(&self) -> u64 {
+        self.data_chunks - self.used() - self.reserved as u64 - self.zombies.len() as u64
+    }
+
+    /// Panics unless the maps, the chunk table and the free set agree (for tests).
+    pub fn check(&self) {
+        let mut seen: HashMap<u64, u64> = HashMap::new();
+        for (i, s) in self.slots.iter().enumerate() {
+            let Some(s) = s else { continue };
+            if matches!(s.state, SnapState::Invalid(_)) {
+                assert!(s.map.is_empty(), "an invalid snapshot holds chunks");
+            }
+            for (&origin, &cow) in &s.map {
+                let c = self.chunks.get(&cow).expect("a mapped chunk is used");
+                assert_eq!(c.origin, origin, "chunk {cow} holds another origin chunk");
+                *seen.entry(cow).or_default() |= 1 << i;
+            }
+        }
+        for (cow, c) in &self.chunks {
+            assert_eq!(seen.get(cow), Some(&c.mask), "chunk {cow}'s sharers");
+            assert!(!self.freed.contains(cow), "chunk {cow} is used and free");
+            assert!(*cow < self.data_chunks);
+        }
+    }
+}
