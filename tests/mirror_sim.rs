@@ -22,6 +22,8 @@
 //! crash may not be the only copy, so an assembly that finds no in-sync leg is retried with
 //! every member.
 
+mod common;
+
 use std::cell::RefCell;
 use std::collections::BTreeSet;
 use std::rc::Rc;
@@ -41,6 +43,8 @@ use ublkdm::targets::mirror::{
     AddLegOptions, CreateOptions, LegState, MirrorEnv, MirrorTarget, Tuning,
 };
 use ublkdm::units::{Extent, Sector, SectorCount};
+
+use common::{sectors, stamp, tag_of};
 
 /// Batches per seed; `BATCHES=n` overrides it for long hunts.
 fn batches() -> usize {
@@ -135,33 +139,6 @@ impl Model {
             c.acked, c.possible
         );
     }
-}
-
-fn sectors(extent: Extent) -> std::ops::Range<usize> {
-    extent.start.0 as usize..extent.end().0 as usize
-}
-
-/// The content of a sector written with `tag`.
-fn stamp(buf: &mut [u8], at: u64, tag: u64) {
-    if tag == 0 {
-        buf.fill(0);
-        return;
-    }
-    buf.fill((tag as u8) ^ 0x5a);
-    buf[0..8].copy_from_slice(&tag.to_le_bytes());
-    buf[8..16].copy_from_slice(&at.to_le_bytes());
-}
-
-/// The tag a sector holds; panics on a sector that no write produced.
-fn tag_of(buf: &[u8], at: u64, what: &str) -> u64 {
-    if buf.iter().all(|&b| b == 0) {
-        return 0;
-    }
-    let tag = u64::from_le_bytes(buf[0..8].try_into().expect("8"));
-    let mut expect = vec![0u8; 512];
-    stamp(&mut expect, at, tag);
-    assert!(buf == &expect[..], "{what}: sector {at} holds garbage");
-    tag
 }
 
 struct SimLeg {

@@ -18,6 +18,8 @@
 //! one chunk per distinct copied image, whatever the number of snapshots. After every reopen
 //! every image is read whole and checked.
 
+mod common;
+
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::rc::Rc;
@@ -35,6 +37,8 @@ use ublkdm::device::{
 };
 use ublkdm::targets::snapshot::{GroupOptions, SnapshotGroup};
 use ublkdm::units::{Extent, Sector, SectorCount};
+
+use common::{sectors as range, stamp, tag_of};
 
 fn trace(what: std::fmt::Arguments<'_>) {
     if std::env::var_os("TRACE").is_some() {
@@ -127,31 +131,6 @@ impl Model {
     fn settle(&mut self, at: u64, tag: u64) {
         self.cells[at as usize] = Cell::settled(tag);
     }
-}
-
-fn range(e: Extent) -> std::ops::Range<usize> {
-    e.start.0 as usize..e.end().0 as usize
-}
-
-fn stamp(buf: &mut [u8], at: u64, tag: u64) {
-    if tag == 0 {
-        buf.fill(0);
-        return;
-    }
-    buf.fill((tag as u8) ^ 0x5a);
-    buf[0..8].copy_from_slice(&tag.to_le_bytes());
-    buf[8..16].copy_from_slice(&at.to_le_bytes());
-}
-
-fn tag_of(buf: &[u8], at: u64, what: &str) -> u64 {
-    if buf.iter().all(|&b| b == 0) {
-        return 0;
-    }
-    let tag = u64::from_le_bytes(buf[0..8].try_into().expect("8"));
-    let mut expect = vec![0u8; 512];
-    stamp(&mut expect, at, tag);
-    assert!(buf == &expect[..], "{what}: sector {at} holds garbage");
-    tag
 }
 
 /// The sharing model: per snapshot, origin chunk -> image id.

@@ -1,4 +1,5 @@
-//! Shared helpers for integration tests: real loop devices over sparse files.
+//! Shared helpers for integration tests: real loop devices over sparse files, and tagged
+//! sectors for the simulations' oracles.
 //!
 //! Loop devices need root and `losetup`; a test that cannot have them prints `SKIP:` with
 //! the reason and returns. Every device and file made here is removed on drop, even when the
@@ -149,4 +150,37 @@ impl Drop for SmallTmpfs {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg(self.dir.path()).status();
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tagged sectors, for the simulations' oracles: a sector written with tag `t` at sector `at`
+// holds `t` and `at` in its first 16 bytes and a fill derived from `t`, so a read can name
+// which write it returns, and a sector no write produced is caught as garbage. Tag 0 is zeroes.
+
+/// The sector indexes of `extent`.
+pub fn sectors(extent: ublkdm::units::Extent) -> std::ops::Range<usize> {
+    extent.start.0 as usize..extent.end().0 as usize
+}
+
+/// Fills the 512-byte `buf` as sector `at` written with `tag`.
+pub fn stamp(buf: &mut [u8], at: u64, tag: u64) {
+    if tag == 0 {
+        buf.fill(0);
+        return;
+    }
+    buf.fill((tag as u8) ^ 0x5a);
+    buf[0..8].copy_from_slice(&tag.to_le_bytes());
+    buf[8..16].copy_from_slice(&at.to_le_bytes());
+}
+
+/// The tag sector `at` holds; panics on a sector that no write produced.
+pub fn tag_of(buf: &[u8], at: u64, what: &str) -> u64 {
+    if buf.iter().all(|&b| b == 0) {
+        return 0;
+    }
+    let tag = u64::from_le_bytes(buf[0..8].try_into().expect("8"));
+    let mut expect = vec![0u8; 512];
+    stamp(&mut expect, at, tag);
+    assert!(buf == &expect[..], "{what}: sector {at} holds garbage");
+    tag
 }
