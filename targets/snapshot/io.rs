@@ -109,6 +109,25 @@ impl Inner {
         Extent::new(start, self.chunk_len(c))
     }
 
+    /// Reads piece `p` into its place in `buf`: from COW chunk `cow` when the chunk is mapped
+    /// there, else from the origin.
+    async fn read_piece(
+        &self,
+        cow: Option<u64>,
+        p: &Piece,
+        buf: &mut AlignedBuf,
+    ) -> io::Result<()> {
+        let (dev, at) = match cow {
+            Some(k) => (&self.cow, self.cow_chunk(k, p.chunk).start + p.offset),
+            None => (&self.origin, self.origin_chunk(p.chunk).start + p.offset),
+        };
+        let (res, piece) = dev.read(at, AlignedBuf::for_sectors(p.len)).await;
+        res?;
+        let bytes = p.len.to_usize_bytes();
+        buf.as_mut_slice()[p.buf_at..p.buf_at + bytes].copy_from_slice(piece.as_slice());
+        Ok(())
+    }
+
     fn pieces(&self, extent: Extent) -> Vec<Piece> {
         let chunk = self.layout.chunk.0;
         let mut out = Vec::new();
@@ -219,16 +238,9 @@ impl Inner {
         for p in self.pieces(extent) {
             let _lock = self.locks.shared(p.chunk).await;
             let source = self.store().unmerged(p.chunk);
-            let (dev, at) = match source {
-                Some(k) => (&self.cow, self.cow_chunk(k, p.chunk).start + p.offset),
-                None => (&self.origin, self.origin_chunk(p.chunk).start + p.offset),
-            };
-            let (res, piece) = dev.read(at, AlignedBuf::for_sectors(p.len)).await;
-            if let Err(e) = res {
+            if let Err(e) = self.read_piece(source, &p, &mut buf).await {
                 return (Err(e), buf);
             }
-            let bytes = p.len.to_usize_bytes();
-            buf.as_mut_slice()[p.buf_at..p.buf_at + bytes].copy_from_slice(piece.as_slice());
         }
         (Ok(()), buf)
     }
@@ -287,16 +299,9 @@ impl Inner {
                 }
                 store.snap(slot).expect("valid").map.get(&p.chunk).copied()
             };
-            let (dev, at) = match mapped {
-                Some(k) => (&self.cow, self.cow_chunk(k, p.chunk).start + p.offset),
-                None => (&self.origin, self.origin_chunk(p.chunk).start + p.offset),
-            };
-            let (res, piece) = dev.read(at, AlignedBuf::for_sectors(p.len)).await;
-            if let Err(e) = res {
+            if let Err(e) = self.read_piece(mapped, &p, &mut buf).await {
                 return (Err(e), buf);
             }
-            let bytes = p.len.to_usize_bytes();
-            buf.as_mut_slice()[p.buf_at..p.buf_at + bytes].copy_from_slice(piece.as_slice());
         }
         // Invalidated meanwhile: what was read may come from a released chunk.
         if !self.store().is_valid(slot, seq) {
