@@ -515,6 +515,22 @@ fn snapshot_command(command: SnapshotCommand) -> Result<()> {
     Ok(())
 }
 
+/// One element of a status list: `name: key value, ...` for a named object.
+fn list_item(item: &serde_json::Value) -> String {
+    let Some(fields) = item.as_object() else {
+        return text(item);
+    };
+    let rest: Vec<_> = fields
+        .iter()
+        .filter(|(key, _)| *key != "name")
+        .map(|(key, value)| format!("{key} {}", text(value)))
+        .collect();
+    match fields.get("name") {
+        Some(name) => format!("{}: {}", text(name), rest.join(", ")),
+        None => rest.join(", "),
+    }
+}
+
 /// A JSON string without its quotes (anything else as JSON).
 fn text(value: &serde_json::Value) -> String {
     value
@@ -739,11 +755,23 @@ fn print_status(info: &DevInfo, alive: bool, reply: Option<&Result<serde_json::V
 fn print_daemon_status(status: &serde_json::Value) {
     if let Some(fields) = status["target"]["status"].as_object() {
         for (key, value) in fields {
-            match value.as_str() {
-                Some(text) => println!("    {key}: {text}"),
-                None => println!("    {key}: {value}"),
+            match value {
+                serde_json::Value::Array(items) => {
+                    println!("    {key}: {}", items.len());
+                    items
+                        .iter()
+                        .for_each(|item| println!("      {}", list_item(item)));
+                }
+                _ => println!("    {key}: {}", text(value)),
             }
         }
+    }
+    if let Some(children) = status["children"].as_array().filter(|c| !c.is_empty()) {
+        let served: Vec<_> = children
+            .iter()
+            .map(|c| format!("{} {}", text(&c["name"]), text(&c["device"])))
+            .collect();
+        println!("  children: {}", served.join(", "));
     }
     let io = &status["io"];
     println!(
