@@ -117,6 +117,10 @@ pub enum AddTarget {
         /// Chunk size of a new store: the unit of copy-on-write (a power of two, at least 4K).
         #[arg(long, value_name = "SIZE", value_parser = parse_chunk_size)]
         chunk_size: Option<u64>,
+        /// Create a store on a COW device that carries a file system or other metadata (it is
+        /// overwritten).
+        #[arg(long)]
+        force: bool,
         #[command(flatten)]
         options: AddOptions,
     },
@@ -337,12 +341,14 @@ fn add(target: AddTarget) -> Result<()> {
             device,
             cow,
             chunk_size,
+            force,
             options,
         } => (
             TargetSpec::Origin {
                 device: absolute(device)?,
                 cow: absolute(cow)?,
                 chunk_size_sectors: chunk_size.map_or(0, |b| b >> crate::units::SECTOR_SHIFT),
+                force,
             },
             options,
         ),
