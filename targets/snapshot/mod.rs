@@ -76,7 +76,8 @@
 //! No free chunk when a copy is needed: the snapshots that needed it are invalidated
 //! (`Invalidate` record; their chunks are released), their I/O fails with EIO, and the
 //! origin write proceeds. A failed copy invalidates the same way. A failed metadata write
-//! invalidates every snapshot in memory and stops further commits (the origin keeps working).
+//! invalidates every valid snapshot in memory and stops further commits (the origin keeps
+//! working); a merging snapshot stays merging, so the origin still reads as it.
 //!
 //! # Merge
 //! `merge {name}` makes the origin read as the snapshot at once (unmerged chunks are read
@@ -505,10 +506,7 @@ impl Inner {
             Err(err) => {
                 log::error!("snapshot metadata commit failed: {err}");
                 self.queue.lock().expect("commit queue").failed = true;
-                let mut store = self.store();
-                for s in store.slots.iter_mut().flatten() {
-                    s.state = SnapState::Invalid(Reason::MetadataError);
-                }
+                self.store().fail_metadata();
                 Err(err)
             }
         }

@@ -1,11 +1,12 @@
 //! The in-memory state of a snapshot group: the snapshot table, each snapshot's exception map,
 //! the COW chunks with their sharers, and the free chunks. It changes only by applying log
 //! records once they are durable ([`Store::apply`]), so it always equals what a replay of the
-//! log after a crash would build.
+//! log after a crash would build; except that a failed metadata write invalidates snapshots
+//! at once ([`Store::fail_metadata`]).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
-use super::format::{Record, SnapState, MAX_SNAPSHOTS};
+use super::format::{Reason, Record, SnapState, MAX_SNAPSHOTS};
 
 /// One snapshot.
 #[derive(Clone, Debug)]
@@ -264,6 +265,17 @@ impl Store {
         }
     }
 
+    /// A metadata write failed: every valid snapshot is invalid from now on. Its chunks stay
+    /// held until a durable record releases them. A merging snapshot stays merging: the
+    /// origin reads as it.
+    pub fn fail_metadata(&mut self) {
+        for s in self.slots.iter_mut().flatten() {
+            if s.state == SnapState::Valid {
+                s.state = SnapState::Invalid(Reason::MetadataError);
+            }
+        }
+    }
+
     /// Records that rebuild this state from nothing: a checkpoint.
     pub fn checkpoint(&self) -> Vec<Record> {
         let mut records = Vec::new();
@@ -305,7 +317,8 @@ impl Store {
         let mut seen: HashMap<u64, u64> = HashMap::new();
         for (i, s) in self.slots.iter().enumerate() {
             let Some(s) = s else { continue };
-            if matches!(s.state, SnapState::Invalid(_)) {
+            // One invalidated by a failed metadata write holds them until that is durable.
+            if matches!(s.state, SnapState::Invalid(r) if r != Reason::MetadataError) {
                 assert!(s.map.is_empty(), "an invalid snapshot holds chunks");
             }
             for (&origin, &cow) in &s.map {

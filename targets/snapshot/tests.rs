@@ -8,8 +8,10 @@ use serde_json::json;
 use super::*;
 use crate::copy::{CopyConfig, CopyEngine};
 use crate::device::reactor::{run_local, spawn};
-use crate::device::{AlignedBuf, BlockDevice, DeviceRef, MemDevice, WriteFlags};
-use crate::units::{Sector, SectorCount};
+use crate::device::{
+    AlignedBuf, BlockDevice, DeviceRef, FaultConfig, FaultyDevice, MemDevice, OpKind, WriteFlags,
+};
+use crate::units::{Extent, Sector, SectorCount};
 
 fn engine_config() -> CopyConfig {
     CopyConfig {
@@ -39,8 +41,16 @@ fn with_group<T: 'static>(
     options: GroupOptions,
     body: impl AsyncFnOnce(Arc<SnapshotGroup>) -> T + 'static,
 ) -> Result<T> {
-    let origin: DeviceRef = devs.origin.clone();
-    let cow: DeviceRef = devs.cow.clone();
+    with_devices(devs.origin.clone(), devs.cow.clone(), options, body)
+}
+
+/// [`with_group`] over any two devices.
+fn with_devices<T: 'static>(
+    origin: DeviceRef,
+    cow: DeviceRef,
+    options: GroupOptions,
+    body: impl AsyncFnOnce(Arc<SnapshotGroup>) -> T + 'static,
+) -> Result<T> {
     run_local(async move {
         let (engine, run) = CopyEngine::new_local(engine_config()).expect("engine");
         let runner = spawn(run);
@@ -332,4 +342,66 @@ fn merge_rolls_the_origin_back_and_survives_restart() {
         assert!(keep.iter().all(|&b| b == 1));
     })
     .expect("reopen");
+}
+
+/// The COW device behind a fault injector, and the extent of its superblocks and log.
+fn faulty_cow(devs: &Devs) -> (Arc<FaultyDevice<MemDevice>>, Extent) {
+    let cow = FaultyDevice::new(Arc::clone(&devs.cow), FaultConfig::default());
+    let layout = Layout::plan(
+        uuid::Uuid::nil(),
+        DEFAULT_CHUNK,
+        devs.origin.info().size,
+        devs.cow.info().size,
+    )
+    .expect("layout");
+    let metadata = Extent::new(Sector(0), SectorCount(layout.data_start.0));
+    (cow, metadata)
+}
+
+#[test]
+fn failed_metadata_write_keeps_the_merge_going() {
+    let devs = Devs::new(1024, 8192);
+    let (cow, metadata) = faulty_cow(&devs);
+    let faults = Arc::clone(&cow);
+    with_devices(
+        devs.origin.clone(),
+        cow,
+        GroupOptions::default(),
+        async move |group| {
+            let origin = group.origin();
+            write(&*origin, 0, 1024, 1).await;
+            create(&group, "m").await;
+            create(&group, "other").await;
+            write(&*origin, 0, 512, 2).await;
+            write(&*group.snapshot("m").expect("m"), 600, 10, 3).await;
+            group
+                .command_async("merge", &json!({ "name": "m" }))
+                .await
+                .expect("merge");
+            // No metadata write works from now on: neither a merge step nor an origin write to
+            // an unmerged chunk can record its progress.
+            faults.fail_extent(OpKind::Write, metadata);
+            let res = origin
+                .write(
+                    Sector(0),
+                    Arc::new(AlignedBuf::new(4096)),
+                    WriteFlags::default(),
+                )
+                .await;
+            assert!(res.is_err());
+            for _ in 0..1000 {
+                smol::future::yield_now().await;
+            }
+            let status = group.status();
+            assert_eq!(status["merge"]["active"], true, "{status}");
+            assert_eq!(status["snapshots"][1]["state"], "invalid", "{status}");
+            // The origin still reads as the snapshot being merged.
+            let data = read(&*origin, 0, 1024).await.expect("read");
+            assert!(data[..600 * 512].iter().all(|&b| b == 1));
+            assert!(data[600 * 512..610 * 512].iter().all(|&b| b == 3));
+            assert!(data[610 * 512..].iter().all(|&b| b == 1));
+            group.check_invariants();
+        },
+    )
+    .expect("open");
 }
