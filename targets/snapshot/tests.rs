@@ -405,3 +405,52 @@ fn failed_metadata_write_keeps_the_merge_going() {
     )
     .expect("open");
 }
+
+#[test]
+fn failed_metadata_write_is_recorded_before_the_origin_changes() {
+    let devs = Devs::new(512, 4096);
+    let (cow, metadata) = faulty_cow(&devs);
+    let faults = Arc::clone(&cow);
+    let origin_dev: DeviceRef = devs.origin.clone();
+    with_devices(
+        origin_dev,
+        cow,
+        GroupOptions::default(),
+        async move |group| {
+            let origin = group.origin();
+            write(&*origin, 0, 512, 1).await;
+            create(&group, "s").await;
+            faults.fail_extent(OpKind::Write, metadata);
+            // The copy for "s" cannot be recorded: "s" is invalid, but only in memory so far,
+            // so the origin must not change yet.
+            for c in 0..4 {
+                let buf = Arc::new(AlignedBuf::from_slice(&[2; 32 * 512]));
+                let res = origin
+                    .write(Sector(c * 32), buf, WriteFlags::default())
+                    .await;
+                assert!(res.is_err(), "chunk {c} written");
+            }
+            let status = group.status();
+            assert_eq!(status["snapshots"][0]["state"], "invalid", "{status}");
+            // Once metadata can be written again, the origin works.
+            faults.heal();
+            write(&*origin, 0, 128, 2).await;
+            origin.flush().await.expect("flush");
+            let status = group.status();
+            assert_eq!(status["metadata_failed"], false, "{status}");
+        },
+    )
+    .expect("open");
+    let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(5);
+    devs.origin.crash(&mut rng);
+    devs.cow.crash(&mut rng);
+    with_group(&devs, GroupOptions::default(), async |group| {
+        // Invalid after the restart too (were it valid, it would read the new data).
+        let status = group.status();
+        assert_eq!(status["snapshots"][0]["state"], "invalid", "{status}");
+        let data = read(&*group.origin(), 0, 512).await.expect("origin");
+        assert!(data[..128 * 512].iter().all(|&b| b == 2));
+        assert!(data[128 * 512..].iter().all(|&b| b == 1));
+    })
+    .expect("reopen");
+}
