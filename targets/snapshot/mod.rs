@@ -46,7 +46,10 @@
 //! COW device, so the data chunks the records point at are durable first, then writes new
 //! blocks after the tail with FUA. A committed block is never rewritten. When the area is
 //! full the state is compacted: a checkpoint (its `Create` and `Map` records) goes to the
-//! other area with the next epoch, is flushed, and then the superblock switches to it. Free
+//! other area with the next epoch, is flushed, and then the superblock switches to it. The
+//! first commit after opening the store compacts too: a power cut in the middle of a
+//! multi-block append can leave a later block of it without an earlier one, past the end of
+//! the log, and appending there would join it to the log. Free
 //! chunks are not recorded: a chunk is free when no record maps it, so a chunk copied before
 //! a crash but never committed is simply free again (no leak), and a chunk is reused only
 //! after the record releasing it is durable (the in-memory state changes only then).
@@ -315,7 +318,8 @@ impl SnapshotGroup {
                 active_area: sb.active_area,
                 epoch: sb.epoch,
                 tail,
-                checkpoint_first: false,
+                // Blocks past the end of the log may be a torn append's: never append there.
+                checkpoint_first: !fresh,
             }),
             queue: Mutex::new(Queue::default()),
             gate: RwLock::new(()),

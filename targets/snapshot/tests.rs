@@ -215,7 +215,7 @@ fn torn_metadata_block_is_ignored() {
             .expect("list");
         assert_eq!(list.as_array().map(Vec::len), Some(1), "{list}");
         assert_eq!(list[0]["name"], "a");
-        // The next commit overwrites the torn block.
+        // The next commit writes past it (in the other area).
         create(&group, "b").await;
     })
     .expect("reopen");
@@ -453,4 +453,47 @@ fn failed_metadata_write_is_recorded_before_the_origin_changes() {
         assert!(data[128 * 512..].iter().all(|&b| b == 1));
     })
     .expect("reopen");
+}
+
+/// A Create record for a snapshot that was never made.
+fn ghost() -> Record {
+    Record::Create {
+        slot: 5,
+        seq: 99,
+        state: SnapState::Valid,
+        merge_total: 0,
+        name: "ghost".into(),
+    }
+}
+
+fn names(group: &SnapshotGroup) -> Vec<String> {
+    let status = group.status();
+    let list = status["snapshots"].as_array().expect("list");
+    list.iter()
+        .map(|s| s["name"].as_str().expect("name").to_owned())
+        .collect()
+}
+
+#[test]
+fn stale_block_past_the_end_of_the_log_stays_out() {
+    let devs = Devs::new(256, 4096);
+    let layout = with_group(&devs, GroupOptions::default(), async |group| {
+        create(&group, "a").await;
+        group.layout().clone()
+    })
+    .expect("create");
+    // A two-block append cut by a power cut: the second block landed, the first did not.
+    let stale = format::encode_blocks(layout.uuid, 1, 2, &[ghost()]);
+    devs.cow
+        .poke(layout.area_start(0) + SectorCount(2 * 8), &stale);
+    with_group(&devs, GroupOptions::default(), async |group| {
+        assert_eq!(names(&group), ["a"]);
+        // Appending at the end of the log must not bring the stale block back.
+        create(&group, "b").await;
+    })
+    .expect("reopen");
+    with_group(&devs, GroupOptions::default(), async |group| {
+        assert_eq!(names(&group), ["a", "b"]);
+    })
+    .expect("reopen again");
 }
