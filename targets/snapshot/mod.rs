@@ -46,7 +46,9 @@
 //! COW device, so the data chunks the records point at are durable first, then writes new
 //! blocks after the tail with FUA. A committed block is never rewritten. When the area is
 //! full the state is compacted: a checkpoint (its `Create` and `Map` records) goes to the
-//! other area with the next epoch, is flushed, and then the superblock switches to it. The
+//! other area with a new epoch (the last one plus a random step, so that no earlier attempt
+//! cut short before its superblock landed used it), is flushed, and then the superblock
+//! switches to it. The
 //! first commit after opening the store compacts too: a power cut in the middle of a
 //! multi-block append can leave a later block of it without an earlier one, past the end of
 //! the log, and appending there would join it to the log. Free
@@ -559,7 +561,10 @@ impl Inner {
         let l = &self.layout;
         let records = self.store().checkpoint();
         let area = 1 - w.active_area;
-        let epoch = w.epoch + 1;
+        // An epoch no earlier compaction can have used: one whose superblock never landed left
+        // its checkpoint in this area under the epoch it took, and had this one taken the same,
+        // that checkpoint's blocks past the end of this one would read as log.
+        let epoch = w.epoch.wrapping_add(1 + u64::from(rand::random::<u32>()));
         let bytes = format::encode_blocks(l.uuid, epoch, 0, &records);
         let n = (bytes.len() / BLOCK) as u64;
         if n > l.area_blocks {

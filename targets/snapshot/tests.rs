@@ -497,3 +497,44 @@ fn stale_block_past_the_end_of_the_log_stays_out() {
     })
     .expect("reopen again");
 }
+
+#[test]
+fn checkpoint_that_never_took_over_stays_out() {
+    let devs = Devs::new(256, 4096);
+    let layout = with_group(&devs, GroupOptions::default(), async |group| {
+        create(&group, "a").await;
+        group.layout().clone()
+    })
+    .expect("create");
+    // A compaction cut short before its superblock landed: its checkpoint, three blocks of
+    // the next epoch, sits in the other area (the ghost in its last block).
+    let mut records: Vec<Record> = (0..400)
+        .map(|i| Record::Map {
+            cow: i,
+            origin: i,
+            mask: 0,
+        })
+        .collect();
+    records.push(ghost());
+    let sb = [Sector(0), BLOCK_SECTORS.to_sector()]
+        .into_iter()
+        .filter_map(|at| {
+            let slot = devs.cow.snapshot(Extent::new(at, BLOCK_SECTORS));
+            Superblock::decode(&slot).ok().flatten()
+        })
+        .max_by_key(|sb| sb.sequence)
+        .expect("superblock");
+    let stale = format::encode_blocks(layout.uuid, sb.epoch + 1, 0, &records);
+    assert_eq!(stale.len(), 3 * BLOCK);
+    devs.cow.poke(layout.area_start(1 - sb.active_area), &stale);
+    with_group(&devs, GroupOptions::default(), async |group| {
+        assert_eq!(names(&group), ["a"]);
+        // Compacts into that area, with a shorter checkpoint.
+        create(&group, "b").await;
+    })
+    .expect("reopen");
+    with_group(&devs, GroupOptions::default(), async |group| {
+        assert_eq!(names(&group), ["a", "b"]);
+    })
+    .expect("reopen again");
+}
