@@ -655,6 +655,35 @@ impl Target for OriginTarget {
             }
         }
     }
+
+    /// Every snapshot but a merging one (whose I/O fails until it is gone), oldest first.
+    fn child_names(&self) -> Vec<String> {
+        let store = self.group.inner.store();
+        let mut snaps: Vec<_> = store
+            .slots
+            .iter()
+            .flatten()
+            .filter(|s| s.state != SnapState::Merging)
+            .map(|s| (s.seq, s.name.clone()))
+            .collect();
+        snaps.sort();
+        snaps.into_iter().map(|(_, name)| name).collect()
+    }
+
+    fn open_child(&self, name: &str) -> Result<Arc<dyn Target>> {
+        Ok(self.group.snapshot(name)?)
+    }
+
+    /// Deleting or merging a snapshot ends its device.
+    fn command_releases(&self, name: &str, args: &serde_json::Value) -> Vec<String> {
+        let releases = matches!(name, "snapshot-delete" | "merge");
+        match args.get("name").and_then(serde_json::Value::as_str) {
+            Some(snap) if releases && self.group.inner.store().find(snap).is_some() => {
+                vec![snap.to_owned()]
+            }
+            _ => Vec::new(),
+        }
+    }
 }
 
 /// One snapshot of a group, as a writable block device. Its I/O fails with EIO once it is
@@ -727,12 +756,17 @@ pub fn open_group(spec: &TargetSpec) -> Result<Arc<SnapshotGroup>> {
         device,
         cow,
         chunk_size_sectors,
+        force,
     } = spec
     else {
         return Err(Error::invalid("open_group needs an origin target spec"));
     };
     let origin: DeviceRef = Arc::new(UringDevice::open(device, OpenOptions::default())?);
     let cow: DeviceRef = Arc::new(UringDevice::open(cow, OpenOptions::default())?);
+    if !force {
+        let cow = Arc::clone(&cow);
+        reactor::block_on(async move { refuse_foreign_cow(&cow).await })?;
+    }
     let options = GroupOptions {
         chunk_size: (*chunk_size_sectors != 0).then_some(SectorCount(*chunk_size_sectors)),
     };
@@ -743,5 +777,65 @@ pub fn open_group(spec: &TargetSpec) -> Result<Arc<SnapshotGroup>> {
     Ok(group)
 }
 
+/// Fails when `cow` holds no store of ours but something else we would overwrite: a file
+/// system, LVM, md, or a mirror leg (the mirror's probe knows them).
+async fn refuse_foreign_cow(cow: &DeviceRef) -> Result<()> {
+    if cow.info().size < BLOCK_SECTORS + BLOCK_SECTORS {
+        return Ok(()); // too small for any store: the layout says so
+    }
+    let slots = [
+        read_block(cow, Sector(0)).await?,
+        read_block(cow, BLOCK_SECTORS.to_sector()).await?,
+    ];
+    if slots.iter().any(|b| b[..8] == format::SB_MAGIC) {
+        return Ok(());
+    }
+    let what = match crate::targets::mirror::probe(cow).await? {
+        crate::targets::mirror::Probe::Blank => return Ok(()),
+        crate::targets::mirror::Probe::Foreign(kind) => kind,
+        crate::targets::mirror::Probe::Ours(_) | crate::targets::mirror::Probe::Damaged(_) => {
+            "a ublkdm mirror leg".to_owned()
+        }
+    };
+    Err(Error::new(
+        ErrorKind::Busy,
+        format!(
+            "the COW device {} holds {what}; --force overwrites it",
+            cow.info().name
+        ),
+    ))
+}
+
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod cow_probe_tests {
+    use super::*;
+    use crate::device::MemDevice;
+
+    fn probe(cow: &Arc<MemDevice>) -> Result<()> {
+        let dev: DeviceRef = cow.clone();
+        reactor::run_local(async move { refuse_foreign_cow(&dev).await })
+    }
+
+    #[test]
+    fn a_cow_device_with_a_file_system_is_refused() {
+        let cow = MemDevice::new("cow", SectorCount(4096));
+        assert!(probe(&cow).is_ok(), "a blank device is taken");
+        cow.poke(Sector(2), &{
+            let mut sector = [0u8; 512];
+            sector[56..58].copy_from_slice(&[0x53, 0xef]); // ext4's magic, byte 1080
+            sector
+        });
+        let err = probe(&cow).expect_err("ext4 refused");
+        assert_eq!(err.kind(), ErrorKind::Busy);
+        assert!(err.to_string().contains("ext2/3/4"), "{err}");
+        cow.poke(Sector(0), &{
+            let mut sector = [0u8; 512];
+            sector[..8].copy_from_slice(&format::SB_MAGIC);
+            sector
+        });
+        assert!(probe(&cow).is_ok(), "our own store is reopened");
+    }
+}
