@@ -2,9 +2,13 @@
 //! per-chunk locks that order them (see the module doc of [`super`]).
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::io;
+use std::ops::Range;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 
 use smol::lock::{RwLock, RwLockReadGuardArc, RwLockWriteGuardArc};
 
@@ -94,6 +98,67 @@ fn eio() -> io::Error {
     errno(libc::EIO)
 }
 
+/// The most bytes one background merge step takes: its chunks are locked, copied back at
+/// once, flushed and committed together.
+const MERGE_STEP_BYTES: u64 = 4 << 20;
+/// And the most chunks (small chunks: one `Unmap` record each, in one commit).
+const MERGE_STEP_CHUNKS: u64 = 256;
+
+/// Polls every future until all are done; the outputs come back in order. (No spawning: the
+/// futures run on the thread that polls this one, so device futures stay on their ring.)
+async fn join_all<F: Future>(futures: Vec<F>) -> Vec<F::Output> {
+    let mut pending: Vec<Option<Pin<Box<F>>>> =
+        futures.into_iter().map(|f| Some(Box::pin(f))).collect();
+    let mut outputs: Vec<Option<F::Output>> = pending.iter().map(|_| None).collect();
+    std::future::poll_fn(move |cx: &mut Context<'_>| {
+        let mut all = true;
+        for (slot, out) in pending.iter_mut().zip(outputs.iter_mut()) {
+            if let Some(fut) = slot {
+                match fut.as_mut().poll(cx) {
+                    Poll::Ready(value) => {
+                        *out = Some(value);
+                        *slot = None;
+                    }
+                    Poll::Pending => all = false,
+                }
+            }
+        }
+        if all {
+            Poll::Ready(
+                outputs
+                    .iter_mut()
+                    .map(|o| o.take().expect("output"))
+                    .collect(),
+            )
+        } else {
+            Poll::Pending
+        }
+    })
+    .await
+}
+
+/// Splits `pairs` (origin chunk, COW chunk), in order, into runs that are contiguous on both
+/// devices: one copy job each.
+fn runs(pairs: &[(u64, u64)]) -> Vec<Range<usize>> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    for i in 1..=pairs.len() {
+        let (c, k) = pairs[i - 1];
+        if i == pairs.len() || pairs[i] != (c + 1, k + 1) {
+            out.push(start..i);
+            start = i;
+        }
+    }
+    out
+}
+
+/// `Invalidate` records for every snapshot in `mask`.
+fn invalidations(mask: u64, reason: Reason) -> impl Iterator<Item = Record> {
+    (0..64u8)
+        .filter(move |i| mask & (1 << i) != 0)
+        .map(move |slot| Record::Invalidate { slot, reason })
+}
+
 impl Inner {
     fn chunk_len(&self, c: u64) -> SectorCount {
         let chunk = self.layout.chunk.0;
@@ -109,23 +174,59 @@ impl Inner {
         Extent::new(start, self.chunk_len(c))
     }
 
-    /// Reads piece `p` into its place in `buf`: from COW chunk `cow` when the chunk is mapped
-    /// there, else from the origin.
-    async fn read_piece(
+    /// Reads every piece of a request into its place in `buf`: piece `i` from COW chunk
+    /// `sources[i]` when it is mapped there, else from the origin. Neighbours that are
+    /// contiguous on one device are read as one, and all reads are in flight at once; a
+    /// request that is one such run reads straight into `buf`.
+    async fn read_pieces(
         &self,
-        cow: Option<u64>,
-        p: &Piece,
-        buf: &mut AlignedBuf,
-    ) -> io::Result<()> {
-        let (dev, at) = match cow {
-            Some(k) => (&self.cow, self.cow_chunk(k, p.chunk).start + p.offset),
-            None => (&self.origin, self.origin_chunk(p.chunk).start + p.offset),
+        pieces: &[Piece],
+        sources: &[Option<u64>],
+        mut buf: AlignedBuf,
+    ) -> ReadDone {
+        let mut groups: Vec<Range<usize>> = Vec::new();
+        for i in 0..pieces.len() {
+            let joins = i > 0
+                && match (sources[i - 1], sources[i]) {
+                    (None, None) => true,
+                    (Some(a), Some(b)) => b == a + 1,
+                    _ => false,
+                };
+            match groups.last_mut() {
+                Some(g) if joins => g.end = i + 1,
+                _ => groups.push(i..i + 1),
+            }
+        }
+        let place = |g: &Range<usize>| {
+            let p = &pieces[g.start];
+            let len = SectorCount(pieces[g.clone()].iter().map(|p| p.len.0).sum());
+            let (dev, at) = match sources[g.start] {
+                Some(k) => (&self.cow, self.cow_chunk(k, p.chunk).start + p.offset),
+                None => (&self.origin, self.origin_chunk(p.chunk).start + p.offset),
+            };
+            (dev, at, len)
         };
-        let (res, piece) = dev.read(at, AlignedBuf::for_sectors(p.len)).await;
-        res?;
-        let bytes = p.len.to_usize_bytes();
-        buf.as_mut_slice()[p.buf_at..p.buf_at + bytes].copy_from_slice(piece.as_slice());
-        Ok(())
+        if let [g] = groups.as_slice() {
+            let (dev, at, _) = place(g);
+            return dev.read(at, buf).await;
+        }
+        let reads = groups
+            .iter()
+            .map(|g| {
+                let (dev, at, len) = place(g);
+                dev.read(at, AlignedBuf::for_sectors(len))
+            })
+            .collect();
+        let mut result = Ok(());
+        for (g, (res, piece)) in groups.iter().zip(join_all(reads).await) {
+            if let Err(e) = res {
+                result = result.and(Err(e));
+                continue;
+            }
+            let at = pieces[g.start].buf_at;
+            buf.as_mut_slice()[at..at + piece.as_slice().len()].copy_from_slice(piece.as_slice());
+        }
+        (result, buf)
     }
 
     fn pieces(&self, extent: Extent) -> Vec<Piece> {
@@ -155,78 +256,149 @@ impl Inner {
     }
 
     async fn invalidate(&self, mask: u64, reason: Reason) -> io::Result<()> {
-        let records = (0..64u8)
-            .filter(|i| mask & (1 << i) != 0)
-            .map(|slot| Record::Invalidate { slot, reason })
+        self.commit(invalidations(mask, reason).collect()).await
+    }
+
+    /// The origin extent and the COW extent of a run of `pairs` (see [`runs`]).
+    fn run_extents(&self, pairs: &[(u64, u64)]) -> (Extent, Extent) {
+        let (c, k) = pairs[0];
+        let len = SectorCount(pairs.iter().map(|&(c, _)| self.chunk_len(c).0).sum());
+        (
+            Extent::new(self.origin_chunk(c).start, len),
+            Extent::new(self.cow_chunk(k, c).start, len),
+        )
+    }
+
+    /// Copies origin chunk `c` to COW chunk `k` for every `(c, k)` of `pairs` (`to_cow`), or
+    /// back; runs contiguous on both devices go as one job, all jobs at once. Says, per pair,
+    /// whether its copy succeeded.
+    async fn copy_chunks(
+        &self,
+        pairs: &[(u64, u64)],
+        to_cow: bool,
+        priority: Priority,
+    ) -> Vec<bool> {
+        let runs = runs(pairs);
+        let jobs = runs
+            .iter()
+            .map(|r| {
+                let (o, w) = self.run_extents(&pairs[r.clone()]);
+                let (o, w) = (Location::new(&self.origin, o), Location::new(&self.cow, w));
+                let (from, to) = if to_cow { (o, w) } else { (w, o) };
+                self.copy(from, to, priority, false)
+            })
             .collect();
-        self.commit(records).await
+        let mut ok = vec![false; pairs.len()];
+        for (r, good) in runs.into_iter().zip(join_all(jobs).await) {
+            ok[r].fill(good);
+        }
+        ok
     }
 
     /// Whether an origin write to chunk `c` must first copy or merge it.
     fn origin_needs_work(&self, c: u64) -> bool {
-        let store = self.store();
-        store.needing(c) != 0 || store.unmerged(c).is_some()
+        self.store().origin_needs_work(c)
     }
 
-    /// Copies origin chunk `c` for every valid snapshot that still reads it from the origin
-    /// (one copy, one record for all). Call with the chunk locked exclusively. Errors only
-    /// when the metadata cannot be written.
-    async fn preserve(&self, c: u64, priority: Priority) -> io::Result<()> {
-        let (mask, k) = {
+    /// Copies each origin chunk of `chunks` for every valid snapshot that still reads it from
+    /// the origin (one copy and one record per chunk for all of them): every copy at once,
+    /// runs of neighbours as one job, then one commit for all the records. Call with the
+    /// chunks locked exclusively. Errors only when the metadata cannot be written.
+    async fn preserve(&self, chunks: &[u64], priority: Priority) -> io::Result<()> {
+        let mut plan = Vec::new();
+        let mut masks = Vec::new();
+        let mut overflow = 0u64;
+        {
             let mut store = self.store();
-            let mask = store.needing(c);
-            if mask == 0 {
-                return Ok(());
+            for &c in chunks {
+                let mask = store.needing(c) & !overflow;
+                if mask == 0 {
+                    continue;
+                }
+                match store.alloc() {
+                    Some(k) => {
+                        plan.push((c, k));
+                        masks.push(mask);
+                    }
+                    None => overflow |= mask,
+                }
             }
-            (mask, store.alloc())
-        };
-        let Some(k) = k else {
-            return self.invalidate(mask, Reason::Overflow).await;
-        };
-        let from = Location::new(&self.origin, self.origin_chunk(c));
-        let to = Location::new(&self.cow, self.cow_chunk(k, c));
-        if !self.copy(from, to, priority, false).await {
-            self.store().unreserve(k);
-            return self.invalidate(mask, Reason::CopyError).await;
         }
-        self.commit(vec![Record::Map {
-            cow: k,
-            origin: c,
-            mask,
-        }])
-        .await
+        if plan.is_empty() && overflow == 0 {
+            return Ok(());
+        }
+        let ok = self.copy_chunks(&plan, true, priority).await;
+        let mut failed = 0u64;
+        let mut maps = Vec::with_capacity(plan.len());
+        {
+            let mut store = self.store();
+            for ((&(c, k), mask), ok) in plan.iter().zip(masks).zip(ok) {
+                if ok {
+                    maps.push(Record::Map {
+                        cow: k,
+                        origin: c,
+                        mask,
+                    });
+                } else {
+                    store.unreserve(k);
+                    failed |= mask;
+                }
+            }
+        }
+        // The invalidations first: a map of an invalidated snapshot in the same batch is
+        // then dropped as it is applied.
+        let records = invalidations(overflow, Reason::Overflow)
+            .chain(invalidations(failed & !overflow, Reason::CopyError))
+            .chain(maps)
+            .collect();
+        self.commit(records).await
     }
 
-    /// Merges chunk `c` (held in COW chunk `k` by merging snapshot `m`) into the origin.
-    /// Call with the chunk locked exclusively.
-    pub(super) async fn merge_chunk(
+    /// Merges `pairs` (origin chunk, the COW chunk merging snapshot `m` holds it in) into the
+    /// origin: first the copies the other snapshots need, then every chunk back to the
+    /// origin at once, one origin flush and one commit of their `Unmap`s. Call with the
+    /// chunks locked exclusively. On a copy error the chunks that did copy are still
+    /// recorded, and the merge error is set.
+    pub(super) async fn merge_chunks(
         &self,
-        c: u64,
+        pairs: &[(u64, u64)],
         m: usize,
-        k: u64,
         priority: Priority,
     ) -> io::Result<()> {
-        self.preserve(c, priority).await?;
+        let chunks: Vec<u64> = pairs.iter().map(|&(c, _)| c).collect();
+        self.preserve(&chunks, priority).await?;
         self.catch_up().await?;
-        let from = Location::new(&self.cow, self.cow_chunk(k, c));
-        let to = Location::new(&self.origin, self.origin_chunk(c));
-        if !self.copy(from, to, priority, true).await {
-            *self.merge_error.lock().expect("merge error") =
-                Some(format!("copying chunk {c} back to the origin failed"));
-            return Err(eio());
+        let ok = self.copy_chunks(pairs, false, priority).await;
+        let mut result = Ok(());
+        if let Some(bad) = ok.iter().position(|ok| !ok) {
+            *self.merge_error.lock().expect("merge error") = Some(format!(
+                "copying chunk {} back to the origin failed",
+                pairs[bad].0
+            ));
+            result = Err(eio());
         }
-        self.commit(vec![Record::Unmap {
-            slot: m as u8,
-            origin: c,
-        }])
-        .await
+        let merged: Vec<Record> = pairs
+            .iter()
+            .zip(ok)
+            .filter(|(_, ok)| *ok)
+            .map(|(&(c, _), _)| Record::Unmap {
+                slot: m as u8,
+                origin: c,
+            })
+            .collect();
+        if merged.is_empty() {
+            return result;
+        }
+        if let Err(e) = self.origin.flush().await {
+            *self.merge_error.lock().expect("merge error") =
+                Some("flushing the merged chunks to the origin failed".to_owned());
+            return Err(e);
+        }
+        self.commit(merged).await?;
+        result
     }
 
-    pub(super) async fn origin_read(
-        self: Arc<Self>,
-        offset: Sector,
-        mut buf: AlignedBuf,
-    ) -> ReadDone {
+    pub(super) async fn origin_read(self: Arc<Self>, offset: Sector, buf: AlignedBuf) -> ReadDone {
         let extent = Extent::new(offset, buf.sectors());
         if let Err(e) = self.origin_info.check_extent(extent) {
             return (Err(e), buf);
@@ -236,16 +408,24 @@ impl Inner {
             return self.origin.read(offset, buf).await;
         }
         // Merging: unmerged chunks read from the COW store.
-        for p in self.pieces(extent) {
-            let _lock = self.locks.shared(p.chunk).await;
-            let source = self.store().unmerged(p.chunk);
-            if let Err(e) = self.read_piece(source, &p, &mut buf).await {
-                return (Err(e), buf);
-            }
+        let pieces = self.pieces(extent);
+        let mut guards = Vec::with_capacity(pieces.len());
+        for p in &pieces {
+            guards.push(self.locks.shared(p.chunk).await);
         }
-        (Ok(()), buf)
+        let sources: Vec<_> = {
+            let store = self.store();
+            pieces.iter().map(|p| store.unmerged(p.chunk)).collect()
+        };
+        self.read_pieces(&pieces, &sources, buf).await
     }
 
+    /// An origin write. When none of its chunks needs a copy or a merge (no snapshot, or
+    /// every snapshot already has its own image of them: a rewrite) it goes straight to the
+    /// origin, without chunk locks: under the gate nothing can make such a chunk need work
+    /// again (that takes a snapshot or a merge start), and whatever copied or merged it
+    /// finished its I/O before the record that says so. Otherwise it locks its chunks (those
+    /// to copy or merge exclusively), merges and copies them in one batch each, then writes.
     pub(super) async fn origin_write(
         self: Arc<Self>,
         offset: Sector,
@@ -255,28 +435,42 @@ impl Inner {
         let extent = Extent::new(offset, buf.sectors());
         self.origin_info.check_extent(extent)?;
         let _gate = self.gate.read().await;
+        let pieces = self.pieces(extent);
+        let busy = {
+            let store = self.store();
+            pieces.iter().any(|p| store.origin_needs_work(p.chunk))
+        };
         let mut guards = Vec::new();
-        for p in self.pieces(extent) {
-            let c = p.chunk;
-            let shared = self.locks.shared(c).await;
-            if !self.origin_needs_work(c) {
-                guards.push(shared);
-                continue;
+        if busy {
+            let mut work = Vec::new();
+            for p in &pieces {
+                let c = p.chunk;
+                let shared = self.locks.shared(c).await;
+                if !self.origin_needs_work(c) {
+                    guards.push(shared);
+                    continue;
+                }
+                drop(shared);
+                guards.push(self.locks.exclusive(c).await);
+                work.push(c);
             }
-            drop(shared);
-            let lock = self.locks.exclusive(c).await;
             let unmerged = {
                 let store = self.store();
-                store.merging().zip(store.unmerged(c))
+                store.merging().map(|m| {
+                    let pairs: Vec<_> = work
+                        .iter()
+                        .filter_map(|&c| store.unmerged(c).map(|k| (c, k)))
+                        .collect();
+                    (m, pairs)
+                })
             };
-            if let Some((m, k)) = unmerged {
-                self.merge_chunk(c, m, k, Priority::Foreground).await?;
+            if let Some((m, pairs)) = unmerged.filter(|(_, p)| !p.is_empty()) {
+                self.merge_chunks(&pairs, m, Priority::Foreground).await?;
             }
-            if let Err(e) = self.preserve(c, Priority::Foreground).await {
-                // The snapshots that needed it are invalid now (`catch_up` records that).
-                log::warn!("an origin write goes on without copying chunk {c}: {e}");
+            if let Err(e) = self.preserve(&work, Priority::Foreground).await {
+                // The snapshots that needed them are invalid now (`catch_up` records that).
+                log::warn!("an origin write goes on without copying its chunks: {e}");
             }
-            guards.push(lock);
         }
         self.catch_up().await?;
         self.engine.note_foreground_io();
@@ -288,25 +482,29 @@ impl Inner {
         slot: usize,
         seq: u64,
         offset: Sector,
-        mut buf: AlignedBuf,
+        buf: AlignedBuf,
     ) -> ReadDone {
         let extent = Extent::new(offset, buf.sectors());
         if let Err(e) = self.origin_info.check_extent(extent) {
             return (Err(e), buf);
         }
         let _gate = self.gate.read().await;
-        for p in self.pieces(extent) {
-            let _lock = self.locks.shared(p.chunk).await;
-            let mapped = {
-                let store = self.store();
-                if !store.is_valid(slot, seq) {
-                    return (Err(eio()), buf);
-                }
-                store.snap(slot).expect("valid").map.get(&p.chunk).copied()
-            };
-            if let Err(e) = self.read_piece(mapped, &p, &mut buf).await {
-                return (Err(e), buf);
+        let pieces = self.pieces(extent);
+        let mut guards = Vec::with_capacity(pieces.len());
+        for p in &pieces {
+            guards.push(self.locks.shared(p.chunk).await);
+        }
+        let sources: Vec<_> = {
+            let store = self.store();
+            if !store.is_valid(slot, seq) {
+                return (Err(eio()), buf);
             }
+            let map = &store.snap(slot).expect("valid").map;
+            pieces.iter().map(|p| map.get(&p.chunk).copied()).collect()
+        };
+        let (res, buf) = self.read_pieces(&pieces, &sources, buf).await;
+        if let Err(e) = res {
+            return (Err(e), buf);
         }
         // Invalidated meanwhile: what was read may come from a released chunk.
         if !self.store().is_valid(slot, seq) {
@@ -431,21 +629,42 @@ impl Inner {
                         self.set_merge_error("the merge could not be recorded");
                     }
                 }
-                Some((m, Some((c, _)))) => {
+                Some((m, Some(_))) => {
                     let _gate = self.gate.read().await;
-                    let _lock = self.locks.exclusive(c).await;
-                    let current = {
+                    // The next chunks, in origin order, up to a step.
+                    let step = (MERGE_STEP_BYTES / self.layout.chunk.to_bytes())
+                        .clamp(1, MERGE_STEP_CHUNKS) as usize;
+                    let next: Vec<u64> = {
                         let store = self.store();
-                        store.merging().filter(|&x| x == m).and(store.unmerged(c))
+                        match store.snap(m) {
+                            Some(s) if store.merging() == Some(m) => {
+                                s.map.keys().take(step).copied().collect()
+                            }
+                            _ => Vec::new(),
+                        }
                     };
-                    if let Some(k) = current {
-                        if self
-                            .merge_chunk(c, m, k, Priority::Background)
+                    let mut guards = Vec::with_capacity(next.len());
+                    for &c in &next {
+                        guards.push(self.locks.exclusive(c).await);
+                    }
+                    // A foreground write may have merged some meanwhile.
+                    let pairs: Vec<_> = {
+                        let store = self.store();
+                        if store.merging() == Some(m) {
+                            next.iter()
+                                .filter_map(|&c| store.unmerged(c).map(|k| (c, k)))
+                                .collect()
+                        } else {
+                            Vec::new()
+                        }
+                    };
+                    if !pairs.is_empty()
+                        && self
+                            .merge_chunks(&pairs, m, Priority::Background)
                             .await
                             .is_err()
-                        {
-                            self.set_merge_error("a merge step failed");
-                        }
+                    {
+                        self.set_merge_error("a merge step failed");
                     }
                 }
             }

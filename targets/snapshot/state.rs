@@ -109,6 +109,11 @@ impl Store {
         mask
     }
 
+    /// Whether an origin write to chunk `c` must first copy it for a snapshot or merge it.
+    pub fn origin_needs_work(&self, c: u64) -> bool {
+        self.needing(c) != 0 || self.unmerged(c).is_some()
+    }
+
     /// The COW chunk of the merging snapshot for origin chunk `c`, if it is not merged yet.
     pub fn unmerged(&self, c: u64) -> Option<u64> {
         let m = self.merging()?;
