@@ -63,6 +63,11 @@ pub enum CliCommand {
         #[command(subcommand)]
         command: MirrorCommand,
     },
+    /// Snapshots of an origin: create, list, delete, merge (roll the origin back).
+    Snapshot {
+        #[command(subcommand)]
+        command: SnapshotCommand,
+    },
     /// Stop and delete devices (an orderly stop through the daemon where one runs).
     Del {
         /// Device id, ublkbN or /dev/ublkbN.
@@ -100,6 +105,55 @@ pub enum AddTarget {
         mirror: MirrorArgs,
         #[command(flatten)]
         options: AddOptions,
+    },
+    /// A snapshot origin: DEVICE served with copy-on-write snapshots kept on the COW device.
+    /// Running the same command again reassembles the origin and all of its snapshots.
+    Origin {
+        /// The origin's block device (or file); every write to it must go through ublkdm.
+        device: PathBuf,
+        /// The COW store: a blank device gets a new store, one holding a store is reopened.
+        #[arg(long, value_name = "DEV")]
+        cow: PathBuf,
+        /// Chunk size of a new store: the unit of copy-on-write (a power of two, at least 4K).
+        #[arg(long, value_name = "SIZE", value_parser = parse_chunk_size)]
+        chunk_size: Option<u64>,
+        #[command(flatten)]
+        options: AddOptions,
+    },
+}
+
+/// The commands on an origin's snapshots.
+#[derive(Debug, Subcommand)]
+pub enum SnapshotCommand {
+    /// Take a snapshot now and serve it as a new device; prints its block device.
+    Create {
+        /// The origin's device id.
+        #[arg(value_parser = parse_id)]
+        id: u32,
+        /// The snapshot's name (default snapN).
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// List the snapshots of an origin.
+    List {
+        #[arg(value_parser = parse_id)]
+        id: u32,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a snapshot (its device must not be in use).
+    Delete {
+        #[arg(value_parser = parse_id)]
+        id: u32,
+        name: String,
+    },
+    /// Roll the origin back to a snapshot, in the background; the origin reads as the snapshot
+    /// at once, and the snapshot is gone when the merge ends.
+    Merge {
+        #[arg(value_parser = parse_id)]
+        id: u32,
+        name: String,
     },
 }
 
@@ -207,6 +261,17 @@ fn parse_region_size(text: &str) -> std::result::Result<u64, String> {
     Ok(bytes)
 }
 
+/// A chunk size in bytes: a power of two, at least 4 KiB.
+fn parse_chunk_size(text: &str) -> std::result::Result<u64, String> {
+    let bytes = crate::units::parse_size_bytes(text)?;
+    if bytes < 4096 || !bytes.is_power_of_two() {
+        return Err(format!(
+            "chunk size '{text}' is not a power of two of at least 4K"
+        ));
+    }
+    Ok(bytes)
+}
+
 /// Parses the command line, runs it, reports: the process exit code.
 pub fn main() -> i32 {
     // Rust ignores SIGPIPE, which turns `ublkdm list | head` into a panic; a command line tool
@@ -244,6 +309,7 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         CliCommand::Status { id, json, .. } => status(id, json),
         CliCommand::Mirror { command } => mirror_command(command),
+        CliCommand::Snapshot { command } => snapshot_command(command),
         CliCommand::Del { id, all } => del(id, all),
         CliCommand::Recover { id, foreground } => recover(id, foreground),
     }
@@ -267,6 +333,19 @@ fn add(target: AddTarget) -> Result<()> {
             options,
         ),
         AddTarget::Mirror { mirror, options } => (mirror_spec(mirror)?, options),
+        AddTarget::Origin {
+            device,
+            cow,
+            chunk_size,
+            options,
+        } => (
+            TargetSpec::Origin {
+                device: absolute(device)?,
+                cow: absolute(cow)?,
+                chunk_size_sectors: chunk_size.map_or(0, |b| b >> crate::units::SECTOR_SHIFT),
+            },
+            options,
+        ),
     };
     let config = DeviceConfig {
         queues: options.queues,
@@ -304,6 +383,12 @@ fn recover(id: u32, foreground: bool) -> Result<()> {
             format!("device {id} has no stored ublkdm target (was it created by ublkdm?)"),
         )
     })?;
+    if let TargetSpec::Child { parent, kind, name } = &spec {
+        return Err(Error::invalid(format!(
+            "device {id} is {kind} '{name}' of device {parent}: 'ublkdm recover {parent}' brings \
+             back the whole group"
+        )));
+    }
     start_daemon(Start::Recover(id), spec, foreground)
 }
 
@@ -398,6 +483,103 @@ fn mirror_command(command: MirrorCommand) -> Result<()> {
     Ok(())
 }
 
+/// Sends a snapshot command to the origin's daemon and prints its answer.
+fn snapshot_command(command: SnapshotCommand) -> Result<()> {
+    init_cli_logging();
+    let (id, name, args) = match command {
+        SnapshotCommand::Create { id, name } => {
+            (id, "snapshot-create", serde_json::json!({ "name": name }))
+        }
+        SnapshotCommand::List { id, json } => return snapshot_list(id, json),
+        SnapshotCommand::Delete { id, name } => {
+            (id, "snapshot-delete", serde_json::json!({ "name": name }))
+        }
+        SnapshotCommand::Merge { id, name } => (id, "merge", serde_json::json!({ "name": name })),
+    };
+    require_origin(id)?;
+    let command = Command::Target {
+        name: name.to_owned(),
+        args,
+    };
+    let reply = control::request(id, command)?;
+    match name {
+        "snapshot-create" => println!("{}", reply["device"].as_str().unwrap_or("-")),
+        "snapshot-delete" => println!("deleted snapshot {}", text(&reply["deleted"])),
+        _ => println!(
+            "merging snapshot {} into device {id}: {} chunks; follow with 'ublkdm status {id} \
+             --watch'",
+            text(&reply["merging"]),
+            reply["total"]
+        ),
+    }
+    Ok(())
+}
+
+/// A JSON string without its quotes (anything else as JSON).
+fn text(value: &serde_json::Value) -> String {
+    value
+        .as_str()
+        .map_or_else(|| value.to_string(), str::to_owned)
+}
+
+/// Fails unless device `id` is a snapshot origin (pointing a snapshot's id at its origin).
+fn require_origin(id: u32) -> Result<()> {
+    let info = ublk::query(id)?;
+    match info.spec.as_ref() {
+        Some(TargetSpec::Origin { .. }) => Ok(()),
+        Some(TargetSpec::Child { parent, name, .. }) => Err(Error::invalid(format!(
+            "device {id} is snapshot '{name}'; give its origin, device {parent}"
+        ))),
+        other => Err(Error::invalid(format!(
+            "device {id} is not a snapshot origin ({})",
+            describe(other)
+        ))),
+    }
+}
+
+/// The snapshots of origin `id` with the devices serving them.
+fn snapshot_rows(id: u32) -> Result<Vec<serde_json::Value>> {
+    require_origin(id)?;
+    let status = control::request(id, Command::Status)?;
+    let children = status["children"].as_array().cloned().unwrap_or_default();
+    let snapshots = status["target"]["status"]["snapshots"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    Ok(snapshots
+        .into_iter()
+        .map(|mut snap| {
+            let child = children.iter().find(|c| c["name"] == snap["name"]);
+            snap["id"] = child.map_or(serde_json::Value::Null, |c| c["id"].clone());
+            snap["device"] = child.map_or(serde_json::Value::Null, |c| c["device"].clone());
+            snap
+        })
+        .collect())
+}
+
+fn snapshot_list(id: u32, json: bool) -> Result<()> {
+    let rows = snapshot_rows(id)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows).expect("json"));
+        return Ok(());
+    }
+    println!(
+        "{:<20} {:<9} {:<13} {:>10}  REASON",
+        "NAME", "STATE", "DEVICE", "EXCEPTIONS"
+    );
+    for row in &rows {
+        println!(
+            "{:<20} {:<9} {:<13} {:>10}  {}",
+            row["name"].as_str().unwrap_or("?"),
+            row["state"].as_str().unwrap_or("?"),
+            row["device"].as_str().unwrap_or("-"),
+            row["exceptions"],
+            row["reason"].as_str().unwrap_or("")
+        );
+    }
+    Ok(())
+}
+
 /// `path` made absolute (the daemon runs in `/`, and `recover` may run from anywhere).
 fn absolute(path: PathBuf) -> Result<PathBuf> {
     std::path::absolute(&path)
@@ -446,11 +628,13 @@ fn status(id: u32, json: bool) -> Result<()> {
     init_cli_logging();
     let info = ublk::query(id)?;
     let alive = daemon::process_alive(info.daemon_pid);
-    let reply = if alive {
-        Some(control::request(id, Command::Status))
-    } else {
-        None
-    };
+    let reply = alive.then(|| match &info.spec {
+        Some(TargetSpec::Child { parent, kind, name }) => {
+            control::request(*parent, Command::Status)
+                .map(|group| child_status(&info, &group, kind, name))
+        }
+        _ => control::request(id, Command::Status),
+    });
     if json {
         let mut out = device_json(&info);
         match &reply {
@@ -463,6 +647,31 @@ fn status(id: u32, json: bool) -> Result<()> {
     }
     print_status(&info, alive, reply.as_ref());
     Ok(())
+}
+
+/// A child's share of its parent daemon's status, shaped like a daemon status of its own.
+fn child_status(
+    info: &DevInfo,
+    group: &serde_json::Value,
+    kind: &str,
+    name: &str,
+) -> serde_json::Value {
+    let named = |list: &serde_json::Value| {
+        list.as_array()
+            .and_then(|items| items.iter().find(|item| item["name"] == name).cloned())
+            .unwrap_or(serde_json::Value::Null)
+    };
+    let child = named(&group["children"]);
+    let target = match named(&group["target"]["status"]["snapshots"]) {
+        serde_json::Value::Null => serde_json::json!({ "name": name, "state": "deleted" }),
+        found => found,
+    };
+    serde_json::json!({
+        "device": info,
+        "daemon": group["daemon"],
+        "target": { "kind": kind, "status": target },
+        "io": child["io"],
+    })
 }
 
 fn device_json(info: &DevInfo) -> serde_json::Value {
@@ -479,10 +688,14 @@ fn print_status(info: &DevInfo, alive: bool, reply: Option<&Result<serde_json::V
         info.state
     );
     if alive {
+        let daemon_id = match &info.spec {
+            Some(TargetSpec::Child { parent, .. }) => *parent,
+            _ => info.id,
+        };
         println!(
             "  daemon:  pid {}, running; log {}",
             info.daemon_pid,
-            daemon::log_path(info.id).display()
+            daemon::log_path(daemon_id).display()
         );
     } else {
         println!("  daemon:  pid {}, dead", info.daemon_pid);
@@ -558,6 +771,9 @@ pub(crate) fn describe(spec: Option<&TargetSpec>) -> String {
         Some(TargetSpec::Origin { device, cow, .. }) => {
             format!("snapshot-origin {} cow {}", device.display(), cow.display())
         }
+        Some(TargetSpec::Child { parent, kind, name }) => {
+            format!("{kind} '{name}' of device {parent}")
+        }
         None => "-".to_owned(),
     }
 }
@@ -585,12 +801,15 @@ fn del(id: Option<u32>, all: bool) -> Result<()> {
     init_cli_logging();
     ublk::require_driver()?;
     let ids = if all {
-        ublk::device_ids()
+        parents_first(ublk::device_ids())
     } else {
         id.into_iter().collect()
     };
     let mut first_error = None;
     for id in ids {
+        if all && !ublk::device_exists(id) {
+            continue; // a child, gone with its parent
+        }
         match del_one(id) {
             Ok(()) => println!("deleted device {id}"),
             Err(err) if all => {
@@ -603,10 +822,38 @@ fn del(id: Option<u32>, all: bool) -> Result<()> {
     first_error.map_or(Ok(()), Err)
 }
 
-/// Deletes one device: through its daemon if it runs (socket, then SIGTERM, then SIGKILL),
-/// then on the driver directly. Every step is bounded.
+/// `ids` with the children of other devices last (deleting a parent deletes its children).
+fn parents_first(mut ids: Vec<u32>) -> Vec<u32> {
+    let is_child =
+        |id: &u32| ublk::query(*id).is_ok_and(|i| matches!(i.spec, Some(TargetSpec::Child { .. })));
+    ids.sort_by_key(|id| (is_child(id), *id));
+    ids
+}
+
+/// Deletes one device and its children: through its daemon if it runs (socket, then SIGTERM,
+/// then SIGKILL), then on the driver directly. A child goes only with its parent, unless the
+/// parent is gone. Every step is bounded.
 fn del_one(id: u32) -> Result<()> {
     let info = ublk::query(id)?;
+    if let Some(TargetSpec::Child { parent, kind, name }) = &info.spec {
+        if ublk::device_exists(*parent) {
+            return Err(Error::invalid(format!(
+                "device {id} is {kind} '{name}' of device {parent}: 'ublkdm snapshot delete \
+                 {parent} {name}' deletes it, 'ublkdm del {parent}' the whole group"
+            )));
+        }
+        return remove_device(id);
+    }
+    del_parent(&info)?;
+    for child in daemon::child_devices(id) {
+        log::info!("deleting device {}, a child of device {id}", child.id);
+        remove_device(child.id)?;
+    }
+    Ok(())
+}
+
+fn del_parent(info: &DevInfo) -> Result<()> {
+    let id = info.id;
     let pid = info.daemon_pid;
     if daemon::process_alive(pid) {
         if !daemon::is_ublkdm(pid) {
@@ -619,6 +866,11 @@ fn del_one(id: u32) -> Result<()> {
             return Ok(());
         }
     }
+    remove_device(id)
+}
+
+/// Deletes device `id` on the driver (its daemon is gone), bounded.
+fn remove_device(id: u32) -> Result<()> {
     if ublk::device_exists(id) {
         ublk::remove(id)?;
     }
@@ -710,6 +962,25 @@ mod tests {
         assert!(Cli::try_parse_from(["ublkdm", "add", "linear", "/dev/vda", "--bogus"]).is_err());
         assert!(Cli::try_parse_from(["ublkdm", "del"]).is_err());
         assert!(Cli::try_parse_from(["ublkdm", "del", "1", "--all"]).is_err());
+    }
+
+    #[test]
+    fn chunk_sizes_are_powers_of_two_of_at_least_4k() {
+        assert_eq!(parse_chunk_size("16K"), Ok(16384));
+        assert!(parse_chunk_size("12K").is_err());
+        assert!(parse_chunk_size("2K").is_err());
+        let cli = Cli::try_parse_from(["ublkdm", "add", "origin", "/dev/vda", "--cow", "/dev/vdb"])
+            .expect("parse");
+        assert!(matches!(
+            cli.command,
+            CliCommand::Add {
+                target: AddTarget::Origin {
+                    chunk_size: None,
+                    ..
+                }
+            }
+        ));
+        assert!(Cli::try_parse_from(["ublkdm", "add", "origin", "/dev/vda"]).is_err());
     }
 
     #[test]

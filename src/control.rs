@@ -12,7 +12,8 @@
 //! [`ErrorKind::name`].
 //!
 //! Every exchange is bounded: a message is at most [`MAX_MESSAGE_BYTES`], and reads and
-//! writes time out after [`IO_TIMEOUT`], on both sides.
+//! writes time out after [`IO_TIMEOUT`], on both sides, but for the client's wait for a reply
+//! ([`REPLY_TIMEOUT`]).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -29,6 +30,9 @@ pub const SOCKET_DIR: &str = "/run/ublkdm";
 pub const MAX_MESSAGE_BYTES: u64 = 64 << 10;
 /// How long either side waits for the other to send or take a message.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a client waits for the reply: a command may start or stop devices (a snapshot's),
+/// each bounded by the daemon's own limits, well inside this.
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// The socket of device `id`'s daemon.
 pub fn socket_path(id: u32) -> PathBuf {
@@ -157,7 +161,7 @@ pub fn request(id: u32, command: Command) -> Result<serde_json::Value> {
         )
     })?;
     let timeouts = stream
-        .set_read_timeout(Some(IO_TIMEOUT))
+        .set_read_timeout(Some(REPLY_TIMEOUT))
         .and_then(|()| stream.set_write_timeout(Some(IO_TIMEOUT)));
     timeouts.context(|| "cannot set socket timeouts".to_owned())?;
     write_message(

@@ -1,5 +1,12 @@
 //! The daemon: one process per device, serving it until an orderly stop.
 //!
+//! A target with children (an origin and its snapshots) is one daemon serving several ublk
+//! devices: the primary, whose id names the daemon (its socket, its log), and one device per
+//! child, each on a thread of its own. The children's devices store
+//! [`TargetSpec::Child`] with the primary's id, so `recover` of the primary finds and takes
+//! over the QUIESCED children too. The set of child devices follows the target's
+//! [`Target::child_names`] after every command.
+//!
 //! `ublkdm add` and `ublkdm recover` fork a daemon ([`launch`]) and wait, bounded, for its
 //! handshake: one JSON line per event on a pipe (`added`, then `live` with the block device
 //! path, or `error` with the error's kind and chain). The parent prints the path and exits 0,
@@ -18,6 +25,7 @@
 //! - a panic anywhere is a bug: it is logged and the process aborts, so the device goes
 //!   QUIESCED and `recover` can take over, rather than a half-alive daemon holding requests.
 
+use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::{AsRawFd, FromRawFd};
@@ -26,7 +34,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -35,7 +43,7 @@ use crate::device::reactor;
 use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::target::{Target, TargetSpec};
 use crate::targets;
-use crate::ublk::{self, Device, Hooks, Start};
+use crate::ublk::{self, DevInfo, Device, DeviceConfig, Hooks, Start};
 
 /// Where daemons write their logs, one file per device.
 pub const LOG_DIR: &str = "/var/log/ublkdm";
@@ -50,6 +58,8 @@ const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 const NODE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long `launch` waits for the CLI's helper threads to be gone before it forks.
 const FORK_SETTLE_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long stopping a child device may take before the daemon moves on.
+const CHILD_STOP_TIMEOUT: Duration = Duration::from_secs(30);
 /// The pause after a failed `accept` on the control socket (so an error cannot spin).
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
@@ -393,15 +403,26 @@ fn install_panic_hook() {
 // ---------------------------------------------------------------------------------------------
 // The daemon proper
 
-/// Serves `spec` until an orderly stop.
+/// Serves `spec` (and its children) until an orderly stop.
 fn run(start: Start, spec: TargetSpec, reporter: Arc<Reporter>) -> Result<()> {
     ignore_sigpipe();
     private_mount_namespace()?;
     block_stop_signals()?;
     let target = targets::open_target(&spec)?;
+    // The children a dead daemon left QUIESCED, to take over along with the primary.
+    let leftovers = match start {
+        Start::Recover(id) => child_devices(id),
+        Start::Add(_) => Vec::new(),
+    };
+    let config = match start {
+        Start::Add(config) => Some(config),
+        Start::Recover(_) => None,
+    };
     let watchdog = Watchdog::start(Arc::clone(&reporter));
     let socket: Arc<Mutex<Option<PathBuf>>> = Arc::default();
+    let serving: Arc<Mutex<Option<Arc<Daemon>>>> = Arc::default();
     let live_socket = Arc::clone(&socket);
+    let live_serving = Arc::clone(&serving);
     let live_target = Arc::clone(&target);
     let live_spec = spec.clone();
     let added_reporter = Arc::clone(&reporter);
@@ -411,27 +432,50 @@ fn run(start: Start, spec: TargetSpec, reporter: Arc<Reporter>) -> Result<()> {
             Ok(())
         }),
         live: Box::new(move |device| {
-            watchdog.disarm();
-            let daemon = Arc::new(Daemon {
-                device,
-                target: live_target,
-                spec: live_spec,
-                stopping: AtomicBool::new(false),
+            let daemon = Arc::new(Daemon::new(device, live_target, live_spec, config));
+            *live_serving.lock().expect("daemon") = Some(Arc::clone(&daemon));
+            // Children come up off the serving thread; the handshake waits for them.
+            thread::spawn(move || {
+                daemon.adopt_children(leftovers);
+                *live_socket.lock().expect("socket path") = start_control_socket(&daemon);
+                start_signal_thread(&daemon);
+                watchdog.disarm();
+                let path = daemon.device.block_device();
+                wait_for_node(&path);
+                reporter.live(daemon.device.id(), &path);
             });
-            *live_socket.lock().expect("socket path") = start_control_socket(&daemon);
-            start_signal_thread(&daemon);
-            let path = daemon.device.block_device();
-            wait_for_node(&path);
-            reporter.live(daemon.device.id(), &path);
         }),
     };
     let served = ublk::serve(start, target, &spec, hooks);
+    if let Some(daemon) = serving.lock().expect("daemon").take() {
+        // Stopped already in an orderly stop; this covers a primary stopped from outside.
+        daemon.stop_children();
+    }
     if let Some(path) = socket.lock().expect("socket path").take() {
         let _ = fs::remove_file(path);
     }
     served?;
     log::info!("stopped");
     Ok(())
+}
+
+/// The devices served as children of device `parent`, as the driver lists them.
+pub fn child_devices(parent: u32) -> Vec<DevInfo> {
+    ublk::device_ids()
+        .into_iter()
+        .filter_map(|id| ublk::query(id).ok())
+        .filter(
+            |info| matches!(&info.spec, Some(TargetSpec::Child { parent: p, .. }) if *p == parent),
+        )
+        .collect()
+}
+
+/// The name of a child device, from its stored spec.
+fn child_name(info: &DevInfo) -> Option<&str> {
+    match &info.spec {
+        Some(TargetSpec::Child { name, .. }) => Some(name),
+        _ => None,
+    }
 }
 
 /// A new mount namespace whose mounts do not propagate from the host's (see module doc).
@@ -545,20 +589,225 @@ fn wait_for_node(path: &Path) {
     }
 }
 
+/// A child's device and the thread serving it.
+struct ChildDevice {
+    device: Device,
+    thread: thread::JoinHandle<()>,
+}
+
 /// What the control socket and the signal thread act on.
 struct Daemon {
     device: Device,
     target: Arc<dyn Target>,
     spec: TargetSpec,
+    /// The shape of child devices: the primary's.
+    child_config: DeviceConfig,
     stopping: AtomicBool,
+    /// Served children by name; its lock also serialises commands, so that a command and the
+    /// reconciliation after it are one step.
+    children: Mutex<BTreeMap<String, ChildDevice>>,
 }
 
 impl Daemon {
-    /// The orderly stop, once: the target's shutdown (bounded), then STOP_DEV.
+    fn new(
+        device: Device,
+        target: Arc<dyn Target>,
+        spec: TargetSpec,
+        config: Option<DeviceConfig>,
+    ) -> Daemon {
+        let child_config = config.unwrap_or_else(|| match device.info() {
+            Ok(info) => DeviceConfig {
+                queues: info.queues,
+                depth: info.depth,
+                io_buf_bytes: info.max_io_bytes,
+            },
+            Err(_) => DeviceConfig::default(),
+        });
+        Daemon {
+            device,
+            target,
+            spec,
+            child_config,
+            stopping: AtomicBool::new(false),
+            children: Mutex::default(),
+        }
+    }
+
+    fn children(&self) -> MutexGuard<'_, BTreeMap<String, ChildDevice>> {
+        self.children.lock().expect("children")
+    }
+
+    /// Brings up every child: a leftover QUIESCED device is taken over, the rest are created;
+    /// leftovers of children that no longer exist are deleted.
+    fn adopt_children(&self, leftovers: Vec<DevInfo>) {
+        let mut children = self.children();
+        let wanted = self.target.child_names();
+        let mut recover = BTreeMap::new();
+        for info in leftovers {
+            match child_name(&info) {
+                Some(name) if wanted.iter().any(|w| w == name) => {
+                    recover.insert(name.to_owned(), info.id);
+                }
+                _ => {
+                    log::info!("deleting device {}, a child that no longer exists", info.id);
+                    if let Err(err) = ublk::remove(info.id) {
+                        log::error!("{}", err.chain().join(": "));
+                    }
+                }
+            }
+        }
+        for error in self.reconcile(&mut children, &recover) {
+            log::error!("{}", error.chain().join(": "));
+        }
+    }
+
+    /// Makes the served children the target's: stops those it no longer has and starts the
+    /// new ones (taking over `recover`'s devices). Returns the errors, per child.
+    fn reconcile(
+        &self,
+        children: &mut BTreeMap<String, ChildDevice>,
+        recover: &BTreeMap<String, u32>,
+    ) -> Vec<Error> {
+        let wanted = self.target.child_names();
+        let gone: Vec<String> = children
+            .keys()
+            .filter(|name| !wanted.contains(name))
+            .cloned()
+            .collect();
+        for name in gone {
+            let child = children.remove(&name).expect("listed");
+            stop_child(&name, child);
+        }
+        if self.stopping.load(Ordering::SeqCst) {
+            return Vec::new();
+        }
+        let mut errors = Vec::new();
+        for name in wanted {
+            if children.contains_key(&name) {
+                continue;
+            }
+            let start = recover
+                .get(&name)
+                .map_or(Start::Add(self.child_config), |&id| Start::Recover(id));
+            match self.start_child(&name, start) {
+                Ok(child) => {
+                    children.insert(name, child);
+                }
+                Err(err) => errors.push(err),
+            }
+        }
+        errors
+    }
+
+    /// Serves child `name` on a thread of its own; returns once its device is LIVE.
+    fn start_child(&self, name: &str, start: Start) -> Result<ChildDevice> {
+        let target = self.target.open_child(name)?;
+        let spec = TargetSpec::Child {
+            parent: self.device.id(),
+            kind: target.kind().to_owned(),
+            name: name.to_owned(),
+        };
+        let (tx, rx) = mpsc::channel::<Result<Device>>();
+        let failed = tx.clone();
+        let thread_name = name.to_owned();
+        let thread = thread::Builder::new()
+            .name(format!("child {name}"))
+            .spawn(move || {
+                let hooks = Hooks {
+                    added: Box::new(move |id| {
+                        log::info!("child '{thread_name}' is ublk device {id}");
+                        Ok(())
+                    }),
+                    live: Box::new(move |device| {
+                        let _ = tx.send(Ok(device));
+                    }),
+                };
+                if let Err(err) = ublk::serve(start, target, &spec, hooks) {
+                    log::error!("{}", err.chain().join(": "));
+                    let _ = failed.send(Err(err));
+                }
+            })
+            .map_err(|e| Error::io("cannot start a thread", e))?;
+        let context = |err: Error| err.context(format!("cannot serve '{name}'"));
+        match rx.recv_timeout(START_TIMEOUT) {
+            Ok(Ok(device)) => {
+                wait_for_node(&device.block_device());
+                log::info!(
+                    "child '{name}' is LIVE as {}",
+                    device.block_device().display()
+                );
+                Ok(ChildDevice { device, thread })
+            }
+            Ok(Err(err)) => Err(context(err)),
+            Err(_) => Err(context(Error::new(
+                ErrorKind::Daemon,
+                format!(
+                    "its device was not live within {}s",
+                    START_TIMEOUT.as_secs()
+                ),
+            ))),
+        }
+    }
+
+    /// Stops every child's device.
+    fn stop_children(&self) {
+        let mut children = self.children();
+        while let Some((name, child)) = children.pop_first() {
+            stop_child(&name, child);
+        }
+    }
+
+    /// A target command: the children it releases are stopped first (refused if one is in
+    /// use), then the command runs, then the children follow the target.
+    fn target_command(&self, name: &str, args: &serde_json::Value) -> Result<serde_json::Value> {
+        let mut children = self.children();
+        for child in self.target.command_releases(name, args) {
+            if let Some(served) = children.get(&child) {
+                ensure_unused(&child, &served.device.block_device())?;
+                let served = children.remove(&child).expect("present");
+                stop_child(&child, served);
+            }
+        }
+        let result = self.target.command(name, args);
+        let errors = self.reconcile(&mut children, &BTreeMap::new());
+        let mut reply = result?;
+        let named = reply
+            .get("name")
+            .and_then(|n| n.as_str())
+            .map(str::to_owned);
+        if let Some(named) = named {
+            if let Some(child) = children.get(&named) {
+                reply["id"] = child.device.id().into();
+                reply["device"] = child.device.block_device().to_string_lossy().into();
+            } else if let Some(err) = errors.into_iter().next() {
+                return Err(err);
+            }
+        }
+        Ok(reply)
+    }
+
+    fn children_json(&self) -> serde_json::Value {
+        let children = self.children();
+        children
+            .iter()
+            .map(|(name, child)| {
+                serde_json::json!({
+                    "name": name,
+                    "id": child.device.id(),
+                    "device": child.device.block_device(),
+                    "io": child.device.stats().to_json(),
+                })
+            })
+            .collect()
+    }
+
+    /// The orderly stop, once: the children's devices, the target's shutdown (bounded), then
+    /// STOP_DEV.
     fn stop(&self, why: &str) {
         if self.stopping.swap(true, Ordering::SeqCst) {
             return;
         }
+        self.stop_children();
         log::info!("stopping ({why}): shutting the target down");
         // On a thread of its own (with its own ring), so that a shutdown that never finishes
         // only costs that thread.
@@ -602,6 +851,7 @@ impl Daemon {
             "spec": self.spec,
             "target": { "kind": self.target.kind(), "status": self.target.status() },
             "io": self.device.stats().to_json(),
+            "children": self.children_json(),
         }))
     }
 
@@ -619,7 +869,7 @@ impl Daemon {
                 thread::spawn(move || daemon.stop("stop requested on the control socket"));
                 Ok(serde_json::json!({ "stopping": true }))
             }
-            Command::Target { name, args } => self.target.command(&name, &args),
+            Command::Target { name, args } => self.target_command(&name, &args),
         }
     }
 }
@@ -710,6 +960,44 @@ fn start_signal_thread(daemon: &Arc<Daemon>) {
         };
         daemon.stop(name);
     });
+}
+
+/// STOP_DEV on a child's device, then waits (bounded) for its thread to delete it.
+fn stop_child(name: &str, child: ChildDevice) {
+    log::info!("stopping child '{name}' (device {})", child.device.id());
+    if let Err(err) = child.device.stop() {
+        log::error!("{}", err.chain().join(": "));
+    }
+    let deadline = Instant::now() + CHILD_STOP_TIMEOUT;
+    while !child.thread.is_finished() && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(10));
+    }
+    if child.thread.is_finished() {
+        let _ = child.thread.join();
+    } else {
+        log::error!(
+            "child '{name}' (device {}) did not stop within {}s",
+            child.device.id(),
+            CHILD_STOP_TIMEOUT.as_secs()
+        );
+    }
+}
+
+/// Fails with Busy when somebody holds `path` exclusively (a mount, or another claim), the
+/// way the kernel refuses to remove a device-mapper device that is open.
+fn ensure_unused(name: &str, path: &Path) -> Result<()> {
+    match OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_EXCL)
+        .open(path)
+    {
+        Ok(_) => Ok(()),
+        Err(err) if err.raw_os_error() == Some(libc::EBUSY) => Err(Error::new(
+            ErrorKind::Busy,
+            format!("'{name}' ({}) is in use (mounted?)", path.display()),
+        )),
+        Err(err) => Err(Error::io(format!("cannot open {}", path.display()), err)),
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

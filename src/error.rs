@@ -128,6 +128,12 @@ impl Error {
         self.kind
     }
 
+    /// This error as the cause of `message`, keeping its kind.
+    pub fn context(self, message: impl Into<String>) -> Error {
+        let kind = self.kind;
+        Error::with_source(kind, message, self)
+    }
+
     /// The whole cause chain as separate lines, the outermost first.
     pub fn chain(&self) -> Vec<String> {
         let mut lines = vec![self.message.clone()];

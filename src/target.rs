@@ -6,8 +6,15 @@
 //!
 //! [`TargetSpec`] is what `ublkdm add` was asked for. It is stored with the ublk device so
 //! that `ublkdm recover` can rebuild the same target after the daemon died.
+//!
+//! A target may have *children*: further devices its daemon serves beside it, such as the
+//! snapshots of an origin. The target says which exist ([`Target::child_names`]) and builds
+//! them ([`Target::open_child`]); the daemon serves exactly that set, reconciling it after
+//! every command, and stops a child's device before a command that removes it
+//! ([`Target::command_releases`]).
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use crate::device::{BlockDevice, IoFuture};
 use crate::error::{Error, ErrorKind, Result};
@@ -31,6 +38,25 @@ pub trait Target: BlockDevice {
     /// Called once before the daemon exits in an orderly way: persist what must be persisted.
     fn shutdown(&self) -> IoFuture<std::io::Result<()>> {
         self.flush()
+    }
+
+    /// The children to serve beside this target, by name, in a stable order.
+    fn child_names(&self) -> Vec<String> {
+        Vec::new()
+    }
+
+    /// Builds the child `name` (one of [`Target::child_names`]).
+    fn open_child(&self, name: &str) -> Result<Arc<dyn Target>> {
+        Err(Error::new(
+            ErrorKind::NotFound,
+            format!("the {} target has no child '{name}'", self.kind()),
+        ))
+    }
+
+    /// The children command `name` removes or makes unusable: their devices are stopped (and
+    /// must not be in use) before it runs.
+    fn command_releases(&self, _name: &str, _args: &serde_json::Value) -> Vec<String> {
+        Vec::new()
     }
 }
 
@@ -65,5 +91,13 @@ pub enum TargetSpec {
         /// Chunk size in sectors for a new store; 0 picks the default (16 KiB).
         #[serde(default)]
         chunk_size_sectors: u64,
+    },
+    /// A device served by the daemon of another device, `parent` (e.g. a snapshot served with
+    /// its origin). Never opened on its own: recovering the parent brings it back.
+    Child {
+        parent: u32,
+        /// The child's target kind, e.g. `snapshot`.
+        kind: String,
+        name: String,
     },
 }

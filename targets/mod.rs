@@ -11,7 +11,7 @@ pub mod snapshot;
 
 use std::sync::Arc;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::target::{Target, TargetSpec};
 
 /// Builds the target `spec` describes, opening its devices.
@@ -20,5 +20,8 @@ pub fn open_target(spec: &TargetSpec) -> Result<Arc<dyn Target>> {
         TargetSpec::Linear { device } => Ok(Arc::new(linear::Linear::open(device)?)),
         TargetSpec::Mirror { .. } => mirror::open_mirror(spec),
         TargetSpec::Origin { .. } => Ok(snapshot::open_group(spec)?.origin()),
+        TargetSpec::Child { parent, kind, name } => Err(Error::invalid(format!(
+            "{kind} '{name}' is served by the daemon of device {parent}, not on its own"
+        ))),
     }
 }

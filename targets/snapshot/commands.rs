@@ -35,7 +35,13 @@ impl Inner {
         match name {
             "status" => Ok(self.status()),
             "snapshot-list" => Ok(self.status()["snapshots"].clone()),
-            "snapshot-create" => self.create(name_arg(args)?).await,
+            "snapshot-create" => {
+                let name = match args.get("name") {
+                    None | Some(Value::Null) => self.default_name(),
+                    Some(_) => name_arg(args)?.to_owned(),
+                };
+                self.create(&name).await
+            }
             "snapshot-delete" => self.delete(name_arg(args)?).await,
             "merge" => self.start_merge(name_arg(args)?).await,
             _ => Err(Error::invalid(format!(
@@ -49,6 +55,15 @@ impl Inner {
         self.store()
             .find(name)
             .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("no snapshot named '{name}'")))
+    }
+
+    /// `snapN`, N the creation number the next snapshot gets (bumped past taken names).
+    fn default_name(&self) -> String {
+        let store = self.store();
+        (store.next_seq..)
+            .map(|n| format!("snap{n}"))
+            .find(|name| store.find(name).is_none())
+            .expect("some name is free")
     }
 
     async fn create(&self, name: &str) -> Result<Value> {
@@ -98,7 +113,7 @@ impl Inner {
         }])
         .await
         .map_err(io_err("record the snapshot"))?;
-        Ok(json!(name))
+        Ok(json!({ "name": name }))
     }
 
     async fn delete(&self, name: &str) -> Result<Value> {

@@ -655,6 +655,35 @@ impl Target for OriginTarget {
             }
         }
     }
+
+    /// Every snapshot but a merging one (whose I/O fails until it is gone), oldest first.
+    fn child_names(&self) -> Vec<String> {
+        let store = self.group.inner.store();
+        let mut snaps: Vec<_> = store
+            .slots
+            .iter()
+            .flatten()
+            .filter(|s| s.state != SnapState::Merging)
+            .map(|s| (s.seq, s.name.clone()))
+            .collect();
+        snaps.sort();
+        snaps.into_iter().map(|(_, name)| name).collect()
+    }
+
+    fn open_child(&self, name: &str) -> Result<Arc<dyn Target>> {
+        Ok(self.group.snapshot(name)?)
+    }
+
+    /// Deleting or merging a snapshot ends its device.
+    fn command_releases(&self, name: &str, args: &serde_json::Value) -> Vec<String> {
+        let releases = matches!(name, "snapshot-delete" | "merge");
+        match args.get("name").and_then(serde_json::Value::as_str) {
+            Some(snap) if releases && self.group.inner.store().find(snap).is_some() => {
+                vec![snap.to_owned()]
+            }
+            _ => Vec::new(),
+        }
+    }
 }
 
 /// One snapshot of a group, as a writable block device. Its I/O fails with EIO once it is

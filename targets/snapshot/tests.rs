@@ -85,7 +85,25 @@ async fn create(group: &SnapshotGroup, name: &str) {
         .command_async("snapshot-create", &json!({ "name": name }))
         .await
         .expect("create");
-    assert_eq!(reply, json!(name));
+    assert_eq!(reply, json!({ "name": name }));
+}
+
+#[test]
+fn a_snapshot_without_a_name_gets_the_next_free_one() {
+    let devs = Devs::new(512, 4096);
+    with_group(&devs, GroupOptions::default(), async |group| {
+        create(&group, "snap2").await;
+        for (args, expect) in [(json!({ "name": null }), "snap3"), (json!({}), "snap4")] {
+            let reply = group
+                .command_async("snapshot-create", &args)
+                .await
+                .expect("create");
+            assert_eq!(reply, json!({ "name": expect }));
+        }
+        // The origin target lists them as its children, oldest first.
+        assert_eq!(group.origin().child_names(), ["snap2", "snap3", "snap4"]);
+    })
+    .expect("group");
 }
 
 #[test]
