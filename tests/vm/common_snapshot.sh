@@ -2,19 +2,23 @@
 # tests/vm/common_snapshot.sh: guest-side helpers for the snapshot VM tests. Source after
 # common.sh.
 #
-# The tests keep their disks small (whole-device checksums under TCG cost about a second per
-# 64 MiB): origins and COW stores are dm-linear slices of the VM's disks, and each test keeps
-# a model of what every device must read as (image files in $T, a tmpfs).
+# The tests keep their devices small (under TCG, reading a snapshot in full costs seconds per
+# 16 MiB): origins and COW stores are dm-linear slices of the VM's disks, and each test keeps
+# a model of what every device must read as (image files in $T, a tmpfs), compared with cmp
+# (several times faster than checksums there).
 #
 # slice NAME DISK START_MIB MIB  a dm-linear slice of DISK; prints /dev/mapper/NAME
 # slow_slice NAME DISK START_MIB MIB  the same slice through dm-delay (no delay yet)
 # write_delay NAME DISK START_MIB MIB MS  sets the write (and flush) delay of a slow_slice
 # add_origin ORIGIN COW [ARG..]  ublkdm add origin ORIGIN --cow COW ARG..; prints /dev/ublkbN
 # sstatus ID JQ             a field of the group's status (under .daemon_status.target.status)
+# group ID                  one `status --json ID` kept in $G, for several look-ups: each CLI
+#                           call costs about a second under TCG
+# g JQ                      a field of the kept status' target status (.daemon_status.target.status)
+# g_snaps                   the kept snapshots as "NAME:STATE ..." in creation order
+# g_child NAME              the device serving snapshot NAME in the kept status ("" if none)
 # snap_create ID NAME       ublkdm snapshot create ID --name NAME; prints the snapshot's device
-# snap_state ID NAME        the state of snapshot NAME ("valid", "invalid", "merging"; "" if none)
 # snap_names ID             the snapshots' names in creation order, space-separated
-# child_device ID NAME      the device serving snapshot NAME (from the status' children)
 # dev_sum DEV               sha256 of all of DEV, read O_DIRECT
 # file_sum FILE             sha256 of FILE
 # random_image FILE MIB     a file of MIB MiB of random bytes (a model to write and compare)
@@ -56,20 +60,21 @@ sstatus() {
 	ublkdm status --json "${1:?sstatus ID JQ}" | jq -r ".daemon_status.target.status | ${2:?sstatus ID JQ}"
 }
 
+group() { G=$(ublkdm status --json "${1:?group ID}"); }
+
+g() { jq -r ".daemon_status.target.status | ${1:?g JQ}" <<<"$G"; }
+
+g_snaps() { g '[.snapshots[] | "\(.name):\(.state)"] | join(" ")'; }
+
+g_child() {
+	jq -r ".daemon_status.children[]? | select(.name == \"${1:?g_child NAME}\") | .device" <<<"$G"
+}
+
 snap_create() {
 	ublkdm snapshot create "${1:?snap_create ID NAME}" --name "${2:?snap_create ID NAME}"
 }
 
-snap_state() {
-	sstatus "${1:?snap_state ID NAME}" ".snapshots[] | select(.name == \"${2:?snap_state ID NAME}\") | .state"
-}
-
 snap_names() { sstatus "${1:?snap_names ID}" '[.snapshots[].name] | join(" ")'; }
-
-child_device() {
-	ublkdm status --json "${1:?child_device ID NAME}" |
-		jq -r ".daemon_status.children[]? | select(.name == \"${2:?child_device ID NAME}\") | .device"
-}
 
 dev_sum() {
 	local dev=${1:?dev_sum DEV}

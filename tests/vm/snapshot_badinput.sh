@@ -4,9 +4,10 @@
 # vm: --disks 2x256M
 # Cases, each an `error: ` line on stderr (exactly one) and a non-zero exit, after which the
 # origin (an 8 MiB slice of vda, random bytes) must hold the same bytes:
-# - add origin with a COW device smaller than one chunk (a 4 KiB dm slice); with a chunk size
-#   larger than the whole COW device (16M on 8 MiB); with a chunk size that is not a power of
-#   two (12K, exit 2); with one below 4 KiB (2K, exit 2): no ublk device may remain;
+# - add origin with a COW device smaller than one chunk (a 4 KiB dm slice: the error must
+#   say it is too small); with a chunk size larger than the whole COW device (16M on 8 MiB);
+#   with a chunk size that is not a power of two (12K, exit 2); with one below 4 KiB (2K,
+#   exit 2): no ublk device may remain;
 # - on a working group with snapshot s1: create of a name that exists; delete and merge of an
 #   unknown name (exit 3, not-found, as docs/exit-codes.md says); `ublkdm del` of the
 #   snapshot's own id (s1 must go on serving its image); a snapshot command on a linear
@@ -33,7 +34,7 @@ expect_refusal() {
 	rc=$?
 	if refused "$rc" "$out" && [[ $want == any || $rc == "$want" ]] && same_image "$orig" "$T/origin.img"; then
 		pass "$name"
-		vm_log "$name: exit $rc: $(head -1 <<<"$out")"
+		vm_log "$name: exit $rc: $(tr '\n' '|' <<<"$out")"
 	else
 		fail "$name" "exit $rc (want ${want/any/non-zero}), stderr: $(tr '\n' '|' <<<"$out")"
 	fi
@@ -41,6 +42,13 @@ expect_refusal() {
 no_devices() { [[ -z $(ls /sys/class/ublk-char/ 2>/dev/null) ]]; }
 
 expect_refusal cow-smaller-than-a-chunk any add origin "$orig" --cow "$tiny"
+# The error must say what is wrong (not only that a read failed).
+out=$(ublkdm add origin "$orig" --cow "$tiny" 2>&1)
+if grep -q 'too small' <<<"$out"; then
+	pass "cow-smaller-than-a-chunk-says-too-small"
+else
+	fail "cow-smaller-than-a-chunk-says-too-small" "$(tr '\n' '|' <<<"$out")"
+fi
 expect_refusal chunk-larger-than-the-cow any add origin "$orig" --cow "$small" --chunk-size 16M
 expect_refusal chunk-not-power-of-two 2 add origin "$orig" --cow "$cow" --chunk-size 12K
 expect_refusal chunk-below-4K 2 add origin "$orig" --cow "$cow" --chunk-size 2K

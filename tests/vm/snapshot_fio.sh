@@ -2,13 +2,13 @@
 # tests/vm/snapshot_fio.sh: a snapshot taken under load is one consistent point in time; a
 # snapshot of a frozen ext4 is a clean filesystem.
 # vm: --disks 2x256M
-# Method, part 1: a 32 MiB origin (a slice of vda, random bytes) with its COW store on a
-# 64 MiB slice of vdb. fio writes the first 16 MiB sequentially in 16 KiB blocks (one chunk
+# Method, part 1: a 16 MiB origin (a slice of vda, random bytes) with its COW store on a
+# 64 MiB slice of vdb. fio writes the first 8 MiB sequentially in 16 KiB blocks (one chunk
 #   each) of a fixed pattern, paced, at queue depth 4, and verifies them at the end. Mid-run
 #   a snapshot is taken and read in full while fio goes on. That image must be one point in
 #   time of a sequential writer: each 16 KiB block entirely old or entirely new (never torn),
 #   new blocks a prefix, at most 3 (the other requests in flight) new ones after the first
-#   old one, and the 16 MiB fio never touched unchanged. After fio ends and after the whole
+#   old one, and the 8 MiB fio never touched unchanged. After fio ends and after the whole
 #   origin is overwritten, the snapshot must still read the same. Deleting it frees its chunks.
 # Part 2: ext4 on the same origin; files written, `fsfreeze -f`, snapshot create,
 #   `fsfreeze -u`, then more writes and a rewrite of a file. `e2fsck -fn` of the snapshot must
@@ -19,9 +19,9 @@ set -uo pipefail
 . "$UBLKDM_REPO/tests/vm/common.sh"
 . "$UBLKDM_REPO/tests/vm/common_snapshot.sh"
 
-MIB=32
+MIB=16
 BS=16384
-FIO_MIB=16
+FIO_MIB=8
 MNT=$T/origin
 SNAP_MNT=$T/snap
 mkdir -p "$MNT" "$SNAP_MNT"
@@ -39,7 +39,7 @@ vm_log "origin $dev (id $id)"
 # ------------------------------------------------------------------ part 1: under fio
 head -c $BS /dev/zero | tr '\0' '\132' >"$T/new.blk" # 0x5a, fio's pattern below
 run_fio seq --filename="$dev" --direct=1 --ioengine=io_uring --rw=write --bs=$BS --iodepth=4 \
-	--size=${FIO_MIB}M --rate=2m --verify=pattern --verify_pattern=0x5a --do_verify=1 \
+	--size=${FIO_MIB}M --rate=1m --verify=pattern --verify_pattern=0x5a --do_verify=1 \
 	--verify_fatal=1 &
 fio_pid=$!
 # Snapshot once fio is a quarter of the way through (its paced run takes 8 s).
@@ -82,7 +82,7 @@ fi
 if [[ $rest_ok == 1 ]]; then
 	pass "snapshot-keeps-unwritten-area"
 else
-	fail "snapshot-keeps-unwritten-area" "the 16 MiB fio never wrote differ"
+	fail "snapshot-keeps-unwritten-area" "the $FIO_MIB MiB fio never wrote differ"
 fi
 
 if wait "$fio_pid"; then
@@ -94,19 +94,18 @@ expect_image "snapshot-stable-after-fio" "$s1" "$T/snap.img"
 random_image "$T/third.img" $MIB
 dd if="$T/third.img" of="$dev" bs=1M oflag=direct status=none || fail "origin-overwrite" "writing $dev failed"
 expect_image "snapshot-stable-after-origin-overwrite" "$s1" "$T/snap.img"
-vm_log "COW after the overwrite: $(sstatus "$id" -c .cow)"
-if ublkdm snapshot delete "$id" s1 >/dev/null && wait_until 10 test ! -b "$s1" &&
-	[[ -z $(snap_names "$id") && $(sstatus "$id" .cow.used) == 0 ]]; then
+if ublkdm snapshot delete "$id" s1 >/dev/null && wait_until 10 test ! -b "$s1" && group "$id" &&
+	[[ -z $(g_snaps) && $(g .cow.used) == 0 ]]; then
 	pass "delete-frees-the-snapshot"
 else
-	fail "delete-frees-the-snapshot" "snapshots '$(snap_names "$id")', cow $(sstatus "$id" -c .cow), $s1 $([[ -b $s1 ]] && echo still exists)"
+	fail "delete-frees-the-snapshot" "snapshots '$(g_snaps)', cow $(g '.cow | tojson'), $s1 $([[ -b $s1 ]] && echo still exists)"
 fi
 
 # ------------------------------------------------------------------ part 2: ext4 + fsfreeze
 modprobe ext4 || die "cannot load ext4"
 { mkfs.ext4 -F -q "$dev" && mount "$dev" "$MNT"; } || die "mkfs.ext4 or mount of the origin failed"
 mkdir -p "$MNT/dir"
-for i in 1 2 3; do head -c $((i * 1024 * 1024)) /dev/urandom >"$MNT/dir/before$i"; done
+for i in 1 2 3; do head -c $((i * 512 * 1024)) /dev/urandom >"$MNT/dir/before$i"; done
 (cd "$MNT" && sha256sum dir/before*) >"$T/before.sums"
 fsfreeze -f "$MNT" || die "fsfreeze -f failed"
 s2=$(snap_create "$id" frozen)
@@ -114,8 +113,8 @@ rc=$?
 fsfreeze -u "$MNT" || die "fsfreeze -u failed"
 ((rc == 0)) || die "snapshot create of a frozen ext4 failed"
 # The origin goes on: a new file, a rewritten one, a deleted one.
-head -c $((2 << 20)) /dev/urandom >"$MNT/after"
-head -c $((1 << 20)) /dev/urandom >"$MNT/dir/before1"
+head -c $((1 << 20)) /dev/urandom >"$MNT/after"
+head -c $((512 << 10)) /dev/urandom >"$MNT/dir/before1"
 rm "$MNT/dir/before2"
 sync
 if e2fsck -fn "$s2" >"$T/fsck.out" 2>&1; then

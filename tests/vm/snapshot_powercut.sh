@@ -4,10 +4,10 @@
 # and the merge finishes.
 # vm: --disks 3x256M --phases 2
 # Two groups, on slices of vda (origins) and vdb (COW stores), plus vdc for the state:
-# - group A: a 32 MiB origin of random bytes with snapshot a1. fio writes verified 4 KiB
-#   blocks to the first 16 MiB (each first write to a chunk copies it for a1) while another
+# - group A: a 16 MiB origin of random bytes with snapshot a1. fio writes verified 4 KiB
+#   blocks to the first 8 MiB (each first write to a chunk copies it for a1) while another
 #   fio writes elsewhere without pause; fio's verify state (what was acknowledged) is saved.
-# - group B: a 32 MiB origin of random bytes, snapshot b1, 8 MiB written to the origin,
+# - group B: a 16 MiB origin of random bytes, snapshot b1, 8 MiB written to the origin,
 #   snapshot b2, then (origin writes delayed by 50 ms) `snapshot merge ID b1`.
 # Phase 1 stores the verify state and the model images (a1, b1, b2) on vdc and, with the
 #   second fio still writing and the merge still running, cuts the power.
@@ -21,12 +21,12 @@ set -uo pipefail
 . "$UBLKDM_REPO/tests/vm/common_snapshot.sh"
 
 STATE_DISK=/dev/vdc
-MIB=32
+MIB=16
 orig_a=$(slice origa /dev/vda 0 $MIB)
 orig_b=$(slow_slice origb /dev/vda 64 $MIB)
 cow_a=$(slice cowa /dev/vdb 0 64)
 cow_b=$(slice cowb /dev/vdb 96 64)
-job=(--direct=1 --ioengine=io_uring --rw=randwrite --bs=4k --iodepth=16 --offset=0 --size=16M
+job=(--direct=1 --ioengine=io_uring --rw=randwrite --bs=4k --iodepth=16 --offset=0 --size=8M
 	--verify=crc32c --verify_fatal=1 --aux-path="$T")
 
 phase1() {
@@ -50,7 +50,7 @@ phase1() {
 	a1=$(snap_create "$ida" a1) || die "snapshot a1 failed"
 	vm_log "phase 1: origin A $a with a1 $a1; origin B $b merging b1"
 	timeout 120 fio --name=noise --filename="$a" --direct=1 --ioengine=io_uring --rw=randwrite \
-		--bs=16k --iodepth=8 --offset=20M --size=12M --time_based --runtime=100 \
+		--bs=16k --iodepth=8 --offset=10M --size=6M --time_based --runtime=100 \
 		--output="$T/noise.out" &
 	noise_pid=$!
 	trigger=$T/save-now
@@ -61,12 +61,12 @@ phase1() {
 	touch "$trigger"
 	wait "$fio_pid"
 	pid_alive "$noise_pid" || die "the background writer stopped before the cut"
-	merge=$(sstatus "$idb" -c .merge)
+	merge=$(sstatus "$idb" ".merge | tojson")
 	[[ $(jq -r .active <<<"$merge") == true ]] || die "the merge ended before the cut: $merge"
 	(cd "$T" && tar -cf - ./*verify.state a1.img b1.img b2.img) |
 		dd of="$STATE_DISK" bs=1M iflag=fullblock conv=sync oflag=direct status=none ||
 		die "cannot store the state"
-	vm_log "phase 1: state stored; merge $merge; COW A $(sstatus "$ida" -c .cow); cutting the power"
+	vm_log "phase 1: state stored; merge $merge; COW A $(sstatus "$ida" ".cow | tojson"); cutting the power"
 	pass "phase1-writes-merge-and-cut"
 	power_cut
 }
@@ -78,11 +78,11 @@ phase2() {
 		die "no state on $STATE_DISK (phase 1 did not run?)"
 	fi
 
-	if a=$(add_origin "$orig_a" "$cow_a") && ida=$(dev_id "$a") && a1=$(child_device "$ida" a1) &&
-		[[ -b $a1 && $(snap_state "$ida" a1) == valid ]]; then
+	if a=$(add_origin "$orig_a" "$cow_a") && ida=$(dev_id "$a") && group "$ida" && a1=$(g_child a1) &&
+		[[ -b $a1 && $(g_snaps) == a1:valid ]]; then
 		pass "reassembles-after-cut-during-cow"
 	else
-		fail "reassembles-after-cut-during-cow" "add printed '${a:-}', a1 '${a1:-}'"
+		fail "reassembles-after-cut-during-cow" "add printed '${a:-}', a1 '${a1:-}', snapshots '$(g_snaps)'"
 	fi
 	[[ -b ${a1:-} ]] && expect_image "snapshot-intact-after-cut-during-cow" "$a1" "$T/a1.img"
 	verified=0
@@ -103,15 +103,15 @@ phase2() {
 	else
 		die "add origin B failed after the cut"
 	fi
-	echo "power cut: merge after assembly: $(sstatus "$idb" -c .merge)"
+	echo "power cut: merge after assembly: $(sstatus "$idb" ".merge | tojson")"
 	expect_image "origin-reads-as-merging-snapshot-after-cut" "$b" "$T/b1.img"
-	if wait_merged "$idb" 120 && [[ $(snap_names "$idb") == b2 ]]; then
+	if wait_merged "$idb" 120 && group "$idb" && [[ $(g_snaps) == b2:valid ]]; then
 		pass "merge-resumes-and-completes-after-cut"
 	else
-		fail "merge-resumes-and-completes-after-cut" "merge $(sstatus "$idb" -c .merge), snapshots '$(snap_names "$idb")'"
+		fail "merge-resumes-and-completes-after-cut" "merge $(g '.merge | tojson'), snapshots '$(g_snaps)'"
 	fi
 	expect_image "origin-holds-merged-image" "$b" "$T/b1.img"
-	b2=$(child_device "$idb" b2)
+	b2=$(g_child b2)
 	if [[ -b $b2 ]]; then
 		expect_image "other-snapshot-intact-after-cut-during-merge" "$b2" "$T/b2.img"
 	else

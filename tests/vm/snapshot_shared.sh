@@ -2,12 +2,12 @@
 # tests/vm/snapshot_shared.sh: four snapshots under random origin writes each hold their own
 # image, and a chunk first written after them is copied once, not once per snapshot.
 # vm: --disks 2x256M
-# Method: a 32 MiB origin (a slice of vda, random bytes), COW store on a 64 MiB slice of vdb
+# Method: a 16 MiB origin (a slice of vda, random bytes), COW store on a 64 MiB slice of vdb
 # with the default chunk size (16 KiB). Four rounds: read the origin's image, take snapshot
 # sN, then fio writes random blocks (4-64 KiB, a different seed each round) to the first
-# 24 MiB. Then fio writes one 4 KiB block in each of the 512 chunks of the last 8 MiB, which
+# 12 MiB. Then fio writes one 4 KiB block in each of the 256 chunks of the last 4 MiB, which
 # no write touched yet: each needs a copy for all four snapshots, so the store's used chunks
-# must grow by exactly 512 and the snapshots' exceptions by 4 x 512; a second pass over the
+# must grow by exactly 256 and the snapshots' exceptions by 4 x 256; a second pass over the
 # same chunks must copy nothing. Every snapshot must then read as the origin did when it was
 # taken. Deleting s2 must leave s1 and s3 (which may share chunks with it) intact, and free
 # the chunks only s2 used.
@@ -16,7 +16,8 @@ set -uo pipefail
 . "$UBLKDM_REPO/tests/vm/common.sh"
 . "$UBLKDM_REPO/tests/vm/common_snapshot.sh"
 
-MIB=32
+MIB=16
+FIRST=256 # chunks in the last 4 MiB
 orig=$(slice origin /dev/vda 0 $MIB)
 cow=$(slice cow /dev/vdb 0 64)
 random_image "$T/prefill.img" $MIB
@@ -24,7 +25,8 @@ dd if="$T/prefill.img" of="$orig" bs=1M oflag=direct status=none || die "cannot 
 dev=$(add_origin "$orig" "$cow") || die "add origin failed"
 id=$(dev_id "$dev")
 set_sched_none "$dev"
-chunk=$(($(sstatus "$id" .chunk_sectors) * 512))
+group "$id"
+chunk=$(($(g .chunk_sectors) * 512))
 if ((chunk == 16384)); then pass "default-chunk-is-16K"; else fail "default-chunk-is-16K" "chunk $chunk bytes"; fi
 
 snaps=()
@@ -33,30 +35,32 @@ for i in 1 2 3 4; do
 	dd if="$dev" of="$T/s$i.img" bs=1M iflag=direct status=none || die "cannot read $dev"
 	snaps+=("$(snap_create "$id" "s$i")") || die "snapshot create s$i failed"
 	run_fio "round$i" --filename="$dev" --direct=1 --ioengine=io_uring --rw=randwrite \
-		--bsrange=4k-64k --iodepth=8 --size=24M --io_size=3M --norandommap --randseed="$i" ||
+		--bsrange=4k-64k --iodepth=8 --size=12M --io_size=2M --norandommap --randseed="$i" ||
 		ok=0
 done
 ((ok)) || fail "random-writes-succeed" "$(cat "$T"/round*.err)"
-used0=$(sstatus "$id" .cow.used)
-exc0=$(sstatus "$id" .exceptions)
+group "$id"
+used0=$(g .cow.used)
+exc0=$(g .exceptions)
 vm_log "4 snapshots after random writes: cow used $used0, exceptions $exc0"
 
-first=(--filename="$dev" --direct=1 --ioengine=io_uring --bs=4k --iodepth=8 --size=8M)
-run_fio first --rw=write:12k --offset=24M "${first[@]}" || fail "first-writes-succeed" "$(cat "$T/first.err")"
-used1=$(sstatus "$id" .cow.used)
-exc1=$(sstatus "$id" .exceptions)
-vm_log "after first writes to 512 chunks: cow used $used1, exceptions $exc1"
-if ((used1 - used0 == 512)); then
+first=(--filename="$dev" --direct=1 --ioengine=io_uring --bs=4k --iodepth=8 --size=4M)
+run_fio first --rw=write:12k --offset=12M "${first[@]}" || fail "first-writes-succeed" "$(cat "$T/first.err")"
+group "$id"
+used1=$(g .cow.used)
+exc1=$(g .exceptions)
+vm_log "after first writes to $FIRST chunks: cow used $used1, exceptions $exc1"
+if ((used1 - used0 == FIRST)); then
 	pass "one-copy-per-chunk-for-four-snapshots"
 else
-	fail "one-copy-per-chunk-for-four-snapshots" "used grew by $((used1 - used0)) chunks for 512 first writes"
+	fail "one-copy-per-chunk-for-four-snapshots" "used grew by $((used1 - used0)) chunks for $FIRST first writes"
 fi
-if ((exc1 - exc0 == 4 * 512)); then
+if ((exc1 - exc0 == 4 * FIRST)); then
 	pass "every-snapshot-maps-the-shared-copy"
 else
-	fail "every-snapshot-maps-the-shared-copy" "exceptions grew by $((exc1 - exc0)), expected $((4 * 512))"
+	fail "every-snapshot-maps-the-shared-copy" "exceptions grew by $((exc1 - exc0)), expected $((4 * FIRST))"
 fi
-run_fio again --rw=write:12k --offset=$(((24 << 20) + 8192)) "${first[@]}" ||
+run_fio again --rw=write:12k --offset=$(((12 << 20) + 8192)) "${first[@]}" ||
 	fail "second-writes-succeed" "$(cat "$T/again.err")"
 used2=$(sstatus "$id" .cow.used)
 if ((used2 == used1)); then
@@ -68,14 +72,14 @@ for i in 1 2 3 4; do
 	expect_image "s$i-holds-its-image" "${snaps[i - 1]}" "$T/s$i.img"
 done
 
-s2_only=$(sstatus "$id" '.snapshots[] | select(.name == "s2") | .exceptions')
-if ublkdm snapshot delete "$id" s2 >/dev/null && [[ $(snap_names "$id") == "s1 s3 s4" ]]; then
+if ublkdm snapshot delete "$id" s2 >/dev/null && group "$id" &&
+	[[ $(g_snaps) == "s1:valid s3:valid s4:valid" && -z $(g_child s2) ]]; then
 	pass "delete-one-of-four"
 else
-	fail "delete-one-of-four" "snapshots now '$(snap_names "$id")'"
+	fail "delete-one-of-four" "snapshots now '$(g_snaps)'"
 fi
-used3=$(sstatus "$id" .cow.used)
-vm_log "after deleting s2 ($s2_only exceptions): cow used $used3 (was $used2)"
+used3=$(g .cow.used)
+vm_log "after deleting s2: cow used $used3 (was $used2)"
 if ((used3 < used2)); then
 	pass "delete-frees-chunks-only-it-used"
 else
