@@ -13,7 +13,8 @@
 # Part 2: ext4 on the same origin; files written, `fsfreeze -f`, snapshot create,
 #   `fsfreeze -u`, then more writes and a rewrite of a file. `e2fsck -fn` of the snapshot must
 #   be clean while the origin stays mounted and busy; mounted `-o ro,noload`, the snapshot
-#   must hold the files of the freeze with their checksums, and nothing written after it.
+#   must hold the files of the freeze with their checksums, and nothing written after it;
+#   while it is mounted, `snapshot delete` and `snapshot merge` of it must be refused.
 set -uo pipefail
 . "$UBLKDM_REPO/scripts/vm/lib.sh"
 . "$UBLKDM_REPO/tests/vm/common.sh"
@@ -127,6 +128,17 @@ if mount -o ro,noload "$s2" "$SNAP_MNT" && (cd "$SNAP_MNT" && sha256sum --quiet 
 	pass "frozen-snapshot-holds-the-files-of-the-freeze"
 else
 	fail "frozen-snapshot-holds-the-files-of-the-freeze" "files there: $(cd "$SNAP_MNT" 2>/dev/null && find . -type f | tr '\n' ' ')"
+fi
+# A mounted snapshot is in use: delete and merge are refused, and the mount goes on.
+out=$(ublkdm snapshot delete "$id" frozen 2>&1 >/dev/null)
+rc=$?
+out2=$(ublkdm snapshot merge "$id" frozen 2>&1 >/dev/null)
+rc2=$?
+if refused "$rc" "$out" && refused "$rc2" "$out2" && (cd "$SNAP_MNT" && sha256sum --quiet -c "$T/before.sums"); then
+	pass "mounted-snapshot-delete-and-merge-refused"
+	vm_log "delete of a mounted snapshot: exit $rc: $out"
+else
+	fail "mounted-snapshot-delete-and-merge-refused" "delete: exit $rc: $out; merge: exit $rc2: $out2"
 fi
 umount "$SNAP_MNT" 2>/dev/null
 if umount "$MNT" && e2fsck -fn "$dev" >"$T/fsck2.out" 2>&1; then

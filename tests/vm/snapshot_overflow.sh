@@ -6,6 +6,7 @@
 # origin (768 chunks) must succeed although the store fills up on the way: then the snapshot
 # must be invalid (list says why), its reads and writes must fail (EIO: dd fails), its chunks
 # must be free again, and the origin must hold exactly what was written and stay writable.
+# A merge of the invalid snapshot must be refused, leaving it served by the same device.
 # After `ublkdm del` and the same `add origin`, all of that must still hold, and a new
 # snapshot must work.
 set -uo pipefail
@@ -67,6 +68,16 @@ else
 	fail "origin-write-succeeds-through-overflow" "the 12 MiB write to $dev failed"
 fi
 check_overflowed ""
+# Refused commands leave the invalid snapshot as it was, served by the same device.
+out=$(ublkdm snapshot merge "$id" s1 2>&1 >/dev/null)
+rc=$?
+group "$id"
+if refused "$rc" "$out" && [[ $(g_snaps) == s1:invalid && $(g_child s1) == "$s1" && -b $s1 ]]; then
+	pass "merge-of-invalid-snapshot-refused"
+	vm_log "merge of an invalid snapshot: exit $rc: $out"
+else
+	fail "merge-of-invalid-snapshot-refused" "exit $rc: $(tr '\n' '|' <<<"$out"); snapshots '$(g_snaps)', s1 served by '$(g_child s1)' (was $s1)"
+fi
 
 ublkdm del "$id" >/dev/null || fail "del" "ublkdm del $id failed"
 dev=$(add_origin "$orig" "$cow") || die "add origin after del failed"
