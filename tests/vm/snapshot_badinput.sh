@@ -12,7 +12,7 @@
 #   unknown name (exit 3, not-found, as docs/exit-codes.md says); `ublkdm del` of the
 #   snapshot's own id (s1 must go on serving its image); a snapshot command on a linear
 #   device. Then a delete of s1 while a reader holds it open must end within 20 s
-#   (today it blocks until the reader closes, and the daemon answers nothing meanwhile).
+#   (not wait for the reader to close, with the daemon answering nothing meanwhile).
 set -uo pipefail
 . "$UBLKDM_REPO/scripts/vm/lib.sh"
 . "$UBLKDM_REPO/tests/vm/common.sh"
