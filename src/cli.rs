@@ -117,6 +117,10 @@ pub enum AddTarget {
         /// Chunk size of a new store: the unit of copy-on-write (a power of two, at least 4K).
         #[arg(long, value_name = "SIZE", value_parser = parse_chunk_size)]
         chunk_size: Option<u64>,
+        /// Create a store on a COW device that carries a file system or other metadata (it is
+        /// overwritten).
+        #[arg(long)]
+        force: bool,
         #[command(flatten)]
         options: AddOptions,
     },
@@ -337,12 +341,14 @@ fn add(target: AddTarget) -> Result<()> {
             device,
             cow,
             chunk_size,
+            force,
             options,
         } => (
             TargetSpec::Origin {
                 device: absolute(device)?,
                 cow: absolute(cow)?,
                 chunk_size_sectors: chunk_size.map_or(0, |b| b >> crate::units::SECTOR_SHIFT),
+                force,
             },
             options,
         ),
@@ -513,6 +519,22 @@ fn snapshot_command(command: SnapshotCommand) -> Result<()> {
         ),
     }
     Ok(())
+}
+
+/// One element of a status list: `name: key value, ...` for a named object.
+fn list_item(item: &serde_json::Value) -> String {
+    let Some(fields) = item.as_object() else {
+        return text(item);
+    };
+    let rest: Vec<_> = fields
+        .iter()
+        .filter(|(key, _)| *key != "name")
+        .map(|(key, value)| format!("{key} {}", text(value)))
+        .collect();
+    match fields.get("name") {
+        Some(name) => format!("{}: {}", text(name), rest.join(", ")),
+        None => rest.join(", "),
+    }
 }
 
 /// A JSON string without its quotes (anything else as JSON).
@@ -739,11 +761,23 @@ fn print_status(info: &DevInfo, alive: bool, reply: Option<&Result<serde_json::V
 fn print_daemon_status(status: &serde_json::Value) {
     if let Some(fields) = status["target"]["status"].as_object() {
         for (key, value) in fields {
-            match value.as_str() {
-                Some(text) => println!("    {key}: {text}"),
-                None => println!("    {key}: {value}"),
+            match value {
+                serde_json::Value::Array(items) => {
+                    println!("    {key}: {}", items.len());
+                    items
+                        .iter()
+                        .for_each(|item| println!("      {}", list_item(item)));
+                }
+                _ => println!("    {key}: {}", text(value)),
             }
         }
+    }
+    if let Some(children) = status["children"].as_array().filter(|c| !c.is_empty()) {
+        let served: Vec<_> = children
+            .iter()
+            .map(|c| format!("{} {}", text(&c["name"]), text(&c["device"])))
+            .collect();
+        println!("  children: {}", served.join(", "));
     }
     let io = &status["io"];
     println!(

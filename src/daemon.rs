@@ -58,6 +58,9 @@ const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 const NODE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long `launch` waits for the CLI's helper threads to be gone before it forks.
 const FORK_SETTLE_TIMEOUT: Duration = Duration::from_secs(1);
+/// The deepest queue of a child device (the primary's depth when smaller): a group may have
+/// up to 64 children, and a tag's io buffer is memory.
+const CHILD_MAX_DEPTH: u16 = 64;
 /// How long stopping a child device may take before the daemon moves on.
 const CHILD_STOP_TIMEOUT: Duration = Duration::from_secs(30);
 /// The pause after a failed `accept` on the control socket (so an error cannot spin).
@@ -615,7 +618,7 @@ impl Daemon {
         spec: TargetSpec,
         config: Option<DeviceConfig>,
     ) -> Daemon {
-        let child_config = config.unwrap_or_else(|| match device.info() {
+        let primary = config.unwrap_or_else(|| match device.info() {
             Ok(info) => DeviceConfig {
                 queues: info.queues,
                 depth: info.depth,
@@ -623,6 +626,11 @@ impl Daemon {
             },
             Err(_) => DeviceConfig::default(),
         });
+        // Each tag owns an io buffer: children (up to 64 snapshots) get shallower queues.
+        let child_config = DeviceConfig {
+            depth: primary.depth.min(CHILD_MAX_DEPTH),
+            ..primary
+        };
         Daemon {
             device,
             target,

@@ -91,6 +91,9 @@ pub enum TargetSpec {
         /// Chunk size in sectors for a new store; 0 picks the default (16 KiB).
         #[serde(default)]
         chunk_size_sectors: u64,
+        /// Create a store on a COW device that carries foreign metadata.
+        #[serde(default)]
+        force: bool,
     },
     /// A device served by the daemon of another device, `parent` (e.g. a snapshot served with
     /// its origin). Never opened on its own: recovering the parent brings it back.

@@ -205,6 +205,7 @@ impl Inner {
             None => json!({ "active": false, "done": 0, "total": 0 }),
         };
         let exceptions: usize = store.slots.iter().flatten().map(|s| s.map.len()).sum();
+        let chunk_bytes = self.layout.chunk.to_bytes();
         json!({
             "target": "snapshot-origin",
             "uuid": self.layout.uuid.to_string(),
@@ -214,6 +215,8 @@ impl Inner {
                 "chunks": self.layout.data_chunks,
                 "used": store.used(),
                 "free": store.free_count(),
+                "used_bytes": chunk_bytes * store.used(),
+                "free_bytes": chunk_bytes * store.free_count(),
             },
             "exceptions": exceptions,
             "metadata_failed": self.queue.lock().expect("commit queue").failed,

@@ -207,6 +207,7 @@ impl Inner {
         priority: Priority,
     ) -> io::Result<()> {
         self.preserve(c, priority).await?;
+        self.catch_up().await?;
         let from = Location::new(&self.cow, self.cow_chunk(k, c));
         let to = Location::new(&self.origin, self.origin_chunk(c));
         if !self.copy(from, to, priority, true).await {
@@ -271,9 +272,13 @@ impl Inner {
             if let Some((m, k)) = unmerged {
                 self.merge_chunk(c, m, k, Priority::Foreground).await?;
             }
-            self.preserve(c, Priority::Foreground).await?;
+            if let Err(e) = self.preserve(c, Priority::Foreground).await {
+                // The snapshots that needed it are invalid now (`catch_up` records that).
+                log::warn!("an origin write goes on without copying chunk {c}: {e}");
+            }
             guards.push(lock);
         }
+        self.catch_up().await?;
         self.engine.note_foreground_io();
         self.origin.write(offset, buf, flags).await
     }

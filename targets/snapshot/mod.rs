@@ -46,7 +46,12 @@
 //! COW device, so the data chunks the records point at are durable first, then writes new
 //! blocks after the tail with FUA. A committed block is never rewritten. When the area is
 //! full the state is compacted: a checkpoint (its `Create` and `Map` records) goes to the
-//! other area with the next epoch, is flushed, and then the superblock switches to it. Free
+//! other area with a new epoch (the last one plus a random step, so that no earlier attempt
+//! cut short before its superblock landed used it), is flushed, and then the superblock
+//! switches to it. The
+//! first commit after opening the store compacts too: a power cut in the middle of a
+//! multi-block append can leave a later block of it without an earlier one, past the end of
+//! the log, and appending there would join it to the log. Free
 //! chunks are not recorded: a chunk is free when no record maps it, so a chunk copied before
 //! a crash but never committed is simply free again (no leak), and a chunk is reused only
 //! after the record releasing it is durable (the in-memory state changes only then).
@@ -76,7 +81,12 @@
 //! No free chunk when a copy is needed: the snapshots that needed it are invalidated
 //! (`Invalidate` record; their chunks are released), their I/O fails with EIO, and the
 //! origin write proceeds. A failed copy invalidates the same way. A failed metadata write
-//! invalidates every snapshot in memory and stops further commits (the origin keeps working).
+//! invalidates every valid snapshot in memory (a merging one stays merging, so the origin
+//! still reads as it). That is durable only once the next commit has written a checkpoint of
+//! the in-memory state to the other area (which also leaves behind whatever part of the
+//! failed write landed); until then an origin write (or merge step) tries that commit first
+//! and fails if it cannot, since those snapshots still hold on disk what it would overwrite.
+//! So the origin keeps working as soon as metadata can be written again.
 //!
 //! # Merge
 //! `merge {name}` makes the origin read as the snapshot at once (unmerged chunks are read
@@ -99,7 +109,7 @@ mod io;
 mod state;
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::task::{Poll, Waker};
 use std::thread::JoinHandle;
 
@@ -138,28 +148,20 @@ struct LogWriter {
     epoch: u64,
     /// The next block to write in the active area.
     tail: u64,
+    /// A log write failed, so the active area may hold blocks that were never applied: the
+    /// next commit first writes a checkpoint of the in-memory state to the other area.
+    checkpoint_first: bool,
 }
 
 /// Records waiting for a commit.
+#[derive(Default)]
 struct Queue {
     records: Vec<Record>,
-    /// The batch the queued records will be written in.
-    batch: u64,
-    /// The last batch known durable.
-    durable: u64,
-    /// A metadata write failed: no more commits.
+    /// Whether the batch the queued records will go in was made durable: set once written.
+    outcome: Arc<OnceLock<bool>>,
+    /// A metadata write failed: snapshots are invalid in memory only until a checkpoint
+    /// records it, and the origin must not change before that.
     failed: bool,
-}
-
-impl Default for Queue {
-    fn default() -> Self {
-        Queue {
-            records: Vec::new(),
-            batch: 1,
-            durable: 0,
-            failed: false,
-        }
-    }
 }
 
 /// A tiny broadcast wake-up: a generation counter and the wakers waiting for it to move.
@@ -318,6 +320,8 @@ impl SnapshotGroup {
                 active_area: sb.active_area,
                 epoch: sb.epoch,
                 tail,
+                // Blocks past the end of the log may be a torn append's: never append there.
+                checkpoint_first: !fresh,
             }),
             queue: Mutex::new(Queue::default()),
             gate: RwLock::new(()),
@@ -469,27 +473,23 @@ impl Inner {
     }
 
     /// Makes `records` durable (with whatever else is queued: group commit), then applies
-    /// them to the in-memory state.
+    /// them to the in-memory state. When that fails, every valid snapshot becomes invalid
+    /// in memory, and the next commit makes that durable first (a checkpoint).
     async fn commit(&self, records: Vec<Record>) -> std::io::Result<()> {
         let mine = {
             let mut q = self.queue.lock().expect("commit queue");
-            if q.failed {
-                return Err(errno(libc::EIO));
-            }
             q.records.extend(records);
-            q.batch
+            Arc::clone(&q.outcome)
         };
         let mut writer = self.writer.lock().await;
         let batch = {
             let mut q = self.queue.lock().expect("commit queue");
-            if q.durable >= mine {
-                return Ok(());
+            match mine.get() {
+                Some(true) => return Ok(()),
+                Some(false) => return Err(errno(libc::EIO)),
+                None => debug_assert!(Arc::ptr_eq(&mine, &q.outcome)),
             }
-            if q.failed {
-                return Err(errno(libc::EIO));
-            }
-            debug_assert_eq!(q.batch, mine);
-            q.batch += 1;
+            q.outcome = Arc::default();
             std::mem::take(&mut q.records)
         };
         match self.write_batch(&mut writer, &batch).await {
@@ -499,23 +499,40 @@ impl Inner {
                     store.apply(record, true);
                 }
                 drop(store);
-                self.queue.lock().expect("commit queue").durable = mine;
+                self.queue.lock().expect("commit queue").failed = false;
+                let _ = mine.set(true);
                 Ok(())
             }
             Err(err) => {
                 log::error!("snapshot metadata commit failed: {err}");
+                writer.checkpoint_first = true;
+                // Before the store changes: whoever sees the snapshots invalid sees this.
                 self.queue.lock().expect("commit queue").failed = true;
-                let mut store = self.store();
-                for s in store.slots.iter_mut().flatten() {
-                    s.state = SnapState::Invalid(Reason::MetadataError);
-                }
+                self.store().fail_metadata(&batch);
+                let _ = mine.set(false);
                 Err(err)
             }
         }
     }
 
+    /// Waits until no snapshot is invalid in memory only (see [`Inner::commit`]): call before
+    /// changing the origin, which such a snapshot may still need on disk.
+    async fn catch_up(&self) -> std::io::Result<()> {
+        let failed = self.queue.lock().expect("commit queue").failed;
+        if failed {
+            self.commit(Vec::new()).await?;
+        }
+        Ok(())
+    }
+
     async fn write_batch(&self, w: &mut LogWriter, records: &[Record]) -> std::io::Result<()> {
         let l = &self.layout;
+        if w.checkpoint_first {
+            self.compact(w).await?;
+        }
+        if records.is_empty() {
+            return Ok(());
+        }
         let mut bytes = format::encode_blocks(l.uuid, w.epoch, w.tail, records);
         if w.tail + (bytes.len() / BLOCK) as u64 > l.area_blocks {
             self.compact(w).await?;
@@ -539,12 +556,15 @@ impl Inner {
         Ok(())
     }
 
-    /// Writes a checkpoint of the durable state into the other area and switches to it.
+    /// Writes a checkpoint of the in-memory state into the other area and switches to it.
     async fn compact(&self, w: &mut LogWriter) -> std::io::Result<()> {
         let l = &self.layout;
         let records = self.store().checkpoint();
         let area = 1 - w.active_area;
-        let epoch = w.epoch + 1;
+        // An epoch no earlier compaction can have used: one whose superblock never landed left
+        // its checkpoint in this area under the epoch it took, and had this one taken the same,
+        // that checkpoint's blocks past the end of this one would read as log.
+        let epoch = w.epoch.wrapping_add(1 + u64::from(rand::random::<u32>()));
         let bytes = format::encode_blocks(l.uuid, epoch, 0, &records);
         let n = (bytes.len() / BLOCK) as u64;
         if n > l.area_blocks {
@@ -577,7 +597,9 @@ impl Inner {
             active_area: area,
             epoch,
             tail: n,
+            checkpoint_first: false,
         };
+        self.store().compacted();
         Ok(())
     }
 }
@@ -756,12 +778,17 @@ pub fn open_group(spec: &TargetSpec) -> Result<Arc<SnapshotGroup>> {
         device,
         cow,
         chunk_size_sectors,
+        force,
     } = spec
     else {
         return Err(Error::invalid("open_group needs an origin target spec"));
     };
     let origin: DeviceRef = Arc::new(UringDevice::open(device, OpenOptions::default())?);
     let cow: DeviceRef = Arc::new(UringDevice::open(cow, OpenOptions::default())?);
+    if !force {
+        let cow = Arc::clone(&cow);
+        reactor::block_on(async move { refuse_foreign_cow(&cow).await })?;
+    }
     let options = GroupOptions {
         chunk_size: (*chunk_size_sectors != 0).then_some(SectorCount(*chunk_size_sectors)),
     };
@@ -772,5 +799,65 @@ pub fn open_group(spec: &TargetSpec) -> Result<Arc<SnapshotGroup>> {
     Ok(group)
 }
 
+/// Fails when `cow` holds no store of ours but something else we would overwrite: a file
+/// system, LVM, md, or a mirror leg (the mirror's probe knows them).
+async fn refuse_foreign_cow(cow: &DeviceRef) -> Result<()> {
+    if cow.info().size < BLOCK_SECTORS + BLOCK_SECTORS {
+        return Ok(()); // too small for any store: the layout says so
+    }
+    let slots = [
+        read_block(cow, Sector(0)).await?,
+        read_block(cow, BLOCK_SECTORS.to_sector()).await?,
+    ];
+    if slots.iter().any(|b| b[..8] == format::SB_MAGIC) {
+        return Ok(());
+    }
+    let what = match crate::targets::mirror::probe(cow).await? {
+        crate::targets::mirror::Probe::Blank => return Ok(()),
+        crate::targets::mirror::Probe::Foreign(kind) => kind,
+        crate::targets::mirror::Probe::Ours(_) | crate::targets::mirror::Probe::Damaged(_) => {
+            "a ublkdm mirror leg".to_owned()
+        }
+    };
+    Err(Error::new(
+        ErrorKind::Busy,
+        format!(
+            "the COW device {} holds {what}; --force overwrites it",
+            cow.info().name
+        ),
+    ))
+}
+
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod cow_probe_tests {
+    use super::*;
+    use crate::device::MemDevice;
+
+    fn probe(cow: &Arc<MemDevice>) -> Result<()> {
+        let dev: DeviceRef = cow.clone();
+        reactor::run_local(async move { refuse_foreign_cow(&dev).await })
+    }
+
+    #[test]
+    fn a_cow_device_with_a_file_system_is_refused() {
+        let cow = MemDevice::new("cow", SectorCount(4096));
+        assert!(probe(&cow).is_ok(), "a blank device is taken");
+        cow.poke(Sector(2), &{
+            let mut sector = [0u8; 512];
+            sector[56..58].copy_from_slice(&[0x53, 0xef]); // ext4's magic, byte 1080
+            sector
+        });
+        let err = probe(&cow).expect_err("ext4 refused");
+        assert_eq!(err.kind(), ErrorKind::Busy);
+        assert!(err.to_string().contains("ext2/3/4"), "{err}");
+        cow.poke(Sector(0), &{
+            let mut sector = [0u8; 512];
+            sector[..8].copy_from_slice(&format::SB_MAGIC);
+            sector
+        });
+        assert!(probe(&cow).is_ok(), "our own store is reopened");
+    }
+}
