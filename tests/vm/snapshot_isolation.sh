@@ -62,7 +62,6 @@ expect_image "snapshot-writes-leave-the-origin" "$dev" "$T/origin.img"
 
 s2=$(snap_create "$id" s2) || die "second snapshot create failed"
 cp "$T/origin.img" "$T/s2.img"
-expect_image "second-snapshot-holds-the-later-image" "$s2" "$T/s2.img"
 
 # More origin writes: chunks 5 and 100 (s1 holds them, s2 not), chunk 300 (s1 holds its
 # own), chunk 900 (both share the origin's); then s2 writes chunk 900 (now shared by both

@@ -5,13 +5,13 @@
 # Method: a 16 MiB origin (a slice of vda, random bytes), COW store on a 64 MiB slice of vdb
 # with the default chunk size (16 KiB), and a model image of the origin in RAM. Four rounds:
 # take snapshot sN (its image: the origin's), then write the first 8 chunks (so that each
-# snapshot but the last holds 8 chunks of its own) and 4 random blocks (4-64 KiB, at random
+# snapshot but the last holds 8 chunks of its own) and 2 random blocks (4-64 KiB, at random
 # logical-block offsets) to the first 12 MiB. Then one write covers the 256 chunks of the
 # last 4 MiB, which no write touched yet: each needs a copy for all four snapshots, so the
 # store's used chunks must grow by exactly 256 and the snapshots' exceptions by 4 x 256; a
 # second write over the same chunks must copy nothing. Every snapshot must then read as the
-# origin did when it was taken, and the origin as its model. Deleting s2 must leave s1 and s3
-# (which may share chunks with it) intact, and free the chunks only s2 used.
+# origin did when it was taken, and the origin as its model. Deleting s2 must free the chunks
+# only s2 used and leave s3 (which shares chunks with it) intact.
 set -uo pipefail
 . "$UBLKDM_REPO/scripts/vm/lib.sh"
 . "$UBLKDM_REPO/tests/vm/common.sh"
@@ -37,7 +37,7 @@ for i in 1 2 3 4; do
 	cp "$T/origin.img" "$T/s$i.img"
 	snaps+=("$(snap_create "$id" "s$i")") || die "snapshot create s$i failed"
 	put "$dev" 0 $((8 * 16384)) "$T/origin.img" || ok=0
-	for _ in 1 2 3 4; do
+	for _ in 1 2; do
 		len=$(((RANDOM % 16 + 1) * 4096))
 		put "$dev" $(((RANDOM * 32768 + RANDOM) % ((12 << 20) - len) / 512 * 512)) $len "$T/origin.img" || ok=0
 	done
@@ -88,7 +88,6 @@ if ((used2 - used3 >= 8)); then
 else
 	fail "delete-frees-chunks-only-it-used" "used $used2 -> $used3"
 fi
-expect_image "s1-intact-after-delete" "${snaps[0]}" "$T/s1.img"
 expect_image "s3-intact-after-delete" "${snaps[2]}" "$T/s3.img"
 ublkdm del "$id" >/dev/null
 vm_summary
