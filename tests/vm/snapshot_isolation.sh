@@ -5,7 +5,7 @@
 # 64 MiB slice of vdb (16 KiB chunks); after each step every device is compared in full
 # (O_DIRECT) with a model image kept in RAM:
 # - a new snapshot is a device of the origin's size and reads as the origin did;
-# - origin writes (4 KiB inside a chunk, a whole chunk, 4 MiB across chunks starting at a
+# - origin writes (4 KiB inside a chunk, a whole chunk, 2 MiB across chunks starting at a
 #   sector that is not 4 KiB aligned) read back, and leave the snapshot as it was;
 # - the snapshot is writable: writes to a chunk it already holds, to chunks it still shares
 #   with the origin (partly and wholly) and across chunks read back, and leave the origin;
