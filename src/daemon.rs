@@ -29,7 +29,7 @@ use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::{AsRawFd, FromRawFd};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -757,11 +757,18 @@ impl Daemon {
         }
     }
 
-    /// Stops every child's device.
+    /// Stops every child's device, waiting for them together (bounded).
     fn stop_children(&self) {
-        let mut children = self.children();
-        while let Some((name, child)) = children.pop_first() {
-            stop_child(&name, child);
+        let children = std::mem::take(&mut *self.children());
+        for (name, child) in &children {
+            log::info!("stopping child '{name}' (device {})", child.device.id());
+            if let Err(err) = child.device.stop() {
+                log::error!("{}", err.chain().join(": "));
+            }
+        }
+        let deadline = Instant::now() + CHILD_STOP_TIMEOUT;
+        for (name, child) in children {
+            await_child(&name, child, deadline);
         }
     }
 
@@ -976,7 +983,12 @@ fn stop_child(name: &str, child: ChildDevice) {
     if let Err(err) = child.device.stop() {
         log::error!("{}", err.chain().join(": "));
     }
-    let deadline = Instant::now() + CHILD_STOP_TIMEOUT;
+    await_child(name, child, Instant::now() + CHILD_STOP_TIMEOUT);
+}
+
+/// Waits until `deadline` for a stopped child's thread to delete its device and end. (DEL_DEV
+/// waits for the last opener of the block device: a process that keeps it open holds it.)
+fn await_child(name: &str, child: ChildDevice, deadline: Instant) {
     while !child.thread.is_finished() && Instant::now() < deadline {
         thread::sleep(Duration::from_millis(10));
     }
@@ -991,21 +1003,54 @@ fn stop_child(name: &str, child: ChildDevice) {
     }
 }
 
-/// Fails with Busy when somebody holds `path` exclusively (a mount, or another claim), the
-/// way the kernel refuses to remove a device-mapper device that is open.
+/// Fails with Busy when `path` is open anywhere: held exclusively (a mount, a stacked device)
+/// or open in any process, the way device-mapper refuses to remove a device whose open count
+/// is not zero. (Stopping a device that a process holds open would leave its deletion
+/// waiting for that process.)
 fn ensure_unused(name: &str, path: &Path) -> Result<()> {
+    let busy = |how: String| {
+        Err(Error::new(
+            ErrorKind::Busy,
+            format!("'{name}' ({}) is in use: {how}", path.display()),
+        ))
+    };
     match OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_EXCL)
         .open(path)
     {
-        Ok(_) => Ok(()),
-        Err(err) if err.raw_os_error() == Some(libc::EBUSY) => Err(Error::new(
-            ErrorKind::Busy,
-            format!("'{name}' ({}) is in use (mounted?)", path.display()),
-        )),
-        Err(err) => Err(Error::io(format!("cannot open {}", path.display()), err)),
+        Ok(_) => {}
+        Err(err) if err.raw_os_error() == Some(libc::EBUSY) => {
+            return busy("mounted or held by another device".to_owned())
+        }
+        Err(err) => return Err(Error::io(format!("cannot open {}", path.display()), err)),
     }
+    let rdev = fs::metadata(path)
+        .context(|| format!("cannot stat {}", path.display()))?
+        .rdev();
+    match processes_holding(rdev).first() {
+        Some(pid) => busy(format!("open in process {pid}")),
+        None => Ok(()),
+    }
+}
+
+/// The processes with an open file descriptor on block device `rdev` (what `fuser` reads).
+fn processes_holding(rdev: u64) -> Vec<u32> {
+    let Ok(procs) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let me = std::process::id();
+    procs
+        .filter_map(|p| p.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| pid != me)
+        .filter(|pid| {
+            fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|fds| {
+                fds.filter_map(|fd| fd.ok())
+                    .filter_map(|fd| fs::metadata(fd.path()).ok())
+                    .any(|m| m.file_type().is_block_device() && m.rdev() == rdev)
+            })
+        })
+        .collect()
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -26,6 +26,8 @@ const PLAIN_EVERY: Duration = Duration::from_secs(2);
 #[derive(Clone, Debug, PartialEq)]
 pub struct Progress {
     pub label: &'static str,
+    /// What `done` and `total` count: regions, or chunks.
+    pub unit: &'static str,
     pub done: u64,
     pub total: u64,
     pub detail: String,
@@ -42,6 +44,7 @@ pub fn active_work(target_status: &Value) -> Vec<Progress> {
             .map_or_else(|| "-".to_owned(), |s| format!("{s}s"));
         work.push(Progress {
             label: "resync",
+            unit: "regions",
             done: resync["regions_done"].as_u64().unwrap_or(0),
             total: resync["regions_total"].as_u64().unwrap_or(0),
             detail: format!("{:.1} MB/s, eta {eta}", rate as f64 / 1e6),
@@ -51,6 +54,7 @@ pub fn active_work(target_status: &Value) -> Vec<Progress> {
     if scrub.is_object() {
         work.push(Progress {
             label: "scrub",
+            unit: "regions",
             done: scrub["next_region"].as_u64().unwrap_or(0),
             total: scrub["total"].as_u64().unwrap_or(0),
             detail: format!(
@@ -64,6 +68,7 @@ pub fn active_work(target_status: &Value) -> Vec<Progress> {
     if merge["active"].as_bool() == Some(true) {
         work.push(Progress {
             label: "merge",
+            unit: "chunks",
             done: merge["done"].as_u64().unwrap_or(0),
             total: merge["total"].as_u64().unwrap_or(0),
             detail: String::new(),
@@ -92,7 +97,12 @@ pub fn watch(id: u32) -> Result<()> {
             draw(&bars, &mut shown, &work);
         } else if last_plain.elapsed() >= PLAIN_EVERY {
             for p in &work {
-                println!("{}: {}/{} regions, {}", p.label, p.done, p.total, p.detail);
+                let detail = if p.detail.is_empty() {
+                    String::new()
+                } else {
+                    format!(", {}", p.detail)
+                };
+                println!("{}: {}/{} {}{detail}", p.label, p.done, p.total, p.unit);
             }
             last_plain = Instant::now();
         }
@@ -101,13 +111,17 @@ pub fn watch(id: u32) -> Result<()> {
 }
 
 fn draw(bars: &MultiProgress, shown: &mut BTreeMap<&'static str, ProgressBar>, work: &[Progress]) {
-    let style = ProgressStyle::with_template("{prefix:>7} [{bar:40}] {pos}/{len} regions {msg}")
-        .expect("progress template")
-        .progress_chars("=> ");
     for p in work {
         let bar = shown.entry(p.label).or_insert_with(|| {
+            let template = format!(
+                "{{prefix:>7}} [{{bar:40}}] {{pos}}/{{len}} {} {{msg}}",
+                p.unit
+            );
+            let style = ProgressStyle::with_template(&template)
+                .expect("progress template")
+                .progress_chars("=> ");
             let bar = bars.add(ProgressBar::new(p.total));
-            bar.set_style(style.clone());
+            bar.set_style(style);
             bar.set_prefix(p.label);
             bar
         });

@@ -231,6 +231,14 @@ impl SnapshotGroup {
     ) -> Result<Arc<SnapshotGroup>> {
         let origin_size = origin.info().size;
         let cow_size = cow.info().size;
+        if cow_size < BLOCK_SECTORS + BLOCK_SECTORS {
+            return Err(Error::invalid(format!(
+                "the COW device {} is too small ({} sectors): it cannot even hold the store's \
+                 superblocks",
+                cow.info().name,
+                cow_size.0
+            )));
+        }
         let slots = [
             read_block(&cow, Sector(0)).await?,
             read_block(&cow, BLOCK_SECTORS.to_sector()).await?,
@@ -839,6 +847,22 @@ mod cow_probe_tests {
     fn probe(cow: &Arc<MemDevice>) -> Result<()> {
         let dev: DeviceRef = cow.clone();
         reactor::run_local(async move { refuse_foreign_cow(&dev).await })
+    }
+
+    #[test]
+    fn a_cow_device_too_small_for_the_superblocks_is_refused_clearly() {
+        let origin: DeviceRef = MemDevice::new("origin", SectorCount(4096));
+        let cow: DeviceRef = MemDevice::new("cow", SectorCount(8));
+        let err = reactor::run_local(async move {
+            let (engine, run) = CopyEngine::new_local(CopyConfig::default()).expect("engine");
+            let runner = reactor::spawn(run);
+            let opened = SnapshotGroup::open(origin, cow, &GroupOptions::default(), engine).await;
+            let err = opened.err().expect("refused");
+            runner.await;
+            err
+        });
+        assert_eq!(err.kind(), ErrorKind::InvalidArgument);
+        assert!(err.to_string().contains("too small"), "{err}");
     }
 
     #[test]
