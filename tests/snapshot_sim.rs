@@ -23,6 +23,7 @@ mod common;
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use async_task::Task;
@@ -33,7 +34,8 @@ use smol::future::yield_now;
 use ublkdm::copy::{CopyConfig, CopyEngine};
 use ublkdm::device::reactor::{run_local, spawn};
 use ublkdm::device::{
-    AlignedBuf, BlockDevice, DeviceRef, FaultConfig, FaultyDevice, MemDevice, WriteFlags,
+    errno, AlignedBuf, BlockDevice, DeviceInfo, DeviceRef, FaultConfig, FaultyDevice, IoFuture,
+    MemDevice, ReadDone, WriteFlags,
 };
 use ublkdm::targets::snapshot::{GroupOptions, SnapshotGroup};
 use ublkdm::units::{Extent, Sector, SectorCount};
@@ -43,6 +45,69 @@ use common::{sectors as range, stamp, tag_of};
 fn trace(what: std::fmt::Arguments<'_>) {
     if std::env::var_os("TRACE").is_some() {
         eprintln!("{what}");
+    }
+}
+
+/// One instance's view of a device. A power cut fences it: whatever of that instance still
+/// runs (a copy the engine had started: its tasks outlive the instance on this executor)
+/// fails from then on instead of reaching the device, as no I/O outlives a real power cut.
+struct Fenced {
+    inner: DeviceRef,
+    cut: Arc<AtomicBool>,
+}
+
+impl Fenced {
+    fn check(&self) -> std::io::Result<()> {
+        if self.cut.load(Ordering::Relaxed) {
+            Err(errno(libc::EIO))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+fn fail<T: 'static>(value: T) -> IoFuture<T> {
+    Box::pin(std::future::ready(value))
+}
+
+impl BlockDevice for Fenced {
+    fn info(&self) -> &DeviceInfo {
+        self.inner.info()
+    }
+    fn read(&self, offset: Sector, buf: AlignedBuf) -> IoFuture<ReadDone> {
+        match self.check() {
+            Ok(()) => self.inner.read(offset, buf),
+            Err(e) => fail((Err(e), buf)),
+        }
+    }
+    fn write(
+        &self,
+        offset: Sector,
+        buf: Arc<AlignedBuf>,
+        flags: WriteFlags,
+    ) -> IoFuture<std::io::Result<()>> {
+        match self.check() {
+            Ok(()) => self.inner.write(offset, buf, flags),
+            Err(e) => fail(Err(e)),
+        }
+    }
+    fn flush(&self) -> IoFuture<std::io::Result<()>> {
+        match self.check() {
+            Ok(()) => self.inner.flush(),
+            Err(e) => fail(Err(e)),
+        }
+    }
+    fn discard(&self, extent: Extent) -> IoFuture<std::io::Result<()>> {
+        match self.check() {
+            Ok(()) => self.inner.discard(extent),
+            Err(e) => fail(Err(e)),
+        }
+    }
+    fn write_zeroes(&self, extent: Extent) -> IoFuture<std::io::Result<()>> {
+        match self.check() {
+            Ok(()) => self.inner.write_zeroes(extent),
+            Err(e) => fail(Err(e)),
+        }
     }
 }
 
@@ -182,6 +247,8 @@ struct SnapModel {
 }
 
 struct Instance {
+    /// Set at a power cut: this instance's I/O no longer reaches the devices.
+    cut: Arc<AtomicBool>,
     group: Arc<SnapshotGroup>,
     merger: Task<()>,
     runner: Task<()>,
@@ -264,9 +331,16 @@ impl Sim {
         let options = GroupOptions {
             chunk_size: Some(SectorCount(self.chunk)),
         };
+        let cut = Arc::new(AtomicBool::new(false));
+        let fenced = |inner: &DeviceRef| -> DeviceRef {
+            Arc::new(Fenced {
+                inner: Arc::clone(inner),
+                cut: Arc::clone(&cut),
+            })
+        };
         let group = SnapshotGroup::open(
-            Arc::clone(&self.origin_dev),
-            Arc::clone(&self.cow_dev),
+            fenced(&self.origin_dev),
+            fenced(&self.cow_dev),
             &options,
             engine,
         )
@@ -275,6 +349,7 @@ impl Sim {
         group.check_invariants();
         let merger = spawn(group.merge_task());
         Instance {
+            cut,
             group,
             merger,
             runner,
@@ -590,6 +665,7 @@ impl Sim {
                 }
                 trace(format_args!("power cut mid-batch"));
                 drop(tasks);
+                inst.cut.store(true, Ordering::Relaxed);
                 drop(inst);
                 self.crash();
                 self.exact = false;
@@ -608,6 +684,7 @@ impl Sim {
             }
             if self.rng.gen_bool(0.03) {
                 trace(format_args!("power cut between batches"));
+                inst.cut.store(true, Ordering::Relaxed);
                 drop(inst);
                 self.crash();
                 inst = self.open().await;
