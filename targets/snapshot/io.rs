@@ -367,6 +367,7 @@ impl Inner {
     ) -> io::Result<()> {
         let chunks: Vec<u64> = pairs.iter().map(|&(c, _)| c).collect();
         self.preserve(&chunks, priority).await?;
+        self.catch_up().await?;
         let ok = self.copy_chunks(pairs, false, priority).await;
         let mut result = Ok(());
         if let Some(bad) = ok.iter().position(|ok| !ok) {
@@ -466,8 +467,12 @@ impl Inner {
             if let Some((m, pairs)) = unmerged.filter(|(_, p)| !p.is_empty()) {
                 self.merge_chunks(&pairs, m, Priority::Foreground).await?;
             }
-            self.preserve(&work, Priority::Foreground).await?;
+            if let Err(e) = self.preserve(&work, Priority::Foreground).await {
+                // The snapshots that needed them are invalid now (`catch_up` records that).
+                log::warn!("an origin write goes on without copying its chunks: {e}");
+            }
         }
+        self.catch_up().await?;
         self.engine.note_foreground_io();
         self.origin.write(offset, buf, flags).await
     }

@@ -46,10 +46,14 @@
 //! COW device when it maps chunks, so the data chunks the records point at are durable first,
 //! then writes new blocks after the tail with FUA. A committed block is never rewritten. When
 //! the area is full the state is compacted: a checkpoint (its `Create` and `Map` records) goes
-//! to the other area with the next epoch, is flushed, and then the superblock switches to it.
-//! Free chunks are not recorded: a chunk is free when no record maps it, so a chunk copied
-//! before a crash but never committed is simply free again (no leak), and a chunk is reused
-//! only after the record releasing it is durable (the in-memory state changes only then).
+//! to the other area with a new epoch (the last one plus a random step, so that no earlier
+//! attempt cut short before its superblock landed used it), is flushed, and then the superblock
+//! switches to it. The first commit after opening the store compacts too: a power cut in the
+//! middle of a multi-block append can leave a later block of it without an earlier one, past
+//! the end of the log, and appending there would join it to the log. Free chunks are not
+//! recorded: a chunk is free when no record maps it, so a chunk copied before a crash but never
+//! committed is simply free again (no leak), and a chunk is reused only after the record
+//! releasing it is durable (the in-memory state changes only then).
 //!
 //! # Copy-on-write, shared across snapshots
 //! Each snapshot has a map origin chunk -> COW chunk; each used COW chunk knows the origin
@@ -81,7 +85,12 @@
 //! No free chunk when a copy is needed: the snapshots that needed it are invalidated
 //! (`Invalidate` record; their chunks are released), their I/O fails with EIO, and the
 //! origin write proceeds. A failed copy invalidates the same way. A failed metadata write
-//! invalidates every snapshot in memory and stops further commits (the origin keeps working).
+//! invalidates every valid snapshot in memory (a merging one stays merging, so the origin
+//! still reads as it). That is durable only once the next commit has written a checkpoint of
+//! the in-memory state to the other area (which also leaves behind whatever part of the
+//! failed write landed); until then an origin write (or merge step) tries that commit first
+//! and fails if it cannot, since those snapshots still hold on disk what it would overwrite.
+//! So the origin keeps working as soon as metadata can be written again.
 //!
 //! # Merge
 //! `merge {name}` makes the origin read as the snapshot at once (unmerged chunks are read
@@ -106,7 +115,7 @@ mod io;
 mod state;
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::task::{Poll, Waker};
 use std::thread::JoinHandle;
 
@@ -145,28 +154,20 @@ struct LogWriter {
     epoch: u64,
     /// The next block to write in the active area.
     tail: u64,
+    /// A log write failed, so the active area may hold blocks that were never applied: the
+    /// next commit first writes a checkpoint of the in-memory state to the other area.
+    checkpoint_first: bool,
 }
 
 /// Records waiting for a commit.
+#[derive(Default)]
 struct Queue {
     records: Vec<Record>,
-    /// The batch the queued records will be written in.
-    batch: u64,
-    /// The last batch known durable.
-    durable: u64,
-    /// A metadata write failed: no more commits.
+    /// Whether the batch the queued records will go in was made durable: set once written.
+    outcome: Arc<OnceLock<bool>>,
+    /// A metadata write failed: snapshots are invalid in memory only until a checkpoint
+    /// records it, and the origin must not change before that.
     failed: bool,
-}
-
-impl Default for Queue {
-    fn default() -> Self {
-        Queue {
-            records: Vec::new(),
-            batch: 1,
-            durable: 0,
-            failed: false,
-        }
-    }
 }
 
 /// A tiny broadcast wake-up: a generation counter and the wakers waiting for it to move.
@@ -325,6 +326,8 @@ impl SnapshotGroup {
                 active_area: sb.active_area,
                 epoch: sb.epoch,
                 tail,
+                // Blocks past the end of the log may be a torn append's: never append there.
+                checkpoint_first: !fresh,
             }),
             queue: Mutex::new(Queue::default()),
             gate: RwLock::new(()),
@@ -476,27 +479,23 @@ impl Inner {
     }
 
     /// Makes `records` durable (with whatever else is queued: group commit), then applies
-    /// them to the in-memory state.
+    /// them to the in-memory state. When that fails, every valid snapshot becomes invalid
+    /// in memory, and the next commit makes that durable first (a checkpoint).
     async fn commit(&self, records: Vec<Record>) -> std::io::Result<()> {
         let mine = {
             let mut q = self.queue.lock().expect("commit queue");
-            if q.failed {
-                return Err(errno(libc::EIO));
-            }
             q.records.extend(records);
-            q.batch
+            Arc::clone(&q.outcome)
         };
         let mut writer = self.writer.lock().await;
         let batch = {
             let mut q = self.queue.lock().expect("commit queue");
-            if q.durable >= mine {
-                return Ok(());
+            match mine.get() {
+                Some(true) => return Ok(()),
+                Some(false) => return Err(errno(libc::EIO)),
+                None => debug_assert!(Arc::ptr_eq(&mine, &q.outcome)),
             }
-            if q.failed {
-                return Err(errno(libc::EIO));
-            }
-            debug_assert_eq!(q.batch, mine);
-            q.batch += 1;
+            q.outcome = Arc::default();
             std::mem::take(&mut q.records)
         };
         match self.write_batch(&mut writer, &batch).await {
@@ -506,23 +505,40 @@ impl Inner {
                     store.apply(record, true);
                 }
                 drop(store);
-                self.queue.lock().expect("commit queue").durable = mine;
+                self.queue.lock().expect("commit queue").failed = false;
+                let _ = mine.set(true);
                 Ok(())
             }
             Err(err) => {
                 log::error!("snapshot metadata commit failed: {err}");
+                writer.checkpoint_first = true;
+                // Before the store changes: whoever sees the snapshots invalid sees this.
                 self.queue.lock().expect("commit queue").failed = true;
-                let mut store = self.store();
-                for s in store.slots.iter_mut().flatten() {
-                    s.state = SnapState::Invalid(Reason::MetadataError);
-                }
+                self.store().fail_metadata(&batch);
+                let _ = mine.set(false);
                 Err(err)
             }
         }
     }
 
+    /// Waits until no snapshot is invalid in memory only (see [`Inner::commit`]): call before
+    /// changing the origin, which such a snapshot may still need on disk.
+    async fn catch_up(&self) -> std::io::Result<()> {
+        let failed = self.queue.lock().expect("commit queue").failed;
+        if failed {
+            self.commit(Vec::new()).await?;
+        }
+        Ok(())
+    }
+
     async fn write_batch(&self, w: &mut LogWriter, records: &[Record]) -> std::io::Result<()> {
         let l = &self.layout;
+        if w.checkpoint_first {
+            self.compact(w).await?;
+        }
+        if records.is_empty() {
+            return Ok(());
+        }
         let mut bytes = format::encode_blocks(l.uuid, w.epoch, w.tail, records);
         if w.tail + (bytes.len() / BLOCK) as u64 > l.area_blocks {
             self.compact(w).await?;
@@ -549,12 +565,15 @@ impl Inner {
         Ok(())
     }
 
-    /// Writes a checkpoint of the durable state into the other area and switches to it.
+    /// Writes a checkpoint of the in-memory state into the other area and switches to it.
     async fn compact(&self, w: &mut LogWriter) -> std::io::Result<()> {
         let l = &self.layout;
         let records = self.store().checkpoint();
         let area = 1 - w.active_area;
-        let epoch = w.epoch + 1;
+        // An epoch no earlier compaction can have used: one whose superblock never landed left
+        // its checkpoint in this area under the epoch it took, and had this one taken the same,
+        // that checkpoint's blocks past the end of this one would read as log.
+        let epoch = w.epoch.wrapping_add(1 + u64::from(rand::random::<u32>()));
         let bytes = format::encode_blocks(l.uuid, epoch, 0, &records);
         let n = (bytes.len() / BLOCK) as u64;
         if n > l.area_blocks {
@@ -587,7 +606,9 @@ impl Inner {
             active_area: area,
             epoch,
             tail: n,
+            checkpoint_first: false,
         };
+        self.store().compacted();
         Ok(())
     }
 }

@@ -1,11 +1,12 @@
 //! The in-memory state of a snapshot group: the snapshot table, each snapshot's exception map,
 //! the COW chunks with their sharers, and the free chunks. It changes only by applying log
 //! records once they are durable ([`Store::apply`]), so it always equals what a replay of the
-//! log after a crash would build.
+//! log after a crash would build; except that a failed metadata write invalidates snapshots
+//! at once ([`Store::fail_metadata`]), until a checkpoint records it.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
-use super::format::{Record, SnapState, MAX_SNAPSHOTS};
+use super::format::{Reason, Record, SnapState, MAX_SNAPSHOTS};
 
 /// One snapshot.
 #[derive(Clone, Debug)]
@@ -40,6 +41,9 @@ pub struct Store {
     /// reusable only once those writes are done).
     inflight: HashMap<u64, u32>,
     zombies: HashSet<u64>,
+    /// Chunks of `Map` records whose commit failed: reusable only once a checkpoint makes
+    /// sure those records are never replayed.
+    held: Vec<u64>,
     pub next_seq: u64,
 }
 
@@ -54,6 +58,7 @@ impl Store {
             reserved: 0,
             inflight: HashMap::new(),
             zombies: HashSet::new(),
+            held: Vec::new(),
             next_seq: 1,
         }
     }
@@ -269,6 +274,38 @@ impl Store {
         }
     }
 
+    /// The commit of `lost` failed: every valid snapshot is invalid from now on. Its chunks
+    /// stay held until a checkpoint records that. A merging snapshot stays merging: the
+    /// origin reads as it.
+    pub fn fail_metadata(&mut self, lost: &[Record]) {
+        for s in self.slots.iter_mut().flatten() {
+            if s.state == SnapState::Valid {
+                s.state = SnapState::Invalid(Reason::MetadataError);
+            }
+        }
+        for record in lost {
+            if let Record::Map { cow, .. } = record {
+                self.reserved -= 1;
+                self.held.push(*cow);
+            }
+        }
+    }
+
+    /// A checkpoint of this state is durable: what only it released is free now.
+    pub fn compacted(&mut self) {
+        for slot in 0..self.slots.len() {
+            if self.slots[slot]
+                .as_ref()
+                .is_some_and(|s| matches!(s.state, SnapState::Invalid(_)))
+            {
+                self.drop_map(slot);
+            }
+        }
+        for chunk in std::mem::take(&mut self.held) {
+            self.free(chunk);
+        }
+    }
+
     /// Records that rebuild this state from nothing: a checkpoint.
     pub fn checkpoint(&self) -> Vec<Record> {
         let mut records = Vec::new();
@@ -302,7 +339,11 @@ impl Store {
 
     /// Chunks neither used nor reserved.
     pub fn free_count(&self) -> u64 {
-        self.data_chunks - self.used() - self.reserved as u64 - self.zombies.len() as u64
+        self.data_chunks
+            - self.used()
+            - self.reserved as u64
+            - self.zombies.len() as u64
+            - self.held.len() as u64
     }
 
     /// Panics unless the maps, the chunk table and the free set agree (for tests).
@@ -310,7 +351,8 @@ impl Store {
         let mut seen: HashMap<u64, u64> = HashMap::new();
         for (i, s) in self.slots.iter().enumerate() {
             let Some(s) = s else { continue };
-            if matches!(s.state, SnapState::Invalid(_)) {
+            // One invalidated by a failed metadata write holds them until that is durable.
+            if matches!(s.state, SnapState::Invalid(r) if r != Reason::MetadataError) {
                 assert!(s.map.is_empty(), "an invalid snapshot holds chunks");
             }
             for (&origin, &cow) in &s.map {

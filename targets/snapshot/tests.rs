@@ -8,8 +8,10 @@ use serde_json::json;
 use super::*;
 use crate::copy::{CopyConfig, CopyEngine};
 use crate::device::reactor::{run_local, spawn};
-use crate::device::{AlignedBuf, BlockDevice, DeviceRef, MemDevice, WriteFlags};
-use crate::units::{Sector, SectorCount};
+use crate::device::{
+    AlignedBuf, BlockDevice, DeviceRef, FaultConfig, FaultyDevice, MemDevice, OpKind, WriteFlags,
+};
+use crate::units::{Extent, Sector, SectorCount};
 
 fn engine_config() -> CopyConfig {
     CopyConfig {
@@ -39,8 +41,16 @@ fn with_group<T: 'static>(
     options: GroupOptions,
     body: impl AsyncFnOnce(Arc<SnapshotGroup>) -> T + 'static,
 ) -> Result<T> {
-    let origin: DeviceRef = devs.origin.clone();
-    let cow: DeviceRef = devs.cow.clone();
+    with_devices(devs.origin.clone(), devs.cow.clone(), options, body)
+}
+
+/// [`with_group`] over any two devices.
+fn with_devices<T: 'static>(
+    origin: DeviceRef,
+    cow: DeviceRef,
+    options: GroupOptions,
+    body: impl AsyncFnOnce(Arc<SnapshotGroup>) -> T + 'static,
+) -> Result<T> {
     run_local(async move {
         let (engine, run) = CopyEngine::new_local(engine_config()).expect("engine");
         let runner = spawn(run);
@@ -223,7 +233,7 @@ fn torn_metadata_block_is_ignored() {
             .expect("list");
         assert_eq!(list.as_array().map(Vec::len), Some(1), "{list}");
         assert_eq!(list[0]["name"], "a");
-        // The next commit overwrites the torn block.
+        // The next commit writes past it (in the other area).
         create(&group, "b").await;
     })
     .expect("reopen");
@@ -350,4 +360,199 @@ fn merge_rolls_the_origin_back_and_survives_restart() {
         assert!(keep.iter().all(|&b| b == 1));
     })
     .expect("reopen");
+}
+
+/// The COW device behind a fault injector, and the extent of its superblocks and log.
+fn faulty_cow(devs: &Devs) -> (Arc<FaultyDevice<MemDevice>>, Extent) {
+    let cow = FaultyDevice::new(Arc::clone(&devs.cow), FaultConfig::default());
+    let layout = Layout::plan(
+        uuid::Uuid::nil(),
+        DEFAULT_CHUNK,
+        devs.origin.info().size,
+        devs.cow.info().size,
+    )
+    .expect("layout");
+    let metadata = Extent::new(Sector(0), SectorCount(layout.data_start.0));
+    (cow, metadata)
+}
+
+#[test]
+fn failed_metadata_write_keeps_the_merge_going() {
+    let devs = Devs::new(1024, 8192);
+    let (cow, metadata) = faulty_cow(&devs);
+    let faults = Arc::clone(&cow);
+    with_devices(
+        devs.origin.clone(),
+        cow,
+        GroupOptions::default(),
+        async move |group| {
+            let origin = group.origin();
+            write(&*origin, 0, 1024, 1).await;
+            create(&group, "m").await;
+            create(&group, "other").await;
+            write(&*origin, 0, 512, 2).await;
+            write(&*group.snapshot("m").expect("m"), 600, 10, 3).await;
+            group
+                .command_async("merge", &json!({ "name": "m" }))
+                .await
+                .expect("merge");
+            // No metadata write works from now on: neither a merge step nor an origin write to
+            // an unmerged chunk can record its progress.
+            faults.fail_extent(OpKind::Write, metadata);
+            let res = origin
+                .write(
+                    Sector(0),
+                    Arc::new(AlignedBuf::new(4096)),
+                    WriteFlags::default(),
+                )
+                .await;
+            assert!(res.is_err());
+            for _ in 0..1000 {
+                smol::future::yield_now().await;
+            }
+            let status = group.status();
+            assert_eq!(status["merge"]["active"], true, "{status}");
+            assert_eq!(status["snapshots"][1]["state"], "invalid", "{status}");
+            // The origin still reads as the snapshot being merged.
+            let data = read(&*origin, 0, 1024).await.expect("read");
+            assert!(data[..600 * 512].iter().all(|&b| b == 1));
+            assert!(data[600 * 512..610 * 512].iter().all(|&b| b == 3));
+            assert!(data[610 * 512..].iter().all(|&b| b == 1));
+            group.check_invariants();
+        },
+    )
+    .expect("open");
+}
+
+#[test]
+fn failed_metadata_write_is_recorded_before_the_origin_changes() {
+    let devs = Devs::new(512, 4096);
+    let (cow, metadata) = faulty_cow(&devs);
+    let faults = Arc::clone(&cow);
+    let origin_dev: DeviceRef = devs.origin.clone();
+    with_devices(
+        origin_dev,
+        cow,
+        GroupOptions::default(),
+        async move |group| {
+            let origin = group.origin();
+            write(&*origin, 0, 512, 1).await;
+            create(&group, "s").await;
+            faults.fail_extent(OpKind::Write, metadata);
+            // The copy for "s" cannot be recorded: "s" is invalid, but only in memory so far,
+            // so the origin must not change yet.
+            for c in 0..4 {
+                let buf = Arc::new(AlignedBuf::from_slice(&[2; 32 * 512]));
+                let res = origin
+                    .write(Sector(c * 32), buf, WriteFlags::default())
+                    .await;
+                assert!(res.is_err(), "chunk {c} written");
+            }
+            let status = group.status();
+            assert_eq!(status["snapshots"][0]["state"], "invalid", "{status}");
+            // Once metadata can be written again, the origin works.
+            faults.heal();
+            write(&*origin, 0, 128, 2).await;
+            origin.flush().await.expect("flush");
+            let status = group.status();
+            assert_eq!(status["metadata_failed"], false, "{status}");
+        },
+    )
+    .expect("open");
+    let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(5);
+    devs.origin.crash(&mut rng);
+    devs.cow.crash(&mut rng);
+    with_group(&devs, GroupOptions::default(), async |group| {
+        // Invalid after the restart too (were it valid, it would read the new data).
+        let status = group.status();
+        assert_eq!(status["snapshots"][0]["state"], "invalid", "{status}");
+        let data = read(&*group.origin(), 0, 512).await.expect("origin");
+        assert!(data[..128 * 512].iter().all(|&b| b == 2));
+        assert!(data[128 * 512..].iter().all(|&b| b == 1));
+    })
+    .expect("reopen");
+}
+
+/// A Create record for a snapshot that was never made.
+fn ghost() -> Record {
+    Record::Create {
+        slot: 5,
+        seq: 99,
+        state: SnapState::Valid,
+        merge_total: 0,
+        name: "ghost".into(),
+    }
+}
+
+fn names(group: &SnapshotGroup) -> Vec<String> {
+    let status = group.status();
+    let list = status["snapshots"].as_array().expect("list");
+    list.iter()
+        .map(|s| s["name"].as_str().expect("name").to_owned())
+        .collect()
+}
+
+#[test]
+fn stale_block_past_the_end_of_the_log_stays_out() {
+    let devs = Devs::new(256, 4096);
+    let layout = with_group(&devs, GroupOptions::default(), async |group| {
+        create(&group, "a").await;
+        group.layout().clone()
+    })
+    .expect("create");
+    // A two-block append cut by a power cut: the second block landed, the first did not.
+    let stale = format::encode_blocks(layout.uuid, 1, 2, &[ghost()]);
+    devs.cow
+        .poke(layout.area_start(0) + SectorCount(2 * 8), &stale);
+    with_group(&devs, GroupOptions::default(), async |group| {
+        assert_eq!(names(&group), ["a"]);
+        // Appending at the end of the log must not bring the stale block back.
+        create(&group, "b").await;
+    })
+    .expect("reopen");
+    with_group(&devs, GroupOptions::default(), async |group| {
+        assert_eq!(names(&group), ["a", "b"]);
+    })
+    .expect("reopen again");
+}
+
+#[test]
+fn checkpoint_that_never_took_over_stays_out() {
+    let devs = Devs::new(256, 4096);
+    let layout = with_group(&devs, GroupOptions::default(), async |group| {
+        create(&group, "a").await;
+        group.layout().clone()
+    })
+    .expect("create");
+    // A compaction cut short before its superblock landed: its checkpoint, three blocks of
+    // the next epoch, sits in the other area (the ghost in its last block).
+    let mut records: Vec<Record> = (0..400)
+        .map(|i| Record::Map {
+            cow: i,
+            origin: i,
+            mask: 0,
+        })
+        .collect();
+    records.push(ghost());
+    let sb = [Sector(0), BLOCK_SECTORS.to_sector()]
+        .into_iter()
+        .filter_map(|at| {
+            let slot = devs.cow.snapshot(Extent::new(at, BLOCK_SECTORS));
+            Superblock::decode(&slot).ok().flatten()
+        })
+        .max_by_key(|sb| sb.sequence)
+        .expect("superblock");
+    let stale = format::encode_blocks(layout.uuid, sb.epoch + 1, 0, &records);
+    assert_eq!(stale.len(), 3 * BLOCK);
+    devs.cow.poke(layout.area_start(1 - sb.active_area), &stale);
+    with_group(&devs, GroupOptions::default(), async |group| {
+        assert_eq!(names(&group), ["a"]);
+        // Compacts into that area, with a shorter checkpoint.
+        create(&group, "b").await;
+    })
+    .expect("reopen");
+    with_group(&devs, GroupOptions::default(), async |group| {
+        assert_eq!(names(&group), ["a", "b"]);
+    })
+    .expect("reopen again");
 }
