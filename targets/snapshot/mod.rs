@@ -43,36 +43,40 @@
 //! released), `Unmap{slot, origin u64}` (6: a merged chunk).
 //!
 //! Commits: each commit (a *batch* of every record queued meanwhile: group commit) flushes the
-//! COW device, so the data chunks the records point at are durable first, then writes new
-//! blocks after the tail with FUA. A committed block is never rewritten. When the area is
-//! full the state is compacted: a checkpoint (its `Create` and `Map` records) goes to the
-//! other area with a new epoch (the last one plus a random step, so that no earlier attempt
-//! cut short before its superblock landed used it), is flushed, and then the superblock
-//! switches to it. The
-//! first commit after opening the store compacts too: a power cut in the middle of a
-//! multi-block append can leave a later block of it without an earlier one, past the end of
-//! the log, and appending there would join it to the log. Free
-//! chunks are not recorded: a chunk is free when no record maps it, so a chunk copied before
-//! a crash but never committed is simply free again (no leak), and a chunk is reused only
-//! after the record releasing it is durable (the in-memory state changes only then).
+//! COW device when it maps chunks, so the data chunks the records point at are durable first,
+//! then writes new blocks after the tail with FUA. A committed block is never rewritten. When
+//! the area is full the state is compacted: a checkpoint (its `Create` and `Map` records) goes
+//! to the other area with a new epoch (the last one plus a random step, so that no earlier
+//! attempt cut short before its superblock landed used it), is flushed, and then the superblock
+//! switches to it. The first commit after opening the store compacts too: a power cut in the
+//! middle of a multi-block append can leave a later block of it without an earlier one, past
+//! the end of the log, and appending there would join it to the log. Free chunks are not
+//! recorded: a chunk is free when no record maps it, so a chunk copied before a crash but never
+//! committed is simply free again (no leak), and a chunk is reused only after the record
+//! releasing it is durable (the in-memory state changes only then).
 //!
 //! # Copy-on-write, shared across snapshots
 //! Each snapshot has a map origin chunk -> COW chunk; each used COW chunk knows the origin
 //! chunk it holds and the mask of snapshots sharing it. An origin write to chunk `c` first
-//! finds every valid snapshot with no mapping for `c` (they all still read it from the
-//! origin, so they share one image of it), copies `c` once to a free COW chunk through the
-//! copy engine (foreground priority), commits one `Map` record for all of them, and only
-//! then writes the origin: with `k` snapshots a first write costs one copy and one record. A
-//! snapshot write to a chunk it shares takes a chunk of its own first (copying the shared
-//! image, or nothing when the write covers the whole chunk); to a chunk only it holds it
-//! writes in place.
+//! finds every valid snapshot with no mapping for `c` (they all still read it from the origin,
+//! so they share one image of it), copies `c` once to a free COW chunk through the copy engine
+//! (foreground priority), commits one `Map` record for all of them, and only then writes the
+//! origin: with `k` snapshots a first write costs one copy and one record. A write over many
+//! chunks copies them all at once (chunks that are neighbours on both devices as one copy job)
+//! and commits their records in one batch. A write whose chunks need no copy (a rewrite) goes
+//! straight to the origin. A snapshot write to a chunk it shares takes a chunk of its own first
+//! (copying the shared image, or nothing when the write covers the whole chunk); to a chunk
+//! only it holds it writes in place.
 //!
 //! # Ordering
 //! - Per chunk, a reader/writer lock: snapshot reads and origin reads/writes that need no
 //!   copy share it; copies, merges and snapshot writes take it exclusively. A snapshot read
 //!   that reads the origin therefore finishes before an origin write to that chunk can copy
 //!   and overwrite it (dm-snapshot's exception race), and a write waits for the chunk's
-//!   pending copy. A request takes its chunks' locks in ascending order.
+//!   pending copy. A request takes its chunks' locks in ascending order, and holds them all
+//!   until it is done. An origin write none of whose chunks needs a copy or merge takes no
+//!   chunk lock: while it holds the gate no chunk can come to need one again, and whatever
+//!   copied or merged a chunk finished its I/O before the record saying so was applied.
 //! - A group-wide gate: every request holds it shared; `snapshot-create`, `snapshot-delete`
 //!   and `merge` hold it exclusively, so a snapshot is taken between requests, never in the
 //!   middle of one. Taking a snapshot flushes the origin first, so its image is durable.
@@ -90,12 +94,14 @@
 //!
 //! # Merge
 //! `merge {name}` makes the origin read as the snapshot at once (unmerged chunks are read
-//! from the COW store) and starts copying its chunks back in the background. Each step,
-//! under the chunk's exclusive lock: copy the origin chunk for the other snapshots that still
-//! read it from the origin, copy the COW chunk to the origin (flushed), commit `Unmap`. An
-//! origin write to an unmerged chunk does that step first, in the foreground. When the map
-//! is empty the snapshot is deleted. Progress is the `Unmap` records, so a restart resumes.
-//! While merging, the snapshot's own I/O fails, and no snapshot can be created.
+//! from the COW store) and starts copying its chunks back in the background, in steps of up
+//! to 4 MiB (256 chunks at most). Each step, under its chunks' exclusive locks: copy the
+//! origin chunks for the other snapshots that still read them from the origin, copy the COW
+//! chunks to the origin (all at once, neighbours as one job), flush the origin once, commit
+//! their `Unmap`s in one batch. An origin write to unmerged chunks does that first, in the
+//! foreground. When the map is empty the snapshot is deleted. Progress is the `Unmap`
+//! records, so a restart resumes. While merging, the snapshot's own I/O fails, and no
+//! snapshot can be created.
 //!
 //! # Threads
 //! Futures are `!Send` and run where awaited; state sits behind `std::sync::Mutex`es never
@@ -549,8 +555,11 @@ impl Inner {
                 return Err(errno(libc::ENOSPC));
             }
         }
-        // The data the records point at is durable before the records.
-        self.cow.flush().await?;
+        // The data the records point at is durable before the records. Only a `Map` points
+        // at data in the COW store (an `Unmap`'s merged data is flushed to the origin first).
+        if records.iter().any(|r| matches!(r, Record::Map { .. })) {
+            self.cow.flush().await?;
+        }
         let at = l.area_start(w.active_area) + SectorCount(w.tail * BLOCK_SECTORS.0);
         let n = (bytes.len() / BLOCK) as u64;
         self.cow
