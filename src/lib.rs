@@ -14,6 +14,7 @@ pub mod device;
 pub mod error;
 pub mod region;
 pub mod target;
+pub mod task;
 pub mod ublk;
 pub mod units;
 pub mod watch;

@@ -54,7 +54,6 @@ mod meta;
 mod resync;
 mod state;
 mod superblock;
-mod util;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -69,7 +68,6 @@ pub use superblock::{probe, Layout, LegState, Probe, Superblock, MAX_LEGS, MIN_L
 
 use self::meta::MetaDevice;
 use self::state::State;
-use self::util::{join_all, Notify};
 use crate::copy::{Completions, CopyConfig, CopyEngine, ThrottleConfig};
 use crate::device::reactor;
 use crate::device::{
@@ -79,6 +77,7 @@ use crate::device::{
 use crate::error::{Error, Result};
 use crate::region::{DirtyLog, RegionGeometry};
 use crate::target::{Target, TargetSpec};
+use crate::task::{join_all, Notify};
 use crate::units::{Extent, Sector, SectorCount};
 
 /// How to create a mirror.

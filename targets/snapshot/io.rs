@@ -2,15 +2,14 @@
 //! per-chunk locks that order them (see the module doc of [`super`]).
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::io;
 use std::ops::Range;
-use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 
 use smol::lock::{RwLock, RwLockReadGuardArc, RwLockWriteGuardArc};
+
+use crate::task::join_all;
 
 use super::format::{Reason, Record};
 use super::Inner;
@@ -103,39 +102,6 @@ fn eio() -> io::Error {
 const MERGE_STEP_BYTES: u64 = 4 << 20;
 /// And the most chunks (small chunks: one `Unmap` record each, in one commit).
 const MERGE_STEP_CHUNKS: u64 = 256;
-
-/// Polls every future until all are done; the outputs come back in order. (No spawning: the
-/// futures run on the thread that polls this one, so device futures stay on their ring.)
-async fn join_all<F: Future>(futures: Vec<F>) -> Vec<F::Output> {
-    let mut pending: Vec<Option<Pin<Box<F>>>> =
-        futures.into_iter().map(|f| Some(Box::pin(f))).collect();
-    let mut outputs: Vec<Option<F::Output>> = pending.iter().map(|_| None).collect();
-    std::future::poll_fn(move |cx: &mut Context<'_>| {
-        let mut all = true;
-        for (slot, out) in pending.iter_mut().zip(outputs.iter_mut()) {
-            if let Some(fut) = slot {
-                match fut.as_mut().poll(cx) {
-                    Poll::Ready(value) => {
-                        *out = Some(value);
-                        *slot = None;
-                    }
-                    Poll::Pending => all = false,
-                }
-            }
-        }
-        if all {
-            Poll::Ready(
-                outputs
-                    .iter_mut()
-                    .map(|o| o.take().expect("output"))
-                    .collect(),
-            )
-        } else {
-            Poll::Pending
-        }
-    })
-    .await
-}
 
 /// Splits `pairs` (origin chunk, COW chunk), in order, into runs that are contiguous on both
 /// devices: one copy job each.

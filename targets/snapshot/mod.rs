@@ -116,7 +116,6 @@ mod state;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
-use std::task::{Poll, Waker};
 use std::thread::JoinHandle;
 
 use smol::lock::{Mutex as AsyncMutex, RwLock};
@@ -134,6 +133,7 @@ use crate::device::{
 };
 use crate::error::{Error, ErrorKind, Result};
 use crate::target::{Target, TargetSpec};
+use crate::task::Notify;
 use crate::units::{Extent, Sector, SectorCount};
 
 /// The default chunk size: 16 KiB.
@@ -168,39 +168,6 @@ struct Queue {
     /// A metadata write failed: snapshots are invalid in memory only until a checkpoint
     /// records it, and the origin must not change before that.
     failed: bool,
-}
-
-/// A tiny broadcast wake-up: a generation counter and the wakers waiting for it to move.
-#[derive(Default)]
-struct Notify {
-    inner: Mutex<(u64, Vec<Waker>)>,
-}
-
-impl Notify {
-    fn generation(&self) -> u64 {
-        self.inner.lock().expect("notify").0
-    }
-
-    fn notify_all(&self) {
-        let wakers = {
-            let mut n = self.inner.lock().expect("notify");
-            n.0 += 1;
-            std::mem::take(&mut n.1)
-        };
-        wakers.into_iter().for_each(Waker::wake);
-    }
-
-    async fn wait(&self, seen: u64) {
-        std::future::poll_fn(|cx| {
-            let mut n = self.inner.lock().expect("notify");
-            if n.0 != seen {
-                return Poll::Ready(());
-            }
-            n.1.push(cx.waker().clone());
-            Poll::Pending
-        })
-        .await
-    }
 }
 
 /// The state every target of a group shares.

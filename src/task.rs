@@ -1,4 +1,4 @@
-//! Small async helpers the mirror needs and the core does not provide: waiting for many
+//! Small async helpers the targets share: waiting for many
 //! futures at once without spawning ([`join_all`]: it runs on whatever thread polls it, so
 //! device futures stay on their ring), and a broadcast wake-up ([`Notify`]) whose wakers may
 //! fire from any thread (the reactor's executor makes that safe).
