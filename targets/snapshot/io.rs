@@ -195,6 +195,15 @@ impl Inner {
         (result, buf)
     }
 
+    /// Every piece's chunk locked shared, in ascending order (as every request takes them).
+    async fn lock_shared(&self, pieces: &[Piece]) -> Vec<ChunkGuard<'_>> {
+        let mut guards = Vec::with_capacity(pieces.len());
+        for p in pieces {
+            guards.push(self.locks.shared(p.chunk).await);
+        }
+        guards
+    }
+
     fn pieces(&self, extent: Extent) -> Vec<Piece> {
         let chunk = self.layout.chunk.0;
         let mut out = Vec::new();
@@ -375,10 +384,7 @@ impl Inner {
         }
         // Merging: unmerged chunks read from the COW store.
         let pieces = self.pieces(extent);
-        let mut guards = Vec::with_capacity(pieces.len());
-        for p in &pieces {
-            guards.push(self.locks.shared(p.chunk).await);
-        }
+        let _guards = self.lock_shared(&pieces).await;
         let sources: Vec<_> = {
             let store = self.store();
             pieces.iter().map(|p| store.unmerged(p.chunk)).collect()
@@ -456,10 +462,7 @@ impl Inner {
         }
         let _gate = self.gate.read().await;
         let pieces = self.pieces(extent);
-        let mut guards = Vec::with_capacity(pieces.len());
-        for p in &pieces {
-            guards.push(self.locks.shared(p.chunk).await);
-        }
+        let _guards = self.lock_shared(&pieces).await;
         let sources: Vec<_> = {
             let store = self.store();
             if !store.is_valid(slot, seq) {
