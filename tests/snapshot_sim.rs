@@ -1,35 +1,39 @@
-//! A deterministic, seeded simulation of the snapshot target: concurrent origin and snapshot
-//! reads, writes (some FUA) and flushes over `FaultyDevice<MemDevice::new_volatile>` origin
-//! and COW devices with random completion delays, snapshot create/delete (between batches or
-//! with requests in flight), merges (started between batches or with requests in flight),
-//! COW overflow (a small store in some seeds), seeded read and write errors on both devices
-//! (half the seeds), FUA done as write-then-flush (half the seeds, so a power cut can tear a
-//! log block or a superblock), and power cuts at random points (between batches, with
-//! requests and a command in flight, and in the middle of a merge), after which the group is
-//! reopened from the two devices (each instance sees them through a fence that a power cut
-//! closes, so nothing the old one had going, such as a copy job, lands afterwards).
+//! A deterministic, seeded simulation of the snapshot target: concurrent origin and
+//! snapshot reads, writes (some FUA) and flushes over
+//! `FaultyDevice<MemDevice::new_volatile>` origin and COW devices with random completion
+//! delays, snapshot create/delete (between batches or with requests in flight), merges
+//! (started between batches or with requests in flight), COW overflow (a small store in
+//! some seeds), seeded read and write errors on both devices (half the seeds; some failed
+//! writes land in part first, as a real device's may), FUA done as write-then-flush (half
+//! the seeds, so a power cut can tear a log block or a superblock), and power cuts at
+//! random points (between batches, with requests and a command in flight, and in the middle
+//! of a merge), after which the group is reopened from the two devices (each instance sees
+//! them through a fence that a power cut closes, so nothing the old one had going, such as
+//! a copy job, lands afterwards).
 //!
-//! Everything runs on `run_local` (a local copy engine, the merge driver as a local task), so
-//! a seed replays exactly: `SEED=n` runs one seed, `SEEDS=n` the first n, `BATCHES=n` sets
-//! their length, `TRACE=1` prints what happens; a failure prints the seed.
+//! Everything runs on `run_local` (a local copy engine, the merge driver as a local task),
+//! so a seed replays exactly: `SEED=n` runs one seed, `SEEDS=n` the first n, `BATCHES=n`
+//! sets their length, `TRACE=1` prints what happens; a failure prints the seed.
 //!
 //! Oracle, per sector and per image (the origin and each snapshot), each write stamping a
 //! unique tag: a read returns the last acknowledged tag, or one of the tags the sector may
 //! hold: after a power cut the last durable one or any written since; after a write that
-//! failed, the old ones or the failed write's. A snapshot starts as the origin's image when it
-//! was taken; taken with origin writes in flight, each of them is wholly in the image or
-//! wholly out (checked on a full read of the new snapshot), and one issued after the command
-//! returned is out (for a merge: wholly in the origin, or wholly overwritten by the
-//! snapshot's image; one issued after it is in). A snapshot the store reports invalid fails every request with EIO (one
-//! invalidated only in memory because its metadata could not be written may come back after
-//! a power cut, and must then read right). Without injected errors the origin never fails
-//! and a snapshot that failed a request must be invalid. After a merge starts the origin's
-//! image is the snapshot's (in-flight writes to either wholly before or after), and it stays
-//! so through power cuts in the middle of the merge and after it ends. While no merge, torn
-//! batch or error muddies it, the COW chunks in use must equal a model of sharing: one chunk
-//! per distinct copied image, whatever the number of snapshots. After every reopen every
-//! image is read whole and checked. At the end the errors are healed, a stalled merge is
-//! resumed by a restart, and everything is read once more.
+//! failed, the old ones or the failed write's. A snapshot starts as the origin's image when
+//! it was taken; taken with origin writes in flight, each of them is wholly in the image or
+//! wholly out (checked on a full read of the new snapshot), and one issued after the
+//! command returned is out (for a merge: wholly in the origin, or wholly overwritten by the
+//! snapshot's image; one issued after it is in). A snapshot the store reports invalid fails
+//! every request with EIO (one invalidated only in memory because its metadata could not be
+//! written may come back after a power cut, and must then read right). Without injected
+//! errors the origin never fails and a snapshot that failed a request must be invalid; a
+//! command that failed on an I/O error may still have taken effect if a power cut comes
+//! before the next successful commit. After a merge starts the origin's image is the
+//! snapshot's (in-flight writes to either wholly before or after), and it stays so through
+//! power cuts in the middle of the merge and after it ends. While no merge, torn batch or
+//! error muddies it, the COW chunks in use must equal a model of sharing: one chunk per
+//! distinct copied image, whatever the number of snapshots. After every reopen every image
+//! is read whole and checked. At the end the errors are healed, a stalled merge is resumed
+//! by a restart, and everything is read once more.
 
 mod common;
 
@@ -367,6 +371,80 @@ impl BlockDevice for SplitFua {
     }
 }
 
+/// Writes that fail after part of them landed (any subset of their sectors), as a real
+/// device's may: `FaultyDevice`'s failed writes never reach the device.
+struct PartialOnError {
+    inner: DeviceRef,
+    /// The PRNG and the rate of such failures (0 once healed).
+    state: Mutex<(ChaCha8Rng, f64)>,
+}
+
+impl PartialOnError {
+    fn heal(&self) {
+        self.state.lock().expect("state").1 = 0.0;
+    }
+}
+
+impl BlockDevice for PartialOnError {
+    fn info(&self) -> &DeviceInfo {
+        self.inner.info()
+    }
+    fn read(&self, offset: Sector, buf: AlignedBuf) -> IoFuture<ReadDone> {
+        self.inner.read(offset, buf)
+    }
+    fn write(
+        &self,
+        offset: Sector,
+        buf: Arc<AlignedBuf>,
+        flags: WriteFlags,
+    ) -> IoFuture<io::Result<()>> {
+        let keep: Option<Vec<bool>> = {
+            let mut state = self.state.lock().expect("state");
+            let rate = state.1;
+            let rng = &mut state.0;
+            rng.gen_bool(rate)
+                .then(|| (0..buf.sectors().0).map(|_| rng.gen_bool(0.5)).collect())
+        };
+        let Some(keep) = keep else {
+            return self.inner.write(offset, buf, flags);
+        };
+        // The sectors that land, as runs of single writes issued now.
+        let mut writes = Vec::new();
+        let mut i = 0;
+        while i < keep.len() {
+            if !keep[i] {
+                i += 1;
+                continue;
+            }
+            let start = i;
+            while i < keep.len() && keep[i] {
+                i += 1;
+            }
+            let bytes = &buf.as_slice()[start * 512..i * 512];
+            writes.push(self.inner.write(
+                offset + SectorCount(start as u64),
+                Arc::new(AlignedBuf::from_slice(bytes)),
+                WriteFlags::default(),
+            ));
+        }
+        Box::pin(async move {
+            for w in writes {
+                let _ = w.await;
+            }
+            Err(eio())
+        })
+    }
+    fn flush(&self) -> IoFuture<io::Result<()>> {
+        self.inner.flush()
+    }
+    fn discard(&self, extent: Extent) -> IoFuture<io::Result<()>> {
+        self.inner.discard(extent)
+    }
+    fn write_zeroes(&self, extent: Extent) -> IoFuture<io::Result<()>> {
+        self.inner.write_zeroes(extent)
+    }
+}
+
 /// What one instance of the group sees of a device: cut off at a power cut, so that nothing
 /// the old instance still had going (a copy job of the engine) reaches the device after it.
 struct Fenced {
@@ -465,6 +543,8 @@ struct Sim {
     cow_mem: Arc<MemDevice>,
     origin_faulty: Arc<FaultyDevice<MemDevice>>,
     cow_faulty: Arc<FaultyDevice<MemDevice>>,
+    origin_partial: Arc<PartialOnError>,
+    cow_partial: Arc<PartialOnError>,
     origin_dev: DeviceRef,
     cow_dev: DeviceRef,
     /// Errors are injected (until the end).
@@ -480,6 +560,11 @@ struct Sim {
     /// Snapshots a create or delete cut short by a power cut may have left: they may or may
     /// not exist after the reopen.
     limbo: BTreeMap<String, ModelRef>,
+    /// Commands that failed on an I/O error: part of their record may have landed, so until
+    /// a commit succeeds (which starts a new log area) a power cut may find them done.
+    uncertain: Vec<Beside>,
+    /// A merge that failed so, before a power cut: it may be running after it.
+    maybe_merge: Option<String>,
     sharing: Rc<RefCell<Sharing>>,
     /// The sharing model still tracks the store exactly.
     exact: bool,
@@ -539,6 +624,19 @@ impl Sim {
         };
         let origin_faulty = FaultyDevice::new(Arc::clone(&origin_mem), config(0, &mut rng));
         let cow_faulty = FaultyDevice::new(Arc::clone(&cow_mem), config(1, &mut rng));
+        let mut partial = |dev: DeviceRef, i: u64| {
+            let rate = if faults && rng.gen_bool(0.5) {
+                rng.gen_range(0.0005..0.005)
+            } else {
+                0.0
+            };
+            Arc::new(PartialOnError {
+                inner: dev,
+                state: Mutex::new((ChaCha8Rng::seed_from_u64(seed * 8 + i), rate)),
+            })
+        };
+        let origin_partial = partial(origin_faulty.clone(), 4);
+        let cow_partial = partial(cow_faulty.clone(), 5);
         let wrap = |dev: DeviceRef, i: u64| -> DeviceRef {
             if split {
                 Arc::new(SplitFua {
@@ -550,8 +648,8 @@ impl Sim {
                 dev
             }
         };
-        let origin_dev = wrap(origin_faulty.clone(), 2);
-        let cow_dev = wrap(cow_faulty.clone(), 3);
+        let origin_dev = wrap(origin_partial.clone(), 2);
+        let cow_dev = wrap(cow_partial.clone(), 3);
         trace(format_args!(
             "seed {seed}: chunk {chunk}, origin {size} sectors, {cow_chunks} COW chunks, \
              errors {faults}, split FUA {split}"
@@ -563,6 +661,8 @@ impl Sim {
             cow_mem,
             origin_faulty,
             cow_faulty,
+            origin_partial,
+            cow_partial,
             origin_dev,
             cow_dev,
             faults,
@@ -576,6 +676,8 @@ impl Sim {
             invalid: BTreeMap::new(),
             merging: None,
             limbo: BTreeMap::new(),
+            uncertain: Vec::new(),
+            maybe_merge: None,
             sharing: Rc::new(RefCell::new(Sharing::default())),
             exact: !faults,
             next_tag: 1,
@@ -858,6 +960,9 @@ impl Sim {
     /// Marks snapshots the store reports invalid, checks the list against the model.
     fn sync_states(&mut self, group: &SnapshotGroup) {
         let status = group.status();
+        if status["metadata_failed"] == false {
+            self.uncertain.clear();
+        }
         let snaps = status["snapshots"].as_array().expect("snapshots").clone();
         for s in &snaps {
             let name = s["name"].as_str().expect("name").to_owned();
@@ -914,6 +1019,23 @@ impl Sim {
     fn adopt(&mut self, group: &SnapshotGroup) {
         let status = group.status();
         let snaps = status["snapshots"].as_array().expect("snapshots").clone();
+        if let Some(name) = self.maybe_merge.take() {
+            if status["merge"]["active"] == true && status["merge"]["snapshot"] == name.as_str() {
+                trace(format_args!("the merge of {name} that failed is running"));
+                let model = match self.snaps.remove(&name) {
+                    Some(m) => m,
+                    None => self.invalid.remove(&name).expect("snapshot").1,
+                };
+                self.sharing.borrow_mut().maps.remove(&name);
+                let mut origin = self.origin.borrow_mut();
+                origin.cells = model.borrow().image().cells;
+                origin.pending.clear();
+                origin.generation += 1;
+                drop(origin);
+                self.merging = Some(name);
+                self.exact = false;
+            }
+        }
         let limbo = std::mem::take(&mut self.limbo);
         for s in &snaps {
             let name = s["name"].as_str().expect("name").to_owned();
@@ -1115,6 +1237,11 @@ impl Sim {
         }
         if let Err(e) = &result {
             trace(format_args!("{verb} {name}: {e}"));
+            if e.kind() == ErrorKind::Io {
+                assert!(self.faults, "seed {}: {verb} {name}: {e}", self.seed);
+                self.uncertain.push(command);
+                return Ok(());
+            }
             // A snapshot invalidated by a request beside it cannot be merged.
             let invalidated = verb == "merge"
                 && e.kind() == ErrorKind::InvalidArgument
@@ -1123,11 +1250,7 @@ impl Sim {
                     .expect("snapshots")
                     .iter()
                     .any(|s| s["name"] == name.as_str() && s["state"] == "invalid");
-            assert!(
-                (self.faults && e.kind() == ErrorKind::Io) || invalidated,
-                "seed {}: {verb} {name}: {e}",
-                self.seed
-            );
+            assert!(invalidated, "seed {}: {verb} {name}: {e}", self.seed);
             return Ok(());
         }
         match command {
@@ -1262,6 +1385,22 @@ impl Sim {
         drop(inst);
         if cut {
             self.crash();
+            for command in std::mem::take(&mut self.uncertain) {
+                match command {
+                    Beside::Create(name, model) => {
+                        self.limbo.insert(name, model);
+                    }
+                    Beside::Delete(name) => {
+                        if let Some(m) = self.snaps.remove(&name) {
+                            self.limbo.insert(name.clone(), m);
+                        } else if let Some((_, m)) = self.invalid.remove(&name) {
+                            self.limbo.insert(name.clone(), m);
+                        }
+                        self.sharing.borrow_mut().maps.remove(&name);
+                    }
+                    Beside::Merge(name) => self.maybe_merge = Some(name),
+                }
+            }
         }
         let inst = self.open().await;
         let merge = &inst.group.status()["merge"];
@@ -1360,6 +1499,8 @@ impl Sim {
         // then check every image once more.
         self.origin_faulty.heal();
         self.cow_faulty.heal();
+        self.origin_partial.heal();
+        self.cow_partial.heal();
         for round in 0.. {
             for _ in 0..200_000 {
                 if self.merging.is_none() {
