@@ -1160,12 +1160,18 @@ impl Sim {
             _ => None,
         };
         trace(format_args!("{verb} {name}"));
+        // With the origin's acknowledged writes when it returns (before any other task runs):
+        // a create's flush made them durable.
         let task = {
             let group = Arc::clone(group);
             let name = name.clone();
-            spawn(async move { group.command_async(verb, &json!({ "name": name })).await })
+            let origin = Rc::clone(&self.origin);
+            spawn(async move {
+                let result = group.command_async(verb, &json!({ "name": name })).await;
+                (result, origin.borrow().acked())
+            })
         };
-        let result = match cut_after {
+        let (result, acked) = match cut_after {
             None => {
                 // More origin writes while it runs: each wholly before or after it.
                 let mut turns = 0;
@@ -1259,7 +1265,6 @@ impl Sim {
                     // The sharing model cannot tell which writes came first.
                     self.exact = false;
                 }
-                let acked = self.origin.borrow().acked();
                 self.origin.borrow_mut().flushed(&acked);
                 self.sharing
                     .borrow_mut()
