@@ -48,7 +48,9 @@
 //! the area is full the state is compacted: a checkpoint (its `Create` and `Map` records) goes
 //! to the other area with a new epoch (the last one plus a random step, so that no earlier
 //! attempt cut short before its superblock landed used it), is flushed, and then the superblock
-//! switches to it. The first commit after opening the store compacts too: a power cut in the
+//! switches to it (when that superblock
+//! write fails, the slot is read back: a failed write may have landed, and the area it names
+//! is then the live one). The first commit after opening the store compacts too: a power cut in the
 //! middle of a multi-block append can leave a later block of it without an earlier one, past
 //! the end of the log, and appending there would join it to the log. Free chunks are not
 //! recorded: a chunk is free when no record maps it, so a chunk copied before a crash but never
@@ -157,6 +159,9 @@ struct LogWriter {
     /// A log write failed, so the active area may hold blocks that were never applied: the
     /// next commit first writes a checkpoint of the in-memory state to the other area.
     checkpoint_first: bool,
+    /// A superblock write failed and whether it landed is unknown: no compaction can tell
+    /// which area it may overwrite, so none is tried until the store is opened again.
+    unsure: bool,
 }
 
 /// Records waiting for a commit.
@@ -303,6 +308,7 @@ impl SnapshotGroup {
                 tail,
                 // Blocks past the end of the log may be a torn append's: never append there.
                 checkpoint_first: !fresh,
+                unsure: false,
             }),
             queue: Mutex::new(Queue::default()),
             gate: RwLock::new(()),
@@ -543,6 +549,9 @@ impl Inner {
     /// Writes a checkpoint of the in-memory state into the other area and switches to it.
     async fn compact(&self, w: &mut LogWriter) -> std::io::Result<()> {
         let l = &self.layout;
+        if w.unsure {
+            return Err(errno(libc::EIO));
+        }
         let records = self.store().checkpoint();
         let area = 1 - w.active_area;
         // An epoch no earlier compaction can have used: one whose superblock never landed left
@@ -569,19 +578,35 @@ impl Inner {
             epoch,
         };
         let slot = Sector((sb.sequence % 2) * BLOCK_SECTORS.0);
-        self.cow
+        let sb_bytes = sb.encode();
+        let written = self
+            .cow
             .write(
                 slot,
-                Arc::new(AlignedBuf::from_slice(&sb.encode())),
+                Arc::new(AlignedBuf::from_slice(&sb_bytes)),
                 WriteFlags::FUA,
             )
-            .await?;
+            .await;
+        if let Err(err) = written {
+            // A failed write may have landed all the same. Then this area is the live one, and
+            // the next compaction (into the other area) would be fine, but one into this area
+            // would overwrite the live log: find out which it is, or stop compacting.
+            match read_block(&self.cow, slot).await {
+                Ok(back) if back != sb_bytes => return Err(err),
+                Ok(_) if self.cow.flush().await.is_ok() => {}
+                _ => {
+                    w.unsure = true;
+                    return Err(err);
+                }
+            }
+        }
         *w = LogWriter {
             sb_sequence: sb.sequence,
             active_area: area,
             epoch,
             tail: n,
             checkpoint_first: false,
+            unsure: false,
         };
         self.store().compacted();
         Ok(())

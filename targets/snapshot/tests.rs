@@ -556,3 +556,105 @@ fn checkpoint_that_never_took_over_stays_out() {
     })
     .expect("reopen again");
 }
+
+/// What [`SuperblockTrap`] does to the next superblock write.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Trap {
+    Off,
+    /// It lands (durably), yet fails.
+    LandThenFail,
+    /// It fails without landing.
+    Fail,
+}
+
+/// A COW device whose superblock writes fail as set.
+struct SuperblockTrap {
+    inner: Arc<MemDevice>,
+    traps: std::sync::Mutex<Vec<Trap>>,
+}
+
+impl BlockDevice for SuperblockTrap {
+    fn info(&self) -> &DeviceInfo {
+        self.inner.info()
+    }
+    fn read(&self, offset: Sector, buf: AlignedBuf) -> IoFuture<ReadDone> {
+        self.inner.read(offset, buf)
+    }
+    fn write(
+        &self,
+        offset: Sector,
+        buf: Arc<AlignedBuf>,
+        flags: WriteFlags,
+    ) -> IoFuture<std::io::Result<()>> {
+        let superblock = offset.0 < 2 * BLOCK_SECTORS.0;
+        let trap = if superblock {
+            let mut traps = self.traps.lock().expect("traps");
+            if traps.is_empty() {
+                Trap::Off
+            } else {
+                traps.remove(0)
+            }
+        } else {
+            Trap::Off
+        };
+        match trap {
+            Trap::Off => self.inner.write(offset, buf, flags),
+            Trap::LandThenFail => {
+                let landed = self.inner.write(offset, buf, WriteFlags::FUA);
+                Box::pin(async move {
+                    landed.await?;
+                    Err(errno(libc::EIO))
+                })
+            }
+            Trap::Fail => Box::pin(std::future::ready(Err(errno(libc::EIO)))),
+        }
+    }
+    fn flush(&self) -> IoFuture<std::io::Result<()>> {
+        self.inner.flush()
+    }
+    fn discard(&self, extent: Extent) -> IoFuture<std::io::Result<()>> {
+        self.inner.discard(extent)
+    }
+    fn write_zeroes(&self, extent: Extent) -> IoFuture<std::io::Result<()>> {
+        self.inner.write_zeroes(extent)
+    }
+}
+
+#[test]
+fn superblock_write_that_failed_yet_landed_is_not_overwritten() {
+    let devs = Devs::new(256, 4096);
+    with_group(&devs, GroupOptions::default(), async |group| {
+        write(&*group.origin(), 0, 256, 1).await;
+        create(&group, "a").await;
+        write(&*group.origin(), 0, 32, 2).await;
+    })
+    .expect("create");
+    // The first commit after the reopen compacts. Its superblock write lands yet fails; the
+    // next compaction's fails outright.
+    let cow = Arc::new(SuperblockTrap {
+        inner: Arc::clone(&devs.cow),
+        traps: std::sync::Mutex::new(vec![Trap::LandThenFail, Trap::Fail]),
+    });
+    with_devices(
+        devs.origin.clone(),
+        cow,
+        GroupOptions::default(),
+        async |group| {
+            let buf = Arc::new(AlignedBuf::from_slice(&[3; 32 * 512]));
+            let _ = group
+                .origin()
+                .write(Sector(64), buf, WriteFlags::default())
+                .await;
+        },
+    )
+    .expect("reopen");
+    with_group(&devs, GroupOptions::default(), async |group| {
+        // Still there (valid or not), never an empty store.
+        assert_eq!(names(&group), ["a"], "{}", group.status());
+        let a = group.snapshot("a").expect("a");
+        if let Ok(data) = read(&*a, 0, 256).await {
+            assert!(data.iter().all(|&b| b == 1));
+        }
+    })
+    .expect("reopen again");
+}
