@@ -102,6 +102,18 @@ fn eio() -> io::Error {
 const MERGE_STEP_BYTES: u64 = 4 << 20;
 /// And the most chunks (small chunks: one `Unmap` record each, in one commit).
 const MERGE_STEP_CHUNKS: u64 = 256;
+/// Caps a merge step's chunks below [`MERGE_STEP_CHUNKS`] (a test knob, read when the daemon
+/// starts: the VM tests slow a merge down to interrupt it).
+const MERGE_STEP_ENV: &str = "UBLKDM_MERGE_STEP_CHUNKS";
+
+/// The most chunks one merge step takes: [`MERGE_STEP_CHUNKS`], or less if [`MERGE_STEP_ENV`]
+/// says so.
+fn merge_step_cap() -> u64 {
+    std::env::var(MERGE_STEP_ENV)
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .map_or(MERGE_STEP_CHUNKS, |n| n.clamp(1, MERGE_STEP_CHUNKS))
+}
 
 /// Splits `pairs` (origin chunk, COW chunk), in order, into runs that are contiguous on both
 /// devices: one copy job each.
@@ -602,7 +614,7 @@ impl Inner {
                     let _gate = self.gate.read().await;
                     // The next chunks, in origin order, up to a step.
                     let step = (MERGE_STEP_BYTES / self.layout.chunk.to_bytes())
-                        .clamp(1, MERGE_STEP_CHUNKS) as usize;
+                        .clamp(1, merge_step_cap()) as usize;
                     let next: Vec<u64> = {
                         let store = self.store();
                         match store.snap(m) {

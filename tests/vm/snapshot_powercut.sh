@@ -34,7 +34,10 @@ phase1() {
 	# Group B first: its merge is to run at the cut.
 	random_image "$T/b1.img" $MIB
 	dd if="$T/b1.img" of="$orig_b" bs=1M oflag=direct status=none || die "cannot fill origin B"
+	# One chunk per merge step, so that the merge is still running at the cut.
+	export UBLKDM_MERGE_STEP_CHUNKS=1
 	b=$(add_origin "$orig_b" "$cow_b") || die "add origin B failed"
+	unset UBLKDM_MERGE_STEP_CHUNKS
 	idb=$(dev_id "$b")
 	snap_create "$idb" b1 >/dev/null || die "snapshot b1 failed"
 	cp "$T/b1.img" "$T/b2.img"
