@@ -256,21 +256,20 @@ fn parse_id(text: &str) -> std::result::Result<u32, String> {
 
 /// A region size in bytes: a power of two, at least 4 KiB.
 fn parse_region_size(text: &str) -> std::result::Result<u64, String> {
-    let bytes = crate::units::parse_size_bytes(text)?;
-    if bytes < 4096 || !bytes.is_power_of_two() {
-        return Err(format!(
-            "region size '{text}' is not a power of two of at least 4K"
-        ));
-    }
-    Ok(bytes)
+    parse_pow2_size("region size", text)
 }
 
 /// A chunk size in bytes: a power of two, at least 4 KiB.
 fn parse_chunk_size(text: &str) -> std::result::Result<u64, String> {
+    parse_pow2_size("chunk size", text)
+}
+
+/// `text` as bytes, which must be a power of two of at least 4 KiB; `what` names it.
+fn parse_pow2_size(what: &str, text: &str) -> std::result::Result<u64, String> {
     let bytes = crate::units::parse_size_bytes(text)?;
     if bytes < 4096 || !bytes.is_power_of_two() {
         return Err(format!(
-            "chunk size '{text}' is not a power of two of at least 4K"
+            "{what} '{text}' is not a power of two of at least 4K"
         ));
     }
     Ok(bytes)

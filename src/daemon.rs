@@ -413,13 +413,9 @@ fn run(start: Start, spec: TargetSpec, reporter: Arc<Reporter>) -> Result<()> {
     block_stop_signals()?;
     let target = targets::open_target(&spec)?;
     // The children a dead daemon left QUIESCED, to take over along with the primary.
-    let leftovers = match start {
-        Start::Recover(id) => child_devices(id),
-        Start::Add(_) => Vec::new(),
-    };
-    let config = match start {
-        Start::Add(config) => Some(config),
-        Start::Recover(_) => None,
+    let (leftovers, config) = match start {
+        Start::Recover(id) => (child_devices(id), None),
+        Start::Add(config) => (Vec::new(), Some(config)),
     };
     let watchdog = Watchdog::start(Arc::clone(&reporter));
     let socket: Arc<Mutex<Option<PathBuf>>> = Arc::default();
@@ -761,10 +757,7 @@ impl Daemon {
     fn stop_children(&self) {
         let children = std::mem::take(&mut *self.children());
         for (name, child) in &children {
-            log::info!("stopping child '{name}' (device {})", child.device.id());
-            if let Err(err) = child.device.stop() {
-                log::error!("{}", err.chain().join(": "));
-            }
+            request_stop(name, child);
         }
         let deadline = Instant::now() + CHILD_STOP_TIMEOUT;
         for (name, child) in children {
@@ -979,11 +972,16 @@ fn start_signal_thread(daemon: &Arc<Daemon>) {
 
 /// STOP_DEV on a child's device, then waits (bounded) for its thread to delete it.
 fn stop_child(name: &str, child: ChildDevice) {
+    request_stop(name, &child);
+    await_child(name, child, Instant::now() + CHILD_STOP_TIMEOUT);
+}
+
+/// STOP_DEV on a child's device; its thread then deletes it.
+fn request_stop(name: &str, child: &ChildDevice) {
     log::info!("stopping child '{name}' (device {})", child.device.id());
     if let Err(err) = child.device.stop() {
         log::error!("{}", err.chain().join(": "));
     }
-    await_child(name, child, Instant::now() + CHILD_STOP_TIMEOUT);
 }
 
 /// Waits until `deadline` for a stopped child's thread to delete its device and end. (DEL_DEV

@@ -102,17 +102,20 @@ fn eio() -> io::Error {
 const MERGE_STEP_BYTES: u64 = 4 << 20;
 /// And the most chunks (small chunks: one `Unmap` record each, in one commit).
 const MERGE_STEP_CHUNKS: u64 = 256;
-/// Caps a merge step's chunks below [`MERGE_STEP_CHUNKS`] (a test knob, read when the daemon
-/// starts: the VM tests slow a merge down to interrupt it).
+/// Caps a merge step's chunks below [`MERGE_STEP_CHUNKS`] (a test knob, read once per process:
+/// the VM tests slow a merge down to interrupt it).
 const MERGE_STEP_ENV: &str = "UBLKDM_MERGE_STEP_CHUNKS";
 
 /// The most chunks one merge step takes: [`MERGE_STEP_CHUNKS`], or less if [`MERGE_STEP_ENV`]
 /// says so.
 fn merge_step_cap() -> u64 {
-    std::env::var(MERGE_STEP_ENV)
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-        .map_or(MERGE_STEP_CHUNKS, |n| n.clamp(1, MERGE_STEP_CHUNKS))
+    static CAP: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *CAP.get_or_init(|| {
+        std::env::var(MERGE_STEP_ENV)
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .map_or(MERGE_STEP_CHUNKS, |n| n.clamp(1, MERGE_STEP_CHUNKS))
+    })
 }
 
 /// Splits `pairs` (origin chunk, COW chunk), in order, into runs that are contiguous on both
