@@ -693,6 +693,7 @@ impl Sim {
             let runner = spawn(run);
             let options = GroupOptions {
                 chunk_size: Some(SectorCount(self.chunk)),
+                force: false,
             };
             let cut = Arc::new(AtomicBool::new(false));
             let fenced = |dev: &DeviceRef| -> DeviceRef {

@@ -147,6 +147,9 @@ pub struct GroupOptions {
     /// Chunk size of a new store (a power of two, at least 4 KiB); `None` for the default.
     /// An existing store keeps its own; giving a different one is an error.
     pub chunk_size: Option<SectorCount>,
+    /// Create a store on a COW device that carries foreign metadata (a file system, LVM, md,
+    /// a mirror leg) instead of refusing it.
+    pub force: bool,
 }
 
 /// Where the log stands (owned by the committer).
@@ -224,6 +227,9 @@ impl SnapshotGroup {
         let decoded = slots.map(|b| Superblock::decode(&b));
         let blank = decoded.iter().all(|d| matches!(d, Ok(None)));
         let (sb, fresh) = if blank {
+            if !options.force {
+                refuse_foreign_cow(&cow).await?;
+            }
             let chunk = options.chunk_size.unwrap_or(DEFAULT_CHUNK);
             let layout = Layout::plan(Uuid::new_v4(), chunk, origin_size, cow_size)?;
             let sb = Superblock {
@@ -794,12 +800,9 @@ pub fn open_group(spec: &TargetSpec) -> Result<Arc<SnapshotGroup>> {
     };
     let origin: DeviceRef = Arc::new(UringDevice::open(device, OpenOptions::default())?);
     let cow: DeviceRef = Arc::new(UringDevice::open(cow, OpenOptions::default())?);
-    if !force {
-        let cow = Arc::clone(&cow);
-        reactor::block_on(async move { refuse_foreign_cow(&cow).await })?;
-    }
     let options = GroupOptions {
         chunk_size: (*chunk_size_sectors != 0).then_some(SectorCount(*chunk_size_sectors)),
+        force: *force,
     };
     let engine = CopyEngine::start(CopyConfig::default())?;
     let group =
@@ -808,19 +811,9 @@ pub fn open_group(spec: &TargetSpec) -> Result<Arc<SnapshotGroup>> {
     Ok(group)
 }
 
-/// Fails when `cow` holds no store of ours but something else we would overwrite: a file
-/// system, LVM, md, or a mirror leg (the mirror's probe knows them).
+/// Fails when `cow`, which holds no store of ours, holds something else we would overwrite: a
+/// file system, LVM, md, or a mirror leg (the mirror's probe knows them).
 async fn refuse_foreign_cow(cow: &DeviceRef) -> Result<()> {
-    if cow.info().size < BLOCK_SECTORS + BLOCK_SECTORS {
-        return Ok(()); // too small for any store: the layout says so
-    }
-    let slots = [
-        read_block(cow, Sector(0)).await?,
-        read_block(cow, BLOCK_SECTORS.to_sector()).await?,
-    ];
-    if slots.iter().any(|b| b[..8] == format::SB_MAGIC) {
-        return Ok(());
-    }
     let what = match crate::targets::mirror::probe(cow).await? {
         crate::targets::mirror::Probe::Blank => return Ok(()),
         crate::targets::mirror::Probe::Foreign(kind) => kind,
@@ -845,23 +838,24 @@ mod cow_probe_tests {
     use super::*;
     use crate::device::MemDevice;
 
-    fn probe(cow: &Arc<MemDevice>) -> Result<()> {
-        let dev: DeviceRef = cow.clone();
-        reactor::run_local(async move { refuse_foreign_cow(&dev).await })
+    /// Opens (creating or reopening) a group on `cow` with `options`.
+    fn open(cow: &Arc<MemDevice>, options: GroupOptions) -> Result<()> {
+        let origin: DeviceRef = MemDevice::new("origin", SectorCount(4096));
+        let cow: DeviceRef = cow.clone();
+        reactor::run_local(async move {
+            let (engine, run) = CopyEngine::new_local(CopyConfig::default()).expect("engine");
+            let runner = reactor::spawn(run);
+            let opened = SnapshotGroup::open(origin, cow, &options, engine).await;
+            let result = opened.map(drop);
+            runner.await;
+            result
+        })
     }
 
     #[test]
     fn a_cow_device_too_small_for_the_superblocks_is_refused_clearly() {
-        let origin: DeviceRef = MemDevice::new("origin", SectorCount(4096));
-        let cow: DeviceRef = MemDevice::new("cow", SectorCount(8));
-        let err = reactor::run_local(async move {
-            let (engine, run) = CopyEngine::new_local(CopyConfig::default()).expect("engine");
-            let runner = reactor::spawn(run);
-            let opened = SnapshotGroup::open(origin, cow, &GroupOptions::default(), engine).await;
-            let err = opened.err().expect("refused");
-            runner.await;
-            err
-        });
+        let tiny = MemDevice::new("cow", SectorCount(8));
+        let err = open(&tiny, GroupOptions::default()).expect_err("refused");
         assert_eq!(err.kind(), ErrorKind::InvalidArgument);
         assert!(err.to_string().contains("too small"), "{err}");
     }
@@ -869,20 +863,27 @@ mod cow_probe_tests {
     #[test]
     fn a_cow_device_with_a_file_system_is_refused() {
         let cow = MemDevice::new("cow", SectorCount(4096));
-        assert!(probe(&cow).is_ok(), "a blank device is taken");
+        assert!(
+            open(&cow, GroupOptions::default()).is_ok(),
+            "a blank device is taken"
+        );
+        assert!(
+            open(&cow, GroupOptions::default()).is_ok(),
+            "our own store is reopened"
+        );
+        let cow = MemDevice::new("cow", SectorCount(4096));
         cow.poke(Sector(2), &{
             let mut sector = [0u8; 512];
             sector[56..58].copy_from_slice(&[0x53, 0xef]); // ext4's magic, byte 1080
             sector
         });
-        let err = probe(&cow).expect_err("ext4 refused");
+        let err = open(&cow, GroupOptions::default()).expect_err("ext4 refused");
         assert_eq!(err.kind(), ErrorKind::Busy);
         assert!(err.to_string().contains("ext2/3/4"), "{err}");
-        cow.poke(Sector(0), &{
-            let mut sector = [0u8; 512];
-            sector[..8].copy_from_slice(&format::SB_MAGIC);
-            sector
-        });
-        assert!(probe(&cow).is_ok(), "our own store is reopened");
+        let force = GroupOptions {
+            force: true,
+            ..GroupOptions::default()
+        };
+        assert!(open(&cow, force).is_ok(), "--force overwrites it");
     }
 }

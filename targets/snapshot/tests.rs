@@ -197,6 +197,7 @@ fn reopen_restores_snapshots_and_refuses_foreign_stores() {
     assert!(err.to_string().contains("another origin"), "{err}");
     let options = GroupOptions {
         chunk_size: Some(SectorCount(64)),
+        force: false,
     };
     let err = with_group(&devs, options, async |_| ()).expect_err("chunk size");
     assert!(err.to_string().contains("created with chunks"), "{err}");
@@ -255,6 +256,7 @@ fn bad_arguments_are_refused() {
     let devs = Devs::new(256, 4096);
     let options = GroupOptions {
         chunk_size: Some(SectorCount(12)),
+        force: false,
     };
     let err = with_group(&devs, options, async |_| ()).expect_err("chunk");
     assert!(err.to_string().contains("power of two"), "{err}");
