@@ -1178,11 +1178,96 @@ mod tests {
         next
     }
 
+    /// Overwrites the u64 header field at `at` of the image in slot B (the newest after
+    /// `create`) with `value`, keeping its crc valid: a crafted log.
+    fn craft_slot_b(dev: &MemDevice, regions: u64, fields: &[(usize, u64)]) {
+        let image = image_sectors(RegionCount(regions));
+        let at = area(regions).start + image;
+        let mut bytes = dev.snapshot(Extent::new(at, image));
+        for &(field, value) in fields {
+            bytes[field..field + 8].copy_from_slice(&value.to_le_bytes());
+        }
+        let crc = image_crc(&bytes);
+        bytes[CRC_AT].copy_from_slice(&crc.to_le_bytes());
+        dev.poke(at, &bytes);
+    }
+
+    /// Counters near their limit would overflow at the next commit: a crafted log is corrupt
+    /// (the older slot is used), never a panic.
+    #[test]
+    fn hostile_counters_are_refused() {
+        for field in [32, 40] {
+            let dev = mem(REGIONS);
+            create(dev.clone(), REGIONS);
+            craft_slot_b(&dev, REGIONS, &[(field, u64::MAX)]);
+            let (log, _) = reopen(dev.clone(), REGIONS).expect("slot A is valid");
+            run_local(async move {
+                log.mark(&indices(&[1])).await.expect("mark");
+                log.bump_event().await.expect("event");
+            });
+            craft_slot_b(&dev, REGIONS, &[(field, u64::MAX)]);
+            let a = area(REGIONS).start;
+            dev.poke(a, &[0xff; 512]);
+            let err = reopen(dev, REGIONS).expect_err("no valid slot");
+            assert_eq!(err.kind(), ErrorKind::Corrupt);
+            let name = if field == 32 {
+                "sequence"
+            } else {
+                "event counter"
+            };
+            assert!(err.to_string().contains(name), "{err}");
+            assert!(!err.to_string().contains('\n'), "{err}");
+        }
+    }
+
+    /// Interesting values for a header field read from disk.
+    fn hostile_u64() -> impl Strategy<Value = u64> {
+        prop_oneof![
+            any::<u64>(),
+            Just(0u64),
+            Just(u64::MAX),
+            (0u32..64).prop_map(|s| 1u64 << s),
+            (0u32..64).prop_map(|s| (1u64 << s).wrapping_sub(1)),
+            0u64..1 << 20,
+        ]
+    }
+
     /// Regions enough for a bitmap of several sectors, so that commits can tear inside it.
     const BIG: u64 = 20_000;
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// Header fields set to hostile values (with a valid crc) open as a log within
+        /// bounds that works, or as a one-line Corrupt error; never a panic.
+        #[test]
+        fn hostile_headers_open_within_bounds(
+            fields in proptest::collection::vec((0usize..6, hostile_u64()), 1..4),
+            second in any::<bool>(),
+        ) {
+            let dev = mem(REGIONS);
+            create(dev.clone(), REGIONS);
+            let fields: Vec<(usize, u64)> =
+                fields.into_iter().map(|(i, v)| (32 + 8 * i, v)).collect();
+            craft_slot_b(&dev, REGIONS, &fields);
+            if second {
+                dev.poke(area(REGIONS).start, &[0; 512]);
+            }
+            match reopen(dev, REGIONS) {
+                Ok((log, bits)) => {
+                    prop_assert!(log.geometry().count() <= MAX_REGION_COUNT);
+                    prop_assert_eq!(bits.len(), log.geometry().count());
+                    run_local(async move {
+                        log.mark(&[RegionIndex(0)]).await.expect("mark");
+                        log.bump_event().await.expect("event");
+                    });
+                }
+                Err(err) => {
+                    prop_assert_eq!(err.kind(), ErrorKind::Corrupt);
+                    prop_assert!(!err.to_string().contains('\n'));
+                }
+            }
+        }
 
         #[test]
         fn random_histories_round_trip(steps in proptest::collection::vec(step(BIG), 1..12)) {

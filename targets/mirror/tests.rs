@@ -6,11 +6,14 @@ use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use super::superblock::{self, SlotEntry, SB_SECTORS};
 use super::*;
 use crate::copy::CopyConfig;
 use crate::device::reactor::{run_local, spawn};
 use crate::device::{FaultConfig, FaultyDevice, MemDevice, OpKind};
 use crate::error::ErrorKind;
+use crate::region::{RegionIndex, MAX_REGION_COUNT};
+use proptest::prelude::*;
 
 const LEG: SectorCount = SectorCount(4096);
 
@@ -415,4 +418,388 @@ fn commands_parse_their_arguments() {
         assert!(status["resync"]["regions_total"].as_u64().is_some());
     })
     .expect("mirror");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Issue 9, section 4: regressions, each failing before its fix.
+
+/// A gate a test opens once: tasks wait on it.
+struct Gate {
+    notify: Notify,
+    seen: u64,
+}
+
+impl Gate {
+    fn new() -> Arc<Gate> {
+        let notify = Notify::default();
+        let seen = notify.generation();
+        Arc::new(Gate { notify, seen })
+    }
+
+    async fn wait(&self) {
+        self.notify.wait(self.seen).await;
+    }
+
+    fn open(&self) {
+        self.notify.notify_all();
+    }
+}
+
+async fn turns(n: usize) {
+    for _ in 0..n {
+        smol::future::yield_now().await;
+    }
+}
+
+/// A leg that fails after a clean pass picked its regions and before the legs' flush must
+/// not let the clear commit: its writes to those regions were never flushed, and when it
+/// returns (its cache lost meanwhile) the incremental resync must still copy them.
+#[test]
+fn a_leg_failing_during_a_clear_keeps_its_regions_dirty() {
+    let legs = vec![
+        MemDevice::new_volatile("a", LEG),
+        MemDevice::new_volatile("b", LEG),
+    ];
+    let nosync = CreateOptions {
+        nosync: true,
+        ..options(64)
+    };
+    let l = legs.clone();
+    with_mirror(devs(&legs), nosync, move |t| async move {
+        write(&t, 0, &pattern(1, 8)).await;
+        write(&t, 320, &pattern(2, 8)).await;
+        // Hold the log's clearer, so that the clean pass below stops between its pick and its
+        // flush, as it may on a multi-threaded daemon when a leg fails at that moment.
+        let gate = Gate::new();
+        t.inner.log.clear(&[RegionIndex(5)]);
+        let (inner, g) = (Arc::clone(&t.inner), Arc::clone(&gate));
+        let holder = spawn(async move {
+            let flush = async move {
+                g.wait().await;
+                Err(crate::device::errno(libc::EIO))
+            };
+            inner.log.commit_clears(flush).await
+        });
+        turns(4).await;
+        let inner = Arc::clone(&t.inner);
+        let pass = spawn(async move { inner.clean_pass().await });
+        turns(4).await;
+        t.fail_leg(1).await.expect("fail leg 1");
+        gate.open();
+        holder.await.expect_err("the holder's flush fails");
+        pass.await;
+        // Leg 1 lost power while it was away: its unflushed writes are gone.
+        l[1].crash(&mut rand::rngs::mock::StepRng::new(0, 0));
+        let dev: DeviceRef = l[1].clone();
+        t.add_leg(dev, AddLegOptions::default())
+            .await
+            .expect("add back");
+        settle(&t).await;
+        let layout = t.layout();
+        assert!(
+            data_of(&l[1], layout) == data_of(&l[0], layout),
+            "the returning leg lacks writes whose bits were cleared after it failed"
+        );
+        assert_eq!(read(&t, 0, 8).await, pattern(1, 8));
+    })
+    .expect("mirror");
+}
+
+/// When every in-sync leg fails a write that a recovering leg took, the write is on no leg
+/// an assembly could read: it must fail with EIO, not be acknowledged.
+#[test]
+fn a_write_only_a_recovering_leg_took_fails() {
+    let inner = [mem("a"), mem("b")];
+    let faulty: Vec<_> = inner
+        .iter()
+        .map(|m| FaultyDevice::new(Arc::clone(m), FaultConfig::default()))
+        .collect();
+    let legs: Vec<DeviceRef> = faulty.iter().map(|f| Arc::clone(f) as DeviceRef).collect();
+    let layout = Layout::compute(LEG, Some(SectorCount(64))).expect("layout");
+    // Region 10 of leg a cannot be read: the initial resync of leg b never finishes, so b
+    // stays recovering while every other region is copied to it.
+    let stuck = Extent::new(layout.data_offset + SectorCount(640), SectorCount(64));
+    faulty[0].fail_extent(OpKind::Read, stuck);
+    let f = faulty.clone();
+    with_mirror(legs, options(64), move |t| async move {
+        let count = t.inner.geometry.count().0;
+        for _ in 0..100_000 {
+            if t.inner.lock().map.sync_count().0 == count - 1 {
+                break;
+            }
+            smol::future::yield_now().await;
+        }
+        assert_eq!(t.inner.lock().map.sync_count().0, count - 1);
+        assert_eq!(
+            t.leg_states()[..2],
+            [LegState::InSync, LegState::Recovering]
+        );
+        // Region 3 is copied: a write goes to both legs. Leg a, the only in-sync one, fails it.
+        let region3 = Extent::new(layout.data_offset + SectorCount(192), SectorCount(64));
+        f[0].fail_extent(OpKind::Write, region3);
+        let buf = Arc::new(AlignedBuf::from_slice(&pattern(6, 8)));
+        let res = t.write(Sector(192), buf, WriteFlags::default()).await;
+        assert_eq!(
+            res.map_err(|e| e.raw_os_error()),
+            Err(Some(libc::EIO)),
+            "acknowledged though only the recovering leg holds it"
+        );
+        assert_eq!(t.leg_states()[0], LegState::Failed);
+    })
+    .expect("mirror");
+}
+
+/// Delays every read by some executor turns: a slow resync source.
+struct SlowReads {
+    inner: DeviceRef,
+    turns: usize,
+}
+
+impl BlockDevice for SlowReads {
+    fn info(&self) -> &DeviceInfo {
+        self.inner.info()
+    }
+    fn read(&self, offset: Sector, buf: AlignedBuf) -> IoFuture<ReadDone> {
+        let (inner, n) = (Arc::clone(&self.inner), self.turns);
+        Box::pin(async move {
+            turns(n).await;
+            inner.read(offset, buf).await
+        })
+    }
+    fn write(
+        &self,
+        offset: Sector,
+        buf: Arc<AlignedBuf>,
+        flags: WriteFlags,
+    ) -> IoFuture<std::io::Result<()>> {
+        self.inner.write(offset, buf, flags)
+    }
+    fn flush(&self) -> IoFuture<std::io::Result<()>> {
+        self.inner.flush()
+    }
+    fn discard(&self, extent: Extent) -> IoFuture<std::io::Result<()>> {
+        self.inner.discard(extent)
+    }
+    fn write_zeroes(&self, extent: Extent) -> IoFuture<std::io::Result<()>> {
+        self.inner.write_zeroes(extent)
+    }
+}
+
+/// A write-zeroes of the whole device during a resync makes progress while the resync runs:
+/// it does not wait until the resync walk has passed all of its regions. Nor does it race a
+/// copy: afterwards both legs hold zeroes.
+#[test]
+fn a_large_write_zeroes_proceeds_while_resync_runs() {
+    let legs = vec![mem("a"), mem("b")];
+    legs[0].poke(Sector(2048), &pattern(3, 2048));
+    let slow: DeviceRef = Arc::new(SlowReads {
+        inner: legs[0].clone(),
+        turns: 40,
+    });
+    let devices = vec![slow, legs[1].clone() as DeviceRef];
+    let l = legs.clone();
+    with_mirror(devices, options(64), move |t| async move {
+        let count = t.inner.geometry.count().0;
+        turns(10).await;
+        let size = t.info().size;
+        t.write_zeroes(Extent::new(Sector(0), size))
+            .await
+            .expect("write zeroes");
+        let synced = t.inner.lock().map.sync_count().0;
+        assert!(
+            synced < count / 2,
+            "the write waited for the resync: {synced} of {count} regions in sync when it ended"
+        );
+        settle(&t).await;
+        let layout = t.layout();
+        let zero = vec![0u8; layout.data_size.to_usize_bytes()];
+        assert!(data_of(&l[0], layout) == zero, "leg a holds zeroes");
+        assert!(data_of(&l[1], layout) == zero, "leg b holds zeroes");
+    })
+    .expect("mirror");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hostile metadata: every length read from a superblock is bounded.
+
+fn sample_superblock() -> Superblock {
+    let layout = Layout::compute(SectorCount(8192), Some(SectorCount(64))).expect("layout");
+    let mut table = [SlotEntry::EMPTY; MAX_LEGS];
+    table[0] = SlotEntry {
+        state: LegState::InSync,
+        leg_uuid: uuid::Uuid::from_u128(1),
+        leg_size: SectorCount(8192),
+    };
+    table[3] = SlotEntry {
+        state: LegState::Recovering,
+        leg_uuid: uuid::Uuid::from_u128(2),
+        leg_size: SectorCount(9000),
+    };
+    Superblock {
+        uuid: uuid::Uuid::from_u128(0xabc),
+        slot: 3,
+        events: 7,
+        events_cleared: 5,
+        layout,
+        table,
+    }
+}
+
+/// Refills the crc of a superblock slot image (crc32c with its own field taken as zero).
+fn fix_crc(b: &mut [u8]) {
+    let crc = crc32c::crc32c(&b[..12]);
+    let crc = crc32c::crc32c_append(crc, &[0; 4]);
+    let crc = crc32c::crc32c_append(crc, &b[16..]);
+    b[12..16].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// What assembly sizes from a decoded superblock stays within the named limits.
+fn check_decoded_bounds(sb: &Superblock) {
+    let l = sb.layout;
+    let geometry = l.geometry();
+    assert!(geometry.count() <= MAX_REGION_COUNT);
+    // The log area is read whole into one buffer when a leg joins.
+    assert!(
+        l.log_area.len <= DirtyLog::area_sectors(MAX_REGION_COUNT),
+        "{l:?}"
+    );
+    assert!(
+        l.log_area.len >= DirtyLog::area_sectors(geometry.count()),
+        "{l:?}"
+    );
+    assert!(l.log_area.end() <= l.data_offset);
+    assert!(l.data_offset.0.checked_add(l.data_size.0).is_some());
+    assert!(l.leg_sectors().0 <= u64::MAX / 512);
+    assert!(sb.events.checked_add(2).is_some() && sb.events_cleared <= sb.events);
+    assert!(sb.slot < MAX_LEGS);
+    for entry in &sb.table {
+        assert!(entry.leg_size.0 <= u64::MAX / 512);
+    }
+    assert_eq!(Superblock::decode(sb.encode().as_slice()).as_ref(), Ok(sb));
+}
+
+#[test]
+fn superblocks_with_impossible_lengths_are_refused_naming_the_field() {
+    type Craft = fn(&mut Superblock);
+    let cases: Vec<(&str, Craft)> = vec![
+        ("log area length", |sb| {
+            // A log area of 512 GiB, with the data after it: a read of it all at assembly.
+            sb.layout.log_area.len = SectorCount(1 << 30);
+            sb.layout.data_offset = Sector((16 + (1 << 30) as u64).next_multiple_of(2048));
+        }),
+        ("log area length", |sb| {
+            // Too short for the bitmap of the data's regions.
+            sb.layout.region_size = SectorCount(8);
+            sb.layout.data_size = SectorCount(1 << 20);
+            sb.layout.log_area.len = SectorCount(16);
+        }),
+        ("data offset", |sb| {
+            sb.layout.data_offset = Sector(1 << 40);
+        }),
+        ("data size", |sb| {
+            sb.layout.data_size = SectorCount(u64::MAX - 4096);
+        }),
+        ("leg size", |sb| {
+            sb.table[0].leg_size = SectorCount(u64::MAX);
+        }),
+        ("event counter", |sb| {
+            sb.events = u64::MAX;
+        }),
+        ("events_cleared", |sb| {
+            sb.events_cleared = sb.events + 1;
+        }),
+    ];
+    for (field, craft) in cases {
+        let mut sb = sample_superblock();
+        craft(&mut sb);
+        let err = Superblock::decode(sb.encode().as_slice()).expect_err(field);
+        assert!(err.contains(field), "{field}: {err}");
+        assert!(!err.contains('\n'), "{err}");
+        // On a device, both slots crafted: a one-line Corrupt error (exit 7) naming it.
+        let dev = MemDevice::new("crafted", LEG);
+        dev.poke(Sector(0), sb.encode().as_slice());
+        dev.poke(Sector(SB_SECTORS.0), sb.encode().as_slice());
+        let dev: DeviceRef = dev;
+        let d = Arc::clone(&dev);
+        let probed = run_local(async move { probe(&d).await }).expect("probe");
+        let err = superblock::refuse(&dev, &probed);
+        assert_eq!(err.kind(), ErrorKind::Corrupt, "{field}: {err}");
+        assert_eq!(err.kind().exit_code(), 7);
+        assert!(err.to_string().contains(field), "{field}: {err}");
+    }
+    check_decoded_bounds(&sample_superblock());
+}
+
+/// Interesting values for a u64 field read from disk.
+fn hostile_u64() -> impl Strategy<Value = u64> {
+    prop_oneof![
+        any::<u64>(),
+        Just(0u64),
+        Just(u64::MAX),
+        Just(u64::MAX / 512),
+        (0u32..64).prop_map(|s| 1u64 << s),
+        (0u32..64).prop_map(|s| (1u64 << s) - 1),
+        0u64..1 << 16,
+    ]
+}
+
+/// Offsets of the u64 fields of a superblock: counters, layout, and every leg size.
+fn u64_field() -> impl Strategy<Value = usize> {
+    prop_oneof![
+        (0usize..7).prop_map(|i| 40 + 8 * i),
+        (0usize..MAX_LEGS).prop_map(|i| 128 + 48 * i + 24),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    /// Fields set to hostile values (with a valid crc) decode to an error or to a
+    /// superblock whose every length is within bounds; never a panic.
+    #[test]
+    fn hostile_superblock_fields_decode_within_bounds(
+        fields in proptest::collection::vec((u64_field(), hostile_u64()), 1..6),
+        slot in 0u32..12,
+    ) {
+        let mut bytes = sample_superblock().encode().as_slice().to_vec();
+        for (at, value) in fields {
+            bytes[at..at + 8].copy_from_slice(&value.to_le_bytes());
+        }
+        bytes[32..36].copy_from_slice(&slot.to_le_bytes());
+        fix_crc(&mut bytes);
+        if let Ok(sb) = Superblock::decode(&bytes) {
+            check_decoded_bounds(&sb);
+        }
+    }
+
+    /// Random bytes anywhere in the first sector (magic and version kept, crc fixed or not).
+    #[test]
+    fn mutated_superblocks_decode_within_bounds(
+        edits in proptest::collection::vec((12usize..512, any::<u8>()), 1..32),
+        crc in any::<bool>(),
+    ) {
+        let mut bytes = sample_superblock().encode().as_slice().to_vec();
+        for (at, value) in edits {
+            bytes[at] = value;
+        }
+        if crc {
+            fix_crc(&mut bytes);
+        }
+        if let Ok(sb) = Superblock::decode(&bytes) {
+            check_decoded_bounds(&sb);
+        }
+    }
+
+    /// A whole slot of random bytes behind our magic and version.
+    #[test]
+    fn random_superblocks_decode_within_bounds(
+        body in proptest::collection::vec(any::<u8>(), 4096 - 16),
+    ) {
+        let mut bytes = sample_superblock().encode().as_slice()[..16].to_vec();
+        bytes.extend_from_slice(&body);
+        fix_crc(&mut bytes);
+        if let Ok(sb) = Superblock::decode(&bytes) {
+            check_decoded_bounds(&sb);
+        }
+    }
 }
