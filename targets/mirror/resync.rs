@@ -13,7 +13,9 @@
 //!   failed is tried again from another in-sync leg, and a region no leg can be read for is
 //!   skipped until the next tick;
 //! - a clear follows the clearing protocol: pick and hand to the log under the state lock,
-//!   then commit with a flush of every active leg, then confirm or undo in the map.
+//!   then commit with a flush of every active leg, then confirm or undo in the map; the
+//!   clear commits only if the active legs after the flush are those of the pick (a leg that
+//!   failed in between was not flushed, and its return must still resync those regions).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
@@ -133,17 +135,19 @@ impl Inner {
 
     /// Clears the dirty bits of in-sync, idle regions (the clearing protocol).
     pub(crate) async fn clean_pass(&self) {
-        let regions = {
+        let (regions, legs) = {
             let mut st = self.lock();
             let regions = st.map.regions_to_clear(self.tuning.clear_batch);
             self.log.clear(&regions);
-            regions
+            let legs: Vec<(usize, u64)> =
+                st.active().iter().map(|l| (l.slot, l.generation)).collect();
+            (regions, legs)
         };
         if regions.is_empty() {
             return;
         }
         log::debug!("mirror {}: clearing {regions:?}", self.uuid);
-        let result = self.log.commit_clears(self.flush_active()).await;
+        let result = self.log.commit_clears(self.flush_for_clear(&legs)).await;
         let mut st = self.lock();
         match result {
             Ok(()) => st.map.cleared(&regions),
@@ -152,6 +156,24 @@ impl Inner {
                 st.map.clear_failed(&regions);
             }
         }
+    }
+
+    /// The data flush of a clear whose regions were picked when `legs` were the active legs.
+    /// It succeeds only if, after flushing, the same legs are active and the set is still
+    /// not degraded: a leg that failed (or left, or joined) since the pick was not flushed,
+    /// so its copy of the picked regions may be lost with its cache; the bits then stay set,
+    /// and a returning leg's incremental resync (from the log's bits) copies those regions.
+    /// A leg that fails after this check was flushed, so its copy of them is durable.
+    async fn flush_for_clear(&self, legs: &[(usize, u64)]) -> std::io::Result<()> {
+        self.flush_active().await?;
+        let st = self.lock();
+        let now: Vec<(usize, u64)> = st.active().iter().map(|l| (l.slot, l.generation)).collect();
+        if st.map.is_degraded() || now != legs {
+            return Err(std::io::Error::other(
+                "the legs changed between picking the regions and flushing them",
+            ));
+        }
+        Ok(())
     }
 
     /// Submits copies while fewer than `resync_depth` run. True if anything changed.
