@@ -233,6 +233,9 @@ impl Sim {
             read_split: SectorCount(32),
             clean_every_ticks: 2,
             clear_batch: rng.gen_range(1..64),
+            // Requests of up to 20 regions are cut into pieces (without drawing from the rng,
+            // so that every seed replays as before the knob existed).
+            write_piece_regions: 1 + seed % 8,
             ..Tuning::default()
         };
         Sim {

@@ -4,8 +4,14 @@
 //!
 //! Invariants:
 //! - a region's dirty bit is durable before any leg write to it is issued;
-//! - a write is acknowledged only when every active leg finished its piece and, if the slot
-//!   table changed meanwhile (a leg failed), the superblocks saying so are durable;
+//! - a write is acknowledged only when every active leg finished its piece, some leg in sync
+//!   (still, after the failures) holds every piece, and, if the slot table changed meanwhile
+//!   (a leg failed), the superblocks saying so are durable; a copy on recovering legs alone
+//!   is one no assembly could read, so such a write fails with EIO;
+//! - a request is cut into pieces of at most `Tuning::write_piece_regions` regions, written
+//!   one after another, each admitted to all its regions before any leg is written: so no
+//!   write races a resync copy of its regions, and a large request waits only for the copies
+//!   running on one piece at a time, never for the resync walk to pass all of it;
 //! - a read of an out-of-sync region is served by its resync source (other in-sync legs
 //!   only when that fails), never by a recovering leg, so no read returns data a resync is
 //!   about to overwrite;
@@ -34,6 +40,39 @@ pub(crate) enum LegOp {
     WriteZeroes,
 }
 
+impl LegOp {
+    /// The part of this operation (on `whole`) that falls on `piece`.
+    fn piece(&self, whole: Extent, piece: Extent) -> LegOp {
+        match self {
+            LegOp::Write { buf, flags } => {
+                let skip = (piece.start - whole.start).to_usize_bytes();
+                let bytes = &buf.as_slice()[skip..skip + piece.len.to_usize_bytes()];
+                LegOp::Write {
+                    buf: Arc::new(AlignedBuf::from_slice(bytes)),
+                    flags: *flags,
+                }
+            }
+            LegOp::Discard => LegOp::Discard,
+            LegOp::WriteZeroes => LegOp::WriteZeroes,
+        }
+    }
+}
+
+/// Regions a write was admitted to while it waits for others: dropping the write then
+/// (a cancelled request) ends them, so no region is left with a write in flight forever.
+struct Admitted<'a> {
+    inner: &'a Inner,
+    regions: Vec<RegionIndex>,
+}
+
+impl Drop for Admitted<'_> {
+    fn drop(&mut self) {
+        if !self.regions.is_empty() {
+            self.inner.abort(&self.regions);
+        }
+    }
+}
+
 /// One read of a leg: the mirror's extent and the legs to try, in order.
 struct SubRead {
     extent: Extent,
@@ -55,9 +94,44 @@ impl Inner {
             return Ok(());
         }
         self.engine.note_foreground_io();
+        let pieces = self.write_pieces(extent);
+        if pieces.len() == 1 {
+            return self.write_piece(extent, &op).await;
+        }
+        // One piece after another: each waits only for the resync copies of its own regions,
+        // so a large request moves on while the resync walks the rest of the device.
+        for piece in pieces {
+            self.write_piece(piece, &op.piece(extent, piece)).await?;
+        }
+        Ok(())
+    }
+
+    /// Cuts a write at every `Tuning::write_piece_regions` regions.
+    fn write_pieces(&self, extent: Extent) -> Vec<Extent> {
+        let limit = self.tuning.write_piece_regions.max(1);
+        let regions = self.geometry.regions_touching(extent);
+        let mut pieces = Vec::new();
+        let (mut start, mut first) = (extent.start, regions.start.0);
+        while start < extent.end() {
+            let last = first.saturating_add(limit - 1).min(regions.end.0 - 1);
+            let end = self
+                .geometry
+                .extent_of(RegionIndex(last))
+                .end()
+                .min(extent.end());
+            pieces.push(Extent::new(start, end - start));
+            (start, first) = (end, last + 1);
+        }
+        pieces
+    }
+
+    /// Writes one piece of at most `Tuning::write_piece_regions` regions through the region
+    /// protocol. It succeeds only if, for each region, a leg that is in sync took it: a copy
+    /// on recovering legs alone is one no assembly could read.
+    async fn write_piece(&self, extent: Extent, op: &LegOp) -> io::Result<()> {
         let regions: Vec<RegionIndex> = self.geometry.regions_touching(extent).collect();
         let (needs_mark, targets, in_sync) = self.admit(&regions).await;
-        if targets.is_empty() {
+        if !targets.iter().any(|l| l.state == LegState::InSync) {
             self.abort(&regions);
             return Err(errno(libc::EIO));
         }
@@ -70,29 +144,42 @@ impl Inner {
             self.lock().map.marked(&needs_mark);
         }
         let pieces: Vec<(RegionIndex, Extent)> = self.geometry.split_at_regions(extent).collect();
+        let (ops, who) = self.leg_ops(extent, op, &pieces, &targets, &in_sync);
+        let results = join_all(ops).await;
+        let outcome = self.settle_write(&pieces, &targets, &who, results);
+        outcome?;
+        self.await_persisted().await
+    }
+
+    /// The leg I/Os of a write cut into `pieces`, and for each its (piece, target).
+    fn leg_ops(
+        &self,
+        extent: Extent,
+        op: &LegOp,
+        pieces: &[(RegionIndex, Extent)],
+        targets: &[LegRef],
+        in_sync: &[bool],
+    ) -> (Vec<IoFuture<io::Result<()>>>, Vec<(usize, usize)>) {
         let mut ops: Vec<IoFuture<io::Result<()>>> = Vec::new();
         let mut who = Vec::new();
         for (p, &(_, piece)) in pieces.iter().enumerate() {
-            let piece_buf = match &op {
+            let piece_op = match op {
                 LegOp::Write { buf, .. } if pieces.len() == 1 => Some(Arc::clone(buf)),
-                LegOp::Write { buf, .. } => {
-                    let skip = (piece.start - extent.start).to_usize_bytes();
-                    let bytes = &buf.as_slice()[skip..skip + piece.len.to_usize_bytes()];
-                    Some(Arc::new(AlignedBuf::from_slice(bytes)))
-                }
+                LegOp::Write { .. } => match op.piece(extent, piece) {
+                    LegOp::Write { buf, .. } => Some(buf),
+                    _ => unreachable!("a piece of a write is a write"),
+                },
                 _ => None,
             };
             let at = self.leg_sector(piece.start);
-            // A recovering leg gets the write only where its region is already copied; an
-            // out-of-sync region is copied to it whole later (unless it is all there is).
-            let copied = |leg: &LegRef| in_sync[p] || leg.state == LegState::InSync;
-            let only_recovering = !targets.iter().any(copied);
             for (t, leg) in targets.iter().enumerate() {
-                if !only_recovering && !copied(leg) {
+                // A recovering leg gets the write only where its region is already copied;
+                // an out-of-sync region is copied to it whole later.
+                if !in_sync[p] && leg.state != LegState::InSync {
                     continue;
                 }
                 let leg_extent = Extent::new(at, piece.len);
-                ops.push(match (&op, &piece_buf) {
+                ops.push(match (op, &piece_op) {
                     (LegOp::Write { flags, .. }, Some(b)) => {
                         leg.dev.write(at, Arc::clone(b), *flags)
                     }
@@ -102,19 +189,32 @@ impl Inner {
                 who.push((p, t));
             }
         }
-        let results = join_all(ops).await;
+        (ops, who)
+    }
+
+    /// Fails the legs that failed the write and ends it on every region. `Ok` if every
+    /// piece is held by a leg still in sync now (after the failures).
+    fn settle_write(
+        &self,
+        pieces: &[(RegionIndex, Extent)],
+        targets: &[LegRef],
+        who: &[(usize, usize)],
+        results: Vec<io::Result<()>>,
+    ) -> io::Result<()> {
         let mut piece_ok = vec![true; pieces.len()];
-        let mut piece_any = vec![false; pieces.len()];
         let mut failed = vec![false; targets.len()];
-        let mut unsupported = true;
+        let mut took = Vec::new();
+        let (mut unsupported, mut other) = (false, false);
         for (&(p, t), res) in who.iter().zip(results) {
             match res {
-                Ok(()) => piece_any[p] = true,
+                Ok(()) => took.push((p, t)),
                 Err(err) => {
                     piece_ok[p] = false;
                     // A leg that cannot discard is not broken: resync makes the legs agree.
-                    if err.raw_os_error() != Some(libc::EOPNOTSUPP) {
-                        unsupported = false;
+                    if err.raw_os_error() == Some(libc::EOPNOTSUPP) {
+                        unsupported = true;
+                    } else {
+                        other = true;
                         failed[t] = true;
                     }
                 }
@@ -124,9 +224,15 @@ impl Inner {
             LegStats::bump(&leg.stats.write_errors);
             self.fail_leg(leg.slot, leg.generation, "a write failed");
         }
+        let mut held = vec![false; pieces.len()];
         let mut resync = false;
         {
             let mut st = self.lock();
+            for &(p, t) in &took {
+                let leg = &targets[t];
+                held[p] |= st.is_current(leg.slot, leg.generation)
+                    && st.legs[leg.slot].state == LegState::InSync;
+            }
             for (p, &(region, _)) in pieces.iter().enumerate() {
                 st.map.end_write(region, piece_ok[p]);
                 resync |= !st.map.in_sync(region);
@@ -135,50 +241,56 @@ impl Inner {
         if resync {
             self.kick();
         }
-        if piece_any.contains(&false) {
-            let code = if unsupported {
+        if held.contains(&false) {
+            let code = if unsupported && !other {
                 libc::EOPNOTSUPP
             } else {
                 libc::EIO
             };
             return Err(errno(code));
         }
-        self.await_persisted().await
+        Ok(())
     }
 
-    /// Admits a write to every region in `regions`, waiting while any recovers. Returns the
-    /// regions whose bits need a mark, the active legs, and whether each region is in sync.
+    /// Admits a write to every region in `regions`, waiting while any recovers. Regions
+    /// admitted stay admitted while the others are waited for (the resync never starts on a
+    /// region with a write in flight), so a write waits at most for the copies already
+    /// running on its regions. Returns the regions whose bits need a mark, the active legs,
+    /// and whether each region is in sync.
     async fn admit(&self, regions: &[RegionIndex]) -> (Vec<RegionIndex>, Vec<LegRef>, Vec<bool>) {
+        let mut held = Admitted {
+            inner: self,
+            regions: Vec::with_capacity(regions.len()),
+        };
+        let mut admitted = vec![false; regions.len()];
+        let mut needs = Vec::new();
         loop {
             let seen = {
                 let mut st = self.lock();
-                let mut admitted = Vec::with_capacity(regions.len());
-                let mut needs = Vec::new();
                 let mut wait = false;
-                for &region in regions {
+                for (i, &region) in regions.iter().enumerate() {
+                    if admitted[i] {
+                        continue;
+                    }
                     match st.map.begin_write(region) {
                         WriteAdmission::Proceed { needs_mark } => {
-                            admitted.push(region);
+                            admitted[i] = true;
+                            held.regions.push(region);
                             if needs_mark {
                                 needs.push(region);
                             }
                         }
-                        WriteAdmission::Wait => {
-                            wait = true;
-                            break;
-                        }
+                        WriteAdmission::Wait => wait = true,
                     }
                 }
                 if !wait {
+                    held.regions.clear();
                     st.writes_started += 1;
                     for &region in regions {
                         st.note_write(region);
                     }
                     let in_sync = regions.iter().map(|&r| st.map.in_sync(r)).collect();
                     return (needs, st.active(), in_sync);
-                }
-                for region in admitted {
-                    st.map.abort_write(region);
                 }
                 self.recovered.generation()
             };
@@ -193,8 +305,9 @@ impl Inner {
         }
     }
 
-    /// A foreground flush: every active leg is flushed; it succeeds if any leg's flush did
-    /// (the others are failed, and that is durable before the flush completes).
+    /// A foreground flush: every active leg is flushed; it succeeds if the flush of a leg in
+    /// sync did (the others are failed, and that is durable before the flush completes). A
+    /// flush that only recovering legs took fails: no assembly could read them.
     pub(crate) async fn flush_op(self: Arc<Self>) -> io::Result<()> {
         self.engine.note_foreground_io();
         let (any, _) = self.flush_legs().await;
@@ -208,8 +321,8 @@ impl Inner {
         self.flush_legs().await.1
     }
 
-    /// Flushes every active leg, failing those whose flush fails. Returns whether any
-    /// succeeded and whether all did.
+    /// Flushes every active leg, failing those whose flush fails. Returns whether an in-sync
+    /// leg's flush succeeded and whether all did.
     async fn flush_legs(&self) -> (io::Result<()>, io::Result<()>) {
         let targets = self.lock().active();
         if targets.is_empty() {
@@ -220,7 +333,7 @@ impl Inner {
         let mut any = false;
         for (leg, res) in targets.iter().zip(results) {
             match res {
-                Ok(()) => any = true,
+                Ok(()) => any |= leg.state == LegState::InSync,
                 Err(err) => {
                     LegStats::bump(&leg.stats.write_errors);
                     self.fail_leg(leg.slot, leg.generation, "a flush failed");

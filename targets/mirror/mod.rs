@@ -106,6 +106,9 @@ pub struct Tuning {
     pub clear_batch: usize,
     /// The resync thread's tick (lazy clearing, retrying stuck regions).
     pub tick: Duration,
+    /// Most regions one piece of a write, discard or write-zeroes covers: a larger request is
+    /// written piece by piece, so it makes progress while the resync runs.
+    pub write_piece_regions: u64,
 }
 
 impl Default for Tuning {
@@ -116,6 +119,7 @@ impl Default for Tuning {
             clean_every_ticks: 5,
             clear_batch: 4096,
             tick: Duration::from_secs(1),
+            write_piece_regions: 64,
         }
     }
 }
