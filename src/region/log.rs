@@ -657,8 +657,19 @@ fn le_u64(bytes: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(bytes[at..at + 8].try_into().expect("eight bytes"))
 }
 
-/// Parses a header sector without checking the crc (which needs the whole image).
+/// The highest sequence number or event counter a header may carry: far beyond any log's
+/// life, and low enough that the next commit's increment never overflows.
+const MAX_COUNTER: u64 = 1 << 62;
+/// The largest device a log may describe, in sectors: its size in bytes fits in a `u64`.
+const MAX_DEVICE_SECTORS: u64 = u64::MAX / SECTOR_BYTES;
+
+/// Parses a header sector without checking the crc (which needs the whole image). Every
+/// count and size is bounded here, before anything is sized from it; the error names the
+/// field.
 fn decode_header(sector: &[u8]) -> std::result::Result<Header, String> {
+    if sector.len() < HEADER_BYTES {
+        return Err(format!("is {} bytes, shorter than a header", sector.len()));
+    }
     if sector[0..8] != MAGIC {
         return Err("has no dirty log magic".to_owned());
     }
@@ -666,7 +677,7 @@ fn decode_header(sector: &[u8]) -> std::result::Result<Header, String> {
     if version != VERSION {
         return Err(format!("has version {version}, not {VERSION}"));
     }
-    Ok(Header {
+    let header = Header {
         uuid: Uuid::from_bytes(sector[16..32].try_into().expect("sixteen bytes")),
         sequence: le_u64(sector, 32),
         events: le_u64(sector, 40),
@@ -674,7 +685,22 @@ fn decode_header(sector: &[u8]) -> std::result::Result<Header, String> {
         region_size: SectorCount(le_u64(sector, 56)),
         region_count: RegionCount(le_u64(sector, 64)),
         area_len: SectorCount(le_u64(sector, 72)),
-    })
+    };
+    let bounds = [
+        ("sequence number", header.sequence, MAX_COUNTER),
+        ("event counter", header.events, MAX_COUNTER),
+        ("device size", header.device_size.0, MAX_DEVICE_SECTORS),
+        ("region count", header.region_count.0, MAX_REGION_COUNT.0),
+        ("area length", header.area_len.0, MAX_DEVICE_SECTORS),
+    ];
+    for (field, value, limit) in bounds {
+        if value > limit {
+            return Err(format!(
+                "has a {field} of {value}, more than the limit of {limit}"
+            ));
+        }
+    }
+    Ok(header)
 }
 
 /// Checks a whole image (crc, geometry, area) and returns its header and bits.
@@ -703,7 +729,13 @@ fn decode_image(
         ));
     }
     let bitmap_len = RegionBitmap::byte_len(header.region_count);
-    let bitmap = &image[HEADER_BYTES..HEADER_BYTES + bitmap_len];
+    let Some(bitmap) = image.get(HEADER_BYTES..HEADER_BYTES + bitmap_len) else {
+        return Err(format!(
+            "claims {}, more than its {} bytes hold",
+            header.region_count,
+            image.len()
+        ));
+    };
     let bits = RegionBitmap::from_le_bytes(header.region_count, bitmap)
         .ok_or_else(|| "has bits set past its last region".to_owned())?;
     Ok((header, bits))

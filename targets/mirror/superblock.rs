@@ -41,6 +41,10 @@
 //! - A leg whose counter is behind the freshest leg's missed updates (it was failed or away).
 //!   md's rule decides how it comes back: if its counter is at least `events_cleared`, no
 //!   dirty bit was cleared since it left and the bitmap covers what it missed.
+//! - Every field read from disk is untrusted: `Superblock::decode` bounds each length and
+//!   counter (`check_layout`: the layout is exactly one `Layout::compute` can make, so the
+//!   log area is at most the size of a log of `MAX_REGION_COUNT` regions, about 1 MiB), and
+//!   an impossible value is an error naming the field, never a panic or a huge buffer.
 //! - The encoded superblock stays within the first 512 bytes of slot A, so byte 1080 (the
 //!   ext2/3/4 magic) of a mirror leg is always zero: a leg that shows that magic and no valid
 //!   slot A was reformatted.
@@ -72,6 +76,13 @@ pub const SB_SECTORS: SectorCount = SectorCount(8);
 pub const LOG_START: Sector = Sector(16);
 /// The data offset is a multiple of this (1 MiB).
 pub const DATA_ALIGN: SectorCount = SectorCount(2048);
+/// The largest leg, in sectors: a device whose size in bytes fits in a `u64`. Bounds every
+/// size and offset a superblock gives.
+pub const MAX_LEG_SECTORS: SectorCount = SectorCount(u64::MAX / SECTOR_BYTES);
+/// The highest event counter a superblock may carry: far beyond any mirror's life (one
+/// update a nanosecond for a century is below 2^62), and low enough that raising it never
+/// overflows.
+pub const MAX_EVENTS: u64 = 1 << 62;
 /// The region size used when none is given: 512 KiB, dm-mirror's default, doubled while
 /// the device would have too many regions.
 pub const DEFAULT_REGION: SectorCount = SectorCount(1024);
@@ -292,11 +303,13 @@ impl Superblock {
         if table[slot].state == LegState::Empty {
             return Err(format!("names slot {slot}, which its table says is empty"));
         }
+        let (events, events_cleared) = (u64_at(40), u64_at(48));
+        check_counters_and_table(events, events_cleared, &layout, &table)?;
         Ok(Superblock {
             uuid: Uuid::from_bytes(b[16..32].try_into().expect("sixteen bytes")),
             slot,
-            events: u64_at(40),
-            events_cleared: u64_at(48),
+            events,
+            events_cleared,
             layout,
             table,
         })
@@ -317,19 +330,93 @@ fn slot_sector(events: u64) -> Sector {
     }
 }
 
+/// Checks every length of a layout read from disk against what `Layout::compute` makes, so
+/// that nothing sized from it (the log area, read whole when a leg joins; the bitmaps; I/O
+/// offsets) can be huge, overflow, or point past a device. Each error names its field.
 fn check_layout(l: &Layout) -> std::result::Result<(), String> {
-    let log_end = l.log_area.start.0.checked_add(l.log_area.len.0);
-    let data_end = l.data_offset.0.checked_add(l.data_size.0);
-    let sane = l.log_area.start == LOG_START
-        && log_end.is_some_and(|end| end <= l.data_offset.0)
-        && l.data_offset.0 % DATA_ALIGN.0 == 0
-        && data_end.is_some();
-    if !sane {
-        return Err(format!("has an impossible layout {l:?}"));
+    if l.log_area.start != LOG_START {
+        return Err(format!(
+            "has a log area start of sector {}, not {}",
+            l.log_area.start.0, LOG_START.0
+        ));
     }
-    RegionGeometry::new(l.data_size, l.region_size)
-        .map(|_| ())
-        .map_err(|e| format!("has a bad geometry: {e}"))
+    let max_log = DirtyLog::area_sectors(MAX_REGION_COUNT);
+    if l.log_area.len > max_log {
+        return Err(format!(
+            "has a log area length of {} sectors, more than the limit of {}",
+            l.log_area.len.0, max_log.0
+        ));
+    }
+    if l.data_size.is_zero() || l.data_size > MAX_LEG_SECTORS {
+        return Err(format!(
+            "has a data size of {} sectors, not within 1..={}",
+            l.data_size.0, MAX_LEG_SECTORS.0
+        ));
+    }
+    let geometry = RegionGeometry::new(l.data_size, l.region_size).map_err(|e| {
+        format!(
+            "has a region size of {} sectors that does not suit its data size: {e}",
+            l.region_size.0
+        )
+    })?;
+    let needed = DirtyLog::area_sectors(geometry.count());
+    if l.log_area.len < needed {
+        return Err(format!(
+            "has a log area length of {} sectors, too short for the bitmap of its {} regions \
+             ({} needed)",
+            l.log_area.len.0,
+            geometry.count().0,
+            needed.0
+        ));
+    }
+    // Bounded above, so no overflow: the data starts at the log's end rounded up to 1 MiB.
+    let data_offset = Sector((l.log_area.end().0).next_multiple_of(DATA_ALIGN.0));
+    if l.data_offset != data_offset {
+        return Err(format!(
+            "has a data offset of sector {}, not {} (its log area's end rounded up to 1 MiB)",
+            l.data_offset.0, data_offset.0
+        ));
+    }
+    let end = l.data_offset.0.checked_add(l.data_size.0);
+    if end.is_none_or(|end| end > MAX_LEG_SECTORS.0) {
+        return Err(format!(
+            "has a data size of {} sectors, which ends past the largest device ({} sectors)",
+            l.data_size.0, MAX_LEG_SECTORS.0
+        ));
+    }
+    Ok(())
+}
+
+/// Checks the counters and the slot table of a superblock read from disk.
+fn check_counters_and_table(
+    events: u64,
+    events_cleared: u64,
+    layout: &Layout,
+    table: &[SlotEntry; MAX_LEGS],
+) -> std::result::Result<(), String> {
+    if events > MAX_EVENTS {
+        return Err(format!(
+            "has an event counter of {events}, more than the limit of {MAX_EVENTS}"
+        ));
+    }
+    if events_cleared > events {
+        return Err(format!(
+            "has an events_cleared of {events_cleared}, above its event counter {events}"
+        ));
+    }
+    for (i, entry) in table.iter().enumerate() {
+        let size = entry.leg_size;
+        let small = entry.state != LegState::Empty && size < layout.leg_sectors();
+        if size > MAX_LEG_SECTORS || small {
+            return Err(format!(
+                "has a leg size of {} sectors in slot {i}, not within {}..={}",
+                size.0,
+                layout.leg_sectors().0,
+                MAX_LEG_SECTORS.0
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn slot_crc(b: &[u8]) -> u32 {
