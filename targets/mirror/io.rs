@@ -40,22 +40,28 @@ pub(crate) enum LegOp {
     WriteZeroes,
 }
 
+/// One leg's I/O of a write.
+type LegWrite = IoFuture<io::Result<()>>;
+
 impl LegOp {
     /// The part of this operation (on `whole`) that falls on `piece`.
     fn piece(&self, whole: Extent, piece: Extent) -> LegOp {
         match self {
-            LegOp::Write { buf, flags } => {
-                let skip = (piece.start - whole.start).to_usize_bytes();
-                let bytes = &buf.as_slice()[skip..skip + piece.len.to_usize_bytes()];
-                LegOp::Write {
-                    buf: Arc::new(AlignedBuf::from_slice(bytes)),
-                    flags: *flags,
-                }
-            }
+            LegOp::Write { buf, flags } => LegOp::Write {
+                buf: slice_of(buf, whole, piece),
+                flags: *flags,
+            },
             LegOp::Discard => LegOp::Discard,
             LegOp::WriteZeroes => LegOp::WriteZeroes,
         }
     }
+}
+
+/// The bytes of `buf` (the data of `whole`) that fall on `piece`, as a buffer of their own.
+fn slice_of(buf: &AlignedBuf, whole: Extent, piece: Extent) -> Arc<AlignedBuf> {
+    let skip = (piece.start - whole.start).to_usize_bytes();
+    let bytes = &buf.as_slice()[skip..skip + piece.len.to_usize_bytes()];
+    Arc::new(AlignedBuf::from_slice(bytes))
 }
 
 /// Regions a write was admitted to while it waits for others: dropping the write then
@@ -159,16 +165,13 @@ impl Inner {
         pieces: &[(RegionIndex, Extent)],
         targets: &[LegRef],
         in_sync: &[bool],
-    ) -> (Vec<IoFuture<io::Result<()>>>, Vec<(usize, usize)>) {
-        let mut ops: Vec<IoFuture<io::Result<()>>> = Vec::new();
+    ) -> (Vec<LegWrite>, Vec<(usize, usize)>) {
+        let mut ops: Vec<LegWrite> = Vec::new();
         let mut who = Vec::new();
         for (p, &(_, piece)) in pieces.iter().enumerate() {
-            let piece_op = match op {
+            let piece_buf = match op {
                 LegOp::Write { buf, .. } if pieces.len() == 1 => Some(Arc::clone(buf)),
-                LegOp::Write { .. } => match op.piece(extent, piece) {
-                    LegOp::Write { buf, .. } => Some(buf),
-                    _ => unreachable!("a piece of a write is a write"),
-                },
+                LegOp::Write { buf, .. } => Some(slice_of(buf, extent, piece)),
                 _ => None,
             };
             let at = self.leg_sector(piece.start);
@@ -179,7 +182,7 @@ impl Inner {
                     continue;
                 }
                 let leg_extent = Extent::new(at, piece.len);
-                ops.push(match (op, &piece_op) {
+                ops.push(match (op, &piece_buf) {
                     (LegOp::Write { flags, .. }, Some(b)) => {
                         leg.dev.write(at, Arc::clone(b), *flags)
                     }

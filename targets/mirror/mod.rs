@@ -16,12 +16,15 @@
 //! - `commands.rs`: runtime commands and the status report.
 //!
 //! # How the pieces follow the region protocol
-//! - **Writes** split at regions; `begin_write` for each (waiting while a region recovers),
+//! - **Writes** are cut into pieces of at most `Tuning::write_piece_regions` regions, written
+//!   one after another (a large discard moves on while the resync runs), and each piece
+//!   splits at regions; `begin_write` for each (waiting while a region recovers),
 //!   one `DirtyLog::mark` for the regions that need it, then the legs (every in-sync leg, and
 //!   recovering legs where the region is already copied), then `end_write` with whether every
 //!   leg took the piece. A leg that fails is failed at once (in memory, then in the
 //!   superblocks of the survivors), and the write is acknowledged only after that update is
-//!   durable, so no acknowledged write can later be "resynced away" from a stale leg.
+//!   durable, so no acknowledged write can later be "resynced away" from a stale leg. A
+//!   write that no in-sync leg took fails with EIO, even if a recovering leg took it.
 //! - **Reads** of an in-sync region go to any active leg (least in flight first; large reads
 //!   split across legs); reads of an out-of-sync region go to its resync source only.
 //! - **Resync** copies out-of-sync regions from the source (the first in-sync leg, or the
