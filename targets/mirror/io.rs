@@ -9,9 +9,9 @@
 //!   (a leg failed), the superblocks saying so are durable; a copy on recovering legs alone
 //!   is one no assembly could read, so such a write fails with EIO;
 //! - a request is cut into pieces of at most `Tuning::write_piece_regions` regions, written
-//!   one after another, each admitted to all its regions before any leg is written: so no
-//!   write races a resync copy of its regions, and a large request waits only for the copies
-//!   running on one piece at a time, never for the resync walk to pass all of it;
+//!   one after another from the last, each admitted to all its regions before any leg is
+//!   written: so no write races a resync copy of its regions, and a large request waits for
+//!   the copies running where it meets the resync walk, never for the walk to pass all of it;
 //! - a read of an out-of-sync region is served by its resync source (other in-sync legs
 //!   only when that fails), never by a recovering leg, so no read returns data a resync is
 //!   about to overwrite;
@@ -104,9 +104,12 @@ impl Inner {
         if pieces.len() == 1 {
             return self.write_piece(extent, &op).await;
         }
-        // One piece after another: each waits only for the resync copies of its own regions,
-        // so a large request moves on while the resync walks the rest of the device.
-        for piece in pieces {
+        // One piece after another, each waiting only for the resync copies running on its own
+        // regions. Last piece first: the resync walks the disk upwards, so a request written
+        // upwards would meet the walk's next copies at every piece and move at the resync's
+        // pace; written downwards it meets the walk once (and the walk skips the regions of a
+        // piece in flight).
+        for piece in pieces.into_iter().rev() {
             self.write_piece(piece, &op.piece(extent, piece)).await?;
         }
         Ok(())

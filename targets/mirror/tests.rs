@@ -51,13 +51,23 @@ fn with_mirror<T: 'static, F>(
 where
     F: Future<Output = T> + 'static,
 {
+    with_mirror_tuned(legs, opts, Tuning::default(), body)
+}
+
+/// [`with_mirror`] with `tuning`.
+fn with_mirror_tuned<T: 'static, F>(
+    legs: Vec<DeviceRef>,
+    opts: CreateOptions,
+    tuning: Tuning,
+    body: impl FnOnce(Arc<MirrorTarget>) -> F + 'static,
+) -> Result<T>
+where
+    F: Future<Output = T> + 'static,
+{
     run_local(async move {
         let (engine, run) = CopyEngine::new_local(small_engine()).expect("engine");
         let runner = spawn(run);
-        let env = MirrorEnv {
-            engine,
-            tuning: Tuning::default(),
-        };
+        let env = MirrorEnv { engine, tuning };
         let target = match MirrorTarget::open(legs, &opts, env).await {
             Ok(t) => Arc::new(t),
             Err(err) => {
@@ -587,9 +597,8 @@ impl BlockDevice for SlowReads {
 
 /// A write-zeroes of the whole device during a resync makes progress while the resync runs:
 /// it does not wait until the resync walk has passed all of its regions. Nor does it race a
-/// copy: afterwards both legs hold zeroes.
-#[test]
-fn a_large_write_zeroes_proceeds_while_resync_runs() {
+/// copy: afterwards both legs hold zeroes. `piece_regions` cuts it into pieces.
+fn large_zeroing_during_resync(piece_regions: u64) {
     let legs = vec![mem("a"), mem("b")];
     legs[0].poke(Sector(2048), &pattern(3, 2048));
     let slow: DeviceRef = Arc::new(SlowReads {
@@ -598,7 +607,11 @@ fn a_large_write_zeroes_proceeds_while_resync_runs() {
     });
     let devices = vec![slow, legs[1].clone() as DeviceRef];
     let l = legs.clone();
-    with_mirror(devices, options(64), move |t| async move {
+    let tuning = Tuning {
+        write_piece_regions: piece_regions,
+        ..Tuning::default()
+    };
+    with_mirror_tuned(devices, options(64), tuning, move |t| async move {
         let count = t.inner.geometry.count().0;
         turns(10).await;
         let size = t.info().size;
@@ -617,6 +630,16 @@ fn a_large_write_zeroes_proceeds_while_resync_runs() {
         assert!(data_of(&l[1], layout) == zero, "leg b holds zeroes");
     })
     .expect("mirror");
+}
+
+#[test]
+fn a_large_write_zeroes_proceeds_while_resync_runs() {
+    large_zeroing_during_resync(Tuning::default().write_piece_regions);
+}
+
+#[test]
+fn a_large_write_zeroes_in_pieces_proceeds_while_resync_runs() {
+    large_zeroing_during_resync(3);
 }
 
 // ---------------------------------------------------------------------------------------------
