@@ -487,7 +487,10 @@ fn assemble_scan(json: bool) -> Result<()> {
         None => Ok(()),
         Some(kind) => Err(Error::new(
             kind,
-            format!("{failures} of {} found could not be brought up", results.len()),
+            format!(
+                "{failures} of {} found could not be brought up",
+                results.len()
+            ),
         )),
     }
 }
@@ -511,22 +514,13 @@ fn bring_up(
             let stored = d.spec.clone().expect("matched by its spec");
             (Start::Recover(d.id), ("recovered", stored))
         }
-        Some(d) => {
-            return (
-                "served",
-                Some(d.id),
-                Some(d.block_device.clone()),
-                None,
-            )
-        }
+        Some(d) => return ("served", Some(d.id), Some(d.block_device.clone()), None),
         None => (Start::Add(DeviceConfig::default()), ("started", spec)),
     };
     let (outcome, spec) = outcome;
     match daemon::launch(start, spec) {
         Ok(path) => {
-            let id = path
-                .to_str()
-                .and_then(|p| parse_id(p).ok());
+            let id = path.to_str().and_then(|p| parse_id(p).ok());
             (outcome, id, Some(path), None)
         }
         Err(err) => ("failed", None, None, Some(err)),
@@ -593,7 +587,11 @@ fn install_units(prefix: Option<PathBuf>) -> Result<()> {
     let path = dir.join(UNIT_NAME);
     std::fs::write(&path, unit_text(&exe))
         .map_err(|e| Error::io(format!("cannot write {}", path.display()), e))?;
-    println!("wrote {} (ExecStart={} assemble --scan)", path.display(), exe.display());
+    println!(
+        "wrote {} (ExecStart={} assemble --scan)",
+        path.display(),
+        exe.display()
+    );
     println!("enable it with: systemctl daemon-reload && systemctl enable {UNIT_NAME}");
     Ok(())
 }
@@ -1214,7 +1212,10 @@ mod tests {
     #[test]
     fn the_unit_runs_this_binary_once_at_boot() {
         let text = unit_text(std::path::Path::new("/opt/x/ublkdm"));
-        assert!(text.contains("ExecStart=/opt/x/ublkdm assemble --scan"), "{text}");
+        assert!(
+            text.contains("ExecStart=/opt/x/ublkdm assemble --scan"),
+            "{text}"
+        );
         assert!(text.contains("Type=oneshot"));
         assert!(text.contains("After=systemd-udev-settle.service"));
         assert!(!text.contains(UNIT_BINARY));
@@ -1223,7 +1224,10 @@ mod tests {
         let written = std::fs::read_to_string(dir.path().join("units").join(UNIT_NAME))
             .expect("the unit is written");
         assert!(written.contains(" assemble --scan"));
-        assert!(Cli::try_parse_from(["ublkdm", "assemble"]).is_err(), "--scan is required");
+        assert!(
+            Cli::try_parse_from(["ublkdm", "assemble"]).is_err(),
+            "--scan is required"
+        );
         assert!(Cli::try_parse_from(["ublkdm", "assemble", "--scan", "--json"]).is_ok());
     }
 

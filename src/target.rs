@@ -168,6 +168,9 @@ mod tests {
         assert_eq!(spec, mirror(None));
         assert_eq!(spec.identity(), None);
         let json = serde_json::to_value(&spec).expect("json");
-        assert!(json.get("uuid").is_none(), "no uuid is written as none: {json}");
+        assert!(
+            json.get("uuid").is_none(),
+            "no uuid is written as none: {json}"
+        );
     }
 }

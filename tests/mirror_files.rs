@@ -215,15 +215,40 @@ fn the_stored_spec_follows_replace_leg_and_finds_moved_legs_by_uuid() {
     assert_eq!(reply["replaced"], 1);
     wait_in_sync(&target);
     let replaced = target.spec(&created);
-    assert_eq!(spec_legs(&replaced), (Some(uuid), vec![legs[0].clone(), legs[2].clone()]));
+    assert_eq!(
+        spec_legs(&replaced),
+        (Some(uuid), vec![legs[0].clone(), legs[2].clone()])
+    );
     shut(target);
     // Rename leg 0: the stored path is gone; the new name, given as one more hint among
     // others (the old leg b, replaced, still carries the mirror's uuid), is found by identity.
     let moved = dir.path().join("a-moved");
     std::fs::rename(&legs[0], &moved).expect("rename");
-    let TargetSpec::Mirror { uuid: u, legs: _, region_size_sectors, nosync, force, resync_throttle } = replaced.clone() else { unreachable!() };
-    let hints = vec![legs[0].clone(), legs[1].clone(), legs[2].clone(), moved.clone()];
-    let again = TargetSpec::Mirror { uuid: u, legs: hints, region_size_sectors, nosync, force, resync_throttle };
+    let TargetSpec::Mirror {
+        uuid: u,
+        legs: _,
+        region_size_sectors,
+        nosync,
+        force,
+        resync_throttle,
+    } = replaced.clone()
+    else {
+        unreachable!()
+    };
+    let hints = vec![
+        legs[0].clone(),
+        legs[1].clone(),
+        legs[2].clone(),
+        moved.clone(),
+    ];
+    let again = TargetSpec::Mirror {
+        uuid: u,
+        legs: hints,
+        region_size_sectors,
+        nosync,
+        force,
+        resync_throttle,
+    };
     let target = open_spec(&again).expect("assemble by uuid");
     let status = wait_in_sync(&target);
     assert_eq!(status["uuid"], uuid.to_string());
@@ -233,12 +258,20 @@ fn the_stored_spec_follows_replace_leg_and_finds_moved_legs_by_uuid() {
         .iter()
         .map(|l| l["device"].as_str().expect("device").to_owned())
         .collect();
-    let expect: Vec<String> = [&moved, &legs[2]].iter().map(|p| p.display().to_string()).collect();
-    assert_eq!(devices, expect, "the moved leg and the replacement, not the old leg b");
+    let expect: Vec<String> = [&moved, &legs[2]]
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect();
+    assert_eq!(
+        devices, expect,
+        "the moved leg and the replacement, not the old leg b"
+    );
     assert_eq!(read(&target, 512, 64), data);
-    assert_eq!(spec_legs(&target.spec(&again)), (Some(uuid), vec![moved.clone(), legs[2].clone()]));
+    assert_eq!(
+        spec_legs(&target.spec(&again)),
+        (Some(uuid), vec![moved.clone(), legs[2].clone()])
+    );
     shut(target);
-    drop(target);
     // A copy of leg c claims the same slot and leg: refused, naming both, never merged.
     let clone = dir.path().join("c-clone");
     std::fs::copy(&legs[2], &clone).expect("clone a leg");
@@ -274,7 +307,10 @@ fn losetup(file: &Path) -> Option<PathBuf> {
 }
 
 fn detach(dev: &Path) {
-    let _ = std::process::Command::new("losetup").arg("-d").arg(dev).status();
+    let _ = std::process::Command::new("losetup")
+        .arg("-d")
+        .arg(dev)
+        .status();
 }
 
 /// Loop devices that are detached when dropped (also when the test fails).
@@ -336,7 +372,6 @@ fn loop_legs_that_moved_are_found_by_the_scan_and_a_clone_is_refused() {
     assert_eq!(devices, expect);
     assert_eq!(read(&target, 4096, 64), data);
     shut(target);
-    drop(target);
     // A cloned disk: the copy is found by the scan and refused with the original.
     let clone = dir.path().join("l1-clone");
     std::fs::copy(&files[1], &clone).expect("clone");

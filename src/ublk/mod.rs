@@ -505,9 +505,8 @@ fn rewrite_stored_spec(path: &Path, spec: &TargetSpec) -> Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     let what = || format!("cannot update the stored spec in {}", path.display());
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(what(), e))?;
-    let mut json: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
-        Error::with_source(ErrorKind::Corrupt, format!("{}: not json", what()), e)
-    })?;
+    let mut json: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::with_source(ErrorKind::Corrupt, format!("{}: not json", what()), e))?;
     let Some(object) = json.as_object_mut() else {
         return Err(Error::new(
             ErrorKind::Corrupt,

@@ -142,8 +142,8 @@ pub struct Survey {
 
 /// The identity of the device at `path`: its device number, or its file's inode.
 fn device_key(path: &Path) -> Result<(u64, u64)> {
-    let meta =
-        std::fs::metadata(path).map_err(|e| Error::io(format!("cannot open {}", path.display()), e))?;
+    let meta = std::fs::metadata(path)
+        .map_err(|e| Error::io(format!("cannot open {}", path.display()), e))?;
     Ok(if meta.file_type().is_block_device() {
         (u64::MAX, meta.rdev())
     } else {
@@ -250,10 +250,12 @@ pub fn members(uuid: Uuid, found: &[Found]) -> Result<Members> {
             return Err(duplicate(uuid, a, b, what));
         }
     }
-    let newest = *ours
-        .iter()
-        .max_by_key(|f| f.sb.events)
-        .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("no leg of mirror {uuid} found")))?;
+    let newest = *ours.iter().max_by_key(|f| f.sb.events).ok_or_else(|| {
+        Error::new(
+            ErrorKind::NotFound,
+            format!("no leg of mirror {uuid} found"),
+        )
+    })?;
     let table_of = |f: &Found| {
         f.sb.table
             .iter()
@@ -490,7 +492,10 @@ mod tests {
     #[test]
     fn a_missing_slot_is_named() {
         let table = [(0, 1), (1, 2), (2, 3)];
-        let legs = vec![found("/dev/a", 1, sb(0, 4, &table)), found("/dev/c", 3, sb(2, 4, &table))];
+        let legs = vec![
+            found("/dev/a", 1, sb(0, 4, &table)),
+            found("/dev/c", 3, sb(2, 4, &table)),
+        ];
         let m = members(MIRROR, &legs).expect("members");
         assert_eq!(m.missing, [(1, LegState::InSync)]);
         assert_eq!(m.legs.len(), 2);
@@ -507,7 +512,10 @@ mod tests {
         let err = members(MIRROR, &legs).expect_err("a clone");
         assert_eq!(err.kind(), ErrorKind::Corrupt);
         let line = err.to_string();
-        assert!(line.contains("/dev/b") && line.contains("/dev/clone"), "{line}");
+        assert!(
+            line.contains("/dev/b") && line.contains("/dev/clone"),
+            "{line}"
+        );
         assert!(!line.contains('\n'), "one line: {line}");
         // The same device under two names is one device.
         let legs = vec![
