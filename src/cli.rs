@@ -439,6 +439,7 @@ struct Assembled {
     identity: String,
     legs: Vec<serde_json::Value>,
     missing: Vec<String>,
+    left_out: Vec<String>,
     /// `started`, `recovered`, `served` (already), `refused` or `failed`.
     outcome: &'static str,
     id: Option<u32>,
@@ -476,6 +477,7 @@ fn assemble_scan(json: bool) -> Result<()> {
             identity: found.identity,
             legs,
             missing: found.missing,
+            left_out: found.left_out,
             outcome,
             id,
             device,
@@ -546,20 +548,30 @@ fn print_assembled(results: &[Assembled], probed: usize, json: bool) {
         let what = match (r.outcome, &r.device, &r.error) {
             ("served", Some(dev), _) => format!("already served as {}", dev.display()),
             (outcome, Some(dev), _) => format!("{outcome} as {}", dev.display()),
-            (outcome, _, Some(err)) => format!("{outcome}: {err}"),
+            (outcome, _, Some(err)) => {
+                let prefix = format!("{} {}: ", r.kind, r.identity);
+                format!("{outcome}: {}", err.strip_prefix(&prefix).unwrap_or(err))
+            }
             (outcome, None, None) => outcome.to_owned(),
         };
-        let missing = if r.missing.is_empty() {
-            "none".to_owned()
-        } else {
-            r.missing.join(", ")
-        };
-        println!(
-            "{} {}: {what}; legs {}; missing {missing}",
+        let mut line = format!(
+            "{} {}: {what}; legs {}",
             r.kind,
             r.identity,
             legs.join(", ")
         );
+        if r.error.is_none() || !r.missing.is_empty() {
+            let missing = if r.missing.is_empty() {
+                "none".to_owned()
+            } else {
+                r.missing.join(", ")
+            };
+            line.push_str(&format!("; missing {missing}"));
+        }
+        if !r.left_out.is_empty() {
+            line.push_str(&format!("; left out {}", r.left_out.join(", ")));
+        }
+        println!("{line}");
     }
 }
 

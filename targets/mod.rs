@@ -38,8 +38,10 @@ pub struct Discovered {
     pub identity: String,
     /// The devices found, each with what it is (e.g. `slot 0`).
     pub found: Vec<(PathBuf, String)>,
-    /// What is missing or left out, one line each.
+    /// What is missing (e.g. a slot with no device found), one line each.
     pub missing: Vec<String>,
+    /// Devices that carry the identity but are not used, and why, one line each.
+    pub left_out: Vec<String>,
     /// The spec to serve it with, or why it must not be served.
     pub spec: Result<TargetSpec>,
 }

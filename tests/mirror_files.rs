@@ -219,6 +219,24 @@ fn the_stored_spec_follows_replace_leg_and_finds_moved_legs_by_uuid() {
         spec_legs(&replaced),
         (Some(uuid), vec![legs[0].clone(), legs[2].clone()])
     );
+    // add-leg and remove-leg are followed too.
+    let extra = make_legs(dir.path(), &["d"]).remove(0);
+    let reply = target
+        .command(
+            "add-leg",
+            &serde_json::json!({ "device": extra.to_str().expect("utf-8") }),
+        )
+        .expect("add-leg");
+    let added = reply["added"].as_u64().expect("a slot");
+    let grown = target.spec(&replaced);
+    assert_eq!(
+        spec_legs(&grown).1,
+        [legs[0].clone(), legs[2].clone(), extra.clone()]
+    );
+    target
+        .command("remove-leg", &serde_json::json!({ "slot": added }))
+        .expect("remove-leg");
+    assert_eq!(target.spec(&grown), replaced);
     shut(target);
     // Rename leg 0: the stored path is gone; the new name, given as one more hint among
     // others (the old leg b, replaced, still carries the mirror's uuid), is found by identity.

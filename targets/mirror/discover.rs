@@ -376,12 +376,12 @@ fn discovered(uuid: Uuid, legs: &[Found]) -> Discovered {
             missing: m
                 .missing
                 .iter()
-                .map(|(slot, state)| format!("slot {slot} ({state:?})"))
-                .chain(
-                    m.ignored
-                        .iter()
-                        .map(|(p, why)| format!("{} left out: {why}", p.display())),
-                )
+                .map(|(slot, state)| format!("slot {slot} (was {state:?})"))
+                .collect(),
+            left_out: m
+                .ignored
+                .iter()
+                .map(|(p, why)| format!("{}: {why}", p.display()))
                 .collect(),
             spec: Ok(TargetSpec::Mirror {
                 uuid: Some(uuid),
@@ -397,6 +397,7 @@ fn discovered(uuid: Uuid, legs: &[Found]) -> Discovered {
             identity: uuid.to_string(),
             found: legs.iter().map(describe).collect(),
             missing: Vec::new(),
+            left_out: Vec::new(),
             spec: Err(err),
         },
     }

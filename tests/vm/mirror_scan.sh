@@ -98,7 +98,7 @@ phase2() {
 	dev=/dev/ublkb$id
 	wait_in_sync "$id" 180 || fail "scan-resync" "$(mstatus "$id" .regions)"
 	echo "legs after the scan: $(slot_devices "$id")"
-	if [[ $(slot_devices "$id") == "0=/dev/vda 1=/dev/vdc" && $out == *"/dev/vdb left out"* ]]; then
+	if [[ $(slot_devices "$id") == "0=/dev/vda 1=/dev/vdc" && $out == *"left out /dev/vdb: an older leg of slot 1"* ]]; then
 		pass "scan-finds-the-current-legs-only"
 	else
 		fail "scan-finds-the-current-legs-only" "$(slot_devices "$id")"
