@@ -80,7 +80,10 @@ enum Event {
 
 /// Where the daemon reports its progress: the handshake pipe, or (in the foreground) stdout.
 struct Reporter {
-    pipe: Option<Mutex<File>>,
+    /// `None` in the foreground; the pipe is closed once the device is live, so that the
+    /// parent's reader sees the end at once (a CLI that starts several daemons, such as
+    /// `assemble --scan`, must be down to one thread before each fork).
+    pipe: Option<Mutex<Option<File>>>,
     log: Option<LogFile>,
 }
 
@@ -89,11 +92,14 @@ impl Reporter {
         let Some(pipe) = &self.pipe else { return };
         let mut line = serde_json::to_string(event).expect("events serialize");
         line.push('\n');
-        // The parent may be gone (it gave up waiting): nothing to do about that.
-        let _ = pipe
-            .lock()
-            .expect("handshake pipe")
-            .write_all(line.as_bytes());
+        let mut pipe = pipe.lock().expect("handshake pipe");
+        if let Some(file) = pipe.as_mut() {
+            // The parent may be gone (it gave up waiting): nothing to do about that.
+            let _ = file.write_all(line.as_bytes());
+        }
+        if matches!(event, Event::Live { .. }) {
+            *pipe = None;
+        }
     }
 
     fn added(&self, id: u32) {
@@ -329,7 +335,7 @@ fn daemon_child(start: Start, spec: TargetSpec, pipe: File) -> i32 {
     // SAFETY: setsid takes no arguments; it fails only if we already lead a group (harmless).
     unsafe { libc::setsid() };
     let reporter = Reporter {
-        pipe: Some(Mutex::new(pipe)),
+        pipe: Some(Mutex::new(Some(pipe))),
         log: None,
     };
     let (log, file) = match LogFile::open(&start)
@@ -412,6 +418,10 @@ fn run(start: Start, spec: TargetSpec, reporter: Arc<Reporter>) -> Result<()> {
     private_mount_namespace()?;
     block_stop_signals()?;
     let target = targets::open_target(&spec)?;
+    // What is stored with the device is the target as it is (a new mirror's identity, the
+    // legs where they were found), not only as it was asked for.
+    let spec = target.spec(&spec);
+    log::info!("stored spec: {spec:?}");
     // The children a dead daemon left QUIESCED, to take over along with the primary.
     let (leftovers, config) = match start {
         Start::Recover(id) => (child_devices(id), None),
@@ -598,7 +608,8 @@ struct ChildDevice {
 struct Daemon {
     device: Device,
     target: Arc<dyn Target>,
-    spec: TargetSpec,
+    /// The spec stored with the device: follows the target after every command.
+    spec: Mutex<TargetSpec>,
     /// The shape of child devices: the primary's.
     child_config: DeviceConfig,
     stopping: AtomicBool,
@@ -630,7 +641,7 @@ impl Daemon {
         Daemon {
             device,
             target,
-            spec,
+            spec: Mutex::new(spec),
             child_config,
             stopping: AtomicBool::new(false),
             children: Mutex::default(),
@@ -777,6 +788,9 @@ impl Daemon {
             }
         }
         let result = self.target.command(name, args);
+        // Even a failed command may have changed the target (a replace-leg that emptied its
+        // slot): the stored spec follows what the target is now.
+        self.refresh_spec();
         let errors = self.reconcile(&mut children, &BTreeMap::new());
         let mut reply = result?;
         let named = reply
@@ -792,6 +806,24 @@ impl Daemon {
             }
         }
         Ok(reply)
+    }
+
+    /// Stores the target's current spec with the device when it changed, so that `recover`
+    /// rebuilds the target as it is now. A failure is logged: the command itself took effect.
+    fn refresh_spec(&self) {
+        let mut spec = self.spec.lock().expect("spec");
+        let now = self.target.spec(&spec);
+        if now == *spec {
+            return;
+        }
+        match self.device.update_spec(&now) {
+            Ok(()) => log::info!("stored spec: {now:?}"),
+            Err(err) => log::error!(
+                "the stored spec still says {spec:?}: {}",
+                err.chain().join(": ")
+            ),
+        }
+        *spec = now;
     }
 
     fn children_json(&self) -> serde_json::Value {
@@ -856,7 +888,7 @@ impl Daemon {
                 "log": log_path(self.device.id()),
                 "stopping": self.stopping.load(Ordering::SeqCst),
             },
-            "spec": self.spec,
+            "spec": self.spec.lock().expect("spec").clone(),
             "target": { "kind": self.target.kind(), "status": self.target.status() },
             "io": self.device.stats().to_json(),
             "children": self.children_json(),

@@ -53,6 +53,13 @@ pub trait Target: BlockDevice {
         ))
     }
 
+    /// The spec that rebuilds this target as it is now, given the one it was built from: a
+    /// target whose devices change at run time (a mirror's legs) or that gains an identity
+    /// when it is created says so here; the daemon stores the result after every command.
+    fn spec(&self, built_from: &TargetSpec) -> TargetSpec {
+        built_from.clone()
+    }
+
     /// The children command `name` removes or makes unusable: their devices are stopped (and
     /// must not be in use) before it runs.
     fn command_releases(&self, _name: &str, _args: &serde_json::Value) -> Vec<String> {
@@ -69,6 +76,12 @@ pub enum TargetSpec {
     /// An N-way mirror (`targets/mirror`): created on blank legs, assembled from legs that
     /// already hold it.
     Mirror {
+        /// The mirror's identity, once it exists: legs are found by the superblocks that carry
+        /// it, wherever their paths now point (`legs` are then only hints). Absent in specs
+        /// stored before identities were recorded, and in a new `add mirror`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        uuid: Option<uuid::Uuid>,
+        /// The legs' paths: what `add` was given, then the legs the mirror has now.
         legs: Vec<PathBuf>,
         /// Region size in sectors; 0 picks the default.
         #[serde(default)]
@@ -103,4 +116,61 @@ pub enum TargetSpec {
         kind: String,
         name: String,
     },
+}
+
+impl TargetSpec {
+    /// The identity of what the spec serves, when it has one (a mirror's UUID): the same
+    /// identity served twice would be one device behind two daemons.
+    pub fn identity(&self) -> Option<String> {
+        match self {
+            TargetSpec::Mirror { uuid, .. } => uuid.map(|u| u.to_string()),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mirror(uuid: Option<uuid::Uuid>) -> TargetSpec {
+        TargetSpec::Mirror {
+            uuid,
+            legs: vec!["/dev/vdb".into(), "/dev/vdc".into()],
+            region_size_sectors: 1024,
+            nosync: false,
+            force: false,
+            resync_throttle: Default::default(),
+        }
+    }
+
+    #[test]
+    fn a_mirror_spec_round_trips_with_its_uuid() {
+        let uuid = uuid::Uuid::from_u128(0x1234_5678);
+        let spec = mirror(Some(uuid));
+        let json = serde_json::to_value(&spec).expect("json");
+        assert_eq!(json["uuid"], uuid.to_string());
+        let back: TargetSpec = serde_json::from_value(json).expect("parse");
+        assert_eq!(back, spec);
+        assert_eq!(back.identity(), Some(uuid.to_string()));
+    }
+
+    #[test]
+    fn a_mirror_spec_stored_before_identities_still_parses() {
+        let old = serde_json::json!({
+            "target": "mirror",
+            "legs": ["/dev/vdb", "/dev/vdc"],
+            "region_size_sectors": 1024,
+            "nosync": false,
+            "force": false,
+        });
+        let spec: TargetSpec = serde_json::from_value(old).expect("an old spec parses");
+        assert_eq!(spec, mirror(None));
+        assert_eq!(spec.identity(), None);
+        let json = serde_json::to_value(&spec).expect("json");
+        assert!(
+            json.get("uuid").is_none(),
+            "no uuid is written as none: {json}"
+        );
+    }
 }

@@ -2,8 +2,13 @@
 //! its own copy-engine thread and resync thread with a ticker, I/O from another thread, and
 //! commands through `Target::command`. Then the same spec again assembles what was created.
 //!
+//! Identity: the spec the daemon stores follows `replace-leg`, records the mirror's UUID, and
+//! finds the legs by their superblocks wherever they now are (files given as hints, loop
+//! devices found by the scan); a cloned leg is refused, naming both copies.
+//!
 //! Regular files need no privileges; a filesystem that refuses `O_DIRECT` (tmpfs) makes the
-//! test print `SKIP:` and return.
+//! test print `SKIP:` and return. The loop-device test needs root and `losetup`, else it
+//! prints `SKIP:`.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -20,6 +25,7 @@ const LEG_BYTES: u64 = 8 << 20;
 
 fn spec(legs: &[PathBuf]) -> TargetSpec {
     TargetSpec::Mirror {
+        uuid: None,
         legs: legs.to_vec(),
         region_size_sectors: 256,
         nosync: false,
@@ -149,4 +155,260 @@ fn open_mirror_over_files_resyncs_on_its_own_threads_and_reassembles() {
     assert_eq!(status["uuid"], uuid);
     assert_eq!(read(&target, 1024, 64), data);
     assert_eq!(read(&target, 2048, 64), data);
+}
+
+fn make_legs(dir: &Path, names: &[&str]) -> Vec<PathBuf> {
+    names
+        .iter()
+        .map(|name| {
+            let path = dir.join(name);
+            let file = std::fs::File::create(&path).expect("create a leg");
+            file.set_len(LEG_BYTES).expect("size a leg");
+            path
+        })
+        .collect()
+}
+
+fn shut(target: Arc<dyn Target>) {
+    block_on({
+        let t = Arc::clone(&target);
+        async move { t.shutdown().await }
+    })
+    .expect("shutdown");
+}
+
+fn open_spec(spec: &TargetSpec) -> ublkdm::error::Result<Arc<dyn Target>> {
+    open_mirror_with(spec, ThrottleConfig::UNLIMITED, tuning())
+}
+
+fn spec_legs(spec: &TargetSpec) -> (Option<uuid::Uuid>, Vec<PathBuf>) {
+    match spec {
+        TargetSpec::Mirror { uuid, legs, .. } => (*uuid, legs.clone()),
+        other => panic!("not a mirror spec: {other:?}"),
+    }
+}
+
+#[test]
+fn the_stored_spec_follows_replace_leg_and_finds_moved_legs_by_uuid() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("temp dir");
+    if !direct_io_works(dir.path()) {
+        eprintln!("SKIP: this filesystem refuses O_DIRECT");
+        return;
+    }
+    let legs = make_legs(dir.path(), &["a", "b", "c"]);
+    let data: Vec<u8> = (0..64 * 512).map(|i| (i % 239) as u8).collect();
+    let given = spec(&legs[..2]);
+    let target = open_spec(&given).expect("create");
+    write(&target, 512, data.clone());
+    wait_in_sync(&target);
+    let created = target.spec(&given);
+    let (uuid, paths) = spec_legs(&created);
+    let uuid = uuid.expect("a created mirror records its uuid");
+    assert_eq!(target.status()["uuid"], uuid.to_string());
+    assert_eq!(paths, legs[..2]);
+    let reply = target
+        .command(
+            "replace-leg",
+            &serde_json::json!({ "slot": 1, "device": legs[2].to_str().expect("utf-8") }),
+        )
+        .expect("replace-leg");
+    assert_eq!(reply["replaced"], 1);
+    wait_in_sync(&target);
+    let replaced = target.spec(&created);
+    assert_eq!(
+        spec_legs(&replaced),
+        (Some(uuid), vec![legs[0].clone(), legs[2].clone()])
+    );
+    // add-leg and remove-leg are followed too.
+    let extra = make_legs(dir.path(), &["d"]).remove(0);
+    let reply = target
+        .command(
+            "add-leg",
+            &serde_json::json!({ "device": extra.to_str().expect("utf-8") }),
+        )
+        .expect("add-leg");
+    let added = reply["added"].as_u64().expect("a slot");
+    let grown = target.spec(&replaced);
+    assert_eq!(
+        spec_legs(&grown).1,
+        [legs[0].clone(), legs[2].clone(), extra.clone()]
+    );
+    target
+        .command("remove-leg", &serde_json::json!({ "slot": added }))
+        .expect("remove-leg");
+    assert_eq!(target.spec(&grown), replaced);
+    shut(target);
+    // Rename leg 0: the stored path is gone; the new name, given as one more hint among
+    // others (the old leg b, replaced, still carries the mirror's uuid), is found by identity.
+    let moved = dir.path().join("a-moved");
+    std::fs::rename(&legs[0], &moved).expect("rename");
+    let TargetSpec::Mirror {
+        uuid: u,
+        legs: _,
+        region_size_sectors,
+        nosync,
+        force,
+        resync_throttle,
+    } = replaced.clone()
+    else {
+        unreachable!()
+    };
+    let hints = vec![
+        legs[0].clone(),
+        legs[1].clone(),
+        legs[2].clone(),
+        moved.clone(),
+    ];
+    let again = TargetSpec::Mirror {
+        uuid: u,
+        legs: hints,
+        region_size_sectors,
+        nosync,
+        force,
+        resync_throttle,
+    };
+    let target = open_spec(&again).expect("assemble by uuid");
+    let status = wait_in_sync(&target);
+    assert_eq!(status["uuid"], uuid.to_string());
+    let devices: Vec<String> = status["legs"]
+        .as_array()
+        .expect("legs")
+        .iter()
+        .map(|l| l["device"].as_str().expect("device").to_owned())
+        .collect();
+    let expect: Vec<String> = [&moved, &legs[2]]
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect();
+    assert_eq!(
+        devices, expect,
+        "the moved leg and the replacement, not the old leg b"
+    );
+    assert_eq!(read(&target, 512, 64), data);
+    assert_eq!(
+        spec_legs(&target.spec(&again)),
+        (Some(uuid), vec![moved.clone(), legs[2].clone()])
+    );
+    shut(target);
+    // A copy of leg c claims the same slot and leg: refused, naming both, never merged.
+    let clone = dir.path().join("c-clone");
+    std::fs::copy(&legs[2], &clone).expect("clone a leg");
+    let cloned = TargetSpec::Mirror {
+        uuid: Some(uuid),
+        legs: vec![moved.clone(), legs[2].clone(), clone.clone()],
+        region_size_sectors,
+        nosync,
+        force,
+        resync_throttle,
+    };
+    let err = match open_spec(&cloned) {
+        Ok(_) => panic!("a cloned leg was accepted"),
+        Err(err) => err,
+    };
+    let line = err.to_string();
+    assert!(line.contains(&legs[2].display().to_string()), "{line}");
+    assert!(line.contains(&clone.display().to_string()), "{line}");
+    assert!(line.contains("cloned"), "{line}");
+    assert_eq!(err.kind().exit_code(), 7);
+}
+
+/// Attaches `file` to a free loop device; its path.
+fn losetup(file: &Path) -> Option<PathBuf> {
+    let out = std::process::Command::new("losetup")
+        .args(["--find", "--show", "--direct-io=on"])
+        .arg(file)
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+}
+
+fn detach(dev: &Path) {
+    let _ = std::process::Command::new("losetup")
+        .arg("-d")
+        .arg(dev)
+        .status();
+}
+
+/// Loop devices that are detached when dropped (also when the test fails).
+struct Loops(Vec<PathBuf>);
+
+impl Drop for Loops {
+    fn drop(&mut self) {
+        for dev in &self.0 {
+            detach(dev);
+        }
+    }
+}
+
+#[test]
+fn loop_legs_that_moved_are_found_by_the_scan_and_a_clone_is_refused() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIP: loop devices need root");
+        return;
+    }
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("temp dir");
+    let files = make_legs(dir.path(), &["l0", "l1"]);
+    let mut loops = Loops(Vec::new());
+    for file in &files {
+        match losetup(file) {
+            Some(dev) => loops.0.push(dev),
+            None => {
+                eprintln!("SKIP: losetup failed");
+                return;
+            }
+        }
+    }
+    let data: Vec<u8> = (0..64 * 512).map(|i| (i % 241) as u8).collect();
+    let given = spec(&loops.0);
+    let target = open_spec(&given).expect("create on loop devices");
+    write(&target, 4096, data.clone());
+    wait_in_sync(&target);
+    let stored = target.spec(&given);
+    shut(target);
+    // The same files on other loop devices: the stored paths now name detached loops.
+    let mut moved = Loops(Vec::new());
+    for file in files.iter().rev() {
+        moved.0.push(losetup(file).expect("losetup again"));
+    }
+    for old in std::mem::take(&mut loops.0) {
+        detach(&old);
+    }
+    let target = open_spec(&stored).expect("the scan finds the legs by uuid");
+    let status = wait_in_sync(&target);
+    let mut devices: Vec<String> = status["legs"]
+        .as_array()
+        .expect("legs")
+        .iter()
+        .map(|l| l["device"].as_str().expect("device").to_owned())
+        .collect();
+    devices.sort();
+    let mut expect: Vec<String> = moved.0.iter().map(|p| p.display().to_string()).collect();
+    expect.sort();
+    assert_eq!(devices, expect);
+    assert_eq!(read(&target, 4096, 64), data);
+    shut(target);
+    // A cloned disk: the copy is found by the scan and refused with the original.
+    let clone = dir.path().join("l1-clone");
+    std::fs::copy(&files[1], &clone).expect("clone");
+    let clone_dev = losetup(&clone).expect("losetup the clone");
+    moved.0.push(clone_dev.clone());
+    let err = match open_spec(&stored) {
+        Ok(_) => panic!("a cloned leg was accepted"),
+        Err(err) => err,
+    };
+    let line = err.to_string();
+    assert!(line.contains(&clone_dev.display().to_string()), "{line}");
+    assert!(line.contains(&moved.0[0].display().to_string()), "{line}");
+    // The scan of assemble --scan refuses it the same way.
+    let report = ublkdm::targets::scan();
+    let uuid = spec_legs(&stored).0.expect("uuid").to_string();
+    let found = report
+        .found
+        .iter()
+        .find(|f| f.identity == uuid)
+        .expect("the scan finds the mirror");
+    assert!(found.spec.is_err(), "{found:?}");
 }

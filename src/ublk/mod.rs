@@ -10,7 +10,9 @@
 //! - every device is created with `UBLK_F_USER_RECOVERY`, and serving fails if the kernel did
 //!   not grant it: a daemon that dies must leave a QUIESCED device that `recover` can take over;
 //! - the [`TargetSpec`] is stored in the device's json (`target_data`), the only state besides
-//!   the kernel's that survives the daemon;
+//!   the kernel's that survives the daemon; [`Device::update_spec`] replaces it while the
+//!   device runs (libublk writes that json only at start), so that `recover` rebuilds the
+//!   target as it is now (a mirror's current legs), not as it was added;
 //! - a device is deleted only once its queue threads are gone (DEL_DEV waits for the char device
 //!   to be released, and would wait forever on our own open queues).
 
@@ -264,6 +266,14 @@ impl Device {
         &self.stats
     }
 
+    /// Replaces the spec stored with the device (what `recover` and `list` read). libublk
+    /// exports the device json to a file when the device starts and rereads it whenever a
+    /// control is opened; we rewrite that file's `target_data` whole, through a rename, so
+    /// a reader sees the old spec or the new one, never a mix.
+    pub fn update_spec(&self, spec: &TargetSpec) -> Result<()> {
+        rewrite_stored_spec(Path::new(&self.ctrl.run_path()), spec)
+    }
+
     /// STOP_DEV: the kernel removes the block device, fails what is queued and aborts the queue
     /// commands, so the queue threads exit and [`serve`] returns (and deletes the device).
     pub fn stop(&self) -> Result<()> {
@@ -489,6 +499,42 @@ fn stored_json(spec: &TargetSpec) -> serde_json::Value {
     serde_json::json!({ JSON_KEY: { "version": JSON_VERSION, "spec": spec } })
 }
 
+/// Replaces the `target_data` of the device json file at `path` with [`stored_json`] of
+/// `spec`, keeping the rest (queues, flags) as libublk wrote it.
+fn rewrite_stored_spec(path: &Path, spec: &TargetSpec) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let what = || format!("cannot update the stored spec in {}", path.display());
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(what(), e))?;
+    let mut json: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::with_source(ErrorKind::Corrupt, format!("{}: not json", what()), e))?;
+    let Some(object) = json.as_object_mut() else {
+        return Err(Error::new(
+            ErrorKind::Corrupt,
+            format!("{}: not a json object", what()),
+        ));
+    };
+    object.insert("target_data".into(), stored_json(spec));
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".new");
+    let tmp = PathBuf::from(tmp);
+    let write = || -> io::Result<()> {
+        use std::io::Write;
+        // libublk keeps the file to the device's owner; so do we.
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o700)
+            .open(&tmp)?;
+        file.write_all(json.to_string().as_bytes())?;
+        std::fs::rename(&tmp, path)
+    };
+    write().map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        Error::io(what(), e)
+    })
+}
+
 /// The spec stored by [`stored_json`], if the json holds one we understand.
 fn spec_from_json(json: Option<serde_json::Value>) -> Option<TargetSpec> {
     let ours = json?.get(JSON_KEY)?.clone();
@@ -651,6 +697,31 @@ mod tests {
         assert_eq!(spec_from_json(Some(stored_json(&spec))), Some(spec));
         assert_eq!(spec_from_json(Some(serde_json::json!({"loop": {}}))), None);
         assert_eq!(spec_from_json(None), None);
+    }
+
+    #[test]
+    fn the_stored_spec_is_replaced_in_the_device_json_file() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("0003.json");
+        let old = TargetSpec::Linear {
+            device: "/dev/vda".into(),
+        };
+        let file = serde_json::json!({
+            "dev_info": { "dev_id": 3 },
+            "target_data": stored_json(&old),
+            "queues": { "0": { "qid": 0 } },
+        });
+        std::fs::write(&path, file.to_string()).expect("write");
+        let new = TargetSpec::Linear {
+            device: "/dev/vdb".into(),
+        };
+        rewrite_stored_spec(&path, &new).expect("rewrite");
+        let back: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).expect("read")).expect("json");
+        assert_eq!(back["queues"], file["queues"], "the rest is kept");
+        assert_eq!(back["dev_info"], file["dev_info"]);
+        assert_eq!(spec_from_json(Some(back["target_data"].clone())), Some(new));
+        assert!(rewrite_stored_spec(&dir.path().join("missing.json"), &old).is_err());
     }
 
     #[test]

@@ -13,6 +13,8 @@
 //! - `resync.rs`: the resync driver (copies, lazy clearing, scrub), run as a local task or on
 //!   its own thread.
 //! - `assemble.rs`: create, assemble, and adding legs (new or returning).
+//! - `discover.rs`: finding legs by the mirror's UUID on the machine's block devices, the
+//!   scan of `assemble --scan`, and the spec that follows the legs.
 //! - `commands.rs`: runtime commands and the status report.
 //!
 //! # How the pieces follow the region protocol
@@ -52,6 +54,7 @@
 
 mod assemble;
 mod commands;
+pub mod discover;
 mod io;
 mod meta;
 mod resync;
@@ -420,6 +423,10 @@ impl Target for MirrorTarget {
         }
     }
 
+    fn spec(&self, built_from: &TargetSpec) -> TargetSpec {
+        self.current_spec(built_from)
+    }
+
     fn shutdown(&self) -> IoFuture<std::io::Result<()>> {
         let inner = Arc::clone(&self.inner);
         Box::pin(async move {
@@ -451,7 +458,6 @@ pub fn open_mirror_with(
 ) -> Result<Arc<dyn Target>> {
     #[allow(irrefutable_let_patterns)]
     let TargetSpec::Mirror {
-        legs,
         region_size_sectors,
         nosync,
         force,
@@ -460,7 +466,9 @@ pub fn open_mirror_with(
     else {
         return Err(Error::invalid("open_mirror needs a mirror target spec"));
     };
-    let devices = legs
+    // With the mirror's UUID in the spec, its legs are found by their superblocks.
+    let found = discover::leg_paths(spec)?;
+    let devices = found
         .iter()
         .map(|path| open_leg(path))
         .collect::<Result<Vec<_>>>()?;
