@@ -1,18 +1,27 @@
 //! `UringDevice` on real loop devices and files (root only for loop devices; prints `SKIP:`).
 //!
-//! Geometry comes from the block ioctls, exclusive opens refuse a second user, data round
-//! trips with and without FUA, discard and write-zeroes zero what they cover, and requests
-//! off the device fail with EINVAL without touching it.
+//! Geometry comes from the block ioctls, exclusive opens refuse a second user (`O_EXCL` for
+//! block devices, `flock` for files, seen by other processes too), data round trips with and
+//! without FUA, discard and write-zeroes zero what they cover, and requests off the device
+//! fail with EINVAL without touching it. A device given twice to one command is refused under
+//! any path. A mirror is not created over a leg holding a signature that real tools made
+//! (libblkid's probe, `device::probe`) without `force`, and is with it.
 
 mod common;
 
-use std::path::Path;
-use std::process::Command;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 
+use ublkdm::copy::ThrottleConfig;
 use ublkdm::device::reactor::block_on;
-use ublkdm::device::{AlignedBuf, BlockDevice, OpenOptions, UringDevice, WriteFlags};
+use ublkdm::device::{
+    open_distinct, same_device, AlignedBuf, BlockDevice, OpenOptions, UringDevice, WriteFlags,
+};
 use ublkdm::error::ErrorKind;
+use ublkdm::target::TargetSpec;
+use ublkdm::targets::mirror::{open_mirror_with, Tuning};
 use ublkdm::units::{Extent, Sector, SectorCount};
 
 use common::{scratch_dir, LoopDev};
@@ -139,4 +148,241 @@ fn bad_paths_are_clear_errors() {
     assert!(err.to_string().contains("empty"), "{err}");
     let err = UringDevice::open(dir.path(), OpenOptions::default()).expect_err("a folder");
     assert_eq!(err.kind(), ErrorKind::InvalidArgument);
+}
+
+/// A new sparse file of `bytes` at `path`.
+fn sparse_file(path: &Path, bytes: u64) {
+    std::fs::File::create(path)
+        .and_then(|f| f.set_len(bytes))
+        .expect("create a file");
+}
+
+/// Whether another process can take `file`'s flock right now (util-linux `flock -n`).
+fn other_process_can_lock(file: &Path) -> bool {
+    let status = Command::new("flock")
+        .args(["--nonblock", "--conflict-exit-code", "99"])
+        .arg(file)
+        .arg("true")
+        .status()
+        .expect("run flock");
+    assert!(matches!(status.code(), Some(0 | 99)), "flock: {status}");
+    status.code() == Some(0)
+}
+
+#[test]
+fn a_locked_file_is_busy_for_every_other_open_until_closed() {
+    let dir = scratch_dir();
+    let file = dir.path().join("leg");
+    sparse_file(&file, 8 * MIB);
+    let link = dir.path().join("link");
+    std::os::unix::fs::symlink(&file, &link).expect("symlink");
+    assert!(other_process_can_lock(&file), "nobody holds it yet");
+
+    let first = UringDevice::open(&file, OpenOptions::default()).expect("open");
+    for path in [&file, &link] {
+        let err = UringDevice::open(path, OpenOptions::default()).expect_err("second open");
+        assert_eq!(err.kind(), ErrorKind::Busy, "{err}");
+        assert_eq!(err.kind().exit_code(), 4);
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "{} is in use by another ublkdm device (locked)",
+                path.display()
+            )
+        );
+    }
+    assert!(
+        !other_process_can_lock(&file),
+        "another process (another daemon) sees the lock"
+    );
+    // A non-exclusive open (a read-only look) takes no lock and is not refused.
+    let look = OpenOptions {
+        exclusive: false,
+        read_only: true,
+    };
+    let peek = UringDevice::open(&file, look).expect("non-exclusive open");
+    assert!(same_device(&first, &peek), "one file, two opens");
+    drop(peek);
+    assert!(
+        !other_process_can_lock(&file),
+        "still held by the first open"
+    );
+
+    drop(first);
+    assert!(other_process_can_lock(&file), "closing releases the lock");
+    let again = UringDevice::open(&link, OpenOptions::default()).expect("open after close");
+    drop(again);
+}
+
+#[test]
+fn a_device_given_twice_is_refused_under_any_path() {
+    let dir = scratch_dir();
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    sparse_file(&a, 8 * MIB);
+    sparse_file(&b, 8 * MIB);
+    let link = dir.path().join("link-to-a");
+    std::os::unix::fs::symlink(&a, &link).expect("symlink");
+    let hard = dir.path().join("hard-link-to-a");
+    std::fs::hard_link(&a, &hard).expect("hard link");
+
+    let opened = open_distinct(&[&a, &b], OpenOptions::default()).expect("distinct files");
+    assert!(!same_device(&opened[0], &opened[1]));
+    drop(opened);
+    for twice in [[&a, &a], [&a, &link], [&hard, &a]] {
+        let err = open_distinct(&[twice[0], &b, twice[1]], OpenOptions::default())
+            .expect_err("the same file twice");
+        assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
+        assert!(err.to_string().contains("are the same device"), "{err}");
+    }
+    // Nothing stayed open (or locked) after the refusal.
+    let all = open_distinct(&[&a, &b], OpenOptions::default()).expect("free again");
+    drop(all);
+}
+
+#[test]
+fn a_loop_device_given_twice_is_refused() {
+    require_loop_devices!();
+    let dir = scratch_dir();
+    let lo = LoopDev::new(dir.path(), "disk", 16 * MIB);
+    let other = LoopDev::new(dir.path(), "other", 16 * MIB);
+    let err = open_distinct(&[&lo.path, &other.path, &lo.path], OpenOptions::default())
+        .expect_err("the same block device twice");
+    assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
+    assert!(err.to_string().contains("are the same device"), "{err}");
+    let both = open_distinct(&[&lo.path, &other.path], OpenOptions::default()).expect("distinct");
+    assert!(!same_device(&both[0], &both[1]));
+}
+
+fn mirror_spec(legs: &[PathBuf], force: bool) -> TargetSpec {
+    TargetSpec::Mirror {
+        uuid: None,
+        legs: legs.to_vec(),
+        region_size_sectors: 0,
+        nosync: true,
+        force,
+        resync_throttle: Default::default(),
+    }
+}
+
+fn open_mirror(legs: &[PathBuf], force: bool) -> ublkdm::error::Result<()> {
+    let target = open_mirror_with(
+        &mirror_spec(legs, force),
+        ThrottleConfig::UNLIMITED,
+        Tuning::default(),
+    )?;
+    block_on(async move { target.shutdown().await }).expect("shut the mirror down");
+    Ok(())
+}
+
+#[test]
+fn a_mirror_over_one_file_given_twice_is_refused() {
+    let dir = scratch_dir();
+    let leg = dir.path().join("leg");
+    sparse_file(&leg, 16 * MIB);
+    let link = dir.path().join("link");
+    std::os::unix::fs::symlink(&leg, &link).expect("symlink");
+    for legs in [[&leg, &leg], [&leg, &link]] {
+        let legs: Vec<PathBuf> = legs.iter().map(|p| p.to_path_buf()).collect();
+        let err = open_mirror(&legs, true).expect_err("one file twice");
+        assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
+        assert!(err.to_string().contains("are the same device"), "{err}");
+    }
+}
+
+/// Runs `tool args.. FILE` with `input` on stdin; as root a missing tool fails the test
+/// (scripts/deps installs them all), otherwise it prints SKIP and returns false.
+fn run_tool(tool: &str, args: &[&str], file: &Path, input: &str) -> bool {
+    let child = Command::new(tool)
+        .args(args)
+        .arg(file)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn();
+    let mut child = match child {
+        Ok(child) => child,
+        // SAFETY: geteuid has no preconditions.
+        Err(e) if unsafe { libc::geteuid() } != 0 => {
+            eprintln!("SKIP: {tool} cannot run ({e}); scripts/deps installs it");
+            return false;
+        }
+        Err(e) => panic!("{tool} cannot run ({e}); run scripts/deps"),
+    };
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin.write_all(input.as_bytes()).expect("feed the tool");
+    drop(stdin);
+    let out = child.wait_with_output().expect("wait for the tool");
+    assert!(
+        out.status.success(),
+        "{tool} {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    true
+}
+
+/// Each kind of foreign data, made by its real tool: the mirror refuses it without `force`
+/// (busy, exit 4, one line naming the leg and the kind) and overwrites it with `force`.
+#[test]
+fn a_mirror_refuses_legs_holding_foreign_data_without_force() {
+    let dir = scratch_dir();
+    let key = dir.path().join("luks-key");
+    std::fs::write(&key, b"not a secret").expect("key file");
+    let key = key.to_str().expect("utf-8").to_owned();
+    let luks = [
+        "luksFormat",
+        "--batch-mode",
+        "--pbkdf",
+        "pbkdf2",
+        "--pbkdf-force-iterations",
+        "1000",
+        "--key-file",
+        &key,
+    ];
+    type Kind<'a> = (&'a str, &'a [&'a str], &'a str, &'a str);
+    let kinds: [Kind; 8] = [
+        ("mkfs.ext4", &["-q", "-F"], "", "an ext4 file system"),
+        ("mkfs.xfs", &["-q", "-f"], "", "an xfs file system"),
+        ("mkfs.btrfs", &["-q", "-f"], "", "a btrfs file system"),
+        ("mkfs.vfat", &[], "", "a vfat file system"),
+        ("mkswap", &[], "", "a swap area"),
+        (
+            "sfdisk",
+            &["--quiet"],
+            "label: gpt\n,\n",
+            "a GPT partition table",
+        ),
+        (
+            "sfdisk",
+            &["--quiet"],
+            "label: dos\n,\n",
+            "an MBR (DOS) partition table",
+        ),
+        ("cryptsetup", &luks, "", "a LUKS encrypted volume"),
+    ];
+    for (i, (tool, args, input, kind)) in kinds.into_iter().enumerate() {
+        let legs = [
+            dir.path().join(format!("foreign{i}")),
+            dir.path().join(format!("blank{i}")),
+        ];
+        // xfs wants 300 MB at least; sparse files cost nothing.
+        sparse_file(&legs[0], 320 * MIB);
+        sparse_file(&legs[1], 320 * MIB);
+        if !run_tool(tool, args, &legs[0], input) {
+            return;
+        }
+        let err = open_mirror(&legs, false).expect_err(kind);
+        assert_eq!(err.kind(), ErrorKind::Busy, "{tool}: {err}");
+        assert_eq!(err.kind().exit_code(), 4);
+        let message = err.to_string();
+        assert!(
+            !message.contains('\n') && err.chain().len() == 1,
+            "{message}"
+        );
+        assert!(message.contains(kind), "{tool}: {message}");
+        assert!(
+            message.contains(&legs[0].display().to_string()),
+            "{message}"
+        );
+        open_mirror(&legs, true).unwrap_or_else(|e| panic!("{tool}: force: {e}"));
+    }
 }

@@ -7,6 +7,9 @@
 //! - [`MemDevice`]: memory, with a volatile write cache that a simulated crash can lose or tear;
 //! - [`FaultyDevice`]: a seeded, deterministic fault injector wrapped around any device.
 //!
+//! [`probe`] says which foreign signatures (file systems, partition tables, LUKS...) a device
+//! holds, for every target that must not overwrite them by accident.
+//!
 //! Invariants every implementation keeps: requests outside the device fail with `EINVAL` and
 //! touch nothing; a request's buffer is handed back with its completion; errors are `io::Error`
 //! values carrying an errno, never panics.
@@ -14,6 +17,7 @@
 mod buf;
 mod faulty;
 mod mem;
+pub mod probe;
 pub mod reactor;
 mod uring;
 
@@ -25,7 +29,7 @@ use std::sync::Arc;
 pub use buf::{AlignedBuf, BUF_ALIGN};
 pub use faulty::{FaultConfig, FaultyDevice, OpKind};
 pub use mem::MemDevice;
-pub use uring::{OpenOptions, UringDevice};
+pub use uring::{open_distinct, same_device, DeviceIdentity, OpenOptions, UringDevice};
 
 use crate::units::{Extent, Sector, SectorCount};
 

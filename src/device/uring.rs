@@ -3,8 +3,12 @@
 //! A [`UringDevice`] owns one file descriptor; every request is an SQE on the ring of the
 //! thread that awaits it (see [`super::reactor`]), so one device can serve many threads.
 //! Geometry and capabilities come from the block ioctls and sysfs for block devices, and from
-//! `fstat` for files. Block devices are opened `O_EXCL` (unless asked otherwise) so that two
-//! users cannot share one by accident.
+//! `fstat` for files. Block devices are opened `O_EXCL` and regular files are locked with
+//! `flock(LOCK_EX | LOCK_NB)` (unless asked otherwise), so that two users (two ublkdm devices,
+//! a mount, dm, md) cannot share one by accident; the claim lasts as long as the device's file
+//! descriptor, which every clone of its `Arc` keeps open, and dies with the process.
+//! [`open_distinct`] opens the devices of one command and refuses one given twice, by identity
+//! (a block device's number, a file's device and inode), so two paths to it are caught too.
 //!
 //! Mapping of operations: read/write use `IORING_OP_READ`/`WRITE` (FUA as `RWF_DSYNC`, which
 //! the block layer turns into a FUA write or a write plus flush); flush is `fdatasync`;
@@ -25,7 +29,7 @@ use super::reactor::{cqe_result, submit_owned};
 use super::{
     check_buf_request, errno, AlignedBuf, BlockDevice, DeviceInfo, IoFuture, ReadDone, WriteFlags,
 };
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::units::{Extent, Sector, SectorCount};
 
 // Block ioctls (linux/fs.h): _IO(0x12, n) and _IOR(0x12, 114, size_t).
@@ -37,8 +41,10 @@ const BLKDISCARD: libc::c_ulong = 0x1277;
 /// How to open a device.
 #[derive(Clone, Copy, Debug)]
 pub struct OpenOptions {
-    /// Take the block device exclusively (`O_EXCL`): fails with "busy" if it is mounted or
-    /// held by another user such as dm, md or another ublkdm device.
+    /// Take the device exclusively: a block device with `O_EXCL`, which fails with "busy" if
+    /// it is mounted or held by another user such as dm, md or another ublkdm device; a
+    /// regular file with `flock(LOCK_EX | LOCK_NB)`, which fails with "busy" while another
+    /// ublkdm device holds it.
     pub exclusive: bool,
     pub read_only: bool,
 }
@@ -57,7 +63,32 @@ pub struct UringDevice {
     fd: Arc<OwnedFd>,
     path: PathBuf,
     is_block: bool,
+    identity: DeviceIdentity,
     info: DeviceInfo,
+}
+
+/// What makes two opens the same storage, whatever paths named them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DeviceIdentity {
+    /// A block device: its device number.
+    Block { rdev: u64 },
+    /// A regular file: the file system it is on and its inode.
+    File { dev: u64, ino: u64 },
+}
+
+impl DeviceIdentity {
+    /// The identity of what `meta` (from `stat`, following links) describes.
+    fn of(meta: &std::fs::Metadata) -> DeviceIdentity {
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
+        if meta.file_type().is_block_device() {
+            DeviceIdentity::Block { rdev: meta.rdev() }
+        } else {
+            DeviceIdentity::File {
+                dev: meta.dev(),
+                ino: meta.ino(),
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for UringDevice {
@@ -81,6 +112,18 @@ impl UringDevice {
             )));
         }
         let fd = open_direct(path, options, is_block)?;
+        if !is_block && options.exclusive {
+            lock_file(&fd, path)?;
+        }
+        // The identity of what was opened (the path may have been replaced since the stat).
+        let opened = std::fs::File::from(
+            fd.try_clone()
+                .context(|| format!("cannot duplicate the descriptor of {}", path.display()))?,
+        );
+        let meta = opened
+            .metadata()
+            .context(|| format!("cannot stat {}", path.display()))?;
+        let identity = DeviceIdentity::of(&meta);
         let info = if is_block {
             block_info(&fd, path)?
         } else {
@@ -93,8 +136,14 @@ impl UringDevice {
             fd: Arc::new(fd),
             path: path.to_owned(),
             is_block,
+            identity,
             info,
         })
+    }
+
+    /// What this device is, whatever path named it (see [`same_device`]).
+    pub fn identity(&self) -> DeviceIdentity {
+        self.identity
     }
 
     pub fn path(&self) -> &Path {
@@ -118,6 +167,76 @@ impl UringDevice {
             let (res, _fd) = unsafe { submit_owned(sqe, fd) }.await;
             cqe_result(res).map(|_| ())
         })
+    }
+}
+
+/// Whether two opened devices are the same storage (two paths to one block device, a file
+/// and a link to it).
+pub fn same_device(a: &UringDevice, b: &UringDevice) -> bool {
+    a.identity() == b.identity()
+}
+
+/// Opens `paths` for one command (the legs of a mirror, an origin and its COW device), refusing
+/// a device given twice, under any path. A second exclusive open of one device would fail as
+/// "in use" (by the first), so the paths are compared before opening, and the opened devices
+/// again after (non-exclusive opens, a path replaced in between).
+pub fn open_distinct<P: AsRef<Path>>(
+    paths: &[P],
+    options: OpenOptions,
+) -> Result<Vec<UringDevice>> {
+    let twice = |a: &Path, b: &Path| {
+        Error::invalid(format!(
+            "{} and {} are the same device; give each device once",
+            a.display(),
+            b.display()
+        ))
+    };
+    let mut seen: Vec<(&Path, DeviceIdentity)> = Vec::with_capacity(paths.len());
+    for path in paths.iter().map(AsRef::as_ref) {
+        // A path that cannot be stat'ed fails in open, with its reason.
+        if let Ok(meta) = std::fs::metadata(path) {
+            let identity = DeviceIdentity::of(&meta);
+            if let Some((first, _)) = seen.iter().find(|(_, id)| *id == identity) {
+                return Err(twice(first, path));
+            }
+            seen.push((path, identity));
+        }
+    }
+    let mut opened: Vec<UringDevice> = Vec::with_capacity(paths.len());
+    for path in paths.iter().map(AsRef::as_ref) {
+        let dev = UringDevice::open(path, options)?;
+        if let Some(first) = opened.iter().find(|d| same_device(d, &dev)) {
+            return Err(twice(first.path(), path));
+        }
+        opened.push(dev);
+    }
+    Ok(opened)
+}
+
+/// Locks the file open on `fd` for this open alone: a regular file has no `O_EXCL`, so without
+/// it two ublkdm devices could serve one file leg. The lock belongs to the open file
+/// description: it is released when the last descriptor on it closes, or the process dies.
+fn lock_file(fd: &OwnedFd, path: &Path) -> Result<()> {
+    loop {
+        // SAFETY: flock takes a descriptor, open for the duration of the call, and flags.
+        let rc = unsafe { libc::flock(fd.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc == 0 {
+            return Ok(());
+        }
+        let err = io::Error::last_os_error();
+        match err.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::EWOULDBLOCK) => {
+                return Err(Error::new(
+                    ErrorKind::Busy,
+                    format!(
+                        "{} is in use by another ublkdm device (locked)",
+                        path.display()
+                    ),
+                ))
+            }
+            _ => return Err(Error::io(format!("cannot lock {}", path.display()), err)),
+        }
     }
 }
 

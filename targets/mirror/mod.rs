@@ -70,15 +70,17 @@ use std::time::Duration;
 use smol::lock::Mutex as AsyncMutex;
 use uuid::Uuid;
 
-pub use superblock::{probe, Layout, LegState, Probe, Superblock, MAX_LEGS, MIN_LEGS};
+pub use superblock::{
+    own_metadata, probe, Layout, LegState, Probe, Superblock, MAX_LEGS, MIN_LEGS,
+};
 
 use self::meta::MetaDevice;
 use self::state::State;
 use crate::copy::{Completions, CopyConfig, CopyEngine, ThrottleConfig};
 use crate::device::reactor;
 use crate::device::{
-    AlignedBuf, BlockDevice, DeviceInfo, DeviceRef, IoFuture, OpenOptions, ReadDone, UringDevice,
-    WriteFlags,
+    open_distinct, AlignedBuf, BlockDevice, DeviceInfo, DeviceRef, IoFuture, OpenOptions, ReadDone,
+    UringDevice, WriteFlags,
 };
 use crate::error::{Error, Result};
 use crate::region::{DirtyLog, RegionGeometry};
@@ -468,10 +470,10 @@ pub fn open_mirror_with(
     };
     // With the mirror's UUID in the spec, its legs are found by their superblocks.
     let found = discover::leg_paths(spec)?;
-    let devices = found
-        .iter()
-        .map(|path| open_leg(path))
-        .collect::<Result<Vec<_>>>()?;
+    let devices = open_distinct(&found, OpenOptions::default())?
+        .into_iter()
+        .map(|dev| Arc::new(dev) as DeviceRef)
+        .collect();
     let options = CreateOptions {
         region_size: (*region_size_sectors != 0).then_some(SectorCount(*region_size_sectors)),
         nosync: *nosync,

@@ -1,5 +1,6 @@
 //! The mirror's self-describing metadata on every leg: the superblock, the on-disk layout it
-//! describes, and the probe that tells our legs from blank and foreign devices.
+//! describes, and the probe that tells our legs from blank and foreign devices (the foreign
+//! part is `crate::device::probe`'s).
 //!
 //! # On-disk layout of a leg
 //!
@@ -45,15 +46,17 @@
 //!   counter (`check_layout`: the layout is exactly one `Layout::compute` can make, so the
 //!   log area is at most the size of a log of `MAX_REGION_COUNT` regions, about 1 MiB), and
 //!   an impossible value is an error naming the field, never a panic or a huge buffer.
-//! - The encoded superblock stays within the first 512 bytes of slot A, so byte 1080 (the
-//!   ext2/3/4 magic) of a mirror leg is always zero: a leg that shows that magic and no valid
-//!   slot A was reformatted.
+//! - Only the mirror writes a leg's metadata area (everything before the data offset), and the
+//!   encoded superblock fills only the first 512 bytes of its slot: a leg whose slot A is no
+//!   longer valid and whose metadata area shows another program's signature (libblkid's
+//!   probe, `crate::device::probe`) was reformatted, and is foreign, whatever slot B says.
+//!   Foreign signatures are libblkid's to recognise; this file knows only our own magic.
 
 use std::sync::Arc;
 
 use uuid::Uuid;
 
-use crate::device::{AlignedBuf, DeviceRef, WriteFlags};
+use crate::device::{self, AlignedBuf, DeviceRef, WriteFlags};
 use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::region::{DirtyLog, RegionGeometry, MAX_REGION_COUNT};
 use crate::units::{Extent, Sector, SectorCount, SECTOR_BYTES};
@@ -446,17 +449,31 @@ pub enum Probe {
     Ours(Box<Superblock>),
     /// Our magic, but no valid slot: a damaged leg.
     Damaged(String),
-    /// Another program's metadata: a file system, md, LVM.
+    /// Another program's metadata (see [`crate::device::probe`]): what it is, for messages.
     Foreign(String),
-    /// Nothing we recognise.
+    /// Nothing we or libblkid recognise.
     Blank,
 }
 
-/// Reads `dev`'s first 8 KiB (and md's end-of-device superblock spots) and says what it is.
+/// Reads `dev`'s superblock slots and says what it is; a device without our metadata is
+/// probed for foreign signatures (see [`crate::device::probe`]).
 pub async fn probe(dev: &DeviceRef) -> Result<Probe> {
+    match own_metadata(dev).await? {
+        Some(found) => Ok(found),
+        None => Ok(match device::probe::foreign_signature(dev).await? {
+            Some(signature) => Probe::Foreign(signature.description),
+            None => Probe::Blank,
+        }),
+    }
+}
+
+/// What our own superblock slots say about `dev`: `Ours` or `Damaged`, or `None` when it
+/// holds no mirror metadata. A leg whose slot A is gone while slot B is valid is `Foreign`
+/// when another program's signature now sits in the leg's metadata area (a new file system
+/// or volume was made on it), since only we write there.
+pub async fn own_metadata(dev: &DeviceRef) -> Result<Option<Probe>> {
     let name = dev.info().name.clone();
-    let size = dev.info().size;
-    if size < SB_SECTORS + SB_SECTORS {
+    if dev.info().size < SB_SECTORS + SB_SECTORS {
         return Err(Error::invalid(format!(
             "{name} is too small to be a mirror leg"
         )));
@@ -466,71 +483,33 @@ pub async fn probe(dev: &DeviceRef) -> Result<Probe> {
     let half = SB_SECTORS.to_usize_bytes();
     let a = Superblock::decode(&bytes[..half]);
     let b = Superblock::decode(&bytes[half..]);
-    let foreign = foreign_in_head(bytes);
     let best = match (a, b) {
         (Ok(a), Ok(b)) => Ok(if a.events >= b.events { a } else { b }),
         (Ok(a), Err(_)) => Ok(a),
-        (Err(_), Ok(b)) => match &foreign {
-            // Slot A was overwritten by a new file system or volume: not ours any more.
-            Some(kind) => return Ok(Probe::Foreign(kind.clone())),
+        (Err(_), Ok(b)) => match foreign_in_metadata(dev, &b).await? {
+            Some(kind) => return Ok(Some(Probe::Foreign(kind))),
             None => Ok(b),
         },
         (Err(why_a), Err(why_b)) => Err(format!("slot A {why_a}; slot B {why_b}")),
     };
-    match best {
-        Ok(sb) => Ok(Probe::Ours(Box::new(sb))),
+    Ok(match best {
+        Ok(sb) => Some(Probe::Ours(Box::new(sb))),
         Err(why) if bytes[..8] == MAGIC || bytes[half..half + 8] == MAGIC => {
-            Ok(Probe::Damaged(why))
+            Some(Probe::Damaged(why))
         }
-        Err(_) => match foreign {
-            Some(kind) => Ok(Probe::Foreign(kind)),
-            None => Ok(match md_at_end(dev, size).await? {
-                Some(kind) => Probe::Foreign(kind),
-                None => Probe::Blank,
-            }),
-        },
-    }
+        Err(_) => None,
+    })
 }
 
-/// Signatures found in a device's first 8 KiB.
-fn foreign_in_head(b: &[u8]) -> Option<String> {
-    const MD_MAGIC: [u8; 4] = 0xa92b_4efc_u32.to_le_bytes();
-    if b[1080..1082] == [0x53, 0xef] {
-        return Some("an ext2/3/4 file system".into());
-    }
-    if &b[0..4] == b"XFSB" {
-        return Some("an XFS file system".into());
-    }
-    if (0..4).any(|s| &b[s * 512..s * 512 + 8] == b"LABELONE") {
-        return Some("an LVM physical volume label".into());
-    }
-    if b[0..4] == MD_MAGIC || b[4096..4100] == MD_MAGIC {
-        return Some("an md RAID superblock".into());
-    }
-    None
-}
-
-/// md v0.90 and v1.0 superblocks live near the end of the device.
-async fn md_at_end(dev: &DeviceRef, size: SectorCount) -> Result<Option<String>> {
-    const MD_MAGIC: [u8; 4] = 0xa92b_4efc_u32.to_le_bytes();
-    let bytes = size.to_bytes();
-    let mut spots = Vec::new();
-    if bytes >= 128 << 10 {
-        spots.push(((bytes & !(64 * 1024 - 1)) - 64 * 1024) / SECTOR_BYTES);
-    }
-    if bytes >= 16 << 10 {
-        spots.push(((bytes - 8192) & !(4096 - 1)) / SECTOR_BYTES);
-    }
-    let block = dev.info().logical_block_sectors().0.max(1);
-    for spot in spots {
-        let at = spot / block * block;
-        let buf = read(dev, Sector(at), SectorCount(block)).await?;
-        let off = ((spot - at) * SECTOR_BYTES) as usize;
-        if buf.as_slice()[off..off + 4] == MD_MAGIC {
-            return Ok(Some("an md RAID superblock".into()));
-        }
-    }
-    Ok(None)
+/// A foreign signature in the metadata area (before the data offset) that `sb` describes:
+/// the mirror's own data may hold anything, so only signatures there count.
+async fn foreign_in_metadata(dev: &DeviceRef, sb: &Superblock) -> Result<Option<String>> {
+    let data_offset = sb.layout.data_offset.to_bytes();
+    let found = device::probe::signatures(dev).await?;
+    Ok(found
+        .into_iter()
+        .find(|s| s.offset.is_none_or(|at| at < data_offset))
+        .map(|s| s.description))
 }
 
 async fn read(dev: &DeviceRef, at: Sector, len: SectorCount) -> Result<AlignedBuf> {
@@ -664,39 +643,54 @@ mod tests {
         }
     }
 
+    /// A mkswap image (swap's magic is at the end of its first page), or `None` (SKIP).
+    fn swap_image() -> Option<Vec<u8>> {
+        let (dir, file) = crate::device::probe::tests::image_made_by("mkswap", &[], 4 << 20)?;
+        let image = std::fs::read(&file).expect("read image");
+        drop(dir);
+        Some(image)
+    }
+
     #[test]
     fn foreign_signatures_are_recognised() {
-        let cases: Vec<(usize, &[u8], &str)> = vec![
-            (1080, &[0x53, 0xef], "ext2/3/4"),
-            (0, b"XFSB", "XFS"),
-            (512, b"LABELONE", "LVM"),
-            (4096, &[0xfc, 0x4e, 0x2b, 0xa9], "md"),
-        ];
-        for (at, magic, kind) in cases {
-            let mem = MemDevice::new("f", SectorCount(8192));
-            let mut sector = vec![0u8; 512];
-            sector[at % 512..at % 512 + magic.len()].copy_from_slice(magic);
-            mem.poke(Sector(at as u64 / 512), &sector);
-            let probed = run_local(async move { probe(&(mem as DeviceRef)).await });
-            match probed.expect("probe") {
-                Probe::Foreign(what) => assert!(what.contains(kind), "{what}"),
-                other => panic!("{kind}: {other:?}"),
-            }
-        }
+        let Some(swap) = swap_image() else { return };
+        let mem = MemDevice::new("f", SectorCount(8192));
+        mem.poke(Sector(0), &swap);
+        let probed = run_local(async move { probe(&(mem as DeviceRef)).await });
+        assert_eq!(probed.expect("probe"), Probe::Foreign("a swap area".into()));
         let blank = MemDevice::new("b", SectorCount(8192));
         let probed = run_local(async move { probe(&(blank as DeviceRef)).await });
         assert_eq!(probed.expect("probe"), Probe::Blank);
+    }
+
+    /// mkswap over a leg rewrites its first page (slot A) and leaves slot B: the leg is
+    /// foreign now, not ours.
+    #[test]
+    fn a_leg_reformatted_over_slot_a_is_foreign() {
+        let Some(swap) = swap_image() else { return };
+        let mem = MemDevice::new("leg", SectorCount(8192));
+        let mut sb = sample();
+        mem.poke(Sector(0), sb.encode().as_slice());
+        sb.events += 1;
+        mem.poke(Sector(8), sb.encode().as_slice());
+        mem.poke(Sector(0), &swap[..4096]);
+        let probed = run_local(async move { probe(&(mem as DeviceRef)).await });
+        assert_eq!(probed.expect("probe"), Probe::Foreign("a swap area".into()));
     }
 
     #[test]
     fn md_superblock_at_the_end_is_foreign() {
         let mem = MemDevice::new("md", SectorCount(8192));
         let bytes = 8192u64 * 512;
-        let at = ((bytes - 8192) & !4095) / 512;
+        let at = ((bytes & !0xffff) - 0x10000) / 512;
         let mut sector = vec![0u8; 512];
         sector[..4].copy_from_slice(&0xa92b_4efc_u32.to_le_bytes());
+        sector[8..12].copy_from_slice(&90u32.to_le_bytes());
         mem.poke(Sector(at), &sector);
         let probed = run_local(async move { probe(&(mem as DeviceRef)).await });
-        assert!(matches!(probed.expect("probe"), Probe::Foreign(_)));
+        assert_eq!(
+            probed.expect("probe"),
+            Probe::Foreign("an md RAID member".into())
+        );
     }
 }

@@ -130,8 +130,8 @@ use self::io::ChunkLocks;
 use self::state::Store;
 use crate::copy::{CopyConfig, CopyEngine};
 use crate::device::{
-    errno, reactor, AlignedBuf, BlockDevice, DeviceInfo, DeviceRef, IoFuture, OpenOptions,
-    ReadDone, UringDevice, WriteFlags,
+    errno, open_distinct, reactor, AlignedBuf, BlockDevice, DeviceInfo, DeviceRef, IoFuture,
+    OpenOptions, ReadDone, UringDevice, WriteFlags,
 };
 use crate::error::{Error, ErrorKind, Result};
 use crate::target::{Target, TargetSpec};
@@ -798,8 +798,10 @@ pub fn open_group(spec: &TargetSpec) -> Result<Arc<SnapshotGroup>> {
     else {
         return Err(Error::invalid("open_group needs an origin target spec"));
     };
-    let origin: DeviceRef = Arc::new(UringDevice::open(device, OpenOptions::default())?);
-    let cow: DeviceRef = Arc::new(UringDevice::open(cow, OpenOptions::default())?);
+    let [origin, cow]: [UringDevice; 2] = open_distinct(&[device, cow], OpenOptions::default())?
+        .try_into()
+        .expect("two devices opened");
+    let (origin, cow): (DeviceRef, DeviceRef) = (Arc::new(origin), Arc::new(cow));
     let options = GroupOptions {
         chunk_size: (*chunk_size_sectors != 0).then_some(SectorCount(*chunk_size_sectors)),
         force: *force,
@@ -811,15 +813,18 @@ pub fn open_group(spec: &TargetSpec) -> Result<Arc<SnapshotGroup>> {
     Ok(group)
 }
 
-/// Fails when `cow`, which holds no store of ours, holds something else we would overwrite: a
-/// file system, LVM, md, or a mirror leg (the mirror's probe knows them).
+/// Fails when `cow`, which holds no store of ours, holds something else we would overwrite:
+/// another program's signature (a file system, a partition table, LUKS, swap, LVM, md: the
+/// device layer's libblkid probe knows them) or a ublkdm mirror leg (the mirror knows its own).
 async fn refuse_foreign_cow(cow: &DeviceRef) -> Result<()> {
-    let what = match crate::targets::mirror::probe(cow).await? {
-        crate::targets::mirror::Probe::Blank => return Ok(()),
-        crate::targets::mirror::Probe::Foreign(kind) => kind,
-        crate::targets::mirror::Probe::Ours(_) | crate::targets::mirror::Probe::Damaged(_) => {
-            "a ublkdm mirror leg".to_owned()
-        }
+    use crate::targets::mirror::{own_metadata, Probe};
+    let what = match own_metadata(cow).await? {
+        Some(Probe::Foreign(kind)) => kind,
+        Some(_) => "a ublkdm mirror leg".to_owned(),
+        None => match crate::device::probe::foreign_signature(cow).await? {
+            Some(signature) => signature.description,
+            None => return Ok(()),
+        },
     };
     Err(Error::new(
         ErrorKind::Busy,
@@ -871,15 +876,15 @@ mod cow_probe_tests {
             open(&cow, GroupOptions::default()).is_ok(),
             "our own store is reopened"
         );
+        let (_dir, file) = crate::device::probe::tests::scratch_file(2 << 20);
+        if !crate::device::probe::tests::run_tool("mkfs.ext4", &["-q", "-F"], &file, "") {
+            return;
+        }
         let cow = MemDevice::new("cow", SectorCount(4096));
-        cow.poke(Sector(2), &{
-            let mut sector = [0u8; 512];
-            sector[56..58].copy_from_slice(&[0x53, 0xef]); // ext4's magic, byte 1080
-            sector
-        });
+        cow.poke(Sector(0), &std::fs::read(&file).expect("read image"));
         let err = open(&cow, GroupOptions::default()).expect_err("ext4 refused");
         assert_eq!(err.kind(), ErrorKind::Busy);
-        assert!(err.to_string().contains("ext2/3/4"), "{err}");
+        assert!(err.to_string().contains("an ext4 file system"), "{err}");
         let force = GroupOptions {
             force: true,
             ..GroupOptions::default()
