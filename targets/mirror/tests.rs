@@ -528,10 +528,12 @@ fn a_write_only_a_recovering_leg_took_fails() {
     let layout = Layout::compute(LEG, Some(SectorCount(64))).expect("layout");
     // Region 10 of leg a cannot be read: the initial resync of leg b never finishes, so b
     // stays recovering while every other region is copied to it.
+    // The fault goes in once the mirror is open (its create probes every leg's head for
+    // signatures, which would fail) and before the resync driver runs its first copy.
     let stuck = Extent::new(layout.data_offset + SectorCount(640), SectorCount(64));
-    faulty[0].fail_extent(OpKind::Read, stuck);
     let f = faulty.clone();
     with_mirror(legs, options(64), move |t| async move {
+        f[0].fail_extent(OpKind::Read, stuck);
         let count = t.inner.geometry.count().0;
         for _ in 0..100_000 {
             if t.inner.lock().map.sync_count().0 == count - 1 {
