@@ -44,9 +44,11 @@ case $UBLKDM_REPO in
 /tmp/* | /run/*)
 	top=${UBLKDM_REPO#/}
 	top=${top%%/*}
-	mkdir -p "$UBLKDM_REPO" &&
-		mount --bind "/.host-$top/${UBLKDM_REPO#/"$top"/}" "$UBLKDM_REPO" ||
-		{ job_err "cannot bind the checkout at $UBLKDM_REPO"; exit 1; }
+	if ! { mkdir -p "$UBLKDM_REPO" &&
+		mount --bind "/.host-$top/${UBLKDM_REPO#/"$top"/}" "$UBLKDM_REPO"; }; then
+		job_err "cannot bind the checkout at $UBLKDM_REPO"
+		exit 1
+	fi
 	;;
 esac
 

@@ -52,7 +52,8 @@ if wait_until 30 bash -c "! kill -0 $fio_pid 2>/dev/null"; then
 		fail "fio-sees-errors" "fio exit 0 and no err= in its report"
 	fi
 else
-	for task in /proc/$(pgrep -x fio | head -1)/task/*; do
+	fio_task_dir=/proc/$(pgrep -x fio | head -1)/task
+	for task in "$fio_task_dir"/*; do
 		echo "fio task $task: $(cut -d' ' -f3 "$task/stat") $(tr '\n' ' ' <"$task/stack" 2>/dev/null | head -c 300)"
 	done
 	kill -9 "$fio_pid" $(pgrep -x fio)

@@ -33,7 +33,7 @@ job=(--filename="$dev" --direct=1 --ioengine=io_uring --rw=randwrite --bs=4k --i
 run_fio under-failure "${job[@]}" --runtime=90 &
 fio_pid=$!
 sleep 3
-dmsetup suspend leg1 && dmsetup load leg1 --table "0 $sectors error" && dmsetup resume leg1 ||
+{ dmsetup suspend leg1 && dmsetup load leg1 --table "0 $sectors error" && dmsetup resume leg1; } ||
 	die "cannot switch leg1 to error"
 vm_log "leg 1 now fails every I/O"
 
@@ -57,7 +57,7 @@ done
 # fio's 16 regions (written after the failure too) and the 16 above.
 written_regions=32
 
-dmsetup suspend leg1 && dmsetup load leg1 --table "0 $sectors linear /dev/vdb 0" && dmsetup resume leg1 ||
+{ dmsetup suspend leg1 && dmsetup load leg1 --table "0 $sectors linear /dev/vdb 0" && dmsetup resume leg1; } ||
 	die "cannot switch leg1 back"
 if ublkdm mirror add-leg "$id" "$LEG1"; then
 	pass "re-add-accepted"
