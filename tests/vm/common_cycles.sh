@@ -3,19 +3,23 @@
 # (mirror_kills, mirror_cuts, snapshot_kills, snapshot_cuts). Source after common.sh.
 #
 # A cycle: fio writes verified 4 KiB blocks (crc32c headers; a new --randseed per cycle, so a
-# block left over from an earlier cycle fails its header check), is told to save its verify
-# state (every write acknowledged so far) through its trigger file, and the crash follows
-# (kill -9 of the daemon, or a power cut). After recovery a verify-only fio with the same
-# job loads that state and reads every acknowledged block back; --continue_on_error=verify
-# makes it count every bad block instead of stopping at the first.
+# block left over from an earlier cycle fails its header check) and saves its verify state
+# (every write acknowledged so far) once told to through its trigger file. A kill comes
+# first, with fio's writes in flight; the trigger follows (those writes wait for the recovery,
+# and fio saves only what was acknowledged before). A power cut comes after the save, under
+# another fio's writes (fio stops writing once it saved its state). After recovery a
+# verify-only fio with the same job loads that state and reads every acknowledged block back;
+# --continue_on_error=verify makes it count every bad block instead of stopping at the first.
 #
 # KILLS, CUTS              the cycles to run (CI: 20 kills, 10 cuts; scripts/soak passes more)
 # ACKED_MIN                writes the device completes in a cycle before the crash
 # ACKED_RATE               fio's write rate cap (IOPS), so that it is still writing at the crash
+#                          (its area is written once: it must not run out of blocks first)
 # disk_writes DEV          writes DEV completed so far (/sys/block/NAME/stat, free to read)
 # wait_disk_writes DEV N [SECS]  waits until DEV has completed N writes in all
 # acked_start DEV SEED OFF SIZE CMD  starts the acknowledged-writes fio in the background
 #                          (ACKED_PID); it saves its state and runs CMD once $T/trigger exists
+# acked_saved              whether fio saved its state (after $T/trigger was made)
 # acked_end                after that fio ended: keeps its saved state as $T/acked.state; fails
 #                          if none was saved
 # acked_verify DEV SEED OFF SIZE  reads back the writes of the saved state (the same job: fio
@@ -36,7 +40,7 @@
 KILLS=${KILLS:-20}
 CUTS=${CUTS:-10}
 ACKED_MIN=${ACKED_MIN:-300}
-ACKED_RATE=${ACKED_RATE:-300}
+ACKED_RATE=${ACKED_RATE:-1000}
 
 disk_writes() {
 	local dev
@@ -88,6 +92,8 @@ acked_counts() {
 	((CHECKED >= LOST)) && CHECKED=$((CHECKED - LOST))
 	((LOST == 0)) || vm_log "verify: $LOST lost; $(grep -m3 -i verify "$T/acked.err" "$T/verify.err" 2>/dev/null)"
 }
+
+acked_saved() { compgen -G "$T/*acked-0-verify.state" >/dev/null; }
 
 acked_end() {
 	local state

@@ -19,6 +19,9 @@ set -uo pipefail
 . "$UBLKDM_REPO/scripts/vm/lib.sh"
 . "$UBLKDM_REPO/tests/vm/common.sh"
 . "$UBLKDM_REPO/tests/vm/common_mirror.sh"
+# fio saves its state only once it sees its trigger (seconds under TCG): slow enough writes
+# that it has not written all its blocks by then.
+ACKED_RATE=${ACKED_RATE:-300}
 . "$UBLKDM_REPO/tests/vm/common_cycles.sh"
 
 LEG0=/dev/vda

@@ -51,7 +51,7 @@ for ((c = 1; c <= KILLS; c++)); do
 		ublkdm mirror fail-leg "$id" 1 >/dev/null || failed "cycle-$c-fail-leg" "fail-leg refused"
 	fi
 	base=$(disk_writes "$dev")
-	acked_start "$dev" "$c" 0 12M "kill -9 $pid"
+	acked_start "$dev" "$c" 0 12M true
 	if ! wait_disk_writes "$dev" $((base + ACKED_MIN)) 90 || ! pid_alive "$ACKED_PID"; then
 		failed "cycle-$c-writes" "fio did not get going: $(head -c 300 "$T/acked.err")"
 		break
@@ -61,8 +61,12 @@ for ((c = 1; c <= KILLS; c++)); do
 	fi
 	pid_alive "$ACKED_PID" ||
 		{ failed "cycle-$c-kill" "fio ended before the kill: $(head -c 300 "$T/acked.err")"; break; }
+	# The kill first, under writes; then fio saves what was acknowledged (its writes in
+	# flight wait for the recovery meanwhile).
+	kill -9 "$pid"
 	touch "$T/trigger"
 	wait_gone "$pid" 30 || { failed "cycle-$c-kill" "daemon $pid still alive"; break; }
+	wait_until 30 acked_saved || { failed "cycle-$c-state" "fio saved no verify state"; break; }
 	# The device goes QUIESCED once the kernel sees the daemon gone: recover may need a retry.
 	wait_until 30 bash -c "$UBLKDM recover $id >/dev/null 2>$T/recover.err" ||
 		{ failed "cycle-$c-recover" "$(cat "$T/recover.err")"; break; }

@@ -13,10 +13,10 @@
 #   s2 valid, each served by a device; s1 and s2 must read exactly as their models; a
 #   verify-only fio (common_cycles.sh) must read back every write acknowledged before the last
 #   cut (none may be lost).
-# - p <= CUTS: fio writes verified blocks to a 4 MiB window of the origin (the window
-#   moves on each cycle, so that the first four copy chunks for the snapshots) with seed p;
+# - p <= CUTS: fio writes verified blocks to an 8 MiB window of the origin (the window
+#   alternates between the halves, so that the first two copy chunks for the snapshots) with seed p;
 #   once the device completed ACKED_MIN writes fio saves what was acknowledged; another fio
-#   keeps writing 16 KiB blocks to the next window; the verify state and the counts so far
+#   keeps writing 16 KiB blocks to the other half; the verify state and the counts so far
 #   are stored on vdc, and the power is cut under those writes.
 # - p = CUTS+1 prints `COUNT: snapshot-cuts cycles=N
 #   acked_writes_checked=N writes_lost=N snapshots_checked=N` and one PASS (or FAIL) for all.
@@ -24,7 +24,7 @@ set -uo pipefail
 . "$UBLKDM_REPO/scripts/vm/lib.sh"
 . "$UBLKDM_REPO/tests/vm/common.sh"
 . "$UBLKDM_REPO/tests/vm/common_snapshot.sh"
-# 4 MiB windows hold 1024 blocks: fewer writes, and slower, before the cut.
+# Slower writes than the mirror's (copy-on-write): fio must still write at the cut.
 ACKED_MIN=${ACKED_MIN:-200}
 ACKED_RATE=${ACKED_RATE:-200}
 . "$UBLKDM_REPO/tests/vm/common_cycles.sh"
@@ -56,7 +56,7 @@ counted() {
 	lost=$((lost + LOST))
 	vm_log "cut $c: $CHECKED acknowledged blocks verified"
 }
-window() { echo $(((($1 - 1) % 4) * 4)); }
+window() { echo $(((($1 - 1) % 2) * 8)); }
 
 first_boot() {
 	random_image "$T/s1.img" $MIB
@@ -85,7 +85,7 @@ assemble_after_cut() {
 	id=$(dev_id "$dev")
 	set_sched_none "$dev"
 	# Read back what was acknowledged before the cut while the snapshots are compared.
-	acked_verify "$dev" "$c" "$(window "$c")M" 4M &
+	acked_verify "$dev" "$c" "$(window "$c")M" 8M &
 	verify_pid=$!
 	group "$id"
 	if [[ $(jq -r .state <<<"$G") != LIVE || $(g_snaps) != "s1:valid s2:valid" ]]; then
@@ -111,14 +111,14 @@ assemble_after_cut() {
 write_and_cut() {
 	local c=$phase base noise_pid
 	base=$(disk_writes "$dev")
-	acked_start "$dev" "$c" "$(window "$c")M" 4M true
+	acked_start "$dev" "$c" "$(window "$c")M" 8M true
 	wait_disk_writes "$dev" $((base + ACKED_MIN)) 90 && pid_alive "$ACKED_PID" ||
 		die "cut $c: fio did not get going: $(head -c 300 "$T/acked.err")"
 	touch "$T/trigger"
 	wait "$ACKED_PID"
 	acked_end || die "cut $c: fio saved no verify state: $(head -c 300 "$T/acked.err")"
 	timeout 120 fio --name=noise --filename="$dev" --direct=1 --ioengine=io_uring --rw=randwrite \
-		--bs=16k --iodepth=8 --offset="$(window $((c + 1)))M" --size=4M --time_based --runtime=100 \
+		--bs=16k --iodepth=8 --offset="$(window $((c + 1)))M" --size=8M --time_based --runtime=100 \
 		--output="$T/noise.out" &
 	noise_pid=$!
 	printf 'checked=%s\nlost=%s\nbad=%s\nsnaps=%s\n' "$checked" "$lost" "$bad" "$snaps" >"$T/counts"
