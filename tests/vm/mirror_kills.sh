@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # tests/vm/mirror_kills.sh: KILLS (20) kill -9 of a 2-leg mirror's daemon under fio, each followed
 # by `ublkdm recover`, counted.
-# vm: --disks 2x16M --timeout 900
+# vm: --disks 2x16M --timeout 1500
 # Method: a 2-leg mirror (512 KiB regions) on vda+vdb. Each cycle (common_cycles.sh): fio
 # writes verified blocks to the first 12 MiB with a new seed; once the device completed
 # ACKED_MIN writes, fio saves what was acknowledged and kills the daemon; `ublkdm recover`

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # tests/vm/snapshot_kills.sh: KILLS (20) kill -9 of a snapshot origin's daemon under fio (two
 # snapshots), each followed by `ublkdm recover`, counted.
-# vm: --disks 2x64M --timeout 900
+# vm: --disks 2x64M --timeout 1500
 # Method: a 16 MiB origin of random bytes (a slice of vda) with its COW store on a 64 MiB
 # slice of vdb; snapshot s1, 8 MiB written to the origin's second half, snapshot s2; their
 # images are kept in RAM as models (the snapshots are never written). Each cycle
