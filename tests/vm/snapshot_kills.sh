@@ -19,7 +19,7 @@ set -uo pipefail
 . "$UBLKDM_REPO/tests/vm/common_snapshot.sh"
 # Slower writes than the mirror's (copy-on-write): fio must still write at the kill.
 ACKED_MIN=${ACKED_MIN:-200}
-ACKED_RATE=${ACKED_RATE:-400}
+ACKED_RATE=${ACKED_RATE:-250}
 . "$UBLKDM_REPO/tests/vm/common_cycles.sh"
 
 MIB=16
