@@ -9,7 +9,8 @@
 # acknowledged block (none lost); the legs' data areas must be identical once in sync.
 # In the middle cycle leg 1 is failed (`mirror fail-leg`) before fio starts, the writes land
 # degraded, and `mirror add-leg` re-adds it under fio just before the kill: the recover then
-# meets a resync in progress.
+# meets a resync in progress. In the next cycle leg 1 is failed again and the kill comes while
+# degraded; if `recover` leaves the leg out, `mirror add-leg` brings it back.
 # Prints `COUNT: mirror-kills cycles=N acked_writes_checked=N writes_lost=N resync_regions=[..]`.
 set -uo pipefail
 . "$UBLKDM_REPO/scripts/vm/lib.sh"
@@ -27,7 +28,7 @@ pid=$(jq -r .daemon_pid <<<"$st")
 offset=$(($(jq -r .daemon_status.target.status.data_offset_sectors <<<"$st") / 2048))
 data_mib=$(($(blockdev --getsize64 "$LEG0") / 1048576 - offset))
 mid=$(((KILLS + 1) / 2))
-vm_log "mirror $dev (id $id), $KILLS cycles, leg 1 failed and re-added in cycle $mid"
+vm_log "mirror $dev (id $id), $KILLS cycles, leg 1 failed and re-added in cycle $mid, failed before the kill in cycle $((mid + 1))"
 
 checked=0
 lost=0
@@ -47,7 +48,7 @@ counted() {
 	vm_log "cycle $c: $CHECKED acknowledged blocks verified"
 }
 for ((c = 1; c <= KILLS; c++)); do
-	if ((c == mid)); then
+	if ((c == mid || c == mid + 1)); then
 		ublkdm mirror fail-leg "$id" 1 >/dev/null || failed "cycle-$c-fail-leg" "fail-leg refused"
 	fi
 	base=$(disk_writes "$dev")
@@ -76,6 +77,15 @@ for ((c = 1; c <= KILLS; c++)); do
 	# Read back what was acknowledged while the dirty regions resync (fio only reads).
 	acked_verify "$dev" "$c" 0 12M &
 	verify_pid=$!
+	if ((c == mid + 1)); then
+		# Recovered with leg 1 failed: whether it comes back (from the bitmap) or stays out,
+		# it must end in sync with what was written meanwhile.
+		legs=$(mstatus "$id" '[.legs[].state] | join(",")')
+		vm_log "cycle $c: recovered with leg 1 failed before the kill: legs $legs"
+		if [[ $legs != in-sync,in-sync ]]; then
+			ublkdm mirror add-leg "$id" "$LEG1" >/dev/null || failed "cycle-$c-add-leg" "add-leg refused"
+		fi
+	fi
 	wait_synced "$id" 120 || failed "cycle-$c-resync" "$(jq -c .daemon_status.target.status.regions <<<"$ST")"
 	pid=$(jq -r .daemon_pid <<<"$ST")
 	resync+=("$(jq -r .daemon_status.target.status.resync.regions_done <<<"$ST")")
