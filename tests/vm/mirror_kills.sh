@@ -4,8 +4,8 @@
 # vm: --disks 2x16M --timeout 1500
 # Method: a 2-leg mirror (512 KiB regions) on vda+vdb. Each cycle (common_cycles.sh): fio
 # writes verified blocks to the first 12 MiB with a new seed; once the device completed
-# ACKED_MIN writes, fio saves what was acknowledged and kills the daemon; `ublkdm recover`
-# must bring the mirror back LIVE; the dirty regions resync; a verify-only fio must find every
+# ACKED_MIN writes the daemon is killed under them and fio saves what was acknowledged;
+# `ublkdm recover` must bring the mirror back LIVE; the dirty regions resync; a verify-only fio must find every
 # acknowledged block (none lost); the legs' data areas must be identical once in sync.
 # In the middle cycle leg 1 is failed (`mirror fail-leg`) before fio starts, the writes land
 # degraded, and `mirror add-leg` re-adds it under fio just before the kill: the recover then

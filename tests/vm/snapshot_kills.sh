@@ -6,11 +6,12 @@
 # slice of vdb; snapshot s1, 8 MiB written to the origin's second half, snapshot s2; their
 # images are kept in RAM as models (the snapshots are never written). Each cycle
 # (common_cycles.sh): fio writes verified blocks to an 8 MiB window of the origin with a new
-# seed (the window alternates between the origin's halves, so the first two cycles copy
-# chunks for the snapshots under the kill); once the device completed ACKED_MIN writes, fio saves what was
-# acknowledged and kills the daemon; `ublkdm recover` must bring back the origin LIVE and both
-# snapshots, valid, on their devices; a verify-only fio must find every acknowledged block
-# (none lost); s1 and s2 must read exactly as their models.
+# seed (the window alternates between the origin's halves: the first cycles copy most chunks
+# for the snapshots under the kill, later ones fewer); once the device completed ACKED_MIN
+# writes the daemon is killed under them and fio saves what was acknowledged; `ublkdm
+# recover` must bring back the origin LIVE and both snapshots, valid, on their devices; a
+# verify-only fio must find every acknowledged block (none lost); s1 and s2 must read
+# exactly as their models.
 # Prints `COUNT: snapshot-kills cycles=N acked_writes_checked=N writes_lost=N
 # snapshots_checked=N cow_used=[..]` (the store's use after each cycle).
 set -uo pipefail
