@@ -11,8 +11,8 @@
 #   device completed ACKED_MIN writes fio saves what was acknowledged; another fio keeps
 #   writing 64 KiB blocks to the next 3 MiB; the verify state and the counts so far are
 #   stored on vdc, and the power is cut under those writes. In the middle cycle leg 1 is
-#   failed (`mirror fail-leg`) before the writes and re-added (`mirror add-leg`) just before
-#   the cut, so that the cut meets a resync in progress.
+#   failed (`mirror fail-leg`) before the writes and re-added (`mirror add-leg`) under them,
+#   seconds before the cut (its resync may or may not be over by then).
 # - p = CUTS+1 prints `COUNT: mirror-cuts cycles=N
 #   acked_writes_checked=N writes_lost=N resync_regions=[..]` and one PASS (or FAIL) for all.
 set -uo pipefail
