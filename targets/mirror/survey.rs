@@ -16,9 +16,14 @@
 //!   left out, so the mirror runs degraded until it is added back (from the bitmap when the
 //!   bitmap covers what it missed). A member the table no longer names (removed or replaced)
 //!   is not a member.
-//! - Split brain: two members each of whose superblocks records the other as gone (failed,
-//!   stale, removed or replaced) were each written while the other was away. Whichever the
-//!   mirror chose, the other's writes would be resynced away, so assembly refuses.
+//! - Split brain: a member left out (stale in the freshest table) that was in sync in its own
+//!   superblock and whose own table records every leg the mirror would run from as gone
+//!   (failed, stale, removed or replaced) was written as a complete copy while they were
+//!   away, and they while it was away: each side may hold acknowledged writes the other
+//!   lacks, and starting would resync one side's away, so assembly refuses. A leg that names
+//!   one of the running legs as still active shares its history through that leg (it took
+//!   every write the left-out leg took), and a leg that was recovering holds no write of its
+//!   own (an in-sync leg took every acknowledged write): neither is split brain.
 //! - Assembly refuses when no present leg is a current in-sync copy.
 //!
 //! Invariant: every slot the freshest table names either holds a present leg (in sync or
@@ -219,20 +224,48 @@ fn check_named_members(members: &[(String, u64, &Superblock)], verdicts: &[Verdi
                     ps.slot, ps.uuid
                 )));
             }
-            if disowns(ps, qs) && disowns(qs, ps) {
-                return Err(Error::new(
-                    ErrorKind::Corrupt,
-                    format!(
-                        "split brain in mirror {}: {pn} (event {}) and {qn} (event {}) were each \
-                         written while the other was away; refusing to pick one (assemble from \
-                         one of them and add the other with add-leg after wiping it)",
-                        ps.uuid, ps.events, qs.events
-                    ),
-                ));
-            }
+        }
+    }
+    let sources: Vec<&Superblock> = (0..members.len())
+        .filter(|&i| verdicts[i] == Verdict::InSync)
+        .map(|i| members[i].2)
+        .collect();
+    for &q in &named {
+        let (qn, _, qs) = &members[q];
+        if matches!(verdicts[q], Verdict::LeftOut(_)) && holds_writes_the_sources_lack(qs, &sources)
+        {
+            let names: Vec<&str> = (0..members.len())
+                .filter(|&i| verdicts[i] == Verdict::InSync)
+                .map(|i| members[i].0.as_str())
+                .collect();
+            return Err(Error::new(
+                ErrorKind::Corrupt,
+                format!(
+                    "split brain in mirror {}: {qn} (event {}) was written as a complete copy \
+                     while {} (event {}) was away, and the other way round; refusing to pick one \
+                     (assemble from one side, then wipe the other and add it with add-leg)",
+                    qs.uuid,
+                    qs.events,
+                    names.join(", "),
+                    sources.iter().map(|sb| sb.events).max().unwrap_or(0)
+                ),
+            ));
         }
     }
     Ok(())
+}
+
+/// Whether the left-out leg `q` may hold acknowledged writes that none of `sources` (the
+/// legs the mirror will run from) has: `q` was a complete copy (in sync in its own
+/// superblock), and its own table says every source was gone (failed, stale, removed or
+/// replaced) when it was last written. If it names one source as in sync or recovering, that
+/// source took every write `q` took and is still current, so nothing `q` holds is lost. A leg
+/// that was recovering holds no write of its own (an in-sync leg took every acknowledged
+/// write), so it is never one side of a split brain.
+fn holds_writes_the_sources_lack(q: &Superblock, sources: &[&Superblock]) -> bool {
+    q.own().state == LegState::InSync
+        && !sources.is_empty()
+        && sources.iter().all(|s| disowns(q, s))
 }
 
 /// Whether `p`'s own table says `q` is gone from the mirror (not written any more).
