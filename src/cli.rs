@@ -174,7 +174,9 @@ pub struct MirrorArgs {
     /// Trust that the legs already hold the same data: skip the initial copy.
     #[arg(long)]
     pub nosync: bool,
-    /// Use legs that carry another mirror's or foreign metadata (it is overwritten).
+    /// Create over legs that carry foreign metadata (a file system, LVM, md; it is
+    /// overwritten). Never over a leg that carries a mirror superblock, and no part of an
+    /// assembly: legs of the mirror assemble it, degraded if some are missing.
     #[arg(long)]
     pub force: bool,
     /// Resync bandwidth kept while foreground I/O is active, in MB/s (default: the ceiling).

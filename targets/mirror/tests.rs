@@ -772,3 +772,63 @@ fn an_expected_uuid_never_creates_and_leaves_other_mirrors_alone() {
         .contains("ya: a leg of mirror"));
     assert_eq!(head(&y[0]), y_head);
 }
+
+/// The daemon's path (`add` and `recover` both go through `open_mirror_with`): a leg file
+/// that is gone does not fail the open; the mirror comes up degraded and says why.
+#[test]
+fn open_mirror_with_a_leg_gone_comes_up_degraded() {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir =
+        tempfile::tempdir_in(concat!(env!("CARGO_MANIFEST_DIR"), "/target")).expect("temp dir");
+    let legs: Vec<std::path::PathBuf> =
+        (0..2).map(|i| dir.path().join(format!("leg{i}"))).collect();
+    for leg in &legs {
+        std::fs::File::create(leg)
+            .and_then(|f| f.set_len(8 << 20))
+            .expect("leg file");
+    }
+    let direct = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&legs[0]);
+    if direct.is_err() {
+        eprintln!("SKIP: this filesystem refuses O_DIRECT");
+        return;
+    }
+    let spec = TargetSpec::Mirror {
+        legs: legs.clone(),
+        region_size_sectors: 256,
+        nosync: true,
+        force: false,
+        resync_throttle: Default::default(),
+    };
+    let open = || open_mirror_with(&spec, ThrottleConfig::UNLIMITED, Tuning::default());
+    let target = open().expect("create");
+    let t = Arc::clone(&target);
+    reactor::block_on(async move {
+        let buf = Arc::new(AlignedBuf::from_slice(&pattern(9, 8)));
+        t.write(Sector(64), buf, WriteFlags::FUA).await
+    })
+    .expect("write");
+    drop(target);
+    std::fs::remove_file(&legs[1]).expect("the second leg goes away");
+    let target = open().expect("comes up degraded");
+    let status = target.status();
+    assert_eq!(status["degraded"], true, "{status}");
+    assert_eq!(
+        missing_lines(&status),
+        [format!(
+            "slot 1 ({}): missing: cannot open: No such file or directory",
+            legs[1].display()
+        )]
+    );
+    let t = Arc::clone(&target);
+    let data = reactor::block_on(async move {
+        let (res, buf) = t
+            .read(Sector(64), AlignedBuf::for_sectors(SectorCount(8)))
+            .await;
+        res.map(|()| buf.as_slice().to_vec())
+    })
+    .expect("read");
+    assert_eq!(data, pattern(9, 8));
+}
