@@ -105,7 +105,10 @@ fn creatable(given: Vec<Surveyed>, force: bool) -> Result<Vec<DeviceRef>> {
                 )))
             }
             Surveyed::Member { dev, sb } => return Err(refuse_member(&dev, &sb)),
-            Surveyed::Other { dev, probe } if probe == Probe::Blank => legs.push(dev),
+            Surveyed::Other {
+                dev,
+                probe: Probe::Blank,
+            } => legs.push(dev),
             Surveyed::Other { dev, probe } if force => {
                 log::warn!("overwriting {}, which held {probe:?}", dev.info().name);
                 legs.push(dev);
