@@ -191,7 +191,9 @@ pub struct MirrorArgs {
     /// Trust that the legs already hold the same data: skip the initial copy.
     #[arg(long)]
     pub nosync: bool,
-    /// Use legs that carry another mirror's or foreign metadata (it is overwritten).
+    /// Create over legs that carry foreign metadata (a file system, LVM, md; it is
+    /// overwritten). Never over a leg that carries a mirror superblock, and no part of an
+    /// assembly: legs of the mirror assemble it, degraded if some are missing.
     #[arg(long)]
     pub force: bool,
     /// Resync bandwidth kept while foreground I/O is active, in MB/s (default: the ceiling).
@@ -424,8 +426,12 @@ fn start_daemon(start: Start, spec: TargetSpec, foreground: bool) -> Result<()> 
         daemon::init_logging();
         return daemon::run_foreground(start, spec);
     }
+    let mirror = matches!(spec, TargetSpec::Mirror { .. });
     let path = daemon::launch(start, spec)?;
     println!("{}", path.display());
+    if mirror {
+        warn_degraded(&path);
+    }
     Ok(())
 }
 
@@ -608,15 +614,43 @@ fn install_units(prefix: Option<PathBuf>) -> Result<()> {
     Ok(())
 }
 
+/// Prints a warning for every leg a mirror's daemon started without (and every leg given
+/// that is not a member), from its status.
+fn warn_degraded(path: &std::path::Path) {
+    let id = path
+        .to_string_lossy()
+        .rsplit("ublkb")
+        .next()
+        .map(str::parse::<u32>);
+    let Some(Ok(id)) = id else { return };
+    let Ok(status) = control::request(id, Command::Status) else {
+        return;
+    };
+    let target = &status["target"]["status"];
+    let lines = |key: &str| target[key].as_array().cloned().unwrap_or_default();
+    for line in lines("missing_legs") {
+        eprintln!("warning: mirror {id} runs degraded: {}", text(&line));
+    }
+    for line in lines("not_members") {
+        eprintln!(
+            "warning: {}",
+            text(&line).replace(" ID ", &format!(" {id} "))
+        );
+    }
+}
+
 /// The spec of `add mirror`: legs made absolute and checked for repeats (the same device under
-/// two names included), the region size in sectors.
+/// two names included), the region size in sectors. A leg that does not exist is kept: the
+/// mirror may assemble degraded without it (a create refuses it).
 fn mirror_spec(args: MirrorArgs) -> Result<TargetSpec> {
     let mut legs = Vec::with_capacity(args.legs.len());
     let mut seen = Vec::new();
     for leg in args.legs {
         let leg = absolute(leg)?;
-        let real = std::fs::canonicalize(&leg)
-            .map_err(|e| Error::io(format!("cannot open leg {}", leg.display()), e))?;
+        let Ok(real) = std::fs::canonicalize(&leg) else {
+            legs.push(leg);
+            continue;
+        };
         if seen.contains(&real) {
             return Err(Error::invalid(format!(
                 "leg {} is given twice (as {})",

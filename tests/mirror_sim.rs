@@ -290,9 +290,9 @@ impl Sim {
         self.start(target, runner)
     }
 
-    /// Assembles from the members, maybe leaving one out (forcing a degraded start). The
-    /// leg left out is never the only one that was in sync: that would lose data, which is
-    /// what assembling without `force` refuses to do.
+    /// Assembles from the members, maybe leaving one out (a degraded start). The leg left
+    /// out is never the only one that was in sync: that would lose data (assembly refuses
+    /// only when no in-sync leg is given at all).
     async fn assemble(&mut self, leave_one_out: bool, states: &[LegState]) -> Instance {
         let members: Vec<usize> = (0..self.legs.len())
             .filter(|&i| self.legs[i].slot.is_some())
@@ -310,11 +310,10 @@ impl Sim {
                 chosen.remove(i);
             }
         }
-        let force = chosen.len() < members.len();
-        for (attempt, force) in [(chosen, force), (members, false)] {
+        for attempt in [chosen, members] {
             let devs = attempt.iter().map(|&i| self.legs[i].dev()).collect();
             let (env, runner) = self.env();
-            match MirrorTarget::assemble(devs, force, env).await {
+            match MirrorTarget::assemble(devs, env).await {
                 Ok(target) => {
                     trace(format_args!("assembled {attempt:?}: {}", target.status()));
                     self.refresh_slots(&target);

@@ -29,7 +29,9 @@ use std::sync::Arc;
 pub use buf::{AlignedBuf, BUF_ALIGN};
 pub use faulty::{FaultConfig, FaultyDevice, OpKind};
 pub use mem::MemDevice;
-pub use uring::{open_distinct, same_device, DeviceIdentity, OpenOptions, UringDevice};
+pub use uring::{
+    check_distinct, open_distinct, same_device, DeviceIdentity, OpenOptions, UringDevice,
+};
 
 use crate::units::{Extent, Sector, SectorCount};
 

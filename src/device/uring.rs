@@ -184,33 +184,42 @@ pub fn open_distinct<P: AsRef<Path>>(
     paths: &[P],
     options: OpenOptions,
 ) -> Result<Vec<UringDevice>> {
-    let twice = |a: &Path, b: &Path| {
-        Error::invalid(format!(
-            "{} and {} are the same device; give each device once",
-            a.display(),
-            b.display()
-        ))
-    };
+    check_distinct(paths)?;
+    let mut opened: Vec<UringDevice> = Vec::with_capacity(paths.len());
+    for path in paths.iter().map(AsRef::as_ref) {
+        let dev = UringDevice::open(path, options)?;
+        if let Some(first) = opened.iter().find(|d| same_device(d, &dev)) {
+            return Err(same_device_twice(first.path(), path));
+        }
+        opened.push(dev);
+    }
+    Ok(opened)
+}
+
+fn same_device_twice(a: &Path, b: &Path) -> Error {
+    Error::invalid(format!(
+        "{} and {} are the same device; give each device once",
+        a.display(),
+        b.display()
+    ))
+}
+
+/// Refuses a device named twice among `paths`, under any path (a link, another node of one
+/// block device), before anything is opened. A path that cannot be stat'ed is left for its
+/// open to fail, with its reason.
+pub fn check_distinct<P: AsRef<Path>>(paths: &[P]) -> Result<()> {
     let mut seen: Vec<(&Path, DeviceIdentity)> = Vec::with_capacity(paths.len());
     for path in paths.iter().map(AsRef::as_ref) {
         // A path that cannot be stat'ed fails in open, with its reason.
         if let Ok(meta) = std::fs::metadata(path) {
             let identity = DeviceIdentity::of(&meta);
             if let Some((first, _)) = seen.iter().find(|(_, id)| *id == identity) {
-                return Err(twice(first, path));
+                return Err(same_device_twice(first, path));
             }
             seen.push((path, identity));
         }
     }
-    let mut opened: Vec<UringDevice> = Vec::with_capacity(paths.len());
-    for path in paths.iter().map(AsRef::as_ref) {
-        let dev = UringDevice::open(path, options)?;
-        if let Some(first) = opened.iter().find(|d| same_device(d, &dev)) {
-            return Err(twice(first.path(), path));
-        }
-        opened.push(dev);
-    }
-    Ok(opened)
+    Ok(())
 }
 
 /// Locks the file open on `fd` for this open alone: a regular file has no `O_EXCL`, so without

@@ -1,12 +1,19 @@
 //! Creating a mirror, assembling one from its legs, and changing its legs at run time.
 //!
-//! Assembly trusts the freshest superblock (the highest event counter) for the slot table.
-//! A present leg is in sync if that table says so and its own counter is at most one behind
-//! (a crash can cut one superblock update short; every write acknowledged after a leg failed
-//! waited for the update recording it, so one update behind means nothing acknowledged was
-//! missed). Any other present leg is returning: resynced from the bitmap if its counter is at
-//! least `events_cleared` (no bit was cleared since it left), else fully. Slots whose legs are
-//! absent become stale, and the mirror runs degraded.
+//! Creating and assembling are kept apart: a request where any leg carries a superblock of
+//! the mirror (or where a mirror UUID is expected) is an assembly, which writes only to the
+//! legs it takes in; a create needs every leg present and blank (`force`: or holding foreign
+//! metadata) and never writes over a leg that carries a mirror superblock.
+//!
+//! Assembly (the rules are in `survey.rs`) trusts the freshest superblock (the highest event
+//! counter) for the slot table. A present leg is in sync if that table says so and its own
+//! counter is at most one behind (a crash can cut one superblock update short; every write
+//! acknowledged after a leg failed waited for the update recording it, so one update behind
+//! means nothing acknowledged was missed); a leg the table calls recovering resumes its
+//! recovery. Slots whose legs are missing, unreadable or stale are left out (stale or failed
+//! in the new table, with the reason kept for `status`) and the mirror runs degraded; a stale
+//! leg comes back with `add-leg`, resynced from the bitmap if its counter is at least
+//! `events_cleared` (no bit was cleared since it left), else fully.
 //!
 //! Ordering rules that make creation and leg changes crash-safe:
 //! - create: wipe the old superblocks, write the log, mark every region dirty (unless
@@ -24,20 +31,15 @@ use super::state::{Leg, LegStats, State};
 use super::superblock::{
     probe, refuse, wipe_superblocks, Layout, LegState, Probe, Superblock, MAX_LEGS, MIN_LEGS,
 };
+use super::survey::{
+    name_absent_slots, not_member_note, plan, root_cause, survey, AssemblyReport, GivenLeg, LegSet,
+    Surveyed, Verdict,
+};
 use super::{AddLegOptions, CreateOptions, Inner, MirrorEnv, Notify};
 use crate::copy::Completions;
 use crate::device::{DeviceInfo, DeviceRef};
 use crate::error::{Error, ErrorKind, Result};
 use crate::region::{DirtyLog, RegionBitmap, RegionMap, RegionRange};
-
-/// Probes every leg.
-pub async fn probe_all(legs: &[DeviceRef]) -> Result<Vec<Probe>> {
-    let mut probes = Vec::with_capacity(legs.len());
-    for leg in legs {
-        probes.push(probe(leg).await?);
-    }
-    Ok(probes)
-}
 
 fn check_leg_count(n: usize) -> Result<()> {
     if !(MIN_LEGS..=MAX_LEGS).contains(&n) {
@@ -48,42 +50,35 @@ fn check_leg_count(n: usize) -> Result<()> {
     Ok(())
 }
 
-/// Creates or assembles (see [`super::MirrorTarget::open`]).
-pub async fn open(
-    legs: Vec<DeviceRef>,
-    options: &CreateOptions,
-    env: MirrorEnv,
-) -> Result<Arc<Inner>> {
-    check_leg_count(legs.len())?;
-    let probes = probe_all(&legs).await?;
-    let mirror = probes.iter().find_map(|p| match p {
-        Probe::Ours(sb) => Some(sb.uuid),
-        _ => None,
-    });
-    let all_ours = mirror.is_some_and(|uuid| {
-        probes
-            .iter()
-            .all(|p| matches!(p, Probe::Ours(sb) if sb.uuid == uuid))
-    });
-    if all_ours {
-        return assemble(legs, probes, options.force, env).await;
+fn check_given_count(n: usize) -> Result<()> {
+    if !(1..=MAX_LEGS).contains(&n) {
+        return Err(Error::invalid(format!(
+            "a mirror is opened from 1 to {MAX_LEGS} legs, not {n}"
+        )));
     }
-    if let (Some(uuid), false) = (mirror, options.force) {
-        let (dev, _) = legs
-            .iter()
-            .zip(&probes)
-            .find(|(_, p)| !matches!(p, Probe::Ours(sb) if sb.uuid == uuid))
-            .expect("not all legs belong to the mirror");
-        return Err(Error::new(
-            ErrorKind::Busy,
-            format!(
-                "{} is not a leg of mirror {uuid} like the others; assemble the mirror from \
-                 its own legs and add this one with add-leg, or use force to create a new mirror",
-                dev.info().name
-            ),
-        ));
+    Ok(())
+}
+
+/// Assembles the mirror the legs carry, or creates one when none carries a mirror superblock
+/// and no mirror is expected (see [`super::MirrorTarget::open_set`]).
+pub async fn open(set: LegSet, options: &CreateOptions, env: MirrorEnv) -> Result<Arc<Inner>> {
+    check_given_count(set.legs.len())?;
+    let expected = set.uuid;
+    let given = survey(set.legs).await;
+    let any_member = given.iter().any(|g| matches!(g, Surveyed::Member { .. }));
+    if any_member || expected.is_some() {
+        return assemble_surveyed(given, expected, env).await;
     }
-    create_probed(legs, probes, options, env).await
+    create_surveyed(given, options, env).await
+}
+
+/// Assembles the mirror the legs carry; never creates (see
+/// [`super::MirrorTarget::assemble_set`]).
+pub async fn assemble(set: LegSet, env: MirrorEnv) -> Result<Arc<Inner>> {
+    check_given_count(set.legs.len())?;
+    let expected = set.uuid;
+    let given = survey(set.legs).await;
+    assemble_surveyed(given, expected, env).await
 }
 
 /// Creates a new mirror over `legs`.
@@ -93,22 +88,58 @@ pub async fn create(
     env: MirrorEnv,
 ) -> Result<Arc<Inner>> {
     check_leg_count(legs.len())?;
-    let probes = probe_all(&legs).await?;
-    create_probed(legs, probes, options, env).await
+    let given = survey(legs.into_iter().map(GivenLeg::Opened).collect()).await;
+    create_surveyed(given, options, env).await
 }
 
-async fn create_probed(
-    legs: Vec<DeviceRef>,
-    probes: Vec<Probe>,
+/// Checks that a create may write over every leg: all present and readable, blank or (with
+/// `force`) foreign; never a leg carrying a mirror superblock.
+fn creatable(given: Vec<Surveyed>, force: bool) -> Result<Vec<DeviceRef>> {
+    let mut legs = Vec::with_capacity(given.len());
+    for leg in given {
+        match leg {
+            Surveyed::Absent { name, error, .. } => {
+                return Err(error.context(format!(
+                    "cannot create a mirror: {name} cannot be used, and a create needs every \
+                     leg (no leg carries a mirror superblock to assemble from)"
+                )))
+            }
+            Surveyed::Member { dev, sb } => return Err(refuse_member(&dev, &sb)),
+            Surveyed::Other {
+                dev,
+                probe: Probe::Blank,
+            } => legs.push(dev),
+            Surveyed::Other { dev, probe } if force => {
+                log::warn!("overwriting {}, which held {probe:?}", dev.info().name);
+                legs.push(dev);
+            }
+            Surveyed::Other { dev, probe } => return Err(refuse(&dev, &probe)),
+        }
+    }
+    Ok(legs)
+}
+
+/// The refusal to create over a leg that carries a mirror superblock, force or not.
+fn refuse_member(dev: &DeviceRef, sb: &Superblock) -> Error {
+    let name = &dev.info().name;
+    Error::new(
+        ErrorKind::Busy,
+        format!(
+            "{name} is slot {} of mirror {}: a create never overwrites a mirror leg, even with \
+             force; to reuse it, remove it from its mirror ('ublkdm mirror remove-leg') or wipe \
+             its superblocks (dd if=/dev/zero of={name} bs=4096 count=2 oflag=direct)",
+            sb.slot, sb.uuid
+        ),
+    )
+}
+
+async fn create_surveyed(
+    given: Vec<Surveyed>,
     options: &CreateOptions,
     env: MirrorEnv,
 ) -> Result<Arc<Inner>> {
-    check_leg_count(legs.len())?;
-    if !options.force {
-        if let Some((dev, p)) = legs.iter().zip(&probes).find(|(_, p)| **p != Probe::Blank) {
-            return Err(refuse(dev, p));
-        }
-    }
+    check_leg_count(given.len())?;
+    let legs = creatable(given, options.force)?;
     check_sizes(&legs)?;
     let smallest = legs.iter().map(|l| l.info().size).min().expect("legs");
     let layout = Layout::compute(smallest, options.region_size)?;
@@ -142,7 +173,15 @@ async fn create_probed(
             .map_err(|e| Error::io("cannot mark the new mirror's regions for resync", e))?;
     }
     let state = State::new(map, table, 0, 0);
-    let inner = build(uuid, layout, state, log, meta, env);
+    let inner = build(
+        uuid,
+        layout,
+        state,
+        log,
+        meta,
+        env,
+        AssemblyReport::default(),
+    );
     inner
         .persist()
         .await
@@ -189,192 +228,331 @@ fn present_leg(dev: &DeviceRef, state: LegState, uuid: Uuid, generation: u64) ->
     }
 }
 
-/// What assembly decided for one present leg.
-enum Plan {
-    InSync,
-    Resume,
-    Returning { full: bool },
+/// The mirror an assembly brings up: `expected` if given, else the one mirror the members
+/// carry (members of two mirrors are refused rather than guessed between).
+fn chosen_mirror(given: &[Surveyed], expected: Option<Uuid>) -> Result<Uuid> {
+    let mut found: Vec<(Uuid, String)> = Vec::new();
+    for leg in given {
+        if let Surveyed::Member { sb, .. } = leg {
+            if !found.iter().any(|(u, _)| *u == sb.uuid) {
+                found.push((sb.uuid, leg.name()));
+            }
+        }
+    }
+    match (expected, found.as_slice()) {
+        (Some(uuid), _) if found.iter().any(|(u, _)| *u == uuid) => Ok(uuid),
+        (Some(uuid), _) => Err(Error::new(
+            ErrorKind::NotFound,
+            format!(
+                "no leg given carries a superblock of mirror {uuid}: {}",
+                given_summary(given)
+            ),
+        )),
+        (None, [(uuid, _)]) => Ok(*uuid),
+        (None, []) => Err(Error::new(
+            ErrorKind::NotFound,
+            format!(
+                "no leg given carries a mirror superblock: {}",
+                given_summary(given)
+            ),
+        )),
+        (None, [(a, an), (b, bn), ..]) => Err(Error::invalid(format!(
+            "the legs belong to different mirrors ({an} to {a}, {bn} to {b}); give the legs \
+             of one mirror (a create never overwrites a mirror leg)"
+        ))),
+    }
 }
 
-/// Assembles the mirror that every probe says `legs` belong to. Without `force`, every leg
-/// the freshest slot table calls in sync must be among them: a leg left out may hold writes
-/// the others missed, and starting without it would bring back old data (mdadm asks for
-/// `--run` in the same case).
-pub async fn assemble(
-    legs: Vec<DeviceRef>,
-    probes: Vec<Probe>,
-    force: bool,
-    env: MirrorEnv,
-) -> Result<Arc<Inner>> {
-    if legs.is_empty() || legs.len() > MAX_LEGS {
-        return Err(Error::invalid(format!(
-            "a mirror is assembled from 1 to {MAX_LEGS} legs, not {}",
-            legs.len()
-        )));
-    }
-    let mut sbs: Vec<Superblock> = Vec::new();
-    for (dev, p) in legs.iter().zip(probes) {
-        match p {
-            Probe::Ours(sb) => sbs.push(*sb),
-            other => return Err(refuse_for_assembly(dev, &other)),
-        }
-    }
-    let uuid = sbs[0].uuid;
-    if let Some((dev, sb)) = legs.iter().zip(&sbs).find(|(_, sb)| sb.uuid != uuid) {
-        return Err(Error::invalid(format!(
-            "{} belongs to mirror {}, the other legs to mirror {uuid}",
-            dev.info().name,
-            sb.uuid
-        )));
-    }
-    let auth = sbs.iter().max_by_key(|sb| sb.events).expect("legs").clone();
-    let layout = auth.layout;
-    let mut present: Vec<Option<(DeviceRef, Plan, u64)>> = (0..MAX_LEGS).map(|_| None).collect();
-    for (dev, sb) in legs.iter().zip(&sbs) {
-        let entry = auth.table[sb.slot];
-        if present[sb.slot].is_some() {
-            return Err(Error::invalid(format!(
-                "two of the legs given are slot {} of mirror {uuid} ({} is one)",
-                sb.slot,
-                dev.info().name
-            )));
-        }
-        if entry.state == LegState::Empty || entry.leg_uuid != sb.own().leg_uuid {
-            return Err(Error::invalid(format!(
-                "{} was slot {} of mirror {uuid} but has been removed or replaced; assemble \
-                 without it and add it with add-leg",
-                dev.info().name,
-                sb.slot
-            )));
-        }
-        if dev.info().size < layout.leg_sectors() {
-            return Err(Error::new(
-                ErrorKind::Corrupt,
-                format!(
-                    "{} is smaller ({}) than the mirror's legs need ({})",
-                    dev.info().name,
-                    dev.info().size,
-                    layout.leg_sectors()
-                ),
-            ));
-        }
-        let current = sb.events + 1 >= auth.events;
-        let plan = match entry.state {
-            LegState::InSync if current => Plan::InSync,
-            LegState::Recovering if current => Plan::Resume,
-            _ => Plan::Returning {
-                full: sb.events < auth.events_cleared,
-            },
-        };
-        log::debug!(
-            "mirror {uuid}: slot {} ({}) at event {} of {}: {}",
-            sb.slot,
-            dev.info().name,
-            sb.events,
-            auth.events,
-            match plan {
-                Plan::InSync => "in sync".to_owned(),
-                Plan::Resume => "resumes its recovery".to_owned(),
-                Plan::Returning { full } => format!("returning, full resync {full}"),
-            }
-        );
-        present[sb.slot] = Some((Arc::clone(dev), plan, sb.events));
-    }
-    if !force {
-        if let Some(slot) =
-            (0..MAX_LEGS).find(|&s| auth.table[s].state == LegState::InSync && present[s].is_none())
-        {
-            return Err(Error::new(
-                ErrorKind::Busy,
-                format!(
-                    "the in-sync leg in slot {slot} of mirror {uuid} (leg {}) is missing; give \
-                     every leg, or force to start degraded without it",
-                    auth.table[slot].leg_uuid
-                ),
-            ));
-        }
-    }
-    let in_sync: Vec<usize> = (0..MAX_LEGS)
-        .filter(|&s| matches!(present[s], Some((_, Plan::InSync, _))))
-        .collect();
-    let Some(&reader) = in_sync
+/// "NAME is blank, NAME: Input/output error" for messages.
+fn given_summary(given: &[Surveyed]) -> String {
+    let parts: Vec<String> = given
         .iter()
-        .max_by_key(|&&s| (present[s].as_ref().map(|p| p.2), std::cmp::Reverse(s)))
-    else {
-        return Err(Error::invalid(format!(
-            "no leg given holds a complete copy of mirror {uuid}; give its in-sync legs"
-        )));
-    };
-    // The table: present legs as planned, absent ones stale (missing).
-    let mut table = vec![Leg::empty(); MAX_LEGS];
-    let mut generation = 0;
-    for slot in 0..MAX_LEGS {
-        let entry = auth.table[slot];
-        generation += 1;
-        table[slot] = match &present[slot] {
-            Some((dev, plan, _)) => {
-                let state = match plan {
-                    Plan::InSync => LegState::InSync,
-                    _ => LegState::Recovering,
-                };
-                let mut leg = present_leg(dev, state, entry.leg_uuid, generation);
-                leg.size = dev.info().size;
-                leg
-            }
-            None if entry.state == LegState::Empty => Leg::empty(),
-            None => Leg {
-                state: match entry.state {
-                    LegState::Failed => LegState::Failed,
-                    _ => LegState::Stale,
-                },
-                dev: None,
-                uuid: entry.leg_uuid,
-                generation,
-                size: entry.leg_size,
-                name: format!("(missing leg {})", entry.leg_uuid),
-                stats: Arc::new(LegStats::default()),
-            },
-        };
-    }
-    let members = in_sync
-        .iter()
-        .map(|&s| {
-            let dev = Arc::clone(&present[s].as_ref().expect("present").0);
-            (s, table[s].generation, dev)
+        .map(|leg| match leg {
+            Surveyed::Member { sb, .. } => format!("{} is a leg of mirror {}", leg.name(), sb.uuid),
+            Surveyed::Other { probe, .. } => format!("{} {}", leg.name(), probe_words(probe)),
+            Surveyed::Absent { error, .. } => format!("{}: {}", leg.name(), root_cause(error)),
         })
         .collect();
-    let meta = MetaDevice::new(layout.log_area, members, reader);
+    parts.join(", ")
+}
+
+fn probe_words(probe: &Probe) -> String {
+    match probe {
+        Probe::Blank => "is blank".to_owned(),
+        Probe::Foreign(kind) => format!("holds {kind}"),
+        Probe::Damaged(why) => format!("has a damaged mirror superblock ({why})"),
+        Probe::Ours(sb) => format!("is a leg of mirror {}", sb.uuid),
+    }
+}
+
+/// The given legs sorted for an assembly of mirror `uuid`.
+struct Sorted {
+    /// `(index given, device, superblock)` of the members.
+    members: Vec<(usize, DeviceRef, Box<Superblock>)>,
+    /// `(index given, name, reason)` of legs that could not be read: missing, unreadable or
+    /// with a damaged superblock; they may be the missing slots.
+    unknown: Vec<(usize, String, String)>,
+    /// `(name, note)` of legs that are not members.
+    notes: Vec<(String, String)>,
+}
+
+fn sort_given(given: Vec<Surveyed>, uuid: Uuid) -> Sorted {
+    let mut sorted = Sorted {
+        members: Vec::new(),
+        unknown: Vec::new(),
+        notes: Vec::new(),
+    };
+    for (index, leg) in given.into_iter().enumerate() {
+        let name = leg.name();
+        match leg {
+            Surveyed::Member { dev, sb } if sb.uuid == uuid => {
+                sorted.members.push((index, dev, sb));
+            }
+            Surveyed::Other {
+                probe: Probe::Damaged(why),
+                ..
+            } => sorted.unknown.push((
+                index,
+                name,
+                format!("damaged: a mirror superblock that {why}"),
+            )),
+            Surveyed::Member { sb, .. } => {
+                let note = not_member_note(&name, &format!("a leg of mirror {}", sb.uuid));
+                sorted.notes.push((name, note));
+            }
+            Surveyed::Other { probe, .. } => {
+                let words = probe_words(&probe);
+                let what = words.strip_prefix("is ").unwrap_or(&words);
+                let note = not_member_note(&name, what);
+                sorted.notes.push((name, note));
+            }
+            Surveyed::Absent {
+                error,
+                opened: true,
+                ..
+            } => sorted
+                .unknown
+                .push((index, name, format!("unreadable: {}", root_cause(&error)))),
+            Surveyed::Absent { error, .. } => sorted.unknown.push((
+                index,
+                name,
+                format!("missing: cannot open: {}", root_cause(&error)),
+            )),
+        }
+    }
+    sorted
+}
+
+/// What an assembly brings up: per slot the present leg and whether it is in sync (else it
+/// resumes its recovery), and the absent slots with their names and reasons.
+struct Slots {
+    present: Vec<Option<(DeviceRef, bool)>>,
+    absent: Vec<(usize, String, String)>,
+}
+
+fn decide_slots(sorted: Sorted, auth: &Superblock) -> Result<(Slots, Vec<(String, String)>)> {
+    let Sorted {
+        members,
+        unknown,
+        mut notes,
+    } = sorted;
+    let view: Vec<(String, u64, &Superblock)> = members
+        .iter()
+        .map(|(_, dev, sb)| (dev.info().name.clone(), dev.info().size.0, &**sb))
+        .collect();
+    let at = members
+        .iter()
+        .position(|(_, _, sb)| **sb == *auth)
+        .expect("the freshest superblock is a member's");
+    let verdicts = plan(&view, at)?;
+    let mut present: Vec<Option<(DeviceRef, bool)>> = (0..MAX_LEGS).map(|_| None).collect();
+    let mut left_out = Vec::new();
+    for ((_, dev, sb), verdict) in members.iter().zip(verdicts) {
+        let name = dev.info().name.clone();
+        match verdict {
+            Verdict::InSync => present[sb.slot] = Some((Arc::clone(dev), true)),
+            Verdict::Resume => present[sb.slot] = Some((Arc::clone(dev), false)),
+            Verdict::LeftOut(why) => left_out.push((sb.slot, name, why)),
+            Verdict::NotMember(why) => {
+                let note = not_member_note(&name, &why);
+                notes.push((name, note));
+            }
+        }
+    }
+    let absent_slots: Vec<usize> = (0..MAX_LEGS)
+        .filter(|&s| auth.table[s].state != LegState::Empty && present[s].is_none())
+        .collect();
+    let (absent, extra) = name_absent_slots(&absent_slots, &left_out, &unknown);
+    for k in extra {
+        let (_, name, why) = &unknown[k];
+        notes.push((name.clone(), not_member_note(name, why)));
+    }
+    Ok((Slots { present, absent }, notes))
+}
+
+/// "slot 1 (/dev/vdb): missing: cannot open: No such device"
+fn absent_line(slot: usize, name: &str, why: &str, leg_uuid: Uuid) -> String {
+    if name.is_empty() {
+        format!("slot {slot} (leg {leg_uuid}): {why}")
+    } else {
+        format!("slot {slot} ({name}): {why}")
+    }
+}
+
+/// Assembles mirror `uuid` (or the one mirror the members carry) from the surveyed legs:
+/// the freshest member decides; missing, unreadable and stale legs are left out and the
+/// mirror runs degraded (see `survey.rs` for the rules and the refusals).
+async fn assemble_surveyed(
+    given: Vec<Surveyed>,
+    expected: Option<Uuid>,
+    env: MirrorEnv,
+) -> Result<Arc<Inner>> {
+    let uuid = chosen_mirror(&given, expected)?;
+    let sorted = sort_given(given, uuid);
+    let auth = sorted
+        .members
+        .iter()
+        .map(|(_, _, sb)| sb)
+        .max_by_key(|sb| (sb.events, std::cmp::Reverse(sb.slot)))
+        .expect("a member of the chosen mirror")
+        .as_ref()
+        .clone();
+    let (slots, notes) = decide_slots(sorted, &auth)?;
+    let lines: Vec<String> = slots
+        .absent
+        .iter()
+        .map(|(slot, name, why)| absent_line(*slot, name, why, auth.table[*slot].leg_uuid))
+        .collect();
+    let in_sync: Vec<usize> = (0..MAX_LEGS)
+        .filter(|&s| matches!(slots.present[s], Some((_, true))))
+        .collect();
+    if in_sync.is_empty() {
+        return Err(Error::new(
+            ErrorKind::NotFound,
+            format!(
+                "no leg given holds a complete copy of mirror {uuid} (none is a current in-sync \
+                 leg): {}",
+                lines.join("; ")
+            ),
+        ));
+    }
+    for line in &lines {
+        log::warn!("mirror {uuid}: running degraded without {line}");
+    }
+    for (_, note) in &notes {
+        log::warn!("mirror {uuid}: {note}");
+    }
+    start_assembled(auth, slots, lines, notes, env).await
+}
+
+/// The slot table of an assembly: present legs as planned, absent ones stale (or failed, if
+/// the freshest table says so), named as well as the legs given allow.
+fn assembled_table(auth: &Superblock, slots: &Slots) -> Vec<Leg> {
+    let mut table = vec![Leg::empty(); MAX_LEGS];
+    for (slot, leg) in table.iter_mut().enumerate() {
+        let entry = auth.table[slot];
+        let generation = slot as u64 + 1;
+        *leg = match &slots.present[slot] {
+            Some((dev, in_sync)) => {
+                let state = if *in_sync {
+                    LegState::InSync
+                } else {
+                    LegState::Recovering
+                };
+                present_leg(dev, state, entry.leg_uuid, generation)
+            }
+            None if entry.state == LegState::Empty => Leg::empty(),
+            None => {
+                let name = slots
+                    .absent
+                    .iter()
+                    .find(|(s, name, _)| *s == slot && !name.is_empty())
+                    .map_or_else(
+                        || format!("(missing leg {})", entry.leg_uuid),
+                        |(_, name, _)| name.clone(),
+                    );
+                Leg {
+                    state: match entry.state {
+                        LegState::Failed => LegState::Failed,
+                        _ => LegState::Stale,
+                    },
+                    dev: None,
+                    uuid: entry.leg_uuid,
+                    generation,
+                    size: entry.leg_size,
+                    name,
+                    stats: Arc::new(LegStats::default()),
+                }
+            }
+        };
+    }
+    table
+}
+
+/// Opens the dirty log over the in-sync legs (recreating it, all regions out of sync, if
+/// it cannot be read); returns it with its bits and whether it was lost.
+async fn open_log(
+    uuid: Uuid,
+    layout: Layout,
+    meta: &Arc<MetaDevice>,
+) -> Result<(DirtyLog, RegionBitmap, bool)> {
     let meta_dev: DeviceRef = meta.clone();
     let area = crate::units::Extent::new(crate::units::Sector(0), layout.log_area.len);
     let geometry = layout.geometry();
-    let (log, bits, log_lost) = match DirtyLog::open(Arc::clone(&meta_dev), area).await {
-        Ok((log, bits)) if log.uuid() == uuid && log.geometry() == &geometry => (log, bits, false),
-        Ok(_) => {
-            return Err(Error::new(
-                ErrorKind::Corrupt,
-                format!("the dirty log of mirror {uuid} belongs to another mirror or geometry"),
-            ))
+    match DirtyLog::open(Arc::clone(&meta_dev), area).await {
+        Ok((log, bits)) if log.uuid() == uuid && log.geometry() == &geometry => {
+            Ok((log, bits, false))
         }
+        Ok(_) => Err(Error::new(
+            ErrorKind::Corrupt,
+            format!("the dirty log of mirror {uuid} belongs to another mirror or geometry"),
+        )),
         Err(err) if err.kind() == ErrorKind::Corrupt => {
             // Invariant 7: a log that cannot be read means every region is out of sync.
             log::error!("mirror {uuid}: {err}; resyncing everything");
             let log = DirtyLog::create(meta_dev, area, geometry, uuid).await?;
-            (log, RegionBitmap::new(geometry.count()), true)
+            Ok((log, RegionBitmap::new(geometry.count()), true))
         }
-        Err(err) => return Err(err),
-    };
-    // Legs that were not log members get a copy of the area before they join.
-    for slot in 0..MAX_LEGS {
-        if let Some((dev, Plan::Resume | Plan::Returning { .. }, _)) = &present[slot] {
-            meta.add_member(slot, table[slot].generation, Arc::clone(dev))
-                .await
-                .map_err(|e| {
-                    Error::io(
-                        format!("cannot copy the dirty log to {}", dev.info().name),
-                        e,
-                    )
-                })?;
-        }
+        Err(err) => Err(err),
+    }
+}
+
+/// Starts the assembled mirror: the log over the in-sync legs, recovering legs joining it,
+/// one log commit and one superblock update.
+async fn start_assembled(
+    auth: Superblock,
+    slots: Slots,
+    lines: Vec<String>,
+    notes: Vec<(String, String)>,
+    env: MirrorEnv,
+) -> Result<Arc<Inner>> {
+    let (uuid, layout, geometry) = (auth.uuid, auth.layout, auth.layout.geometry());
+    let table = assembled_table(&auth, &slots);
+    let in_sync = |s: usize| matches!(slots.present[s], Some((_, true)));
+    let reader = (0..MAX_LEGS).find(|&s| in_sync(s)).expect("an in-sync leg");
+    let members = (0..MAX_LEGS)
+        .filter(|&s| in_sync(s))
+        .map(|s| {
+            (
+                s,
+                table[s].generation,
+                table[s].dev.clone().expect("present"),
+            )
+        })
+        .collect();
+    let meta = MetaDevice::new(layout.log_area, members, reader);
+    let (log, bits, log_lost) = open_log(uuid, layout, &meta).await?;
+    // Legs resuming a recovery were not log members: they get a copy of the area first.
+    for slot in (0..MAX_LEGS).filter(|&s| matches!(slots.present[s], Some((_, false)))) {
+        let dev = table[slot].dev.clone().expect("present");
+        meta.add_member(slot, table[slot].generation, Arc::clone(&dev))
+            .await
+            .map_err(|e| {
+                Error::io(
+                    format!("cannot copy the dirty log to {}", dev.info().name),
+                    e,
+                )
+            })?;
     }
     // A power cut during a log commit can leave the newest image on some legs and not on
     // others. One commit now, before any I/O, makes the newest image the same on every
@@ -383,21 +561,24 @@ pub async fn assemble(
         .await
         .map_err(|e| Error::io(format!("cannot rewrite the dirty log of mirror {uuid}"), e))?;
     let mut map = RegionMap::new(geometry);
-    log::debug!(
-        "mirror {uuid}: dirty regions {:?}",
-        bits.iter_ones().collect::<Vec<_>>()
-    );
     map.load_dirty_log(&bits);
-    let full = log_lost
-        || present
-            .iter()
-            .any(|p| matches!(p, Some((_, Plan::Returning { full: true }, _))));
-    if full {
+    if log_lost {
         map.mark_out_of_sync(geometry.all());
     }
+    let report = AssemblyReport {
+        absent: slots
+            .absent
+            .iter()
+            .zip(&lines)
+            .map(|((slot, _, why), line)| {
+                (*slot, table[*slot].generation, why.clone(), line.clone())
+            })
+            .collect(),
+        not_members: notes,
+    };
     let state = State::new(map, table, auth.events, auth.events_cleared);
-    let inner = build(uuid, layout, state, log, meta, env);
-    if full {
+    let inner = build(uuid, layout, state, log, meta, env, report);
+    if log_lost {
         inner
             .log
             .mark_range(geometry.all())
@@ -409,19 +590,13 @@ pub async fn assemble(
         .await
         .map_err(|e| Error::io(format!("cannot update the superblocks of mirror {uuid}"), e))?;
     log::info!(
-        "mirror {uuid}: assembled from {} legs at event {}",
-        legs.len(),
-        auth.events
+        "mirror {uuid}: assembled at event {} with {} in-sync legs{}",
+        auth.events,
+        (0..MAX_LEGS).filter(|&s| in_sync(s)).count(),
+        if lines.is_empty() { "" } else { ", degraded" }
     );
     inner.kick();
     Ok(inner)
-}
-
-fn refuse_for_assembly(dev: &DeviceRef, probe: &Probe) -> Error {
-    match probe {
-        Probe::Blank => Error::invalid(format!("{} is not a mirror leg", dev.info().name)),
-        other => refuse(dev, other),
-    }
 }
 
 /// The shared state of a running mirror, with the metadata device's failure hook installed.
@@ -432,6 +607,7 @@ fn build(
     log: DirtyLog,
     meta: Arc<MetaDevice>,
     env: MirrorEnv,
+    report: AssemblyReport,
 ) -> Arc<Inner> {
     let present: Vec<&DeviceRef> = state.legs.iter().filter_map(|l| l.dev.as_ref()).collect();
     let all = |f: fn(&DeviceInfo) -> bool| present.iter().all(|d| f(d.info()));
@@ -471,6 +647,7 @@ fn build(
         sb_lock: smol::lock::Mutex::new(()),
         stopping: std::sync::atomic::AtomicBool::new(false),
         ticks: std::sync::atomic::AtomicU64::new(0),
+        report,
     });
     let weak = Arc::downgrade(&inner);
     meta.set_failure_hook(Box::new(move |slot, generation| {

@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use serde_json::{json, Value};
 
+use super::state::State;
 use super::superblock::LegState;
 use super::{open_leg, AddLegOptions, Inner, MAX_LEGS};
 use crate::error::{Error, Result};
@@ -78,7 +79,52 @@ impl Inner {
         }
     }
 
-    /// The status report: legs, regions, resync and scrub progress, mismatches.
+    /// Why the leg in `slot` is missing (stale or failed), if it is: the assembly's reason
+    /// while the slot holds what the assembly put there, else its state.
+    fn missing_reason(&self, st: &State, slot: usize) -> Option<String> {
+        let leg = &st.legs[slot];
+        if !leg.state.is_missing() {
+            return None;
+        }
+        let at_assembly = self
+            .report
+            .absent
+            .iter()
+            .find(|(s, generation, _, _)| *s == slot && *generation == leg.generation);
+        Some(match (at_assembly, leg.state) {
+            (Some((_, _, why, _)), _) => why.clone(),
+            (None, LegState::Failed) => "failed: an I/O error or fail-leg while running".into(),
+            (None, _) => "stale".into(),
+        })
+    }
+
+    /// "slot 1 (/dev/vdb): missing: cannot open: No such device" for every missing leg, and
+    /// the notes on given legs that are not members (until they become legs).
+    fn missing_lines(&self, st: &State) -> (Vec<String>, Vec<String>) {
+        let missing = (0..MAX_LEGS)
+            .filter_map(|slot| {
+                let why = self.missing_reason(st, slot)?;
+                let at_assembly = self.report.absent.iter().find(|(s, generation, _, _)| {
+                    *s == slot && *generation == st.legs[slot].generation
+                });
+                Some(match at_assembly {
+                    Some((_, _, _, line)) => line.clone(),
+                    None => format!("slot {slot} ({}): {why}", st.legs[slot].name),
+                })
+            })
+            .collect();
+        let notes = self
+            .report
+            .not_members
+            .iter()
+            .filter(|(name, _)| !st.legs.iter().any(|l| l.dev.is_some() && l.name == *name))
+            .map(|(_, note)| note.clone())
+            .collect();
+        (missing, notes)
+    }
+
+    /// The status report: legs (and why any is missing), regions, resync and scrub
+    /// progress, mismatches.
     pub(crate) fn status(&self) -> Value {
         let stats = self.engine.stats();
         let st = self.lock();
@@ -88,7 +134,7 @@ impl Inner {
             .enumerate()
             .filter(|(_, l)| l.state != LegState::Empty)
             .map(|(slot, l)| {
-                json!({
+                let mut leg = json!({
                     "slot": slot,
                     "device": l.name,
                     "state": l.state,
@@ -96,9 +142,14 @@ impl Inner {
                     "write_errors": l.stats.write_errors.load(Ordering::Relaxed),
                     "reads": l.stats.reads.load(Ordering::Relaxed),
                     "in_flight": l.stats.in_flight.load(Ordering::Relaxed),
-                })
+                });
+                if let Some(why) = self.missing_reason(&st, slot) {
+                    leg["reason"] = why.into();
+                }
+                leg
             })
             .collect();
+        let (missing, not_members) = self.missing_lines(&st);
         let total = self.geometry.count().0;
         let in_sync = st.map.sync_count().0;
         let counts = st.map.counts();
@@ -132,6 +183,8 @@ impl Inner {
             "events": st.events,
             "events_cleared": st.events_cleared,
             "degraded": st.missing_legs(),
+            "missing_legs": missing,
+            "not_members": not_members,
             "metadata_slots": self.meta.member_slots(),
             "legs": legs,
             "regions": {

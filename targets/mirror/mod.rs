@@ -12,9 +12,12 @@
 //!   flushes, discards; leg failure and superblock updates.
 //! - `resync.rs`: the resync driver (copies, lazy clearing, scrub), run as a local task or on
 //!   its own thread.
-//! - `assemble.rs`: create, assemble, and adding legs (new or returning).
+//! - `survey.rs`: what the given legs are (members, missing, unreadable, blank...) and the
+//!   assembly plan: which legs run, which slots are absent and why, split brain.
 //! - `discover.rs`: finding legs by the mirror's UUID on the machine's block devices, the
 //!   scan of `assemble --scan`, and the spec that follows the legs.
+//! - `assemble.rs`: create, assemble (degraded when legs are absent), and adding legs (new or
+//!   returning).
 //! - `commands.rs`: runtime commands and the status report.
 //!
 //! # How the pieces follow the region protocol
@@ -41,8 +44,12 @@
 //! - acknowledged writes followed by a completed flush (or FUA) survive on every leg the
 //!   slot table calls in sync: a resync source after the crash never lacks them;
 //! - every region whose legs may differ has its dirty bit set on every live leg's log copy;
-//! - assembly refuses to start without a leg the freshest table calls in sync (`force`
-//!   overrides), since that leg may hold the only copy of acknowledged writes.
+//! - assembly starts from the freshest legs: a leg it cannot open or read, or one that is
+//!   behind, is left out (the mirror runs degraded, `status` says why); it refuses when no
+//!   current in-sync leg is present and on split brain (two legs each written while the other
+//!   was away), the only cases where starting could lose acknowledged writes. A leg left out
+//!   was behind or absent when the present ones were last written, so they hold every
+//!   acknowledged write it holds.
 //!
 //! # Threads
 //! Every future is `!Send` and runs on the thread that awaits it; the state is behind a
@@ -60,8 +67,9 @@ mod meta;
 mod resync;
 mod state;
 mod superblock;
+mod survey;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -73,14 +81,15 @@ use uuid::Uuid;
 pub use superblock::{
     own_metadata, probe, Layout, LegState, Probe, Superblock, MAX_LEGS, MIN_LEGS,
 };
+pub use survey::{GivenLeg, LegSet};
 
 use self::meta::MetaDevice;
 use self::state::State;
 use crate::copy::{Completions, CopyConfig, CopyEngine, ThrottleConfig};
 use crate::device::reactor;
 use crate::device::{
-    open_distinct, AlignedBuf, BlockDevice, DeviceInfo, DeviceRef, IoFuture, OpenOptions, ReadDone,
-    UringDevice, WriteFlags,
+    check_distinct, AlignedBuf, BlockDevice, DeviceInfo, DeviceRef, IoFuture, OpenOptions,
+    ReadDone, UringDevice, WriteFlags,
 };
 use crate::error::{Error, Result};
 use crate::region::{DirtyLog, RegionGeometry};
@@ -95,8 +104,9 @@ pub struct CreateOptions {
     pub region_size: Option<SectorCount>,
     /// Declare the legs identical: no initial copy.
     pub nosync: bool,
-    /// Overwrite legs that carry other metadata; when assembling, start even if an in-sync
-    /// leg is missing.
+    /// Create over legs that carry foreign metadata (a file system, LVM, md, a damaged
+    /// mirror superblock). Never over a leg that carries a valid mirror superblock, and it
+    /// plays no part in an assembly.
     pub force: bool,
 }
 
@@ -189,6 +199,8 @@ pub(crate) struct Inner {
     sb_lock: AsyncMutex<()>,
     stopping: AtomicBool,
     ticks: AtomicU64,
+    /// The legs the assembly left out and why (for `status`).
+    report: survey::AssemblyReport,
 }
 
 impl Inner {
@@ -214,15 +226,26 @@ impl MirrorTarget {
         }
     }
 
-    /// Probes `legs` and assembles the mirror they hold (all of them belong to it; `force`
-    /// then allows a degraded start), or creates a new one if they are blank (`force`: or
-    /// hold anything else). Running the same command twice assembles what the first created.
+    /// [`MirrorTarget::open_set`] over devices that all opened.
     pub async fn open(
         legs: Vec<DeviceRef>,
         options: &CreateOptions,
         env: MirrorEnv,
     ) -> Result<MirrorTarget> {
-        assemble::open(legs, options, env)
+        MirrorTarget::open_set(LegSet::opened(legs), options, env).await
+    }
+
+    /// Probes the legs of `set`: if any carries a mirror superblock (or `set.uuid` names a
+    /// mirror), assembles that mirror from the legs that are current, degraded without the
+    /// missing, unreadable and stale ones ([`MirrorTarget::assemble_set`]); otherwise
+    /// creates a new mirror, which needs every leg present and blank (`force`: or foreign).
+    /// Running the same command twice assembles what the first created.
+    pub async fn open_set(
+        set: LegSet,
+        options: &CreateOptions,
+        env: MirrorEnv,
+    ) -> Result<MirrorTarget> {
+        assemble::open(set, options, env)
             .await
             .map(MirrorTarget::from_inner)
     }
@@ -239,15 +262,18 @@ impl MirrorTarget {
             .map(MirrorTarget::from_inner)
     }
 
-    /// Starts the mirror whose legs `legs` are. Every leg the mirror last knew as in sync
-    /// must be given, unless `force` (start degraded without the missing ones).
-    pub async fn assemble(
-        legs: Vec<DeviceRef>,
-        force: bool,
-        env: MirrorEnv,
-    ) -> Result<MirrorTarget> {
-        let probes = assemble::probe_all(&legs).await?;
-        assemble::assemble(legs, probes, force, env)
+    /// [`MirrorTarget::assemble_set`] over devices that all opened.
+    pub async fn assemble(legs: Vec<DeviceRef>, env: MirrorEnv) -> Result<MirrorTarget> {
+        MirrorTarget::assemble_set(LegSet::opened(legs), env).await
+    }
+
+    /// Starts the mirror the legs of `set` carry (`set.uuid`, or the one mirror their
+    /// superblocks name); never creates and never writes to a leg it does not take in. The
+    /// freshest legs decide; legs missing, unreadable or stale are left out and the mirror
+    /// runs degraded (`status` names them and why). Refuses when no current in-sync leg is
+    /// present (not found) and on split brain (corrupt).
+    pub async fn assemble_set(set: LegSet, env: MirrorEnv) -> Result<MirrorTarget> {
+        assemble::assemble(set, env)
             .await
             .map(MirrorTarget::from_inner)
     }
@@ -460,6 +486,7 @@ pub fn open_mirror_with(
 ) -> Result<Arc<dyn Target>> {
     #[allow(irrefutable_let_patterns)]
     let TargetSpec::Mirror {
+        uuid,
         region_size_sectors,
         nosync,
         force,
@@ -468,22 +495,58 @@ pub fn open_mirror_with(
     else {
         return Err(Error::invalid("open_mirror needs a mirror target spec"));
     };
-    // With the mirror's UUID in the spec, its legs are found by their superblocks.
-    let found = discover::leg_paths(spec)?;
-    let devices = open_distinct(&found, OpenOptions::default())?
-        .into_iter()
-        .map(|dev| Arc::new(dev) as DeviceRef)
-        .collect();
     let options = CreateOptions {
         region_size: (*region_size_sectors != 0).then_some(SectorCount(*region_size_sectors)),
         nosync: *nosync,
         force: *force,
     };
+    // With the mirror's UUID in the spec, its legs are found by their superblocks.
+    let found = discover::leg_paths(spec)?;
+    check_distinct(&found)?;
+    let set = LegSet {
+        legs: open_legs(&found),
+        uuid: *uuid,
+    };
+    start_mirror(set, &options, throttle, tuning)
+}
+
+/// Creates or assembles the mirror of `set` ([`MirrorTarget::open_set`]) with its own copy
+/// engine and resync thread.
+pub fn start_mirror(
+    set: LegSet,
+    options: &CreateOptions,
+    throttle: ThrottleConfig,
+    tuning: Tuning,
+) -> Result<Arc<dyn Target>> {
     let env = MirrorEnv::start(throttle, tuning)?;
+    let options = options.clone();
     let target =
-        reactor::block_on(async move { MirrorTarget::open(devices, &options, env).await })?;
+        reactor::block_on(async move { MirrorTarget::open_set(set, &options, env).await })?;
     target.start_resync_thread()?;
     Ok(Arc::new(target))
+}
+
+/// Opens every leg of `paths`, exclusively; a leg that cannot be opened is kept with its
+/// error rather than failing the request, so an assembly can go on without it (a create
+/// then refuses with that error).
+pub fn open_legs(paths: &[PathBuf]) -> Vec<GivenLeg> {
+    paths
+        .iter()
+        .map(|path| match open_leg(path) {
+            Ok(dev) => GivenLeg::Opened(dev),
+            Err(error) => {
+                log::warn!(
+                    "cannot open leg {}: {}",
+                    path.display(),
+                    error.chain().join(": ")
+                );
+                GivenLeg::Unopened {
+                    path: path.clone(),
+                    error,
+                }
+            }
+        })
+        .collect()
 }
 
 /// Opens a leg device exclusively.

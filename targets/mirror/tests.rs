@@ -165,11 +165,14 @@ fn foreign_and_other_mirrors_legs_are_refused_without_force() {
         ..options(64)
     };
     with_mirror(devs(&legs), forced, |_| async {}).expect("force overwrites");
-    // Now a leg of that mirror, next to a blank device, is refused for a new mirror.
-    let others = vec![Arc::clone(&legs[0]), mem("c")];
-    let err = with_mirror(devs(&others), options(64), |_| async {}).expect_err("mixed");
-    assert_eq!(err.kind(), ErrorKind::Busy);
-    assert!(err.to_string().contains("not a leg of mirror"), "{err}");
+    // Now a leg of that mirror next to a blank device is an assembly of that mirror (issue
+    // 9: assembling never creates): degraded, the blank device left alone.
+    let blank = mem("c");
+    let others = vec![Arc::clone(&legs[0]), Arc::clone(&blank)];
+    let status = with_mirror(devs(&others), options(64), |t| async move { t.status() })
+        .expect("assembles degraded");
+    assert_eq!(status["degraded"], true);
+    assert!(blank.contents().iter().all(|&b| b == 0), "c is not written");
 }
 
 #[test]
@@ -379,16 +382,10 @@ fn a_leg_missing_at_assembly_is_stale_and_resynced_when_added() {
         |t| async move { settle(&t).await },
     )
     .expect("create");
+    // Leg 2 is missing: the mirror starts degraded without it, no force needed (issue 9).
     let two = vec![Arc::clone(&legs[0]), Arc::clone(&legs[1])];
-    let err = with_mirror(devs(&two), options(64), |_| async {}).expect_err("leg 2 is missing");
-    assert_eq!(err.kind(), ErrorKind::Busy);
-    assert!(err.to_string().contains("force to start degraded"), "{err}");
-    let forced = CreateOptions {
-        force: true,
-        ..options(64)
-    };
     let l = legs.clone();
-    with_mirror(devs(&two), forced, move |t| async move {
+    with_mirror(devs(&two), options(64), move |t| async move {
         assert_eq!(t.leg_states()[2], LegState::Stale);
         write(&t, 300, &pattern(4, 16)).await;
         let dev: DeviceRef = l[2].clone();
@@ -827,4 +824,424 @@ proptest! {
             check_decoded_bounds(&sb);
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Degraded assembly (issue 9, section 2): legs missing, unreadable or stale are left out; split
+// brain is refused; a create never writes over a mirror leg.
+
+/// Runs `body` with the mirror opened from `set` (created or assembled), as [`with_mirror`].
+fn with_set<T: 'static, F>(
+    set: LegSet,
+    opts: CreateOptions,
+    body: impl FnOnce(Arc<MirrorTarget>) -> F + 'static,
+) -> Result<T>
+where
+    F: Future<Output = T> + 'static,
+{
+    run_local(async move {
+        let (engine, run) = CopyEngine::new_local(small_engine()).expect("engine");
+        let runner = spawn(run);
+        let env = MirrorEnv {
+            engine,
+            tuning: Tuning::default(),
+        };
+        let target = match MirrorTarget::open_set(set, &opts, env).await {
+            Ok(t) => Arc::new(t),
+            Err(err) => {
+                runner.await;
+                return Err(err);
+            }
+        };
+        let driver = spawn(target.resync_task());
+        let out = body(Arc::clone(&target)).await;
+        target.stop();
+        driver.await;
+        drop(target);
+        runner.await;
+        Ok(out)
+    })
+}
+
+fn given(legs: &[DeviceRef]) -> Vec<GivenLeg> {
+    legs.iter()
+        .map(|l| GivenLeg::Opened(Arc::clone(l)))
+        .collect()
+}
+
+fn set_of(legs: Vec<GivenLeg>) -> LegSet {
+    LegSet { legs, uuid: None }
+}
+
+fn unopened(path: &str, errno: i32) -> GivenLeg {
+    GivenLeg::Unopened {
+        path: path.into(),
+        error: Error::io(
+            format!("cannot open {path}"),
+            std::io::Error::from_raw_os_error(errno),
+        ),
+    }
+}
+
+/// A 2-leg mirror over `legs`, in sync, with `pattern(seed, 16)` at sector 200 (region 3)
+/// and every dirty bit but region 3's cleared; returns its uuid.
+fn make_synced(legs: &[DeviceRef], seed: u8) -> Uuid {
+    with_mirror(legs.to_vec(), options(64), move |t| async move {
+        settle(&t).await;
+        for _ in 0..8 {
+            t.tick();
+            smol::future::yield_now().await;
+        }
+        settle(&t).await;
+        write(&t, 200, &pattern(seed, 16)).await;
+        t.flush().await.expect("flush");
+        t.uuid()
+    })
+    .expect("create")
+}
+
+fn missing_lines(status: &serde_json::Value) -> Vec<String> {
+    status["missing_legs"]
+        .as_array()
+        .expect("missing_legs")
+        .iter()
+        .map(|l| l.as_str().expect("a line").to_owned())
+        .collect()
+}
+
+fn head(leg: &MemDevice) -> Vec<u8> {
+    leg.snapshot(Extent::new(Sector(0), SectorCount(16)))
+}
+
+#[test]
+fn a_missing_leg_is_left_out_and_named_in_status() {
+    let legs = vec![mem("a"), mem("b")];
+    let uuid = make_synced(&devs(&legs), 3);
+    // The same legs again, but the second cannot be opened (the disk is gone).
+    let set = set_of(vec![
+        GivenLeg::Opened(legs[0].clone()),
+        unopened("/dev/vdb", libc::ENXIO),
+    ]);
+    let status = with_set(set, options(64), |t| async move {
+        assert_eq!(
+            read(&t, 200, 16).await,
+            pattern(3, 16),
+            "data from the survivor"
+        );
+        write(&t, 400, &pattern(4, 8)).await;
+        assert_eq!(t.leg_states()[..2], [LegState::InSync, LegState::Stale]);
+        t.status()
+    })
+    .expect("comes up degraded without force");
+    assert_eq!(status["uuid"], uuid.to_string());
+    assert_eq!(status["degraded"], true);
+    assert_eq!(
+        missing_lines(&status),
+        ["slot 1 (/dev/vdb): missing: cannot open: No such device or address"]
+    );
+    assert_eq!(status["legs"][1]["device"], "/dev/vdb");
+    assert_eq!(
+        status["legs"][1]["reason"],
+        "missing: cannot open: No such device or address"
+    );
+}
+
+#[test]
+fn an_unreadable_leg_is_left_out_and_resyncs_from_the_bitmap_when_added_back() {
+    let inner = [mem("a"), mem("b")];
+    let faulty: Vec<_> = inner
+        .iter()
+        .map(|m| FaultyDevice::new(Arc::clone(m), FaultConfig::default()))
+        .collect();
+    let legs: Vec<DeviceRef> = faulty.iter().map(|f| Arc::clone(f) as DeviceRef).collect();
+    make_synced(&legs, 5);
+    // The second leg's superblocks cannot be read: "cannot read the metadata", exit 6 before.
+    faulty[1].fail_extent(OpKind::Read, Extent::new(Sector(0), SectorCount(16)));
+    let f = faulty.clone();
+    let i2 = inner.clone();
+    let (status, copied) = with_set(set_of(given(&legs)), options(64), move |t| async move {
+        let status = t.status();
+        for region in [0u64, 10, 20] {
+            write(&t, region * 64, &pattern(region as u8, 8)).await;
+        }
+        for _ in 0..8 {
+            t.tick();
+            smol::future::yield_now().await;
+        }
+        f[1].heal();
+        let before = t.inner.engine.stats().bytes_done;
+        let dev: DeviceRef = f[1].clone();
+        let slot = t
+            .add_leg(dev, AddLegOptions::default())
+            .await
+            .expect("add back");
+        assert_eq!(slot, 1);
+        settle(&t).await;
+        let layout = t.layout();
+        assert_eq!(data_of(&i2[1], layout), data_of(&i2[0], layout));
+        assert_eq!(t.status()["degraded"], false);
+        assert_eq!(missing_lines(&t.status()), Vec::<String>::new());
+        (status, t.inner.engine.stats().bytes_done - before)
+    })
+    .expect("comes up degraded");
+    assert_eq!(
+        missing_lines(&status),
+        ["slot 1 (b): unreadable: Input/output error"]
+    );
+    // The 3 regions written while degraded, and region 3 (written just before, its bit not
+    // yet cleared), not the 32 of the whole mirror.
+    assert!(
+        (3 * 64 * 512..=4 * 64 * 512).contains(&copied),
+        "only the regions written while degraded are copied, not {copied} bytes"
+    );
+}
+
+#[test]
+fn a_stale_leg_is_left_out_with_its_event_counter() {
+    let legs = vec![mem("a"), mem("b")];
+    let l = legs.clone();
+    let (events, stale_at) = with_mirror(devs(&legs), options(64), move |t| async move {
+        settle(&t).await;
+        let stale_at = t.status()["events"].as_u64().expect("events");
+        t.fail_leg(1).await.expect("fail leg 1");
+        write(&t, 64, &pattern(6, 8)).await;
+        (t.status()["events"].as_u64().expect("events"), stale_at)
+    })
+    .expect("create");
+    assert!(events > stale_at);
+    let b_head = head(&l[1]);
+    // Both legs given: the second is behind, so it is left out (not written) and named.
+    let status = with_mirror(devs(&legs), options(64), |t| async move {
+        assert_eq!(read(&t, 64, 8).await, pattern(6, 8));
+        t.status()
+    })
+    .expect("assembles from the fresh leg");
+    let lines = missing_lines(&status);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(
+        lines[0].starts_with(&format!("slot 1 (b): stale: event {stale_at} < ")),
+        "{lines:?}"
+    );
+    assert_eq!(status["legs"][1]["state"], "failed");
+    assert_eq!(head(&l[1]), b_head, "the stale leg is left untouched");
+}
+
+#[test]
+fn split_brain_is_refused_and_writes_nothing() {
+    let legs = vec![mem("a"), mem("b")];
+    make_synced(&devs(&legs), 1);
+    // Each leg runs alone once and takes a write the other never sees.
+    for (i, seed) in [(0usize, 10u8), (1, 11)] {
+        let one = vec![Arc::clone(&legs[i]) as DeviceRef];
+        with_mirror(one, options(64), move |t| async move {
+            assert_eq!(t.leg_states()[1 - i], LegState::Stale);
+            write(&t, 512, &pattern(seed, 8)).await;
+            t.flush().await.expect("flush");
+        })
+        .expect("degraded on one leg");
+    }
+    let heads = [head(&legs[0]), head(&legs[1])];
+    let err = with_mirror(devs(&legs), options(64), |_| async {}).expect_err("split brain");
+    assert_eq!(err.kind(), ErrorKind::Corrupt);
+    assert!(err.to_string().contains("split brain"), "{err}");
+    assert_eq!(err.chain().len(), 1, "one line: {err}");
+    // force changes nothing: no create, nothing written.
+    let forced = CreateOptions {
+        force: true,
+        ..options(64)
+    };
+    let err = with_mirror(devs(&legs), forced, |_| async {}).expect_err("still split brain");
+    assert_eq!(err.kind(), ErrorKind::Corrupt);
+    assert_eq!([head(&legs[0]), head(&legs[1])], heads);
+    let layout = Layout::compute(LEG, Some(SectorCount(64))).expect("layout");
+    let at = Extent::new(layout.data_offset + SectorCount(512), SectorCount(8));
+    assert_eq!(legs[0].snapshot(at), pattern(10, 8));
+    assert_eq!(legs[1].snapshot(at), pattern(11, 8));
+}
+
+#[test]
+fn a_blank_leg_given_first_never_wipes_the_survivor() {
+    let legs = vec![mem("a"), mem("b")];
+    let uuid = make_synced(&devs(&legs), 7);
+    let blank = mem("c");
+    let layout = Layout::compute(LEG, Some(SectorCount(64))).expect("layout");
+    let survivor = data_of(&legs[0], layout);
+    // The old second leg is dead; a blank replacement is given first, with force.
+    let set = set_of(vec![
+        GivenLeg::Opened(blank.clone()),
+        GivenLeg::Opened(legs[0].clone()),
+        unopened("/dev/old-b", libc::ENOENT),
+    ]);
+    let forced = CreateOptions {
+        force: true,
+        ..options(64)
+    };
+    let status = with_set(set, forced, |t| async move {
+        assert_eq!(read(&t, 200, 16).await, pattern(7, 16));
+        t.status()
+    })
+    .expect("an assembly, not a create");
+    assert_eq!(status["uuid"], uuid.to_string());
+    assert_eq!(
+        missing_lines(&status),
+        ["slot 1 (/dev/old-b): missing: cannot open: No such file or directory"]
+    );
+    let notes = status["not_members"].to_string();
+    assert!(notes.contains("c: blank, not a member"), "{notes}");
+    assert!(
+        blank.contents().iter().all(|&b| b == 0),
+        "the blank leg is not written"
+    );
+    assert_eq!(
+        data_of(&legs[0], layout),
+        survivor,
+        "the survivor keeps its data"
+    );
+}
+
+#[test]
+fn a_create_never_overwrites_a_mirror_leg_even_with_force() {
+    let (x, y) = (vec![mem("xa"), mem("xb")], vec![mem("ya"), mem("yb")]);
+    make_synced(&devs(&x), 1);
+    make_synced(&devs(&y), 2);
+    let heads = [head(&x[0]), head(&y[0])];
+    let forced = CreateOptions {
+        force: true,
+        ..options(64)
+    };
+    // Legs of two mirrors: refused, whatever force says.
+    let mixed: Vec<DeviceRef> = vec![x[0].clone(), y[0].clone()];
+    let err = with_mirror(mixed, forced.clone(), |_| async {}).expect_err("two mirrors");
+    assert!(err.to_string().contains("different mirrors"), "{err}");
+    // The explicit create: refused on a mirror leg, with the way to reuse it.
+    let err = run_local({
+        let legs: Vec<DeviceRef> = vec![x[0].clone(), mem("blank")];
+        let forced = forced.clone();
+        async move {
+            let (engine, run) = CopyEngine::new_local(small_engine()).expect("engine");
+            let runner = spawn(run);
+            let env = MirrorEnv {
+                engine,
+                tuning: Tuning::default(),
+            };
+            let res = MirrorTarget::create(legs, &forced, env).await.map(|_| ());
+            runner.await;
+            res.expect_err("a mirror leg")
+        }
+    });
+    assert_eq!(err.kind(), ErrorKind::Busy);
+    assert!(
+        err.to_string().contains("never overwrites a mirror leg"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("remove-leg"), "{err}");
+    assert_eq!([head(&x[0]), head(&y[0])], heads);
+}
+
+#[test]
+fn no_current_in_sync_leg_is_refused() {
+    let legs = vec![mem("a"), mem("b")];
+    // Created without settling: leg 1 is still recovering.
+    with_mirror(devs(&legs), options(64), |_| async {}).expect("create");
+    let only_b: Vec<DeviceRef> = vec![legs[1].clone()];
+    let err = with_mirror(only_b, options(64), |_| async {}).expect_err("no in-sync leg");
+    assert_eq!(err.kind(), ErrorKind::NotFound);
+    assert!(err.to_string().contains("complete copy"), "{err}");
+    assert!(err.to_string().contains("slot 0"), "{err}");
+}
+
+#[test]
+fn an_expected_uuid_never_creates_and_leaves_other_mirrors_alone() {
+    let (x, y) = (vec![mem("xa"), mem("xb")], vec![mem("ya"), mem("yb")]);
+    let ux = make_synced(&devs(&x), 1);
+    make_synced(&devs(&y), 2);
+    // Blank legs with an expected mirror: not found, nothing created.
+    let blanks = vec![mem("c"), mem("d")];
+    let set = LegSet {
+        legs: given(&devs(&blanks)),
+        uuid: Some(ux),
+    };
+    let err = with_set(set, options(64), |_| async {}).expect_err("nothing of mirror x");
+    assert_eq!(err.kind(), ErrorKind::NotFound);
+    assert!(blanks.iter().all(|b| b.contents().iter().all(|&v| v == 0)));
+    // A leg of another mirror beside a leg of x: x assembles, the other is not a member.
+    let set = LegSet {
+        legs: given(&devs(&[y[0].clone(), x[1].clone()])),
+        uuid: Some(ux),
+    };
+    let y_head = head(&y[0]);
+    let status = with_set(set, options(64), |t| async move { t.status() }).expect("x");
+    assert_eq!(status["uuid"], ux.to_string());
+    let lines = missing_lines(&status);
+    assert!(
+        lines.len() == 1
+            && lines[0].starts_with("slot 0 (leg ")
+            && lines[0].ends_with("missing: not given"),
+        "{lines:?}"
+    );
+    assert!(status["not_members"]
+        .to_string()
+        .contains("ya: a leg of mirror"));
+    assert_eq!(head(&y[0]), y_head);
+}
+
+/// The daemon's path (`add` and `recover` both go through `open_mirror_with`): a leg file
+/// that is gone does not fail the open; the mirror comes up degraded and says why.
+#[test]
+fn open_mirror_with_a_leg_gone_comes_up_degraded() {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir =
+        tempfile::tempdir_in(concat!(env!("CARGO_MANIFEST_DIR"), "/target")).expect("temp dir");
+    let legs: Vec<std::path::PathBuf> =
+        (0..2).map(|i| dir.path().join(format!("leg{i}"))).collect();
+    for leg in &legs {
+        std::fs::File::create(leg)
+            .and_then(|f| f.set_len(8 << 20))
+            .expect("leg file");
+    }
+    let direct = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&legs[0]);
+    if direct.is_err() {
+        eprintln!("SKIP: this filesystem refuses O_DIRECT");
+        return;
+    }
+    let spec = TargetSpec::Mirror {
+        uuid: None,
+        legs: legs.clone(),
+        region_size_sectors: 256,
+        nosync: true,
+        force: false,
+        resync_throttle: Default::default(),
+    };
+    let open = || open_mirror_with(&spec, ThrottleConfig::UNLIMITED, Tuning::default());
+    let target = open().expect("create");
+    let t = Arc::clone(&target);
+    reactor::block_on(async move {
+        let buf = Arc::new(AlignedBuf::from_slice(&pattern(9, 8)));
+        t.write(Sector(64), buf, WriteFlags::FUA).await
+    })
+    .expect("write");
+    drop(target);
+    std::fs::remove_file(&legs[1]).expect("the second leg goes away");
+    let target = open().expect("comes up degraded");
+    let status = target.status();
+    assert_eq!(status["degraded"], true, "{status}");
+    assert_eq!(
+        missing_lines(&status),
+        [format!(
+            "slot 1 ({}): missing: cannot open: No such file or directory",
+            legs[1].display()
+        )]
+    );
+    let t = Arc::clone(&target);
+    let data = reactor::block_on(async move {
+        let (res, buf) = t
+            .read(Sector(64), AlignedBuf::for_sectors(SectorCount(8)))
+            .await;
+        res.map(|()| buf.as_slice().to_vec())
+    })
+    .expect("read");
+    assert_eq!(data, pattern(9, 8));
 }
