@@ -85,7 +85,7 @@ write_and_cut() {
 	((c == mid)) && { ublkdm mirror fail-leg "$id" 1 >/dev/null || failed "cut-$c-fail-leg" "fail-leg refused"; }
 	base=$(disk_writes "$dev")
 	acked_start "$dev" "$c" 0 12M true
-	wait_disk_writes "$dev" $((base + ACKED_MIN)) 90 && pid_alive "$ACKED_PID" ||
+	{ wait_disk_writes "$dev" $((base + ACKED_MIN)) 90 && pid_alive "$ACKED_PID"; } ||
 		die "cut $c: fio did not get going: $(head -c 300 "$T/acked.err")"
 	if ((c == mid)); then
 		ublkdm mirror add-leg "$id" "$LEG1" >/dev/null || failed "cut-$c-add-leg" "add-leg refused"
@@ -101,7 +101,7 @@ write_and_cut() {
 	printf 'checked=%s\nlost=%s\nbad=%s\nresync="%s"\n' "$checked" "$lost" "$bad" "$resync" >"$T/counts"
 	base=$(disk_writes "$dev")
 	store_state "$STATE_DISK" counts acked.state || die "cannot store the state"
-	wait_disk_writes "$dev" $((base + 8)) 30 && pid_alive "$noise_pid" ||
+	{ wait_disk_writes "$dev" $((base + 8)) 30 && pid_alive "$noise_pid"; } ||
 		die "cut $c: the background writer is not writing"
 	vm_log "cut $c: state stored; cutting the power under writes"
 	power_cut

@@ -67,8 +67,8 @@ first_boot() {
 	cp "$T/s1.img" "$T/s2.img"
 	put "$dev" $((8 << 20)) $((8 << 20)) "$T/s2.img" || die "writing the origin failed"
 	snap_create "$id" s2 >/dev/null || die "snapshot s2 failed"
-	dd if="$T/s1.img" of="$model1" bs=1M oflag=direct status=none &&
-		dd if="$T/s2.img" of="$model2" bs=1M oflag=direct status=none || die "cannot store the models"
+	{ dd if="$T/s1.img" of="$model1" bs=1M oflag=direct status=none &&
+		dd if="$T/s2.img" of="$model2" bs=1M oflag=direct status=none; } || die "cannot store the models"
 	rm -f "$T/s1.img" "$T/s2.img"
 	set_sched_none "$dev"
 	vm_log "origin $dev with s1 and s2: $CUTS cuts"
@@ -112,7 +112,7 @@ write_and_cut() {
 	local c=$phase base noise_pid
 	base=$(disk_writes "$dev")
 	acked_start "$dev" "$c" "$(window "$c")M" 8M true
-	wait_disk_writes "$dev" $((base + ACKED_MIN)) 90 && pid_alive "$ACKED_PID" ||
+	{ wait_disk_writes "$dev" $((base + ACKED_MIN)) 90 && pid_alive "$ACKED_PID"; } ||
 		die "cut $c: fio did not get going: $(head -c 300 "$T/acked.err")"
 	touch "$T/trigger"
 	wait "$ACKED_PID"
@@ -124,7 +124,7 @@ write_and_cut() {
 	printf 'checked=%s\nlost=%s\nbad=%s\nsnaps=%s\n' "$checked" "$lost" "$bad" "$snaps" >"$T/counts"
 	base=$(disk_writes "$dev")
 	store_state "$STATE_DISK" counts acked.state || die "cannot store the state"
-	wait_disk_writes "$dev" $((base + 8)) 30 && pid_alive "$noise_pid" ||
+	{ wait_disk_writes "$dev" $((base + 8)) 30 && pid_alive "$noise_pid"; } ||
 		die "cut $c: the background writer is not writing"
 	vm_log "cut $c: state stored; cutting the power under writes"
 	power_cut
