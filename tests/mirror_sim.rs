@@ -320,6 +320,7 @@ impl Sim {
                     return self.start(target, runner);
                 }
                 Err(err) if err.to_string().contains("complete copy") => {
+                    trace(format_args!("assembly of {attempt:?} refused: {err}"));
                     runner.await;
                 }
                 Err(err) => panic!("assembly failed: {err}"),

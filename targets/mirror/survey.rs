@@ -268,10 +268,14 @@ fn holds_writes_the_sources_lack(q: &Superblock, sources: &[&Superblock]) -> boo
         && sources.iter().all(|s| disowns(q, s))
 }
 
-/// Whether `p`'s own table says `q` is gone from the mirror (not written any more).
+/// Whether `p`'s own table knows `q` (the same leg in the same slot) and says it is gone
+/// from the mirror (not written any more). A `q` that `p` does not know joined the mirror
+/// after `p` was last written: `q` was copied from a later state of the mirror than `p`
+/// recorded, so `p` is merely older, not the other side of a split (mirror_sim seed 80: a
+/// leg failed, its slot-0 peer was replaced, and the replacement became the only source).
 fn disowns(p: &Superblock, q: &Superblock) -> bool {
     let entry = p.table[q.slot];
-    !(entry.leg_uuid == q.own().leg_uuid && entry.state.is_active())
+    entry.leg_uuid == q.own().leg_uuid && !entry.state.is_active()
 }
 
 /// Names the absent slots: a member left out names its own slot; the given legs that could
