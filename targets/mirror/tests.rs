@@ -64,11 +64,25 @@ fn with_mirror_tuned<T: 'static, F>(
 where
     F: Future<Output = T> + 'static,
 {
+    with_set_tuned(LegSet::opened(legs), opts, tuning, body)
+}
+
+/// Runs `body` with the mirror opened from `set` (created or assembled), its engine and its
+/// resync driver as local tasks; stops everything afterwards.
+fn with_set_tuned<T: 'static, F>(
+    set: LegSet,
+    opts: CreateOptions,
+    tuning: Tuning,
+    body: impl FnOnce(Arc<MirrorTarget>) -> F + 'static,
+) -> Result<T>
+where
+    F: Future<Output = T> + 'static,
+{
     run_local(async move {
         let (engine, run) = CopyEngine::new_local(small_engine()).expect("engine");
         let runner = spawn(run);
         let env = MirrorEnv { engine, tuning };
-        let target = match MirrorTarget::open(legs, &opts, env).await {
+        let target = match MirrorTarget::open_set(set, &opts, env).await {
             Ok(t) => Arc::new(t),
             Err(err) => {
                 runner.await;
@@ -839,28 +853,7 @@ fn with_set<T: 'static, F>(
 where
     F: Future<Output = T> + 'static,
 {
-    run_local(async move {
-        let (engine, run) = CopyEngine::new_local(small_engine()).expect("engine");
-        let runner = spawn(run);
-        let env = MirrorEnv {
-            engine,
-            tuning: Tuning::default(),
-        };
-        let target = match MirrorTarget::open_set(set, &opts, env).await {
-            Ok(t) => Arc::new(t),
-            Err(err) => {
-                runner.await;
-                return Err(err);
-            }
-        };
-        let driver = spawn(target.resync_task());
-        let out = body(Arc::clone(&target)).await;
-        target.stop();
-        driver.await;
-        drop(target);
-        runner.await;
-        Ok(out)
-    })
+    with_set_tuned(set, opts, Tuning::default(), body)
 }
 
 fn given(legs: &[DeviceRef]) -> Vec<GivenLeg> {
