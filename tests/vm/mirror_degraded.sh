@@ -159,10 +159,11 @@ pid=$(field "$id" .daemon_pid)
 kill -9 "$pid"
 wait_until 30 bash -c "[[ \$($UBLKDM status --json $id | jq -r .state) == QUIESCED ]]" ||
 	fail "killed-mirror-quiesced" "state $(field "$id" .state)"
-# The leg dies under its dm device. (Removing the dm device would not do: a mirror is found
-# by its UUID, so recover would find the leg's superblock on /dev/vdb itself and come back
-# whole. With leg1 still stacked on it, /dev/vdb has a holder and is not probed.)
+# The leg dies under its dm device. A mirror is found by its UUID, so recover would find the
+# leg's superblock on /dev/vdb itself and come back whole: a small dm device stacked on
+# /dev/vdb gives it a holder, so the scan leaves it alone, as a dead disk would be.
 set_leg1 error
+dm_create hold "0 8 linear /dev/vdb 0" >/dev/null || die "cannot hold /dev/vdb"
 echo "=== transcript: recover after the daemon died and leg 1 died ==="
 show recover "$id"
 rc=$?
