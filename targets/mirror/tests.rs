@@ -99,6 +99,16 @@ where
     })
 }
 
+/// Each of `inner` behind a fault injector: the injectors, and the same as legs.
+fn faulty_legs(inner: &[Arc<MemDevice>]) -> (Vec<Arc<FaultyDevice<MemDevice>>>, Vec<DeviceRef>) {
+    let faulty: Vec<_> = inner
+        .iter()
+        .map(|m| FaultyDevice::new(Arc::clone(m), FaultConfig::default()))
+        .collect();
+    let legs = faulty.iter().map(|f| Arc::clone(f) as DeviceRef).collect();
+    (faulty, legs)
+}
+
 /// Lets the driver run until every leg is in sync.
 async fn settle(target: &MirrorTarget) {
     for _ in 0..100_000 {
@@ -240,11 +250,7 @@ fn reads(t: &MirrorTarget) -> Vec<u64> {
 #[test]
 fn a_read_error_is_retried_and_repaired_from_the_good_leg() {
     let inner = [mem("a"), mem("b")];
-    let faulty: Vec<_> = inner
-        .iter()
-        .map(|m| FaultyDevice::new(Arc::clone(m), FaultConfig::default()))
-        .collect();
-    let legs: Vec<DeviceRef> = faulty.iter().map(|f| Arc::clone(f) as DeviceRef).collect();
+    let (faulty, legs) = faulty_legs(&inner);
     let nosync = CreateOptions {
         nosync: true,
         ..options(64)
@@ -277,11 +283,7 @@ fn a_read_error_is_retried_and_repaired_from_the_good_leg() {
 #[test]
 fn a_failed_leg_comes_back_with_an_incremental_resync() {
     let inner = [mem("a"), mem("b")];
-    let faulty: Vec<_> = inner
-        .iter()
-        .map(|m| FaultyDevice::new(Arc::clone(m), FaultConfig::default()))
-        .collect();
-    let legs: Vec<DeviceRef> = faulty.iter().map(|f| Arc::clone(f) as DeviceRef).collect();
+    let (faulty, legs) = faulty_legs(&inner);
     let f = faulty.clone();
     let i2 = inner.clone();
     with_mirror(legs, options(64), move |t| async move {
@@ -531,11 +533,7 @@ fn a_leg_failing_during_a_clear_keeps_its_regions_dirty() {
 #[test]
 fn a_write_only_a_recovering_leg_took_fails() {
     let inner = [mem("a"), mem("b")];
-    let faulty: Vec<_> = inner
-        .iter()
-        .map(|m| FaultyDevice::new(Arc::clone(m), FaultConfig::default()))
-        .collect();
-    let legs: Vec<DeviceRef> = faulty.iter().map(|f| Arc::clone(f) as DeviceRef).collect();
+    let (faulty, legs) = faulty_legs(&inner);
     let layout = Layout::compute(LEG, Some(SectorCount(64))).expect("layout");
     // Region 10 of leg a cannot be read: the initial resync of leg b never finishes, so b
     // stays recovering while every other region is copied to it.
@@ -942,11 +940,7 @@ fn a_missing_leg_is_left_out_and_named_in_status() {
 #[test]
 fn an_unreadable_leg_is_left_out_and_resyncs_from_the_bitmap_when_added_back() {
     let inner = [mem("a"), mem("b")];
-    let faulty: Vec<_> = inner
-        .iter()
-        .map(|m| FaultyDevice::new(Arc::clone(m), FaultConfig::default()))
-        .collect();
-    let legs: Vec<DeviceRef> = faulty.iter().map(|f| Arc::clone(f) as DeviceRef).collect();
+    let (faulty, legs) = faulty_legs(&inner);
     make_synced(&legs, 5);
     // The second leg's superblocks cannot be read: "cannot read the metadata", exit 6 before.
     faulty[1].fail_extent(OpKind::Read, Extent::new(Sector(0), SectorCount(16)));
