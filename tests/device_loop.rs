@@ -1,7 +1,8 @@
 //! `UringDevice` on real loop devices and files (root only for loop devices; prints `SKIP:`).
 //!
 //! Geometry comes from the block ioctls, exclusive opens refuse a second user (`O_EXCL` for
-//! block devices, `flock` for files, seen by other processes too), data round trips with and
+//! block devices, `flock` for files, seen by other processes too, and retried past a child
+//! that holds our descriptor between its fork and its exec), data round trips with and
 //! without FUA, discard and write-zeroes zero what they cover, and requests off the device
 //! fail with EINVAL without touching it. A device given twice to one command is refused under
 //! any path. A mirror is not created over a leg holding a signature that real tools made
@@ -10,6 +11,7 @@
 mod common;
 
 use std::io::Write;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -211,6 +213,62 @@ fn a_locked_file_is_busy_for_every_other_open_until_closed() {
     drop(first);
     assert!(other_process_can_lock(&file), "closing releases the lock");
     let again = UringDevice::open(&link, OpenOptions::default()).expect("open after close");
+    drop(again);
+}
+
+/// Runs `true` from another thread in a child that, between its fork and its exec, tells us
+/// it exists and then sleeps `hold_ms`: meanwhile it holds a copy of every descriptor of ours,
+/// as any child does for a moment. Returns once the child has been forked.
+fn fork_a_slow_child(hold_ms: u64) -> std::thread::JoinHandle<()> {
+    use std::io::Read;
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::os::unix::process::CommandExt;
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two descriptors into `fds`, which is live.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    // SAFETY: pipe2 returned these two descriptors, owned by nobody else.
+    let (read_end, write_end) =
+        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let child_fd = write_end.as_raw_fd();
+    let spawner = std::thread::spawn(move || {
+        let mut command = Command::new("true");
+        // SAFETY: the hook calls only write and nanosleep, both async-signal-safe.
+        unsafe {
+            command.pre_exec(move || {
+                libc::write(child_fd, b"x".as_ptr().cast(), 1);
+                let pause = libc::timespec {
+                    tv_sec: 0,
+                    tv_nsec: (hold_ms * 1_000_000) as libc::c_long,
+                };
+                libc::nanosleep(&pause, std::ptr::null_mut());
+                Ok(())
+            });
+        }
+        let status = command.status().expect("run true");
+        assert!(status.success());
+        drop(write_end);
+    });
+    let mut byte = [0u8; 1];
+    std::fs::File::from(read_end)
+        .read_exact(&mut byte)
+        .expect("the child was forked");
+    spawner
+}
+
+#[test]
+fn a_file_released_while_a_child_still_holds_our_descriptor_opens_again() {
+    // A flock belongs to the open file description, which a child keeps from fork to exec:
+    // an exclusive open right after a close (fail-leg then replace-leg, a mirror stopped and
+    // assembled again) found it busy while another thread ran a program (CI: mirror_files).
+    let dir = scratch_dir();
+    let file = dir.path().join("leg");
+    sparse_file(&file, 8 * MIB);
+    let first = UringDevice::open(&file, OpenOptions::default()).expect("open");
+    let child = fork_a_slow_child(300);
+    drop(first);
+    let again = UringDevice::open(&file, OpenOptions::default())
+        .expect("the claim is retried until the child has exec'd");
+    child.join().expect("spawner thread");
     drop(again);
 }
 

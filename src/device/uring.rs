@@ -6,7 +6,9 @@
 //! `fstat` for files. Block devices are opened `O_EXCL` and regular files are locked with
 //! `flock(LOCK_EX | LOCK_NB)` (unless asked otherwise), so that two users (two ublkdm devices,
 //! a mount, dm, md) cannot share one by accident; the claim lasts as long as the device's file
-//! descriptor, which every clone of its `Arc` keeps open, and dies with the process.
+//! descriptor, which every clone of its `Arc` keeps open, and dies with the process. A busy
+//! claim is retried for [`CLAIM_RETRY_WINDOW`]: a child process keeps copies of our
+//! descriptors from its fork to its exec, so a device we closed a moment ago may still be held.
 //! [`open_distinct`] opens the devices of one command and refuses one given twice, by identity
 //! (a block device's number, a file's device and inode), so two paths to it are caught too.
 //!
@@ -22,6 +24,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use io_uring::{opcode, types};
 
@@ -111,10 +114,7 @@ impl UringDevice {
                 path.display()
             )));
         }
-        let fd = open_direct(path, options, is_block)?;
-        if !is_block && options.exclusive {
-            lock_file(&fd, path)?;
-        }
+        let fd = claim(path, options, is_block)?;
         // The identity of what was opened (the path may have been replaced since the stat).
         let opened = std::fs::File::from(
             fd.try_clone()
@@ -245,6 +245,35 @@ fn lock_file(fd: &OwnedFd, path: &Path) -> Result<()> {
                 ))
             }
             _ => return Err(Error::io(format!("cannot lock {}", path.display()), err)),
+        }
+    }
+}
+
+/// How long an exclusive open that finds its device taken keeps trying before it fails busy.
+/// A descriptor of ours lives on in a child process from its fork to its exec (any thread of
+/// this process that runs a program, `losetup` in a test, a helper in the daemon), so a device
+/// released a moment ago can still be held there, by us. A real other user is still refused,
+/// this much later.
+pub const CLAIM_RETRY_WINDOW: Duration = Duration::from_secs(1);
+/// The pause between two tries within [`CLAIM_RETRY_WINDOW`].
+const CLAIM_RETRY_STEP: Duration = Duration::from_millis(10);
+
+/// Opens `path` for direct I/O and, if asked, claims it exclusively (`O_EXCL` for a block
+/// device, a file lock for a file), retrying a busy claim for [`CLAIM_RETRY_WINDOW`].
+fn claim(path: &Path, options: OpenOptions, is_block: bool) -> Result<OwnedFd> {
+    let deadline = Instant::now() + CLAIM_RETRY_WINDOW;
+    loop {
+        let claimed = open_direct(path, options, is_block).and_then(|fd| {
+            if !is_block && options.exclusive {
+                lock_file(&fd, path)?;
+            }
+            Ok(fd)
+        });
+        match claimed {
+            Err(e) if e.kind() == ErrorKind::Busy && Instant::now() < deadline => {
+                std::thread::sleep(CLAIM_RETRY_STEP);
+            }
+            other => return other,
         }
     }
 }
