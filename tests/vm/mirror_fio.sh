@@ -4,7 +4,9 @@
 # Method: a new 2-leg mirror resyncs leg 0 to leg 1 in the background; once in sync, fio
 # writes 4 KiB random blocks (iodepth 32) and 1 MiB sequential blocks with crc32c verify;
 # after an orderly stop the legs' data areas must be identical. Then a 3-leg mirror over the
-# same disks (--force: they carry the first mirror's metadata) does the same.
+# same disks does the same, once the first mirror's superblocks are wiped: a create never
+# overwrites a disk that carries a mirror (even with --force, which is for foreign data), and
+# the same legs given again would assemble the old 2-leg mirror.
 set -uo pipefail
 . "$UBLKDM_REPO/scripts/vm/lib.sh"
 . "$UBLKDM_REPO/tests/vm/common.sh"
@@ -15,8 +17,7 @@ run_legs() {
 	shift
 	local legs=("$@") args=()
 	for l in "${legs[@]}"; do args+=(--leg "$l"); done
-	# --force: the 3-leg mirror reuses disks that carry the 2-leg mirror's metadata.
-	dev=$(add_mirror "${args[@]}" --force) || { fail "$name-add" "add mirror failed"; return; }
+	dev=$(add_mirror "${args[@]}") || { fail "$name-add" "add mirror failed"; return; }
 	id=$(dev_id "$dev")
 	set_sched_none "$dev"
 	if wait_in_sync "$id" 180; then pass "$name-initial-resync"; else fail "$name-initial-resync" "$(mstatus "$id" .regions)"; fi
@@ -51,6 +52,15 @@ legs_identical() {
 	done
 }
 
+# Zeroes the superblock slots (the first MiB) of each disk, as a user wipes a retired leg.
+wipe_superblocks() {
+	local dev
+	for dev in "$@"; do
+		dd if=/dev/zero of="$dev" bs=1M count=1 oflag=direct status=none || die "cannot wipe $dev"
+	done
+}
+
 run_legs two /dev/vda /dev/vdb
+wipe_superblocks /dev/vda /dev/vdb
 run_legs three /dev/vda /dev/vdb /dev/vdc
 vm_summary
