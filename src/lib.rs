@@ -13,6 +13,7 @@ pub mod daemon;
 pub mod device;
 pub mod error;
 pub mod region;
+pub mod registry;
 pub mod target;
 pub mod task;
 pub mod ublk;

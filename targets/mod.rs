@@ -1,62 +1,28 @@
-//! The targets, compiled into the core library as modules (see the README's architecture
-//! section): each builds a [`crate::target::Target`] from a [`crate::target::TargetSpec`].
+//! The targets, compiled into the library as modules (see the README's architecture section):
+//! each lives in its own folder and owns its spec, its `add` arguments, its commands and its
+//! [`TargetKind`](crate::registry::TargetKind), exported as `kind()`.
 //!
-//! [`open_target`] is the one place that maps a spec to its implementation, so the daemon (for
-//! `add`) and recovery (for `recover`, from the spec stored with the device) build exactly the
-//! same target. [`scan`] is the targets' side of `ublkdm assemble --scan`: what each target
-//! finds on the machine's block devices, with the spec to serve it.
+//! The core never names a target: `main` builds the [`Registry`] here ([`registry`]) and hands
+//! it to the CLI and the daemon. Adding a target is a folder and one line in the list below.
 
-pub mod linear;
-pub mod mirror;
-pub mod snapshot;
+use crate::registry::Registry;
 
-use std::path::PathBuf;
-use std::sync::Arc;
+/// Declares every target module and registers its kind, in the order `ublkdm add --help`
+/// lists them.
+macro_rules! targets {
+    ($($name:ident),* $(,)?) => {
+        $(pub mod $name;)*
 
-use crate::error::{Error, Result};
-use crate::target::{Target, TargetSpec};
-
-/// Builds the target `spec` describes, opening its devices.
-pub fn open_target(spec: &TargetSpec) -> Result<Arc<dyn Target>> {
-    match spec {
-        TargetSpec::Linear { device } => Ok(Arc::new(linear::Linear::open(device)?)),
-        TargetSpec::Mirror { .. } => mirror::open_mirror(spec),
-        TargetSpec::Origin { .. } => Ok(snapshot::open_group(spec)?.origin()),
-        TargetSpec::Child { parent, kind, name } => Err(Error::invalid(format!(
-            "{kind} '{name}' is served by the daemon of device {parent}, not on its own"
-        ))),
-    }
+        /// Every target kind this binary serves.
+        pub fn registry() -> Registry {
+            Registry::new()$(.with($name::kind()))*
+        }
+    };
 }
 
-/// Something a target found on the machine's block devices, for `assemble --scan`.
-#[derive(Debug)]
-pub struct Discovered {
-    /// The target kind, e.g. `mirror`.
-    pub kind: &'static str,
-    /// What identifies it (a mirror's UUID): compared with [`TargetSpec::identity`] of the
-    /// devices already served, so that nothing is served twice.
-    pub identity: String,
-    /// The devices found, each with what it is (e.g. `slot 0`).
-    pub found: Vec<(PathBuf, String)>,
-    /// What is missing (e.g. a slot with no device found), one line each.
-    pub missing: Vec<String>,
-    /// Devices that carry the identity but are not used, and why, one line each.
-    pub left_out: Vec<String>,
-    /// The spec to serve it with, or why it must not be served.
-    pub spec: Result<TargetSpec>,
-}
+targets!(linear, mirror, snapshot);
 
-/// The result of one scan.
-#[derive(Debug)]
-pub struct ScanReport {
-    /// Devices probed.
-    pub probed: usize,
-    pub found: Vec<Discovered>,
-}
-
-/// Probes the machine's block devices for every target that records an identity on its
-/// devices. Only mirrors do: a snapshot origin's device carries nothing of ours, and its COW
-/// store does not record which device is its origin, so origins are not found by a scan.
-pub fn scan() -> ScanReport {
-    mirror::discover::scan()
+/// What the mirror finds on the machine's block devices (`assemble --scan`), for the tests.
+pub fn scan() -> crate::registry::ScanReport {
+    registry().scan()
 }

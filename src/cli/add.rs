@@ -1,35 +1,12 @@
 //! `ublkdm add` and `ublkdm recover`: a spec, then a daemon for it.
 
 use super::*;
+use crate::target::ChildSpec;
 
 // ---------------------------------------------------------------------------------------------
 // add / recover
 
-pub(super) fn add(target: AddTarget) -> Result<()> {
-    let (spec, options) = match target {
-        AddTarget::Linear { device, options } => (
-            TargetSpec::Linear {
-                device: absolute(device)?,
-            },
-            options,
-        ),
-        AddTarget::Mirror { mirror, options } => (mirror_spec(mirror)?, options),
-        AddTarget::Origin {
-            device,
-            cow,
-            chunk_size,
-            force,
-            options,
-        } => (
-            TargetSpec::Origin {
-                device: absolute(device)?,
-                cow: absolute(cow)?,
-                chunk_size_sectors: chunk_size.map_or(0, |b| b >> crate::units::SECTOR_SHIFT),
-                force,
-            },
-            options,
-        ),
-    };
+pub(super) fn add(registry: &Registry, spec: TargetSpec, options: AddOptions) -> Result<()> {
     let config = DeviceConfig {
         queues: options.queues,
         depth: options.depth,
@@ -37,10 +14,10 @@ pub(super) fn add(target: AddTarget) -> Result<()> {
     };
     config.validate()?;
     ublk::require_driver()?;
-    start_daemon(Start::Add(config), spec, options.foreground)
+    start_daemon(registry, Start::Add(config), spec, options.foreground)
 }
 
-pub(super) fn recover(id: u32, foreground: bool) -> Result<()> {
+pub(super) fn recover(registry: &Registry, id: u32, foreground: bool) -> Result<()> {
     let info = ublk::query(id)?;
     if info.state != DevState::Quiesced {
         return Err(Error::new(
@@ -66,87 +43,30 @@ pub(super) fn recover(id: u32, foreground: bool) -> Result<()> {
             format!("device {id} has no stored ublkdm target (was it created by ublkdm?)"),
         )
     })?;
-    if let TargetSpec::Child { parent, kind, name } = &spec {
+    if let Some(ChildSpec { parent, kind, name }) = spec.as_child() {
         return Err(Error::invalid(format!(
             "device {id} is {kind} '{name}' of device {parent}: 'ublkdm recover {parent}' brings \
              back the whole group"
         )));
     }
-    start_daemon(Start::Recover(id), spec, foreground)
+    start_daemon(registry, Start::Recover(id), spec, foreground)
 }
 
-pub(super) fn start_daemon(start: Start, spec: TargetSpec, foreground: bool) -> Result<()> {
+pub(super) fn start_daemon(
+    registry: &Registry,
+    start: Start,
+    spec: TargetSpec,
+    foreground: bool,
+) -> Result<()> {
     if foreground {
         daemon::init_logging();
-        return daemon::run_foreground(start, spec);
+        return daemon::run_foreground(registry, start, spec);
     }
-    let mirror = matches!(spec, TargetSpec::Mirror { .. });
-    let path = daemon::launch(start, spec)?;
+    let kind = registry.kind_of(&spec)?;
+    let path = daemon::launch(registry, start, spec)?;
     println!("{}", path.display());
-    if mirror {
-        warn_degraded(&path);
+    if let Some(id) = path.to_str().and_then(|p| parse_id(p).ok()) {
+        kind.after_start(id);
     }
     Ok(())
-}
-
-/// Prints a warning for every leg a mirror's daemon started without (and every leg given
-/// that is not a member), from its status.
-pub(super) fn warn_degraded(path: &std::path::Path) {
-    let id = path
-        .to_string_lossy()
-        .rsplit("ublkb")
-        .next()
-        .map(str::parse::<u32>);
-    let Some(Ok(id)) = id else { return };
-    let Ok(status) = control::request(id, Command::Status) else {
-        return;
-    };
-    let target = &status["target"]["status"];
-    let lines = |key: &str| target[key].as_array().cloned().unwrap_or_default();
-    for line in lines("missing_legs") {
-        eprintln!("warning: mirror {id} runs degraded: {}", text(&line));
-    }
-    for line in lines("not_members") {
-        eprintln!(
-            "warning: {}",
-            text(&line).replace(" ID ", &format!(" {id} "))
-        );
-    }
-}
-
-/// The spec of `add mirror`: legs made absolute and checked for repeats (the same device under
-/// two names included), the region size in sectors. A leg that does not exist is kept: the
-/// mirror may assemble degraded without it (a create refuses it).
-pub(super) fn mirror_spec(args: MirrorArgs) -> Result<TargetSpec> {
-    let mut legs = Vec::with_capacity(args.legs.len());
-    let mut seen = Vec::new();
-    for leg in args.legs {
-        let leg = absolute(leg)?;
-        let Ok(real) = std::fs::canonicalize(&leg) else {
-            legs.push(leg);
-            continue;
-        };
-        if seen.contains(&real) {
-            return Err(Error::invalid(format!(
-                "leg {} is given twice (as {})",
-                real.display(),
-                leg.display()
-            )));
-        }
-        seen.push(real);
-        legs.push(leg);
-    }
-    let resync_throttle = crate::copy::ThrottleConfig {
-        floor_mbps: args.resync_min_mbps,
-        ceiling_mbps: args.resync_max_mbps,
-    };
-    resync_throttle.validate().map_err(Error::invalid)?;
-    Ok(TargetSpec::Mirror {
-        uuid: None,
-        legs,
-        region_size_sectors: args.region_size >> crate::units::SECTOR_SHIFT,
-        nosync: args.nosync,
-        force: args.force,
-        resync_throttle,
-    })
 }

@@ -20,7 +20,7 @@ pub(super) struct Assembled {
     error: Option<String>,
 }
 
-pub(super) fn assemble_scan(json: bool) -> Result<()> {
+pub(super) fn assemble_scan(registry: &Registry, json: bool) -> Result<()> {
     init_cli_logging();
     ublk::require_driver()?;
     let devices: Vec<DevInfo> = ublk::device_ids()
@@ -28,14 +28,18 @@ pub(super) fn assemble_scan(json: bool) -> Result<()> {
         .filter_map(|id| ublk::query(id).ok())
         .collect();
     // Probing runs an io_uring on its own thread, gone before any daemon is forked.
-    let report = thread::spawn(crate::targets::scan)
-        .join()
-        .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+    let report = thread::scope(|scope| {
+        scope
+            .spawn(|| registry.scan())
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    });
     let mut results = Vec::new();
     let mut failures = 0usize;
     let mut first_kind = None;
     for found in report.found {
-        let (outcome, id, device, error) = bring_up(&devices, found.spec, &found.identity);
+        let (outcome, id, device, error) =
+            bring_up(registry, &devices, found.spec, &found.identity);
         if let Some(err) = &error {
             failures += 1;
             first_kind.get_or_insert(err.kind());
@@ -73,6 +77,7 @@ pub(super) fn assemble_scan(json: bool) -> Result<()> {
 /// Serves one thing found by the scan unless a device already does: a running daemon is left
 /// alone, a QUIESCED device (its daemon died) is recovered, otherwise a new device is added.
 pub(super) fn bring_up(
+    registry: &Registry,
     devices: &[DevInfo],
     spec: Result<TargetSpec>,
     identity: &str,
@@ -81,9 +86,13 @@ pub(super) fn bring_up(
         Ok(spec) => spec,
         Err(err) => return ("refused", None, None, Some(err)),
     };
-    let served = devices
-        .iter()
-        .find(|d| d.spec.as_ref().and_then(TargetSpec::identity).as_deref() == Some(identity));
+    let served = devices.iter().find(|d| {
+        d.spec
+            .as_ref()
+            .and_then(|s| registry.identity(s))
+            .as_deref()
+            == Some(identity)
+    });
     let (start, outcome) = match served {
         Some(d) if d.state == DevState::Quiesced && !daemon::process_alive(d.daemon_pid) => {
             let stored = d.spec.clone().expect("matched by its spec");
@@ -93,7 +102,7 @@ pub(super) fn bring_up(
         None => (Start::Add(DeviceConfig::default()), ("started", spec)),
     };
     let (outcome, spec) = outcome;
-    match daemon::launch(start, spec) {
+    match daemon::launch(registry, start, spec) {
         Ok(path) => {
             let id = path.to_str().and_then(|p| parse_id(p).ok());
             (outcome, id, Some(path), None)

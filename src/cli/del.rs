@@ -1,6 +1,7 @@
 //! `ublkdm del`: through the daemon where one runs, bounded at every step.
 
 use super::*;
+use crate::target::ChildSpec;
 
 /// How long `del` waits for a daemon to stop and delete its device after being asked.
 pub(super) const STOP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -39,8 +40,9 @@ pub(super) fn del(id: Option<u32>, all: bool) -> Result<()> {
 
 /// `ids` with the children of other devices last (deleting a parent deletes its children).
 pub(super) fn parents_first(mut ids: Vec<u32>) -> Vec<u32> {
-    let is_child =
-        |id: &u32| ublk::query(*id).is_ok_and(|i| matches!(i.spec, Some(TargetSpec::Child { .. })));
+    let is_child = |id: &u32| {
+        ublk::query(*id).is_ok_and(|i| i.spec.as_ref().and_then(TargetSpec::as_child).is_some())
+    };
     ids.sort_by_key(|id| (is_child(id), *id));
     ids
 }
@@ -50,8 +52,10 @@ pub(super) fn parents_first(mut ids: Vec<u32>) -> Vec<u32> {
 /// parent is gone. Every step is bounded.
 pub(super) fn del_one(id: u32) -> Result<()> {
     let info = ublk::query(id)?;
-    if let Some(TargetSpec::Child { parent, kind, name }) = &info.spec {
-        if ublk::device_exists(*parent) {
+    if let Some(ChildSpec { parent, kind, name }) =
+        info.spec.as_ref().and_then(TargetSpec::as_child)
+    {
+        if ublk::device_exists(parent) {
             return Err(Error::invalid(format!(
                 "device {id} is {kind} '{name}' of device {parent}: 'ublkdm snapshot delete \
                  {parent} {name}' deletes it, 'ublkdm del {parent}' the whole group"

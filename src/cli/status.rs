@@ -1,6 +1,7 @@
 //! `ublkdm list` and `ublkdm status`.
 
 use super::*;
+use crate::target::ChildSpec;
 
 /// One element of a status list: `name: key value, ...` for a named object.
 pub(super) fn list_item(item: &serde_json::Value) -> String {
@@ -21,7 +22,7 @@ pub(super) fn list_item(item: &serde_json::Value) -> String {
 // ---------------------------------------------------------------------------------------------
 // list / status
 
-pub(super) fn list(json: bool) -> Result<()> {
+pub(super) fn list(registry: &Registry, json: bool) -> Result<()> {
     init_cli_logging();
     let devices: Vec<DevInfo> = if ublk::driver_loaded() {
         // A device deleted between listing and querying is simply not shown.
@@ -50,22 +51,20 @@ pub(super) fn list(json: bool) -> Result<()> {
             d.state,
             size,
             daemon_column(d.daemon_pid),
-            describe(d.spec.as_ref())
+            registry.describe(d.spec.as_ref())
         );
     }
     Ok(())
 }
 
-pub(super) fn status(id: u32, json: bool) -> Result<()> {
+pub(super) fn status(registry: &Registry, id: u32, json: bool) -> Result<()> {
     init_cli_logging();
     let info = ublk::query(id)?;
     let alive = daemon::process_alive(info.daemon_pid);
-    let reply = alive.then(|| match &info.spec {
-        Some(TargetSpec::Child { parent, kind, name }) => {
-            control::request(*parent, Command::Status)
-                .map(|group| child_status(&info, &group, kind, name))
-        }
-        _ => control::request(id, Command::Status),
+    let reply = alive.then(|| match info.spec.as_ref().and_then(TargetSpec::as_child) {
+        Some(child) => control::request(child.parent, Command::Status)
+            .map(|group| child_status(registry, &info, &group, &child)),
+        None => control::request(id, Command::Status),
     });
     if json {
         let mut out = device_json(&info);
@@ -77,26 +76,31 @@ pub(super) fn status(id: u32, json: bool) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&out).expect("json"));
         return Ok(());
     }
-    print_status(&info, alive, reply.as_ref());
+    print_status(registry, &info, alive, reply.as_ref());
     Ok(())
 }
 
 /// A child's share of its parent daemon's status, shaped like a daemon status of its own.
 pub(super) fn child_status(
+    registry: &Registry,
     info: &DevInfo,
     group: &serde_json::Value,
-    kind: &str,
-    name: &str,
+    child: &ChildSpec,
 ) -> serde_json::Value {
+    let (kind, name) = (&child.kind, child.name.as_str());
     let named = |list: &serde_json::Value| {
         list.as_array()
             .and_then(|items| items.iter().find(|item| item["name"] == name).cloned())
             .unwrap_or(serde_json::Value::Null)
     };
     let child = named(&group["children"]);
-    let target = match named(&group["target"]["status"]["snapshots"]) {
-        serde_json::Value::Null => serde_json::json!({ "name": name, "state": "deleted" }),
-        found => found,
+    // The parent's kind knows where its status keeps its children's.
+    let parent_kind = group["spec"]["target"]
+        .as_str()
+        .and_then(|k| registry.find(k));
+    let target = match parent_kind {
+        Some(parent) => parent.child_status(&group["target"]["status"], name),
+        None => serde_json::json!({ "name": name, "state": "unknown" }),
     };
     serde_json::json!({
         "device": info,
@@ -112,7 +116,12 @@ pub(super) fn device_json(info: &DevInfo) -> serde_json::Value {
     value
 }
 
-pub(super) fn print_status(info: &DevInfo, alive: bool, reply: Option<&Result<serde_json::Value>>) {
+pub(super) fn print_status(
+    registry: &Registry,
+    info: &DevInfo,
+    alive: bool,
+    reply: Option<&Result<serde_json::Value>>,
+) {
     println!(
         "{} (ublk device {}): {}",
         info.block_device.display(),
@@ -120,10 +129,11 @@ pub(super) fn print_status(info: &DevInfo, alive: bool, reply: Option<&Result<se
         info.state
     );
     if alive {
-        let daemon_id = match &info.spec {
-            Some(TargetSpec::Child { parent, .. }) => *parent,
-            _ => info.id,
-        };
+        let daemon_id = info
+            .spec
+            .as_ref()
+            .and_then(TargetSpec::as_child)
+            .map_or(info.id, |child| child.parent);
         println!(
             "  daemon:  pid {}, running; log {}",
             info.daemon_pid,
@@ -160,7 +170,7 @@ pub(super) fn print_status(info: &DevInfo, alive: bool, reply: Option<&Result<se
             ""
         }
     );
-    println!("  target:  {}", describe(info.spec.as_ref()));
+    println!("  target:  {}", registry.describe(info.spec.as_ref()));
     match reply {
         Some(Ok(status)) => print_daemon_status(status),
         Some(Err(err)) => println!("  (no answer from the daemon: {})", err.chain().join(": ")),
@@ -202,26 +212,6 @@ pub(super) fn daemon_column(pid: i32) -> String {
         pid.to_string()
     } else {
         format!("{pid} (dead)")
-    }
-}
-
-pub(crate) fn describe(spec: Option<&TargetSpec>) -> String {
-    match spec {
-        Some(TargetSpec::Linear { device }) => format!("linear {}", device.display()),
-        Some(TargetSpec::Mirror { legs, uuid, .. }) => {
-            let legs: Vec<_> = legs.iter().map(|l| l.display().to_string()).collect();
-            match uuid {
-                Some(uuid) => format!("mirror {} ({uuid})", legs.join(" ")),
-                None => format!("mirror {}", legs.join(" ")),
-            }
-        }
-        Some(TargetSpec::Origin { device, cow, .. }) => {
-            format!("snapshot-origin {} cow {}", device.display(), cow.display())
-        }
-        Some(TargetSpec::Child { parent, kind, name }) => {
-            format!("{kind} '{name}' of device {parent}")
-        }
-        None => "-".to_owned(),
     }
 }
 

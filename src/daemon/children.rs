@@ -8,18 +8,18 @@ pub fn child_devices(parent: u32) -> Vec<DevInfo> {
     ublk::device_ids()
         .into_iter()
         .filter_map(|id| ublk::query(id).ok())
-        .filter(
-            |info| matches!(&info.spec, Some(TargetSpec::Child { parent: p, .. }) if *p == parent),
-        )
+        .filter(|info| child_spec(info).is_some_and(|child| child.parent == parent))
         .collect()
 }
 
 /// The name of a child device, from its stored spec.
-pub(super) fn child_name(info: &DevInfo) -> Option<&str> {
-    match &info.spec {
-        Some(TargetSpec::Child { name, .. }) => Some(name),
-        _ => None,
-    }
+pub(super) fn child_name(info: &DevInfo) -> Option<String> {
+    child_spec(info).map(|child| child.name)
+}
+
+/// The child spec stored with a device, if it is a child.
+fn child_spec(info: &DevInfo) -> Option<ChildSpec> {
+    info.spec.as_ref().and_then(TargetSpec::as_child)
 }
 
 /// A child's device and the thread serving it.
@@ -41,8 +41,8 @@ impl Daemon {
         let mut recover = BTreeMap::new();
         for info in leftovers {
             match child_name(&info) {
-                Some(name) if wanted.iter().any(|w| w == name) => {
-                    recover.insert(name.to_owned(), info.id);
+                Some(name) if wanted.contains(&name) => {
+                    recover.insert(name, info.id);
                 }
                 _ => {
                     log::info!("deleting device {}, a child that no longer exists", info.id);
@@ -98,11 +98,11 @@ impl Daemon {
     /// Serves child `name` on a thread of its own; returns once its device is LIVE.
     pub(super) fn start_child(&self, name: &str, start: Start) -> Result<ChildDevice> {
         let target = self.target.open_child(name)?;
-        let spec = TargetSpec::Child {
+        let spec = TargetSpec::child(&ChildSpec {
             parent: self.device.id(),
             kind: target.kind().to_owned(),
             name: name.to_owned(),
-        };
+        });
         let (tx, rx) = mpsc::channel::<Result<Device>>();
         let failed = tx.clone();
         let thread_name = name.to_owned();

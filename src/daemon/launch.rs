@@ -139,7 +139,7 @@ pub fn log_path(id: u32) -> PathBuf {
 // Launching
 
 /// Forks a daemon for `start` and waits for its device to be LIVE: returns the block device.
-pub fn launch(start: Start, spec: TargetSpec) -> Result<PathBuf> {
+pub fn launch(registry: &Registry, start: Start, spec: TargetSpec) -> Result<PathBuf> {
     let (read_end, write_end) = pipe()?;
     // Helper threads of earlier queries may still be exiting: give them a moment.
     let deadline = Instant::now() + FORK_SETTLE_TIMEOUT;
@@ -155,7 +155,7 @@ pub fn launch(start: Start, spec: TargetSpec) -> Result<PathBuf> {
         )),
         0 => {
             drop(read_end);
-            let code = daemon_child(start, spec, write_end);
+            let code = daemon_child(registry, start, spec, write_end);
             std::process::exit(code)
         }
         pid => {
@@ -167,9 +167,10 @@ pub fn launch(start: Start, spec: TargetSpec) -> Result<PathBuf> {
 
 /// Runs the daemon in this process (`--foreground`): logs to stderr, prints the block device
 /// once LIVE, returns when the device has been stopped and deleted.
-pub fn run_foreground(start: Start, spec: TargetSpec) -> Result<()> {
+pub fn run_foreground(registry: &Registry, start: Start, spec: TargetSpec) -> Result<()> {
     install_panic_hook();
     run(
+        registry,
         start,
         spec,
         Arc::new(Reporter {
@@ -267,7 +268,7 @@ pub(super) fn daemon_vanished(pid: libc::pid_t, id: Option<u32>) -> Error {
 }
 
 /// The forked child: detach, log to a file, run, report.
-pub(super) fn daemon_child(start: Start, spec: TargetSpec, pipe: File) -> i32 {
+pub(super) fn daemon_child(registry: &Registry, start: Start, spec: TargetSpec, pipe: File) -> i32 {
     // SAFETY: setsid takes no arguments; it fails only if we already lead a group (harmless).
     unsafe { libc::setsid() };
     let reporter = Reporter {
@@ -295,7 +296,7 @@ pub(super) fn daemon_child(start: Start, spec: TargetSpec, pipe: File) -> i32 {
         env!("CARGO_PKG_VERSION"),
         std::process::id()
     );
-    match run(start, spec, Arc::clone(&reporter)) {
+    match run(registry, start, spec, Arc::clone(&reporter)) {
         Ok(()) => 0,
         Err(err) => {
             log::error!("{}", err.chain().join(": "));

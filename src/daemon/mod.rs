@@ -3,7 +3,7 @@
 //! A target with children (an origin and its snapshots) is one daemon serving several ublk
 //! devices: the primary, whose id names the daemon (its socket, its log), and one device per
 //! child, each on a thread of its own. The children's devices store
-//! [`TargetSpec::Child`] with the primary's id, so `recover` of the primary finds and takes
+//! [`ChildSpec`] with the primary's id, so `recover` of the primary finds and takes
 //! over the QUIESCED children too. The set of child devices follows the target's
 //! [`Target::child_names`] after every command.
 //!
@@ -58,8 +58,8 @@ use std::time::{Duration, Instant};
 use crate::control::{self, Command, Reply, Request, PROTOCOL_VERSION};
 use crate::device::reactor;
 use crate::error::{Error, ErrorKind, IoContext, Result};
-use crate::target::{Target, TargetSpec};
-use crate::targets;
+use crate::registry::Registry;
+use crate::target::{ChildSpec, Target, TargetSpec};
 use crate::ublk::{self, DevInfo, Device, DeviceConfig, Hooks, Start};
 
 /// Where daemons write their logs, one file per device.
@@ -87,11 +87,11 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 // The daemon proper
 
 /// Serves `spec` (and its children) until an orderly stop.
-fn run(start: Start, spec: TargetSpec, reporter: Arc<Reporter>) -> Result<()> {
+fn run(registry: &Registry, start: Start, spec: TargetSpec, reporter: Arc<Reporter>) -> Result<()> {
     ignore_sigpipe();
     private_mount_namespace()?;
     block_stop_signals()?;
-    let target = targets::open_target(&spec)?;
+    let target = registry.open(&spec)?;
     // What is stored with the device is the target as it is (a new mirror's identity, the
     // legs where they were found), not only as it was asked for.
     let spec = target.spec(&spec);
