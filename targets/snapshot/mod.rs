@@ -126,7 +126,7 @@ use uuid::Uuid;
 
 pub use commands::SnapshotCommand;
 pub use format::{Layout, Reason, SnapState, MAX_NAME, MAX_SNAPSHOTS};
-pub use kind::{OriginKind, OriginSpec};
+pub use kind::{parse_chunk_size, OriginKind, OriginSpec};
 
 /// The kind, for the registry.
 pub fn kind() -> Box<dyn crate::registry::TargetKind> {
