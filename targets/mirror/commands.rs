@@ -98,7 +98,11 @@ impl MirrorCommand {
                 Self::NAMES.join(", ")
             )));
         }
-        let args = if args.is_null() { json!({}) } else { args.clone() };
+        let args = if args.is_null() {
+            json!({})
+        } else {
+            args.clone()
+        };
         serde_json::from_value(json!({ "name": name, "args": args }))
             .map_err(|e| Error::invalid(format!("{name}: {e}")))
     }

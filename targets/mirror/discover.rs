@@ -30,13 +30,13 @@ use std::path::{Path, PathBuf};
 use uuid::Uuid;
 
 use super::superblock::{probe, LegState, Probe, Superblock};
+use super::MirrorSpec;
 use super::MirrorTarget;
 use crate::device::reactor;
 use crate::device::{DeviceRef, OpenOptions, UringDevice};
 use crate::error::{Error, ErrorKind, Result};
-use crate::target::TargetSpec;
 use crate::registry::{Discovered, ScanReport};
-use super::MirrorSpec;
+use crate::target::TargetSpec;
 
 /// The most block devices one scan probes (a bound on the work of one `assemble --scan` or
 /// one assembly; the rest are skipped with a warning).

@@ -159,8 +159,7 @@ impl TargetKind for MirrorKind {
 
     fn commands(&self) -> Option<clap::Command> {
         Some(MirrorCommand::augment_subcommands(
-            clap::Command::new(NAME)
-                .about("Mirror commands: leg failure and replacement, scrub."),
+            clap::Command::new(NAME).about("Mirror commands: leg failure and replacement, scrub."),
         ))
     }
 

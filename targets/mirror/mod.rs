@@ -63,12 +63,12 @@ mod assemble;
 pub mod commands;
 pub mod discover;
 mod io;
+mod kind;
 mod meta;
 mod resync;
 mod state;
 mod superblock;
 mod survey;
-mod kind;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -79,11 +79,11 @@ use std::time::Duration;
 use smol::lock::Mutex as AsyncMutex;
 use uuid::Uuid;
 
+pub use commands::MirrorCommand;
+pub use kind::{MirrorKind, MirrorSpec};
 pub use superblock::{
     own_metadata, probe, Layout, LegState, Probe, Superblock, MAX_LEGS, MIN_LEGS,
 };
-pub use commands::MirrorCommand;
-pub use kind::{MirrorKind, MirrorSpec};
 pub use survey::{GivenLeg, LegSet};
 
 /// The kind, for the registry.
@@ -474,7 +474,8 @@ pub fn open_mirror_with(
     tuning: Tuning,
 ) -> Result<Arc<dyn Target>> {
     let options = CreateOptions {
-        region_size: (spec.region_size_sectors != 0).then_some(SectorCount(spec.region_size_sectors)),
+        region_size: (spec.region_size_sectors != 0)
+            .then_some(SectorCount(spec.region_size_sectors)),
         nosync: spec.nosync,
         force: spec.force,
     };

@@ -107,8 +107,9 @@ impl TargetKind for OriginKind {
 
     fn commands(&self) -> Option<clap::Command> {
         Some(SnapshotCommand::augment_subcommands(
-            clap::Command::new(COMMANDS)
-                .about("Snapshots of an origin: create, list, delete, merge (roll the origin back)."),
+            clap::Command::new(COMMANDS).about(
+                "Snapshots of an origin: create, list, delete, merge (roll the origin back).",
+            ),
         ))
     }
 
