@@ -12,6 +12,7 @@ use crate::registry::Registry;
 pub mod linear;
 pub mod mirror;
 pub mod snapshot;
+pub mod zero;
 
 /// Registers the kind of every target module listed, in the order `ublkdm add --help` lists
 /// them.
@@ -24,7 +25,7 @@ macro_rules! targets {
     };
 }
 
-targets!(linear, mirror, snapshot);
+targets!(linear, mirror, snapshot, zero);
 
 /// What the mirror finds on the machine's block devices (`assemble --scan`), for the tests.
 pub fn scan() -> crate::registry::ScanReport {
