@@ -2,8 +2,9 @@
 //!
 //! The core (this crate's `src/`) owns storage access ([`device`]), the shared copy engine
 //! ([`copy`]), region bookkeeping and the persistent dirty log ([`region`]), units ([`units`])
-//! and errors ([`error`]); [`target`] is the seam to the targets, which live under `targets/`
-//! and are compiled in as modules (see the README's architecture section for why). The ublk
+//! and errors ([`error`]); [`target`] and [`registry`] are the seam to the targets, which live
+//! under `targets/` and are compiled in as modules (see the README's architecture section for
+//! why). The core names no target: `main` builds the [`registry::Registry`] from `targets`. The ublk
 //! front end ([`ublk`], the only user of libublk), the daemon ([`daemon`]), the control socket
 //! protocol ([`control`]) and the CLI ([`cli`]) sit on top.
 pub mod cli;
@@ -13,6 +14,7 @@ pub mod daemon;
 pub mod device;
 pub mod error;
 pub mod region;
+pub mod registry;
 pub mod target;
 pub mod task;
 pub mod ublk;

@@ -13,7 +13,6 @@
 //! every command, and stops a child's device before a command that removes it
 //! ([`Target::command_releases`]).
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::device::{BlockDevice, IoFuture};
@@ -68,109 +67,144 @@ pub trait Target: BlockDevice {
 }
 
 /// What to build: the arguments of `ublkdm add`, persisted for `recover`.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(tag = "target", rename_all = "lowercase")]
-pub enum TargetSpec {
-    /// Pass-through onto one backing device.
-    Linear { device: PathBuf },
-    /// An N-way mirror (`targets/mirror`): created on blank legs, assembled from legs that
-    /// already hold it.
-    Mirror {
-        /// The mirror's identity, once it exists: legs are found by the superblocks that carry
-        /// it, wherever their paths now point (`legs` are then only hints). Absent in specs
-        /// stored before identities were recorded, and in a new `add mirror`.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        uuid: Option<uuid::Uuid>,
-        /// The legs' paths: what `add` was given, then the legs the mirror has now.
-        legs: Vec<PathBuf>,
-        /// Region size in sectors; 0 picks the default.
-        #[serde(default)]
-        region_size_sectors: u64,
-        /// Skip the initial copy of a new mirror.
-        #[serde(default)]
-        nosync: bool,
-        /// Overwrite legs that carry other metadata.
-        #[serde(default)]
-        force: bool,
-        /// Resync bandwidth: the floor kept under foreground I/O and the ceiling when idle.
-        #[serde(default)]
-        resync_throttle: crate::copy::ThrottleConfig,
-    },
-    /// A snapshot origin with its COW store (`targets/snapshot`): the store is created on a
-    /// blank COW device and reassembled from one that holds it.
-    Origin {
-        device: PathBuf,
-        cow: PathBuf,
-        /// Chunk size in sectors for a new store; 0 picks the default (16 KiB).
-        #[serde(default)]
-        chunk_size_sectors: u64,
-        /// Create a store on a COW device that carries foreign metadata.
-        #[serde(default)]
-        force: bool,
-    },
-    /// A device served by the daemon of another device, `parent` (e.g. a snapshot served with
-    /// its origin). Never opened on its own: recovering the parent brings it back.
-    Child {
-        parent: u32,
-        /// The child's target kind, e.g. `snapshot`.
-        kind: String,
-        name: String,
-    },
+///
+/// An opaque envelope: the target's kind and the target's own spec (a JSON object that only
+/// the target reads, through [`TargetSpec::parse`]). It serialises as the target's object with
+/// the kind under `"target"`, e.g. `{"target":"linear","device":"/dev/vdb"}`: the format every
+/// stored spec has had. The kind `child` belongs to the core ([`ChildSpec`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TargetSpec {
+    kind: String,
+    body: serde_json::Map<String, serde_json::Value>,
 }
 
+/// The key that names the kind in a serialised spec.
+const KIND_KEY: &str = "target";
+
 impl TargetSpec {
-    /// The identity of what the spec serves, when it has one (a mirror's UUID): the same
-    /// identity served twice would be one device behind two daemons.
-    pub fn identity(&self) -> Option<String> {
-        match self {
-            TargetSpec::Mirror { uuid, .. } => uuid.map(|u| u.to_string()),
-            _ => None,
+    /// The spec of a target of `kind` from the target's own spec struct.
+    pub fn new<S: serde::Serialize>(kind: &str, spec: &S) -> TargetSpec {
+        let body = match serde_json::to_value(spec).expect("a spec serialises") {
+            serde_json::Value::Object(body) => body,
+            other => panic!("a {kind} spec must serialise to an object, not {other}"),
+        };
+        assert!(
+            !body.contains_key(KIND_KEY),
+            "'{KIND_KEY}' is the envelope's key"
+        );
+        TargetSpec {
+            kind: kind.to_owned(),
+            body,
         }
     }
+
+    /// The kind, e.g. `linear`, `mirror`, `origin` or `child`.
+    pub fn kind(&self) -> &str {
+        &self.kind
+    }
+
+    /// The target's own spec: an error (Corrupt) when the stored object does not parse.
+    pub fn parse<S: serde::de::DeserializeOwned>(&self) -> Result<S> {
+        serde_json::from_value(serde_json::Value::Object(self.body.clone())).map_err(|e| {
+            Error::with_source(
+                ErrorKind::Corrupt,
+                format!("the {} spec does not parse", self.kind),
+                e,
+            )
+        })
+    }
+
+    /// The spec of a device served by the daemon of device `parent`.
+    pub fn child(child: &ChildSpec) -> TargetSpec {
+        TargetSpec::new(ChildSpec::KIND, child)
+    }
+
+    /// The child this spec describes, if it is one.
+    pub fn as_child(&self) -> Option<ChildSpec> {
+        (self.kind == ChildSpec::KIND)
+            .then(|| self.parse().ok())
+            .flatten()
+    }
+}
+
+impl serde::Serialize for TargetSpec {
+    fn serialize<S: serde::Serializer>(
+        &self,
+        serializer: S,
+    ) -> std::result::Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = serializer.serialize_map(Some(self.body.len() + 1))?;
+        map.serialize_entry(KIND_KEY, &self.kind)?;
+        for (key, value) in &self.body {
+            map.serialize_entry(key, value)?;
+        }
+        map.end()
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for TargetSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(
+        deserializer: D,
+    ) -> std::result::Result<Self, D::Error> {
+        use serde::de::Error as _;
+        let mut body = serde_json::Map::deserialize(deserializer)?;
+        let kind = match body.remove(KIND_KEY) {
+            Some(serde_json::Value::String(kind)) => kind,
+            _ => return Err(D::Error::missing_field(KIND_KEY)),
+        };
+        Ok(TargetSpec { kind, body })
+    }
+}
+
+/// A device served by the daemon of another device, `parent` (e.g. a snapshot served with its
+/// origin). Never opened on its own: recovering the parent brings it back.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ChildSpec {
+    pub parent: u32,
+    /// The child's target kind, e.g. `snapshot`.
+    pub kind: String,
+    pub name: String,
+}
+
+impl ChildSpec {
+    /// Its kind in a [`TargetSpec`].
+    pub const KIND: &'static str = "child";
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn mirror(uuid: Option<uuid::Uuid>) -> TargetSpec {
-        TargetSpec::Mirror {
-            uuid,
-            legs: vec!["/dev/vdb".into(), "/dev/vdc".into()],
-            region_size_sectors: 1024,
-            nosync: false,
-            force: false,
-            resync_throttle: Default::default(),
-        }
+    #[test]
+    fn a_spec_keeps_its_kind_and_body() {
+        let json = serde_json::json!({"target": "linear", "device": "/dev/vdb"});
+        let spec: TargetSpec = serde_json::from_value(json.clone()).expect("parse");
+        assert_eq!(spec.kind(), "linear");
+        assert_eq!(serde_json::to_value(&spec).expect("json"), json);
+        assert_eq!(
+            serde_json::to_string(&spec).expect("json"),
+            r#"{"target":"linear","device":"/dev/vdb"}"#
+        );
+        assert!(serde_json::from_value::<TargetSpec>(serde_json::json!({"device": 1})).is_err());
     }
 
     #[test]
-    fn a_mirror_spec_round_trips_with_its_uuid() {
-        let uuid = uuid::Uuid::from_u128(0x1234_5678);
-        let spec = mirror(Some(uuid));
-        let json = serde_json::to_value(&spec).expect("json");
-        assert_eq!(json["uuid"], uuid.to_string());
-        let back: TargetSpec = serde_json::from_value(json).expect("parse");
-        assert_eq!(back, spec);
-        assert_eq!(back.identity(), Some(uuid.to_string()));
-    }
-
-    #[test]
-    fn a_mirror_spec_stored_before_identities_still_parses() {
-        let old = serde_json::json!({
-            "target": "mirror",
-            "legs": ["/dev/vdb", "/dev/vdc"],
-            "region_size_sectors": 1024,
-            "nosync": false,
-            "force": false,
-        });
-        let spec: TargetSpec = serde_json::from_value(old).expect("an old spec parses");
-        assert_eq!(spec, mirror(None));
-        assert_eq!(spec.identity(), None);
-        let json = serde_json::to_value(&spec).expect("json");
-        assert!(
-            json.get("uuid").is_none(),
-            "no uuid is written as none: {json}"
+    fn a_child_spec_stored_by_the_old_code_still_parses() {
+        let old =
+            serde_json::json!({"target": "child", "parent": 0, "kind": "snapshot", "name": "s1"});
+        let spec: TargetSpec = serde_json::from_value(old.clone()).expect("parse");
+        let child = spec.as_child().expect("a child");
+        assert_eq!(
+            child,
+            ChildSpec {
+                parent: 0,
+                kind: "snapshot".into(),
+                name: "s1".into()
+            }
+        );
+        assert_eq!(
+            serde_json::to_value(TargetSpec::child(&child)).expect("json"),
+            old
         );
     }
 }

@@ -22,8 +22,7 @@ use ublkdm::device::{
     open_distinct, same_device, AlignedBuf, BlockDevice, OpenOptions, UringDevice, WriteFlags,
 };
 use ublkdm::error::ErrorKind;
-use ublkdm::target::TargetSpec;
-use ublkdm::targets::mirror::{open_mirror_with, Tuning};
+use ublkdm::targets::mirror::{open_mirror_with, MirrorSpec, Tuning};
 use ublkdm::units::{Extent, Sector, SectorCount};
 
 use common::{scratch_dir, LoopDev};
@@ -311,8 +310,8 @@ fn a_loop_device_given_twice_is_refused() {
     assert!(!same_device(&both[0], &both[1]));
 }
 
-fn mirror_spec(legs: &[PathBuf], force: bool) -> TargetSpec {
-    TargetSpec::Mirror {
+fn mirror_spec(legs: &[PathBuf], force: bool) -> MirrorSpec {
+    MirrorSpec {
         uuid: None,
         legs: legs.to_vec(),
         region_size_sectors: 0,

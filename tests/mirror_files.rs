@@ -18,13 +18,13 @@ use ublkdm::copy::ThrottleConfig;
 use ublkdm::device::reactor::block_on;
 use ublkdm::device::{AlignedBuf, WriteFlags};
 use ublkdm::target::{Target, TargetSpec};
-use ublkdm::targets::mirror::{open_mirror_with, Tuning};
+use ublkdm::targets::mirror::{open_mirror_with, MirrorSpec, Tuning};
 use ublkdm::units::{Sector, SectorCount};
 
 const LEG_BYTES: u64 = 8 << 20;
 
-fn spec(legs: &[PathBuf]) -> TargetSpec {
-    TargetSpec::Mirror {
+fn spec(legs: &[PathBuf]) -> MirrorSpec {
+    MirrorSpec {
         uuid: None,
         legs: legs.to_vec(),
         region_size_sectors: 256,
@@ -177,15 +177,13 @@ fn shut(target: Arc<dyn Target>) {
     .expect("shutdown");
 }
 
-fn open_spec(spec: &TargetSpec) -> ublkdm::error::Result<Arc<dyn Target>> {
+fn open_spec(spec: &MirrorSpec) -> ublkdm::error::Result<Arc<dyn Target>> {
     open_mirror_with(spec, ThrottleConfig::UNLIMITED, tuning())
 }
 
 fn spec_legs(spec: &TargetSpec) -> (Option<uuid::Uuid>, Vec<PathBuf>) {
-    match spec {
-        TargetSpec::Mirror { uuid, legs, .. } => (*uuid, legs.clone()),
-        other => panic!("not a mirror spec: {other:?}"),
-    }
+    let spec: MirrorSpec = spec.parse().expect("a mirror spec");
+    (spec.uuid, spec.legs)
 }
 
 #[test]
@@ -201,7 +199,7 @@ fn the_stored_spec_follows_replace_leg_and_finds_moved_legs_by_uuid() {
     let target = open_spec(&given).expect("create");
     write(&target, 512, data.clone());
     wait_in_sync(&target);
-    let created = target.spec(&given);
+    let created = target.spec(&given.clone().into());
     let (uuid, paths) = spec_legs(&created);
     let uuid = uuid.expect("a created mirror records its uuid");
     assert_eq!(target.status()["uuid"], uuid.to_string());
@@ -242,24 +240,21 @@ fn the_stored_spec_follows_replace_leg_and_finds_moved_legs_by_uuid() {
     // others (the old leg b, replaced, still carries the mirror's uuid), is found by identity.
     let moved = dir.path().join("a-moved");
     std::fs::rename(&legs[0], &moved).expect("rename");
-    let TargetSpec::Mirror {
+    let MirrorSpec {
         uuid: u,
         legs: _,
         region_size_sectors,
         nosync,
         force,
         resync_throttle,
-    } = replaced.clone()
-    else {
-        unreachable!()
-    };
+    } = replaced.parse().expect("a mirror spec");
     let hints = vec![
         legs[0].clone(),
         legs[1].clone(),
         legs[2].clone(),
         moved.clone(),
     ];
-    let again = TargetSpec::Mirror {
+    let again = MirrorSpec {
         uuid: u,
         legs: hints,
         region_size_sectors,
@@ -286,14 +281,14 @@ fn the_stored_spec_follows_replace_leg_and_finds_moved_legs_by_uuid() {
     );
     assert_eq!(read(&target, 512, 64), data);
     assert_eq!(
-        spec_legs(&target.spec(&again)),
+        spec_legs(&target.spec(&again.clone().into())),
         (Some(uuid), vec![moved.clone(), legs[2].clone()])
     );
     shut(target);
     // A copy of leg c claims the same slot and leg: refused, naming both, never merged.
     let clone = dir.path().join("c-clone");
     std::fs::copy(&legs[2], &clone).expect("clone a leg");
-    let cloned = TargetSpec::Mirror {
+    let cloned = MirrorSpec {
         uuid: Some(uuid),
         legs: vec![moved.clone(), legs[2].clone(), clone.clone()],
         region_size_sectors,
@@ -366,7 +361,7 @@ fn loop_legs_that_moved_are_found_by_the_scan_and_a_clone_is_refused() {
     let target = open_spec(&given).expect("create on loop devices");
     write(&target, 4096, data.clone());
     wait_in_sync(&target);
-    let stored = target.spec(&given);
+    let stored = target.spec(&given.clone().into());
     shut(target);
     // The same files on other loop devices: the stored paths now name detached loops.
     let mut moved = Loops(Vec::new());
@@ -376,7 +371,8 @@ fn loop_legs_that_moved_are_found_by_the_scan_and_a_clone_is_refused() {
     for old in std::mem::take(&mut loops.0) {
         detach(&old);
     }
-    let target = open_spec(&stored).expect("the scan finds the legs by uuid");
+    let target = open_spec(&stored.parse().expect("a mirror spec"))
+        .expect("the scan finds the legs by uuid");
     let status = wait_in_sync(&target);
     let mut devices: Vec<String> = status["legs"]
         .as_array()
@@ -395,7 +391,7 @@ fn loop_legs_that_moved_are_found_by_the_scan_and_a_clone_is_refused() {
     std::fs::copy(&files[1], &clone).expect("clone");
     let clone_dev = losetup(&clone).expect("losetup the clone");
     moved.0.push(clone_dev.clone());
-    let err = match open_spec(&stored) {
+    let err = match open_spec(&stored.parse().expect("a mirror spec")) {
         Ok(_) => panic!("a cloned leg was accepted"),
         Err(err) => err,
     };

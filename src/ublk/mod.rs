@@ -691,9 +691,7 @@ mod tests {
 
     #[test]
     fn the_spec_round_trips_through_the_device_json() {
-        let spec = TargetSpec::Linear {
-            device: "/dev/vda".into(),
-        };
+        let spec = TargetSpec::new("linear", &serde_json::json!({ "device": "/dev/vda" }));
         assert_eq!(spec_from_json(Some(stored_json(&spec))), Some(spec));
         assert_eq!(spec_from_json(Some(serde_json::json!({"loop": {}}))), None);
         assert_eq!(spec_from_json(None), None);
@@ -703,18 +701,14 @@ mod tests {
     fn the_stored_spec_is_replaced_in_the_device_json_file() {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("0003.json");
-        let old = TargetSpec::Linear {
-            device: "/dev/vda".into(),
-        };
+        let old = TargetSpec::new("linear", &serde_json::json!({ "device": "/dev/vda" }));
         let file = serde_json::json!({
             "dev_info": { "dev_id": 3 },
             "target_data": stored_json(&old),
             "queues": { "0": { "qid": 0 } },
         });
         std::fs::write(&path, file.to_string()).expect("write");
-        let new = TargetSpec::Linear {
-            device: "/dev/vdb".into(),
-        };
+        let new = TargetSpec::new("linear", &serde_json::json!({ "device": "/dev/vdb" }));
         rewrite_stored_spec(&path, &new).expect("rewrite");
         let back: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(&path).expect("read")).expect("json");

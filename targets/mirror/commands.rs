@@ -1,13 +1,14 @@
 //! Runtime commands (`fail-leg`, `remove-leg`, `add-leg`, `replace-leg`, `scrub`, `status`)
 //! and the status report.
 //!
-//! Arguments are JSON objects: `{"slot": 1}`, `{"device": "/dev/sdb", "force": false}`,
-//! `{"slot": 1, "device": "/dev/sdc"}`, `{"repair": true}`. Every error is an
+//! [`MirrorCommand`] is the one schema of every command: clap parses it from `ublkdm mirror
+//! CMD`, serde carries it on the control socket as `{"name": "fail-leg", "args": {"slot": 1}}`
+//! (the format the socket has always had), and the daemon parses it once. Every error is an
 //! [`crate::error::Error`] with a one-line message; a command either takes effect or fails
 //! without changing anything (except `replace-leg`, which leaves the slot empty if the new
 //! device cannot be added).
 
-use std::path::Path;
+use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -16,66 +17,177 @@ use serde_json::{json, Value};
 use super::state::State;
 use super::superblock::LegState;
 use super::{open_leg, AddLegOptions, Inner, MAX_LEGS};
+use crate::cli::{absolute, parse_id};
+use crate::control::Command;
 use crate::error::{Error, Result};
 
-fn slot_arg(args: &Value) -> Result<usize> {
-    args.get("slot")
-        .and_then(Value::as_u64)
-        .map(|s| s as usize)
+/// The mirror's runtime commands: one schema for `ublkdm mirror CMD` (clap), the control
+/// socket (`{"name": "fail-leg", "args": {"slot": 1}}`) and the daemon, which parses it once
+/// ([`MirrorCommand::parse`]). `id` is the device the CLI sends it to; it is not sent.
+#[derive(Clone, Debug, PartialEq, Eq, clap::Subcommand, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "name", content = "args", rename_all = "kebab-case")]
+pub enum MirrorCommand {
+    /// Mark a leg failed: it is no longer read or written (its dirty regions are kept).
+    FailLeg {
+        #[arg(value_parser = parse_id)]
+        #[serde(skip)]
+        id: u32,
+        slot: u32,
+    },
+    /// Remove a leg from the mirror (it must not be the last in-sync leg).
+    RemoveLeg {
+        #[arg(value_parser = parse_id)]
+        #[serde(skip)]
+        id: u32,
+        slot: u32,
+    },
+    /// Add a leg: a returning leg resyncs what changed, a new one everything.
+    AddLeg {
+        #[arg(value_parser = parse_id)]
+        #[serde(skip)]
+        id: u32,
+        device: PathBuf,
+        /// Use a device that carries foreign metadata.
+        #[arg(long)]
+        #[serde(default)]
+        force: bool,
+    },
+    /// Replace the leg in SLOT with DEVICE (fully resynced).
+    ReplaceLeg {
+        #[arg(value_parser = parse_id)]
+        #[serde(skip)]
+        id: u32,
+        slot: u32,
+        device: PathBuf,
+        /// Use a device that carries foreign metadata.
+        #[arg(long)]
+        #[serde(default)]
+        force: bool,
+    },
+    /// Compare the legs region by region and count mismatches (in the background).
+    Scrub {
+        #[arg(value_parser = parse_id)]
+        #[serde(skip)]
+        id: u32,
+        /// Rewrite mismatched regions from an in-sync leg.
+        #[arg(long)]
+        #[serde(default)]
+        repair: bool,
+    },
+    /// The status report (on the control socket only; `ublkdm status` shows it).
+    #[command(skip)]
+    Status {},
+}
+
+impl MirrorCommand {
+    /// The commands' names on the control socket.
+    pub const NAMES: [&'static str; 6] = [
+        "fail-leg",
+        "remove-leg",
+        "add-leg",
+        "replace-leg",
+        "scrub",
+        "status",
+    ];
+
+    /// The command `name` with its JSON arguments, as the control socket carries it.
+    pub fn parse(name: &str, args: &Value) -> Result<MirrorCommand> {
+        if !Self::NAMES.contains(&name) {
+            return Err(Error::invalid(format!(
+                "the mirror target has no command '{name}' ({})",
+                Self::NAMES.join(", ")
+            )));
+        }
+        let args = if args.is_null() {
+            json!({})
+        } else {
+            args.clone()
+        };
+        serde_json::from_value(json!({ "name": name, "args": args }))
+            .map_err(|e| Error::invalid(format!("{name}: {e}")))
+    }
+
+    /// What the CLI sends to the daemon.
+    pub fn to_wire(&self) -> Command {
+        let wire = serde_json::to_value(self).expect("commands serialize");
+        let name = wire["name"].as_str().expect("tagged").to_owned();
+        Command::Target {
+            name,
+            args: wire["args"].clone(),
+        }
+    }
+
+    /// The device the CLI sends it to.
+    pub fn device_id(&self) -> u32 {
+        match self {
+            MirrorCommand::FailLeg { id, .. }
+            | MirrorCommand::RemoveLeg { id, .. }
+            | MirrorCommand::AddLeg { id, .. }
+            | MirrorCommand::ReplaceLeg { id, .. }
+            | MirrorCommand::Scrub { id, .. } => *id,
+            MirrorCommand::Status {} => unreachable!("not a CLI command"),
+        }
+    }
+
+    /// Device paths made absolute (the daemon runs in `/`).
+    pub fn make_paths_absolute(&mut self) -> Result<()> {
+        if let MirrorCommand::AddLeg { device, .. } | MirrorCommand::ReplaceLeg { device, .. } =
+            self
+        {
+            *device = absolute(std::mem::take(device))?;
+        }
+        Ok(())
+    }
+}
+
+/// A slot given by the user, checked against the table's size.
+fn slot_index(slot: u32) -> Result<usize> {
+    usize::try_from(slot)
+        .ok()
         .filter(|&s| s < MAX_LEGS)
         .ok_or_else(|| Error::invalid(format!("give a slot from 0 to {}", MAX_LEGS - 1)))
 }
 
-fn device_arg(args: &Value) -> Result<&Path> {
-    args.get("device")
-        .and_then(Value::as_str)
-        .map(Path::new)
-        .ok_or_else(|| Error::invalid("give the device path as \"device\""))
-}
-
-fn force_arg(args: &Value) -> bool {
-    args.get("force").and_then(Value::as_bool).unwrap_or(false)
-}
-
 impl Inner {
-    /// Runs one command (the names are those of the module doc).
+    /// Runs command `name` with its JSON arguments (as the control socket carries them).
     pub(crate) async fn command(self: Arc<Self>, name: &str, args: &Value) -> Result<Value> {
-        match name {
-            "status" => Ok(self.status()),
-            "fail-leg" => {
-                let slot = slot_arg(args)?;
-                self.fail_leg_command(slot).await?;
+        let command = MirrorCommand::parse(name, args)?;
+        self.run(command).await
+    }
+
+    /// Runs one parsed command.
+    pub(crate) async fn run(self: Arc<Self>, command: MirrorCommand) -> Result<Value> {
+        match command {
+            MirrorCommand::Status {} => Ok(self.status()),
+            MirrorCommand::FailLeg { slot, .. } => {
+                self.fail_leg_command(slot_index(slot)?).await?;
                 Ok(json!({ "failed": slot }))
             }
-            "remove-leg" => {
-                let slot = slot_arg(args)?;
-                self.remove_leg(slot).await?;
+            MirrorCommand::RemoveLeg { slot, .. } => {
+                self.remove_leg(slot_index(slot)?).await?;
                 Ok(json!({ "removed": slot }))
             }
-            "add-leg" => {
-                let dev = open_leg(device_arg(args)?)?;
-                let options = AddLegOptions {
-                    force: force_arg(args),
-                    slot: None,
-                };
+            MirrorCommand::AddLeg { device, force, .. } => {
+                let dev = open_leg(&device)?;
+                let options = AddLegOptions { force, slot: None };
                 let slot = self.add_leg(dev, options).await?;
                 Ok(json!({ "added": slot }))
             }
-            "replace-leg" => {
-                let slot = slot_arg(args)?;
-                let dev = open_leg(device_arg(args)?)?;
-                let slot = self.replace_leg(slot, dev, force_arg(args)).await?;
+            MirrorCommand::ReplaceLeg {
+                slot,
+                device,
+                force,
+                ..
+            } => {
+                let slot = slot_index(slot)?;
+                let dev = open_leg(&device)?;
+                let slot = self.replace_leg(slot, dev, force).await?;
                 Ok(json!({ "replaced": slot }))
             }
-            "scrub" => {
-                let repair = args.get("repair").and_then(Value::as_bool).unwrap_or(false);
+            MirrorCommand::Scrub { repair, .. } => {
                 self.start_scrub(repair)?;
                 Ok(json!({ "scrub": if repair { "repair" } else { "check" } }))
             }
-            other => Err(Error::invalid(format!(
-                "the mirror target has no command '{other}' (fail-leg, remove-leg, add-leg, \
-                 replace-leg, scrub, status)"
-            ))),
         }
     }
 

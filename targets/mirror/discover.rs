@@ -30,12 +30,13 @@ use std::path::{Path, PathBuf};
 use uuid::Uuid;
 
 use super::superblock::{probe, LegState, Probe, Superblock};
+use super::MirrorSpec;
 use super::MirrorTarget;
 use crate::device::reactor;
 use crate::device::{DeviceRef, OpenOptions, UringDevice};
 use crate::error::{Error, ErrorKind, Result};
+use crate::registry::{Discovered, ScanReport};
 use crate::target::TargetSpec;
-use crate::targets::{Discovered, ScanReport};
 
 /// The most block devices one scan probes (a bound on the work of one `assemble --scan` or
 /// one assembly; the rest are skipped with a warning).
@@ -298,11 +299,9 @@ pub fn members(uuid: Uuid, found: &[Found]) -> Result<Members> {
 /// identities), its paths as given. With one, the devices that carry the mirror's legs,
 /// found by their superblocks (the stored paths are tried first); a stored path that could
 /// not be read is passed on too while a slot is missing, so that the assembly says why.
-pub fn leg_paths(spec: &TargetSpec) -> Result<Vec<PathBuf>> {
-    let TargetSpec::Mirror { uuid, legs, .. } = spec else {
-        return Err(Error::invalid("leg_paths needs a mirror target spec"));
-    };
-    let Some(uuid) = *uuid else {
+pub fn leg_paths(spec: &MirrorSpec) -> Result<Vec<PathBuf>> {
+    let legs = &spec.legs;
+    let Some(uuid) = spec.uuid else {
         return Ok(legs.clone());
     };
     let survey = survey(legs, &ScanRoots::default());
@@ -383,14 +382,15 @@ fn discovered(uuid: Uuid, legs: &[Found]) -> Discovered {
                 .iter()
                 .map(|(p, why)| format!("{}: {why}", p.display()))
                 .collect(),
-            spec: Ok(TargetSpec::Mirror {
+            spec: Ok(MirrorSpec {
                 uuid: Some(uuid),
                 legs: m.legs.iter().map(|l| l.path.clone()).collect(),
                 region_size_sectors: m.newest.layout.region_size.0,
                 nosync: false,
                 force: false,
                 resync_throttle: Default::default(),
-            }),
+            }
+            .into()),
         },
         Err(err) => Discovered {
             kind: "mirror",
@@ -408,12 +408,12 @@ impl MirrorTarget {
     /// and the paths of the legs in its table (present ones; a missing leg is found by the
     /// scan if it comes back). Creating is over once the mirror exists: `nosync` is dropped.
     pub fn current_spec(&self, built_from: &TargetSpec) -> TargetSpec {
-        let TargetSpec::Mirror {
+        let Ok(MirrorSpec {
             region_size_sectors,
             force,
             resync_throttle,
             ..
-        } = built_from
+        }) = built_from.parse::<MirrorSpec>()
         else {
             return built_from.clone();
         };
@@ -426,14 +426,15 @@ impl MirrorTarget {
             .map(|l| PathBuf::from(&l.name))
             .filter(|p| p.is_absolute())
             .collect();
-        TargetSpec::Mirror {
+        MirrorSpec {
             uuid: Some(self.uuid()),
             legs,
-            region_size_sectors: *region_size_sectors,
+            region_size_sectors,
             nosync: false,
-            force: *force,
-            resync_throttle: *resync_throttle,
+            force,
+            resync_throttle,
         }
+        .into()
     }
 }
 

@@ -60,9 +60,10 @@
 //! [`MirrorTarget::tick`] themselves.
 
 mod assemble;
-mod commands;
+pub mod commands;
 pub mod discover;
 mod io;
+mod kind;
 mod meta;
 mod resync;
 mod state;
@@ -78,10 +79,17 @@ use std::time::Duration;
 use smol::lock::Mutex as AsyncMutex;
 use uuid::Uuid;
 
+pub use commands::MirrorCommand;
+pub use kind::{MirrorKind, MirrorSpec};
 pub use superblock::{
     own_metadata, probe, Layout, LegState, Probe, Superblock, MAX_LEGS, MIN_LEGS,
 };
 pub use survey::{GivenLeg, LegSet};
+
+/// The kind, for the registry.
+pub fn kind() -> Box<dyn crate::registry::TargetKind> {
+    Box::new(MirrorKind)
+}
 
 use self::meta::MetaDevice;
 use self::state::State;
@@ -433,22 +441,9 @@ impl Target for MirrorTarget {
     /// Runs a command. Commands that touch devices block the calling thread on a ring of its
     /// own: call this from the control thread, never from a thread serving this mirror's I/O.
     fn command(&self, name: &str, args: &serde_json::Value) -> Result<serde_json::Value> {
-        match name {
-            "status" => Ok(self.status()),
-            "scrub" => {
-                let repair = args
-                    .get("repair")
-                    .and_then(|v| v.as_bool())
-                    .unwrap_or(false);
-                self.start_scrub(repair)?;
-                Ok(serde_json::json!({ "scrub": if repair { "repair" } else { "check" } }))
-            }
-            _ => {
-                let inner = Arc::clone(&self.inner);
-                let (name, args) = (name.to_owned(), args.clone());
-                reactor::block_on(async move { inner.command(&name, &args).await })
-            }
-        }
+        let command = MirrorCommand::parse(name, args)?;
+        let inner = Arc::clone(&self.inner);
+        reactor::block_on(async move { inner.run(command).await })
     }
 
     fn spec(&self, built_from: &TargetSpec) -> TargetSpec {
@@ -466,46 +461,30 @@ impl Target for MirrorTarget {
     }
 }
 
-/// Opens the legs of `spec` (a [`TargetSpec::Mirror`]) and creates or assembles the mirror,
-/// with its own copy engine and resync thread.
-pub fn open_mirror(spec: &TargetSpec) -> Result<Arc<dyn Target>> {
-    let throttle = match spec {
-        TargetSpec::Mirror {
-            resync_throttle, ..
-        } => *resync_throttle,
-        _ => ThrottleConfig::UNLIMITED,
-    };
-    open_mirror_with(spec, throttle, Tuning::default())
+/// Opens the legs of `spec` and creates or assembles the mirror, with its own copy engine
+/// and resync thread.
+pub fn open_mirror(spec: &MirrorSpec) -> Result<Arc<dyn Target>> {
+    open_mirror_with(spec, spec.resync_throttle, Tuning::default())
 }
 
 /// [`open_mirror`] with a resync throttle (floor and ceiling) and tuning.
 pub fn open_mirror_with(
-    spec: &TargetSpec,
+    spec: &MirrorSpec,
     throttle: ThrottleConfig,
     tuning: Tuning,
 ) -> Result<Arc<dyn Target>> {
-    #[allow(irrefutable_let_patterns)]
-    let TargetSpec::Mirror {
-        uuid,
-        region_size_sectors,
-        nosync,
-        force,
-        ..
-    } = spec
-    else {
-        return Err(Error::invalid("open_mirror needs a mirror target spec"));
-    };
     let options = CreateOptions {
-        region_size: (*region_size_sectors != 0).then_some(SectorCount(*region_size_sectors)),
-        nosync: *nosync,
-        force: *force,
+        region_size: (spec.region_size_sectors != 0)
+            .then_some(SectorCount(spec.region_size_sectors)),
+        nosync: spec.nosync,
+        force: spec.force,
     };
     // With the mirror's UUID in the spec, its legs are found by their superblocks.
     let found = discover::leg_paths(spec)?;
     check_distinct(&found)?;
     let set = LegSet {
         legs: open_legs(&found),
-        uuid: *uuid,
+        uuid: spec.uuid,
     };
     start_mirror(set, &options, throttle, tuning)
 }

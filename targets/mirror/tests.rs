@@ -1194,7 +1194,7 @@ fn open_mirror_with_a_leg_gone_comes_up_degraded() {
         eprintln!("SKIP: this filesystem refuses O_DIRECT");
         return;
     }
-    let spec = TargetSpec::Mirror {
+    let spec = MirrorSpec {
         uuid: None,
         legs: legs.clone(),
         region_size_sectors: 256,

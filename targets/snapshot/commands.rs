@@ -1,6 +1,7 @@
 //! The group's commands and status report.
 //!
-//! Arguments are JSON objects: `{"name": "nightly"}`. A command either takes effect (its
+//! [`SnapshotCommand`] is the one schema of every command (clap, control socket, daemon). A
+//! command either takes effect (its
 //! record is durable when it returns) or fails with a one-line [`Error`] and changes nothing.
 
 use std::sync::Arc;
@@ -9,13 +10,9 @@ use serde_json::{json, Value};
 
 use super::format::{Record, SnapState, MAX_NAME, MAX_SNAPSHOTS};
 use super::Inner;
+use crate::cli::parse_id;
+use crate::control::Command;
 use crate::error::{Error, ErrorKind, Result};
-
-fn name_arg(args: &Value) -> Result<&str> {
-    args.get("name")
-        .and_then(Value::as_str)
-        .ok_or_else(|| Error::invalid("give the snapshot's name as \"name\""))
-}
 
 fn io_err(what: &str) -> impl FnOnce(std::io::Error) -> Error + '_ {
     move |e| Error::io(format!("cannot {what}"), e)
@@ -29,25 +26,127 @@ fn state_json(state: SnapState) -> (&'static str, Option<&'static str>) {
     }
 }
 
+/// The origin's runtime commands: one schema for `ublkdm snapshot CMD` (clap), the control
+/// socket (`{"name": "snapshot-create", "args": {"name": "nightly"}}`) and the daemon, which
+/// parses it once ([`SnapshotCommand::parse`]). `id` (and `json`) belong to the CLI and are not
+/// sent.
+#[derive(Clone, Debug, PartialEq, Eq, clap::Subcommand, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "name", content = "args")]
+pub enum SnapshotCommand {
+    /// Take a snapshot now and serve it as a new device; prints its block device.
+    #[command(name = "create")]
+    #[serde(rename = "snapshot-create")]
+    Create {
+        /// The origin's device id.
+        #[arg(value_parser = parse_id)]
+        #[serde(skip)]
+        id: u32,
+        /// The snapshot's name (default snapN).
+        #[arg(long)]
+        #[serde(default)]
+        name: Option<String>,
+    },
+    /// List the snapshots of an origin.
+    #[command(name = "list")]
+    #[serde(rename = "snapshot-list")]
+    List {
+        #[arg(value_parser = parse_id)]
+        #[serde(skip)]
+        id: u32,
+        /// Print JSON.
+        #[arg(long)]
+        #[serde(skip)]
+        json: bool,
+    },
+    /// Delete a snapshot (its device must not be in use).
+    #[command(name = "delete")]
+    #[serde(rename = "snapshot-delete")]
+    Delete {
+        #[arg(value_parser = parse_id)]
+        #[serde(skip)]
+        id: u32,
+        name: String,
+    },
+    /// Roll the origin back to a snapshot, in the background; the origin reads as the snapshot
+    /// at once, and the snapshot is gone when the merge ends.
+    #[command(name = "merge")]
+    #[serde(rename = "merge")]
+    Merge {
+        #[arg(value_parser = parse_id)]
+        #[serde(skip)]
+        id: u32,
+        name: String,
+    },
+    /// The status report (on the control socket only).
+    #[command(skip)]
+    #[serde(rename = "status")]
+    Status {},
+}
+
+impl SnapshotCommand {
+    /// The commands' names on the control socket.
+    pub const NAMES: [&'static str; 5] = [
+        "snapshot-create",
+        "snapshot-delete",
+        "snapshot-list",
+        "merge",
+        "status",
+    ];
+
+    /// The command `name` with its JSON arguments, as the control socket carries it.
+    pub fn parse(name: &str, args: &Value) -> Result<SnapshotCommand> {
+        if !Self::NAMES.contains(&name) {
+            return Err(Error::invalid(format!(
+                "the snapshot-origin target has no command '{name}' (try {})",
+                Self::NAMES.join(", ")
+            )));
+        }
+        let args = if args.is_null() {
+            json!({})
+        } else {
+            args.clone()
+        };
+        serde_json::from_value(json!({ "name": name, "args": args }))
+            .map_err(|e| Error::invalid(format!("{name}: {e}")))
+    }
+
+    /// What the CLI sends to the daemon.
+    pub fn to_wire(&self) -> Command {
+        let wire = serde_json::to_value(self).expect("commands serialize");
+        Command::Target {
+            name: wire["name"].as_str().expect("tagged").to_owned(),
+            args: wire["args"].clone(),
+        }
+    }
+
+    /// The snapshot a command deletes or merges: its device must be stopped first.
+    pub fn releases(&self) -> Option<&str> {
+        match self {
+            SnapshotCommand::Delete { name, .. } | SnapshotCommand::Merge { name, .. } => {
+                Some(name)
+            }
+            _ => None,
+        }
+    }
+}
+
 impl Inner {
-    /// Runs one command (see the module doc).
+    /// Runs command `name` with its JSON arguments (as the control socket carries them).
     pub(super) async fn command(self: Arc<Self>, name: &str, args: &Value) -> Result<Value> {
-        match name {
-            "status" => Ok(self.status()),
-            "snapshot-list" => Ok(self.status()["snapshots"].clone()),
-            "snapshot-create" => {
-                let name = match args.get("name") {
-                    None | Some(Value::Null) => self.default_name(),
-                    Some(_) => name_arg(args)?.to_owned(),
-                };
+        self.run(SnapshotCommand::parse(name, args)?).await
+    }
+
+    /// Runs one parsed command (see the module doc).
+    pub(super) async fn run(self: Arc<Self>, command: SnapshotCommand) -> Result<Value> {
+        match command {
+            SnapshotCommand::Status {} => Ok(self.status()),
+            SnapshotCommand::List { .. } => Ok(self.status()["snapshots"].clone()),
+            SnapshotCommand::Create { name, .. } => {
+                let name = name.unwrap_or_else(|| self.default_name());
                 self.create(&name).await
             }
-            "snapshot-delete" => self.delete(name_arg(args)?).await,
-            "merge" => self.start_merge(name_arg(args)?).await,
-            _ => Err(Error::invalid(format!(
-                "the snapshot-origin target has no command '{name}' (try snapshot-create, \
-                 snapshot-delete, snapshot-list, merge, status)"
-            ))),
+            SnapshotCommand::Delete { name, .. } => self.delete(&name).await,
+            SnapshotCommand::Merge { name, .. } => self.start_merge(&name).await,
         }
     }
 

@@ -111,9 +111,10 @@
 //! daemon runs it on a thread of its own ([`SnapshotGroup::start_merge_thread`]), simulations
 //! spawn it locally.
 
-mod commands;
+pub mod commands;
 mod format;
 mod io;
+mod kind;
 mod state;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -123,7 +124,14 @@ use std::thread::JoinHandle;
 use smol::lock::{Mutex as AsyncMutex, RwLock};
 use uuid::Uuid;
 
+pub use commands::SnapshotCommand;
 pub use format::{Layout, Reason, SnapState, MAX_NAME, MAX_SNAPSHOTS};
+pub use kind::{parse_chunk_size, OriginKind, OriginSpec};
+
+/// The kind, for the registry.
+pub fn kind() -> Box<dyn crate::registry::TargetKind> {
+    Box::new(OriginKind)
+}
 
 use self::format::{Record, Superblock, BLOCK, BLOCK_SECTORS};
 use self::io::ChunkLocks;
@@ -134,7 +142,7 @@ use crate::device::{
     OpenOptions, ReadDone, UringDevice, WriteFlags,
 };
 use crate::error::{Error, ErrorKind, Result};
-use crate::target::{Target, TargetSpec};
+use crate::target::Target;
 use crate::task::Notify;
 use crate::units::{Extent, Sector, SectorCount};
 
@@ -683,14 +691,9 @@ impl Target for OriginTarget {
     /// Runs a command; those that touch devices block the calling thread on a ring of its
     /// own: call this from the control thread, never from a thread serving this group's I/O.
     fn command(&self, name: &str, args: &serde_json::Value) -> Result<serde_json::Value> {
-        match name {
-            "status" => Ok(self.group.status()),
-            _ => {
-                let inner = Arc::clone(&self.group.inner);
-                let (name, args) = (name.to_owned(), args.clone());
-                reactor::block_on(async move { inner.command(&name, &args).await })
-            }
-        }
+        let command = SnapshotCommand::parse(name, args)?;
+        let inner = Arc::clone(&self.group.inner);
+        reactor::block_on(async move { inner.run(command).await })
     }
 
     /// Every snapshot but a merging one (whose I/O fails until it is gone), oldest first.
@@ -713,11 +716,11 @@ impl Target for OriginTarget {
 
     /// Deleting or merging a snapshot ends its device.
     fn command_releases(&self, name: &str, args: &serde_json::Value) -> Vec<String> {
-        let releases = matches!(name, "snapshot-delete" | "merge");
-        match args.get("name").and_then(serde_json::Value::as_str) {
-            Some(snap) if releases && self.group.inner.store().find(snap).is_some() => {
-                vec![snap.to_owned()]
-            }
+        let Ok(command) = SnapshotCommand::parse(name, args) else {
+            return Vec::new();
+        };
+        match command.releases() {
+            Some(snap) if self.group.inner.store().find(snap).is_some() => vec![snap.to_owned()],
             _ => Vec::new(),
         }
     }
@@ -786,25 +789,17 @@ impl Target for SnapshotTarget {
     }
 }
 
-/// Opens the group a [`TargetSpec::Origin`] describes (creating the store on a blank COW
-/// device), with a copy engine and a merge thread of its own.
-pub fn open_group(spec: &TargetSpec) -> Result<Arc<SnapshotGroup>> {
-    let TargetSpec::Origin {
-        device,
-        cow,
-        chunk_size_sectors,
-        force,
-    } = spec
-    else {
-        return Err(Error::invalid("open_group needs an origin target spec"));
-    };
-    let [origin, cow]: [UringDevice; 2] = open_distinct(&[device, cow], OpenOptions::default())?
-        .try_into()
-        .expect("two devices opened");
+/// Opens the group `spec` describes (creating the store on a blank COW device), with a copy
+/// engine and a merge thread of its own.
+pub fn open_group(spec: &OriginSpec) -> Result<Arc<SnapshotGroup>> {
+    let [origin, cow]: [UringDevice; 2] =
+        open_distinct(&[&spec.device, &spec.cow], OpenOptions::default())?
+            .try_into()
+            .expect("two devices opened");
     let (origin, cow): (DeviceRef, DeviceRef) = (Arc::new(origin), Arc::new(cow));
     let options = GroupOptions {
-        chunk_size: (*chunk_size_sectors != 0).then_some(SectorCount(*chunk_size_sectors)),
-        force: *force,
+        chunk_size: (spec.chunk_size_sectors != 0).then_some(SectorCount(spec.chunk_size_sectors)),
+        force: spec.force,
     };
     let engine = CopyEngine::start(CopyConfig::default())?;
     let group =

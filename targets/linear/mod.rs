@@ -3,7 +3,8 @@
 //! Every request goes unchanged to the backing [`UringDevice`], opened `O_DIRECT` and `O_EXCL`
 //! so that no other user (a mount, dm, another ublkdm device) can write under it. The target
 //! advertises the backing device's geometry and capabilities as its own, so the kernel sends
-//! only what the backing device can do (discard, write-zeroes, FUA, flushes).
+//! only what the backing device can do (discard, write-zeroes, FUA, flushes). Its spec and
+//! `add` arguments are in `kind.rs`.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -15,6 +16,14 @@ use crate::device::{
 use crate::error::Result;
 use crate::target::Target;
 use crate::units::{Extent, Sector};
+
+mod kind;
+pub use kind::{LinearKind, LinearSpec};
+
+/// The kind, for the registry.
+pub fn kind() -> Box<dyn crate::registry::TargetKind> {
+    Box::new(LinearKind)
+}
 
 /// A linear mapping of a whole backing device.
 pub struct Linear {

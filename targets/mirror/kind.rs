@@ -1,0 +1,204 @@
+//! The mirror kind: its spec (persisted for `recover`), its `add mirror` arguments and its
+//! `ublkdm mirror CMD` tree, run through the device's daemon.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::{Args, FromArgMatches, Subcommand};
+
+use super::commands::MirrorCommand;
+use crate::cli::{absolute, clap_error, parse_pow2_size, text};
+use crate::control::{self, Command};
+use crate::copy::ThrottleConfig;
+use crate::error::{Error, Result};
+use crate::registry::{Registry, ScanReport, TargetKind};
+use crate::target::{Target, TargetSpec};
+use crate::ublk;
+
+/// The kind's name (in specs, `add mirror` and `ublkdm mirror`).
+pub const NAME: &str = "mirror";
+
+/// An N-way mirror: created on blank legs, assembled from legs that already hold it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MirrorSpec {
+    /// The mirror's identity, once it exists: legs are found by the superblocks that carry
+    /// it, wherever their paths now point (`legs` are then only hints). Absent in specs
+    /// stored before identities were recorded, and in a new `add mirror`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uuid: Option<uuid::Uuid>,
+    /// The legs' paths: what `add` was given, then the legs the mirror has now.
+    pub legs: Vec<PathBuf>,
+    /// Region size in sectors; 0 picks the default.
+    #[serde(default)]
+    pub region_size_sectors: u64,
+    /// Skip the initial copy of a new mirror.
+    #[serde(default)]
+    pub nosync: bool,
+    /// Overwrite legs that carry other metadata.
+    #[serde(default)]
+    pub force: bool,
+    /// Resync bandwidth: the floor kept under foreground I/O and the ceiling when idle.
+    #[serde(default)]
+    pub resync_throttle: ThrottleConfig,
+}
+
+impl From<MirrorSpec> for TargetSpec {
+    fn from(spec: MirrorSpec) -> TargetSpec {
+        TargetSpec::new(NAME, &spec)
+    }
+}
+
+/// `ublkdm add mirror`.
+#[derive(Debug, Args)]
+pub struct AddMirror {
+    /// A leg: a block device or file. Give 2 to 8, each once.
+    #[arg(long = "leg", required = true, value_name = "DEV")]
+    pub legs: Vec<PathBuf>,
+    /// Region size: the unit of the write-intent bitmap and of resync (a power of two, at
+    /// least 4K), e.g. 512K or 2M.
+    #[arg(long, value_name = "SIZE", default_value = "512K", value_parser = parse_region_size)]
+    pub region_size: u64,
+    /// Trust that the legs already hold the same data: skip the initial copy.
+    #[arg(long)]
+    pub nosync: bool,
+    /// Create over legs that carry foreign metadata (a file system, LVM, md; it is
+    /// overwritten). Never over a leg that carries a mirror superblock, and no part of an
+    /// assembly: legs of the mirror assemble it, degraded if some are missing.
+    #[arg(long)]
+    pub force: bool,
+    /// Resync bandwidth kept while foreground I/O is active, in MB/s (default: the ceiling).
+    #[arg(long, value_name = "MB/s")]
+    pub resync_min_mbps: Option<u64>,
+    /// Resync bandwidth when the mirror is otherwise idle, in MB/s (default: unlimited).
+    #[arg(long, value_name = "MB/s")]
+    pub resync_max_mbps: Option<u64>,
+}
+
+/// A region size in bytes: a power of two, at least 4 KiB.
+fn parse_region_size(text: &str) -> std::result::Result<u64, String> {
+    parse_pow2_size("region size", text)
+}
+
+impl AddMirror {
+    /// The spec: legs made absolute and checked for repeats (the same device under two names
+    /// included), the region size in sectors. A leg that does not exist is kept: the mirror
+    /// may assemble degraded without it (a create refuses it).
+    pub fn spec(self) -> Result<MirrorSpec> {
+        let mut legs = Vec::with_capacity(self.legs.len());
+        let mut seen = Vec::new();
+        for leg in self.legs {
+            let leg = absolute(leg)?;
+            let Ok(real) = std::fs::canonicalize(&leg) else {
+                legs.push(leg);
+                continue;
+            };
+            if seen.contains(&real) {
+                return Err(Error::invalid(format!(
+                    "leg {} is given twice (as {})",
+                    real.display(),
+                    leg.display()
+                )));
+            }
+            seen.push(real);
+            legs.push(leg);
+        }
+        let resync_throttle = ThrottleConfig {
+            floor_mbps: self.resync_min_mbps,
+            ceiling_mbps: self.resync_max_mbps,
+        };
+        resync_throttle.validate().map_err(Error::invalid)?;
+        Ok(MirrorSpec {
+            uuid: None,
+            legs,
+            region_size_sectors: self.region_size >> crate::units::SECTOR_SHIFT,
+            nosync: self.nosync,
+            force: self.force,
+            resync_throttle,
+        })
+    }
+}
+
+/// The mirror's [`TargetKind`].
+pub struct MirrorKind;
+
+impl TargetKind for MirrorKind {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn add_command(&self) -> clap::Command {
+        AddMirror::augment_args(clap::Command::new(NAME).about(
+            "An N-way mirror (RAID1) with a persistent write-intent bitmap; running the same \
+             command again assembles an existing mirror from its legs.",
+        ))
+    }
+
+    fn add_spec(&self, args: &clap::ArgMatches) -> Result<TargetSpec> {
+        let args = AddMirror::from_arg_matches(args).map_err(clap_error)?;
+        Ok(args.spec()?.into())
+    }
+
+    fn open(&self, spec: &TargetSpec) -> Result<Arc<dyn Target>> {
+        super::open_mirror(&spec.parse()?)
+    }
+
+    fn describe(&self, spec: &TargetSpec) -> String {
+        let Ok(spec) = spec.parse::<MirrorSpec>() else {
+            return format!("{NAME} (unreadable spec)");
+        };
+        let legs: Vec<_> = spec.legs.iter().map(|l| l.display().to_string()).collect();
+        match spec.uuid {
+            Some(uuid) => format!("{NAME} {} ({uuid})", legs.join(" ")),
+            None => format!("{NAME} {}", legs.join(" ")),
+        }
+    }
+
+    fn identity(&self, spec: &TargetSpec) -> Option<String> {
+        spec.parse::<MirrorSpec>().ok()?.uuid.map(|u| u.to_string())
+    }
+
+    fn commands(&self) -> Option<clap::Command> {
+        Some(MirrorCommand::augment_subcommands(
+            clap::Command::new(NAME).about("Mirror commands: leg failure and replacement, scrub."),
+        ))
+    }
+
+    fn run_command(&self, registry: &Registry, args: &clap::ArgMatches) -> Result<()> {
+        let mut command = MirrorCommand::from_arg_matches(args).map_err(clap_error)?;
+        command.make_paths_absolute()?;
+        let id = command.device_id();
+        let info = ublk::query(id)?;
+        if info.spec.as_ref().map(TargetSpec::kind) != Some(NAME) {
+            return Err(Error::invalid(format!(
+                "device {id} is not a mirror ({})",
+                registry.describe(info.spec.as_ref())
+            )));
+        }
+        let reply = control::request(id, command.to_wire())?;
+        println!("{}", serde_json::to_string(&reply).expect("json"));
+        Ok(())
+    }
+
+    /// Prints a warning for every leg the daemon started without (and every leg given that
+    /// is not a member), from its status.
+    fn after_start(&self, id: u32) {
+        let Ok(status) = control::request(id, Command::Status) else {
+            return;
+        };
+        let target = &status["target"]["status"];
+        let lines = |key: &str| target[key].as_array().cloned().unwrap_or_default();
+        for line in lines("missing_legs") {
+            eprintln!("warning: mirror {id} runs degraded: {}", text(&line));
+        }
+        for line in lines("not_members") {
+            eprintln!(
+                "warning: {}",
+                text(&line).replace(" ID ", &format!(" {id} "))
+            );
+        }
+    }
+
+    fn scan(&self) -> Option<ScanReport> {
+        Some(super::discover::scan())
+    }
+}

@@ -1,0 +1,215 @@
+//! The snapshot origin's kind: its spec (persisted for `recover`), its `add origin` arguments
+//! and its `ublkdm snapshot CMD` tree, run through the origin's daemon.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::{Args, FromArgMatches, Subcommand};
+
+use super::commands::SnapshotCommand;
+use crate::cli::{absolute, clap_error, parse_pow2_size, text};
+use crate::control::{self, Command};
+use crate::error::{Error, Result};
+use crate::registry::{Registry, TargetKind};
+use crate::target::{Target, TargetSpec};
+use crate::ublk;
+
+/// The kind's name (in specs and `add origin`).
+pub const NAME: &str = "origin";
+/// The name of its command tree, `ublkdm snapshot CMD`.
+pub const COMMANDS: &str = "snapshot";
+
+/// A snapshot origin with its COW store: the store is created on a blank COW device and
+/// reassembled from one that holds it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct OriginSpec {
+    pub device: PathBuf,
+    pub cow: PathBuf,
+    /// Chunk size in sectors for a new store; 0 picks the default (16 KiB).
+    #[serde(default)]
+    pub chunk_size_sectors: u64,
+    /// Create a store on a COW device that carries foreign metadata.
+    #[serde(default)]
+    pub force: bool,
+}
+
+impl From<OriginSpec> for TargetSpec {
+    fn from(spec: OriginSpec) -> TargetSpec {
+        TargetSpec::new(NAME, &spec)
+    }
+}
+
+/// `ublkdm add origin`.
+#[derive(Debug, Args)]
+pub struct AddOrigin {
+    /// The origin's block device (or file); every write to it must go through ublkdm.
+    pub device: PathBuf,
+    /// The COW store: a blank device gets a new store, one holding a store is reopened.
+    #[arg(long, value_name = "DEV")]
+    pub cow: PathBuf,
+    /// Chunk size of a new store: the unit of copy-on-write (a power of two, at least 4K).
+    #[arg(long, value_name = "SIZE", value_parser = parse_chunk_size)]
+    pub chunk_size: Option<u64>,
+    /// Create a store on a COW device that carries a file system or other metadata (it is
+    /// overwritten).
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// A chunk size in bytes: a power of two, at least 4 KiB.
+pub fn parse_chunk_size(text: &str) -> std::result::Result<u64, String> {
+    parse_pow2_size("chunk size", text)
+}
+
+/// The snapshot origin's [`TargetKind`].
+pub struct OriginKind;
+
+impl TargetKind for OriginKind {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn add_command(&self) -> clap::Command {
+        AddOrigin::augment_args(clap::Command::new(NAME).about(
+            "A snapshot origin: DEVICE served with copy-on-write snapshots kept on the COW \
+             device. Running the same command again reassembles the origin and all of its \
+             snapshots.",
+        ))
+    }
+
+    fn add_spec(&self, args: &clap::ArgMatches) -> Result<TargetSpec> {
+        let args = AddOrigin::from_arg_matches(args).map_err(clap_error)?;
+        Ok(OriginSpec {
+            device: absolute(args.device)?,
+            cow: absolute(args.cow)?,
+            chunk_size_sectors: args
+                .chunk_size
+                .map_or(0, |b| b >> crate::units::SECTOR_SHIFT),
+            force: args.force,
+        }
+        .into())
+    }
+
+    fn open(&self, spec: &TargetSpec) -> Result<Arc<dyn Target>> {
+        Ok(super::open_group(&spec.parse()?)?.origin())
+    }
+
+    fn describe(&self, spec: &TargetSpec) -> String {
+        match spec.parse::<OriginSpec>() {
+            Ok(spec) => format!(
+                "snapshot-origin {} cow {}",
+                spec.device.display(),
+                spec.cow.display()
+            ),
+            Err(_) => "snapshot-origin (unreadable spec)".to_owned(),
+        }
+    }
+
+    fn commands(&self) -> Option<clap::Command> {
+        Some(SnapshotCommand::augment_subcommands(
+            clap::Command::new(COMMANDS).about(
+                "Snapshots of an origin: create, list, delete, merge (roll the origin back).",
+            ),
+        ))
+    }
+
+    fn run_command(&self, registry: &Registry, args: &clap::ArgMatches) -> Result<()> {
+        let command = SnapshotCommand::from_arg_matches(args).map_err(clap_error)?;
+        run(registry, command)
+    }
+
+    fn child_status(&self, group: &serde_json::Value, name: &str) -> serde_json::Value {
+        group["snapshots"]
+            .as_array()
+            .and_then(|items| items.iter().find(|item| item["name"] == name).cloned())
+            .unwrap_or_else(|| serde_json::json!({ "name": name, "state": "deleted" }))
+    }
+}
+
+/// Sends a snapshot command to the origin's daemon and prints its answer.
+fn run(registry: &Registry, command: SnapshotCommand) -> Result<()> {
+    let id = match &command {
+        SnapshotCommand::List { id, json } => return list(registry, *id, *json),
+        SnapshotCommand::Create { id, .. }
+        | SnapshotCommand::Delete { id, .. }
+        | SnapshotCommand::Merge { id, .. } => *id,
+        SnapshotCommand::Status {} => unreachable!("not a CLI command"),
+    };
+    require_origin(registry, id)?;
+    let reply = control::request(id, command.to_wire())?;
+    match command {
+        SnapshotCommand::Create { .. } => {
+            println!("{}", reply["device"].as_str().unwrap_or("-"))
+        }
+        SnapshotCommand::Delete { .. } => println!("deleted snapshot {}", text(&reply["deleted"])),
+        _ => println!(
+            "merging snapshot {} into device {id}: {} chunks; follow with 'ublkdm status {id} \
+             --watch'",
+            text(&reply["merging"]),
+            reply["total"]
+        ),
+    }
+    Ok(())
+}
+
+/// Fails unless device `id` is a snapshot origin (pointing a snapshot's id at its origin).
+fn require_origin(registry: &Registry, id: u32) -> Result<()> {
+    let info = ublk::query(id)?;
+    match info.spec.as_ref() {
+        Some(spec) if spec.kind() == NAME => Ok(()),
+        Some(spec) if spec.as_child().is_some() => {
+            let child = spec.as_child().expect("checked");
+            Err(Error::invalid(format!(
+                "device {id} is snapshot '{}'; give its origin, device {}",
+                child.name, child.parent
+            )))
+        }
+        other => Err(Error::invalid(format!(
+            "device {id} is not a snapshot origin ({})",
+            registry.describe(other)
+        ))),
+    }
+}
+
+/// The snapshots of origin `id` with the devices serving them.
+fn rows(registry: &Registry, id: u32) -> Result<Vec<serde_json::Value>> {
+    require_origin(registry, id)?;
+    let status = control::request(id, Command::Status)?;
+    let children = status["children"].as_array().cloned().unwrap_or_default();
+    let snapshots = status["target"]["status"]["snapshots"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    Ok(snapshots
+        .into_iter()
+        .map(|mut snap| {
+            let child = children.iter().find(|c| c["name"] == snap["name"]);
+            snap["id"] = child.map_or(serde_json::Value::Null, |c| c["id"].clone());
+            snap["device"] = child.map_or(serde_json::Value::Null, |c| c["device"].clone());
+            snap
+        })
+        .collect())
+}
+
+fn list(registry: &Registry, id: u32, json: bool) -> Result<()> {
+    let rows = rows(registry, id)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows).expect("json"));
+        return Ok(());
+    }
+    println!(
+        "{:<20} {:<9} {:<13} {:>10}  REASON",
+        "NAME", "STATE", "DEVICE", "EXCEPTIONS"
+    );
+    for row in &rows {
+        println!(
+            "{:<20} {:<9} {:<13} {:>10}  {}",
+            row["name"].as_str().unwrap_or("?"),
+            row["state"].as_str().unwrap_or("?"),
+            row["device"].as_str().unwrap_or("-"),
+            row["exceptions"],
+            row["reason"].as_str().unwrap_or("")
+        );
+    }
+    Ok(())
+}
