@@ -395,13 +395,21 @@ pub struct CopyEngine {
 }
 
 impl CopyEngine {
-    /// Starts an engine on its own thread with its own io_uring.
+    /// Starts an engine on its own thread with its own io_uring. Fails if the thread or its
+    /// ring cannot be created.
     pub fn start(config: CopyConfig) -> Result<CopyEngine> {
         let (engine, run) = CopyEngine::build(config)?;
+        let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
         let handle = std::thread::Builder::new()
             .name("ublkdm-copy".into())
-            .spawn(move || engine::run_thread(run))
+            .spawn(move || engine::run_thread(run, ready_tx))
             .map_err(|e| Error::io("cannot start the copy engine thread", e))?;
+        // The thread answers before it runs a job; it aborts the process rather than panic.
+        let ready = ready_rx.recv().expect("the copy engine thread answers");
+        if let Err(err) = ready {
+            let _ = handle.join();
+            return Err(err.context("cannot start the copy engine"));
+        }
         *engine.shared.thread.lock().expect("engine thread") = Some(handle);
         Ok(engine)
     }
