@@ -339,13 +339,13 @@ impl EngineCtx {
 
     /// Waits until the throttle admits `len` more sectors of background copying.
     async fn throttle(&self, len: SectorCount) {
-        let now = self.shared.epoch.elapsed();
+        let now = self.shared.clock.now();
         let last_fg = Duration::from_nanos(self.shared.last_foreground_ns.load(Ordering::Relaxed));
         let busy = !last_fg.is_zero() && now.saturating_sub(last_fg) < FOREGROUND_WINDOW;
         let rate = self.shared.config.throttle.rate_bytes_per_sec(busy);
         let wait = self.pacer.borrow_mut().admit(now, len.to_bytes(), rate);
         if !wait.is_zero() {
-            reactor::sleep(wait).await;
+            self.shared.clock.sleep(wait).await;
         }
     }
 }
