@@ -25,7 +25,6 @@
 mod common;
 
 use std::cell::RefCell;
-use std::collections::BTreeSet;
 use std::rc::Rc;
 use std::sync::Arc;
 
@@ -44,101 +43,12 @@ use ublkdm::targets::mirror::{
 };
 use ublkdm::units::{Extent, Sector, SectorCount};
 
-use common::{sectors, stamp, tag_of};
+use common::oracle::{trace, Sectors as Model};
+use common::{stamp, tag_of};
 
 /// Batches per seed; `BATCHES=n` overrides it for long hunts.
 fn batches() -> usize {
     std::env::var("BATCHES").map_or(120, |b| b.parse().expect("BATCHES is a number"))
-}
-
-/// `TRACE=1` prints what the simulation does.
-fn trace(what: std::fmt::Arguments<'_>) {
-    if std::env::var_os("TRACE").is_some() {
-        eprintln!("{what}");
-    }
-}
-
-/// What one sector may hold.
-#[derive(Clone, Debug)]
-struct Cell {
-    /// The last acknowledged tag (0: zeroes).
-    acked: u64,
-    /// After a power cut and until the sector is written again: every tag it may hold.
-    possible: Vec<u64>,
-    /// The tags a power cut may leave: the last durable one(s)...
-    durable: Vec<u64>,
-    /// ...and every tag written since.
-    volatile: Vec<u64>,
-}
-
-struct Model {
-    cells: Vec<Cell>,
-}
-
-impl Model {
-    fn new(sectors: u64) -> Model {
-        let cell = Cell {
-            acked: 0,
-            possible: Vec::new(),
-            durable: vec![0],
-            volatile: Vec::new(),
-        };
-        Model {
-            cells: vec![cell; sectors as usize],
-        }
-    }
-
-    fn issue(&mut self, extent: Extent, tag: u64) {
-        for s in sectors(extent) {
-            self.cells[s].volatile.push(tag);
-        }
-    }
-
-    fn ack(&mut self, extent: Extent, tag: u64, fua: bool) {
-        for s in sectors(extent) {
-            let c = &mut self.cells[s];
-            c.acked = tag;
-            c.possible.clear();
-            if fua {
-                c.durable = vec![tag];
-                c.volatile.clear();
-            }
-        }
-    }
-
-    fn flushed(&mut self) {
-        for c in &mut self.cells {
-            c.durable = if c.possible.is_empty() {
-                vec![c.acked]
-            } else {
-                c.possible.clone()
-            };
-            c.volatile.clear();
-        }
-    }
-
-    fn crash(&mut self) {
-        for c in &mut self.cells {
-            let set: BTreeSet<u64> = c.durable.iter().chain(&c.volatile).copied().collect();
-            c.possible = set.into_iter().collect();
-            c.durable = c.possible.clone();
-            c.volatile.clear();
-        }
-    }
-
-    fn check(&self, at: u64, tag: u64, what: &str) {
-        let c = &self.cells[at as usize];
-        let ok = if c.possible.is_empty() {
-            tag == c.acked
-        } else {
-            c.possible.contains(&tag)
-        };
-        assert!(
-            ok,
-            "{what}: sector {at} holds tag {tag}, expected {} (possible {:?})",
-            c.acked, c.possible
-        );
-    }
 }
 
 struct SimLeg {
@@ -243,7 +153,7 @@ impl Sim {
             seed,
             rng,
             legs,
-            model: Rc::new(RefCell::new(Model::new(0))),
+            model: Rc::new(RefCell::new(Model::zeroed(0))),
             next_tag: 1,
             size: SectorCount(0),
             tuning,
@@ -286,7 +196,7 @@ impl Sim {
             leg.slot = Some(slot);
         }
         self.size = target.info().size;
-        self.model = Rc::new(RefCell::new(Model::new(self.size.0)));
+        self.model = Rc::new(RefCell::new(Model::zeroed(self.size.0)));
         self.start(target, runner)
     }
 
@@ -697,7 +607,7 @@ impl Sim {
             if self.rng.gen_bool(0.08) {
                 target.flush().await.expect("flush");
                 trace(format_args!("flushed"));
-                self.model.borrow_mut().flushed();
+                self.model.borrow_mut().flushed_all();
                 if let Some((task, _)) = command.take() {
                     let outcome = task.await;
                     self.apply(outcome);
@@ -763,7 +673,7 @@ impl Sim {
             }
         }
         target.flush().await.expect("final flush");
-        self.model.borrow_mut().flushed();
+        self.model.borrow_mut().flushed_all();
         self.check_all(&target, "at the end").await;
         self.check_legs_identical(&target);
         for _ in 0..4 {

@@ -52,70 +52,16 @@ use smol::future::yield_now;
 use ublkdm::copy::{CopyConfig, CopyEngine};
 use ublkdm::device::reactor::{run_local, spawn};
 use ublkdm::device::{
-    AlignedBuf, BlockDevice, DeviceInfo, DeviceRef, FaultConfig, FaultyDevice, IoFuture, MemDevice,
-    ReadDone, WriteFlags,
+    AlignedBuf, BlockDevice, DeviceRef, FaultConfig, FaultyDevice, IoFuture, MemDevice, ReadDone,
+    WriteFlags,
 };
 use ublkdm::error::ErrorKind;
 use ublkdm::targets::snapshot::{GroupOptions, SnapshotGroup};
 use ublkdm::units::{Extent, Sector, SectorCount};
 
+use common::forward::{Forward, Forwarding};
+use common::oracle::{trace, Cell, Sectors};
 use common::{sectors as range, stamp, tag_of};
-
-fn trace(what: std::fmt::Arguments<'_>) {
-    if std::env::var_os("TRACE").is_some() {
-        eprintln!("{what}");
-    }
-}
-
-#[derive(Clone, Debug)]
-struct Cell {
-    acked: u64,
-    possible: Vec<u64>,
-    durable: Vec<u64>,
-    volatile: Vec<u64>,
-}
-
-impl Cell {
-    fn settled(tag: u64) -> Cell {
-        Cell {
-            acked: tag,
-            possible: Vec::new(),
-            durable: vec![tag],
-            volatile: Vec::new(),
-        }
-    }
-    /// The tags the sector may hold now.
-    fn tags(&self) -> Vec<u64> {
-        if self.possible.is_empty() {
-            vec![self.acked]
-        } else {
-            self.possible.clone()
-        }
-    }
-    /// A durable copy of what the sector holds now (a snapshot's image of it).
-    fn image(&self) -> Cell {
-        let tags = self.tags();
-        Cell {
-            acked: self.acked,
-            possible: if tags.len() > 1 {
-                tags.clone()
-            } else {
-                Vec::new()
-            },
-            durable: tags,
-            volatile: Vec::new(),
-        }
-    }
-    /// The image may also hold `tag` (a write in flight when the image was taken).
-    fn widen(&mut self, tag: u64) {
-        let mut tags = self.tags();
-        tags.push(tag);
-        tags.sort_unstable();
-        tags.dedup();
-        self.durable = tags.clone();
-        self.possible = tags;
-    }
-}
 
 /// How one write in a batch went, for the checks of a command run beside it.
 #[derive(Default)]
@@ -136,7 +82,7 @@ struct Pending {
 }
 
 struct Model {
-    cells: Vec<Cell>,
+    sectors: Sectors,
     pending: Vec<Pending>,
     /// Bumped when the image is replaced (a merge): requests issued before that are judged
     /// by the pending checks, not by the cells.
@@ -144,88 +90,42 @@ struct Model {
 }
 
 impl Model {
-    fn new(cells: Vec<Cell>) -> Model {
+    fn new(sectors: Sectors) -> Model {
         Model {
-            cells,
+            sectors,
             pending: Vec::new(),
             generation: 0,
         }
     }
     /// A durable copy of this image.
     fn image(&self) -> Model {
-        Model::new(self.cells.iter().map(Cell::image).collect())
+        Model::new(self.sectors.image())
     }
     fn issue(&mut self, e: Extent, tag: u64) {
-        for s in range(e) {
-            self.cells[s].volatile.push(tag);
-        }
+        self.sectors.issue(e, tag);
     }
     fn ack(&mut self, e: Extent, tag: u64, fua: bool) {
-        for s in range(e) {
-            let c = &mut self.cells[s];
-            c.acked = tag;
-            c.possible.clear();
-            if fua {
-                c.durable = vec![tag];
-                c.volatile.clear();
-            }
-        }
+        self.sectors.ack(e, tag, fua);
     }
-    /// A write failed: its sectors may hold what they held or what it wrote.
     fn fail(&mut self, e: Extent, tag: u64) {
-        for s in range(e) {
-            let c = &mut self.cells[s];
-            let mut tags = c.tags();
-            tags.push(tag);
-            tags.sort_unstable();
-            tags.dedup();
-            c.possible = tags;
-        }
+        self.sectors.fail(e, tag);
     }
-    /// The acknowledged tags now: what a flush issued now makes durable.
     fn acked(&self) -> Vec<u64> {
-        self.cells.iter().map(|c| c.acked).collect()
+        self.sectors.acked()
     }
-    /// A flush issued when the acknowledged tags were `acked` completed. Tags grow with issue
-    /// order and one sector's writes are issued in order, so later ones stay volatile.
     fn flushed(&mut self, acked: &[u64]) {
-        for (c, &a) in self.cells.iter_mut().zip(acked) {
-            // A FUA write acknowledged meanwhile may already be durable and newer.
-            if c.durable.iter().any(|&d| d > a) {
-                // keep it
-            } else if c.possible.is_empty() {
-                c.durable = vec![a];
-            } else if c.acked == a {
-                c.durable = c.possible.clone();
-            }
-            c.volatile.retain(|&t| t > a);
-        }
+        self.sectors.flushed(acked);
     }
     /// A power cut. A snapshot's image is durable when taken, so its pending checks stay; the
     /// origin's writes may be torn by the cut, so its own go.
     fn crash(&mut self, keep_pending: bool) {
-        for c in &mut self.cells {
-            let set: BTreeSet<u64> = c.durable.iter().chain(&c.volatile).copied().collect();
-            c.possible = set.into_iter().collect();
-            c.durable = c.possible.clone();
-            c.volatile.clear();
-        }
+        self.sectors.crash();
         if !keep_pending {
             self.pending.clear();
         }
     }
     fn check(&self, at: u64, tag: u64, what: &str) {
-        let c = &self.cells[at as usize];
-        let ok = if c.possible.is_empty() {
-            tag == c.acked
-        } else {
-            c.possible.contains(&tag)
-        };
-        assert!(
-            ok,
-            "{what}: sector {at} holds tag {tag}, expected {} (possible {:?})",
-            c.acked, c.possible
-        );
+        self.sectors.check(at, tag, what);
     }
     /// After a full read: checks it (with the pending writes) and settles every sector on it.
     /// `durable`: right after a reopen, when what was read is durable.
@@ -265,7 +165,7 @@ impl Model {
                 if n == 0 { "not in" } else { "in" }
             );
         }
-        for (c, &tag) in self.cells.iter_mut().zip(&tags) {
+        for (c, &tag) in self.sectors.cells.iter_mut().zip(&tags) {
             if durable {
                 *c = Cell::settled(tag);
             } else {
@@ -333,12 +233,9 @@ struct SplitFua {
     rng: Mutex<ChaCha8Rng>,
 }
 
-impl BlockDevice for SplitFua {
-    fn info(&self) -> &DeviceInfo {
-        self.inner.info()
-    }
-    fn read(&self, offset: Sector, buf: AlignedBuf) -> IoFuture<ReadDone> {
-        self.inner.read(offset, buf)
+impl Forward for SplitFua {
+    fn inner(&self) -> &DeviceRef {
+        &self.inner
     }
     fn write(
         &self,
@@ -360,15 +257,6 @@ impl BlockDevice for SplitFua {
             inner.flush().await
         })
     }
-    fn flush(&self) -> IoFuture<io::Result<()>> {
-        self.inner.flush()
-    }
-    fn discard(&self, extent: Extent) -> IoFuture<io::Result<()>> {
-        self.inner.discard(extent)
-    }
-    fn write_zeroes(&self, extent: Extent) -> IoFuture<io::Result<()>> {
-        self.inner.write_zeroes(extent)
-    }
 }
 
 /// Writes that fail after part of them landed (any subset of their sectors), as a real
@@ -385,12 +273,9 @@ impl PartialOnError {
     }
 }
 
-impl BlockDevice for PartialOnError {
-    fn info(&self) -> &DeviceInfo {
-        self.inner.info()
-    }
-    fn read(&self, offset: Sector, buf: AlignedBuf) -> IoFuture<ReadDone> {
-        self.inner.read(offset, buf)
+impl Forward for PartialOnError {
+    fn inner(&self) -> &DeviceRef {
+        &self.inner
     }
     fn write(
         &self,
@@ -434,15 +319,6 @@ impl BlockDevice for PartialOnError {
             Err(eio())
         })
     }
-    fn flush(&self) -> IoFuture<io::Result<()>> {
-        self.inner.flush()
-    }
-    fn discard(&self, extent: Extent) -> IoFuture<io::Result<()>> {
-        self.inner.discard(extent)
-    }
-    fn write_zeroes(&self, extent: Extent) -> IoFuture<io::Result<()>> {
-        self.inner.write_zeroes(extent)
-    }
 }
 
 /// What one instance of the group sees of a device: cut off at a power cut, so that nothing
@@ -465,9 +341,9 @@ fn eio() -> io::Error {
     io::Error::from_raw_os_error(libc::EIO)
 }
 
-impl BlockDevice for Fenced {
-    fn info(&self) -> &DeviceInfo {
-        self.inner.info()
+impl Forward for Fenced {
+    fn inner(&self) -> &DeviceRef {
+        &self.inner
     }
     fn read(&self, offset: Sector, buf: AlignedBuf) -> IoFuture<ReadDone> {
         if self.cut() {
@@ -543,8 +419,8 @@ struct Sim {
     cow_mem: Arc<MemDevice>,
     origin_faulty: Arc<FaultyDevice<MemDevice>>,
     cow_faulty: Arc<FaultyDevice<MemDevice>>,
-    origin_partial: Arc<PartialOnError>,
-    cow_partial: Arc<PartialOnError>,
+    origin_partial: Arc<Forwarding<PartialOnError>>,
+    cow_partial: Arc<Forwarding<PartialOnError>>,
     origin_dev: DeviceRef,
     cow_dev: DeviceRef,
     /// Errors are injected (until the end).
@@ -630,20 +506,20 @@ impl Sim {
             } else {
                 0.0
             };
-            Arc::new(PartialOnError {
+            Arc::new(Forwarding(PartialOnError {
                 inner: dev,
                 state: Mutex::new((ChaCha8Rng::seed_from_u64(seed * 8 + i), rate)),
-            })
+            }))
         };
         let origin_partial = partial(origin_faulty.clone(), 4);
         let cow_partial = partial(cow_faulty.clone(), 5);
         let wrap = |dev: DeviceRef, i: u64| -> DeviceRef {
             if split {
-                Arc::new(SplitFua {
+                Arc::new(Forwarding(SplitFua {
                     inner: dev,
                     max_turns: 3,
                     rng: Mutex::new(ChaCha8Rng::seed_from_u64(seed * 4 + i)),
-                })
+                }))
             } else {
                 dev
             }
@@ -668,10 +544,7 @@ impl Sim {
             faults,
             chunk,
             size,
-            origin: Rc::new(RefCell::new(Model::new(vec![
-                Cell::settled(0);
-                size as usize
-            ]))),
+            origin: Rc::new(RefCell::new(Model::new(Sectors::zeroed(size)))),
             snaps: BTreeMap::new(),
             invalid: BTreeMap::new(),
             merging: None,
@@ -697,10 +570,10 @@ impl Sim {
             };
             let cut = Arc::new(AtomicBool::new(false));
             let fenced = |dev: &DeviceRef| -> DeviceRef {
-                Arc::new(Fenced {
+                Arc::new(Forwarding(Fenced {
                     inner: Arc::clone(dev),
                     cut: Arc::clone(&cut),
-                })
+                }))
             };
             let opened = SnapshotGroup::open(
                 fenced(&self.origin_dev),
@@ -1029,7 +902,7 @@ impl Sim {
                 };
                 self.sharing.borrow_mut().maps.remove(&name);
                 let mut origin = self.origin.borrow_mut();
-                origin.cells = model.borrow().image().cells;
+                origin.sectors = model.borrow().image().sectors;
                 origin.pending.clear();
                 origin.generation += 1;
                 drop(origin);
@@ -1078,10 +951,10 @@ impl Sim {
             self.next_name += 1;
             let mut model = self.origin.borrow().image();
             for (extent, tag, flight) in batch.iter().flat_map(|b| &b.origin_writes) {
-                let unacked = range(*extent).any(|s| model.cells[s].acked != *tag);
+                let unacked = range(*extent).any(|s| model.sectors.cells[s].acked != *tag);
                 if unacked {
                     for s in range(*extent) {
-                        model.cells[s].widen(*tag);
+                        model.sectors.cells[s].widen(*tag);
                     }
                     model.pending.push(Pending {
                         extent: *extent,
@@ -1136,18 +1009,18 @@ impl Sim {
                 for (target, extent, tag, flight) in view.iter().flat_map(|b| &b.snap_writes) {
                     if target == n && !flight.borrow().failed {
                         for s in range(*extent) {
-                            model.cells[s].widen(*tag);
+                            model.sectors.cells[s].widen(*tag);
                         }
                     }
                 }
                 let origin = self.origin.borrow();
                 for (extent, tag, flight) in view.iter().flat_map(|b| &b.origin_writes) {
                     // Acknowledged already: the snapshot's image replaces it.
-                    if range(*extent).all(|s| origin.cells[s].acked == *tag) {
+                    if range(*extent).all(|s| origin.sectors.cells[s].acked == *tag) {
                         continue;
                     }
                     for s in range(*extent) {
-                        model.cells[s].widen(*tag);
+                        model.sectors.cells[s].widen(*tag);
                     }
                     model.pending.push(Pending {
                         extent: *extent,
@@ -1192,7 +1065,7 @@ impl Sim {
                     let flight = Rc::clone(&b.origin_writes.last().expect("spawned").2);
                     let pend = |m: &mut Model, after_is_in| {
                         for s in range(extent) {
-                            m.cells[s].widen(tag);
+                            m.sectors.cells[s].widen(tag);
                         }
                         m.pending.push(Pending {
                             extent,
@@ -1283,7 +1156,7 @@ impl Sim {
                 self.sharing.borrow_mut().maps.remove(&name);
                 let mut origin = self.origin.borrow_mut();
                 let image = merge_image.expect("merge image");
-                origin.cells = image.cells;
+                origin.sectors = image.sectors;
                 origin.pending = image.pending;
                 origin.generation += 1;
                 drop(origin);

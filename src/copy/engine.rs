@@ -11,7 +11,8 @@ use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::io;
 use std::rc::Rc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::SyncSender;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,6 +24,7 @@ use super::throttle::{Pacer, FOREGROUND_WINDOW};
 use super::{CopyDone, CopyJob, DestMask, Priority, Shared, Submission};
 use crate::device::reactor::{self, spawn};
 use crate::device::{AlignedBuf, WriteFlags};
+use crate::error::Result;
 use crate::units::SectorCount;
 
 /// Linux `PR_SET_IO_FLUSHER`: memory reclaim must not wait on I/O this thread issues.
@@ -44,9 +46,10 @@ impl EngineRun {
     }
 }
 
-/// The body of the engine thread. A panic here is a bug in the engine; clients would wait
-/// forever for completions, so the process aborts instead.
-pub(super) fn run_thread(run: EngineRun) {
+/// The body of the engine thread. Sends `Ok` on `ready` once its ring is up, or the error if
+/// it cannot have one. A panic here, or a ring that fails after the start, is fatal: clients
+/// would wait forever for completions, so the process aborts instead.
+pub(super) fn run_thread(run: EngineRun, ready: SyncSender<Result<()>>) {
     // SAFETY: prctl with integer arguments only.
     let rc = unsafe { libc::prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) };
     if rc != 0 {
@@ -55,12 +58,32 @@ pub(super) fn run_thread(run: EngineRun) {
             io::Error::last_os_error()
         );
     }
+    let started = Arc::new(AtomicBool::new(false));
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        reactor::block_on(run.into_future())
+        let (started, ready) = (Arc::clone(&started), ready.clone());
+        reactor::try_block_on(async move {
+            started.store(true, Ordering::Relaxed);
+            // The starter waits for this; it cannot have gone.
+            let _ = ready.send(Ok(()));
+            run.into_future().await
+        })
     }));
-    if result.is_err() {
-        log::error!("the copy engine panicked; aborting");
-        std::process::abort();
+    match result {
+        Ok(Ok(())) => {}
+        Ok(Err(err)) if !started.load(Ordering::Relaxed) => {
+            let _ = ready.send(Err(err));
+        }
+        Ok(Err(err)) => {
+            log::error!(
+                "the copy engine's ring failed: {}; aborting",
+                err.chain().join(": ")
+            );
+            std::process::abort();
+        }
+        Err(_) => {
+            log::error!("the copy engine panicked; aborting");
+            std::process::abort();
+        }
     }
 }
 
@@ -316,13 +339,13 @@ impl EngineCtx {
 
     /// Waits until the throttle admits `len` more sectors of background copying.
     async fn throttle(&self, len: SectorCount) {
-        let now = self.shared.epoch.elapsed();
+        let now = self.shared.clock.now();
         let last_fg = Duration::from_nanos(self.shared.last_foreground_ns.load(Ordering::Relaxed));
         let busy = !last_fg.is_zero() && now.saturating_sub(last_fg) < FOREGROUND_WINDOW;
         let rate = self.shared.config.throttle.rate_bytes_per_sec(busy);
         let wait = self.pacer.borrow_mut().admit(now, len.to_bytes(), rate);
         if !wait.is_zero() {
-            reactor::sleep(wait).await;
+            self.shared.clock.sleep(wait).await;
         }
     }
 }

@@ -24,11 +24,16 @@
 //! simulation, [`CopyEngine::new_local`] returns the engine's future to run on the caller's
 //! executor instead.
 //!
+//! Time: the throttle reads and sleeps on the engine's [`Clock`], given at construction: the
+//! wall clock ([`SystemClock`]) for a real engine, a `ManualClock` (feature `sim`) for a
+//! simulation that controls time ([`CopyEngine::new_local_with_clock`]).
+//!
 //! Errors: without `ignore_errors`, the first error stops the job from starting more
 //! sub-jobs (those in flight finish) and the destinations may be partly written. With it, the
 //! job runs to the end and reports every failure. A piece whose read failed is never written:
 //! writing unknown data is worse than leaving the old.
 
+mod clock;
 mod engine;
 mod pool;
 mod split;
@@ -39,8 +44,10 @@ use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Instant;
 
+#[cfg(feature = "sim")]
+pub use clock::ManualClock;
+pub use clock::{Clock, SleepFuture, SystemClock};
 pub use split::{piece, piece_count, pieces, Piece};
 pub use throttle::{Pacer, ThrottleConfig, FOREGROUND_WINDOW};
 
@@ -373,7 +380,8 @@ struct Submission {
 /// State shared by the engine thread and its clients.
 struct Shared {
     config: CopyConfig,
-    epoch: Instant,
+    /// The engine's time: the throttle reads it and sleeps on it.
+    clock: Arc<dyn Clock>,
     next_id: AtomicU64,
     bytes_done: AtomicU64,
     jobs_queued: AtomicU64,
@@ -381,7 +389,7 @@ struct Shared {
     jobs_done: AtomicU64,
     memory_in_use: AtomicUsize,
     memory_peak: AtomicUsize,
-    /// Nanoseconds since `epoch` of the last foreground I/O (0: none yet).
+    /// Nanoseconds on `clock` of the last foreground I/O (0: none yet).
     last_foreground_ns: AtomicU64,
     cancels: Mutex<HashMap<JobId, Arc<AtomicBool>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
@@ -395,13 +403,21 @@ pub struct CopyEngine {
 }
 
 impl CopyEngine {
-    /// Starts an engine on its own thread with its own io_uring.
+    /// Starts an engine on its own thread with its own io_uring. Fails if the thread or its
+    /// ring cannot be created.
     pub fn start(config: CopyConfig) -> Result<CopyEngine> {
-        let (engine, run) = CopyEngine::build(config)?;
+        let (engine, run) = CopyEngine::build(config, SystemClock::new())?;
+        let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
         let handle = std::thread::Builder::new()
             .name("ublkdm-copy".into())
-            .spawn(move || engine::run_thread(run))
+            .spawn(move || engine::run_thread(run, ready_tx))
             .map_err(|e| Error::io("cannot start the copy engine thread", e))?;
+        // The thread answers before it runs a job; it aborts the process rather than panic.
+        let ready = ready_rx.recv().expect("the copy engine thread answers");
+        if let Err(err) = ready {
+            let _ = handle.join();
+            return Err(err.context("cannot start the copy engine"));
+        }
         *engine.shared.thread.lock().expect("engine thread") = Some(handle);
         Ok(engine)
     }
@@ -412,16 +428,24 @@ impl CopyEngine {
     pub fn new_local(
         config: CopyConfig,
     ) -> Result<(CopyEngine, impl std::future::Future<Output = ()>)> {
-        let (engine, run) = CopyEngine::build(config)?;
+        CopyEngine::new_local_with_clock(config, SystemClock::new())
+    }
+
+    /// [`CopyEngine::new_local`] on `clock` (a [`ManualClock`] in simulations).
+    pub fn new_local_with_clock(
+        config: CopyConfig,
+        clock: Arc<dyn Clock>,
+    ) -> Result<(CopyEngine, impl std::future::Future<Output = ()>)> {
+        let (engine, run) = CopyEngine::build(config, clock)?;
         Ok((engine, run.into_future()))
     }
 
-    fn build(config: CopyConfig) -> Result<(CopyEngine, engine::EngineRun)> {
+    fn build(config: CopyConfig, clock: Arc<dyn Clock>) -> Result<(CopyEngine, engine::EngineRun)> {
         config.validate()?;
         let (tx, rx) = smol::channel::bounded(config.queue_max);
         let shared = Arc::new(Shared {
             config,
-            epoch: Instant::now(),
+            clock,
             next_id: AtomicU64::new(1),
             bytes_done: AtomicU64::new(0),
             jobs_queued: AtomicU64::new(0),
@@ -529,7 +553,7 @@ impl CopyEngine {
 
     /// Tells the throttle that foreground I/O is happening now.
     pub fn note_foreground_io(&self) {
-        let now = self.shared.epoch.elapsed().as_nanos().max(1) as u64;
+        let now = self.shared.clock.now().as_nanos().max(1) as u64;
         self.shared.last_foreground_ns.store(now, Ordering::Relaxed);
     }
 
@@ -611,6 +635,54 @@ mod tests {
             runner.await;
             out
         })
+    }
+
+    /// The throttle paces background copies on the engine's clock: on a manual clock a
+    /// throttled copy runs at once, and the time it took is exact: every piece after the first
+    /// waits one piece's worth at the ceiling, or at the floor after foreground I/O.
+    #[test]
+    fn throttle_paces_on_the_engine_clock() {
+        const PIECES: u64 = 16;
+        let config = CopyConfig {
+            throttle: ThrottleConfig {
+                floor_mbps: Some(1),
+                ceiling_mbps: Some(1000),
+            },
+            ..small_config()
+        };
+        let sectors = config.sub_job_sectors.0 * PIECES;
+        let piece_bytes = config.sub_job_sectors.to_bytes() as f64;
+        for (foreground, rate) in [(false, 1e9), (true, 1e6)] {
+            let clock = ManualClock::new();
+            let (src, dst) = (patterned("src", sectors), mem("dst", sectors));
+            let done = run_local({
+                let (config, clock) = (config.clone(), clock.clone());
+                let job = CopyJob::copy(loc(&src, 0, sectors), vec![loc(&dst, 0, sectors)]);
+                async move {
+                    let (engine, run) =
+                        CopyEngine::new_local_with_clock(config, clock).expect("config");
+                    let runner = spawn(run);
+                    if foreground {
+                        engine.note_foreground_io();
+                    }
+                    let done = engine.copy(job).await.expect("submit");
+                    engine.close();
+                    drop(engine);
+                    runner.await;
+                    done
+                }
+            });
+            assert!(done.is_ok(), "{done:?}");
+            let cost = std::time::Duration::from_secs_f64(piece_bytes / rate);
+            let pieces_after_first = u32::try_from(PIECES - 1).expect("small");
+            assert_eq!(
+                clock.now(),
+                cost * pieces_after_first,
+                "foreground {foreground}"
+            );
+            let all = Extent::new(Sector(0), SectorCount(sectors));
+            assert_eq!(dst.snapshot(all), src.snapshot(all));
+        }
     }
 
     #[test]

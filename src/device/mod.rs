@@ -4,8 +4,11 @@
 //! write-zeroes) over owned buffers. Implementations:
 //! - [`UringDevice`]: a real block device or regular file, `O_DIRECT`, through io_uring on the
 //!   calling thread's ring (see [`reactor`]);
-//! - [`MemDevice`]: memory, with a volatile write cache that a simulated crash can lose or tear;
-//! - [`FaultyDevice`]: a seeded, deterministic fault injector wrapped around any device.
+//! - `MemDevice`: memory, with a volatile write cache that a simulated crash can lose or tear;
+//! - `FaultyDevice`: a seeded, deterministic fault injector wrapped around any device.
+//!
+//! The last two exist for tests and simulations only: they are compiled with the `sim` feature
+//! (which the tests turn on), never into the release binary.
 //!
 //! [`probe`] says which foreign signatures (file systems, partition tables, LUKS...) a device
 //! holds, for every target that must not overwrite them by accident.
@@ -15,7 +18,9 @@
 //! values carrying an errno, never panics.
 
 mod buf;
+#[cfg(feature = "sim")]
 mod faulty;
+#[cfg(feature = "sim")]
 mod mem;
 pub mod probe;
 pub mod reactor;
@@ -27,7 +32,9 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 pub use buf::{AlignedBuf, BUF_ALIGN};
+#[cfg(feature = "sim")]
 pub use faulty::{FaultConfig, FaultyDevice, OpKind};
+#[cfg(feature = "sim")]
 pub use mem::MemDevice;
 pub use uring::{
     check_distinct, open_distinct, same_device, DeviceIdentity, OpenOptions, UringDevice,

@@ -3,7 +3,8 @@
 //! Every thread that does device I/O has exactly one io_uring and one [`Executor`]:
 //! - on a ublk queue thread the ring is libublk's queue ring, plugged in by the front end
 //!   through [`RingDriver`];
-//! - anywhere else (the copy engine's thread, tests, tools) [`block_on`] creates a [`LocalRing`].
+//! - anywhere else (the copy engine's thread, tests, tools) [`try_block_on`] creates a
+//!   [`LocalRing`].
 //!
 //! Device futures submit SQEs to the current thread's driver and are woken from its CQEs.
 //!
@@ -17,6 +18,12 @@
 //! **Buffer lifetime.** An SQE points at memory the kernel uses until the CQE. [`submit_owned`]
 //! takes ownership of that memory and, should its future be dropped before the CQE (a torn-down
 //! executor), leaks it rather than free memory the kernel may still write.
+//!
+//! **Environment failures are errors.** A ring or eventfd that cannot be created, or an
+//! `io_uring_enter` that fails, is an [`Error`] ([`try_block_on`]), never a panic: the kernel
+//! may have io_uring disabled or the process may be out of memory or descriptors. EINTR and
+//! EBUSY (a completion queue that overflowed) are retried, at most [`ENTER_RETRIES_MAX`] times
+//! in a row. A request that cannot be queued completes with its errno, like a failed I/O.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -32,6 +39,8 @@ use std::time::Duration;
 
 use io_uring::{opcode, squeue, types, IoUring};
 use slab::Slab;
+
+use crate::error::{Error, ErrorKind, Result};
 
 /// The future of one submitted SQE: its CQE result (`>= 0`, or `-errno`).
 pub type SqeFuture = Pin<Box<dyn Future<Output = i32> + 'static>>;
@@ -311,16 +320,31 @@ where
 // ---------------------------------------------------------------------------------------------
 // LocalRing: the ring of threads that are not ublk queue threads
 
-/// Submission-queue entries of a [`LocalRing`].
-const LOCAL_RING_ENTRIES: u32 = 256;
-/// Completion-queue entries: room for every submission plus notifier and timer completions.
-const LOCAL_RING_CQ_ENTRIES: u32 = 1024;
+/// Submission- and completion-queue entries of a ring.
+#[derive(Clone, Copy, Debug)]
+struct RingSize {
+    sq_entries: u32,
+    cq_entries: u32,
+}
+
+/// The size of every [`LocalRing`]: 256 submissions, and room in the completion queue for
+/// every submission plus notifier and timer completions.
+const LOCAL_RING: RingSize = RingSize {
+    sq_entries: 256,
+    cq_entries: 1024,
+};
+
+/// Consecutive `io_uring_enter` calls that may fail with EINTR or EBUSY before the ring is
+/// given up as broken. A signal or an overflowed completion queue clears in one or two.
+pub const ENTER_RETRIES_MAX: u32 = 1024;
 
 /// A thread-owned io_uring with a slab of waiting futures.
 pub struct LocalRing {
     ring: RefCell<IoUring>,
     slots: RefCell<Slab<Slot>>,
     in_flight: Cell<usize>,
+    /// `io_uring_enter` calls in a row that failed with EINTR or EBUSY.
+    enter_retries: Cell<u32>,
 }
 
 enum Slot {
@@ -328,39 +352,66 @@ enum Slot {
     Done(i32),
 }
 
+/// Whether an `io_uring_enter` error is transient (a signal, a full completion queue).
+fn is_transient(err: &io::Error) -> bool {
+    matches!(err.raw_os_error(), Some(libc::EINTR) | Some(libc::EBUSY))
+}
+
 impl LocalRing {
     pub fn new() -> io::Result<Rc<LocalRing>> {
+        LocalRing::with_size(LOCAL_RING)
+    }
+
+    fn with_size(size: RingSize) -> io::Result<Rc<LocalRing>> {
         let ring = IoUring::builder()
-            .setup_cqsize(LOCAL_RING_CQ_ENTRIES)
-            .build(LOCAL_RING_ENTRIES)?;
+            .setup_cqsize(size.cq_entries)
+            .build(size.sq_entries)?;
         Ok(Rc::new(LocalRing {
             ring: RefCell::new(ring),
             slots: RefCell::new(Slab::new()),
             in_flight: Cell::new(0),
+            enter_retries: Cell::new(0),
         }))
     }
 
-    fn push(&self, sqe: squeue::Entry) {
-        let mut ring = self.ring.borrow_mut();
+    /// Counts one transient `io_uring_enter` failure; the error once there were too many.
+    fn note_transient(&self, err: io::Error) -> io::Result<()> {
+        let retries = self.enter_retries.get() + 1;
+        if retries > ENTER_RETRIES_MAX {
+            return Err(err);
+        }
+        self.enter_retries.set(retries);
+        Ok(())
+    }
+
+    /// Queues `sqe`; when the submission queue is full, hands it to the kernel first.
+    fn push(&self, sqe: &squeue::Entry) -> io::Result<()> {
         loop {
             // SAFETY: the caller of RingDriver::submit keeps the SQE's memory alive until its
             // CQE (submit_owned's contract).
-            if unsafe { ring.submission().push(&sqe) }.is_ok() {
-                return;
+            if unsafe { self.ring.borrow_mut().submission().push(sqe) }.is_ok() {
+                return Ok(());
             }
             // The SQ is full: hand it to the kernel and retry.
-            if let Err(err) = ring.submit() {
-                panic!("io_uring submit failed: {err}");
+            let submitted = self.ring.borrow().submit();
+            match submitted {
+                Ok(_) => self.enter_retries.set(0),
+                Err(err) if is_transient(&err) => {
+                    self.note_transient(err)?;
+                    // EBUSY: the completion queue overflowed; reaping makes room.
+                    self.reap();
+                }
+                Err(err) => return Err(err),
             }
         }
     }
 
     /// Submits queued SQEs and waits for at least one completion, then wakes its futures.
     fn wait_and_reap(&self) -> io::Result<()> {
-        match self.ring.borrow().submit_and_wait(1) {
-            Ok(_) => {}
-            Err(err) if err.raw_os_error() == Some(libc::EINTR) => {}
-            Err(err) if err.raw_os_error() == Some(libc::EBUSY) => {}
+        let waited = self.ring.borrow().submit_and_wait(1);
+        match waited {
+            Ok(_) => self.enter_retries.set(0),
+            Err(err) if is_transient(&err) => self.note_transient(err)?,
             Err(err) => return Err(err),
         }
         self.reap();
@@ -382,7 +433,9 @@ impl LocalRing {
                 Slot::Waiting(waker) => waker,
                 Slot::Done(_) => panic!("two CQEs for one request"),
             };
-            self.in_flight.set(self.in_flight.get() - 1);
+            let in_flight = self.in_flight.get();
+            assert!(in_flight > 0, "a completion with no request in flight");
+            self.in_flight.set(in_flight - 1);
             if let Some(waker) = waker {
                 waker.wake();
             }
@@ -398,7 +451,13 @@ impl LocalRing {
 impl RingDriver for Rc<LocalRing> {
     fn submit(&self, sqe: squeue::Entry) -> SqeFuture {
         let key = self.slots.borrow_mut().insert(Slot::Waiting(None));
-        self.push(sqe.user_data(key as u64));
+        if let Err(err) = self.push(&sqe.user_data(key as u64)) {
+            // Nothing was queued: the request fails like an I/O error, with the ring's errno.
+            self.slots.borrow_mut().remove(key);
+            log::error!("cannot queue an SQE on the io_uring: {err}");
+            let errno = err.raw_os_error().unwrap_or(libc::EIO);
+            return Box::pin(std::future::ready(-errno));
+        }
         self.in_flight.set(self.in_flight.get() + 1);
         Box::pin(LocalRingFuture {
             ring: Rc::clone(self),
@@ -432,18 +491,43 @@ impl Future for LocalRingFuture {
 
 /// Runs `future` to completion on this thread, with a [`LocalRing`] as the thread's driver and
 /// a fresh [`Executor`] for the tasks it spawns. Blocks in `io_uring_enter` while idle.
+///
+/// Fails, without running `future` to its end, when the ring or its eventfd cannot be created
+/// (io_uring disabled, out of memory or descriptors: [`ErrorKind::Unsupported`], exit 5) or
+/// when waiting on the ring fails for good.
+pub fn try_block_on<F>(future: F) -> Result<F::Output>
+where
+    F: Future + 'static,
+    F::Output: 'static,
+{
+    block_on_sized(LOCAL_RING, future)
+}
+
+/// [`try_block_on`] that panics on an environment failure: for tests and tools only.
 pub fn block_on<F>(future: F) -> F::Output
 where
     F: Future + 'static,
     F::Output: 'static,
 {
-    let ring = LocalRing::new().expect("create an io_uring (is io_uring disabled?)");
-    let notifier = Notifier::new().expect("create an eventfd");
+    match try_block_on(future) {
+        Ok(value) => value,
+        Err(err) => panic!("{}", err.chain().join(": ")),
+    }
+}
+
+fn block_on_sized<F>(size: RingSize, future: F) -> Result<F::Output>
+where
+    F: Future + 'static,
+    F::Output: 'static,
+{
+    let ring = LocalRing::with_size(size)
+        .map_err(|e| Error::with_source(ErrorKind::Unsupported, "cannot create an io_uring", e))?;
+    let notifier = Notifier::new().map_err(|e| Error::io("cannot create an eventfd", e))?;
     let _driver = install_driver(Rc::new(Rc::clone(&ring)));
     let executor = Executor::new(Some(notifier.clone()));
     let _current = executor.enter();
     let _notifier_task = executor.spawn(serve_notifier(notifier));
-    let main = executor.spawn(future);
+    let mut main = executor.spawn(future);
     loop {
         executor.run_ready();
         if main.is_finished() {
@@ -452,14 +536,13 @@ where
         if executor.has_ready() {
             continue;
         }
-        ring.wait_and_reap().expect("io_uring wait");
+        ring.wait_and_reap()
+            .map_err(|e| Error::io("waiting on the io_uring failed", e))?;
     }
     // Hand SQEs queued by the last tick to the kernel so they are not silently lost.
     let _ = ring.submit_pending();
-    let mut main = main;
-    let waker = Waker::noop();
-    match Pin::new(&mut main).poll(&mut Context::from_waker(waker)) {
-        Poll::Ready(value) => value,
+    match Pin::new(&mut main).poll(&mut Context::from_waker(Waker::noop())) {
+        Poll::Ready(value) => Ok(value),
         Poll::Pending => unreachable!("finished task is pending"),
     }
 }
@@ -515,6 +598,46 @@ mod tests {
         let got = block_on(async move { rx.recv().await.expect("recv") });
         assert_eq!(got, 7);
         sender.join().expect("sender");
+    }
+
+    /// A ring the kernel refuses is an error of kind Unsupported (exit 5), not a panic: zero
+    /// submission entries is EINVAL on every kernel, as an io_uring disabled by sysctl is EPERM.
+    #[test]
+    fn a_ring_that_cannot_be_created_is_an_error() {
+        let impossible = RingSize {
+            sq_entries: 0,
+            cq_entries: 0,
+        };
+        let ran = Rc::new(Cell::new(false));
+        let flag = Rc::clone(&ran);
+        let err = block_on_sized(impossible, async move { flag.set(true) })
+            .expect_err("a ring of zero entries");
+        assert_eq!(err.kind(), ErrorKind::Unsupported);
+        assert_eq!(err.kind().exit_code(), 5);
+        assert_eq!(err.to_string(), "cannot create an io_uring");
+        assert_eq!(err.chain().len(), 2, "{:?}", err.chain());
+        assert!(!ran.get(), "the future ran without a ring");
+    }
+
+    /// More requests at once than the submission queue holds: the full queue is handed to the
+    /// kernel and every request completes.
+    #[test]
+    fn a_full_submission_queue_is_submitted_not_a_panic() {
+        let n = 4 * LOCAL_RING.sq_entries as usize;
+        let results = try_block_on(async move {
+            let nops: Vec<_> = (0..n)
+                // SAFETY: a NOP points at no memory.
+                .map(|_| unsafe { submit_owned(opcode::Nop::new().build(), ()) })
+                .collect();
+            let mut results = Vec::with_capacity(nops.len());
+            for nop in nops {
+                results.push(nop.await.0);
+            }
+            results
+        })
+        .expect("ring");
+        assert_eq!(results.len(), n);
+        assert!(results.iter().all(|&r| r == 0), "{results:?}");
     }
 
     #[test]

@@ -59,6 +59,15 @@ impl LegOp {
 
 /// The bytes of `buf` (the data of `whole`) that fall on `piece`, as a buffer of their own.
 fn slice_of(buf: &AlignedBuf, whole: Extent, piece: Extent) -> Arc<AlignedBuf> {
+    assert_eq!(
+        buf.len(),
+        whole.len.to_usize_bytes(),
+        "a write's buffer is its extent"
+    );
+    assert!(
+        piece.start >= whole.start && piece.end() <= whole.end(),
+        "piece {piece} outside {whole}"
+    );
     let skip = (piece.start - whole.start).to_usize_bytes();
     let bytes = &buf.as_slice()[skip..skip + piece.len.to_usize_bytes()];
     Arc::new(AlignedBuf::from_slice(bytes))
@@ -128,6 +137,7 @@ impl Inner {
                 .extent_of(RegionIndex(last))
                 .end()
                 .min(extent.end());
+            assert!(end > start, "an empty write piece at {start}");
             pieces.push(Extent::new(start, end - start));
             (start, first) = (end, last + 1);
         }
@@ -153,6 +163,7 @@ impl Inner {
             self.lock().map.marked(&needs_mark);
         }
         let pieces: Vec<(RegionIndex, Extent)> = self.geometry.split_at_regions(extent).collect();
+        assert_eq!(pieces.len(), regions.len(), "one piece per region written");
         let (ops, who) = self.leg_ops(extent, op, &pieces, &targets, &in_sync);
         let results = join_all(ops).await;
         let outcome = self.settle_write(&pieces, &targets, &who, results);
@@ -169,6 +180,7 @@ impl Inner {
         targets: &[LegRef],
         in_sync: &[bool],
     ) -> (Vec<LegWrite>, Vec<(usize, usize)>) {
+        assert_eq!(in_sync.len(), pieces.len(), "a sync state per piece");
         let mut ops: Vec<LegWrite> = Vec::new();
         let mut who = Vec::new();
         for (p, &(_, piece)) in pieces.iter().enumerate() {
@@ -187,6 +199,7 @@ impl Inner {
                 let leg_extent = Extent::new(at, piece.len);
                 ops.push(match (op, &piece_buf) {
                     (LegOp::Write { flags, .. }, Some(b)) => {
+                        assert_eq!(b.len(), piece.len.to_usize_bytes(), "piece buffer");
                         leg.dev.write(at, Arc::clone(b), *flags)
                     }
                     (LegOp::Discard, _) => leg.dev.discard(leg_extent),
@@ -207,6 +220,7 @@ impl Inner {
         who: &[(usize, usize)],
         results: Vec<io::Result<()>>,
     ) -> io::Result<()> {
+        assert_eq!(who.len(), results.len(), "a result per leg I/O");
         let mut piece_ok = vec![true; pieces.len()];
         let mut failed = vec![false; targets.len()];
         let mut took = Vec::new();
@@ -290,6 +304,7 @@ impl Inner {
                     }
                 }
                 if !wait {
+                    assert!(needs.len() <= regions.len(), "a mark per region at most");
                     held.regions.clear();
                     st.writes_started += 1;
                     for &region in regions {
@@ -379,6 +394,12 @@ impl Inner {
             match res {
                 Ok(()) => {
                     let at = (sub.extent.start - extent.start).to_usize_bytes();
+                    assert_eq!(
+                        part.len(),
+                        sub.extent.len.to_usize_bytes(),
+                        "sub-read buffer"
+                    );
+                    assert!(at + part.len() <= buf.len(), "sub-read outside the read");
                     buf.as_mut_slice()[at..at + part.len()].copy_from_slice(part.as_slice());
                 }
                 Err(err) => outcome = Err(err),
@@ -434,6 +455,7 @@ impl Inner {
             }
             let ways = legs.len() as u64;
             let chunk = piece.len.0.div_ceil(ways).next_multiple_of(8);
+            assert!(chunk > 0, "an empty split of {piece}");
             let mut skip = 0;
             let mut i = 0;
             while skip < piece.len.0 {
@@ -461,7 +483,8 @@ impl Inner {
         for leg in &sub.candidates {
             leg.stats.in_flight.fetch_add(1, Ordering::Relaxed);
             let (res, back) = leg.dev.read(at, buf).await;
-            leg.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+            let before = leg.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+            assert!(before > 0, "leg {} in-flight count went negative", leg.slot);
             LegStats::bump(&leg.stats.reads);
             buf = back;
             match res {

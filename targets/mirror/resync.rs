@@ -186,6 +186,14 @@ impl Inner {
                 let Some(region) = st.map.next_to_recover() else {
                     break;
                 };
+                assert!(
+                    region.0 < self.geometry.count().0,
+                    "{region} past the mirror's end"
+                );
+                assert!(
+                    !d.jobs.contains_key(&region.0),
+                    "{region} copied twice at once"
+                );
                 let Some(source) = st.source_for(region) else {
                     // No in-sync leg is present: nothing can be copied.
                     break;
@@ -216,6 +224,10 @@ impl Inner {
                 }
                 let source = st.leg_ref(source).expect("in-sync legs are present");
                 let extent = self.geometry.extent_of(region);
+                assert!(
+                    dests.len() <= crate::copy::MAX_DESTS,
+                    "more legs than a copy writes"
+                );
                 let at = crate::units::Extent::new(self.leg_sector(extent.start), extent.len);
                 let copy = CopyJob::copy(
                     Location::new(&source.dev, at),
@@ -238,6 +250,10 @@ impl Inner {
             match self.engine.submit(copy, region.0, &self.completions).await {
                 Ok(_) => {
                     d.jobs.insert(region.0, job);
+                    assert!(
+                        d.jobs.len() <= self.tuning.resync_depth.max(1),
+                        "more copies in flight than the resync depth"
+                    );
                 }
                 Err(err) => {
                     log::error!("mirror {}: cannot submit a resync copy: {err}", self.uuid);
@@ -257,6 +273,10 @@ impl Inner {
             .jobs
             .remove(&done.token)
             .expect("a completion for a copy we submitted");
+        assert!(
+            region.0 < self.geometry.count().0,
+            "{region} past the mirror's end"
+        );
         for dest in done.write_errors.iter() {
             let (slot, generation) = job.dests[dest];
             if let Some(leg) = self.lock().leg_ref(slot) {
@@ -310,7 +330,12 @@ impl Inner {
                 st.read_attempts.remove(&region);
                 st.progress.done += 1;
             }
-            let out_of_sync = self.geometry.count().0 - st.map.sync_count().0;
+            let in_sync = st.map.sync_count().0;
+            assert!(
+                in_sync <= self.geometry.count().0,
+                "more regions in sync than exist"
+            );
+            let out_of_sync = self.geometry.count().0 - in_sync;
             st.progress
                 .observe(out_of_sync, self.engine.stats().bytes_done);
         }

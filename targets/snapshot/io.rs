@@ -37,6 +37,14 @@ pub struct ChunkGuard<'a> {
 }
 
 impl ChunkLocks {
+    /// Whether `chunk` is locked exclusively now, or a writer waits for it: for assertions
+    /// that the caller holds it exclusively (then this is always true).
+    fn is_exclusive(&self, chunk: u64) -> bool {
+        let map = self.map.lock().expect("chunk locks");
+        map.get(&chunk)
+            .is_some_and(|lock| lock.try_read().is_none())
+    }
+
     fn get(&self, chunk: u64) -> Arc<RwLock<()>> {
         let mut map = self.map.lock().expect("chunk locks");
         Arc::clone(map.entry(chunk).or_default())
@@ -143,6 +151,11 @@ fn invalidations(mask: u64, reason: Reason) -> impl Iterator<Item = Record> {
 impl Inner {
     fn chunk_len(&self, c: u64) -> SectorCount {
         let chunk = self.layout.chunk.0;
+        let start = c.checked_mul(chunk).expect("chunk offset overflow");
+        assert!(
+            start < self.layout.origin_size.0,
+            "chunk {c} past the origin"
+        );
         SectorCount(chunk.min(self.layout.origin_size.0 - c * chunk))
     }
 
@@ -151,6 +164,7 @@ impl Inner {
     }
 
     fn cow_chunk(&self, k: u64, c: u64) -> Extent {
+        assert!(k < self.layout.data_chunks, "COW chunk {k} past the store");
         let start = self.layout.data_start + SectorCount(k * self.layout.chunk.0);
         Extent::new(start, self.chunk_len(c))
     }
@@ -165,6 +179,7 @@ impl Inner {
         sources: &[Option<u64>],
         mut buf: AlignedBuf,
     ) -> ReadDone {
+        assert_eq!(sources.len(), pieces.len(), "a source per piece");
         let mut groups: Vec<Range<usize>> = Vec::new();
         for i in 0..pieces.len() {
             let joins = i > 0
@@ -205,6 +220,10 @@ impl Inner {
                 continue;
             }
             let at = pieces[g.start].buf_at;
+            assert!(
+                at + piece.len() <= buf.len(),
+                "a read group outside the request"
+            );
             buf.as_mut_slice()[at..at + piece.as_slice().len()].copy_from_slice(piece.as_slice());
         }
         (result, buf)
@@ -226,6 +245,7 @@ impl Inner {
         while at < extent.end().0 {
             let c = at / chunk;
             let end = ((c + 1) * chunk).min(extent.end().0);
+            assert!(end > at, "an empty piece at sector {at}");
             out.push(Piece {
                 chunk: c,
                 offset: SectorCount(at - c * chunk),
@@ -251,6 +271,7 @@ impl Inner {
 
     /// The origin extent and the COW extent of a run of `pairs` (see [`runs`]).
     fn run_extents(&self, pairs: &[(u64, u64)]) -> (Extent, Extent) {
+        assert!(!pairs.is_empty(), "an empty run");
         let (c, k) = pairs[0];
         let len = SectorCount(pairs.iter().map(|&(c, _)| self.chunk_len(c).0).sum());
         (
@@ -279,6 +300,11 @@ impl Inner {
             })
             .collect();
         let mut ok = vec![false; pairs.len()];
+        assert_eq!(
+            runs.last().map_or(0, |r| r.end),
+            pairs.len(),
+            "runs cover the pairs"
+        );
         for (r, good) in runs.into_iter().zip(join_all(jobs).await) {
             ok[r].fill(good);
         }
@@ -301,6 +327,7 @@ impl Inner {
         {
             let mut store = self.store();
             for &c in chunks {
+                assert!(self.locks.is_exclusive(c), "chunk {c} preserved unlocked");
                 let mask = store.needing(c) & !overflow;
                 if mask == 0 {
                     continue;

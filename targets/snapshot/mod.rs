@@ -571,7 +571,9 @@ impl Inner {
         // An epoch no earlier compaction can have used: one whose superblock never landed left
         // its checkpoint in this area under the epoch it took, and had this one taken the same,
         // that checkpoint's blocks past the end of this one would read as log.
-        let epoch = w.epoch.wrapping_add(1 + u64::from(rand::random::<u32>()));
+        let epoch = w
+            .epoch
+            .wrapping_add(1 + u64::from(uuid::Uuid::new_v4().as_u128() as u32));
         let bytes = format::encode_blocks(l.uuid, epoch, 0, &records);
         let n = (bytes.len() / BLOCK) as u64;
         if n > l.area_blocks {
