@@ -22,6 +22,7 @@
 # dev_sum DEV               sha256 of all of DEV, read O_DIRECT
 # file_sum FILE             sha256 of FILE
 # random_image FILE MIB     a file of MIB MiB of random bytes (a model to write and compare)
+# fill_random DEV FILE MIB  random_image FILE MIB, written to DEV (O_DIRECT); dies if it fails
 # put DEV OFF LEN [MODEL..] writes LEN random bytes at byte OFF to DEV (O_DIRECT) and to each
 #                           MODEL file; fails if the device write fails
 # same_image DEV FILE       whether DEV (read O_DIRECT) holds exactly FILE's bytes
@@ -85,6 +86,12 @@ file_sum() { sha256sum <"${1:?file_sum FILE}" | cut -d' ' -f1; }
 
 random_image() {
 	head -c "$((${2:?random_image FILE MIB} << 20))" /dev/urandom >"${1:?random_image FILE MIB}"
+}
+
+fill_random() {
+	local dev=${1:?fill_random DEV FILE MIB} file=${2:?fill_random DEV FILE MIB} mib=${3:?fill_random DEV FILE MIB}
+	random_image "$file" "$mib"
+	dd if="$file" of="$dev" bs=1M oflag=direct status=none || die "cannot fill $dev"
 }
 
 put() {

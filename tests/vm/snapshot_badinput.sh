@@ -24,8 +24,7 @@ tiny=$(dm_create tiny "0 8 linear /dev/vdb $((200 << 11))")
 small=$(slice small /dev/vdb 16 8)
 cow=$(slice cow /dev/vdb 32 64)
 lin_disk=$(slice lin /dev/vdb 128 16)
-random_image "$T/origin.img" $MIB
-dd if="$T/origin.img" of="$orig" bs=1M oflag=direct status=none || die "cannot fill the origin"
+fill_random "$orig" "$T/origin.img" $MIB
 
 # NAME WANT_RC CMD..: WANT_RC "any" for any non-zero exit.
 expect_refusal() {

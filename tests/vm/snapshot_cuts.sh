@@ -59,8 +59,7 @@ counted() {
 window() { echo $(((($1 - 1) % 2) * 8)); }
 
 first_boot() {
-	random_image "$T/s1.img" $MIB
-	dd if="$T/s1.img" of="$orig" bs=1M oflag=direct status=none || die "cannot fill the origin"
+	fill_random "$orig" "$T/s1.img" $MIB
 	dev=$(add_origin "$orig" "$cow") || die "add origin failed"
 	id=$(dev_id "$dev")
 	snap_create "$id" s1 >/dev/null || die "snapshot s1 failed"

@@ -30,8 +30,7 @@ trap 'umount "$SNAP_MNT" "$MNT" 2>/dev/null; fsfreeze -u "$MNT" 2>/dev/null; _co
 
 orig=$(slice origin /dev/vda 0 $MIB)
 cow=$(slice cow /dev/vdb 0 64)
-random_image "$T/old.img" $MIB
-dd if="$T/old.img" of="$orig" bs=1M oflag=direct status=none || die "cannot fill the origin"
+fill_random "$orig" "$T/old.img" $MIB
 dev=$(add_origin "$orig" "$cow") || die "add origin failed"
 id=$(dev_id "$dev")
 set_sched_none "$dev"

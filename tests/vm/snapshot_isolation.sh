@@ -23,8 +23,7 @@ MIB=16
 CHUNK=16384
 orig=$(slice origin /dev/vda 0 $MIB)
 cow=$(slice cow /dev/vdb 0 64)
-random_image "$T/origin.img" $MIB
-dd if="$T/origin.img" of="$orig" bs=1M oflag=direct status=none || die "cannot fill the origin"
+fill_random "$orig" "$T/origin.img" $MIB
 
 dev=$(add_origin "$orig" "$cow") || die "add origin failed"
 id=$(dev_id "$dev")

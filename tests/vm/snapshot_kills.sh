@@ -26,8 +26,7 @@ ACKED_RATE=${ACKED_RATE:-250}
 MIB=16
 orig=$(slice origin /dev/vda 0 $MIB)
 cow=$(slice cow /dev/vdb 0 64)
-random_image "$T/s1.img" $MIB
-dd if="$T/s1.img" of="$orig" bs=1M oflag=direct status=none || die "cannot fill the origin"
+fill_random "$orig" "$T/s1.img" $MIB
 dev=$(add_origin "$orig" "$cow") || die "add origin failed"
 id=$(dev_id "$dev")
 set_sched_none "$dev"

@@ -24,8 +24,7 @@ MIB=16
 CHUNK=16384
 orig=$(slow_slice origin /dev/vda 0 $MIB)
 cow=$(slice cow /dev/vdb 0 64)
-random_image "$T/origin.img" $MIB
-dd if="$T/origin.img" of="$orig" bs=1M oflag=direct status=none || die "cannot fill the origin"
+fill_random "$orig" "$T/origin.img" $MIB
 # One chunk per merge step (as before merges were batched), so that a merge can be caught.
 export UBLKDM_MERGE_STEP_CHUNKS=1
 dev=$(add_origin "$orig" "$cow") || die "add origin failed"

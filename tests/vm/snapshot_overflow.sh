@@ -17,8 +17,7 @@ set -uo pipefail
 MIB=16
 orig=$(slice origin /dev/vda 0 $MIB)
 cow=$(slice cow /dev/vdb 0 8)
-random_image "$T/origin.img" $MIB
-dd if="$T/origin.img" of="$orig" bs=1M oflag=direct status=none || die "cannot fill the origin"
+fill_random "$orig" "$T/origin.img" $MIB
 dev=$(add_origin "$orig" "$cow") || die "add origin failed"
 id=$(dev_id "$dev")
 s1=$(snap_create "$id" s1) || die "snapshot create failed"

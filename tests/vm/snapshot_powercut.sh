@@ -32,8 +32,7 @@ job=(--direct=1 --ioengine=io_uring --rw=randwrite --bs=4k --iodepth=16 --offset
 phase1() {
 	local a ida b idb a1 trigger noise_pid fio_pid merge
 	# Group B first: its merge is to run at the cut.
-	random_image "$T/b1.img" $MIB
-	dd if="$T/b1.img" of="$orig_b" bs=1M oflag=direct status=none || die "cannot fill origin B"
+	fill_random "$orig_b" "$T/b1.img" $MIB
 	# One chunk per merge step, so that the merge is still running at the cut.
 	export UBLKDM_MERGE_STEP_CHUNKS=1
 	b=$(add_origin "$orig_b" "$cow_b") || die "add origin B failed"
@@ -46,8 +45,7 @@ phase1() {
 	write_delay origb /dev/vda 64 $MIB 50 || die "cannot slow origin B down"
 	ublkdm snapshot merge "$idb" b1 >/dev/null || die "merge of b1 failed to start"
 
-	random_image "$T/a1.img" $MIB
-	dd if="$T/a1.img" of="$orig_a" bs=1M oflag=direct status=none || die "cannot fill origin A"
+	fill_random "$orig_a" "$T/a1.img" $MIB
 	a=$(add_origin "$orig_a" "$cow_a") || die "add origin A failed"
 	ida=$(dev_id "$a")
 	a1=$(snap_create "$ida" a1) || die "snapshot a1 failed"

@@ -21,8 +21,7 @@ MIB=16
 FIRST=256 # chunks in the last 4 MiB
 orig=$(slice origin /dev/vda 0 $MIB)
 cow=$(slice cow /dev/vdb 0 64)
-random_image "$T/origin.img" $MIB
-dd if="$T/origin.img" of="$orig" bs=1M oflag=direct status=none || die "cannot fill the origin"
+fill_random "$orig" "$T/origin.img" $MIB
 dev=$(add_origin "$orig" "$cow") || die "add origin failed"
 id=$(dev_id "$dev")
 set_sched_none "$dev"
