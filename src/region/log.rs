@@ -1224,6 +1224,39 @@ mod tests {
         dev.poke(at, &bytes);
     }
 
+    /// An image with fixed fields and bits, byte for byte, as the format was first written:
+    /// any change to the on-disk format fails here.
+    #[test]
+    fn image_encoding_is_unchanged() {
+        let header = Header {
+            uuid: Uuid::from_u128(0x0123_4567_89ab_cdef_0011_2233_4455_6677),
+            sequence: 0x1122_3344,
+            events: 9,
+            device_size: SectorCount(100_000),
+            region_size: SectorCount(128),
+            region_count: RegionCount(782),
+            area_len: SectorCount(64),
+        };
+        let bits = bits_of(782, &[0, 1, 7, 8, 300, 781]);
+        let image = encode_image(&header, &bits, image_sectors(RegionCount(782)));
+        const GOLDEN: &[(usize, &str)] = &[
+            (
+                0,
+                "5542444d444c4f47010000007e4630400123456789abcdef0011223344556677",
+            ),
+            (32, "44332211000000000900000000000000a08601000000000080"),
+            (64, "0e0300000000000040"),
+            (512, "8301"),
+            (549, "10"),
+            (609, "20"),
+        ];
+        crate::format::golden::assert_image(image.as_slice(), 4096, GOLDEN);
+        let image = crate::format::golden::image(4096, GOLDEN);
+        assert_eq!(decode_header(&image[..HEADER_BYTES]), Ok(header.clone()));
+        let (back, back_bits) = decode_image(&image, SectorCount(64)).expect("golden image");
+        assert_eq!((back, back_bits), (header, bits));
+    }
+
     /// Counters near their limit would overflow at the next commit: a crafted log is corrupt
     /// (the older slot is used), never a panic.
     #[test]

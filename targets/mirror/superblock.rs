@@ -598,6 +598,27 @@ mod tests {
             .contains("checksum"));
     }
 
+    /// The encoding of `sample()`, byte for byte, as the format was first written: any
+    /// change to the on-disk format fails here.
+    #[test]
+    fn superblock_encoding_is_unchanged() {
+        const GOLDEN: &[(usize, &str)] = &[
+            (
+                0,
+                "5542444d4d4952520100000090a00b9100000000000000000000000000000abc",
+            ),
+            (32, "03000000000000000700000000000000050000000000000040"),
+            (65, "080000000000000018000000000000100000000000000010"),
+            (128, "01"),
+            (151, "010020"),
+            (272, "02"),
+            (295, "022823"),
+        ];
+        crate::format::golden::assert_image(sample().encode().as_slice(), 4096, GOLDEN);
+        let image = crate::format::golden::image(4096, GOLDEN);
+        assert_eq!(Superblock::decode(&image), Ok(sample()));
+    }
+
     #[test]
     fn a_torn_update_falls_back_to_the_other_slot() {
         let dev: DeviceRef = MemDevice::new("leg", SectorCount(8192));

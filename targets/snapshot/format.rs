@@ -465,6 +465,87 @@ mod tests {
         assert_eq!(Superblock::decode(&[0u8; BLOCK]).expect("blank"), None);
     }
 
+    fn fixed_layout() -> Layout {
+        Layout::plan(
+            Uuid::from_u128(0x5eed_0000_0000_0000_0000_0000_0000_0001),
+            SectorCount(32),
+            SectorCount(1000),
+            SectorCount(8192),
+        )
+        .expect("layout")
+    }
+
+    /// A superblock with fixed fields, byte for byte, as the format was first written: any
+    /// change to the on-disk format fails here.
+    #[test]
+    fn superblock_encoding_is_unchanged() {
+        let sb = Superblock {
+            layout: fixed_layout(),
+            sequence: 0x0102_0304_0506,
+            active_area: 1,
+            epoch: 77,
+        };
+        const GOLDEN: &[(usize, &str)] = &[
+            (
+                0,
+                "5542444d534e415001000000a87d98a55eed0000000000000000000000000001",
+            ),
+            (32, "06050403020100002000000000000000e8030000000000000020"),
+            (64, "0e000000000000000001000000000000f80000000000000001"),
+            (96, "4d"),
+        ];
+        crate::format::golden::assert_image(&sb.encode(), BLOCK, GOLDEN);
+        let image = crate::format::golden::image(BLOCK, GOLDEN);
+        assert_eq!(Superblock::decode(&image).expect("golden"), Some(sb));
+    }
+
+    /// A log block holding one record of every type, byte for byte, as the format was first
+    /// written.
+    #[test]
+    fn log_block_encoding_is_unchanged() {
+        let records = [
+            Record::Create {
+                slot: 3,
+                seq: 9,
+                state: SnapState::Invalid(Reason::Overflow),
+                merge_total: 5,
+                name: "nightly".into(),
+            },
+            Record::Delete { slot: 1 },
+            Record::Invalidate {
+                slot: 2,
+                reason: Reason::CopyError,
+            },
+            Record::MergeStart { slot: 3, total: 12 },
+            Record::Map {
+                cow: 0x0a0b,
+                origin: 0x0c0d,
+                mask: 1 << 63 | 5,
+            },
+            Record::Unmap {
+                slot: 63,
+                origin: 77,
+            },
+        ];
+        let bytes = encode_blocks(fixed_layout().uuid, 0x00ee_0001, 42, &records);
+        const GOLDEN: &[(usize, &str)] = &[
+            (
+                0,
+                "5542444d534c4f4739bdd9944e0000005eed0000000000000000000000000001",
+            ),
+            (
+                32,
+                "0100ee00000000002a0000000000000001030900000000000000010105",
+            ),
+            (68, "076e696768746c79020103020204030c00000000000000050b0a"),
+            (100, "0d0c0000000000000500000000000080063f4d"),
+        ];
+        crate::format::golden::assert_image(&bytes, BLOCK, GOLDEN);
+        let image = crate::format::golden::image(BLOCK, GOLDEN);
+        let back = decode_block(&image, fixed_layout().uuid, 0x00ee_0001, 42);
+        assert_eq!(back.as_deref(), Some(&records[..]));
+    }
+
     #[test]
     fn records_round_trip_across_blocks() {
         let mut records = vec![
