@@ -37,8 +37,3 @@ pub fn write_header<H: IntoBytes + Immutable>(image: &mut [u8], header: &H) {
     let bytes = header.as_bytes();
     image[..bytes.len()].copy_from_slice(bytes);
 }
-
-/// A 16-byte UUID field.
-pub fn uuid_bytes(uuid: uuid::Uuid) -> [u8; 16] {
-    *uuid.as_bytes()
-}
