@@ -38,11 +38,12 @@ mod tests {
     use super::*;
     use crate::device::reactor::run_local;
     use crate::device::MemDevice;
+    use crate::units::SECTOR_BYTES;
 
     #[test]
     fn reads_are_bounded() {
         let mem = MemDevice::new("m", SectorCount(64));
-        mem.poke(Sector(8), &[7u8; 512]);
+        mem.poke(Sector(8), &[7u8; SECTOR_BYTES as usize]);
         let dev: DeviceRef = mem;
         let d = dev.clone();
         let buf = run_local(async move {
@@ -50,7 +51,9 @@ mod tests {
         })
         .expect("read");
         assert_eq!(buf.len(), 1024);
-        assert!(buf.as_slice()[..512].iter().all(|&b| b == 7));
+        assert!(buf.as_slice()[..SECTOR_BYTES as usize]
+            .iter()
+            .all(|&b| b == 7));
         let err = run_local(async move {
             read_at(&dev, Sector(0), SectorCount(9), SectorCount(8), || {
                 "the test area".into()

@@ -785,6 +785,7 @@ mod tests {
     use std::time::Duration;
 
     const REGIONS: u64 = 1000;
+    const SECTOR: usize = SECTOR_BYTES as usize;
 
     fn geometry(regions: u64) -> RegionGeometry {
         RegionGeometry::new(SectorCount(regions * 8), SectorCount(8)).expect("geometry")
@@ -1067,11 +1068,11 @@ mod tests {
         let log = create(dev.clone(), REGIONS);
         run_local(async move { log.mark(&indices(&[3])).await.expect("mark") });
         // The mark went to slot A (create left slot B newest); corrupt it: B, older, remains.
-        dev.poke(Sector(8 + 1), &[0xff; 512]);
+        dev.poke(Sector(8 + 1), &[0xff; SECTOR]);
         let (_, bits) = reopen(dev.clone(), REGIONS).expect("slot B is valid");
         assert!(bits.none());
         let half = image_sectors(RegionCount(REGIONS));
-        dev.poke(Sector(8) + half, &[0xff; 512]);
+        dev.poke(Sector(8) + half, &[0xff; SECTOR]);
         let err = reopen(dev, REGIONS).expect_err("both slots are bad");
         assert_eq!(err.kind(), ErrorKind::Corrupt);
         assert!(
@@ -1300,7 +1301,7 @@ mod tests {
             });
             craft_slot_b(&dev, REGIONS, &[(field, u64::MAX)]);
             let a = area(REGIONS).start;
-            dev.poke(a, &[0xff; 512]);
+            dev.poke(a, &[0xff; SECTOR]);
             let err = reopen(dev, REGIONS).expect_err("no valid slot");
             assert_eq!(err.kind(), ErrorKind::Corrupt);
             let name = if field == 32 {
@@ -1344,7 +1345,7 @@ mod tests {
                 fields.into_iter().map(|(i, v)| (32 + 8 * i, v)).collect();
             craft_slot_b(&dev, REGIONS, &fields);
             if second {
-                dev.poke(area(REGIONS).start, &[0; 512]);
+                dev.poke(area(REGIONS).start, &[0; SECTOR]);
             }
             match reopen(dev, REGIONS) {
                 Ok((log, bits)) => {
@@ -1400,8 +1401,8 @@ mod tests {
             });
             let written = dev.snapshot(target);
             for cut in 0..=target.len.0 as usize {
-                let mut image = written[..cut * 512].to_vec();
-                image.extend_from_slice(&before[cut * 512..]);
+                let mut image = written[..cut * SECTOR].to_vec();
+                image.extend_from_slice(&before[cut * SECTOR..]);
                 dev.poke(target.start, &image);
                 let (_, bits) = reopen(dev.clone(), BIG).expect("a valid slot remains");
                 prop_assert!(bits == old || bits == new, "cut at sector {}", cut);

@@ -748,9 +748,9 @@ mod tests {
     #[test]
     fn md_superblock_at_the_end_is_foreign() {
         let mem = MemDevice::new("md", SectorCount(8192));
-        let bytes = 8192u64 * 512;
-        let at = ((bytes & !0xffff) - 0x10000) / 512;
-        let mut sector = vec![0u8; 512];
+        let bytes = 8192 * SECTOR_BYTES;
+        let at = ((bytes & !0xffff) - 0x10000) / SECTOR_BYTES;
+        let mut sector = vec![0u8; SECTOR_BYTES as usize];
         sector[..4].copy_from_slice(&0xa92b_4efc_u32.to_le_bytes());
         sector[8..12].copy_from_slice(&90u32.to_le_bytes());
         mem.poke(Sector(at), &sector);
