@@ -11,6 +11,11 @@ use std::ops::{Add, Sub};
 pub const SECTOR_BYTES: u64 = 512;
 /// log2 of [`SECTOR_BYTES`].
 pub const SECTOR_SHIFT: u32 = 9;
+/// Bytes in one metadata block: every on-disk structure (superblock slot, log image, log
+/// block) is a whole number of these, so its I/O is aligned for any logical block size served.
+pub const BLOCK_BYTES: u64 = 4096;
+/// [`BLOCK_BYTES`] in sectors.
+pub const BLOCK_SECTORS: SectorCount = SectorCount(BLOCK_BYTES / SECTOR_BYTES);
 
 /// A position on a device, in 512-byte sectors from its start.
 #[derive(

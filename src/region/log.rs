@@ -60,15 +60,56 @@ use super::bitmap::RegionBitmap;
 use super::geometry::{RegionCount, RegionGeometry, RegionIndex, RegionRange, MAX_REGION_COUNT};
 use crate::device::{AlignedBuf, DeviceRef, WriteFlags};
 use crate::error::{Error, ErrorKind, IoContext, Result};
-use crate::units::{Extent, Sector, SectorCount, SECTOR_BYTES};
+use crate::format::{self, crc, magic, FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
+use crate::format::{U32, U64};
+use crate::units::{Extent, Sector, SectorCount, BLOCK_SECTORS, SECTOR_BYTES};
 
-const MAGIC: [u8; 8] = *b"UBDMDLOG";
+const MAGIC: magic::Magic = magic::DIRTY_LOG;
 const VERSION: u32 = 1;
 const HEADER_BYTES: usize = SECTOR_BYTES as usize;
 /// Images, slots and the area are multiples of 4 KiB, so that every log I/O is aligned for
 /// any logical block size we serve.
-const ALIGN: SectorCount = SectorCount(8);
-const CRC_AT: std::ops::Range<usize> = 12..16;
+const ALIGN: SectorCount = BLOCK_SECTORS;
+
+/// An image's header as it lies on disk (the table in this file's doc).
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+struct RawHeader {
+    magic: [u8; 8],
+    version: U32,
+    crc: U32,
+    uuid: [u8; 16],
+    sequence: U64,
+    events: U64,
+    device_size: U64,
+    region_size: U64,
+    region_count: U64,
+    area_len: U64,
+    zero: [u8; 432],
+}
+
+// The offsets of the table in this file's doc.
+const _: () = {
+    use std::mem::{offset_of, size_of};
+    assert!(offset_of!(RawHeader, version) == 8);
+    assert!(offset_of!(RawHeader, crc) == 12);
+    assert!(offset_of!(RawHeader, uuid) == 16);
+    assert!(offset_of!(RawHeader, sequence) == 32);
+    assert!(offset_of!(RawHeader, events) == 40);
+    assert!(offset_of!(RawHeader, device_size) == 48);
+    assert!(offset_of!(RawHeader, region_size) == 56);
+    assert!(offset_of!(RawHeader, region_count) == 64);
+    assert!(offset_of!(RawHeader, area_len) == 72);
+    assert!(offset_of!(RawHeader, zero) == 80);
+    assert!(size_of::<RawHeader>() == HEADER_BYTES);
+};
+
+const CRC_AT: usize = std::mem::offset_of!(RawHeader, crc);
+/// The most sectors one read of the log takes: an image of a log of `MAX_REGION_COUNT`
+/// regions (a slot's first block is read before its header is trusted).
+fn max_image() -> SectorCount {
+    image_sectors(MAX_REGION_COUNT)
+}
 
 /// The sectors of one image of a log of `count` regions: header and bitmap, rounded up to
 /// 4 KiB.
@@ -611,9 +652,10 @@ async fn read_slot(
 }
 
 async fn read_sectors(dev: &DeviceRef, at: Sector, len: SectorCount) -> Result<AlignedBuf> {
-    let (result, buf) = dev.read(at, AlignedBuf::for_sectors(len)).await;
-    result.context(|| format!("read the dirty log at {at} on {}", dev.info().name))?;
-    Ok(buf)
+    format::read::read_at(dev, at, len, max_image(), || {
+        format!("read the dirty log at {at} on {}", dev.info().name)
+    })
+    .await
 }
 
 /// The image of `header` and `bits`, `image` sectors long, with its crc filled in.
@@ -623,38 +665,26 @@ fn encode_image(header: &Header, bits: &RegionBitmap, image: SectorCount) -> Ali
         header.region_count,
         "bitmap of another geometry"
     );
+    let raw = RawHeader {
+        magic: MAGIC,
+        version: U32::new(VERSION),
+        crc: U32::ZERO,
+        uuid: *header.uuid.as_bytes(),
+        sequence: U64::new(header.sequence),
+        events: U64::new(header.events),
+        device_size: U64::new(header.device_size.0),
+        region_size: U64::new(header.region_size.0),
+        region_count: U64::new(header.region_count.0),
+        area_len: U64::new(header.area_len.0),
+        zero: [0; 432],
+    };
     let mut buf = AlignedBuf::for_sectors(image);
     let bytes = buf.as_mut_slice();
-    bytes[0..8].copy_from_slice(&MAGIC);
-    bytes[8..12].copy_from_slice(&VERSION.to_le_bytes());
-    bytes[16..32].copy_from_slice(header.uuid.as_bytes());
-    let fields = [
-        header.sequence,
-        header.events,
-        header.device_size.0,
-        header.region_size.0,
-        header.region_count.0,
-        header.area_len.0,
-    ];
-    for (i, value) in fields.iter().enumerate() {
-        bytes[32 + 8 * i..40 + 8 * i].copy_from_slice(&value.to_le_bytes());
-    }
+    format::write_header(bytes, &raw);
     let bitmap_len = RegionBitmap::byte_len(bits.len());
     bits.write_le_bytes(&mut bytes[HEADER_BYTES..HEADER_BYTES + bitmap_len]);
-    let crc = image_crc(bytes);
-    bytes[CRC_AT].copy_from_slice(&crc.to_le_bytes());
+    crc::seal(bytes, CRC_AT);
     buf
-}
-
-/// The crc32c of an image with its crc field taken as zero.
-fn image_crc(image: &[u8]) -> u32 {
-    let crc = crc32c::crc32c(&image[..CRC_AT.start]);
-    let crc = crc32c::crc32c_append(crc, &[0; 4]);
-    crc32c::crc32c_append(crc, &image[CRC_AT.end..])
-}
-
-fn le_u64(bytes: &[u8], at: usize) -> u64 {
-    u64::from_le_bytes(bytes[at..at + 8].try_into().expect("eight bytes"))
 }
 
 /// The highest sequence number or event counter a header may carry: far beyond any log's
@@ -667,24 +697,24 @@ const MAX_DEVICE_SECTORS: u64 = u64::MAX / SECTOR_BYTES;
 /// count and size is bounded here, before anything is sized from it; the error names the
 /// field.
 fn decode_header(sector: &[u8]) -> std::result::Result<Header, String> {
-    if sector.len() < HEADER_BYTES {
+    let Some(raw) = format::header::<RawHeader>(sector) else {
         return Err(format!("is {} bytes, shorter than a header", sector.len()));
-    }
-    if sector[0..8] != MAGIC {
+    };
+    if raw.magic != MAGIC {
         return Err("has no dirty log magic".to_owned());
     }
-    let version = u32::from_le_bytes(sector[8..12].try_into().expect("four bytes"));
+    let version = raw.version.get();
     if version != VERSION {
         return Err(format!("has version {version}, not {VERSION}"));
     }
     let header = Header {
-        uuid: Uuid::from_bytes(sector[16..32].try_into().expect("sixteen bytes")),
-        sequence: le_u64(sector, 32),
-        events: le_u64(sector, 40),
-        device_size: SectorCount(le_u64(sector, 48)),
-        region_size: SectorCount(le_u64(sector, 56)),
-        region_count: RegionCount(le_u64(sector, 64)),
-        area_len: SectorCount(le_u64(sector, 72)),
+        uuid: Uuid::from_bytes(raw.uuid),
+        sequence: raw.sequence.get(),
+        events: raw.events.get(),
+        device_size: SectorCount(raw.device_size.get()),
+        region_size: SectorCount(raw.region_size.get()),
+        region_count: RegionCount(raw.region_count.get()),
+        area_len: SectorCount(raw.area_len.get()),
     };
     let bounds = [
         ("sequence number", header.sequence, MAX_COUNTER),
@@ -709,8 +739,7 @@ fn decode_image(
     area_len: SectorCount,
 ) -> std::result::Result<(Header, RegionBitmap), String> {
     let header = decode_header(&image[..HEADER_BYTES])?;
-    let stored = u32::from_le_bytes(image[CRC_AT].try_into().expect("four bytes"));
-    if stored != image_crc(image) {
+    if !crc::verify(image, CRC_AT) {
         return Err(format!("(sequence {}) fails its checksum", header.sequence));
     }
     if header.area_len != area_len {
@@ -756,6 +785,7 @@ mod tests {
     use std::time::Duration;
 
     const REGIONS: u64 = 1000;
+    const SECTOR: usize = SECTOR_BYTES as usize;
 
     fn geometry(regions: u64) -> RegionGeometry {
         RegionGeometry::new(SectorCount(regions * 8), SectorCount(8)).expect("geometry")
@@ -1038,11 +1068,11 @@ mod tests {
         let log = create(dev.clone(), REGIONS);
         run_local(async move { log.mark(&indices(&[3])).await.expect("mark") });
         // The mark went to slot A (create left slot B newest); corrupt it: B, older, remains.
-        dev.poke(Sector(8 + 1), &[0xff; 512]);
+        dev.poke(Sector(8 + 1), &[0xff; SECTOR]);
         let (_, bits) = reopen(dev.clone(), REGIONS).expect("slot B is valid");
         assert!(bits.none());
         let half = image_sectors(RegionCount(REGIONS));
-        dev.poke(Sector(8) + half, &[0xff; 512]);
+        dev.poke(Sector(8) + half, &[0xff; SECTOR]);
         let err = reopen(dev, REGIONS).expect_err("both slots are bad");
         assert_eq!(err.kind(), ErrorKind::Corrupt);
         assert!(
@@ -1219,9 +1249,41 @@ mod tests {
         for &(field, value) in fields {
             bytes[field..field + 8].copy_from_slice(&value.to_le_bytes());
         }
-        let crc = image_crc(&bytes);
-        bytes[CRC_AT].copy_from_slice(&crc.to_le_bytes());
+        crc::seal(&mut bytes, CRC_AT);
         dev.poke(at, &bytes);
+    }
+
+    /// An image with fixed fields and bits, byte for byte, as the format was first written:
+    /// any change to the on-disk format fails here.
+    #[test]
+    fn image_encoding_is_unchanged() {
+        let header = Header {
+            uuid: Uuid::from_u128(0x0123_4567_89ab_cdef_0011_2233_4455_6677),
+            sequence: 0x1122_3344,
+            events: 9,
+            device_size: SectorCount(100_000),
+            region_size: SectorCount(128),
+            region_count: RegionCount(782),
+            area_len: SectorCount(64),
+        };
+        let bits = bits_of(782, &[0, 1, 7, 8, 300, 781]);
+        let image = encode_image(&header, &bits, image_sectors(RegionCount(782)));
+        const GOLDEN: &[(usize, &str)] = &[
+            (
+                0,
+                "5542444d444c4f47010000007e4630400123456789abcdef0011223344556677",
+            ),
+            (32, "44332211000000000900000000000000a08601000000000080"),
+            (64, "0e0300000000000040"),
+            (512, "8301"),
+            (549, "10"),
+            (609, "20"),
+        ];
+        crate::format::golden::assert_image(image.as_slice(), ALIGN.to_usize_bytes(), GOLDEN);
+        let image = crate::format::golden::image(ALIGN.to_usize_bytes(), GOLDEN);
+        assert_eq!(decode_header(&image[..HEADER_BYTES]), Ok(header.clone()));
+        let (back, back_bits) = decode_image(&image, SectorCount(64)).expect("golden image");
+        assert_eq!((back, back_bits), (header, bits));
     }
 
     /// Counters near their limit would overflow at the next commit: a crafted log is corrupt
@@ -1239,7 +1301,7 @@ mod tests {
             });
             craft_slot_b(&dev, REGIONS, &[(field, u64::MAX)]);
             let a = area(REGIONS).start;
-            dev.poke(a, &[0xff; 512]);
+            dev.poke(a, &[0xff; SECTOR]);
             let err = reopen(dev, REGIONS).expect_err("no valid slot");
             assert_eq!(err.kind(), ErrorKind::Corrupt);
             let name = if field == 32 {
@@ -1283,7 +1345,7 @@ mod tests {
                 fields.into_iter().map(|(i, v)| (32 + 8 * i, v)).collect();
             craft_slot_b(&dev, REGIONS, &fields);
             if second {
-                dev.poke(area(REGIONS).start, &[0; 512]);
+                dev.poke(area(REGIONS).start, &[0; SECTOR]);
             }
             match reopen(dev, REGIONS) {
                 Ok((log, bits)) => {
@@ -1339,8 +1401,8 @@ mod tests {
             });
             let written = dev.snapshot(target);
             for cut in 0..=target.len.0 as usize {
-                let mut image = written[..cut * 512].to_vec();
-                image.extend_from_slice(&before[cut * 512..]);
+                let mut image = written[..cut * SECTOR].to_vec();
+                image.extend_from_slice(&before[cut * SECTOR..]);
                 dev.poke(target.start, &image);
                 let (_, bits) = reopen(dev.clone(), BIG).expect("a valid slot remains");
                 prop_assert!(bits == old || bits == new, "cut at sector {}", cut);

@@ -58,8 +58,10 @@ use uuid::Uuid;
 
 use crate::device::{self, AlignedBuf, DeviceRef, WriteFlags};
 use crate::error::{Error, ErrorKind, IoContext, Result};
+use crate::format::{self, crc, magic, FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
+use crate::format::{U32, U64};
 use crate::region::{DirtyLog, RegionGeometry, MAX_REGION_COUNT};
-use crate::units::{Extent, Sector, SectorCount, SECTOR_BYTES};
+use crate::units::{Extent, Sector, SectorCount, BLOCK_SECTORS, SECTOR_BYTES};
 
 /// The most legs a mirror has (one copy job writes to all but the source: the copy engine's
 /// destination limit plus one would allow 9; 8 keeps the slot table a round size).
@@ -67,14 +69,65 @@ pub const MAX_LEGS: usize = 8;
 /// The fewest legs a mirror is created with.
 pub const MIN_LEGS: usize = 2;
 
-const MAGIC: [u8; 8] = *b"UBDMMIRR";
+const MAGIC: magic::Magic = magic::MIRROR_SUPERBLOCK;
 const VERSION: u32 = 1;
-const CRC_AT: std::ops::Range<usize> = 12..16;
-const TABLE_AT: usize = 128;
-const ENTRY_BYTES: usize = 48;
+
+/// The superblock as it lies on disk (the table in this file's doc).
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+struct RawSuperblock {
+    magic: [u8; 8],
+    version: U32,
+    crc: U32,
+    uuid: [u8; 16],
+    slot: U32,
+    zero: [u8; 4],
+    events: U64,
+    events_cleared: U64,
+    region_size: U64,
+    data_offset: U64,
+    data_size: U64,
+    log_start: U64,
+    log_len: U64,
+    zero2: [u8; 32],
+    table: [RawEntry; MAX_LEGS],
+}
+
+/// One entry of the slot table, as it lies on disk.
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+struct RawEntry {
+    state: u8,
+    zero: [u8; 7],
+    leg_uuid: [u8; 16],
+    leg_size: U64,
+    zero2: [u8; 16],
+}
+
+// The offsets of the table in this file's doc.
+const _: () = {
+    use std::mem::{offset_of, size_of};
+    assert!(offset_of!(RawSuperblock, version) == 8);
+    assert!(offset_of!(RawSuperblock, crc) == 12);
+    assert!(offset_of!(RawSuperblock, uuid) == 16);
+    assert!(offset_of!(RawSuperblock, slot) == 32);
+    assert!(offset_of!(RawSuperblock, events) == 40);
+    assert!(offset_of!(RawSuperblock, events_cleared) == 48);
+    assert!(offset_of!(RawSuperblock, region_size) == 56);
+    assert!(offset_of!(RawSuperblock, data_offset) == 64);
+    assert!(offset_of!(RawSuperblock, data_size) == 72);
+    assert!(offset_of!(RawSuperblock, log_start) == 80);
+    assert!(offset_of!(RawSuperblock, log_len) == 88);
+    assert!(offset_of!(RawSuperblock, table) == 128);
+    assert!(size_of::<RawEntry>() == 48);
+    assert!(offset_of!(RawEntry, leg_uuid) == 8 && offset_of!(RawEntry, leg_size) == 24);
+    assert!(size_of::<RawSuperblock>() == SECTOR_BYTES as usize);
+};
+
+const CRC_AT: usize = std::mem::offset_of!(RawSuperblock, crc);
 
 /// One superblock slot: 4 KiB.
-pub const SB_SECTORS: SectorCount = SectorCount(8);
+pub const SB_SECTORS: SectorCount = BLOCK_SECTORS;
 /// Where the dirty log's area starts on every leg.
 pub const LOG_START: Sector = Sector(16);
 /// The data offset is a multiple of this (1 MiB).
@@ -233,83 +286,81 @@ impl Superblock {
 
     /// The 4 KiB slot image of this superblock.
     pub fn encode(&self) -> AlignedBuf {
-        let mut buf = AlignedBuf::for_sectors(SB_SECTORS);
-        let b = buf.as_mut_slice();
-        b[0..8].copy_from_slice(&MAGIC);
-        b[8..12].copy_from_slice(&VERSION.to_le_bytes());
-        b[16..32].copy_from_slice(self.uuid.as_bytes());
-        b[32..36].copy_from_slice(&(self.slot as u32).to_le_bytes());
         let l = &self.layout;
-        let fields = [
-            self.events,
-            self.events_cleared,
-            l.region_size.0,
-            l.data_offset.0,
-            l.data_size.0,
-            l.log_area.start.0,
-            l.log_area.len.0,
-        ];
-        for (i, value) in fields.iter().enumerate() {
-            b[40 + 8 * i..48 + 8 * i].copy_from_slice(&value.to_le_bytes());
-        }
-        for (i, entry) in self.table.iter().enumerate() {
-            let at = TABLE_AT + i * ENTRY_BYTES;
-            b[at] = entry.state.code();
-            b[at + 8..at + 24].copy_from_slice(entry.leg_uuid.as_bytes());
-            b[at + 24..at + 32].copy_from_slice(&entry.leg_size.0.to_le_bytes());
-        }
-        let crc = slot_crc(b);
-        b[CRC_AT].copy_from_slice(&crc.to_le_bytes());
+        let raw = RawSuperblock {
+            magic: MAGIC,
+            version: U32::new(VERSION),
+            crc: U32::ZERO,
+            uuid: *self.uuid.as_bytes(),
+            slot: U32::new(u32::try_from(self.slot).expect("slot below MAX_LEGS")),
+            zero: [0; 4],
+            events: U64::new(self.events),
+            events_cleared: U64::new(self.events_cleared),
+            region_size: U64::new(l.region_size.0),
+            data_offset: U64::new(l.data_offset.0),
+            data_size: U64::new(l.data_size.0),
+            log_start: U64::new(l.log_area.start.0),
+            log_len: U64::new(l.log_area.len.0),
+            zero2: [0; 32],
+            table: self.table.map(|entry| RawEntry {
+                state: entry.state.code(),
+                zero: [0; 7],
+                leg_uuid: *entry.leg_uuid.as_bytes(),
+                leg_size: U64::new(entry.leg_size.0),
+                zero2: [0; 16],
+            }),
+        };
+        let mut buf = AlignedBuf::for_sectors(SB_SECTORS);
+        format::write_header(buf.as_mut_slice(), &raw);
+        crc::seal(buf.as_mut_slice(), CRC_AT);
         buf
     }
 
     /// Decodes and checks one 4 KiB slot; the error says why it is not a valid superblock.
     pub fn decode(b: &[u8]) -> std::result::Result<Superblock, String> {
         assert_eq!(b.len(), SB_SECTORS.to_usize_bytes(), "a superblock slot");
-        if b[0..8] != MAGIC {
+        let raw: &RawSuperblock = format::header(b).expect("a slot holds a superblock");
+        if raw.magic != MAGIC {
             return Err("has no mirror magic".into());
         }
-        let version = u32::from_le_bytes(b[8..12].try_into().expect("four bytes"));
+        let version = raw.version.get();
         if version != VERSION {
             return Err(format!("has version {version}, not {VERSION}"));
         }
-        let stored = u32::from_le_bytes(b[CRC_AT].try_into().expect("four bytes"));
-        if stored != slot_crc(b) {
+        if !crc::verify(b, CRC_AT) {
             return Err("fails its checksum (torn or damaged)".into());
         }
-        let u64_at = |at: usize| u64::from_le_bytes(b[at..at + 8].try_into().expect("eight"));
-        let slot = u32::from_le_bytes(b[32..36].try_into().expect("four bytes")) as usize;
+        let slot = raw.slot.get() as usize;
         if slot >= MAX_LEGS {
             return Err(format!("claims slot {slot}"));
         }
         let layout = Layout {
-            region_size: SectorCount(u64_at(56)),
-            data_offset: Sector(u64_at(64)),
-            data_size: SectorCount(u64_at(72)),
+            region_size: SectorCount(raw.region_size.get()),
+            data_offset: Sector(raw.data_offset.get()),
+            data_size: SectorCount(raw.data_size.get()),
             log_area: Extent {
-                start: Sector(u64_at(80)),
-                len: SectorCount(u64_at(88)),
+                start: Sector(raw.log_start.get()),
+                len: SectorCount(raw.log_len.get()),
             },
         };
         check_layout(&layout)?;
         let mut table = [SlotEntry::EMPTY; MAX_LEGS];
-        for (i, entry) in table.iter_mut().enumerate() {
-            let at = TABLE_AT + i * ENTRY_BYTES;
-            let state = LegState::from_code(b[at])
-                .ok_or_else(|| format!("has leg state {} in slot {i}", b[at]))?;
+        for (i, (entry, raw)) in table.iter_mut().zip(&raw.table).enumerate() {
+            let state = LegState::from_code(raw.state)
+                .ok_or_else(|| format!("has leg state {} in slot {i}", raw.state))?;
             *entry = SlotEntry {
                 state,
-                leg_uuid: Uuid::from_bytes(b[at + 8..at + 24].try_into().expect("sixteen")),
-                leg_size: SectorCount(u64_at(at + 24)),
+                leg_uuid: Uuid::from_bytes(raw.leg_uuid),
+                leg_size: SectorCount(raw.leg_size.get()),
             };
         }
         if table[slot].state == LegState::Empty {
             return Err(format!("names slot {slot}, which its table says is empty"));
         }
-        let (events, events_cleared) = (u64_at(40), u64_at(48));
+        let (events, events_cleared) = (raw.events.get(), raw.events_cleared.get());
         check_counters_and_table(events, events_cleared, &layout, &table)?;
         Ok(Superblock {
-            uuid: Uuid::from_bytes(b[16..32].try_into().expect("sixteen bytes")),
+            uuid: Uuid::from_bytes(raw.uuid),
             slot,
             events,
             events_cleared,
@@ -422,12 +473,6 @@ fn check_counters_and_table(
     Ok(())
 }
 
-fn slot_crc(b: &[u8]) -> u32 {
-    let crc = crc32c::crc32c(&b[..CRC_AT.start]);
-    let crc = crc32c::crc32c_append(crc, &[0; 4]);
-    crc32c::crc32c_append(crc, &b[CRC_AT.end..])
-}
-
 /// Writes `sb` to its slot on `dev`, durably (FUA).
 pub async fn write_superblock(dev: &DeviceRef, sb: &Superblock) -> std::io::Result<()> {
     dev.write(sb.sector(), Arc::new(sb.encode()), WriteFlags::FUA)
@@ -478,7 +523,11 @@ pub async fn own_metadata(dev: &DeviceRef) -> Result<Option<Probe>> {
             "{name} is too small to be a mirror leg"
         )));
     }
-    let head = read(dev, Sector(0), SB_SECTORS + SB_SECTORS).await?;
+    let len = SB_SECTORS + SB_SECTORS;
+    let head = format::read::read_at(dev, Sector(0), len, len, || {
+        format!("cannot read the metadata of {name}")
+    })
+    .await?;
     let bytes = head.as_slice();
     let half = SB_SECTORS.to_usize_bytes();
     let a = Superblock::decode(&bytes[..half]);
@@ -510,12 +559,6 @@ async fn foreign_in_metadata(dev: &DeviceRef, sb: &Superblock) -> Result<Option<
         .into_iter()
         .find(|s| s.offset.is_none_or(|at| at < data_offset))
         .map(|s| s.description))
-}
-
-async fn read(dev: &DeviceRef, at: Sector, len: SectorCount) -> Result<AlignedBuf> {
-    let (res, buf) = dev.read(at, AlignedBuf::for_sectors(len)).await;
-    res.context(|| format!("cannot read the metadata of {}", dev.info().name))?;
-    Ok(buf)
 }
 
 /// An error for a device whose metadata we will not overwrite without `force`.
@@ -588,7 +631,9 @@ mod tests {
         let buf = sb.encode();
         assert_eq!(Superblock::decode(buf.as_slice()), Ok(sb.clone()));
         assert!(
-            buf.as_slice()[512..].iter().all(|&b| b == 0),
+            buf.as_slice()[SECTOR_BYTES as usize..]
+                .iter()
+                .all(|&b| b == 0),
             "the encoding fits in one sector"
         );
         let mut bad = buf.as_slice().to_vec();
@@ -596,6 +641,28 @@ mod tests {
         assert!(Superblock::decode(&bad)
             .expect_err("crc")
             .contains("checksum"));
+    }
+
+    /// The encoding of `sample()`, byte for byte, as the format was first written: any
+    /// change to the on-disk format fails here.
+    #[test]
+    fn superblock_encoding_is_unchanged() {
+        const GOLDEN: &[(usize, &str)] = &[
+            (
+                0,
+                "5542444d4d4952520100000090a00b9100000000000000000000000000000abc",
+            ),
+            (32, "03000000000000000700000000000000050000000000000040"),
+            (65, "080000000000000018000000000000100000000000000010"),
+            (128, "01"),
+            (151, "010020"),
+            (272, "02"),
+            (295, "022823"),
+        ];
+        let len = SB_SECTORS.to_usize_bytes();
+        crate::format::golden::assert_image(sample().encode().as_slice(), len, GOLDEN);
+        let image = crate::format::golden::image(len, GOLDEN);
+        assert_eq!(Superblock::decode(&image), Ok(sample()));
     }
 
     #[test]
@@ -673,7 +740,7 @@ mod tests {
         mem.poke(Sector(0), sb.encode().as_slice());
         sb.events += 1;
         mem.poke(Sector(8), sb.encode().as_slice());
-        mem.poke(Sector(0), &swap[..4096]);
+        mem.poke(Sector(0), &swap[..SB_SECTORS.to_usize_bytes()]);
         let probed = run_local(async move { probe(&(mem as DeviceRef)).await });
         assert_eq!(probed.expect("probe"), Probe::Foreign("a swap area".into()));
     }
@@ -681,9 +748,9 @@ mod tests {
     #[test]
     fn md_superblock_at_the_end_is_foreign() {
         let mem = MemDevice::new("md", SectorCount(8192));
-        let bytes = 8192u64 * 512;
-        let at = ((bytes & !0xffff) - 0x10000) / 512;
-        let mut sector = vec![0u8; 512];
+        let bytes = 8192 * SECTOR_BYTES;
+        let at = ((bytes & !0xffff) - 0x10000) / SECTOR_BYTES;
+        let mut sector = vec![0u8; SECTOR_BYTES as usize];
         sector[..4].copy_from_slice(&0xa92b_4efc_u32.to_le_bytes());
         sector[8..12].copy_from_slice(&90u32.to_le_bytes());
         mem.poke(Sector(at), &sector);

@@ -679,12 +679,9 @@ fn sample_superblock() -> Superblock {
     }
 }
 
-/// Refills the crc of a superblock slot image (crc32c with its own field taken as zero).
+/// Refills the crc of a superblock slot image (its field is at byte 12).
 fn fix_crc(b: &mut [u8]) {
-    let crc = crc32c::crc32c(&b[..12]);
-    let crc = crc32c::crc32c_append(crc, &[0; 4]);
-    let crc = crc32c::crc32c_append(crc, &b[16..]);
-    b[12..16].copy_from_slice(&crc.to_le_bytes());
+    crate::format::crc::seal(b, 12);
 }
 
 /// What assembly sizes from a decoded superblock stays within the named limits.

@@ -1,21 +1,28 @@
 //! The on-disk format of the COW store: layout, superblock slots, log blocks and records (see
-//! the module doc of [`super`] for the whole picture).
+//! the module doc of [`super`] for the whole picture; its field offsets are checked against
+//! the header structs here at compile time).
+//!
+//! Invariants: every value read from disk is checked before use (a superblock's layout with
+//! checked arithmetic, a log block's length against the block), and a slot or block that
+//! fails a check is an error or the end of the log, never a panic.
 
 use uuid::Uuid;
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::units::{Sector, SectorCount};
+use crate::format::{self, crc, magic, FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
+use crate::format::{U32, U64};
+use crate::units::{Sector, SectorCount, BLOCK_BYTES};
 
-pub const SB_MAGIC: [u8; 8] = *b"UBDMSNAP";
-pub const LOG_MAGIC: [u8; 8] = *b"UBDMSLOG";
+pub const SB_MAGIC: magic::Magic = magic::SNAPSHOT_SUPERBLOCK;
+pub const LOG_MAGIC: magic::Magic = magic::SNAPSHOT_LOG;
 pub const VERSION: u32 = 1;
 /// Bytes of a superblock slot and of a log block.
-pub const BLOCK: usize = 4096;
-pub const BLOCK_SECTORS: SectorCount = SectorCount(8);
+pub const BLOCK: usize = BLOCK_BYTES as usize;
+pub const BLOCK_SECTORS: SectorCount = crate::units::BLOCK_SECTORS;
 /// Where the log area starts: after the two superblock slots.
-pub const META_START: Sector = Sector(16);
+pub const META_START: Sector = Sector(2 * BLOCK_SECTORS.0);
 /// Bytes of a log block's header.
-pub const LOG_HEADER: usize = 48;
+pub const LOG_HEADER: usize = std::mem::size_of::<RawLogHeader>();
 /// The most snapshots one store holds (a COW chunk's sharers are a 64-bit mask).
 pub const MAX_SNAPSHOTS: usize = 64;
 /// The longest snapshot name, in bytes.
@@ -25,8 +32,62 @@ const MAX_RECORD: usize = 1 + 1 + 8 + 1 + 1 + 8 + 1 + MAX_NAME;
 /// Bytes of a `Map` record, the one a store holds most of.
 const MAP_RECORD: usize = 1 + 8 + 8 + 8;
 
-const CRC_AT: std::ops::Range<usize> = 12..16;
-const LOG_CRC_AT: std::ops::Range<usize> = 8..12;
+/// A superblock slot's fields as they lie on disk (the superblock paragraph of [`super`]).
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+struct RawSuperblock {
+    magic: [u8; 8],
+    version: U32,
+    crc: U32,
+    uuid: [u8; 16],
+    sequence: U64,
+    chunk: U64,
+    origin_size: U64,
+    cow_size: U64,
+    area_blocks: U64,
+    data_start: U64,
+    data_chunks: U64,
+    active_area: U64,
+    epoch: U64,
+}
+
+/// A log block's header as it lies on disk (the log block paragraph of [`super`]).
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+struct RawLogHeader {
+    magic: [u8; 8],
+    crc: U32,
+    used: U32,
+    uuid: [u8; 16],
+    epoch: U64,
+    index: U64,
+}
+
+// The offsets the module doc of [`super`] gives.
+const _: () = {
+    use std::mem::offset_of;
+    assert!(offset_of!(RawSuperblock, version) == 8);
+    assert!(offset_of!(RawSuperblock, crc) == 12);
+    assert!(offset_of!(RawSuperblock, uuid) == 16);
+    assert!(offset_of!(RawSuperblock, sequence) == 32);
+    assert!(offset_of!(RawSuperblock, chunk) == 40);
+    assert!(offset_of!(RawSuperblock, origin_size) == 48);
+    assert!(offset_of!(RawSuperblock, cow_size) == 56);
+    assert!(offset_of!(RawSuperblock, area_blocks) == 64);
+    assert!(offset_of!(RawSuperblock, data_start) == 72);
+    assert!(offset_of!(RawSuperblock, data_chunks) == 80);
+    assert!(offset_of!(RawSuperblock, active_area) == 88);
+    assert!(offset_of!(RawSuperblock, epoch) == 96);
+    assert!(offset_of!(RawLogHeader, crc) == 8);
+    assert!(offset_of!(RawLogHeader, used) == 12);
+    assert!(offset_of!(RawLogHeader, uuid) == 16);
+    assert!(offset_of!(RawLogHeader, epoch) == 32);
+    assert!(offset_of!(RawLogHeader, index) == 40);
+    assert!(LOG_HEADER == 48);
+};
+
+const CRC_AT: usize = std::mem::offset_of!(RawSuperblock, crc);
+const LOG_CRC_AT: usize = std::mem::offset_of!(RawLogHeader, crc);
 
 /// Why a snapshot became invalid.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -311,72 +372,84 @@ pub struct Superblock {
 
 impl Superblock {
     pub fn encode(&self) -> Vec<u8> {
-        let mut b = vec![0u8; BLOCK];
         let l = &self.layout;
-        b[0..8].copy_from_slice(&SB_MAGIC);
-        b[8..12].copy_from_slice(&VERSION.to_le_bytes());
-        b[16..32].copy_from_slice(l.uuid.as_bytes());
-        let fields = [
-            self.sequence,
-            l.chunk.0,
-            l.origin_size.0,
-            l.cow_size.0,
-            l.area_blocks,
-            l.data_start.0,
-            l.data_chunks,
-            u64::from(self.active_area),
-            self.epoch,
-        ];
-        for (i, v) in fields.iter().enumerate() {
-            b[32 + 8 * i..40 + 8 * i].copy_from_slice(&v.to_le_bytes());
-        }
-        let crc = crc32c::crc32c(&b);
-        b[CRC_AT].copy_from_slice(&crc.to_le_bytes());
+        let raw = RawSuperblock {
+            magic: SB_MAGIC,
+            version: U32::new(VERSION),
+            crc: U32::ZERO,
+            uuid: *l.uuid.as_bytes(),
+            sequence: U64::new(self.sequence),
+            chunk: U64::new(l.chunk.0),
+            origin_size: U64::new(l.origin_size.0),
+            cow_size: U64::new(l.cow_size.0),
+            area_blocks: U64::new(l.area_blocks),
+            data_start: U64::new(l.data_start.0),
+            data_chunks: U64::new(l.data_chunks),
+            active_area: U64::new(u64::from(self.active_area)),
+            epoch: U64::new(self.epoch),
+        };
+        let mut b = vec![0u8; BLOCK];
+        format::write_header(&mut b, &raw);
+        crc::seal(&mut b, CRC_AT);
         b
     }
 
     /// `Ok(None)` when the slot holds no superblock at all (no magic).
     pub fn decode(b: &[u8]) -> Result<Option<Superblock>> {
-        if b[0..8] != SB_MAGIC {
+        let b = &b[..BLOCK];
+        let raw: &RawSuperblock = format::header(b).expect("a block holds a superblock");
+        if raw.magic != SB_MAGIC {
             return Ok(None);
         }
-        let mut copy = b[..BLOCK].to_vec();
-        copy[CRC_AT].fill(0);
-        let crc = u32::from_le_bytes(b[CRC_AT].try_into().expect("4"));
-        if crc32c::crc32c(&copy) != crc {
+        if !crc::verify(b, CRC_AT) {
             return Err(corrupt("a COW superblock slot fails its checksum"));
         }
-        let version = u32::from_le_bytes(b[8..12].try_into().expect("4"));
+        let version = raw.version.get();
         if version != VERSION {
             return Err(Error::new(
                 ErrorKind::Unsupported,
                 format!("the COW store has version {version}; this build reads version {VERSION}"),
             ));
         }
-        let f = |i: usize| u64::from_le_bytes(b[32 + 8 * i..40 + 8 * i].try_into().expect("8"));
         let layout = Layout {
-            uuid: Uuid::from_slice(&b[16..32]).expect("16 bytes"),
-            chunk: SectorCount(f(1)),
-            origin_size: SectorCount(f(2)),
-            cow_size: SectorCount(f(3)),
-            area_blocks: f(4),
-            data_start: Sector(f(5)),
-            data_chunks: f(6),
+            uuid: Uuid::from_bytes(raw.uuid),
+            chunk: SectorCount(raw.chunk.get()),
+            origin_size: SectorCount(raw.origin_size.get()),
+            cow_size: SectorCount(raw.cow_size.get()),
+            area_blocks: raw.area_blocks.get(),
+            data_start: Sector(raw.data_start.get()),
+            data_chunks: raw.data_chunks.get(),
         };
-        let sane = layout.chunk.0.is_power_of_two()
-            && layout.area_blocks > 0
-            && layout.data_start.0 >= META_START.0 + 2 * layout.area_blocks * BLOCK_SECTORS.0
-            && layout.data_start.0 + layout.data_chunks * layout.chunk.0 <= layout.cow_size.0
-            && f(7) < 2;
-        if !sane {
+        let active_area = raw.active_area.get();
+        if !layout.is_sane() || active_area >= 2 {
             return Err(corrupt("the COW superblock describes an impossible layout"));
         }
         Ok(Some(Superblock {
             layout,
-            sequence: f(0),
-            active_area: f(7) as u8,
-            epoch: f(8),
+            sequence: raw.sequence.get(),
+            active_area: active_area as u8,
+            epoch: raw.epoch.get(),
         }))
+    }
+}
+
+impl Layout {
+    /// Whether a layout read from disk is one the store can use: a power-of-two chunk, both
+    /// log areas before the data, the data within the device. Checked arithmetic: the
+    /// values are untrusted.
+    fn is_sane(&self) -> bool {
+        let meta_end = self
+            .area_blocks
+            .checked_mul(2 * BLOCK_SECTORS.0)
+            .and_then(|n| n.checked_add(META_START.0));
+        let data_end = self
+            .data_chunks
+            .checked_mul(self.chunk.0)
+            .and_then(|n| n.checked_add(self.data_start.0));
+        self.chunk.0.is_power_of_two()
+            && self.area_blocks > 0
+            && meta_end.is_some_and(|end| self.data_start.0 >= end)
+            && data_end.is_some_and(|end| end <= self.cow_size.0)
     }
 }
 
@@ -398,15 +471,18 @@ pub fn encode_blocks(uuid: Uuid, epoch: u64, first: u64, records: &[Record]) -> 
     }
     let mut out = Vec::with_capacity(blocks.len() * BLOCK);
     for (i, payload) in blocks.iter().enumerate() {
+        let header = RawLogHeader {
+            magic: LOG_MAGIC,
+            crc: U32::ZERO,
+            used: U32::new(u32::try_from(payload.len()).expect("a payload fits a block")),
+            uuid: *uuid.as_bytes(),
+            epoch: U64::new(epoch),
+            index: U64::new(first + i as u64),
+        };
         let mut b = vec![0u8; BLOCK];
-        b[0..8].copy_from_slice(&LOG_MAGIC);
-        b[12..16].copy_from_slice(&(payload.len() as u32).to_le_bytes());
-        b[16..32].copy_from_slice(uuid.as_bytes());
-        b[32..40].copy_from_slice(&epoch.to_le_bytes());
-        b[40..48].copy_from_slice(&(first + i as u64).to_le_bytes());
+        format::write_header(&mut b, &header);
         b[LOG_HEADER..LOG_HEADER + payload.len()].copy_from_slice(payload);
-        let crc = crc32c::crc32c(&b);
-        b[LOG_CRC_AT].copy_from_slice(&crc.to_le_bytes());
+        crc::seal(&mut b, LOG_CRC_AT);
         out.extend_from_slice(&b);
     }
     out
@@ -415,19 +491,17 @@ pub fn encode_blocks(uuid: Uuid, epoch: u64, first: u64, records: &[Record]) -> 
 /// The records of a log block if it is a whole block of this log, epoch and index; `None`
 /// for anything else (the end of the log: stale, torn, or never written).
 pub fn decode_block(b: &[u8], uuid: Uuid, epoch: u64, index: u64) -> Option<Vec<Record>> {
-    if b[0..8] != LOG_MAGIC {
+    let b = &b[..BLOCK];
+    let header: &RawLogHeader = format::header(b).expect("a block holds a header");
+    if header.magic != LOG_MAGIC {
         return None;
     }
-    let mut copy = b[..BLOCK].to_vec();
-    copy[LOG_CRC_AT].fill(0);
-    let crc = u32::from_le_bytes(b[LOG_CRC_AT].try_into().expect("4"));
-    let field = |r: std::ops::Range<usize>| u64::from_le_bytes(b[r].try_into().expect("8"));
-    let used = u32::from_le_bytes(b[12..16].try_into().expect("4")) as usize;
-    let ok = crc32c::crc32c(&copy) == crc
-        && b[16..32] == *uuid.as_bytes()
-        && field(32..40) == epoch
-        && field(40..48) == index
-        && LOG_HEADER + used <= BLOCK;
+    let used = header.used.get() as usize;
+    let ok = crc::verify(b, LOG_CRC_AT)
+        && header.uuid == *uuid.as_bytes()
+        && header.epoch.get() == epoch
+        && header.index.get() == index
+        && used <= BLOCK - LOG_HEADER;
     if !ok {
         return None;
     }
@@ -463,6 +537,107 @@ mod tests {
         b[100] ^= 1;
         assert!(Superblock::decode(&b).is_err());
         assert_eq!(Superblock::decode(&[0u8; BLOCK]).expect("blank"), None);
+    }
+
+    fn fixed_layout() -> Layout {
+        Layout::plan(
+            Uuid::from_u128(0x5eed_0000_0000_0000_0000_0000_0000_0001),
+            SectorCount(32),
+            SectorCount(1000),
+            SectorCount(8192),
+        )
+        .expect("layout")
+    }
+
+    /// A superblock with fixed fields, byte for byte, as the format was first written: any
+    /// change to the on-disk format fails here.
+    #[test]
+    fn superblock_encoding_is_unchanged() {
+        let sb = Superblock {
+            layout: fixed_layout(),
+            sequence: 0x0102_0304_0506,
+            active_area: 1,
+            epoch: 77,
+        };
+        const GOLDEN: &[(usize, &str)] = &[
+            (
+                0,
+                "5542444d534e415001000000a87d98a55eed0000000000000000000000000001",
+            ),
+            (32, "06050403020100002000000000000000e8030000000000000020"),
+            (64, "0e000000000000000001000000000000f80000000000000001"),
+            (96, "4d"),
+        ];
+        crate::format::golden::assert_image(&sb.encode(), BLOCK, GOLDEN);
+        let image = crate::format::golden::image(BLOCK, GOLDEN);
+        assert_eq!(Superblock::decode(&image).expect("golden"), Some(sb));
+    }
+
+    /// A log block holding one record of every type, byte for byte, as the format was first
+    /// written.
+    #[test]
+    fn log_block_encoding_is_unchanged() {
+        let records = [
+            Record::Create {
+                slot: 3,
+                seq: 9,
+                state: SnapState::Invalid(Reason::Overflow),
+                merge_total: 5,
+                name: "nightly".into(),
+            },
+            Record::Delete { slot: 1 },
+            Record::Invalidate {
+                slot: 2,
+                reason: Reason::CopyError,
+            },
+            Record::MergeStart { slot: 3, total: 12 },
+            Record::Map {
+                cow: 0x0a0b,
+                origin: 0x0c0d,
+                mask: 1 << 63 | 5,
+            },
+            Record::Unmap {
+                slot: 63,
+                origin: 77,
+            },
+        ];
+        let bytes = encode_blocks(fixed_layout().uuid, 0x00ee_0001, 42, &records);
+        const GOLDEN: &[(usize, &str)] = &[
+            (
+                0,
+                "5542444d534c4f4739bdd9944e0000005eed0000000000000000000000000001",
+            ),
+            (
+                32,
+                "0100ee00000000002a0000000000000001030900000000000000010105",
+            ),
+            (68, "076e696768746c79020103020204030c00000000000000050b0a"),
+            (100, "0d0c0000000000000500000000000080063f4d"),
+        ];
+        crate::format::golden::assert_image(&bytes, BLOCK, GOLDEN);
+        let image = crate::format::golden::image(BLOCK, GOLDEN);
+        let back = decode_block(&image, fixed_layout().uuid, 0x00ee_0001, 42);
+        assert_eq!(back.as_deref(), Some(&records[..]));
+    }
+
+    /// A slot with a valid crc but hostile sizes (sums and products past u64) is a Corrupt
+    /// error, never an overflow panic.
+    #[test]
+    fn hostile_superblock_sizes_are_corrupt() {
+        let sb = Superblock {
+            layout: fixed_layout(),
+            sequence: 1,
+            active_area: 0,
+            epoch: 1,
+        };
+        // area_blocks (64), data_start (72), data_chunks (80).
+        for (at, value) in [(64, u64::MAX / 4), (72, u64::MAX - 1), (80, u64::MAX / 8)] {
+            let mut b = sb.encode();
+            b[at..at + 8].copy_from_slice(&value.to_le_bytes());
+            crc::seal(&mut b, CRC_AT);
+            let err = Superblock::decode(&b).expect_err("hostile");
+            assert_eq!(err.kind(), ErrorKind::Corrupt, "field at {at}");
+        }
     }
 
     #[test]

@@ -436,8 +436,10 @@ impl ToSector for SectorCount {
 }
 
 async fn read_block(dev: &DeviceRef, at: Sector) -> Result<Vec<u8>> {
-    let (res, buf) = dev.read(at, AlignedBuf::new(BLOCK)).await;
-    res.map_err(|e| Error::io(format!("cannot read the COW device at {at}"), e))?;
+    let buf = crate::format::read::read_at(dev, at, BLOCK_SECTORS, BLOCK_SECTORS, || {
+        format!("cannot read the COW device at {at}")
+    })
+    .await?;
     Ok(buf.as_slice().to_vec())
 }
 
@@ -455,8 +457,12 @@ async fn replay(
     while index < layout.area_blocks {
         let n = READ_BLOCKS.min(layout.area_blocks - index);
         let at = start + SectorCount(index * BLOCK_SECTORS.0);
-        let (res, buf) = cow.read(at, AlignedBuf::new(n as usize * BLOCK)).await;
-        res.map_err(|e| Error::io("cannot read the COW store's log", e))?;
+        let len = SectorCount(n * BLOCK_SECTORS.0);
+        let max = SectorCount(READ_BLOCKS * BLOCK_SECTORS.0);
+        let buf = crate::format::read::read_at(cow, at, len, max, || {
+            "cannot read the COW store's log".to_owned()
+        })
+        .await?;
         for block in buf.as_slice().chunks(BLOCK) {
             match format::decode_block(block, layout.uuid, sb.epoch, index) {
                 Some(records) => records.iter().for_each(|r| store.apply(r, false)),
@@ -812,16 +818,19 @@ pub fn open_group(spec: &OriginSpec) -> Result<Arc<SnapshotGroup>> {
 
 /// Fails when `cow`, which holds no store of ours, holds something else we would overwrite:
 /// another program's signature (a file system, a partition table, LUKS, swap, LVM, md: the
-/// device layer's libblkid probe knows them) or a ublkdm mirror leg (the mirror knows its own).
+/// device layer's libblkid probe knows them) or a ublkdm mirror leg (the format layer knows
+/// our magics). A mirror magic in slot B only (slot A rewritten) yields to a foreign
+/// signature, which is what was made over the leg.
 async fn refuse_foreign_cow(cow: &DeviceRef) -> Result<()> {
-    use crate::targets::mirror::{own_metadata, Probe};
-    let what = match own_metadata(cow).await? {
-        Some(Probe::Foreign(kind)) => kind,
-        Some(_) => "a ublkdm mirror leg".to_owned(),
-        None => match crate::device::probe::foreign_signature(cow).await? {
-            Some(signature) => signature.description,
-            None => return Ok(()),
-        },
+    let [a, b] = crate::format::magic::own_superblocks(cow).await?;
+    let what = if let Some(owner) = a {
+        owner.description().to_owned()
+    } else if let Some(signature) = crate::device::probe::foreign_signature(cow).await? {
+        signature.description
+    } else if let Some(owner) = b {
+        owner.description().to_owned()
+    } else {
+        return Ok(());
     };
     Err(Error::new(
         ErrorKind::Busy,
@@ -860,6 +869,24 @@ mod cow_probe_tests {
         let err = open(&tiny, GroupOptions::default()).expect_err("refused");
         assert_eq!(err.kind(), ErrorKind::InvalidArgument);
         assert!(err.to_string().contains("too small"), "{err}");
+    }
+
+    /// A mirror leg (even one whose superblock is damaged, or left only in slot B) is not
+    /// taken for a blank COW device.
+    #[test]
+    fn a_cow_device_holding_a_mirror_leg_is_refused() {
+        let slot = [
+            crate::format::magic::MIRROR_SUPERBLOCK.as_slice(),
+            &[0xa5; 504],
+        ]
+        .concat();
+        for at in [Sector(0), Sector(8)] {
+            let cow = MemDevice::new("cow", SectorCount(4096));
+            cow.poke(at, &slot);
+            let err = open(&cow, GroupOptions::default()).expect_err("mirror leg refused");
+            assert_eq!(err.kind(), ErrorKind::Busy);
+            assert!(err.to_string().contains("a ublkdm mirror leg"), "{err}");
+        }
     }
 
     #[test]
