@@ -363,7 +363,9 @@ impl Daemon {
         let shutdown = {
             let target = Arc::clone(&self.target);
             move || {
-                let _ = done_tx.send(reactor::block_on(async move { target.shutdown().await }));
+                let done = reactor::try_block_on(async move { target.shutdown().await })
+                    .and_then(|res| res.map_err(|e| Error::io("the target's shutdown failed", e)));
+                let _ = done_tx.send(done);
             }
         };
         let outcome = match thread::Builder::new()
@@ -371,11 +373,11 @@ impl Daemon {
             .spawn(shutdown)
         {
             Ok(_) => done_rx.recv_timeout(SHUTDOWN_TIMEOUT).ok(),
-            Err(err) => Some(Err(err)),
+            Err(err) => Some(Err(Error::io("cannot start the shutdown thread", err))),
         };
         match outcome {
             Some(Ok(())) => log::info!("target shut down"),
-            Some(Err(err)) => log::error!("target shutdown failed: {err}"),
+            Some(Err(err)) => log::error!("{}", err.chain().join(": ")),
             None => log::error!(
                 "target shutdown did not finish within {}s",
                 SHUTDOWN_TIMEOUT.as_secs()

@@ -443,7 +443,7 @@ impl Target for MirrorTarget {
     fn command(&self, name: &str, args: &serde_json::Value) -> Result<serde_json::Value> {
         let command = MirrorCommand::parse(name, args)?;
         let inner = Arc::clone(&self.inner);
-        reactor::block_on(async move { inner.run(command).await })
+        reactor::try_block_on(async move { inner.run(command).await })?
     }
 
     fn spec(&self, built_from: &TargetSpec) -> TargetSpec {
@@ -500,7 +500,7 @@ pub fn start_mirror(
     let env = MirrorEnv::start(throttle, tuning)?;
     let options = options.clone();
     let target =
-        reactor::block_on(async move { MirrorTarget::open_set(set, &options, env).await })?;
+        reactor::try_block_on(async move { MirrorTarget::open_set(set, &options, env).await })??;
     target.start_resync_thread()?;
     Ok(Arc::new(target))
 }

@@ -701,7 +701,7 @@ impl Target for OriginTarget {
     fn command(&self, name: &str, args: &serde_json::Value) -> Result<serde_json::Value> {
         let command = SnapshotCommand::parse(name, args)?;
         let inner = Arc::clone(&self.group.inner);
-        reactor::block_on(async move { inner.run(command).await })
+        reactor::try_block_on(async move { inner.run(command).await })?
     }
 
     /// Every snapshot but a merging one (whose I/O fails until it is gone), oldest first.
@@ -811,7 +811,9 @@ pub fn open_group(spec: &OriginSpec) -> Result<Arc<SnapshotGroup>> {
     };
     let engine = CopyEngine::start(CopyConfig::default())?;
     let group =
-        reactor::block_on(async move { SnapshotGroup::open(origin, cow, &options, engine).await })?;
+        reactor::try_block_on(
+            async move { SnapshotGroup::open(origin, cow, &options, engine).await },
+        )??;
     group.start_merge_thread()?;
     Ok(group)
 }
