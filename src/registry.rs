@@ -4,13 +4,15 @@
 //! A [`TargetKind`] is everything the core needs to know about a kind of target: its name in
 //! a [`TargetSpec`], how to open it, its `ublkdm add NAME` arguments, its `ublkdm NAME CMD`
 //! command tree, how to describe its spec in a line, and optionally what it finds on the
-//! machine for `assemble --scan`. `main` builds the [`Registry`] from the targets and hands it
+//! machine for `assemble --scan`, and how to show its status to a person (`status_lines`, and
+//! the background work `status --watch` follows). `main` builds the [`Registry`] from the targets and hands it
 //! to the CLI, which hands it to the daemon. Invariant: kind names and command-tree names are
 //! unique in a registry (asserted when registering).
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use crate::cli::text;
 use crate::error::{Error, ErrorKind, Result};
 use crate::target::{Target, TargetSpec};
 
@@ -62,10 +64,70 @@ pub trait TargetKind: Send + Sync {
         serde_json::json!({ "name": name, "state": "unknown" })
     }
 
+    /// The target's part of `ublkdm status`, in lines a person scans at a glance (the caller
+    /// indents them). `status` is the target status the daemon answered with (the same JSON
+    /// `status --json` shows under `daemon_status.target.status`).
+    fn status_lines(&self, status: &serde_json::Value) -> Vec<String> {
+        generic_status_lines(status)
+    }
+
+    /// The background work `status` shows running (a resync, a merge), for `status --watch`.
+    fn progress(&self, _status: &serde_json::Value) -> Vec<Progress> {
+        Vec::new()
+    }
+
     /// Probes the machine's block devices for targets of this kind (`assemble --scan`);
     /// `None` for a kind that records nothing on its devices to be found by.
     fn scan(&self) -> Option<ScanReport> {
         None
+    }
+}
+
+/// One piece of background work, as a target reads it from its status.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Progress {
+    /// What runs, e.g. `resync`; unique in one status.
+    pub label: &'static str,
+    /// What `done` and `total` count: regions, or chunks.
+    pub unit: &'static str,
+    pub done: u64,
+    pub total: u64,
+    /// A short note after the counts, e.g. `2.0 MB/s, eta 7s`; may be empty.
+    pub detail: String,
+}
+
+/// A target status as `key: value` lines, a list as its length and then one line per element:
+/// for a target kind without a report of its own.
+pub fn generic_status_lines(status: &serde_json::Value) -> Vec<String> {
+    let Some(fields) = status.as_object() else {
+        return Vec::new();
+    };
+    let mut lines = Vec::new();
+    for (key, value) in fields {
+        match value {
+            serde_json::Value::Array(items) => {
+                lines.push(format!("{key}: {}", items.len()));
+                lines.extend(items.iter().map(|item| format!("  {}", list_item(item))));
+            }
+            _ => lines.push(format!("{key}: {}", text(value))),
+        }
+    }
+    lines
+}
+
+/// One element of a status list: `name: key value, ...` for a named object.
+pub fn list_item(item: &serde_json::Value) -> String {
+    let Some(fields) = item.as_object() else {
+        return text(item);
+    };
+    let rest: Vec<_> = fields
+        .iter()
+        .filter(|(key, _)| *key != "name")
+        .map(|(key, value)| format!("{key} {}", text(value)))
+        .collect();
+    match fields.get("name") {
+        Some(name) => format!("{}: {}", text(name), rest.join(", ")),
+        None => rest.join(", "),
     }
 }
 
@@ -179,6 +241,28 @@ impl Registry {
     /// What `spec` serves, when it has an identity.
     pub fn identity(&self, spec: &TargetSpec) -> Option<String> {
         self.find(spec.kind())?.identity(spec)
+    }
+
+    /// The kind that answered a daemon status (its `target.kind`), if this binary has it.
+    pub fn kind_of_status(&self, status: &serde_json::Value) -> Option<&dyn TargetKind> {
+        self.find(status["target"]["kind"].as_str()?)
+    }
+
+    /// The target part of a daemon status, in lines a person scans.
+    pub fn status_lines(&self, status: &serde_json::Value) -> Vec<String> {
+        let target = &status["target"]["status"];
+        match self.kind_of_status(status) {
+            Some(kind) => kind.status_lines(target),
+            None => generic_status_lines(target),
+        }
+    }
+
+    /// The background work a daemon status shows running.
+    pub fn progress(&self, status: &serde_json::Value) -> Vec<Progress> {
+        let target = &status["target"]["status"];
+        self.kind_of_status(status)
+            .map(|kind| kind.progress(target))
+            .unwrap_or_default()
     }
 
     /// Every kind's scan, in one report.

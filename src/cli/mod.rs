@@ -217,7 +217,7 @@ fn run_core(registry: &Registry, command: CliCommand) -> Result<()> {
         CliCommand::List { json } => list(registry, json),
         CliCommand::Status { id, json, watch } if watch => {
             debug_assert!(!json);
-            crate::watch::watch(id)
+            crate::watch::watch(registry, id)
         }
         CliCommand::Status { id, json, .. } => status(registry, id, json),
         CliCommand::Del { id, all } => del(id, all),

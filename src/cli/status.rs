@@ -3,22 +3,6 @@
 use super::*;
 use crate::target::ChildSpec;
 
-/// One element of a status list: `name: key value, ...` for a named object.
-pub(super) fn list_item(item: &serde_json::Value) -> String {
-    let Some(fields) = item.as_object() else {
-        return text(item);
-    };
-    let rest: Vec<_> = fields
-        .iter()
-        .filter(|(key, _)| *key != "name")
-        .map(|(key, value)| format!("{key} {}", text(value)))
-        .collect();
-    match fields.get("name") {
-        Some(name) => format!("{}: {}", text(name), rest.join(", ")),
-        None => rest.join(", "),
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // list / status
 
@@ -172,25 +156,15 @@ pub(super) fn print_status(
     );
     println!("  target:  {}", registry.describe(info.spec.as_ref()));
     match reply {
-        Some(Ok(status)) => print_daemon_status(status),
+        Some(Ok(status)) => print_daemon_status(registry, status),
         Some(Err(err)) => println!("  (no answer from the daemon: {})", err.chain().join(": ")),
         None => {}
     }
 }
 
-pub(super) fn print_daemon_status(status: &serde_json::Value) {
-    if let Some(fields) = status["target"]["status"].as_object() {
-        for (key, value) in fields {
-            match value {
-                serde_json::Value::Array(items) => {
-                    println!("    {key}: {}", items.len());
-                    items
-                        .iter()
-                        .for_each(|item| println!("      {}", list_item(item)));
-                }
-                _ => println!("    {key}: {}", text(value)),
-            }
-        }
+pub(super) fn print_daemon_status(registry: &Registry, status: &serde_json::Value) {
+    for line in registry.status_lines(status) {
+        println!("    {line}");
     }
     if let Some(children) = status["children"].as_array().filter(|c| !c.is_empty()) {
         let served: Vec<_> = children

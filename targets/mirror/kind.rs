@@ -11,7 +11,7 @@ use crate::cli::{absolute, clap_error, parse_pow2_size, text};
 use crate::control::{self, Command};
 use crate::copy::ThrottleConfig;
 use crate::error::{Error, Result};
-use crate::registry::{Registry, ScanReport, TargetKind};
+use crate::registry::{Progress, Registry, ScanReport, TargetKind};
 use crate::target::{Target, TargetSpec};
 use crate::ublk;
 
@@ -200,5 +200,72 @@ impl TargetKind for MirrorKind {
 
     fn scan(&self) -> Option<ScanReport> {
         Some(super::discover::scan())
+    }
+
+    fn progress(&self, status: &serde_json::Value) -> Vec<Progress> {
+        background_work(status)
+    }
+}
+
+/// The resync and the scrub that a mirror status shows running.
+fn background_work(status: &serde_json::Value) -> Vec<Progress> {
+    let mut work = Vec::new();
+    let resync = &status["resync"];
+    if resync["active"].as_bool() == Some(true) {
+        let rate = resync["rate_bytes_per_sec"].as_u64().unwrap_or(0);
+        let eta = resync["eta_seconds"]
+            .as_u64()
+            .map_or_else(|| "-".to_owned(), |s| format!("{s}s"));
+        work.push(Progress {
+            label: "resync",
+            unit: "regions",
+            done: resync["regions_done"].as_u64().unwrap_or(0),
+            total: resync["regions_total"].as_u64().unwrap_or(0),
+            detail: format!("{:.1} MB/s, eta {eta}", rate as f64 / 1e6),
+        });
+    }
+    let scrub = &status["scrub"];
+    if scrub.is_object() {
+        work.push(Progress {
+            label: "scrub",
+            unit: "regions",
+            done: scrub["next_region"].as_u64().unwrap_or(0),
+            total: scrub["total"].as_u64().unwrap_or(0),
+            detail: format!(
+                "{}, {} mismatches",
+                scrub["mode"].as_str().unwrap_or("check"),
+                scrub["mismatches"].as_u64().unwrap_or(0)
+            ),
+        });
+    }
+    work
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn reads_resync_and_scrub_progress() {
+        let status = json!({
+            "resync": { "active": true, "regions_done": 3, "regions_total": 10,
+                        "rate_bytes_per_sec": 2_000_000, "eta_seconds": 7 },
+            "scrub": { "mode": "repair", "next_region": 5, "total": 10, "mismatches": 1 },
+        });
+        let work = background_work(&status);
+        assert_eq!(work.len(), 2);
+        assert_eq!(
+            (work[0].label, work[0].done, work[0].total),
+            ("resync", 3, 10)
+        );
+        assert_eq!(work[0].detail, "2.0 MB/s, eta 7s");
+        assert_eq!(work[1].detail, "repair, 1 mismatches");
+    }
+
+    #[test]
+    fn idle_status_has_no_work() {
+        let status = json!({ "resync": { "active": false }, "scrub": null });
+        assert!(background_work(&status).is_empty());
     }
 }

@@ -10,7 +10,7 @@ use super::commands::SnapshotCommand;
 use crate::cli::{absolute, clap_error, parse_pow2_size, text};
 use crate::control::{self, Command};
 use crate::error::{Error, Result};
-use crate::registry::{Registry, TargetKind};
+use crate::registry::{Progress, Registry, TargetKind};
 use crate::target::{Target, TargetSpec};
 use crate::ublk;
 
@@ -124,6 +124,22 @@ impl TargetKind for OriginKind {
             .and_then(|items| items.iter().find(|item| item["name"] == name).cloned())
             .unwrap_or_else(|| serde_json::json!({ "name": name, "state": "deleted" }))
     }
+
+    fn progress(&self, status: &serde_json::Value) -> Vec<Progress> {
+        merge_progress(status).into_iter().collect()
+    }
+}
+
+/// The merge that an origin status shows running.
+fn merge_progress(status: &serde_json::Value) -> Option<Progress> {
+    let merge = &status["merge"];
+    (merge["active"].as_bool() == Some(true)).then(|| Progress {
+        label: "merge",
+        unit: "chunks",
+        done: merge["done"].as_u64().unwrap_or(0),
+        total: merge["total"].as_u64().unwrap_or(0),
+        detail: String::new(),
+    })
 }
 
 /// Sends a snapshot command to the origin's daemon and prints its answer.
@@ -212,4 +228,19 @@ fn list(registry: &Registry, id: u32, json: bool) -> Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn reads_merge_progress() {
+        let status = json!({ "merge": { "active": true, "done": 4, "total": 9 } });
+        let merge = merge_progress(&status).expect("a merge runs");
+        assert_eq!((merge.label, merge.done, merge.total), ("merge", 4, 9));
+        assert!(merge_progress(&json!({ "merge": { "active": false } })).is_none());
+        assert!(merge_progress(&json!({})).is_none());
+    }
 }
