@@ -515,6 +515,51 @@ where
     }
 }
 
+/// Starts a thread named `name` that runs the future `make` returns under [`try_block_on`],
+/// and returns once the thread's ring is up: a ring the thread cannot have is this call's
+/// error, not a panic on that thread. The thread's result is the future's output, or an error
+/// if its ring failed later.
+pub fn spawn_ring_thread<M, F>(name: &str, make: M) -> Result<thread::JoinHandle<Result<F::Output>>>
+where
+    M: FnOnce() -> F + Send + 'static,
+    F: Future + 'static,
+    F::Output: Send + 'static,
+{
+    spawn_ring_thread_sized(LOCAL_RING, name, make)
+}
+
+fn spawn_ring_thread_sized<M, F>(
+    size: RingSize,
+    name: &str,
+    make: M,
+) -> Result<thread::JoinHandle<Result<F::Output>>>
+where
+    M: FnOnce() -> F + Send + 'static,
+    F: Future + 'static,
+    F::Output: Send + 'static,
+{
+    let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel::<()>(1);
+    let handle = thread::Builder::new()
+        .name(name.to_owned())
+        .spawn(move || {
+            block_on_sized(size, async move {
+                // The starter waits for this; it cannot have gone.
+                let _ = ready_tx.send(());
+                make().await
+            })
+        })
+        .map_err(|e| Error::io(format!("cannot start the {name} thread"), e))?;
+    if ready_rx.recv().is_ok() {
+        return Ok(handle);
+    }
+    // The future never ran: the thread has ended with the reason, or panicked.
+    match handle.join() {
+        Ok(Err(err)) => Err(err.context(format!("cannot start the {name} thread"))),
+        Ok(Ok(_)) => unreachable!("the future ran without saying so"),
+        Err(panic) => std::panic::resume_unwind(panic),
+    }
+}
+
 fn block_on_sized<F>(size: RingSize, future: F) -> Result<F::Output>
 where
     F: Future + 'static,
@@ -617,6 +662,25 @@ mod tests {
         assert_eq!(err.to_string(), "cannot create an io_uring");
         assert_eq!(err.chain().len(), 2, "{:?}", err.chain());
         assert!(!ran.get(), "the future ran without a ring");
+    }
+
+    /// A thread whose ring cannot be created is the starter's error; one that can runs.
+    #[test]
+    fn a_ring_thread_reports_its_ring() {
+        let impossible = RingSize {
+            sq_entries: 0,
+            cq_entries: 0,
+        };
+        let err = spawn_ring_thread_sized(impossible, "test", || async { 1 })
+            .expect_err("a ring of zero entries");
+        assert_eq!(err.kind(), ErrorKind::Unsupported);
+        assert_eq!(err.to_string(), "cannot start the test thread");
+        let handle = spawn_ring_thread("test", || async {
+            sleep(Duration::from_millis(1)).await;
+            7
+        })
+        .expect("a ring thread");
+        assert_eq!(handle.join().expect("thread").expect("ring"), 7);
     }
 
     /// More requests at once than the submission queue holds: the full queue is handed to the
