@@ -78,7 +78,7 @@ pub trait TargetKind: Send + Sync {
 
     /// Probes the machine's block devices for targets of this kind (`assemble --scan`);
     /// `None` for a kind that records nothing on its devices to be found by.
-    fn scan(&self) -> Option<ScanReport> {
+    fn scan(&self) -> Option<Result<ScanReport>> {
         None
     }
 }
@@ -266,12 +266,13 @@ impl Registry {
     }
 
     /// Every kind's scan, in one report.
-    pub fn scan(&self) -> ScanReport {
+    pub fn scan(&self) -> Result<ScanReport> {
         let mut report = ScanReport::default();
         for found in self.kinds().filter_map(|k| k.scan()) {
+            let found = found?;
             report.probed += found.probed;
             report.found.extend(found.found);
         }
-        report
+        Ok(report)
     }
 }

@@ -28,7 +28,7 @@ macro_rules! targets {
 targets!(linear, mirror, snapshot, zero);
 
 /// What the mirror finds on the machine's block devices (`assemble --scan`), for the tests.
-pub fn scan() -> crate::registry::ScanReport {
+pub fn scan() -> crate::error::Result<crate::registry::ScanReport> {
     registry().scan()
 }
 

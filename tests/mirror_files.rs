@@ -399,7 +399,7 @@ fn loop_legs_that_moved_are_found_by_the_scan_and_a_clone_is_refused() {
     assert!(line.contains(&clone_dev.display().to_string()), "{line}");
     assert!(line.contains(&moved.0[0].display().to_string()), "{line}");
     // The scan of assemble --scan refuses it the same way.
-    let report = ublkdm::targets::scan();
+    let report = ublkdm::targets::scan().expect("scan");
     let uuid = spec_legs(&stored).0.expect("uuid").to_string();
     let found = report
         .found

@@ -33,7 +33,7 @@ pub(super) fn assemble_scan(registry: &Registry, json: bool) -> Result<()> {
             .spawn(|| registry.scan())
             .join()
             .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-    });
+    })?;
     let mut results = Vec::new();
     let mut failures = 0usize;
     let mut first_kind = None;

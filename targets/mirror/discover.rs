@@ -165,11 +165,12 @@ async fn read_leg(path: &Path) -> Result<Option<Superblock>> {
     })
 }
 
-/// Probes `hints` (any path: block devices or files), then the block devices of `roots`.
-pub fn survey(hints: &[PathBuf], roots: &ScanRoots) -> Survey {
+/// Probes `hints` (any path: block devices or files), then the block devices of `roots`. An
+/// unreadable device is noted in the survey; only a ring that cannot be created is an error.
+pub fn survey(hints: &[PathBuf], roots: &ScanRoots) -> Result<Survey> {
     let scanned = block_devices(roots);
     let hints = hints.to_vec();
-    reactor::block_on(async move {
+    reactor::try_block_on(async move {
         let mut survey = Survey::default();
         let mut seen = Vec::new();
         let paths = hints.iter().map(|p| (p, true));
@@ -304,7 +305,7 @@ pub fn leg_paths(spec: &MirrorSpec) -> Result<Vec<PathBuf>> {
     let Some(uuid) = spec.uuid else {
         return Ok(legs.clone());
     };
-    let survey = survey(legs, &ScanRoots::default());
+    let survey = survey(legs, &ScanRoots::default())?;
     let chosen = members(uuid, &survey.legs).map_err(|err| {
         if err.kind() != ErrorKind::NotFound {
             return err;
@@ -343,13 +344,13 @@ pub fn leg_paths(spec: &MirrorSpec) -> Result<Vec<PathBuf>> {
 }
 
 /// Every mirror whose legs are on the machine's block devices, with the spec to bring it up.
-pub fn scan() -> ScanReport {
+pub fn scan() -> Result<ScanReport> {
     scan_in(&ScanRoots::default())
 }
 
 /// [`scan`] over `roots`.
-pub fn scan_in(roots: &ScanRoots) -> ScanReport {
-    let survey = survey(&[], roots);
+pub fn scan_in(roots: &ScanRoots) -> Result<ScanReport> {
+    let survey = survey(&[], roots)?;
     let mut by_uuid: BTreeMap<Uuid, Vec<Found>> = BTreeMap::new();
     for found in survey.legs {
         by_uuid.entry(found.sb.uuid).or_default().push(found);
@@ -358,10 +359,10 @@ pub fn scan_in(roots: &ScanRoots) -> ScanReport {
         .into_iter()
         .map(|(uuid, legs)| discovered(uuid, &legs))
         .collect();
-    ScanReport {
+    Ok(ScanReport {
         probed: survey.probed,
         found,
-    }
+    })
 }
 
 /// What `assemble --scan` reports and starts for the mirror `uuid` whose devices are `legs`.

@@ -198,7 +198,7 @@ impl TargetKind for MirrorKind {
         }
     }
 
-    fn scan(&self) -> Option<ScanReport> {
+    fn scan(&self) -> Option<Result<ScanReport>> {
         Some(super::discover::scan())
     }
 

@@ -99,7 +99,7 @@ use crate::device::{
     check_distinct, AlignedBuf, BlockDevice, DeviceInfo, DeviceRef, IoFuture, OpenOptions,
     ReadDone, UringDevice, WriteFlags,
 };
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::region::{DirtyLog, RegionGeometry};
 use crate::target::{Target, TargetSpec};
 use crate::task::{join_all, Notify};
@@ -184,7 +184,7 @@ pub struct AddLegOptions {
 /// engine.
 pub struct MirrorTarget {
     inner: Arc<Inner>,
-    thread: Mutex<Option<JoinHandle<()>>>,
+    thread: Mutex<Option<JoinHandle<Result<()>>>>,
 }
 
 /// What the target, its futures and its resync driver share.
@@ -295,16 +295,11 @@ impl MirrorTarget {
     /// Runs the resync driver on a thread of its own, with a ticker every `Tuning::tick`.
     pub fn start_resync_thread(&self) -> Result<()> {
         let inner = Arc::clone(&self.inner);
-        let handle = std::thread::Builder::new()
-            .name("ublkdm-mirror".into())
-            .spawn(move || {
-                reactor::block_on(async move {
-                    let ticker = reactor::spawn(Arc::clone(&inner).ticker());
-                    inner.drive().await;
-                    ticker.await;
-                })
-            })
-            .map_err(|e| Error::io("cannot start the mirror's resync thread", e))?;
+        let handle = reactor::spawn_ring_thread("ublkdm-mirror", move || async move {
+            let ticker = reactor::spawn(Arc::clone(&inner).ticker());
+            inner.drive().await;
+            ticker.await;
+        })?;
         *self.thread.lock().expect("resync thread") = Some(handle);
         Ok(())
     }
@@ -384,8 +379,12 @@ impl Drop for MirrorTarget {
         self.stop();
         let thread = self.thread.lock().expect("resync thread").take();
         if let Some(thread) = thread {
-            if thread.join().is_err() {
-                log::error!("the mirror's resync thread panicked");
+            match thread.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(err)) => {
+                    log::error!("the mirror's resync thread: {}", err.chain().join(": "))
+                }
+                Err(_) => log::error!("the mirror's resync thread panicked"),
             }
         }
         self.inner.engine.shutdown();

@@ -11,7 +11,7 @@ use super::*;
 use crate::copy::CopyConfig;
 use crate::device::reactor::{run_local, spawn};
 use crate::device::{FaultConfig, FaultyDevice, MemDevice, OpKind};
-use crate::error::ErrorKind;
+use crate::error::{Error, ErrorKind};
 use crate::region::{RegionIndex, MAX_REGION_COUNT};
 use proptest::prelude::*;
 

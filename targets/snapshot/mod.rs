@@ -206,7 +206,7 @@ pub(crate) struct Inner {
 /// A snapshot group: an origin, its snapshots and their COW store (see the module doc).
 pub struct SnapshotGroup {
     inner: Arc<Inner>,
-    thread: Mutex<Option<JoinHandle<()>>>,
+    thread: Mutex<Option<JoinHandle<Result<()>>>>,
 }
 
 impl SnapshotGroup {
@@ -392,10 +392,7 @@ impl SnapshotGroup {
     /// Runs [`SnapshotGroup::merge_task`] on a thread of its own.
     pub fn start_merge_thread(&self) -> Result<()> {
         let inner = Arc::clone(&self.inner);
-        let handle = std::thread::Builder::new()
-            .name("ublkdm-merge".into())
-            .spawn(move || reactor::block_on(inner.merge_task()))
-            .map_err(|e| Error::io("cannot start the snapshot merge thread", e))?;
+        let handle = reactor::spawn_ring_thread("ublkdm-merge", move || inner.merge_task())?;
         *self.thread.lock().expect("merge thread") = Some(handle);
         Ok(())
     }
@@ -417,8 +414,12 @@ impl Drop for SnapshotGroup {
         self.stop();
         let thread = self.thread.lock().expect("merge thread").take();
         if let Some(thread) = thread {
-            if thread.join().is_err() {
-                log::error!("the snapshot merge thread panicked");
+            match thread.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(err)) => {
+                    log::error!("the snapshot merge thread: {}", err.chain().join(": "))
+                }
+                Err(_) => log::error!("the snapshot merge thread panicked"),
             }
         }
         self.inner.engine.shutdown();
