@@ -10,14 +10,14 @@
 
 mod common;
 
-use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 
 use ublkdm::copy::ThrottleConfig;
 use ublkdm::device::reactor::block_on;
+use ublkdm::device::tools::run_tool;
 use ublkdm::device::{
     open_distinct, same_device, AlignedBuf, BlockDevice, OpenOptions, UringDevice, WriteFlags,
 };
@@ -344,37 +344,6 @@ fn a_mirror_over_one_file_given_twice_is_refused() {
         assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
         assert!(err.to_string().contains("are the same device"), "{err}");
     }
-}
-
-/// Runs `tool args.. FILE` with `input` on stdin; as root a missing tool fails the test
-/// (scripts/deps installs them all), otherwise it prints SKIP and returns false.
-fn run_tool(tool: &str, args: &[&str], file: &Path, input: &str) -> bool {
-    let child = Command::new(tool)
-        .args(args)
-        .arg(file)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn();
-    let mut child = match child {
-        Ok(child) => child,
-        // SAFETY: geteuid has no preconditions.
-        Err(e) if unsafe { libc::geteuid() } != 0 => {
-            eprintln!("SKIP: {tool} cannot run ({e}); scripts/deps installs it");
-            return false;
-        }
-        Err(e) => panic!("{tool} cannot run ({e}); run scripts/deps"),
-    };
-    let mut stdin = child.stdin.take().expect("stdin");
-    stdin.write_all(input.as_bytes()).expect("feed the tool");
-    drop(stdin);
-    let out = child.wait_with_output().expect("wait for the tool");
-    assert!(
-        out.status.success(),
-        "{tool} {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    true
 }
 
 /// Each kind of foreign data, made by its real tool: the mirror refuses it without `force`

@@ -8,7 +8,8 @@
 //! - `FaultyDevice`: a seeded, deterministic fault injector wrapped around any device.
 //!
 //! The last two exist for tests and simulations only: they are compiled with the `sim` feature
-//! (which the tests turn on), never into the release binary.
+//! (which the tests turn on), never into the release binary; so is [`tools`], which runs the
+//! real tools (mkfs, cryptsetup...) that make foreign data for tests.
 //!
 //! [`probe`] says which foreign signatures (file systems, partition tables, LUKS...) a device
 //! holds, for every target that must not overwrite them by accident.
@@ -24,6 +25,8 @@ mod faulty;
 mod mem;
 pub mod probe;
 pub mod reactor;
+#[cfg(feature = "sim")]
+pub mod tools;
 mod uring;
 
 use std::future::Future;

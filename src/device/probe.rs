@@ -205,9 +205,8 @@ fn describe(name: &str, usage: &str) -> String {
 
 #[cfg(test)]
 pub(crate) mod tests {
-    use std::io::Write;
     use std::path::{Path, PathBuf};
-    use std::process::{Command, Stdio};
+
     use std::sync::Arc;
 
     use super::*;
@@ -227,40 +226,7 @@ pub(crate) mod tests {
         (dir, file)
     }
 
-    /// Runs `tool args.. FILE`, feeding it `input`. `false` (after printing SKIP) when the
-    /// tool is missing and we are not root; as root a missing tool fails the test
-    /// (scripts/deps installs it).
-    pub(crate) fn run_tool(tool: &str, args: &[&str], file: &Path, input: &str) -> bool {
-        let child = Command::new(tool)
-            .args(args)
-            .arg(file)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn();
-        let mut child = match child {
-            Ok(child) => child,
-            // SAFETY: geteuid has no preconditions.
-            Err(e) if unsafe { libc::geteuid() } != 0 => {
-                eprintln!("SKIP: {tool} cannot run ({e}); scripts/deps installs it");
-                return false;
-            }
-            Err(e) => panic!("{tool} cannot run ({e}); run scripts/deps"),
-        };
-        child
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(input.as_bytes())
-            .expect("feed the tool");
-        let out = child.wait_with_output().expect("wait for the tool");
-        assert!(
-            out.status.success(),
-            "{tool} {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        true
-    }
+    pub(crate) use crate::device::tools::run_tool;
 
     /// A new file of `bytes` formatted by `tool args..`, or `None` when the tool is missing
     /// (see [`run_tool`]).

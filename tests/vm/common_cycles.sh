@@ -36,11 +36,35 @@
 # legs_cmp OFFSET_MIB MIB DEV DEV  whether two legs' data areas are equal (read in parallel,
 #                          compared with cmp: several times faster than checksums under TCG)
 # dev_cmp DEV FILE_OR_DEV [MIB]  whether DEV reads exactly as the other (first MIB MiB)
+# checked lost bad         the running counts: blocks verified, blocks lost, checks failed
+#                          (0 here; a cut test carries them from boot to boot itself)
+# failed NAME WHY          fail NAME (common.sh) and count it in bad
+# counted WORD C           after acked_verify in cycle C (WORD: cycle or cut): fails
+#                          WORD-C-acked-writes-verify if a block was lost or fewer than
+#                          ACKED_MIN were checked; adds CHECKED and LOST to checked and lost
 
 KILLS=${KILLS:-20}
 CUTS=${CUTS:-10}
 ACKED_MIN=${ACKED_MIN:-300}
 ACKED_RATE=${ACKED_RATE:-500}
+checked=0
+lost=0
+bad=0
+
+failed() {
+	fail "$@"
+	bad=$((bad + 1))
+}
+
+counted() {
+	local word=$1 c=$2
+	if ((LOST > 0 || CHECKED < ACKED_MIN)); then
+		failed "$word-$c-acked-writes-verify" "$CHECKED blocks verified, $LOST bad"
+	fi
+	checked=$((checked + CHECKED))
+	lost=$((lost + LOST))
+	vm_log "$word $c: $CHECKED acknowledged blocks verified"
+}
 
 disk_writes() {
 	local dev

@@ -8,6 +8,8 @@
 # data_offset_mib ID        the legs' data offset, in MiB (it is 1 MiB aligned)
 # legs_identical_raw OFFSET_MIB DEV..  whether every DEV's data area (after OFFSET_MIB) is the
 #                           same up to the end of the smallest DEV (after the mirror is gone)
+# wipe_superblocks DEV..    zeroes each DEV's superblock slots (its first MiB), as a user wipes
+#                           a retired leg (a create never overwrites a mirror's leg)
 
 add_mirror() { ublkdm add mirror "$@"; }
 
@@ -40,5 +42,12 @@ legs_identical_raw() {
 	for dev in "$@"; do
 		sum=$(sha_range "$dev" "$mib" "$offset")
 		[[ $sum == "$first" ]] || { vm_log "$dev differs from $1 in $mib MiB of data"; return 1; }
+	done
+}
+
+wipe_superblocks() {
+	local dev
+	for dev in "$@"; do
+		dd if=/dev/zero of="$dev" bs=1M count=1 oflag=direct status=none || die "cannot wipe $dev"
 	done
 }

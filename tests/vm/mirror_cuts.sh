@@ -31,25 +31,9 @@ phase=${PHASE:-1}
 ((phase >= 1 && phase <= CUTS + 1)) || die "PHASE must be 1 to $((CUTS + 1)) (CUTS=$CUTS)"
 mid=$(((CUTS + 1) / 2))
 
-# The counts so far, carried from boot to boot on the state disk.
-checked=0
-lost=0
-bad=0
+# The counts so far (checked, lost and bad from common_cycles.sh, and these), carried from boot
+# to boot on the state disk.
 resync=""
-failed() {
-	fail "$@"
-	bad=$((bad + 1))
-}
-
-counted() {
-	local c=$1
-	if ((LOST > 0 || CHECKED < ACKED_MIN)); then
-		failed "cut-$c-acked-writes-verify" "$CHECKED blocks verified, $LOST bad"
-	fi
-	checked=$((checked + CHECKED))
-	lost=$((lost + LOST))
-	vm_log "cut $c: $CHECKED acknowledged blocks verified"
-}
 
 # After a cut: assemble, resync, compare the legs.
 assemble_after_cut() {
@@ -75,7 +59,7 @@ assemble_after_cut() {
 		failed "cut-$c-legs-identical" "the legs' data areas differ"
 	wait "$verify_pid"
 	read -r CHECKED LOST <"$T/verify.counts"
-	counted "$c"
+	counted cut "$c"
 	vm_log "cut $c: assembled, ${resync##* } regions resynced"
 }
 

@@ -52,14 +52,6 @@ legs_identical() {
 	done
 }
 
-# Zeroes the superblock slots (the first MiB) of each disk, as a user wipes a retired leg.
-wipe_superblocks() {
-	local dev
-	for dev in "$@"; do
-		dd if=/dev/zero of="$dev" bs=1M count=1 oflag=direct status=none || die "cannot wipe $dev"
-	done
-}
-
 run_legs two /dev/vda /dev/vdb
 wipe_superblocks /dev/vda /dev/vdb
 run_legs three /dev/vda /dev/vdb /dev/vdc

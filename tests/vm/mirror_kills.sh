@@ -30,23 +30,7 @@ data_mib=$(($(blockdev --getsize64 "$LEG0") / 1048576 - offset))
 mid=$(((KILLS + 1) / 2))
 vm_log "mirror $dev (id $id), $KILLS cycles, leg 1 failed and re-added in cycle $mid, failed before the kill in cycle $((mid + 1))"
 
-checked=0
-lost=0
-bad=0
 resync=()
-failed() {
-	fail "$@"
-	bad=$((bad + 1))
-}
-counted() {
-	local c=$1
-	if ((LOST > 0 || CHECKED < ACKED_MIN)); then
-		failed "cycle-$c-acked-writes-verify" "$CHECKED blocks verified, $LOST bad"
-	fi
-	checked=$((checked + CHECKED))
-	lost=$((lost + LOST))
-	vm_log "cycle $c: $CHECKED acknowledged blocks verified"
-}
 for ((c = 1; c <= KILLS; c++)); do
 	if ((c == mid || c == mid + 1)); then
 		ublkdm mirror fail-leg "$id" 1 >/dev/null || failed "cycle-$c-fail-leg" "fail-leg refused"
@@ -97,7 +81,7 @@ for ((c = 1; c <= KILLS; c++)); do
 		failed "cycle-$c-legs-identical" "the legs' data areas differ"
 	wait "$verify_pid"
 	read -r CHECKED LOST <"$T/verify.counts"
-	counted "$c"
+	counted cycle "$c"
 	vm_log "cycle $c: killed after $(($(disk_writes "$dev") - base)) writes; ${resync[-1]} regions resynced"
 done
 cycles=$((c - 1))

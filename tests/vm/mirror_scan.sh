@@ -27,6 +27,25 @@ spec_of() { ublkdm list --json | jq -c ".[] | select(.id == ${1:?spec_of ID}) | 
 
 slot_devices() { mstatus "${1:?slot_devices ID}" '[.legs[] | "\(.slot)=\(.device)"] | join(" ")'; }
 
+# Passes NAME if DEV reads as the data phase 1 wrote.
+check_data() {
+	if [[ $(sha_range "$2" "$DATA_MIB") == "$(data_sha)" ]]; then
+		pass "$1"
+	else
+		fail "$1" "the data differs"
+	fi
+}
+
+# Runs `ublkdm assemble --scan` for the transcript (NOTE after the command line): its output in
+# $out, its exit status in $rc.
+scan_shown() {
+	echo "\$ ublkdm assemble --scan${1:-}"
+	out=$(ublkdm assemble --scan 2>&1)
+	rc=$?
+	echo "$out"
+	echo "(exit $rc)"
+}
+
 phase1() {
 	local dev id uuid spec pid again
 	dev=$(add_mirror --leg /dev/vda --leg /dev/vdb --region-size 1M) || die "add mirror failed"
@@ -68,11 +87,7 @@ phase1() {
 	else
 		fail "recover-uses-the-replaced-leg" "recover printed $again; legs $(slot_devices "$id")"
 	fi
-	if [[ $(sha_range "$dev" "$DATA_MIB") == "$(data_sha)" ]]; then
-		pass "data-verifies-after-recover"
-	else
-		fail "data-verifies-after-recover" "the data differs"
-	fi
+	check_data data-verifies-after-recover "$dev"
 	# Phase 2 finds the mirror by its UUID alone: keep it where the reboot cannot lose it.
 	echo "$uuid" | dd of=/dev/vdd bs=4096 count=1 conv=sync oflag=direct status=none
 	vm_log "phase 1 done; rebooting"
@@ -84,10 +99,7 @@ phase2() {
 	[[ -n $uuid ]] || die "no uuid from phase 1 on /dev/vdd"
 	dd if=/dev/zero of=/dev/vdd bs=4096 count=1 oflag=direct status=none
 	[[ $(ublkdm list --json | jq length) == 0 ]] || die "devices exist after the reboot"
-	echo "\$ ublkdm assemble --scan"
-	out=$(ublkdm assemble --scan 2>&1)
-	rc=$?
-	echo "$out"
+	scan_shown
 	id=$(ublkdm list --json | jq -r ".[] | select(.spec.uuid == \"$uuid\") | .id")
 	if ((rc == 0)) && [[ -n $id && $out == *"mirror $uuid: started as /dev/ublkb$id"* ]]; then
 		pass "assemble-scan-starts-the-mirror"
@@ -103,11 +115,7 @@ phase2() {
 	else
 		fail "scan-finds-the-current-legs-only" "$(slot_devices "$id")"
 	fi
-	if [[ $(sha_range "$dev" "$DATA_MIB") == "$(data_sha)" ]]; then
-		pass "data-verifies-after-scan"
-	else
-		fail "data-verifies-after-scan" "the data differs"
-	fi
+	check_data data-verifies-after-scan "$dev"
 	echo "\$ ublkdm assemble --scan --json"
 	json=$(ublkdm assemble --scan --json)
 	echo "$json"
@@ -120,11 +128,7 @@ phase2() {
 	ublkdm del "$id" >/dev/null || die "del failed"
 	# A cloned disk: vdc copied onto vdd claims slot 1 of the same mirror.
 	dd if=/dev/vdc of=/dev/vdd bs=1M iflag=direct oflag=direct status=none || die "cannot clone vdc"
-	echo "\$ ublkdm assemble --scan   # after dd if=/dev/vdc of=/dev/vdd"
-	out=$(ublkdm assemble --scan 2>&1)
-	rc=$?
-	echo "$out"
-	echo "(exit $rc)"
+	scan_shown "   # after dd if=/dev/vdc of=/dev/vdd"
 	if ((rc == 7)) && [[ $out == *"/dev/vdc and /dev/vdd both carry slot 1"* ]] &&
 		[[ $(ublkdm list --json | jq length) == 0 ]]; then
 		pass "a-cloned-leg-is-refused"

@@ -38,24 +38,9 @@ cow=$(slice cow /dev/vdb 0 64)
 model1=$(slice model1 "$STATE_DISK" 8 $MIB)
 model2=$(slice model2 "$STATE_DISK" 24 $MIB)
 
-# The counts so far, carried from boot to boot on the state disk.
-checked=0
-lost=0
-bad=0
+# The counts so far (checked, lost and bad from common_cycles.sh, and these), carried from boot
+# to boot on the state disk.
 snaps=0
-failed() {
-	fail "$@"
-	bad=$((bad + 1))
-}
-counted() {
-	local c=$1
-	if ((LOST > 0 || CHECKED < ACKED_MIN)); then
-		failed "cut-$c-acked-writes-verify" "$CHECKED blocks verified, $LOST bad"
-	fi
-	checked=$((checked + CHECKED))
-	lost=$((lost + LOST))
-	vm_log "cut $c: $CHECKED acknowledged blocks verified"
-}
 window() { echo $(((($1 - 1) % 2) * 8)); }
 
 first_boot() {
@@ -102,7 +87,7 @@ assemble_after_cut() {
 	done
 	wait "$verify_pid"
 	read -r CHECKED LOST <"$T/verify.counts"
-	counted "$c"
+	counted cut "$c"
 	vm_log "cut $c: reassembled; store $(g '.cow | tojson')"
 }
 

@@ -38,24 +38,8 @@ group "$id"
 pid=$(jq -r .daemon_pid <<<"$G")
 vm_log "origin $dev (id $id), s1 $s1, s2 $s2, $KILLS cycles; store $(g '.cow | tojson')"
 
-checked=0
-lost=0
-bad=0
 snaps=0
 cow_used=()
-failed() {
-	fail "$@"
-	bad=$((bad + 1))
-}
-counted() {
-	local c=$1
-	if ((LOST > 0 || CHECKED < ACKED_MIN)); then
-		failed "cycle-$c-acked-writes-verify" "$CHECKED blocks verified, $LOST bad"
-	fi
-	checked=$((checked + CHECKED))
-	lost=$((lost + LOST))
-	vm_log "cycle $c: $CHECKED acknowledged blocks verified"
-}
 window() { echo $(((($1 - 1) % 2) * 8))M; }
 for ((c = 1; c <= KILLS; c++)); do
 	base=$(disk_writes "$dev")
@@ -96,7 +80,7 @@ for ((c = 1; c <= KILLS; c++)); do
 	done
 	wait "$verify_pid"
 	read -r CHECKED LOST <"$T/verify.counts"
-	counted "$c"
+	counted cycle "$c"
 	vm_log "cycle $c: killed after $(($(disk_writes "$dev") - base)) writes at $(window "$c"); store ${cow_used[-1]}"
 done
 cycles=$((c - 1))
