@@ -271,4 +271,31 @@ mod tests {
         assert!(merge_progress(&json!({ "merge": { "active": false } })).is_none());
         assert!(merge_progress(&json!({})).is_none());
     }
+
+    /// A daemon status as `ublkdm status` gets it: the origin's target calls itself
+    /// `snapshot-origin`, its kind is `origin` (the spec's `target`); the registry must still
+    /// find the kind, for the report and for `status --watch`.
+    #[test]
+    fn the_registry_finds_the_origin_from_its_status() {
+        let registry = Registry::new().with(super::super::kind());
+        let status = json!({
+            "spec": { "target": NAME, "device": "/dev/vdb", "cow": "/dev/vdc" },
+            "target": {
+                "kind": "snapshot-origin",
+                "status": {
+                    "cow": { "chunks": 10, "used": 4, "free": 6 },
+                    "chunk_sectors": 32,
+                    "snapshots": [],
+                    "merge": { "active": true, "snapshot": "s1", "done": 1, "total": 4 },
+                },
+            },
+        });
+        let lines = registry.status_lines(&status);
+        assert!(
+            lines[0].starts_with("store:     4 of 10 chunks used"),
+            "{lines:?}"
+        );
+        let work = registry.progress(&status);
+        assert_eq!(work.len(), 1, "the merge is followed");
+    }
 }
