@@ -9,14 +9,17 @@ use serde_json::Value;
 
 use crate::cli::text;
 
-/// The origin's status in lines (the caller indents them): the COW store, a flag when its
-/// metadata could not be written, the snapshots as a table (invalid ones flagged with their
-/// reason) and the merge.
+/// The origin's status in lines (the caller indents them): the COW store and its UUID, a flag
+/// when its metadata could not be written, the snapshots as a table (invalid ones flagged
+/// with their reason) and the merge.
 pub fn status_lines(status: &Value) -> Vec<String> {
     if !status.is_object() {
         return crate::registry::generic_status_lines(status);
     }
-    let mut lines = vec![store_line(status)];
+    let mut lines = vec![
+        store_line(status),
+        format!("uuid:      {}", status["uuid"].as_str().unwrap_or("?")),
+    ];
     if status["metadata_failed"].as_bool() == Some(true) {
         lines.push(
             "metadata:  a log write FAILED: the snapshots are invalid; origin writes first \
@@ -29,8 +32,8 @@ pub fn status_lines(status: &Value) -> Vec<String> {
     lines
 }
 
-/// `store:     1452 of 4064 chunks used (36%), 2612 free, chunk 16 KiB; uuid ...`, with
-/// `FULL` when no chunk is free (the next copy-on-write invalidates snapshots).
+/// `store:     1452 of 4064 chunks used (36%), 2612 free, chunk 16 KiB`, with `FULL` when no
+/// chunk is free (the next copy-on-write invalidates snapshots).
 fn store_line(status: &Value) -> String {
     let cow = &status["cow"];
     let (used, total) = (cow["used"].as_u64(), cow["chunks"].as_u64());
@@ -48,11 +51,10 @@ fn store_line(status: &Value) -> String {
         .and_then(|s| s.checked_mul(crate::units::SECTOR_BYTES))
         .map_or_else(|| "?".to_owned(), binary_size);
     format!(
-        "store:     {} of {} chunks used{share}, {} free{full}, chunk {chunk}; uuid {}",
+        "store:     {} of {} chunks used{share}, {} free{full}, chunk {chunk}",
         number(&cow["used"]),
         number(&cow["chunks"]),
         number(&cow["free"]),
-        text(&status["uuid"]),
     )
 }
 
@@ -209,8 +211,8 @@ mod tests {
         assert_eq!(
             lines,
             [
-                "store:     0 of 4064 chunks used (0%), 4064 free, chunk 16 KiB; uuid \
-                 6f1c2a9e-0b7d-4e8a-9c11-2d3f4a5b6c7d",
+                "store:     0 of 4064 chunks used (0%), 4064 free, chunk 16 KiB",
+                "uuid:      6f1c2a9e-0b7d-4e8a-9c11-2d3f4a5b6c7d",
                 "snapshots: none",
                 "merge:     idle",
             ]
@@ -230,8 +232,8 @@ mod tests {
         assert_eq!(
             lines,
             [
-                "store:     1452 of 4064 chunks used (36%), 2612 free, chunk 16 KiB; uuid \
-                 6f1c2a9e-0b7d-4e8a-9c11-2d3f4a5b6c7d",
+                "store:     1452 of 4064 chunks used (36%), 2612 free, chunk 16 KiB",
+                "uuid:      6f1c2a9e-0b7d-4e8a-9c11-2d3f4a5b6c7d",
                 "snapshots: 2",
                 "  NAME     STATE     EXCEPTIONS  CREATED  NOTE",
                 "  nightly  merging          400        1",
@@ -252,8 +254,8 @@ mod tests {
         assert_eq!(
             lines,
             [
-                "store:     4064 of 4064 chunks used (100%), 0 free FULL, chunk 16 KiB; uuid \
-                 6f1c2a9e-0b7d-4e8a-9c11-2d3f4a5b6c7d",
+                "store:     4064 of 4064 chunks used (100%), 0 free FULL, chunk 16 KiB",
+                "uuid:      6f1c2a9e-0b7d-4e8a-9c11-2d3f4a5b6c7d",
                 "metadata:  a log write FAILED: the snapshots are invalid; origin writes first \
                  retry the log",
                 "snapshots: 2 (1 INVALID)",
@@ -282,7 +284,8 @@ mod tests {
         assert_eq!(
             lines,
             [
-                "store:     ? of ? chunks used, ? free, chunk ?; uuid null",
+                "store:     ? of ? chunks used, ? free, chunk ?",
+                "uuid:      ?",
                 "snapshots: none",
                 "merge:     idle",
             ]
