@@ -243,9 +243,12 @@ impl Registry {
         self.find(spec.kind())?.identity(spec)
     }
 
-    /// The kind that answered a daemon status (its `target.kind`), if this binary has it.
+    /// The kind that answered a daemon status, if this binary has it: the kind its spec names
+    /// (`spec.target`, e.g. `origin`), else the target's own name (`target.kind`, which may
+    /// differ from its kind's: the origin calls itself `snapshot-origin`).
     pub fn kind_of_status(&self, status: &serde_json::Value) -> Option<&dyn TargetKind> {
-        self.find(status["target"]["kind"].as_str()?)
+        let named = |name: &serde_json::Value| name.as_str().and_then(|n| self.find(n));
+        named(&status["spec"]["target"]).or_else(|| named(&status["target"]["kind"]))
     }
 
     /// The target part of a daemon status, in lines a person scans.

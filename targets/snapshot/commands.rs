@@ -28,7 +28,7 @@ fn state_json(state: SnapState) -> (&'static str, Option<&'static str>) {
 
 /// The origin's runtime commands: one schema for `ublkdm snapshot CMD` (clap), the control
 /// socket (`{"name": "snapshot-create", "args": {"name": "nightly"}}`) and the daemon, which
-/// parses it once ([`SnapshotCommand::parse`]). `id` (and `json`) belong to the CLI and are not
+/// parses it once ([`SnapshotCommand::parse`]). `id` and `json` belong to the CLI and are not
 /// sent.
 #[derive(Clone, Debug, PartialEq, Eq, clap::Subcommand, serde::Serialize, serde::Deserialize)]
 #[serde(tag = "name", content = "args")]
@@ -45,6 +45,10 @@ pub enum SnapshotCommand {
         #[arg(long)]
         #[serde(default)]
         name: Option<String>,
+        /// Print the daemon's JSON reply instead of the device.
+        #[arg(long)]
+        #[serde(skip)]
+        json: bool,
     },
     /// List the snapshots of an origin.
     #[command(name = "list")]
@@ -66,6 +70,10 @@ pub enum SnapshotCommand {
         #[serde(skip)]
         id: u32,
         name: String,
+        /// Print the daemon's JSON reply.
+        #[arg(long)]
+        #[serde(skip)]
+        json: bool,
     },
     /// Roll the origin back to a snapshot, in the background; the origin reads as the snapshot
     /// at once, and the snapshot is gone when the merge ends.
@@ -76,6 +84,10 @@ pub enum SnapshotCommand {
         #[serde(skip)]
         id: u32,
         name: String,
+        /// Print the daemon's JSON reply.
+        #[arg(long)]
+        #[serde(skip)]
+        json: bool,
     },
     /// The status report (on the control socket only).
     #[command(skip)]
@@ -322,5 +334,43 @@ impl Inner {
             "snapshots": snaps,
             "merge": merge,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `--json` and the id stay on the CLI side: the control socket carries what it did.
+    #[test]
+    fn cli_only_fields_are_not_sent() {
+        let wire = |command: SnapshotCommand| match command.to_wire() {
+            Command::Target { name, args } => (name, args),
+            other => panic!("a target command, not {other:?}"),
+        };
+        let create = SnapshotCommand::Create {
+            id: 3,
+            name: Some("nightly".into()),
+            json: true,
+        };
+        assert_eq!(
+            wire(create),
+            ("snapshot-create".into(), json!({ "name": "nightly" }))
+        );
+        let merge = SnapshotCommand::Merge {
+            id: 3,
+            name: "s1".into(),
+            json: true,
+        };
+        assert_eq!(wire(merge), ("merge".into(), json!({ "name": "s1" })));
+        let delete = SnapshotCommand::parse("snapshot-delete", &json!({ "name": "s1" }));
+        assert_eq!(
+            delete.expect("parses"),
+            SnapshotCommand::Delete {
+                id: 0,
+                name: "s1".into(),
+                json: false,
+            }
+        );
     }
 }

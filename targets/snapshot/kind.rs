@@ -1,5 +1,6 @@
-//! The snapshot origin's kind: its spec (persisted for `recover`), its `add origin` arguments
-//! and its `ublkdm snapshot CMD` tree, run through the origin's daemon.
+//! The snapshot origin's kind: its spec (persisted for `recover`), its `add origin` arguments,
+//! its `ublkdm snapshot CMD` tree, run through the origin's daemon, and its part of `ublkdm
+//! status` (made in `report.rs`).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -7,6 +8,7 @@ use std::sync::Arc;
 use clap::{Args, FromArgMatches, Subcommand};
 
 use super::commands::SnapshotCommand;
+use super::report;
 use crate::cli::{absolute, clap_error, parse_pow2_size, text};
 use crate::control::{self, Command};
 use crate::error::{Error, Result};
@@ -125,6 +127,10 @@ impl TargetKind for OriginKind {
             .unwrap_or_else(|| serde_json::json!({ "name": name, "state": "deleted" }))
     }
 
+    fn status_lines(&self, status: &serde_json::Value) -> Vec<String> {
+        super::report::status_lines(status)
+    }
+
     fn progress(&self, status: &serde_json::Value) -> Vec<Progress> {
         merge_progress(status).into_iter().collect()
     }
@@ -142,30 +148,52 @@ fn merge_progress(status: &serde_json::Value) -> Option<Progress> {
     })
 }
 
-/// Sends a snapshot command to the origin's daemon and prints its answer.
+/// Sends a snapshot command to the origin's daemon and prints its answer: a line a person
+/// reads (`create` prints only the device, for scripts), or the reply with `--json`.
 fn run(registry: &Registry, command: SnapshotCommand) -> Result<()> {
-    let id = match &command {
+    let (id, json) = match &command {
         SnapshotCommand::List { id, json } => return list(registry, *id, *json),
-        SnapshotCommand::Create { id, .. }
-        | SnapshotCommand::Delete { id, .. }
-        | SnapshotCommand::Merge { id, .. } => *id,
+        SnapshotCommand::Create { id, json, .. }
+        | SnapshotCommand::Delete { id, json, .. }
+        | SnapshotCommand::Merge { id, json, .. } => (*id, *json),
         SnapshotCommand::Status {} => unreachable!("not a CLI command"),
     };
-    require_origin(registry, id)?;
+    // The device a deleted or merged snapshot had: it is gone once the command ran.
+    let released = match command.releases() {
+        Some(name) if !json => device_of(registry, id, name)?,
+        _ => {
+            require_origin(registry, id)?;
+            None
+        }
+    };
     let reply = control::request(id, command.to_wire())?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&reply).expect("json"));
+        return Ok(());
+    }
+    let device = released.as_deref();
     match command {
         SnapshotCommand::Create { .. } => {
             println!("{}", reply["device"].as_str().unwrap_or("-"))
         }
-        SnapshotCommand::Delete { .. } => println!("deleted snapshot {}", text(&reply["deleted"])),
-        _ => println!(
-            "merging snapshot {} into device {id}: {} chunks; follow with 'ublkdm status {id} \
-             --watch'",
-            text(&reply["merging"]),
-            reply["total"]
-        ),
+        SnapshotCommand::Delete { .. } => {
+            println!(
+                "{}",
+                report::deleted_line(&text(&reply["deleted"]), device, id)
+            )
+        }
+        _ => println!("{}", report::merging_line(&reply, device, id)),
     }
     Ok(())
+}
+
+/// The device serving snapshot `name` of origin `id`, if one does (fails unless `id` is an
+/// origin).
+fn device_of(registry: &Registry, id: u32, name: &str) -> Result<Option<String>> {
+    Ok(rows(registry, id)?
+        .into_iter()
+        .find(|row| row["name"] == name)
+        .and_then(|row| row["device"].as_str().map(str::to_owned)))
 }
 
 /// Fails unless device `id` is a snapshot origin (pointing a snapshot's id at its origin).
@@ -242,5 +270,32 @@ mod tests {
         assert_eq!((merge.label, merge.done, merge.total), ("merge", 4, 9));
         assert!(merge_progress(&json!({ "merge": { "active": false } })).is_none());
         assert!(merge_progress(&json!({})).is_none());
+    }
+
+    /// A daemon status as `ublkdm status` gets it: the origin's target calls itself
+    /// `snapshot-origin`, its kind is `origin` (the spec's `target`); the registry must still
+    /// find the kind, for the report and for `status --watch`.
+    #[test]
+    fn the_registry_finds_the_origin_from_its_status() {
+        let registry = Registry::new().with(super::super::kind());
+        let status = json!({
+            "spec": { "target": NAME, "device": "/dev/vdb", "cow": "/dev/vdc" },
+            "target": {
+                "kind": "snapshot-origin",
+                "status": {
+                    "cow": { "chunks": 10, "used": 4, "free": 6 },
+                    "chunk_sectors": 32,
+                    "snapshots": [],
+                    "merge": { "active": true, "snapshot": "s1", "done": 1, "total": 4 },
+                },
+            },
+        });
+        let lines = registry.status_lines(&status);
+        assert!(
+            lines[0].starts_with("store:     4 of 10 chunks used"),
+            "{lines:?}"
+        );
+        let work = registry.progress(&status);
+        assert_eq!(work.len(), 1, "the merge is followed");
     }
 }

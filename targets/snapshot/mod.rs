@@ -12,6 +12,8 @@
 //! - `state.rs`: the in-memory tables, changed only by applying durable records.
 //! - `io.rs`: origin and snapshot I/O, copy-on-write, merge steps, per-chunk locks.
 //! - `commands.rs`: `snapshot-create`, `snapshot-delete`, `snapshot-list`, `merge`, `status`.
+//! - `kind.rs`: the origin's kind: spec, `add origin` arguments, the `ublkdm snapshot` CLI.
+//! - `report.rs`: what a person reads: the origin's `ublkdm status` lines and command lines.
 //!
 //! # COW store format
 //! All integers little-endian; the device is cut into:
@@ -115,6 +117,7 @@ pub mod commands;
 mod format;
 mod io;
 mod kind;
+mod report;
 mod state;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -211,7 +214,8 @@ pub struct SnapshotGroup {
 
 impl SnapshotGroup {
     /// Creates a store on a COW device without one, or opens the store it holds (which must
-    /// belong to an origin of this size).
+    /// belong to an origin of this size). Phases: find the superblock (writing a new store's
+    /// on a blank device), check the store fits this origin, replay its log, build the state.
     pub async fn open(
         origin: DeviceRef,
         cow: DeviceRef,
@@ -219,122 +223,25 @@ impl SnapshotGroup {
         engine: CopyEngine,
     ) -> Result<Arc<SnapshotGroup>> {
         let origin_size = origin.info().size;
-        let cow_size = cow.info().size;
-        if cow_size < BLOCK_SECTORS + BLOCK_SECTORS {
-            return Err(Error::invalid(format!(
-                "the COW device {} is too small ({} sectors): it cannot even hold the store's \
-                 superblocks",
-                cow.info().name,
-                cow_size.0
-            )));
+        let found = load_superblock(&cow, origin_size, options).await?;
+        if !found.fresh {
+            check_layout(&found.sb.layout, origin_size, cow.info().size, options)?;
         }
-        let slots = [
-            read_block(&cow, Sector(0)).await?,
-            read_block(&cow, BLOCK_SECTORS.to_sector()).await?,
-        ];
-        let decoded = slots.map(|b| Superblock::decode(&b));
-        let blank = decoded.iter().all(|d| matches!(d, Ok(None)));
-        let (sb, fresh) = if blank {
-            if !options.force {
-                refuse_foreign_cow(&cow).await?;
-            }
-            let chunk = options.chunk_size.unwrap_or(DEFAULT_CHUNK);
-            let layout = Layout::plan(Uuid::new_v4(), chunk, origin_size, cow_size)?;
-            let sb = Superblock {
-                layout,
-                sequence: 1,
-                active_area: 0,
-                epoch: 1,
-            };
-            let bytes = Arc::new(AlignedBuf::from_slice(&sb.encode()));
-            for at in [Sector(0), BLOCK_SECTORS.to_sector()] {
-                cow.write(at, Arc::clone(&bytes), WriteFlags::FUA)
-                    .await
-                    .map_err(|e| Error::io("cannot write the COW superblock", e))?;
-            }
-            (sb, true)
-        } else {
-            let mut best: Option<Superblock> = None;
-            let mut first_err = None;
-            for d in decoded {
-                match d {
-                    Ok(Some(sb)) if best.as_ref().is_none_or(|b| b.sequence < sb.sequence) => {
-                        best = Some(sb)
-                    }
-                    Ok(_) => {}
-                    Err(e) => first_err = first_err.or(Some(e)),
-                }
-            }
-            match (best, first_err) {
-                (Some(sb), _) => (sb, false),
-                (None, Some(e)) => return Err(e),
-                (None, None) => unreachable!("not blank yet no slot"),
-            }
-        };
-        let layout = sb.layout.clone();
-        if !fresh {
-            if layout.origin_size != origin_size {
-                return Err(Error::new(
-                    ErrorKind::InvalidArgument,
-                    format!(
-                        "the COW device holds the store of another origin ({} sectors, this one \
-                         has {}; store {})",
-                        layout.origin_size.0, origin_size.0, layout.uuid
-                    ),
-                ));
-            }
-            if cow_size < layout.cow_size {
-                return Err(Error::new(
-                    ErrorKind::Corrupt,
-                    format!(
-                        "the COW device shrank: the store needs {} sectors, it has {}",
-                        layout.cow_size.0, cow_size.0
-                    ),
-                ));
-            }
-            if let Some(chunk) = options.chunk_size {
-                if chunk != layout.chunk {
-                    return Err(Error::invalid(format!(
-                        "the COW store was created with chunks of {} sectors, not {}",
-                        layout.chunk.0, chunk.0
-                    )));
-                }
-            }
-        }
-        let mut store = Store::new(layout.data_chunks);
-        let tail = replay(&cow, &layout, &sb, &mut store).await?;
+        let mut store = Store::new(found.sb.layout.data_chunks);
+        let tail = replay(&cow, &found.sb.layout, &found.sb, &mut store).await?;
         store.rebuild_free();
-        let origin_info = DeviceInfo {
-            name: format!("snapshot-origin of {}", origin.info().name),
-            discard: false,
-            write_zeroes: false,
-            ..origin.info().clone()
+        let writer = LogWriter {
+            sb_sequence: found.sb.sequence,
+            active_area: found.sb.active_area,
+            epoch: found.sb.epoch,
+            tail,
+            // Blocks past the end of the log may be a torn append's: never append there.
+            checkpoint_first: !found.fresh,
+            unsure: false,
         };
-        let inner = Arc::new(Inner {
-            origin,
-            cow,
-            engine,
-            store: Mutex::new(store),
-            writer: AsyncMutex::new(LogWriter {
-                sb_sequence: sb.sequence,
-                active_area: sb.active_area,
-                epoch: sb.epoch,
-                tail,
-                // Blocks past the end of the log may be a torn append's: never append there.
-                checkpoint_first: !fresh,
-                unsure: false,
-            }),
-            queue: Mutex::new(Queue::default()),
-            gate: RwLock::new(()),
-            locks: ChunkLocks::default(),
-            kick: Notify::default(),
-            stopping: AtomicBool::new(false),
-            merge_error: Mutex::new(None),
-            origin_info,
-            layout,
-        });
+        let inner = Inner::new(origin, cow, engine, store, writer, found.sb.layout);
         Ok(Arc::new(SnapshotGroup {
-            inner,
+            inner: Arc::new(inner),
             thread: Mutex::new(None),
         }))
     }
@@ -444,6 +351,126 @@ async fn read_block(dev: &DeviceRef, at: Sector) -> Result<Vec<u8>> {
     Ok(buf.as_slice().to_vec())
 }
 
+/// The superblock a group opens with, and whether this open created the store.
+struct FoundSuperblock {
+    sb: Superblock,
+    fresh: bool,
+}
+
+/// Reads both superblock slots: a blank COW device gets a new store (unless it carries
+/// foreign metadata and `force` is not set), otherwise the newest valid slot wins.
+async fn load_superblock(
+    cow: &DeviceRef,
+    origin_size: SectorCount,
+    options: &GroupOptions,
+) -> Result<FoundSuperblock> {
+    let cow_size = cow.info().size;
+    if cow_size < BLOCK_SECTORS + BLOCK_SECTORS {
+        return Err(Error::invalid(format!(
+            "the COW device {} is too small ({} sectors): it cannot even hold the store's \
+             superblocks",
+            cow.info().name,
+            cow_size.0
+        )));
+    }
+    let slots = [
+        read_block(cow, Sector(0)).await?,
+        read_block(cow, BLOCK_SECTORS.to_sector()).await?,
+    ];
+    let decoded = slots.map(|b| Superblock::decode(&b));
+    if decoded.iter().all(|d| matches!(d, Ok(None))) {
+        if !options.force {
+            refuse_foreign_cow(cow).await?;
+        }
+        let sb = create_store(cow, origin_size, options).await?;
+        return Ok(FoundSuperblock { sb, fresh: true });
+    }
+    let sb = newest_superblock(decoded)?;
+    Ok(FoundSuperblock { sb, fresh: false })
+}
+
+/// Plans a new store on the blank `cow` and writes its superblock to both slots.
+async fn create_store(
+    cow: &DeviceRef,
+    origin_size: SectorCount,
+    options: &GroupOptions,
+) -> Result<Superblock> {
+    let chunk = options.chunk_size.unwrap_or(DEFAULT_CHUNK);
+    let layout = Layout::plan(Uuid::new_v4(), chunk, origin_size, cow.info().size)?;
+    let sb = Superblock {
+        layout,
+        sequence: 1,
+        active_area: 0,
+        epoch: 1,
+    };
+    let bytes = Arc::new(AlignedBuf::from_slice(&sb.encode()));
+    for at in [Sector(0), BLOCK_SECTORS.to_sector()] {
+        cow.write(at, Arc::clone(&bytes), WriteFlags::FUA)
+            .await
+            .map_err(|e| Error::io("cannot write the COW superblock", e))?;
+    }
+    Ok(sb)
+}
+
+/// The valid superblock slot with the highest sequence; the first slot's error when neither
+/// is valid (at least one slot is not blank).
+fn newest_superblock(decoded: [Result<Option<Superblock>>; 2]) -> Result<Superblock> {
+    let mut best: Option<Superblock> = None;
+    let mut first_err = None;
+    for d in decoded {
+        match d {
+            Ok(Some(sb)) if best.as_ref().is_none_or(|b| b.sequence < sb.sequence) => {
+                best = Some(sb)
+            }
+            Ok(_) => {}
+            Err(e) => first_err = first_err.or(Some(e)),
+        }
+    }
+    match (best, first_err) {
+        (Some(sb), _) => Ok(sb),
+        (None, Some(e)) => Err(e),
+        (None, None) => unreachable!("not blank yet no slot"),
+    }
+}
+
+/// Refuses an existing store that does not fit: another origin's, one on a COW device that
+/// shrank, or one made with another chunk size than `options` asks for.
+fn check_layout(
+    layout: &Layout,
+    origin_size: SectorCount,
+    cow_size: SectorCount,
+    options: &GroupOptions,
+) -> Result<()> {
+    if layout.origin_size != origin_size {
+        return Err(Error::new(
+            ErrorKind::InvalidArgument,
+            format!(
+                "the COW device holds the store of another origin ({} sectors, this one \
+                 has {}; store {})",
+                layout.origin_size.0, origin_size.0, layout.uuid
+            ),
+        ));
+    }
+    if cow_size < layout.cow_size {
+        return Err(Error::new(
+            ErrorKind::Corrupt,
+            format!(
+                "the COW device shrank: the store needs {} sectors, it has {}",
+                layout.cow_size.0, cow_size.0
+            ),
+        ));
+    }
+    if let Some(chunk) = options.chunk_size {
+        if chunk != layout.chunk {
+            return Err(Error::invalid(format!(
+                "the COW store was created with chunks of {} sectors, not {}",
+                layout.chunk.0, chunk.0
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Applies the log of the active area to `store`; returns the index of the first block after
 /// it.
 async fn replay(
@@ -476,6 +503,38 @@ async fn replay(
 }
 
 impl Inner {
+    /// The shared state of a group whose store was opened and replayed.
+    fn new(
+        origin: DeviceRef,
+        cow: DeviceRef,
+        engine: CopyEngine,
+        store: Store,
+        writer: LogWriter,
+        layout: Layout,
+    ) -> Inner {
+        let origin_info = DeviceInfo {
+            name: format!("snapshot-origin of {}", origin.info().name),
+            discard: false,
+            write_zeroes: false,
+            ..origin.info().clone()
+        };
+        Inner {
+            origin,
+            cow,
+            engine,
+            store: Mutex::new(store),
+            writer: AsyncMutex::new(writer),
+            queue: Mutex::new(Queue::default()),
+            gate: RwLock::new(()),
+            locks: ChunkLocks::default(),
+            kick: Notify::default(),
+            stopping: AtomicBool::new(false),
+            merge_error: Mutex::new(None),
+            origin_info,
+            layout,
+        }
+    }
+
     fn store(&self) -> MutexGuard<'_, Store> {
         self.store.lock().expect("snapshot store")
     }

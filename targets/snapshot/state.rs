@@ -224,46 +224,7 @@ impl Store {
                     s.merge_total = *total;
                 }
             }
-            Record::Map { cow, origin, mask } => {
-                if live {
-                    self.reserved -= 1;
-                }
-                let mut effective = 0u64;
-                for (i, s) in self.slots.iter().enumerate() {
-                    let wanted = mask & (1 << i) != 0;
-                    if wanted
-                        && s.as_ref()
-                            .is_some_and(|s| !matches!(s.state, SnapState::Invalid(_)))
-                    {
-                        effective |= 1 << i;
-                    }
-                }
-                if effective == 0 {
-                    if live {
-                        self.free(*cow);
-                    }
-                    return;
-                }
-                self.chunks.insert(
-                    *cow,
-                    CowChunk {
-                        origin: *origin,
-                        mask: effective,
-                    },
-                );
-                for i in 0..MAX_SNAPSHOTS {
-                    if effective & (1 << i) != 0 {
-                        let old = self.slots[i]
-                            .as_mut()
-                            .expect("effective slot exists")
-                            .map
-                            .insert(*origin, *cow);
-                        if let Some(old) = old {
-                            self.unref(old, i);
-                        }
-                    }
-                }
-            }
+            Record::Map { cow, origin, mask } => self.apply_map(*cow, *origin, *mask, live),
             Record::Unmap { slot, origin } => {
                 let slot = *slot as usize;
                 let old = self.slots[slot].as_mut().and_then(|s| s.map.remove(origin));
@@ -272,6 +233,55 @@ impl Store {
                 }
             }
         }
+    }
+
+    /// Applies a `Map` record: COW chunk `cow` holds origin chunk `origin` for the snapshots
+    /// of `mask` that are still valid (the others lost their maps when invalidated).
+    fn apply_map(&mut self, cow: u64, origin: u64, mask: u64, live: bool) {
+        if live {
+            self.reserved -= 1;
+        }
+        let effective = self.effective_mask(mask);
+        if effective == 0 {
+            if live {
+                self.free(cow);
+            }
+            return;
+        }
+        self.chunks.insert(
+            cow,
+            CowChunk {
+                origin,
+                mask: effective,
+            },
+        );
+        for i in 0..MAX_SNAPSHOTS {
+            if effective & (1 << i) != 0 {
+                let old = self.slots[i]
+                    .as_mut()
+                    .expect("effective slot exists")
+                    .map
+                    .insert(origin, cow);
+                if let Some(old) = old {
+                    self.unref(old, i);
+                }
+            }
+        }
+    }
+
+    /// The slots of `mask` that hold a snapshot that is not invalid.
+    fn effective_mask(&self, mask: u64) -> u64 {
+        let mut effective = 0u64;
+        for (i, s) in self.slots.iter().enumerate() {
+            let wanted = mask & (1 << i) != 0;
+            if wanted
+                && s.as_ref()
+                    .is_some_and(|s| !matches!(s.state, SnapState::Invalid(_)))
+            {
+                effective |= 1 << i;
+            }
+        }
+        effective
     }
 
     /// The commit of `lost` failed: every valid snapshot is invalid from now on. Its chunks
