@@ -1,5 +1,7 @@
 //! The mirror kind: its spec (persisted for `recover`), its `add mirror` arguments and its
-//! `ublkdm mirror CMD` tree, run through the device's daemon.
+//! `ublkdm mirror CMD` tree, run through the device's daemon (each command prints one line
+//! worded from its reply and the mirror's status, or the reply itself with `--json`), and its
+//! part of `ublkdm status` (`report.rs`).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -174,9 +176,27 @@ impl TargetKind for MirrorKind {
                 registry.describe(info.spec.as_ref())
             )));
         }
+        if command.wants_json() {
+            let reply = control::request(id, command.to_wire())?;
+            println!("{}", serde_json::to_string(&reply).expect("json"));
+            return Ok(());
+        }
+        let before = if command.needs_status_before() {
+            target_status(id)
+        } else {
+            serde_json::Value::Null
+        };
         let reply = control::request(id, command.to_wire())?;
-        println!("{}", serde_json::to_string(&reply).expect("json"));
+        let after = target_status(id);
+        println!(
+            "{}",
+            super::report::command_line(&command, &reply, &before, &after)
+        );
         Ok(())
+    }
+
+    fn status_lines(&self, status: &serde_json::Value) -> Vec<String> {
+        super::report::status_lines(status)
     }
 
     /// Prints a warning for every leg the daemon started without (and every leg given that
@@ -205,6 +225,14 @@ impl TargetKind for MirrorKind {
     fn progress(&self, status: &serde_json::Value) -> Vec<Progress> {
         background_work(status)
     }
+}
+
+/// The target status of mirror `id`, to word a command's line; `Null` if the daemon does not
+/// answer (the line then says less, and the command has taken effect all the same).
+fn target_status(id: u32) -> serde_json::Value {
+    control::request(id, Command::Status)
+        .map(|status| status["target"]["status"].clone())
+        .unwrap_or(serde_json::Value::Null)
 }
 
 /// The resync and the scrub that a mirror status shows running.
