@@ -250,14 +250,21 @@ fn legs_summary(id: u32, status: &Value) -> String {
     }
 }
 
-/// `resync of 16 of 256 regions started` (what is out of sync now, of all regions).
+/// `resync of 16 of 256 regions started`: the regions out of sync now, or, once the resync
+/// has started counting, the regions of its pass (some may already be copied by the time the
+/// status is read).
 fn resync_started(status: &Value) -> String {
     let regions = &status["regions"];
     let (Some(total), Some(in_sync)) = (regions["total"].as_u64(), regions["in_sync"].as_u64())
     else {
         return "resync started".to_owned();
     };
-    match total.saturating_sub(in_sync) {
+    let resync = &status["resync"];
+    let pass = match resync["active"].as_bool() {
+        Some(true) => resync["regions_total"].as_u64().unwrap_or(0),
+        _ => 0,
+    };
+    match total.saturating_sub(in_sync).max(pass) {
         0 => "nothing left to resync".to_owned(),
         n => format!("resync of {n} of {total} regions started"),
     }
@@ -429,7 +436,10 @@ mod tests {
     fn a_partial_status_reads_as_unknown_not_a_panic() {
         let lines = status_lines(&json!({ "legs": [{ "slot": 0 }] }));
         assert_eq!(lines[0], "state:   recovering, 0 of 1 legs in sync");
-        assert_eq!(lines[2], "0     ?       ?      ?      ?         ?          ?");
+        assert_eq!(
+            lines[2],
+            "0     ?       ?      ?      ?         ?          ?"
+        );
         assert_eq!(lines[3], "regions: ? x ?, ? in sync, ? dirty");
         assert!(status_lines(&Value::Null).len() >= 5);
     }
@@ -496,7 +506,15 @@ mod tests {
             command_line(&add, &json!({ "added": 2 }), &Value::Null, &after),
             "leg 2 (/dev/vdd) added to mirror 0; resync of 255 of 256 regions started"
         );
+        after["regions"]["in_sync"] = 250.into();
+        after["resync"] = json!({ "active": true, "regions_done": 4, "regions_total": 10,
+                                  "rate_bytes_per_sec": 0, "eta_seconds": null });
+        assert_eq!(
+            command_line(&add, &json!({ "added": 2 }), &Value::Null, &after),
+            "leg 2 (/dev/vdd) added to mirror 0; resync of 10 of 256 regions started"
+        );
         after["regions"]["in_sync"] = 256.into();
+        after["resync"]["active"] = false.into();
         assert_eq!(
             command_line(&add, &json!({ "added": 2 }), &Value::Null, &after),
             "leg 2 (/dev/vdd) added to mirror 0; nothing left to resync"
