@@ -292,6 +292,31 @@ mod tests {
     }
 
     #[test]
+    fn every_command_takes_json_and_does_not_send_it() {
+        let tree = MirrorKind.commands().expect("mirror commands");
+        for argv in [
+            &["mirror", "fail-leg", "0", "1", "--json"][..],
+            &["mirror", "remove-leg", "0", "1", "--json"],
+            &["mirror", "add-leg", "0", "/dev/vdd", "--json"],
+            &["mirror", "replace-leg", "0", "1", "/dev/vdd", "--json"],
+            &["mirror", "scrub", "0", "--json"],
+        ] {
+            let matches = tree.clone().try_get_matches_from(argv).expect("parses");
+            let command = MirrorCommand::from_arg_matches(&matches).expect("a command");
+            assert!(command.wants_json(), "{argv:?}");
+            let Command::Target { args, .. } = command.to_wire() else {
+                panic!("a target command")
+            };
+            assert!(args.get("json").is_none(), "{argv:?} sends {args}");
+        }
+        let matches = tree
+            .try_get_matches_from(["mirror", "fail-leg", "0", "1"])
+            .expect("parses");
+        let command = MirrorCommand::from_arg_matches(&matches).expect("a command");
+        assert!(!command.wants_json());
+    }
+
+    #[test]
     fn idle_status_has_no_work() {
         let status = json!({ "resync": { "active": false }, "scrub": null });
         assert!(background_work(&status).is_empty());
