@@ -190,6 +190,7 @@ mod tests {
             slot: 1,
             device: "/dev/vdc".into(),
             force: false,
+            json: true,
         };
         let crate::control::Command::Target { name, args } = command.to_wire() else {
             panic!("a target command")

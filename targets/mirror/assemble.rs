@@ -39,7 +39,7 @@ use super::{AddLegOptions, CreateOptions, Inner, MirrorEnv, Notify};
 use crate::copy::Completions;
 use crate::device::{DeviceInfo, DeviceRef};
 use crate::error::{Error, ErrorKind, Result};
-use crate::region::{DirtyLog, RegionBitmap, RegionMap, RegionRange};
+use crate::region::{DirtyLog, RegionBitmap, RegionIndex, RegionMap, RegionRange};
 
 fn check_leg_count(n: usize) -> Result<()> {
     if !(MIN_LEGS..=MAX_LEGS).contains(&n) {
@@ -658,145 +658,212 @@ fn build(
     inner
 }
 
+/// A device that was a leg of this mirror before, as its own superblock says.
+#[derive(Clone, Copy, Debug)]
+struct Former {
+    slot: usize,
+    leg_uuid: Uuid,
+    events: u64,
+}
+
+/// Where and how a leg joins, decided under the state lock.
+#[derive(Clone, Copy, Debug)]
+struct Joining {
+    slot: usize,
+    generation: u64,
+    /// The leg's own UUID: kept for a former leg, new otherwise.
+    uuid: Uuid,
+    /// Every region resyncs (a new leg, or a former one that left before a bit was cleared).
+    full: bool,
+}
+
 impl Inner {
-    /// Adds a leg (see [`super::MirrorTarget::add_leg`]).
+    /// Adds a leg (see [`super::MirrorTarget::add_leg`]): checks it, decides its slot and
+    /// how much resyncs, copies the dirty log to it, then lets it join (its regions marked
+    /// out of sync) and records it in the superblocks.
     pub(crate) async fn add_leg(
         self: Arc<Self>,
         dev: DeviceRef,
         options: AddLegOptions,
     ) -> Result<usize> {
         let name = dev.info().name.clone();
-        if dev.info().size < self.layout.leg_sectors() {
-            return Err(Error::invalid(format!(
-                "{name} ({}) is smaller than the mirror's legs need ({})",
-                dev.info().size,
-                self.layout.leg_sectors()
-            )));
-        }
-        let probed = probe(&dev).await?;
-        // A former leg of this mirror: (its slot, its uuid, its event counter).
-        let former = match &probed {
-            Probe::Ours(sb) if sb.uuid == self.uuid => {
-                Some((sb.slot, sb.own().leg_uuid, sb.events))
-            }
-            Probe::Blank => None,
-            other if options.force => {
-                log::warn!(
-                    "mirror {}: overwriting {name}, which held {other:?}",
-                    self.uuid
-                );
-                None
-            }
-            other => return Err(refuse(&dev, other)),
-        };
-        let (slot, generation, uuid, full) = {
-            let mut st = self.lock();
-            if let Some((_, leg_uuid, _)) = former {
-                if let Some(s) =
-                    (0..MAX_LEGS).find(|&s| st.legs[s].uuid == leg_uuid && st.legs[s].is_active())
-                {
-                    return Err(Error::new(
-                        ErrorKind::Busy,
-                        format!("{name} is already slot {s} of mirror {}", self.uuid),
-                    ));
-                }
-            }
-            let own_slot = former.and_then(|(s, leg_uuid, _)| {
-                (st.legs[s].uuid == leg_uuid && st.legs[s].state.is_missing()).then_some(s)
-            });
-            let slot = match (options.slot, own_slot) {
-                (Some(s), _) if s >= MAX_LEGS => {
-                    return Err(Error::invalid(format!("there is no slot {s}")))
-                }
-                (Some(s), _) if st.legs[s].state != LegState::Empty && own_slot != Some(s) => {
-                    return Err(Error::new(
-                        ErrorKind::Busy,
-                        format!("slot {s} is not empty"),
-                    ))
-                }
-                (Some(s), _) => s,
-                (None, Some(s)) => s,
-                (None, None) => (0..MAX_LEGS)
-                    .find(|&s| st.legs[s].state == LegState::Empty)
-                    .ok_or_else(|| {
-                        Error::new(
-                            ErrorKind::Busy,
-                            format!("mirror {} already has {MAX_LEGS} legs", self.uuid),
-                        )
-                    })?,
-            };
-            if st.primary().is_none() {
-                return Err(Error::new(
-                    ErrorKind::Busy,
-                    format!("mirror {} has no in-sync leg to copy from", self.uuid),
-                ));
-            }
-            let full = match former {
-                Some((_, _, events)) => events < st.events_cleared,
-                None => true,
-            };
-            let uuid = former.map_or_else(Uuid::new_v4, |f| f.1);
-            (slot, st.new_generation(), uuid, full)
-        };
+        self.check_leg_size(&dev)?;
+        let former = self.identify_leg(&dev, options.force).await?;
+        let joining = self.plan_join(&name, former, options.slot)?;
         if former.is_none() {
             wipe_superblocks(&dev).await?;
         }
         self.meta
-            .add_member(slot, generation, Arc::clone(&dev))
+            .add_member(joining.slot, joining.generation, Arc::clone(&dev))
             .await
             .map_err(|e| Error::io(format!("cannot copy the dirty log to {name}"), e))?;
-        let marks = {
-            let mut st = self.lock();
-            if st.legs[slot].state.is_active() {
-                drop(st);
-                self.meta.remove_member(slot);
-                return Err(Error::new(
-                    ErrorKind::Busy,
-                    format!("slot {slot} was taken meanwhile"),
-                ));
-            }
-            st.legs[slot] = Leg {
-                uuid,
-                generation,
-                ..present_leg(&dev, LegState::Recovering, uuid, generation)
-            };
-            st.repair_source.clear();
-            st.stuck.clear();
-            let marks = if full {
-                st.map.mark_out_of_sync(self.geometry.all());
-                None
-            } else {
-                // Every region written while the leg was away: bits are never cleared while
-                // a leg is missing, so the log's bits and the writes in flight cover them.
-                st.map.resync_dirty();
-                let dirty = self.log.dirty_regions();
-                for &region in &dirty {
-                    st.map.mark_out_of_sync(RegionRange::one(region));
-                }
-                Some(dirty)
-            };
-            st.update_degraded();
-            st.state_gen += 1;
-            marks
-        };
+        let marks = self.join_leg(&dev, &joining)?;
         let marked = match marks {
             None => self.log.mark_range(self.geometry.all()).await,
             Some(regions) => self.log.mark(&regions).await,
         };
         marked.map_err(|e| Error::io("cannot mark the new leg's regions in the dirty log", e))?;
-        if !self.meta.has_member(slot, generation) {
-            self.fail_leg(slot, generation, "its metadata write failed");
+        if !self.meta.has_member(joining.slot, joining.generation) {
+            self.fail_leg(
+                joining.slot,
+                joining.generation,
+                "its metadata write failed",
+            );
         }
         self.kick();
         self.persist()
             .await
             .map_err(|e| Error::io("cannot update the superblocks", e))?;
         log::info!(
-            "mirror {}: {name} added in slot {slot} ({} resync)",
+            "mirror {}: {name} added in slot {} ({} resync)",
             self.uuid,
-            if full { "full" } else { "incremental" }
+            joining.slot,
+            if joining.full { "full" } else { "incremental" }
         );
-        Ok(slot)
+        Ok(joining.slot)
+    }
+
+    /// Refuses a device too small for the mirror's legs.
+    fn check_leg_size(&self, dev: &DeviceRef) -> Result<()> {
+        if dev.info().size < self.layout.leg_sectors() {
+            return Err(Error::invalid(format!(
+                "{} ({}) is smaller than the mirror's legs need ({})",
+                dev.info().name,
+                dev.info().size,
+                self.layout.leg_sectors()
+            )));
+        }
+        Ok(())
+    }
+
+    /// What the device is to this mirror: a former leg, or a newcomer (blank, or holding
+    /// foreign metadata that `force` lets us overwrite).
+    async fn identify_leg(&self, dev: &DeviceRef, force: bool) -> Result<Option<Former>> {
+        let probed = probe(dev).await?;
+        Ok(match &probed {
+            Probe::Ours(sb) if sb.uuid == self.uuid => Some(Former {
+                slot: sb.slot,
+                leg_uuid: sb.own().leg_uuid,
+                events: sb.events,
+            }),
+            Probe::Blank => None,
+            other if force => {
+                log::warn!(
+                    "mirror {}: overwriting {}, which held {other:?}",
+                    self.uuid,
+                    dev.info().name
+                );
+                None
+            }
+            other => return Err(refuse(dev, other)),
+        })
+    }
+
+    /// Decides the joining leg's slot, generation and resync under the state lock: a former
+    /// leg that is still active is refused, one whose slot is missing takes it back.
+    fn plan_join(
+        &self,
+        name: &str,
+        former: Option<Former>,
+        asked: Option<usize>,
+    ) -> Result<Joining> {
+        let mut st = self.lock();
+        if let Some(f) = former {
+            if let Some(s) =
+                (0..MAX_LEGS).find(|&s| st.legs[s].uuid == f.leg_uuid && st.legs[s].is_active())
+            {
+                return Err(Error::new(
+                    ErrorKind::Busy,
+                    format!("{name} is already slot {s} of mirror {}", self.uuid),
+                ));
+            }
+        }
+        let own_slot = former.and_then(|f| {
+            (st.legs[f.slot].uuid == f.leg_uuid && st.legs[f.slot].state.is_missing())
+                .then_some(f.slot)
+        });
+        let slot = self.choose_slot(&st, asked, own_slot)?;
+        if st.primary().is_none() {
+            return Err(Error::new(
+                ErrorKind::Busy,
+                format!("mirror {} has no in-sync leg to copy from", self.uuid),
+            ));
+        }
+        Ok(Joining {
+            slot,
+            generation: st.new_generation(),
+            uuid: former.map_or_else(Uuid::new_v4, |f| f.leg_uuid),
+            full: former.is_none_or(|f| f.events < st.events_cleared),
+        })
+    }
+
+    /// The slot a leg joins: the one asked for (empty, or the leg's own), else its own, else
+    /// the first empty one.
+    fn choose_slot(
+        &self,
+        st: &State,
+        asked: Option<usize>,
+        own_slot: Option<usize>,
+    ) -> Result<usize> {
+        match (asked, own_slot) {
+            (Some(s), _) if s >= MAX_LEGS => Err(Error::invalid(format!("there is no slot {s}"))),
+            (Some(s), _) if st.legs[s].state != LegState::Empty && own_slot != Some(s) => Err(
+                Error::new(ErrorKind::Busy, format!("slot {s} is not empty")),
+            ),
+            (Some(s), _) | (None, Some(s)) => Ok(s),
+            (None, None) => (0..MAX_LEGS)
+                .find(|&s| st.legs[s].state == LegState::Empty)
+                .ok_or_else(|| {
+                    Error::new(
+                        ErrorKind::Busy,
+                        format!("mirror {} already has {MAX_LEGS} legs", self.uuid),
+                    )
+                }),
+        }
+    }
+
+    /// Puts the leg in its slot as recovering, with its regions marked out of sync in the
+    /// map (all of them, or those the log says were written while it was away), under one
+    /// lock. Returns the regions to mark in the log (`None`: all).
+    fn join_leg(&self, dev: &DeviceRef, joining: &Joining) -> Result<Option<Vec<RegionIndex>>> {
+        let Joining {
+            slot,
+            generation,
+            uuid,
+            full,
+        } = *joining;
+        let mut st = self.lock();
+        if st.legs[slot].state.is_active() {
+            drop(st);
+            self.meta.remove_member(slot);
+            return Err(Error::new(
+                ErrorKind::Busy,
+                format!("slot {slot} was taken meanwhile"),
+            ));
+        }
+        st.legs[slot] = Leg {
+            uuid,
+            generation,
+            ..present_leg(dev, LegState::Recovering, uuid, generation)
+        };
+        st.repair_source.clear();
+        st.stuck.clear();
+        let marks = if full {
+            st.map.mark_out_of_sync(self.geometry.all());
+            None
+        } else {
+            // Every region written while the leg was away: bits are never cleared while
+            // a leg is missing, so the log's bits and the writes in flight cover them.
+            st.map.resync_dirty();
+            let dirty = self.log.dirty_regions();
+            for &region in &dirty {
+                st.map.mark_out_of_sync(RegionRange::one(region));
+            }
+            Some(dirty)
+        };
+        st.update_degraded();
+        st.state_gen += 1;
+        Ok(marks)
     }
 
     /// Fails a leg on request; the last in-sync leg cannot be failed.

@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use serde_json::{json, Value};
 
-use super::state::State;
+use super::state::{Scrub, State};
 use super::superblock::LegState;
 use super::{open_leg, AddLegOptions, Inner, MAX_LEGS};
 use crate::cli::{absolute, parse_id};
@@ -33,6 +33,10 @@ pub enum MirrorCommand {
         #[serde(skip)]
         id: u32,
         slot: u32,
+        /// Print the daemon's reply as JSON instead of a line.
+        #[arg(long)]
+        #[serde(skip)]
+        json: bool,
     },
     /// Remove a leg from the mirror (it must not be the last in-sync leg).
     RemoveLeg {
@@ -40,6 +44,10 @@ pub enum MirrorCommand {
         #[serde(skip)]
         id: u32,
         slot: u32,
+        /// Print the daemon's reply as JSON instead of a line.
+        #[arg(long)]
+        #[serde(skip)]
+        json: bool,
     },
     /// Add a leg: a returning leg resyncs what changed, a new one everything.
     AddLeg {
@@ -51,6 +59,10 @@ pub enum MirrorCommand {
         #[arg(long)]
         #[serde(default)]
         force: bool,
+        /// Print the daemon's reply as JSON instead of a line.
+        #[arg(long)]
+        #[serde(skip)]
+        json: bool,
     },
     /// Replace the leg in SLOT with DEVICE (fully resynced).
     ReplaceLeg {
@@ -63,6 +75,10 @@ pub enum MirrorCommand {
         #[arg(long)]
         #[serde(default)]
         force: bool,
+        /// Print the daemon's reply as JSON instead of a line.
+        #[arg(long)]
+        #[serde(skip)]
+        json: bool,
     },
     /// Compare the legs region by region and count mismatches (in the background).
     Scrub {
@@ -73,6 +89,10 @@ pub enum MirrorCommand {
         #[arg(long)]
         #[serde(default)]
         repair: bool,
+        /// Print the daemon's reply as JSON instead of a line.
+        #[arg(long)]
+        #[serde(skip)]
+        json: bool,
     },
     /// The status report (on the control socket only; `ublkdm status` shows it).
     #[command(skip)]
@@ -115,6 +135,27 @@ impl MirrorCommand {
             name,
             args: wire["args"].clone(),
         }
+    }
+
+    /// Whether the user asked for the reply as JSON (`--json`) rather than a line.
+    pub fn wants_json(&self) -> bool {
+        match self {
+            MirrorCommand::FailLeg { json, .. }
+            | MirrorCommand::RemoveLeg { json, .. }
+            | MirrorCommand::AddLeg { json, .. }
+            | MirrorCommand::ReplaceLeg { json, .. }
+            | MirrorCommand::Scrub { json, .. } => *json,
+            MirrorCommand::Status {} => true,
+        }
+    }
+
+    /// Whether the line needs the status from before the command: the leg it names is gone
+    /// from the status after it.
+    pub fn needs_status_before(&self) -> bool {
+        matches!(
+            self,
+            MirrorCommand::RemoveLeg { .. } | MirrorCommand::ReplaceLeg { .. }
+        )
     }
 
     /// The device the CLI sends it to.
@@ -240,8 +281,33 @@ impl Inner {
     pub(crate) fn status(&self) -> Value {
         let stats = self.engine.stats();
         let st = self.lock();
-        let legs: Vec<Value> = st
-            .legs
+        let (missing, not_members) = self.missing_lines(&st);
+        let total = self.geometry.count().0;
+        json!({
+            "target": "mirror",
+            "uuid": self.uuid.to_string(),
+            "size_sectors": self.layout.data_size.0,
+            "region_size_sectors": self.layout.region_size.0,
+            "data_offset_sectors": self.layout.data_offset.0,
+            "events": st.events,
+            "events_cleared": st.events_cleared,
+            "degraded": st.missing_legs(),
+            "missing_legs": missing,
+            "not_members": not_members,
+            "metadata_slots": self.meta.member_slots(),
+            "legs": self.legs_status(&st),
+            "regions": regions_status(&st, total),
+            "resync": self.resync_status(&st, stats.bytes_done),
+            "scrub": st.scrub.as_ref().map(|s| scrub_status(s, total)),
+            "last_scrub": st.last_scrub,
+            "mismatch_count": st.mismatch_count,
+            "copy": stats,
+        })
+    }
+
+    /// Every leg in the table: its device, state and counters, and why it is missing.
+    fn legs_status(&self, st: &State) -> Vec<Value> {
+        st.legs
             .iter()
             .enumerate()
             .filter(|(_, l)| l.state != LegState::Empty)
@@ -255,70 +321,60 @@ impl Inner {
                     "reads": l.stats.reads.load(Ordering::Relaxed),
                     "in_flight": l.stats.in_flight.load(Ordering::Relaxed),
                 });
-                if let Some(why) = self.missing_reason(&st, slot) {
+                if let Some(why) = self.missing_reason(st, slot) {
                     leg["reason"] = why.into();
                 }
                 leg
             })
-            .collect();
-        let (missing, not_members) = self.missing_lines(&st);
-        let total = self.geometry.count().0;
-        let in_sync = st.map.sync_count().0;
-        let counts = st.map.counts();
+            .collect()
+    }
+
+    /// The resync's progress, rate and estimated time left; `bytes_done` is the copy
+    /// engine's running count.
+    fn resync_status(&self, st: &State, bytes_done: u64) -> Value {
         let p = &st.progress;
-        let region_bytes = self.layout.region_size.to_bytes();
         let elapsed = p.started.map_or(0.0, |s| s.elapsed().as_secs_f64());
-        let copied = stats.bytes_done.saturating_sub(p.bytes_at_start);
+        let copied = bytes_done.saturating_sub(p.bytes_at_start);
         let rate = if p.active && elapsed > 0.0 {
             copied as f64 / elapsed
         } else {
             0.0
         };
-        let remaining = (total - in_sync) * region_bytes;
+        let remaining =
+            (self.geometry.count().0 - st.map.sync_count().0) * self.layout.region_size.to_bytes();
         let eta = (rate > 0.0).then(|| remaining as f64 / rate);
-        let scrub = st.scrub.as_ref().map(|s| {
-            json!({
-                "mode": if s.repair { "repair" } else { "check" },
-                "regions_checked": s.checked,
-                "regions_skipped": s.skipped,
-                "next_region": s.next.0,
-                "total": total,
-                "mismatches": s.mismatches,
-            })
-        });
         json!({
-            "target": "mirror",
-            "uuid": self.uuid.to_string(),
-            "size_sectors": self.layout.data_size.0,
-            "region_size_sectors": self.layout.region_size.0,
-            "data_offset_sectors": self.layout.data_offset.0,
-            "events": st.events,
-            "events_cleared": st.events_cleared,
-            "degraded": st.missing_legs(),
-            "missing_legs": missing,
-            "not_members": not_members,
-            "metadata_slots": self.meta.member_slots(),
-            "legs": legs,
-            "regions": {
-                "in_sync": in_sync,
-                "total": total,
-                "clean": counts.clean.0,
-                "dirty": counts.dirty.0,
-                "recovering": counts.recovering.0,
-                "out_of_sync": counts.out_of_sync.0,
-                "stuck": st.stuck.len(),
-            },
-            "resync": {
-                "active": p.active,
-                "regions_done": p.done,
-                "regions_total": p.total,
-                "rate_bytes_per_sec": rate.round() as u64,
-                "eta_seconds": eta.map(|e| e.round() as u64),
-            },
-            "scrub": scrub,
-            "last_scrub": st.last_scrub,
-            "mismatch_count": st.mismatch_count,
-            "copy": stats,
+            "active": p.active,
+            "regions_done": p.done,
+            "regions_total": p.total,
+            "rate_bytes_per_sec": rate.round() as u64,
+            "eta_seconds": eta.map(|e| e.round() as u64),
         })
     }
+}
+
+/// The regions by state, of `total`.
+fn regions_status(st: &State, total: u64) -> Value {
+    let counts = st.map.counts();
+    json!({
+        "in_sync": st.map.sync_count().0,
+        "total": total,
+        "clean": counts.clean.0,
+        "dirty": counts.dirty.0,
+        "recovering": counts.recovering.0,
+        "out_of_sync": counts.out_of_sync.0,
+        "stuck": st.stuck.len(),
+    })
+}
+
+/// A running scrub pass over `total` regions.
+fn scrub_status(s: &Scrub, total: u64) -> Value {
+    json!({
+        "mode": if s.repair { "repair" } else { "check" },
+        "regions_checked": s.checked,
+        "regions_skipped": s.skipped,
+        "next_region": s.next.0,
+        "total": total,
+        "mismatches": s.mismatches,
+    })
 }

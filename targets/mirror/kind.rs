@@ -1,5 +1,7 @@
 //! The mirror kind: its spec (persisted for `recover`), its `add mirror` arguments and its
-//! `ublkdm mirror CMD` tree, run through the device's daemon.
+//! `ublkdm mirror CMD` tree, run through the device's daemon (each command prints one line
+//! worded from its reply and the mirror's status, or the reply itself with `--json`), and its
+//! part of `ublkdm status` (`report.rs`).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -174,9 +176,27 @@ impl TargetKind for MirrorKind {
                 registry.describe(info.spec.as_ref())
             )));
         }
+        if command.wants_json() {
+            let reply = control::request(id, command.to_wire())?;
+            println!("{}", serde_json::to_string(&reply).expect("json"));
+            return Ok(());
+        }
+        let before = if command.needs_status_before() {
+            target_status(id)
+        } else {
+            serde_json::Value::Null
+        };
         let reply = control::request(id, command.to_wire())?;
-        println!("{}", serde_json::to_string(&reply).expect("json"));
+        let after = target_status(id);
+        println!(
+            "{}",
+            super::report::command_line(&command, &reply, &before, &after)
+        );
         Ok(())
+    }
+
+    fn status_lines(&self, status: &serde_json::Value) -> Vec<String> {
+        super::report::status_lines(status)
     }
 
     /// Prints a warning for every leg the daemon started without (and every leg given that
@@ -205,6 +225,14 @@ impl TargetKind for MirrorKind {
     fn progress(&self, status: &serde_json::Value) -> Vec<Progress> {
         background_work(status)
     }
+}
+
+/// The target status of mirror `id`, to word a command's line; `Null` if the daemon does not
+/// answer (the line then says less, and the command has taken effect all the same).
+fn target_status(id: u32) -> serde_json::Value {
+    control::request(id, Command::Status)
+        .map(|status| status["target"]["status"].clone())
+        .unwrap_or(serde_json::Value::Null)
 }
 
 /// The resync and the scrub that a mirror status shows running.
@@ -261,6 +289,31 @@ mod tests {
         );
         assert_eq!(work[0].detail, "2.0 MB/s, eta 7s");
         assert_eq!(work[1].detail, "repair, 1 mismatches");
+    }
+
+    #[test]
+    fn every_command_takes_json_and_does_not_send_it() {
+        let tree = MirrorKind.commands().expect("mirror commands");
+        for argv in [
+            &["mirror", "fail-leg", "0", "1", "--json"][..],
+            &["mirror", "remove-leg", "0", "1", "--json"],
+            &["mirror", "add-leg", "0", "/dev/vdd", "--json"],
+            &["mirror", "replace-leg", "0", "1", "/dev/vdd", "--json"],
+            &["mirror", "scrub", "0", "--json"],
+        ] {
+            let matches = tree.clone().try_get_matches_from(argv).expect("parses");
+            let command = MirrorCommand::from_arg_matches(&matches).expect("a command");
+            assert!(command.wants_json(), "{argv:?}");
+            let Command::Target { args, .. } = command.to_wire() else {
+                panic!("a target command")
+            };
+            assert!(args.get("json").is_none(), "{argv:?} sends {args}");
+        }
+        let matches = tree
+            .try_get_matches_from(["mirror", "fail-leg", "0", "1"])
+            .expect("parses");
+        let command = MirrorCommand::from_arg_matches(&matches).expect("a command");
+        assert!(!command.wants_json());
     }
 
     #[test]

@@ -18,7 +18,8 @@
 //!   scan of `assemble --scan`, and the spec that follows the legs.
 //! - `assemble.rs`: create, assemble (degraded when legs are absent), and adding legs (new or
 //!   returning).
-//! - `commands.rs`: runtime commands and the status report.
+//! - `commands.rs`: runtime commands and the status report (JSON).
+//! - `report.rs`: what a person reads: each command's line and the `ublkdm status` report.
 //!
 //! # How the pieces follow the region protocol
 //! - **Writes** are cut into pieces of at most `Tuning::write_piece_regions` regions, written
@@ -65,6 +66,7 @@ pub mod discover;
 mod io;
 mod kind;
 mod meta;
+mod report;
 mod resync;
 mod state;
 mod superblock;

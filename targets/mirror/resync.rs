@@ -36,6 +36,22 @@ struct Job {
     dests: Vec<(usize, u64)>,
 }
 
+/// What [`Inner::next_copy`] found for the walk over out-of-sync regions.
+enum NextCopy {
+    /// Nothing (more) can be copied now.
+    Stop,
+    /// A stuck region, stepped past without a copy.
+    Skipped,
+    /// A region in sync without a copy (the source is the only active leg).
+    Settled,
+    /// A copy to submit.
+    Copy {
+        region: RegionIndex,
+        copy: CopyJob,
+        job: Job,
+    },
+}
+
 /// How many times a region is re-read while scrubbing before it is skipped as too busy.
 const SCRUB_RETRIES: u32 = 3;
 
@@ -181,89 +197,115 @@ impl Inner {
         let mut changed = false;
         let mut skipped = HashSet::new();
         while d.jobs.len() < self.tuning.resync_depth.max(1) {
-            let (region, job) = {
-                let mut st = self.lock();
-                let Some(region) = st.map.next_to_recover() else {
-                    break;
-                };
-                assert!(
-                    region.0 < self.geometry.count().0,
-                    "{region} past the mirror's end"
-                );
-                assert!(
-                    !d.jobs.contains_key(&region.0),
-                    "{region} copied twice at once"
-                );
-                let Some(source) = st.source_for(region) else {
-                    // No in-sync leg is present: nothing can be copied.
-                    break;
-                };
-                if st.stuck.contains(&region) {
-                    if !skipped.insert(region) {
+            match self.next_copy(d, &mut skipped) {
+                NextCopy::Stop => break,
+                NextCopy::Skipped => {}
+                NextCopy::Settled => {
+                    changed = true;
+                    self.recovered.notify_all();
+                }
+                NextCopy::Copy { region, copy, job } => {
+                    changed = true;
+                    if !self.submit_copy(d, region, copy, job).await {
                         break;
                     }
-                    // Step the walk past the region without copying it.
-                    st.map.begin_recovery(region);
-                    st.map.recovery_done(region, false);
-                    continue;
-                }
-                let dests: Vec<_> = st
-                    .active()
-                    .into_iter()
-                    .filter(|l| l.slot != source)
-                    .collect();
-                st.map.begin_recovery(region);
-                changed = true;
-                if dests.is_empty() {
-                    // The source is the only active leg: trivially in sync.
-                    st.map.recovery_done(region, true);
-                    st.progress.done += 1;
-                    drop(st);
-                    self.recovered.notify_all();
-                    continue;
-                }
-                let source = st.leg_ref(source).expect("in-sync legs are present");
-                let extent = self.geometry.extent_of(region);
-                assert!(
-                    dests.len() <= crate::copy::MAX_DESTS,
-                    "more legs than a copy writes"
-                );
-                let at = crate::units::Extent::new(self.leg_sector(extent.start), extent.len);
-                let copy = CopyJob::copy(
-                    Location::new(&source.dev, at),
-                    dests.iter().map(|l| Location::new(&l.dev, at)).collect(),
-                )
-                .ignoring_errors();
-                let job = Job {
-                    source: (source.slot, source.generation),
-                    dests: dests.iter().map(|l| (l.slot, l.generation)).collect(),
-                };
-                (region, (copy, job))
-            };
-            let (copy, job) = job;
-            log::debug!(
-                "mirror {}: copy {region} from slot {} to {:?}",
-                self.uuid,
-                job.source.0,
-                job.dests
-            );
-            match self.engine.submit(copy, region.0, &self.completions).await {
-                Ok(_) => {
-                    d.jobs.insert(region.0, job);
-                    assert!(
-                        d.jobs.len() <= self.tuning.resync_depth.max(1),
-                        "more copies in flight than the resync depth"
-                    );
-                }
-                Err(err) => {
-                    log::error!("mirror {}: cannot submit a resync copy: {err}", self.uuid);
-                    self.lock().map.recovery_done(region, false);
-                    self.recovered.notify_all();
-                    break;
                 }
             }
         }
         changed
+    }
+
+    /// Takes the next region to recover and decides, under the state lock, what becomes of
+    /// it. `skipped` holds the stuck regions stepped past in this round: meeting one again
+    /// means the walk went all the way round.
+    fn next_copy(&self, d: &Driver, skipped: &mut HashSet<RegionIndex>) -> NextCopy {
+        let mut st = self.lock();
+        let Some(region) = st.map.next_to_recover() else {
+            return NextCopy::Stop;
+        };
+        assert!(
+            region.0 < self.geometry.count().0,
+            "{region} past the mirror's end"
+        );
+        assert!(
+            !d.jobs.contains_key(&region.0),
+            "{region} copied twice at once"
+        );
+        let Some(source) = st.source_for(region) else {
+            // No in-sync leg is present: nothing can be copied.
+            return NextCopy::Stop;
+        };
+        if st.stuck.contains(&region) {
+            if !skipped.insert(region) {
+                return NextCopy::Stop;
+            }
+            // Step the walk past the region without copying it.
+            st.map.begin_recovery(region);
+            st.map.recovery_done(region, false);
+            return NextCopy::Skipped;
+        }
+        let dests: Vec<_> = st
+            .active()
+            .into_iter()
+            .filter(|l| l.slot != source)
+            .collect();
+        st.map.begin_recovery(region);
+        if dests.is_empty() {
+            // The source is the only active leg: trivially in sync.
+            st.map.recovery_done(region, true);
+            st.progress.done += 1;
+            return NextCopy::Settled;
+        }
+        let source = st.leg_ref(source).expect("in-sync legs are present");
+        let extent = self.geometry.extent_of(region);
+        assert!(
+            dests.len() <= crate::copy::MAX_DESTS,
+            "more legs than a copy writes"
+        );
+        let at = crate::units::Extent::new(self.leg_sector(extent.start), extent.len);
+        let copy = CopyJob::copy(
+            Location::new(&source.dev, at),
+            dests.iter().map(|l| Location::new(&l.dev, at)).collect(),
+        )
+        .ignoring_errors();
+        let job = Job {
+            source: (source.slot, source.generation),
+            dests: dests.iter().map(|l| (l.slot, l.generation)).collect(),
+        };
+        NextCopy::Copy { region, copy, job }
+    }
+
+    /// Hands a region's copy to the engine. False if the engine refused it (the region is
+    /// given back to the walk and no more copies are started this round).
+    async fn submit_copy(
+        &self,
+        d: &mut Driver,
+        region: RegionIndex,
+        copy: CopyJob,
+        job: Job,
+    ) -> bool {
+        log::debug!(
+            "mirror {}: copy {region} from slot {} to {:?}",
+            self.uuid,
+            job.source.0,
+            job.dests
+        );
+        match self.engine.submit(copy, region.0, &self.completions).await {
+            Ok(_) => {
+                d.jobs.insert(region.0, job);
+                assert!(
+                    d.jobs.len() <= self.tuning.resync_depth.max(1),
+                    "more copies in flight than the resync depth"
+                );
+                true
+            }
+            Err(err) => {
+                log::error!("mirror {}: cannot submit a resync copy: {err}", self.uuid);
+                self.lock().map.recovery_done(region, false);
+                self.recovered.notify_all();
+                false
+            }
+        }
     }
 
     /// Records a finished copy (see the module doc for when it counts).
