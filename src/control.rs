@@ -55,6 +55,44 @@ pub enum Command {
     },
 }
 
+impl Command {
+    /// A target's command on the wire: `command` is the target's serde-tagged command enum
+    /// (`#[serde(tag = "name", content = "args")]`), whose tag and content become the name and
+    /// the arguments.
+    pub fn target<C: serde::Serialize>(command: &C) -> Command {
+        let wire = serde_json::to_value(command).expect("commands serialize");
+        let name = wire["name"].as_str().expect("a tagged command");
+        Command::Target {
+            name: name.to_owned(),
+            args: wire["args"].clone(),
+        }
+    }
+
+    /// The reverse of [`Command::target`], in the daemon: the command `name` with its
+    /// arguments `args`, parsed once into the target's command enum `C`. `kind` and `names`
+    /// (the commands `C` has) word the error for any other name.
+    pub fn parse_target<C: serde::de::DeserializeOwned>(
+        kind: &str,
+        names: &[&str],
+        name: &str,
+        args: &serde_json::Value,
+    ) -> Result<C> {
+        if !names.contains(&name) {
+            return Err(Error::invalid(format!(
+                "the {kind} target has no command '{name}' (try {})",
+                names.join(", ")
+            )));
+        }
+        let args = if args.is_null() {
+            serde_json::json!({})
+        } else {
+            args.clone()
+        };
+        serde_json::from_value(serde_json::json!({ "name": name, "args": args }))
+            .map_err(|e| Error::invalid(format!("{name}: {e}")))
+    }
+}
+
 /// A request on the wire.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Request {

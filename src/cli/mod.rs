@@ -137,6 +137,19 @@ pub fn parse_pow2_size(what: &str, text: &str) -> std::result::Result<u64, Strin
     Ok(bytes)
 }
 
+/// A size that is a power of two (a region, a chunk) in the largest binary unit that keeps it
+/// whole, e.g. `512 KiB`, `4 MiB`: the reverse of [`parse_pow2_size`].
+pub fn pow2_size_text(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes;
+    let mut unit = 0;
+    while value >= 1024 && value % 1024 == 0 && unit + 1 < UNITS.len() {
+        value /= 1024;
+        unit += 1;
+    }
+    format!("{value} {}", UNITS[unit])
+}
+
 /// The whole command tree: the core's commands, `add` with one subcommand per registered
 /// kind (its own arguments plus [`AddOptions`]), and each kind's command tree.
 pub fn command(registry: &Registry) -> clap::Command {

@@ -112,29 +112,12 @@ impl MirrorCommand {
 
     /// The command `name` with its JSON arguments, as the control socket carries it.
     pub fn parse(name: &str, args: &Value) -> Result<MirrorCommand> {
-        if !Self::NAMES.contains(&name) {
-            return Err(Error::invalid(format!(
-                "the mirror target has no command '{name}' ({})",
-                Self::NAMES.join(", ")
-            )));
-        }
-        let args = if args.is_null() {
-            json!({})
-        } else {
-            args.clone()
-        };
-        serde_json::from_value(json!({ "name": name, "args": args }))
-            .map_err(|e| Error::invalid(format!("{name}: {e}")))
+        Command::parse_target("mirror", &Self::NAMES, name, args)
     }
 
     /// What the CLI sends to the daemon.
     pub fn to_wire(&self) -> Command {
-        let wire = serde_json::to_value(self).expect("commands serialize");
-        let name = wire["name"].as_str().expect("tagged").to_owned();
-        Command::Target {
-            name,
-            args: wire["args"].clone(),
-        }
+        Command::target(self)
     }
 
     /// Whether the user asked for the reply as JSON (`--json`) rather than a line.

@@ -10,6 +10,7 @@
 use serde_json::Value;
 
 use super::commands::MirrorCommand;
+use crate::cli::pow2_size_text;
 use crate::units::SECTOR_BYTES;
 
 /// The line `ublkdm mirror CMD` prints for `command`, from the daemon's `reply` and the
@@ -143,7 +144,7 @@ fn regions_line(status: &Value) -> String {
     let r = &status["regions"];
     let size = status["region_size_sectors"].as_u64().map_or_else(
         || "?".to_owned(),
-        |s| binary_bytes(s.saturating_mul(SECTOR_BYTES)),
+        |s| pow2_size_text(s.saturating_mul(SECTOR_BYTES)),
     );
     let mut line = format!(
         "{} x {size}, {} in sync, {} dirty",
@@ -294,19 +295,6 @@ fn plain(value: &Value) -> String {
     }
 }
 
-/// `bytes` in the largest binary unit that keeps it a whole number at or above 1 (region
-/// sizes are powers of two), e.g. `4 MiB`, `512 KiB`.
-fn binary_bytes(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut value = bytes;
-    let mut unit = 0;
-    while value >= 1024 && value % 1024 == 0 && unit + 1 < UNITS.len() {
-        value /= 1024;
-        unit += 1;
-    }
-    format!("{value} {}", UNITS[unit])
-}
-
 #[cfg(test)]
 mod tests {
     use std::path::PathBuf;
@@ -446,10 +434,10 @@ mod tests {
 
     #[test]
     fn region_sizes_read_in_binary_units() {
-        assert_eq!(binary_bytes(512 * 1024), "512 KiB");
-        assert_eq!(binary_bytes(4 << 20), "4 MiB");
-        assert_eq!(binary_bytes(1 << 30), "1 GiB");
-        assert_eq!(binary_bytes(1536), "1536 B");
+        assert_eq!(pow2_size_text(512 * 1024), "512 KiB");
+        assert_eq!(pow2_size_text(4 << 20), "4 MiB");
+        assert_eq!(pow2_size_text(1 << 30), "1 GiB");
+        assert_eq!(pow2_size_text(1536), "1536 B");
     }
 
     #[test]

@@ -107,28 +107,12 @@ impl SnapshotCommand {
 
     /// The command `name` with its JSON arguments, as the control socket carries it.
     pub fn parse(name: &str, args: &Value) -> Result<SnapshotCommand> {
-        if !Self::NAMES.contains(&name) {
-            return Err(Error::invalid(format!(
-                "the snapshot-origin target has no command '{name}' (try {})",
-                Self::NAMES.join(", ")
-            )));
-        }
-        let args = if args.is_null() {
-            json!({})
-        } else {
-            args.clone()
-        };
-        serde_json::from_value(json!({ "name": name, "args": args }))
-            .map_err(|e| Error::invalid(format!("{name}: {e}")))
+        Command::parse_target("snapshot-origin", &Self::NAMES, name, args)
     }
 
     /// What the CLI sends to the daemon.
     pub fn to_wire(&self) -> Command {
-        let wire = serde_json::to_value(self).expect("commands serialize");
-        Command::Target {
-            name: wire["name"].as_str().expect("tagged").to_owned(),
-            args: wire["args"].clone(),
-        }
+        Command::target(self)
     }
 
     /// The snapshot a command deletes or merges: its device must be stopped first.

@@ -7,7 +7,7 @@
 
 use serde_json::Value;
 
-use crate::cli::text;
+use crate::cli::{pow2_size_text, text};
 
 /// The origin's status in lines (the caller indents them): the COW store and its UUID, a flag
 /// when its metadata could not be written, the snapshots as a table (invalid ones flagged
@@ -49,7 +49,7 @@ fn store_line(status: &Value) -> String {
     let chunk = status["chunk_sectors"]
         .as_u64()
         .and_then(|s| s.checked_mul(crate::units::SECTOR_BYTES))
-        .map_or_else(|| "?".to_owned(), binary_size);
+        .map_or_else(|| "?".to_owned(), pow2_size_text);
     format!(
         "store:     {} of {} chunks used{share}, {} free{full}, chunk {chunk}",
         number(&cow["used"]),
@@ -139,18 +139,6 @@ fn percent(part: u64, whole: u64) -> String {
         n => n,
     };
     format!("{shown}%")
-}
-
-/// A chunk size (a power of two of at least 4 KiB) as `16 KiB` or `1 MiB`.
-fn binary_size(bytes: u64) -> String {
-    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
-    let mut value = bytes;
-    let mut unit = 0;
-    while value >= 1024 && value % 1024 == 0 && unit + 1 < UNITS.len() {
-        value /= 1024;
-        unit += 1;
-    }
-    format!("{value} {}", UNITS[unit])
 }
 
 /// The line `ublkdm snapshot delete` prints: `snapshot s1 (/dev/ublkb3) deleted from
@@ -298,8 +286,8 @@ mod tests {
         assert_eq!(percent(4063, 4064), "99%");
         assert_eq!(percent(4064, 4064), "100%");
         assert_eq!(percent(0, 0), "0%");
-        assert_eq!(binary_size(16384), "16 KiB");
-        assert_eq!(binary_size(1 << 20), "1 MiB");
+        assert_eq!(pow2_size_text(16384), "16 KiB");
+        assert_eq!(pow2_size_text(1 << 20), "1 MiB");
     }
 
     #[test]
