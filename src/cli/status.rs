@@ -178,7 +178,18 @@ pub(super) fn print_daemon_status(registry: &Registry, status: &serde_json::Valu
         "  io:      reads {}, writes {}, flushes {}, discards {}, write-zeroes {}, errors {}",
         io["reads"], io["writes"], io["flushes"], io["discards"], io["write_zeroes"], io["errors"]
     );
-    println!("  io flusher threads: {}", io["io_flusher"]);
+    println!("  flusher: {}", flusher_text(&io["io_flusher"]));
+}
+
+/// The queue threads' io-flusher flags (`[true, true]`) as `2 of 2 queue threads are io
+/// flushers`: a queue thread that is not one can deadlock under memory pressure.
+fn flusher_text(flags: &serde_json::Value) -> String {
+    let flags = flags.as_array().map(Vec::as_slice).unwrap_or_default();
+    let set = flags.iter().filter(|f| f.as_bool() == Some(true)).count();
+    format!(
+        "{set} of {} queue threads are io flushers (PR_SET_IO_FLUSHER)",
+        flags.len()
+    )
 }
 
 pub(super) fn daemon_column(pid: i32) -> String {
@@ -208,6 +219,16 @@ pub(super) fn human_bytes(bytes: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn io_flushers_are_counted() {
+        let flags = serde_json::json!([true, false]);
+        assert_eq!(
+            flusher_text(&flags),
+            "1 of 2 queue threads are io flushers (PR_SET_IO_FLUSHER)"
+        );
+        assert!(flusher_text(&serde_json::Value::Null).starts_with("0 of 0"));
+    }
 
     #[test]
     fn sizes_read_well() {

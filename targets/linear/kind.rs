@@ -1,4 +1,5 @@
-//! The linear kind: its spec (persisted for `recover`) and its `add linear` arguments.
+//! The linear kind: its spec (persisted for `recover`), its `add linear` arguments and its
+//! line in `ublkdm status`.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -59,5 +60,68 @@ impl TargetKind for LinearKind {
             Ok(spec) => format!("{NAME} {}", spec.device.display()),
             Err(_) => format!("{NAME} (unreadable spec)"),
         }
+    }
+
+    fn status_lines(&self, status: &serde_json::Value) -> Vec<String> {
+        vec![backing_line(status)]
+    }
+}
+
+/// The backing device and what it offers, in one line: `backing: /dev/vda, 512 B logical /
+/// 4096 B physical blocks; volatile cache, discard, write-zeroes`. A field the status lacks
+/// reads as `?` (the JSON is the daemon's answer, not trusted to be complete).
+fn backing_line(status: &serde_json::Value) -> String {
+    let number = |key: &str| {
+        status[key]
+            .as_u64()
+            .map_or_else(|| "?".to_owned(), |n| n.to_string())
+    };
+    let features: Vec<&str> = [
+        ("volatile_cache", "volatile cache"),
+        ("fua", "FUA"),
+        ("discard", "discard"),
+        ("write_zeroes", "write-zeroes"),
+    ]
+    .into_iter()
+    .filter(|(key, _)| status[*key].as_bool() == Some(true))
+    .map(|(_, shown)| shown)
+    .collect();
+    format!(
+        "backing: {}, {} B logical / {} B physical blocks; {}",
+        status["device"].as_str().unwrap_or("?"),
+        number("logical_block_bytes"),
+        number("physical_block_bytes"),
+        if features.is_empty() {
+            "no cache, FUA, discard or write-zeroes".to_owned()
+        } else {
+            features.join(", ")
+        }
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn the_backing_device_reads_in_one_line() {
+        let status = json!({
+            "device": "/dev/vda", "size_sectors": 524288, "logical_block_bytes": 512,
+            "physical_block_bytes": 4096, "discard": true, "write_zeroes": true,
+            "volatile_cache": true, "fua": false,
+        });
+        assert_eq!(
+            LinearKind.status_lines(&status),
+            [
+                "backing: /dev/vda, 512 B logical / 4096 B physical blocks; volatile cache, \
+              discard, write-zeroes"
+            ]
+        );
+        assert_eq!(
+            backing_line(&json!({})),
+            "backing: ?, ? B logical / ? B physical blocks; no cache, FUA, discard or \
+             write-zeroes"
+        );
     }
 }
