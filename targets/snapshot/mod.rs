@@ -756,6 +756,18 @@ impl Target for OriginTarget {
         self.group.status()
     }
 
+    /// The orderly stop (after the snapshot devices stopped): the origin and the COW store
+    /// are flushed, both attempted, so that every acknowledged write is durable (a snapshot's
+    /// in-place writes sit in the COW's cache until a flush).
+    fn shutdown(&self) -> IoFuture<std::io::Result<()>> {
+        let inner = Arc::clone(&self.group.inner);
+        Box::pin(async move {
+            let origin = inner.origin.flush().await;
+            let cow = inner.cow.flush().await;
+            origin.and(cow)
+        })
+    }
+
     /// Runs a command; those that touch devices block the calling thread on a ring of its
     /// own: call this from the control thread, never from a thread serving this group's I/O.
     fn command(&self, name: &str, args: &serde_json::Value) -> Result<serde_json::Value> {
