@@ -804,6 +804,15 @@ impl Target for OriginTarget {
             _ => Vec::new(),
         }
     }
+
+    /// A merge is refused while the origin's device is open (see
+    /// [`SnapshotCommand::needs_closed_origin`]).
+    fn command_needs_closed(&self, name: &str, args: &serde_json::Value) -> Option<String> {
+        SnapshotCommand::parse(name, args)
+            .ok()?
+            .needs_closed_origin()
+            .map(str::to_owned)
+    }
 }
 
 /// One snapshot of a group, as a writable block device. Its I/O fails with EIO once it is

@@ -294,6 +294,30 @@ fn an_orderly_stop_makes_every_acknowledged_write_durable() {
     .expect("reopen");
 }
 
+/// A merge changes what the origin reads at once: the daemon must refuse it while the
+/// origin's device is open (it asks the target), and says how to proceed. Other commands run
+/// under an open origin.
+#[test]
+fn only_a_merge_needs_the_origin_closed() {
+    let devs = Devs::new(512, 4096);
+    with_group(&devs, GroupOptions::default(), async |group| {
+        let origin = group.origin();
+        let advice = origin
+            .command_needs_closed("merge", &json!({ "name": "s" }))
+            .expect("a merge needs the origin closed");
+        assert!(advice.contains("unmount"), "{advice}");
+        for (name, args) in [
+            ("snapshot-create", json!({ "name": "s" })),
+            ("snapshot-delete", json!({ "name": "s" })),
+            ("snapshot-list", json!({})),
+            ("status", json!({})),
+        ] {
+            assert_eq!(origin.command_needs_closed(name, &args), None, "{name}");
+        }
+    })
+    .expect("group");
+}
+
 #[test]
 fn bad_arguments_are_refused() {
     let small = Devs::new(256, 64);
