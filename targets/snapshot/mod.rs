@@ -105,7 +105,10 @@
 //! their `Unmap`s in one batch. An origin write to unmerged chunks does that first, in the
 //! foreground. When the map is empty the snapshot is deleted. Progress is the `Unmap`
 //! records, so a restart resumes. While merging, the snapshot's own I/O fails, and no
-//! snapshot can be created.
+//! snapshot can be created. Since the origin's data changes when the merge starts, a merge is
+//! refused while the origin's device is open (mounted, or open in a process: the daemon asks
+//! `Target::command_needs_closed`); a merge already started (or resumed after a crash) changes
+//! nothing an opener sees, so it goes on.
 //!
 //! # Threads
 //! Futures are `!Send` and run where awaited; state sits behind `std::sync::Mutex`es never
