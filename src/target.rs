@@ -59,6 +59,13 @@ pub trait Target: BlockDevice {
         built_from.clone()
     }
 
+    /// Whether command `name` must not run while this target's own device is open anywhere
+    /// (mounted, or open in a process): `Some(how to proceed)` when so. The daemon refuses it
+    /// then (Busy), and holds the device exclusively while it runs.
+    fn command_needs_closed(&self, _name: &str, _args: &serde_json::Value) -> Option<String> {
+        None
+    }
+
     /// The children command `name` removes or makes unusable: their devices are stopped (and
     /// must not be in use) before it runs.
     fn command_releases(&self, _name: &str, _args: &serde_json::Value) -> Vec<String> {

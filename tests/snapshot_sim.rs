@@ -6,8 +6,9 @@
 //! some seeds), seeded read and write errors on both devices (half the seeds; some failed
 //! writes land in part first, as a real device's may), FUA done as write-then-flush (half
 //! the seeds, so a power cut can tear a log block or a superblock), and power cuts at
-//! random points (between batches, with requests and a command in flight, and in the middle
-//! of a merge), after which the group is reopened from the two devices (each instance sees
+//! random points (between batches, with requests and a command in flight, in the middle of a
+//! merge, and after an orderly stop, which must have made every acknowledged write durable),
+//! after which the group is reopened from the two devices (each instance sees
 //! them through a fence that a power cut closes, so nothing the old one had going, such as
 //! a copy job, lands afterwards).
 //!
@@ -56,6 +57,7 @@ use ublkdm::device::{
     WriteFlags,
 };
 use ublkdm::error::ErrorKind;
+use ublkdm::target::Target;
 use ublkdm::targets::snapshot::{GroupOptions, SnapshotGroup};
 use ublkdm::units::{Extent, Sector, SectorCount};
 
@@ -1295,6 +1297,29 @@ impl Sim {
         inst
     }
 
+    /// The daemon's orderly stop (`ublkdm del`): the origin target's `shutdown()` with no
+    /// request in flight (the snapshot devices are stopped first), then a power cut. Every
+    /// write acknowledged to the origin or to a snapshot must survive it.
+    async fn orderly_stop(&mut self, inst: Instance) -> Instance {
+        trace(format_args!(
+            "orderly stop with {} origin and {} COW sectors unflushed, then a power cut",
+            self.origin_mem.unflushed_sectors(),
+            self.cow_mem.unflushed_sectors()
+        ));
+        let models: Vec<ModelRef> = std::iter::once(&self.origin)
+            .chain(self.snaps.values())
+            .cloned()
+            .collect();
+        let acked: Vec<Vec<u64>> = models.iter().map(|m| m.borrow().acked()).collect();
+        let origin = inst.group.origin();
+        let res = origin.shutdown().await;
+        res.unwrap_or_else(|e| panic!("seed {}: orderly stop: {e}", self.seed));
+        for (model, acked) in models.iter().zip(&acked) {
+            model.borrow_mut().flushed(acked);
+        }
+        self.restart(inst, true).await
+    }
+
     /// Waits for every task of `batch`, then checks what the snapshots that failed requests
     /// have become.
     async fn finish(&mut self, batch: Batch, group: &Arc<SnapshotGroup>) {
@@ -1372,6 +1397,8 @@ impl Sim {
             } else if self.rng.gen_bool(0.03) {
                 trace(format_args!("power cut between batches"));
                 inst = self.restart(inst, true).await;
+            } else if self.rng.gen_bool(0.03) {
+                inst = self.orderly_stop(inst).await;
             }
         }
         // No more errors; let a running merge finish (a stalled one resumes on a restart),

@@ -209,30 +209,47 @@ pub(super) fn await_child(name: &str, child: ChildDevice, deadline: Instant) {
 /// is not zero. (Stopping a device that a process holds open would leave its deletion
 /// waiting for that process.)
 pub(super) fn ensure_unused(name: &str, path: &Path) -> Result<()> {
-    let busy = |how: String| {
-        Err(Error::new(
+    match claim_unused(path)? {
+        Ok(_) => Ok(()),
+        Err(how) => Err(Error::new(
             ErrorKind::Busy,
             format!("'{name}' ({}) is in use: {how}", path.display()),
-        ))
-    };
-    match OpenOptions::new()
+        )),
+    }
+}
+
+/// Fails with Busy, with the target's `advice`, when the daemon's own device `path` is open
+/// anywhere (see [`ensure_unused`]); otherwise holds it exclusively until the returned file is
+/// dropped, so that no mount can start while the command that needs it closed runs.
+pub(super) fn claim_closed(path: &Path, advice: &str) -> Result<File> {
+    claim_unused(path)?.map_err(|how| {
+        Error::new(
+            ErrorKind::Busy,
+            format!("{} is in use ({how}): {advice}", path.display()),
+        )
+    })
+}
+
+/// An exclusive open of block device `path` when nothing holds it, else how it is held.
+fn claim_unused(path: &Path) -> Result<std::result::Result<File, String>> {
+    let file = match OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_EXCL)
         .open(path)
     {
-        Ok(_) => {}
+        Ok(file) => file,
         Err(err) if err.raw_os_error() == Some(libc::EBUSY) => {
-            return busy("mounted or held by another device".to_owned())
+            return Ok(Err("mounted or held by another device".to_owned()))
         }
         Err(err) => return Err(Error::io(format!("cannot open {}", path.display()), err)),
-    }
+    };
     let rdev = fs::metadata(path)
         .context(|| format!("cannot stat {}", path.display()))?
         .rdev();
-    match processes_holding(rdev).first() {
-        Some(pid) => busy(format!("open in process {pid}")),
-        None => Ok(()),
-    }
+    Ok(match processes_holding(rdev).first() {
+        Some(pid) => Err(format!("open in process {pid}")),
+        None => Ok(file),
+    })
 }
 
 /// The processes with an open file descriptor on block device `rdev` (what `fuser` reads).

@@ -38,7 +38,7 @@ pub use children::child_devices;
 pub use launch::{init_logging, launch, log_path, run_foreground};
 pub use process::{is_ublkdm, process_alive, signal};
 
-use children::{ensure_unused, stop_child, ChildDevice};
+use children::{claim_closed, ensure_unused, stop_child, ChildDevice};
 use launch::Reporter;
 use server::{start_control_socket, start_signal_thread};
 
@@ -299,10 +299,16 @@ impl Daemon {
 }
 
 impl Daemon {
-    /// A target command: the children it releases are stopped first (refused if one is in
-    /// use), then the command runs, then the children follow the target.
+    /// A target command: refused if it needs the primary closed and it is open (which is then
+    /// held exclusively until the command returns); the children it releases are stopped
+    /// first (refused if one is in use), then the command runs, then the children follow the
+    /// target.
     fn target_command(&self, name: &str, args: &serde_json::Value) -> Result<serde_json::Value> {
         let mut children = self.children();
+        let _claimed = match self.target.command_needs_closed(name, args) {
+            Some(advice) => Some(claim_closed(&self.device.block_device(), &advice)?),
+            None => None,
+        };
         for child in self.target.command_releases(name, args) {
             if let Some(served) = children.get(&child) {
                 ensure_unused(&child, &served.device.block_device())?;

@@ -124,6 +124,19 @@ impl SnapshotCommand {
             _ => None,
         }
     }
+
+    /// How to proceed when a command must not run while the origin's device is open: a merge
+    /// makes the origin read as the snapshot at once, which would change the data under a
+    /// mounted file system (LVM defers such a merge; we refuse it).
+    pub fn needs_closed_origin(&self) -> Option<&'static str> {
+        match self {
+            SnapshotCommand::Merge { .. } => Some(
+                "a merge would change the origin's data under its user; unmount it and close \
+                 it everywhere, then merge again",
+            ),
+            _ => None,
+        }
+    }
 }
 
 impl Inner {

@@ -105,7 +105,10 @@
 //! their `Unmap`s in one batch. An origin write to unmerged chunks does that first, in the
 //! foreground. When the map is empty the snapshot is deleted. Progress is the `Unmap`
 //! records, so a restart resumes. While merging, the snapshot's own I/O fails, and no
-//! snapshot can be created.
+//! snapshot can be created. Since the origin's data changes when the merge starts, a merge is
+//! refused while the origin's device is open (mounted, or open in a process: the daemon asks
+//! `Target::command_needs_closed`); a merge already started (or resumed after a crash) changes
+//! nothing an opener sees, so it goes on.
 //!
 //! # Threads
 //! Futures are `!Send` and run where awaited; state sits behind `std::sync::Mutex`es never
@@ -756,6 +759,18 @@ impl Target for OriginTarget {
         self.group.status()
     }
 
+    /// The orderly stop (after the snapshot devices stopped): the origin and the COW store
+    /// are flushed, both attempted, so that every acknowledged write is durable (a snapshot's
+    /// in-place writes sit in the COW's cache until a flush).
+    fn shutdown(&self) -> IoFuture<std::io::Result<()>> {
+        let inner = Arc::clone(&self.group.inner);
+        Box::pin(async move {
+            let origin = inner.origin.flush().await;
+            let cow = inner.cow.flush().await;
+            origin.and(cow)
+        })
+    }
+
     /// Runs a command; those that touch devices block the calling thread on a ring of its
     /// own: call this from the control thread, never from a thread serving this group's I/O.
     fn command(&self, name: &str, args: &serde_json::Value) -> Result<serde_json::Value> {
@@ -791,6 +806,15 @@ impl Target for OriginTarget {
             Some(snap) if self.group.inner.store().find(snap).is_some() => vec![snap.to_owned()],
             _ => Vec::new(),
         }
+    }
+
+    /// A merge is refused while the origin's device is open (see
+    /// [`SnapshotCommand::needs_closed_origin`]).
+    fn command_needs_closed(&self, name: &str, args: &serde_json::Value) -> Option<String> {
+        SnapshotCommand::parse(name, args)
+            .ok()?
+            .needs_closed_origin()
+            .map(str::to_owned)
     }
 }
 

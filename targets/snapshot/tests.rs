@@ -248,6 +248,76 @@ fn torn_metadata_block_is_ignored() {
     with_group(&devs, GroupOptions::default(), async |_| ()).expect("other slot");
 }
 
+/// The daemon's orderly stop (`del`) ends with the origin target's `shutdown()`, after the
+/// snapshot devices are stopped: every acknowledged write, to the origin or to a snapshot (in
+/// place in the COW store, sitting in its volatile cache), survives a power cut after it.
+#[test]
+fn an_orderly_stop_makes_every_acknowledged_write_durable() {
+    let devs = Devs::new(512, 4096);
+    let cow = Arc::clone(&devs.cow);
+    with_group(&devs, GroupOptions::default(), async move |group| {
+        let origin = group.origin();
+        write(&*origin, 0, 512, 1).await;
+        create(&group, "s").await;
+        let snap = group.snapshot("s").expect("s");
+        write(&*origin, 256, 128, 4).await;
+        // The first write takes the chunks (copy, then a commit, which flushes the COW); the
+        // second goes in place, into the COW's volatile cache.
+        write(&*snap, 0, 128, 2).await;
+        write(&*snap, 0, 128, 3).await;
+        assert!(
+            cow.unflushed_sectors() > 0,
+            "the test needs unflushed COW writes"
+        );
+        origin.shutdown().await.expect("orderly stop");
+    })
+    .expect("run");
+    let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(11);
+    devs.origin.crash(&mut rng);
+    devs.cow.crash(&mut rng);
+    with_group(&devs, GroupOptions::default(), async |group| {
+        let snap = read(&*group.snapshot("s").expect("s"), 0, 512)
+            .await
+            .expect("s");
+        let lost = snap[..128 * 512].iter().filter(|&&b| b != 3).count();
+        assert_eq!(lost, 0, "bytes of acknowledged snapshot writes lost");
+        assert!(
+            snap[128 * 512..].iter().all(|&b| b == 1),
+            "the snapshot's image"
+        );
+        let origin = read(&*group.origin(), 256, 128).await.expect("origin");
+        assert!(
+            origin.iter().all(|&b| b == 4),
+            "acknowledged origin write lost"
+        );
+    })
+    .expect("reopen");
+}
+
+/// A merge changes what the origin reads at once: the daemon must refuse it while the
+/// origin's device is open (it asks the target), and says how to proceed. Other commands run
+/// under an open origin.
+#[test]
+fn only_a_merge_needs_the_origin_closed() {
+    let devs = Devs::new(512, 4096);
+    with_group(&devs, GroupOptions::default(), async |group| {
+        let origin = group.origin();
+        let advice = origin
+            .command_needs_closed("merge", &json!({ "name": "s" }))
+            .expect("a merge needs the origin closed");
+        assert!(advice.contains("unmount"), "{advice}");
+        for (name, args) in [
+            ("snapshot-create", json!({ "name": "s" })),
+            ("snapshot-delete", json!({ "name": "s" })),
+            ("snapshot-list", json!({})),
+            ("status", json!({})),
+        ] {
+            assert_eq!(origin.command_needs_closed(name, &args), None, "{name}");
+        }
+    })
+    .expect("group");
+}
+
 #[test]
 fn bad_arguments_are_refused() {
     let small = Devs::new(256, 64);

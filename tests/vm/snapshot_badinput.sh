@@ -7,7 +7,8 @@
 # - add origin with a COW device smaller than one chunk (a 4 KiB dm slice: the error must
 #   say it is too small); with a chunk size larger than the whole COW device (16M on 8 MiB);
 #   with a chunk size that is not a power of two (12K, exit 2); with one below 4 KiB (2K,
-#   exit 2): no ublk device may remain;
+#   exit 2); with one file (or a symlink to it) or one device (two paths) as both origin and
+#   COW store (exit 2, naming both): no ublk device may remain;
 # - on a working group with snapshot s1: create of a name that exists; delete and merge of an
 #   unknown name (exit 3, not-found, as docs/exit-codes.md says); `ublkdm del` of the
 #   snapshot's own id (s1 must go on serving its image); a snapshot command on a linear
@@ -52,6 +53,20 @@ fi
 expect_refusal chunk-larger-than-the-cow any add origin "$orig" --cow "$small" --chunk-size 16M
 expect_refusal chunk-not-power-of-two 2 add origin "$orig" --cow "$cow" --chunk-size 12K
 expect_refusal chunk-below-4K 2 add origin "$orig" --cow "$cow" --chunk-size 2K
+# One file or device as both origin and COW store, under any path: exit 2, naming both.
+disk=$T/disk.img
+{ truncate -s 16M "$disk" && ln -s "$disk" "$T/disk.link"; } || die "cannot make a file"
+expect_refusal origin-and-cow-one-file 2 add origin "$disk" --cow "$disk"
+orig_node=/dev/$(lsblk -dno KNAME "$orig")
+[[ -b $orig_node && $orig_node != "$orig" ]] || die "no second node for $orig ($orig_node)"
+expect_refusal origin-and-cow-one-device 2 add origin "$orig" --cow "$orig_node"
+out=$(ublkdm add origin "$disk" --cow "$T/disk.link" 2>&1)
+rc=$?
+if ((rc == 2)) && refused "$rc" "$out" && [[ $out == *"$disk and $T/disk.link are the same device"* ]]; then
+	pass "origin-and-cow-one-file-via-symlink"
+else
+	fail "origin-and-cow-one-file-via-symlink" "exit $rc: $(tr '\n' '|' <<<"$out")"
+fi
 if no_devices && same_image "$orig" "$T/origin.img"; then
 	pass "refused-adds-leave-no-device-and-the-origin"
 else

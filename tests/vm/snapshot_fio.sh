@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # tests/vm/snapshot_fio.sh: a snapshot taken under load is one consistent point in time; a
-# snapshot of a frozen ext4 is a clean filesystem.
+# snapshot of a frozen ext4 is a clean filesystem; a merge is refused while the origin is open.
 # vm: --disks 2x256M
 # Method, part 1: a 16 MiB origin (a slice of vda, random bytes) with its COW store on a
 # 64 MiB slice of vdb. fio writes the first 8 MiB sequentially in 16 KiB blocks (one chunk
@@ -15,6 +15,11 @@
 #   be clean while the origin stays mounted and busy; mounted `-o ro,noload`, the snapshot
 #   must hold the files of the freeze with their checksums, and nothing written after it;
 #   while it is mounted, `snapshot delete` and `snapshot merge` of it must be refused.
+# Part 3: the origin mounted again (files changed since the freeze): `snapshot merge` must be
+#   refused (busy, exit 4, one line naming the origin and saying to unmount it) with the
+#   snapshot, its device and the mounted files untouched; the same with the origin open in a
+#   process; unmounted, the merge must run, `e2fsck -fn` of the origin be clean, and it must
+#   hold the files of the freeze.
 set -uo pipefail
 . "$UBLKDM_REPO/scripts/vm/lib.sh"
 . "$UBLKDM_REPO/tests/vm/common.sh"
@@ -145,5 +150,47 @@ if umount "$MNT" && e2fsck -fn "$dev" >"$T/fsck2.out" 2>&1; then
 else
 	fail "origin-fsck-clean" "$(tail -3 "$T/fsck2.out" | tr '\n' ' ')"
 fi
+
+# ------------------------------------------------------------------ part 3: merge, origin open
+# A merge makes the origin read as the snapshot at once: under a mounted file system it is
+# refused (busy, exit 4, one line saying what to do), changing nothing; unmounted, it runs.
+mount "$dev" "$MNT" || die "mounting the origin again failed"
+(cd "$MNT" && sha256sum after dir/before1) >"$T/after.sums"
+out=$(ublkdm snapshot merge "$id" frozen 2>&1 >/dev/null)
+rc=$?
+vm_log "merge with the origin mounted: exit $rc: $out"
+group "$id"
+if ((rc == 4)) && refused "$rc" "$out" && [[ $out == *"$dev"*unmount* ]] &&
+	[[ $(g_snaps) == frozen:valid && $(g .merge.active) == false && -b $s2 ]] &&
+	(cd "$MNT" && sha256sum --quiet -c "$T/after.sums") && [[ ! -e $MNT/dir/before2 ]]; then
+	pass "merge-under-mounted-origin-refused"
+else
+	fail "merge-under-mounted-origin-refused" "exit $rc: $out; snapshots '$(g_snaps)', merge $(g '.merge | tojson')"
+fi
+# Open in a process (no mount): refused the same way.
+umount "$MNT" || die "umount of the origin failed"
+exec {holder}<"$dev"
+out=$(ublkdm snapshot merge "$id" frozen 2>&1 >/dev/null)
+rc=$?
+exec {holder}<&-
+if ((rc == 4)) && refused "$rc" "$out" && [[ $out == *"$dev"* ]] && group "$id" &&
+	[[ $(g_snaps) == frozen:valid && -b $s2 ]]; then
+	pass "merge-under-open-origin-refused"
+else
+	fail "merge-under-open-origin-refused" "exit $rc: $out; snapshots '$(g_snaps)'"
+fi
+if ublkdm snapshot merge "$id" frozen >/dev/null && wait_merged "$id" 120 &&
+	e2fsck -fn "$dev" >"$T/fsck3.out" 2>&1; then
+	pass "merge-of-closed-origin-fsck-clean"
+else
+	fail "merge-of-closed-origin-fsck-clean" "merge $(sstatus "$id" ".merge | tojson"): $(tail -3 "$T/fsck3.out" 2>/dev/null | tr '\n' ' ')"
+fi
+if mount -o ro "$dev" "$MNT" && (cd "$MNT" && sha256sum --quiet -c "$T/before.sums") &&
+	[[ ! -e $MNT/after ]]; then
+	pass "merged-origin-holds-the-frozen-files"
+else
+	fail "merged-origin-holds-the-frozen-files" "files there: $(cd "$MNT" 2>/dev/null && find . -type f | tr '\n' ' ')"
+fi
+umount "$MNT" 2>/dev/null
 ublkdm del "$id" >/dev/null
 vm_summary
