@@ -112,6 +112,12 @@
 //! held across an await. [`SnapshotGroup::merge_task`] is the merge driver as a future: the
 //! daemon runs it on a thread of its own ([`SnapshotGroup::start_merge_thread`]), simulations
 //! spawn it locally.
+//!
+//! # Geometry
+//! The origin and every snapshot advertise what is true of both devices (`group_info`): the
+//! larger logical block, a volatile cache if either has one, and the origin's size in whole
+//! such blocks. The last origin chunk may be short; its image in the COW store is its length
+//! in whole COW blocks, the padding zeroed and never read as data.
 
 pub mod commands;
 mod format;
