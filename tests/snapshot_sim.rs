@@ -3,7 +3,8 @@
 //! `FaultyDevice<MemDevice::new_volatile>` origin and COW devices with random completion
 //! delays, snapshot create/delete (between batches or with requests in flight), merges
 //! (started between batches or with requests in flight), COW overflow (a small store in
-//! some seeds), seeded read and write errors on both devices (half the seeds; some failed
+//! some seeds), origins whose last chunk is short and ends inside a 4 KiB block (a quarter
+//! of the seeds), seeded read and write errors on both devices (half the seeds; some failed
 //! writes land in part first, as a real device's may), FUA done as write-then-flush (half
 //! the seeds, so a power cut can tear a log block or a superblock), and power cuts at
 //! random points (between batches, with requests and a command in flight, in the middle of a
@@ -428,7 +429,10 @@ struct Sim {
     /// Errors are injected (until the end).
     faults: bool,
     chunk: u64,
+    /// Sectors the group serves: the origin's, in whole blocks of `block` sectors (the larger
+    /// of the origin's and the COW device's).
     size: u64,
+    block: u64,
     origin: ModelRef,
     snaps: BTreeMap<String, ModelRef>,
     /// Snapshots reported invalid (their requests must fail), with their reason and image
@@ -468,21 +472,30 @@ impl Sim {
         // A few seeds have a bigger origin in small chunks: checkpoints of several blocks.
         let big = rng.gen_bool(0.1);
         let chunk = if big { 8 } else { 8u64 << rng.gen_range(0..3) };
-        let size = 8 * if big {
-            rng.gen_range(256..512u64)
-        } else {
-            rng.gen_range(24..96u64)
-        };
+        // A quarter of the seeds end the origin 1 to 7 sectors past a 4 KiB block, so its last
+        // chunk is short and ends inside a block; half of those have a COW device of 4 KiB
+        // blocks (so the group serves 4 KiB blocks, and the last chunk's image in the COW
+        // store is padded). Chosen without the generator, so a seed's other choices stay.
+        let odd = if seed % 4 == 3 { (seed / 4) % 7 + 1 } else { 0 };
+        let block = if seed % 8 == 7 { 8 } else { 1 };
+        let raw = odd
+            + 8 * if big {
+                rng.gen_range(256..512u64)
+            } else {
+                rng.gen_range(24..96u64)
+            };
         // Most seeds have room for everything; some overflow.
         let cow_chunks = if rng.gen_bool(0.3) {
             rng.gen_range(2..12)
         } else {
-            size / chunk * 8
+            raw / chunk * 8
         };
         let faults = rng.gen_bool(0.5);
         let split = rng.gen_bool(0.5);
-        let origin_mem = MemDevice::new_volatile("origin", SectorCount(size));
-        let cow_mem = MemDevice::new_volatile("cow", SectorCount(1024 + cow_chunks * chunk));
+        let size = raw / block * block;
+        let origin_mem = MemDevice::new_volatile("origin", SectorCount(raw));
+        let cow_size = SectorCount(1024 + cow_chunks * chunk);
+        let cow_mem = MemDevice::with_geometry("cow", cow_size, block as u32 * 512, true);
         let config = |i: u64, rng: &mut ChaCha8Rng| {
             let mut rate = || {
                 if faults && rng.gen_bool(0.8) {
@@ -529,8 +542,8 @@ impl Sim {
         let origin_dev = wrap(origin_partial.clone(), 2);
         let cow_dev = wrap(cow_partial.clone(), 3);
         trace(format_args!(
-            "seed {seed}: chunk {chunk}, origin {size} sectors, {cow_chunks} COW chunks, \
-             errors {faults}, split FUA {split}"
+            "seed {seed}: chunk {chunk}, origin {raw} sectors ({size} served), COW blocks of \
+             {block} sectors, {cow_chunks} COW chunks, errors {faults}, split FUA {split}"
         ));
         Sim {
             seed,
@@ -546,6 +559,7 @@ impl Sim {
             faults,
             chunk,
             size,
+            block,
             origin: Rc::new(RefCell::new(Model::new(Sectors::zeroed(size)))),
             snaps: BTreeMap::new(),
             invalid: BTreeMap::new(),
@@ -610,11 +624,13 @@ impl Sim {
         self.next_tag
     }
 
+    /// An extent of whole blocks (of 1 sector in most seeds, as before).
     fn random_extent(&mut self) -> Extent {
-        let start = self.rng.gen_range(0..self.size);
+        let b = self.block;
+        let start = self.rng.gen_range(0..self.size / b);
         let max = if self.rng.gen_bool(0.2) { 96 } else { 24 };
-        let len = self.rng.gen_range(1..=max.min(self.size - start));
-        Extent::new(Sector(start), SectorCount(len))
+        let len = self.rng.gen_range(1..=(max / b).min(self.size / b - start));
+        Extent::new(Sector(start * b), SectorCount(len * b))
     }
 
     fn chunks(&self, e: Extent) -> std::ops::RangeInclusive<u64> {
@@ -846,6 +862,12 @@ impl Sim {
                 if let Some(model) = self.snaps.remove(&name) {
                     let reason = s["reason"].as_str().unwrap_or_default().to_owned();
                     trace(format_args!("{name} invalid: {reason}"));
+                    // Without injected errors only a full store invalidates a snapshot.
+                    assert!(
+                        self.faults || reason.contains("overflowed"),
+                        "seed {}: {name} invalid without an injected error: {reason}",
+                        self.seed
+                    );
                     self.sharing.borrow_mut().maps.remove(&name);
                     self.invalid.insert(name, (reason, model));
                 }

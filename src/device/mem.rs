@@ -48,6 +48,31 @@ impl MemDevice {
         MemDevice::build(name, size, true, true)
     }
 
+    /// A device with logical blocks of `logical_block_bytes` (a power of two from 512; `size`
+    /// is a whole number of them), with or without a volatile cache: for targets that must
+    /// respect the geometry of the devices under them.
+    pub fn with_geometry(
+        name: &str,
+        size: SectorCount,
+        logical_block_bytes: u32,
+        volatile_cache: bool,
+    ) -> Arc<MemDevice> {
+        assert!(
+            logical_block_bytes.is_power_of_two() && logical_block_bytes >= 512,
+            "a logical block of {logical_block_bytes} bytes"
+        );
+        let mut dev = MemDevice::build(name, size, volatile_cache, true);
+        let info = &mut Arc::get_mut(&mut dev).expect("just built").info;
+        info.logical_block_bytes = logical_block_bytes;
+        info.physical_block_bytes = info.physical_block_bytes.max(logical_block_bytes);
+        assert_eq!(
+            size.0 % info.logical_block_sectors().0,
+            0,
+            "{name}: a size of whole blocks"
+        );
+        dev
+    }
+
     fn build(
         name: &str,
         size: SectorCount,

@@ -163,10 +163,25 @@ impl Inner {
         Extent::new(Sector(c * self.layout.chunk.0), self.chunk_len(c))
     }
 
+    /// The length of origin chunk `c`'s image in the COW store: the chunk's length in whole
+    /// blocks of the COW device. Only the last origin chunk can be shorter than a chunk, and
+    /// then it can also end inside a COW block (an origin of 512-byte blocks beside a COW store
+    /// of 4 KiB ones); the rest of that block is padding, never read as data. A data chunk
+    /// (chunk aligned, at least 4 KiB) always has room for it.
+    fn cow_len(&self, c: u64) -> SectorCount {
+        let block = self.cow.info().logical_block_sectors().0.max(1);
+        let len = SectorCount(self.chunk_len(c).0.next_multiple_of(block));
+        assert!(
+            len <= self.layout.chunk,
+            "chunk {c}'s image outgrows a COW chunk"
+        );
+        len
+    }
+
     fn cow_chunk(&self, k: u64, c: u64) -> Extent {
         assert!(k < self.layout.data_chunks, "COW chunk {k} past the store");
         let start = self.layout.data_start + SectorCount(k * self.layout.chunk.0);
-        Extent::new(start, self.chunk_len(c))
+        Extent::new(start, self.cow_len(c))
     }
 
     /// Reads every piece of a request into its place in `buf`: piece `i` from COW chunk
@@ -269,15 +284,88 @@ impl Inner {
         self.commit(invalidations(mask, reason).collect()).await
     }
 
-    /// The origin extent and the COW extent of a run of `pairs` (see [`runs`]).
+    /// The origin extent and the COW extent of a run of `pairs` (see [`runs`]). They differ in
+    /// length only when the run ends with a last chunk that ends inside a COW block.
     fn run_extents(&self, pairs: &[(u64, u64)]) -> (Extent, Extent) {
         assert!(!pairs.is_empty(), "an empty run");
         let (c, k) = pairs[0];
         let len = SectorCount(pairs.iter().map(|&(c, _)| self.chunk_len(c).0).sum());
+        let cow_len = SectorCount(pairs.iter().map(|&(c, _)| self.cow_len(c).0).sum());
         (
             Extent::new(self.origin_chunk(c).start, len),
-            Extent::new(self.cow_chunk(k, c).start, len),
+            Extent::new(self.cow_chunk(k, c).start, cow_len),
         )
+    }
+
+    /// Copies `origin` to `cow` (`to_cow`) or back, through the copy engine. When `cow` is
+    /// longer (it ends with the padded block of a last chunk, see [`Inner::cow_len`]), the
+    /// engine copies the whole COW blocks and that last block is copied here: to the COW store
+    /// padded with zeroes, back to the origin only the part the origin has.
+    async fn copy_extents(
+        &self,
+        origin: Extent,
+        cow: Extent,
+        to_cow: bool,
+        priority: Priority,
+    ) -> bool {
+        assert!(
+            origin.len <= cow.len,
+            "{origin} does not fit its COW image {cow}"
+        );
+        let block = self.cow.info().logical_block_sectors().0.max(1);
+        let whole = SectorCount(origin.len.0 / block * block);
+        let tail = origin.len - whole;
+        assert_eq!(
+            cow.len,
+            whole + SectorCount(if tail.is_zero() { 0 } else { block }),
+            "a COW image is the origin extent in whole COW blocks"
+        );
+        let head = async {
+            if whole.is_zero() {
+                return true;
+            }
+            let o = Location::new(&self.origin, Extent::new(origin.start, whole));
+            let w = Location::new(&self.cow, Extent::new(cow.start, whole));
+            let (from, to) = if to_cow { (o, w) } else { (w, o) };
+            self.copy(from, to, priority, false).await
+        };
+        let last = async {
+            if tail.is_zero() {
+                return true;
+            }
+            let o = Extent::new(origin.start + whole, tail);
+            let w = Extent::new(cow.start + whole, SectorCount(block));
+            self.copy_last_block(o, w, to_cow).await.is_ok()
+        };
+        let (head, last) = smol::future::zip(head, last).await;
+        head && last
+    }
+
+    /// Copies the short extent `origin` into the COW block `cow` (zero padded) or back.
+    async fn copy_last_block(&self, origin: Extent, cow: Extent, to_cow: bool) -> io::Result<()> {
+        let bytes = origin.len.to_usize_bytes();
+        if to_cow {
+            let (res, part) = self
+                .origin
+                .read(origin.start, AlignedBuf::for_sectors(origin.len))
+                .await;
+            res?;
+            let mut padded = AlignedBuf::for_sectors(cow.len);
+            padded.as_mut_slice()[..bytes].copy_from_slice(part.as_slice());
+            self.cow
+                .write(cow.start, Arc::new(padded), WriteFlags::default())
+                .await
+        } else {
+            let (res, block) = self
+                .cow
+                .read(cow.start, AlignedBuf::for_sectors(cow.len))
+                .await;
+            res?;
+            let part = AlignedBuf::from_slice(&block.as_slice()[..bytes]);
+            self.origin
+                .write(origin.start, Arc::new(part), WriteFlags::default())
+                .await
+        }
     }
 
     /// Copies origin chunk `c` to COW chunk `k` for every `(c, k)` of `pairs` (`to_cow`), or
@@ -294,9 +382,7 @@ impl Inner {
             .iter()
             .map(|r| {
                 let (o, w) = self.run_extents(&pairs[r.clone()]);
-                let (o, w) = (Location::new(&self.origin, o), Location::new(&self.cow, w));
-                let (from, to) = if to_cow { (o, w) } else { (w, o) };
-                self.copy(from, to, priority, false)
+                self.copy_extents(o, w, to_cow, priority)
             })
             .collect();
         let mut ok = vec![false; pairs.len()];
@@ -584,12 +670,20 @@ impl Inner {
                     return Err(eio());
                 };
                 if p.len != self.chunk_len(c) {
-                    let from = match source {
-                        Some(old) => Location::new(&self.cow, self.cow_chunk(old, c)),
-                        None => Location::new(&self.origin, self.origin_chunk(c)),
+                    let to = self.cow_chunk(k, c);
+                    let copied = match source {
+                        Some(old) => {
+                            let from = Location::new(&self.cow, self.cow_chunk(old, c));
+                            let to = Location::new(&self.cow, to);
+                            self.copy(from, to, Priority::Foreground, false).await
+                        }
+                        None => {
+                            let from = self.origin_chunk(c);
+                            self.copy_extents(from, to, true, Priority::Foreground)
+                                .await
+                        }
                     };
-                    let to = Location::new(&self.cow, self.cow_chunk(k, c));
-                    if !self.copy(from, to, Priority::Foreground, false).await {
+                    if !copied {
                         self.store().unreserve(k);
                         self.invalidate(1 << slot, Reason::CopyError).await?;
                         return Err(eio());

@@ -115,6 +115,12 @@
 //! held across an await. [`SnapshotGroup::merge_task`] is the merge driver as a future: the
 //! daemon runs it on a thread of its own ([`SnapshotGroup::start_merge_thread`]), simulations
 //! spawn it locally.
+//!
+//! # Geometry
+//! The origin and every snapshot advertise what is true of both devices (`group_info`): the
+//! larger logical block, a volatile cache if either has one, and the origin's size in whole
+//! such blocks. The last origin chunk may be short; its image in the COW store is its length
+//! in whole COW blocks, the padding zeroed and never read as data.
 
 pub mod commands;
 mod format;
@@ -206,6 +212,7 @@ pub(crate) struct Inner {
     kick: Notify,
     stopping: AtomicBool,
     merge_error: Mutex<Option<String>>,
+    /// What the origin and every snapshot advertise (see [`group_info`]).
     origin_info: DeviceInfo,
 }
 
@@ -226,6 +233,7 @@ impl SnapshotGroup {
         engine: CopyEngine,
     ) -> Result<Arc<SnapshotGroup>> {
         let origin_size = origin.info().size;
+        let info = group_info(origin.info(), cow.info())?;
         let found = load_superblock(&cow, origin_size, options).await?;
         if !found.fresh {
             check_layout(&found.sb.layout, origin_size, cow.info().size, options)?;
@@ -242,7 +250,8 @@ impl SnapshotGroup {
             checkpoint_first: !found.fresh,
             unsure: false,
         };
-        let inner = Inner::new(origin, cow, engine, store, writer, found.sb.layout);
+        let devices = Devices { origin, cow, info };
+        let inner = Inner::new(devices, engine, store, writer, found.sb.layout);
         Ok(Arc::new(SnapshotGroup {
             inner: Arc::new(inner),
             thread: Mutex::new(None),
@@ -505,22 +514,71 @@ async fn replay(
     Ok(index)
 }
 
+/// What every device of a group (the origin and each snapshot) advertises, from what is true of
+/// both devices under it: a snapshot reads and writes the COW store as well as the origin, and
+/// the origin reads the COW store while merging, so each serves
+/// - the larger logical (and physical) block of the two, so that no request it passes on is
+///   smaller than a block of either device; and, to whole such blocks, the origin's size (a
+///   last part of a block is not served, and is never written);
+/// - a volatile cache if either has one, so that the kernel sends FLUSH (which each device
+///   passes to the devices it writes) instead of taking acknowledged writes as durable;
+/// - FUA, which every path honours: passed on with the write, or made durable by the commit
+///   that flushes the COW store before acknowledging a write to a chunk new to a snapshot;
+/// - no discard nor write-zeroes offload (write-zeroes is emulated with writes).
+///
+/// Fails when the origin is smaller than one such block.
+fn group_info(origin: &DeviceInfo, cow: &DeviceInfo) -> Result<DeviceInfo> {
+    let logical = origin.logical_block_bytes.max(cow.logical_block_bytes);
+    let block = u64::from(logical) / crate::units::SECTOR_BYTES;
+    assert!(
+        block.is_power_of_two(),
+        "a logical block of {logical} bytes"
+    );
+    let size = SectorCount(origin.size.0 / block * block);
+    if size.is_zero() {
+        return Err(Error::invalid(format!(
+            "the origin {} ({} sectors) is smaller than one {logical}-byte block of the COW \
+             device {}",
+            origin.name, origin.size.0, cow.name
+        )));
+    }
+    Ok(DeviceInfo {
+        name: format!("snapshot-origin of {}", origin.name),
+        size,
+        logical_block_bytes: logical,
+        physical_block_bytes: origin
+            .physical_block_bytes
+            .max(cow.physical_block_bytes)
+            .max(logical),
+        discard: false,
+        write_zeroes: false,
+        volatile_cache: origin.volatile_cache || cow.volatile_cache,
+        fua: true,
+        rotational: origin.rotational || cow.rotational,
+    })
+}
+
+/// The two devices of a group and what the group's devices advertise ([`group_info`]).
+struct Devices {
+    origin: DeviceRef,
+    cow: DeviceRef,
+    info: DeviceInfo,
+}
+
 impl Inner {
     /// The shared state of a group whose store was opened and replayed.
     fn new(
-        origin: DeviceRef,
-        cow: DeviceRef,
+        devices: Devices,
         engine: CopyEngine,
         store: Store,
         writer: LogWriter,
         layout: Layout,
     ) -> Inner {
-        let origin_info = DeviceInfo {
-            name: format!("snapshot-origin of {}", origin.info().name),
-            discard: false,
-            write_zeroes: false,
-            ..origin.info().clone()
-        };
+        let Devices {
+            origin,
+            cow,
+            info: origin_info,
+        } = devices;
         Inner {
             origin,
             cow,
