@@ -147,40 +147,16 @@ mod tests {
             .expect("origin");
         assert_eq!(origin.chunk_size_sectors, 0, "the default");
         assert_eq!(snapshot::parse_chunk_size("16K"), Ok(16384));
-        assert!(parse(&[
-            "ublkdm",
-            "add",
-            "origin",
-            "/dev/a",
-            "--cow",
-            "/dev/b",
-            "--chunk-size",
-            "12K"
-        ])
-        .is_err());
-        assert!(parse(&[
-            "ublkdm",
-            "add",
-            "origin",
-            "/dev/a",
-            "--cow",
-            "/dev/b",
-            "--chunk-size",
-            "2K"
-        ])
-        .is_err());
-        assert!(parse(&[
-            "ublkdm",
-            "add",
-            "mirror",
-            "--leg",
-            "/dev/a",
-            "--leg",
-            "/dev/b",
-            "--region-size",
-            "12K"
-        ])
-        .is_err());
+        let origin = ["ublkdm", "add", "origin", "/dev/a", "--cow", "/dev/b"];
+        for bad in ["12K", "2K"] {
+            let args = [&origin[..], &["--chunk-size", bad]].concat();
+            assert!(parse(&args).is_err(), "--chunk-size {bad}");
+        }
+        let mirror = [
+            "ublkdm", "add", "mirror", "--leg", "/dev/a", "--leg", "/dev/b",
+        ];
+        let args = [&mirror[..], &["--region-size", "12K"]].concat();
+        assert!(parse(&args).is_err(), "--region-size 12K");
     }
 
     #[test]
