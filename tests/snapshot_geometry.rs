@@ -43,6 +43,7 @@ fn with_group<T: 'static>(
         let options = GroupOptions {
             chunk_size: Some(SectorCount(CHUNK)),
             force: false,
+            ..GroupOptions::default()
         };
         let group = SnapshotGroup::open(origin, cow, &options, engine.clone())
             .await

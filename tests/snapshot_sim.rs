@@ -580,9 +580,12 @@ impl Sim {
         for attempt in 0.. {
             let (engine, run) = CopyEngine::new_local(engine_config()).expect("engine");
             let runner = spawn(run);
+            // Every third seed writes its checkpoints a block at a time, so power cuts and
+            // errors land between the pieces of one (chosen without the generator).
             let options = GroupOptions {
                 chunk_size: Some(SectorCount(self.chunk)),
                 force: false,
+                checkpoint_piece_blocks: (self.seed % 3 == 1).then_some(1),
             };
             let cut = Arc::new(AtomicBool::new(false));
             let fenced = |dev: &DeviceRef| -> DeviceRef {

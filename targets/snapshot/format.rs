@@ -453,39 +453,98 @@ impl Layout {
     }
 }
 
-/// Packs `records` into log blocks of `epoch` numbered from `first`.
+/// Packs `records` into log blocks of `epoch` numbered from `first` (at least one block, which
+/// may hold no records).
 pub fn encode_blocks(uuid: Uuid, epoch: u64, first: u64, records: &[Record]) -> Vec<u8> {
-    let mut blocks: Vec<Vec<u8>> = Vec::new();
-    let mut payload = Vec::new();
-    let mut one = Vec::new();
-    for record in records {
-        one.clear();
-        record.encode(&mut one);
-        if LOG_HEADER + payload.len() + one.len() > BLOCK {
-            blocks.push(std::mem::take(&mut payload));
+    let mut packer = LogPacker::new(uuid, epoch, first);
+    records.iter().for_each(|r| packer.push(r));
+    packer.finish()
+}
+
+/// Packs records into sealed log blocks of one epoch, numbered on from a first index, a
+/// block at a time: a long run of records (a checkpoint) is then written in bounded pieces,
+/// never built whole in memory.
+///
+/// Invariant: the bytes taken out are whole sealed blocks, in index order, with no gap; a
+/// record never spans two blocks.
+pub struct LogPacker {
+    uuid: Uuid,
+    epoch: u64,
+    /// Index of the block being filled.
+    index: u64,
+    /// Blocks sealed so far (over the packer's life, taken out or not).
+    sealed: u64,
+    /// Records of the block being filled.
+    payload: Vec<u8>,
+    /// Sealed blocks not taken out yet.
+    out: Vec<u8>,
+}
+
+impl LogPacker {
+    pub fn new(uuid: Uuid, epoch: u64, first: u64) -> LogPacker {
+        LogPacker {
+            uuid,
+            epoch,
+            index: first,
+            sealed: 0,
+            payload: Vec::with_capacity(BLOCK - LOG_HEADER),
+            out: Vec::new(),
         }
-        payload.extend_from_slice(&one);
     }
-    if !payload.is_empty() || blocks.is_empty() {
-        blocks.push(payload);
+
+    /// Adds `record`, sealing the block being filled first when it would not fit.
+    pub fn push(&mut self, record: &Record) {
+        let at = self.payload.len();
+        record.encode(&mut self.payload);
+        if LOG_HEADER + self.payload.len() > BLOCK {
+            let one = self.payload.split_off(at);
+            self.seal();
+            self.payload = one;
+        }
+        assert!(
+            LOG_HEADER + self.payload.len() <= BLOCK,
+            "a record fits a block"
+        );
     }
-    let mut out = Vec::with_capacity(blocks.len() * BLOCK);
-    for (i, payload) in blocks.iter().enumerate() {
+
+    /// Sealed blocks waiting to be taken.
+    pub fn ready_blocks(&self) -> usize {
+        self.out.len() / BLOCK
+    }
+
+    /// Takes the sealed blocks packed so far (possibly none).
+    pub fn take_blocks(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.out)
+    }
+
+    /// Seals the block being filled (or one empty block, when nothing was ever sealed) and
+    /// returns every block not taken yet.
+    pub fn finish(mut self) -> Vec<u8> {
+        if !self.payload.is_empty() || self.sealed == 0 {
+            self.seal();
+        }
+        self.out
+    }
+
+    fn seal(&mut self) {
         let header = RawLogHeader {
             magic: LOG_MAGIC,
             crc: U32::ZERO,
-            used: U32::new(u32::try_from(payload.len()).expect("a payload fits a block")),
-            uuid: *uuid.as_bytes(),
-            epoch: U64::new(epoch),
-            index: U64::new(first + i as u64),
+            used: U32::new(u32::try_from(self.payload.len()).expect("a payload fits a block")),
+            uuid: *self.uuid.as_bytes(),
+            epoch: U64::new(self.epoch),
+            index: U64::new(self.index),
         };
-        let mut b = vec![0u8; BLOCK];
-        format::write_header(&mut b, &header);
-        b[LOG_HEADER..LOG_HEADER + payload.len()].copy_from_slice(payload);
-        crc::seal(&mut b, LOG_CRC_AT);
-        out.extend_from_slice(&b);
+        let start = self.out.len();
+        self.out.resize(start + BLOCK, 0);
+        let b = &mut self.out[start..];
+        format::write_header(b, &header);
+        b[LOG_HEADER..LOG_HEADER + self.payload.len()].copy_from_slice(&self.payload);
+        crc::seal(b, LOG_CRC_AT);
+        self.payload.clear();
+        self.index += 1;
+        self.sealed += 1;
     }
-    out
 }
 
 /// The records of a log block if it is a whole block of this log, epoch and index; `None`

@@ -10,6 +10,7 @@
 //! # Files
 //! - `format.rs`: the on-disk layout, superblock, log blocks and records.
 //! - `state.rs`: the in-memory tables, changed only by applying durable records.
+//! - `free.rs`: the free COW chunks, one bit each.
 //! - `io.rs`: origin and snapshot I/O, copy-on-write, merge steps, per-chunk locks.
 //! - `commands.rs`: `snapshot-create`, `snapshot-delete`, `snapshot-list`, `merge`, `status`.
 //! - `kind.rs`: the origin's kind: spec, `add origin` arguments, the `ublkdm snapshot` CLI.
@@ -48,7 +49,8 @@
 //! COW device when it maps chunks, so the data chunks the records point at are durable first,
 //! then writes new blocks after the tail with FUA. A committed block is never rewritten. When
 //! the area is full the state is compacted: a checkpoint (its `Create` and `Map` records) goes
-//! to the other area with a new epoch (the last one plus a random step, so that no earlier
+//! to the other area with a new epoch, written in pieces of a bounded number of blocks as it
+//! is read from the state, so that compaction's memory does not grow with the store (the last one plus a random step, so that no earlier
 //! attempt cut short before its superblock landed used it), is flushed, and then the superblock
 //! switches to it (when that superblock
 //! write fails, the slot is read back: a failed write may have landed, and the area it names
@@ -124,6 +126,7 @@
 
 pub mod commands;
 mod format;
+mod free;
 mod io;
 mod kind;
 mod report;
@@ -158,6 +161,14 @@ use crate::target::Target;
 use crate::task::Notify;
 use crate::units::{Extent, Sector, SectorCount};
 
+/// Blocks a checkpoint is written in at most at once (1 MiB): what compaction holds in memory,
+/// whatever the size of the state it records.
+const CHECKPOINT_PIECE_BLOCKS: usize = 256;
+
+/// Records taken from the state at once while a checkpoint is written (under the state's
+/// lock, which I/O paths wait on meanwhile).
+const CHECKPOINT_BATCH_RECORDS: usize = 4096;
+
 /// The default chunk size: 16 KiB.
 pub const DEFAULT_CHUNK: SectorCount = SectorCount(32);
 
@@ -170,6 +181,9 @@ pub struct GroupOptions {
     /// Create a store on a COW device that carries foreign metadata (a file system, LVM, md,
     /// a mirror leg) instead of refusing it.
     pub force: bool,
+    /// Blocks a checkpoint is written in at most at once; `None` for
+    /// [`CHECKPOINT_PIECE_BLOCKS`] (tests make it small to cut checkpoints into many pieces).
+    pub checkpoint_piece_blocks: Option<usize>,
 }
 
 /// Where the log stands (owned by the committer).
@@ -185,6 +199,8 @@ struct LogWriter {
     /// A superblock write failed and whether it landed is unknown: no compaction can tell
     /// which area it may overwrite, so none is tried until the store is opened again.
     unsure: bool,
+    /// Blocks a checkpoint is written in at most at once (at least 1).
+    piece_blocks: usize,
 }
 
 /// Records waiting for a commit.
@@ -249,6 +265,10 @@ impl SnapshotGroup {
             // Blocks past the end of the log may be a torn append's: never append there.
             checkpoint_first: !found.fresh,
             unsure: false,
+            piece_blocks: options
+                .checkpoint_piece_blocks
+                .unwrap_or(CHECKPOINT_PIECE_BLOCKS)
+                .max(1),
         };
         let devices = Devices { origin, cow, info };
         let inner = Inner::new(devices, engine, store, writer, found.sb.layout);
@@ -693,7 +713,6 @@ impl Inner {
         if w.unsure {
             return Err(errno(libc::EIO));
         }
-        let records = self.store().checkpoint();
         let area = 1 - w.active_area;
         // An epoch no earlier compaction can have used: one whose superblock never landed left
         // its checkpoint in this area under the epoch it took, and had this one taken the same,
@@ -701,18 +720,7 @@ impl Inner {
         let epoch = w
             .epoch
             .wrapping_add(1 + u64::from(uuid::Uuid::new_v4().as_u128() as u32));
-        let bytes = format::encode_blocks(l.uuid, epoch, 0, &records);
-        let n = (bytes.len() / BLOCK) as u64;
-        if n > l.area_blocks {
-            return Err(errno(libc::ENOSPC));
-        }
-        self.cow
-            .write(
-                l.area_start(area),
-                Arc::new(AlignedBuf::from_slice(&bytes)),
-                WriteFlags::default(),
-            )
-            .await?;
+        let n = self.write_checkpoint(area, epoch, w.piece_blocks).await?;
         self.cow.flush().await?;
         let sb = Superblock {
             layout: l.clone(),
@@ -750,9 +758,59 @@ impl Inner {
             tail: n,
             checkpoint_first: false,
             unsure: false,
+            piece_blocks: w.piece_blocks,
         };
         self.store().compacted();
         Ok(())
+    }
+}
+
+impl Inner {
+    /// Writes a checkpoint of the in-memory state to the start of `area` under `epoch`, in
+    /// pieces of at most `piece_blocks` blocks (so its memory is bounded whatever the number
+    /// of exceptions); returns its length in blocks. Not flushed. The caller holds the log
+    /// writer, so the state does not change meanwhile.
+    async fn write_checkpoint(
+        &self,
+        area: u8,
+        epoch: u64,
+        piece_blocks: usize,
+    ) -> std::io::Result<u64> {
+        let l = &self.layout;
+        let mut packer = format::LogPacker::new(l.uuid, epoch, 0);
+        let mut cursor = self.store().checkpoint_cursor();
+        let mut written = 0;
+        loop {
+            let records = self
+                .store()
+                .checkpoint_piece(&mut cursor, CHECKPOINT_BATCH_RECORDS);
+            if records.is_empty() {
+                let bytes = packer.finish();
+                return self.write_log_blocks(area, written, &bytes).await;
+            }
+            for record in &records {
+                packer.push(record);
+                if packer.ready_blocks() >= piece_blocks {
+                    let bytes = packer.take_blocks();
+                    written = self.write_log_blocks(area, written, &bytes).await?;
+                }
+            }
+        }
+    }
+
+    /// Writes whole log `blocks` to `area` from block `index`; returns the index after them.
+    /// ENOSPC when they would pass the area's end.
+    async fn write_log_blocks(&self, area: u8, index: u64, blocks: &[u8]) -> std::io::Result<u64> {
+        let l = &self.layout;
+        assert_eq!(blocks.len() % BLOCK, 0, "log writes are whole blocks");
+        let end = index + (blocks.len() / BLOCK) as u64;
+        if end > l.area_blocks {
+            return Err(errno(libc::ENOSPC));
+        }
+        let at = l.area_start(area) + SectorCount(index * BLOCK_SECTORS.0);
+        let buf = Arc::new(AlignedBuf::from_slice(blocks));
+        self.cow.write(at, buf, WriteFlags::default()).await?;
+        Ok(end)
     }
 }
 
@@ -950,6 +1008,7 @@ pub fn open_group(spec: &OriginSpec) -> Result<Arc<SnapshotGroup>> {
     let options = GroupOptions {
         chunk_size: (spec.chunk_size_sectors != 0).then_some(SectorCount(spec.chunk_size_sectors)),
         force: spec.force,
+        ..GroupOptions::default()
     };
     let engine = CopyEngine::start(CopyConfig::default())?;
     let group =

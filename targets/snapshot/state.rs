@@ -1,12 +1,15 @@
 //! The in-memory state of a snapshot group: the snapshot table, each snapshot's exception map,
-//! the COW chunks with their sharers, and the free chunks. It changes only by applying log
-//! records once they are durable ([`Store::apply`]), so it always equals what a replay of the
-//! log after a crash would build; except that a failed metadata write invalidates snapshots
-//! at once ([`Store::fail_metadata`]), until a checkpoint records it.
+//! the COW chunks with their sharers, and the free chunks (a bitmap, `free.rs`). It changes
+//! only by applying log records once they are durable ([`Store::apply`]), so it always equals
+//! what a replay of the log after a crash would build; except that a failed metadata write
+//! invalidates snapshots at once ([`Store::fail_metadata`]), until a checkpoint records it.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use super::format::{Reason, Record, SnapState, MAX_SNAPSHOTS};
+use super::free::FreeChunks;
+
+const REPLAYED: &str = "the free set is built once the log is replayed";
 
 /// One snapshot.
 #[derive(Clone, Debug)]
@@ -28,12 +31,21 @@ pub struct CowChunk {
     pub mask: u64,
 }
 
+/// Where a checkpoint being taken stands (see [`Store::checkpoint_piece`]).
+#[derive(Debug)]
+pub struct CheckpointCursor {
+    next_slot: usize,
+    next_chunk: u64,
+    /// The store's generation when the checkpoint started.
+    generation: u64,
+}
+
 pub struct Store {
     pub slots: Vec<Option<Snap>>,
     pub chunks: HashMap<u64, CowChunk>,
-    /// Chunks below `next_fresh` that are free.
-    freed: BTreeSet<u64>,
-    next_fresh: u64,
+    /// The free chunks, one bit each; `None` while the log is replayed (releases are not
+    /// tracked then: [`Store::rebuild_free`] derives the set from the replayed maps).
+    free: Option<FreeChunks>,
     data_chunks: u64,
     /// Chunks allocated to a copy not yet committed.
     pub reserved: usize,
@@ -45,6 +57,8 @@ pub struct Store {
     /// sure those records are never replayed.
     held: Vec<u64>,
     pub next_seq: u64,
+    /// Counts changes to what a checkpoint records (snapshots, their states and maps).
+    generation: u64,
 }
 
 impl Store {
@@ -52,24 +66,26 @@ impl Store {
         Store {
             slots: vec![None; MAX_SNAPSHOTS],
             chunks: HashMap::new(),
-            freed: BTreeSet::new(),
-            next_fresh: 0,
+            free: None,
             data_chunks,
             reserved: 0,
             inflight: HashMap::new(),
             zombies: HashSet::new(),
             held: Vec::new(),
             next_seq: 1,
+            generation: 0,
         }
     }
 
     /// After replaying a log: every chunk below the highest used one that nothing uses is
     /// free (a chunk copied but never committed before a crash is free again: no leak).
     pub fn rebuild_free(&mut self) {
-        self.next_fresh = self.chunks.keys().max().map_or(0, |m| m + 1);
-        self.freed = (0..self.next_fresh)
-            .filter(|c| !self.chunks.contains_key(c))
-            .collect();
+        let used = self.chunks.keys().copied();
+        self.free = Some(FreeChunks::with_used(self.data_chunks, used));
+    }
+
+    fn free_set(&mut self) -> &mut FreeChunks {
+        self.free.as_mut().expect(REPLAYED)
     }
 
     pub fn snap(&self, slot: usize) -> Option<&Snap> {
@@ -122,14 +138,7 @@ impl Store {
 
     /// A free COW chunk, reserved; `None` when the store is full.
     pub fn alloc(&mut self) -> Option<u64> {
-        let chunk = if let Some(c) = self.freed.pop_first() {
-            c
-        } else if self.next_fresh < self.data_chunks {
-            self.next_fresh += 1;
-            self.next_fresh - 1
-        } else {
-            return None;
-        };
+        let chunk = self.free_set().alloc()?;
         self.reserved += 1;
         Some(chunk)
     }
@@ -137,7 +146,7 @@ impl Store {
     /// Returns a reserved chunk that will not be committed.
     pub fn unreserve(&mut self, chunk: u64) {
         self.reserved -= 1;
-        self.free(chunk);
+        self.release(chunk);
     }
 
     pub fn begin_inplace(&mut self, chunk: u64) {
@@ -153,16 +162,16 @@ impl Store {
         if *n == 0 {
             self.inflight.remove(&chunk);
             if self.zombies.remove(&chunk) {
-                self.freed.insert(chunk);
+                self.free_set().release(chunk);
             }
         }
     }
 
-    fn free(&mut self, chunk: u64) {
+    fn release(&mut self, chunk: u64) {
         if self.inflight.contains_key(&chunk) {
             self.zombies.insert(chunk);
-        } else {
-            self.freed.insert(chunk);
+        } else if let Some(free) = self.free.as_mut() {
+            free.release(chunk);
         }
     }
 
@@ -171,7 +180,7 @@ impl Store {
         entry.mask &= !(1 << slot);
         if entry.mask == 0 {
             self.chunks.remove(&chunk);
-            self.free(chunk);
+            self.release(chunk);
         }
     }
 
@@ -188,6 +197,7 @@ impl Store {
     /// Applies a durable record. `live` records were reserved by this process (their Map
     /// chunks are counted in `reserved`); replayed ones were not.
     pub fn apply(&mut self, record: &Record, live: bool) {
+        self.generation += 1;
         match record {
             Record::Create {
                 slot,
@@ -244,7 +254,7 @@ impl Store {
         let effective = self.effective_mask(mask);
         if effective == 0 {
             if live {
-                self.free(cow);
+                self.release(cow);
             }
             return;
         }
@@ -288,6 +298,7 @@ impl Store {
     /// stay held until a checkpoint records that. A merging snapshot stays merging: the
     /// origin reads as it.
     pub fn fail_metadata(&mut self, lost: &[Record]) {
+        self.generation += 1;
         for s in self.slots.iter_mut().flatten() {
             if s.state == SnapState::Valid {
                 s.state = SnapState::Invalid(Reason::MetadataError);
@@ -303,6 +314,7 @@ impl Store {
 
     /// A checkpoint of this state is durable: what only it released is free now.
     pub fn compacted(&mut self) {
+        self.generation += 1;
         for slot in 0..self.slots.len() {
             if self.slots[slot]
                 .as_ref()
@@ -312,17 +324,36 @@ impl Store {
             }
         }
         for chunk in std::mem::take(&mut self.held) {
-            self.free(chunk);
+            self.release(chunk);
         }
     }
 
-    /// Records that rebuild this state from nothing: a checkpoint.
-    pub fn checkpoint(&self) -> Vec<Record> {
+    /// Starts a checkpoint: the records that rebuild this state from nothing, taken a piece
+    /// at a time ([`Store::checkpoint_piece`]).
+    pub fn checkpoint_cursor(&self) -> CheckpointCursor {
+        CheckpointCursor {
+            next_slot: 0,
+            next_chunk: 0,
+            generation: self.generation,
+        }
+    }
+
+    /// The next at most `max` records of the checkpoint `cursor` walks: every snapshot's
+    /// `Create`, then a `Map` per used COW chunk in chunk order. Empty once all are taken.
+    /// The durable state must not change meanwhile: the caller holds the log writer, the
+    /// only route by which it changes (asserted).
+    pub fn checkpoint_piece(&self, cursor: &mut CheckpointCursor, max: usize) -> Vec<Record> {
+        assert_eq!(
+            cursor.generation, self.generation,
+            "the store changed while a checkpoint of it was written"
+        );
         let mut records = Vec::new();
-        for (i, s) in self.slots.iter().enumerate() {
-            if let Some(s) = s {
+        while records.len() < max && cursor.next_slot < self.slots.len() {
+            let i = cursor.next_slot;
+            cursor.next_slot += 1;
+            if let Some(s) = &self.slots[i] {
                 records.push(Record::Create {
-                    slot: i as u8,
+                    slot: u8::try_from(i).expect("a slot number fits its record"),
                     seq: s.seq,
                     state: s.state,
                     merge_total: s.merge_total,
@@ -330,14 +361,17 @@ impl Store {
                 });
             }
         }
-        let mut chunks: Vec<_> = self.chunks.iter().collect();
-        chunks.sort_unstable_by_key(|(k, _)| **k);
-        for (&cow, c) in chunks {
-            records.push(Record::Map {
-                cow,
-                origin: c.origin,
-                mask: c.mask,
-            });
+        let frontier = self.free.as_ref().expect(REPLAYED).frontier();
+        while records.len() < max && cursor.next_chunk < frontier {
+            let cow = cursor.next_chunk;
+            cursor.next_chunk += 1;
+            if let Some(c) = self.chunks.get(&cow) {
+                records.push(Record::Map {
+                    cow,
+                    origin: c.origin,
+                    mask: c.mask,
+                });
+            }
         }
         records
     }
@@ -373,7 +407,8 @@ impl Store {
         }
         for (cow, c) in &self.chunks {
             assert_eq!(seen.get(cow), Some(&c.mask), "chunk {cow}'s sharers");
-            assert!(!self.freed.contains(cow), "chunk {cow} is used and free");
+            let free = self.free.as_ref().is_some_and(|f| f.is_free(*cow));
+            assert!(!free, "chunk {cow} is used and free");
             assert!(*cow < self.data_chunks);
         }
     }

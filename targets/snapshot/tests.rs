@@ -198,6 +198,7 @@ fn reopen_restores_snapshots_and_refuses_foreign_stores() {
     let options = GroupOptions {
         chunk_size: Some(SectorCount(64)),
         force: false,
+        ..GroupOptions::default()
     };
     let err = with_group(&devs, options, async |_| ()).expect_err("chunk size");
     assert!(err.to_string().contains("created with chunks"), "{err}");
@@ -327,6 +328,7 @@ fn bad_arguments_are_refused() {
     let options = GroupOptions {
         chunk_size: Some(SectorCount(12)),
         force: false,
+        ..GroupOptions::default()
     };
     let err = with_group(&devs, options, async |_| ()).expect_err("chunk");
     assert!(err.to_string().contains("power of two"), "{err}");
@@ -729,4 +731,81 @@ fn superblock_write_that_failed_yet_landed_is_not_overwritten() {
         }
     })
     .expect("reopen again");
+}
+
+/// A device that passes everything to a memory device and keeps the largest write it saw.
+struct LargestWrite {
+    inner: Arc<MemDevice>,
+    sectors: std::sync::atomic::AtomicU64,
+}
+
+impl BlockDevice for LargestWrite {
+    fn info(&self) -> &crate::device::DeviceInfo {
+        self.inner.info()
+    }
+    fn read(&self, offset: Sector, buf: AlignedBuf) -> crate::device::IoFuture<ReadDone> {
+        self.inner.read(offset, buf)
+    }
+    fn write(
+        &self,
+        offset: Sector,
+        buf: Arc<AlignedBuf>,
+        flags: WriteFlags,
+    ) -> crate::device::IoFuture<std::io::Result<()>> {
+        let sectors = (buf.len() / 512) as u64;
+        self.sectors
+            .fetch_max(sectors, std::sync::atomic::Ordering::Relaxed);
+        self.inner.write(offset, buf, flags)
+    }
+    fn flush(&self) -> crate::device::IoFuture<std::io::Result<()>> {
+        self.inner.flush()
+    }
+    fn discard(&self, extent: Extent) -> crate::device::IoFuture<std::io::Result<()>> {
+        self.inner.discard(extent)
+    }
+    fn write_zeroes(&self, extent: Extent) -> crate::device::IoFuture<std::io::Result<()>> {
+        self.inner.write_zeroes(extent)
+    }
+}
+
+/// A checkpoint many blocks long is written a bounded piece at a time (it was one buffer, as
+/// large as the whole state), and the store it leaves reads back whole.
+#[test]
+fn a_checkpoint_is_written_in_bounded_pieces() {
+    const ORIGIN: u64 = 2048;
+    let devs = Devs::new(ORIGIN, 16384);
+    let options = GroupOptions {
+        chunk_size: Some(SectorCount(8)),
+        checkpoint_piece_blocks: Some(2),
+        ..GroupOptions::default()
+    };
+    with_group(&devs, options.clone(), async |group| {
+        for i in 0..4u8 {
+            create(&group, &format!("s{i}")).await;
+            write(&*group.origin(), 0, ORIGIN, i + 1).await;
+        }
+        assert_eq!(group.status()["cow"]["used"], 4 * ORIGIN / 8);
+    })
+    .expect("fill");
+    let cow = Arc::new(LargestWrite {
+        inner: Arc::clone(&devs.cow),
+        sectors: Default::default(),
+    });
+    let spied: DeviceRef = cow.clone();
+    with_devices(devs.origin.clone(), spied, options.clone(), async |group| {
+        // The first commit after opening writes a checkpoint of 1024 maps (7 blocks).
+        create(&group, "s4").await;
+    })
+    .expect("compact");
+    let largest = cow.sectors.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(largest <= 2 * 8, "a write of {largest} sectors");
+    with_group(&devs, options, async |group| {
+        assert_eq!(group.status()["cow"]["used"], 4 * ORIGIN / 8);
+        for i in 0..4u8 {
+            let snap = group.snapshot(&format!("s{i}")).expect("snapshot");
+            let data = read(&*snap, 0, ORIGIN).await.expect("read");
+            assert!(data.iter().all(|&b| b == i), "snapshot s{i}");
+        }
+    })
+    .expect("reopen");
 }
