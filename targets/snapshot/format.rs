@@ -166,7 +166,8 @@ pub enum Record {
     /// COW chunk `cow` holds origin chunk `origin` for every valid snapshot in `mask`: each
     /// one's mapping of `origin` now points there (releasing its previous chunk).
     Map { cow: u64, origin: u64, mask: u64 },
-    /// Snapshot `slot`'s chunk `origin` was merged into the origin: its mapping is dropped.
+    /// Snapshot `slot`'s chunk `origin` was merged into the origin, or discarded: its mapping
+    /// is dropped.
     Unmap { slot: u8, origin: u64 },
 }
 

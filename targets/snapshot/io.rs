@@ -107,6 +107,10 @@ fn eio() -> io::Error {
 
 /// The most bytes one background merge step takes: its chunks are locked, copied back at
 /// once, flushed and committed together.
+/// Chunks a discard handles at once (its pieces, locks and records are held for a step):
+/// a discard may span a gigabyte.
+const DISCARD_STEP_CHUNKS: u64 = 256;
+
 const MERGE_STEP_BYTES: u64 = 4 << 20;
 /// And the most chunks (small chunks: one `Unmap` record each, in one commit).
 const MERGE_STEP_CHUNKS: u64 = 256;
@@ -520,12 +524,8 @@ impl Inner {
         self.read_pieces(&pieces, &sources, buf).await
     }
 
-    /// An origin write. When none of its chunks needs a copy or a merge (no snapshot, or
-    /// every snapshot already has its own image of them: a rewrite) it goes straight to the
-    /// origin, without chunk locks: under the gate nothing can make such a chunk need work
-    /// again (that takes a snapshot or a merge start), and whatever copied or merged it
-    /// finished its I/O before the record that says so. Otherwise it locks its chunks (those
-    /// to copy or merge exclusively), merges and copies them in one batch each, then writes.
+    /// An origin write: its chunks are prepared ([`Inner::prepare_origin_change`]), then it
+    /// is passed on.
     pub(super) async fn origin_write(
         self: Arc<Self>,
         offset: Sector,
@@ -535,6 +535,35 @@ impl Inner {
         let extent = Extent::new(offset, buf.sectors());
         self.origin_info.check_extent(extent)?;
         let _gate = self.gate.read().await;
+        let _guards = self.prepare_origin_change(extent).await?;
+        self.engine.note_foreground_io();
+        self.origin.write(offset, buf, flags).await
+    }
+
+    /// An origin discard, a step of at most [`DISCARD_STEP_CHUNKS`] chunks at a time: each
+    /// step is prepared as a write is, then passed on. An origin device that takes no discard
+    /// is left as it is, so nothing needs preparing (the discard promises no content).
+    pub(super) async fn origin_discard(self: Arc<Self>, extent: Extent) -> io::Result<()> {
+        self.origin_info.check_extent(extent)?;
+        if !self.origin.info().discard {
+            return Ok(());
+        }
+        for step in self.discard_steps(extent) {
+            let _gate = self.gate.read().await;
+            let _guards = self.prepare_origin_change(step).await?;
+            self.origin.discard(step).await?;
+        }
+        Ok(())
+    }
+
+    /// Makes the origin's `extent` ready to change, and returns the chunk locks to hold until
+    /// it has. When none of its chunks needs a copy or a merge (no snapshot, or every
+    /// snapshot already has its own image of them: a rewrite) that takes no chunk lock: under
+    /// the gate (which the caller holds) nothing can make such a chunk need work again (that
+    /// takes a snapshot or a merge start), and whatever copied or merged it finished its I/O
+    /// before the record that says so. Otherwise it locks its chunks (those to copy or merge
+    /// exclusively), and merges and copies them in one batch each.
+    async fn prepare_origin_change(&self, extent: Extent) -> io::Result<Vec<ChunkGuard<'_>>> {
         let pieces = self.pieces(extent);
         let busy = {
             let store = self.store();
@@ -569,12 +598,24 @@ impl Inner {
             }
             if let Err(e) = self.preserve(&work, Priority::Foreground).await {
                 // The snapshots that needed them are invalid now (`catch_up` records that).
-                log::warn!("an origin write goes on without copying its chunks: {e}");
+                log::warn!("an origin change goes on without copying its chunks: {e}");
             }
         }
         self.catch_up().await?;
-        self.engine.note_foreground_io();
-        self.origin.write(offset, buf, flags).await
+        Ok(guards)
+    }
+
+    /// `extent` cut at chunk boundaries into steps of at most [`DISCARD_STEP_CHUNKS`] chunks.
+    fn discard_steps(&self, extent: Extent) -> Vec<Extent> {
+        let step = SectorCount(self.layout.chunk.0 * DISCARD_STEP_CHUNKS);
+        let mut steps = Vec::new();
+        let mut at = extent.start;
+        while at < extent.end() {
+            let boundary = Sector((at.0 / step.0 + 1) * step.0).min(extent.end());
+            steps.push(Extent::new(at, SectorCount(boundary.0 - at.0)));
+            at = boundary;
+        }
+        steps
     }
 
     pub(super) async fn snap_read(
@@ -631,6 +672,49 @@ impl Inner {
         }
         if !self.store().is_valid(slot, seq) {
             return Err(eio());
+        }
+        Ok(())
+    }
+
+    /// A snapshot discard, a step of at most [`DISCARD_STEP_CHUNKS`] chunks at a time: the
+    /// snapshot's image of each whole chunk of the step is released (an `Unmap`, so it reads
+    /// the origin's image again until the origin changes it); parts of chunks are left as they
+    /// are, since a discard promises no content.
+    pub(super) async fn snap_discard(
+        self: Arc<Self>,
+        slot: usize,
+        seq: u64,
+        extent: Extent,
+    ) -> io::Result<()> {
+        self.origin_info.check_extent(extent)?;
+        for step in self.discard_steps(extent) {
+            let _gate = self.gate.read().await;
+            let whole: Vec<u64> = self
+                .pieces(step)
+                .iter()
+                .filter(|p| p.len == self.chunk_len(p.chunk))
+                .map(|p| p.chunk)
+                .collect();
+            let mut guards = Vec::with_capacity(whole.len());
+            for &c in &whole {
+                guards.push(self.locks.exclusive(c).await);
+            }
+            let records: Vec<Record> = {
+                let store = self.store();
+                if !store.is_valid(slot, seq) {
+                    return Err(eio());
+                }
+                let map = &store.snap(slot).expect("valid").map;
+                let slot = u8::try_from(slot).expect("a slot fits its record");
+                whole
+                    .iter()
+                    .filter(|c| map.contains_key(c))
+                    .map(|&origin| Record::Unmap { slot, origin })
+                    .collect()
+            };
+            if !records.is_empty() {
+                self.commit(records).await?;
+            }
         }
         Ok(())
     }

@@ -43,7 +43,7 @@
 //! `Delete{slot}` (2), `Invalidate{slot, reason u8}` (3), `MergeStart{slot, total u64}` (4),
 //! `Map{cow u64, origin u64, mask u64}` (5: COW chunk `cow` holds origin chunk `origin` for
 //! every snapshot in the 64-bit `mask`; each one's previous mapping of that chunk is
-//! released), `Unmap{slot, origin u64}` (6: a merged chunk).
+//! released), `Unmap{slot, origin u64}` (6: a merged or discarded chunk).
 //!
 //! Commits: each commit (a *batch* of every record queued meanwhile: group commit) flushes the
 //! COW device when it maps chunks, so the data chunks the records point at are durable first,
@@ -544,7 +544,9 @@ async fn replay(
 ///   passes to the devices it writes) instead of taking acknowledged writes as durable;
 /// - FUA, which every path honours: passed on with the write, or made durable by the commit
 ///   that flushes the COW store before acknowledging a write to a chunk new to a snapshot;
-/// - no discard nor write-zeroes offload (write-zeroes is emulated with writes).
+/// - discard: the origin passes it on (when the origin device takes discard) once the
+///   snapshots have their copies, and a snapshot releases its images of the whole chunks
+///   discarded; neither promises zeroes. No write-zeroes offload (it is emulated with writes).
 ///
 /// Fails when the origin is smaller than one such block.
 fn group_info(origin: &DeviceInfo, cow: &DeviceInfo) -> Result<DeviceInfo> {
@@ -570,7 +572,7 @@ fn group_info(origin: &DeviceInfo, cow: &DeviceInfo) -> Result<DeviceInfo> {
             .physical_block_bytes
             .max(cow.physical_block_bytes)
             .max(logical),
-        discard: false,
+        discard: true,
         write_zeroes: false,
         volatile_cache: origin.volatile_cache || cow.volatile_cache,
         fua: true,
@@ -826,10 +828,6 @@ impl OriginTarget {
     }
 }
 
-fn unsupported<T: 'static>() -> IoFuture<std::io::Result<T>> {
-    Box::pin(std::future::ready(Err(errno(libc::EOPNOTSUPP))))
-}
-
 /// A buffer of zeroes for `extent` (write-zeroes is emulated with writes).
 fn zeroes(extent: Extent) -> Arc<AlignedBuf> {
     Arc::new(AlignedBuf::for_sectors(extent.len))
@@ -857,8 +855,8 @@ impl BlockDevice for OriginTarget {
         self.group.inner.origin.flush()
     }
 
-    fn discard(&self, _extent: Extent) -> IoFuture<std::io::Result<()>> {
-        unsupported()
+    fn discard(&self, extent: Extent) -> IoFuture<std::io::Result<()>> {
+        Box::pin(Arc::clone(&self.group.inner).origin_discard(extent))
     }
 
     fn write_zeroes(&self, extent: Extent) -> IoFuture<std::io::Result<()>> {
@@ -974,8 +972,9 @@ impl BlockDevice for SnapshotTarget {
         self.group.inner.cow.flush()
     }
 
-    fn discard(&self, _extent: Extent) -> IoFuture<std::io::Result<()>> {
-        unsupported()
+    fn discard(&self, extent: Extent) -> IoFuture<std::io::Result<()>> {
+        let inner = Arc::clone(&self.group.inner);
+        Box::pin(inner.snap_discard(self.slot, self.seq, extent))
     }
 
     fn write_zeroes(&self, extent: Extent) -> IoFuture<std::io::Result<()>> {

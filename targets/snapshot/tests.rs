@@ -809,3 +809,79 @@ fn a_checkpoint_is_written_in_bounded_pieces() {
     })
     .expect("reopen");
 }
+
+/// A discard on the origin copies what the snapshots need first, then reaches the origin
+/// device (it was refused with EOPNOTSUPP and not advertised).
+#[test]
+fn a_discard_on_the_origin_keeps_what_the_snapshots_need() {
+    let devs = Devs::new(512, 4096);
+    with_group(&devs, GroupOptions::default(), async |group| {
+        let origin = group.origin();
+        assert!(origin.info().discard, "the origin advertises discard");
+        write(&*origin, 0, 512, 1).await;
+        create(&group, "s").await;
+        // Chunks of 32 sectors: a whole chunk (32..64) and parts of two others.
+        origin
+            .discard(Extent::new(Sector(20), SectorCount(60)))
+            .await
+            .expect("discard");
+        let data = read(&*origin, 0, 512).await.expect("origin");
+        assert!(
+            data[20 * 512..80 * 512].iter().all(|&b| b == 0),
+            "discarded"
+        );
+        assert!(data[..20 * 512].iter().all(|&b| b == 1));
+        assert!(data[80 * 512..].iter().all(|&b| b == 1));
+        let snap = group.snapshot("s").expect("s");
+        let data = read(&*snap, 0, 512).await.expect("snapshot");
+        assert!(data.iter().all(|&b| b == 1), "the snapshot kept its image");
+        assert_eq!(group.status()["cow"]["used"], 3);
+    })
+    .expect("group");
+}
+
+/// A discard on a snapshot releases its images of the whole chunks discarded (not the parts,
+/// nor what another snapshot shares), durably; it was refused with EOPNOTSUPP.
+#[test]
+fn a_discard_on_a_snapshot_releases_its_chunks() {
+    let devs = Devs::new(512, 4096);
+    with_group(&devs, GroupOptions::default(), async |group| {
+        let origin = group.origin();
+        write(&*origin, 0, 512, 1).await;
+        create(&group, "a").await;
+        create(&group, "b").await;
+        // Chunks 0..4 copied once for both; then "a" gets chunks 4..8 of its own.
+        write(&*origin, 0, 128, 2).await;
+        let a = group.snapshot("a").expect("a");
+        write(&*a, 128, 128, 3).await;
+        assert_eq!(group.status()["cow"]["used"], 8);
+        a.discard(Extent::new(Sector(16), SectorCount(240)))
+            .await
+            .expect("discard");
+        // Chunk 0 is kept (only half of it was discarded); chunks 1..4 stay for "b";
+        // chunks 4..8 were "a"'s alone.
+        let status = group.status();
+        assert_eq!(status["cow"]["used"], 4, "{status}");
+        assert_eq!(status["exceptions"], 5, "{status}");
+        let b = group.snapshot("b").expect("b");
+        let data = read(&*b, 0, 512).await.expect("b");
+        assert!(data.iter().all(|&x| x == 1), "b is untouched");
+        let data = read(&*a, 0, 32).await.expect("a");
+        assert!(data.iter().all(|&x| x == 1), "a keeps its part chunk");
+        // A discarded chunk reads the origin's image again, and is copied again when the
+        // origin changes.
+        let data = read(&*a, 32, 224).await.expect("a");
+        assert!(data[..96 * 512].iter().all(|&x| x == 2));
+        assert!(data[96 * 512..].iter().all(|&x| x == 1));
+        write(&*origin, 128, 32, 4).await;
+        assert_eq!(read(&*a, 128, 1).await.expect("a")[0], 1);
+    })
+    .expect("group");
+    with_group(&devs, GroupOptions::default(), async |group| {
+        // Chunk 4's new copy serves both ("b" never had one): a {0, 4}, b {0..5}.
+        let status = group.status();
+        assert_eq!(status["exceptions"], 7, "{status}");
+        assert_eq!(status["cow"]["used"], 5, "{status}");
+    })
+    .expect("reopen");
+}
