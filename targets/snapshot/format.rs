@@ -288,7 +288,7 @@ impl<'a> Reader<'a, '_> {
     fn create(&mut self) -> Field<Record> {
         let slot = self.slot()?;
         let seq = self.u64()?;
-        let (s, reason) = (self.u8()?, self.u8()?);
+        let state = SnapState::from_code(self.u8()?, self.u8()?)?;
         let merge_total = self.u64()?;
         let len = usize::from(self.u8()?);
         let bytes = self.take(len)?;
@@ -310,7 +310,7 @@ impl<'a> Reader<'a, '_> {
         Ok(Record::Create {
             slot,
             seq,
-            state: SnapState::from_code(s, reason)?,
+            state,
             merge_total,
             name,
         })
@@ -820,6 +820,62 @@ mod tests {
         let mut torn = first.to_vec();
         torn[2048..].fill(0);
         assert_eq!(decode_block(&torn, uuid, 5, 10), Ok(None));
+    }
+
+    /// Blank, torn and sealed slots are told apart: only a sealed one with an impossible
+    /// field is an error.
+    #[test]
+    fn superblock_slots_are_blank_torn_or_sealed() {
+        let sb = Superblock {
+            layout: fixed_layout(),
+            sequence: 1,
+            active_area: 0,
+            epoch: 1,
+        };
+        let good = sb.encode();
+        assert_eq!(
+            Superblock::read_slot(&good).expect("sealed"),
+            Slot::Sealed(sb)
+        );
+        assert_eq!(
+            Superblock::read_slot(&[0; BLOCK]).expect("blank"),
+            Slot::Blank
+        );
+        let mut torn = good.clone();
+        torn[2000] ^= 1;
+        assert_eq!(Superblock::read_slot(&torn).expect("torn"), Slot::Torn);
+        let mut bad = good;
+        bad[40..48].copy_from_slice(&(MAX_CHUNK.0 * 2).to_le_bytes());
+        crc::seal(&mut bad, CRC_AT);
+        let err = Superblock::read_slot(&bad).expect_err("impossible");
+        assert_eq!(err.kind(), ErrorKind::Corrupt);
+        assert!(err.to_string().contains("chunk size"), "{err}");
+    }
+
+    /// A sealed block of this log with impossible records is an error, not the end of the log.
+    #[test]
+    fn sealed_blocks_with_impossible_records_are_errors() {
+        let uuid = Uuid::new_v4();
+        let cases: [(&[u8], &str); 5] = [
+            (&[9], "unknown type 9"),
+            (&[2, 64], "slot 64"),
+            (&[3, 1, 0], "reason 0"),
+            (&[5, 1, 2], "cut short"),
+            (
+                &[
+                    1, 0, 1, 0, 0, 0, 0, 0, 0, 0, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, b'a',
+                ],
+                "state 7",
+            ),
+        ];
+        for (payload, what) in cases {
+            let err = decode_block(&log_block(uuid, 1, 0, payload), uuid, 1, 0).expect_err(what);
+            assert!(err.starts_with("record 0 ") && err.contains(what), "{err}");
+        }
+        assert!(valid_name("nightly") && valid_name(&"x".repeat(MAX_NAME)));
+        for bad in ["", "a\0b", "tab\there", &"x".repeat(MAX_NAME + 1)] {
+            assert!(!valid_name(bad), "{bad:?}");
+        }
     }
 
     #[test]

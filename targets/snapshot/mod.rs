@@ -37,7 +37,15 @@
 //! u64), records from byte 48. The log of the active area is the run of blocks 0, 1, 2, ...
 //! that carry the superblock's epoch, their own index and a good checksum; the first block
 //! that does not ends it. So a torn last block, a never-written one and a stale block of an
-//! earlier epoch all read as "end of log", never as records. Records (type byte first):
+//! earlier epoch all read as "end of log", never as records. A block that passes those checks
+//! was written whole by a writer of this store, so if its length or a record is impossible,
+//! or a record cannot follow the state the log built before it (a chunk outside the data area
+//! or the origin, a COW chunk in use mapped again, a record for an empty slot, a second
+//! merge, a name `snapshot create` refuses), the open fails as corrupt metadata (exit 7) in
+//! one line naming the record and the field; so does a sealed superblock slot with an
+//! impossible field, or two sealed slots with different layouts (a torn slot yields to the
+//! other). A store that opens thus never panics, allocates or reads beyond what its devices
+//! hold. Records (type byte first):
 //! `Create{slot u8, seq u64, state u8, reason u8, merge_total u64, name_len u8, name}` (1),
 //! `Delete{slot}` (2), `Invalidate{slot, reason u8}` (3), `MergeStart{slot, total u64}` (4),
 //! `Map{cow u64, origin u64, mask u64}` (5: COW chunk `cow` holds origin chunk `origin` for
