@@ -175,7 +175,7 @@ impl Inner {
     }
 
     async fn create(&self, name: &str) -> Result<Value> {
-        if name.is_empty() || name.len() > MAX_NAME || name.chars().any(char::is_control) {
+        if !super::format::valid_name(name) {
             return Err(Error::invalid(format!(
                 "a snapshot name is 1 to {MAX_NAME} bytes without control characters"
             )));
@@ -206,6 +206,14 @@ impl Inner {
                         format!("the group already has {MAX_SNAPSHOTS} snapshots"),
                     )
                 })?;
+            // A creation number of u64::MAX would leave none for the next (a store holding
+            // one is refused on open).
+            if store.next_seq == u64::MAX {
+                return Err(Error::new(
+                    ErrorKind::Busy,
+                    "the store has used up its creation numbers",
+                ));
+            }
             (slot, store.next_seq)
         };
         self.origin

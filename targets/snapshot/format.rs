@@ -2,9 +2,21 @@
 //! the module doc of [`super`] for the whole picture; its field offsets are checked against
 //! the header structs here at compile time).
 //!
-//! Invariants: every value read from disk is checked before use (a superblock's layout with
-//! checked arithmetic, a log block's length against the block), and a slot or block that
-//! fails a check is an error or the end of the log, never a panic.
+//! Invariants: every value read from disk is untrusted and checked before use, with checked
+//! arithmetic, against the others and against what a store this build creates can hold:
+//! - a superblock slot is blank (no magic), torn (its checksum fails: the other slot serves)
+//!   or sealed; a sealed slot whose fields are impossible (a chunk size `Layout::plan` would
+//!   refuse, log areas or data past the COW size, no data chunk, a sequence with no
+//!   successor) is a `Corrupt` error naming the field, never skipped for the other slot;
+//! - a log block that is not a whole block of this log, epoch and index ends the log (a torn,
+//!   stale or never-written block); a sealed block of this log whose `used` length or
+//!   records are impossible (an unknown type, state or reason, a slot out of range, a name
+//!   `snapshot create` would refuse) is a `Corrupt` error, since a checksum that holds means
+//!   a writer put it there whole;
+//! - what records mean together (slots, chunks, the origin) is checked by the replay
+//!   (`Store::check_replay`).
+//!
+//! Nothing here panics on disk content.
 
 use uuid::Uuid;
 
@@ -27,6 +39,17 @@ pub const LOG_HEADER: usize = std::mem::size_of::<RawLogHeader>();
 pub const MAX_SNAPSHOTS: usize = 64;
 /// The longest snapshot name, in bytes.
 pub const MAX_NAME: usize = 64;
+/// The smallest chunk a store has: 4 KiB, the COW store's block.
+pub const MIN_CHUNK: SectorCount = SectorCount(8);
+/// The largest chunk a store has: 1 GiB.
+pub const MAX_CHUNK: SectorCount = SectorCount(1 << 21);
+
+/// Whether `name` may name a snapshot: 1 to [`MAX_NAME`] bytes without control characters
+/// (the rule of `snapshot create`, checked again on every name read from disk: a name ends
+/// up in thread and device names, where a NUL is fatal).
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= MAX_NAME && !name.chars().any(char::is_control)
+}
 /// Bytes of the biggest record (a `Create` with the longest name).
 const MAX_RECORD: usize = 1 + 1 + 8 + 1 + 1 + 8 + 1 + MAX_NAME;
 /// Bytes of a `Map` record, the one a store holds most of.
@@ -101,11 +124,12 @@ pub enum Reason {
 }
 
 impl Reason {
-    pub fn from_code(code: u8) -> Reason {
+    fn from_code(code: u8) -> Result<Reason, String> {
         match code {
-            1 => Reason::Overflow,
-            2 => Reason::CopyError,
-            _ => Reason::MetadataError,
+            1 => Ok(Reason::Overflow),
+            2 => Ok(Reason::CopyError),
+            3 => Ok(Reason::MetadataError),
+            _ => Err(format!("has an unknown invalidation reason {code}")),
         }
     }
 
@@ -136,12 +160,14 @@ impl SnapState {
         }
     }
 
-    fn from_code(state: u8, reason: u8) -> Result<SnapState> {
-        match state {
-            0 => Ok(SnapState::Valid),
-            1 => Ok(SnapState::Invalid(Reason::from_code(reason))),
-            2 => Ok(SnapState::Merging),
-            _ => Err(corrupt("a snapshot record has an unknown state")),
+    /// The state of a `Create` record; the reason byte is zero but for an invalid one.
+    fn from_code(state: u8, reason: u8) -> Result<SnapState, String> {
+        match (state, reason) {
+            (0, 0) => Ok(SnapState::Valid),
+            (1, _) => Ok(SnapState::Invalid(Reason::from_code(reason)?)),
+            (2, 0) => Ok(SnapState::Merging),
+            (0 | 2, _) => Err(format!("has state {state} with a reason ({reason})")),
+            _ => Err(format!("has an unknown snapshot state {state}")),
         }
     }
 }
@@ -212,78 +238,106 @@ impl Record {
         }
     }
 
-    /// Decodes every record of a block's payload.
-    pub fn decode_all(mut data: &[u8]) -> Result<Vec<Record>> {
+    /// Decodes every record of a block's payload; the error says which record is impossible
+    /// and why.
+    pub fn decode_all(mut data: &[u8]) -> std::result::Result<Vec<Record>, String> {
         let mut records = Vec::new();
         while !data.is_empty() {
             let mut r = Reader { data: &mut data };
-            let record = match r.u8()? {
-                1 => {
-                    let slot = r.slot()?;
-                    let seq = r.u64()?;
-                    let (s, reason) = (r.u8()?, r.u8()?);
-                    let merge_total = r.u64()?;
-                    let len = r.u8()? as usize;
-                    let name = String::from_utf8(r.take(len)?.to_vec())
-                        .map_err(|_| corrupt("a snapshot name is not UTF-8"))?;
-                    Record::Create {
-                        slot,
-                        seq,
-                        state: SnapState::from_code(s, reason)?,
-                        merge_total,
-                        name,
-                    }
-                }
-                2 => Record::Delete { slot: r.slot()? },
-                3 => Record::Invalidate {
-                    slot: r.slot()?,
-                    reason: Reason::from_code(r.u8()?),
-                },
-                4 => Record::MergeStart {
-                    slot: r.slot()?,
-                    total: r.u64()?,
-                },
-                5 => Record::Map {
-                    cow: r.u64()?,
-                    origin: r.u64()?,
-                    mask: r.u64()?,
-                },
-                6 => Record::Unmap {
-                    slot: r.slot()?,
-                    origin: r.u64()?,
-                },
-                _ => return Err(corrupt("a log record has an unknown type")),
-            };
+            let record = r
+                .record()
+                .map_err(|what| format!("record {} {what}", records.len()))?;
             records.push(record);
         }
         Ok(records)
     }
 }
 
+/// Reads records from a payload; each error completes "record N ...".
 struct Reader<'a, 'b> {
     data: &'b mut &'a [u8],
 }
 
+type Field<T> = std::result::Result<T, String>;
+
 impl<'a> Reader<'a, '_> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
+    fn record(&mut self) -> Field<Record> {
+        Ok(match self.u8()? {
+            1 => self.create()?,
+            2 => Record::Delete { slot: self.slot()? },
+            3 => Record::Invalidate {
+                slot: self.slot()?,
+                reason: Reason::from_code(self.u8()?)?,
+            },
+            4 => Record::MergeStart {
+                slot: self.slot()?,
+                total: self.u64()?,
+            },
+            5 => Record::Map {
+                cow: self.u64()?,
+                origin: self.u64()?,
+                mask: self.u64()?,
+            },
+            6 => Record::Unmap {
+                slot: self.slot()?,
+                origin: self.u64()?,
+            },
+            other => return Err(format!("has an unknown type {other}")),
+        })
+    }
+
+    fn create(&mut self) -> Field<Record> {
+        let slot = self.slot()?;
+        let seq = self.u64()?;
+        let state = SnapState::from_code(self.u8()?, self.u8()?)?;
+        let merge_total = self.u64()?;
+        let len = usize::from(self.u8()?);
+        let bytes = self.take(len)?;
+        let name = match std::str::from_utf8(bytes) {
+            Ok(name) if valid_name(name) => name.to_owned(),
+            Ok(name) => {
+                return Err(format!(
+                    "names snapshot slot {slot} {name:?}, which is not 1 to {MAX_NAME} bytes \
+                     without control characters"
+                ))
+            }
+            Err(_) => {
+                let lossy = String::from_utf8_lossy(bytes);
+                return Err(format!(
+                    "names snapshot slot {slot} {lossy:?}, which is not UTF-8"
+                ));
+            }
+        };
+        Ok(Record::Create {
+            slot,
+            seq,
+            state,
+            merge_total,
+            name,
+        })
+    }
+
+    fn take(&mut self, n: usize) -> Field<&'a [u8]> {
         if self.data.len() < n {
-            return Err(corrupt("a log record is cut short"));
+            return Err("is cut short by the end of the block's records".to_owned());
         }
         let (head, tail) = self.data.split_at(n);
         *self.data = tail;
         Ok(head)
     }
-    fn u8(&mut self) -> Result<u8> {
+    fn u8(&mut self) -> Field<u8> {
         Ok(self.take(1)?[0])
     }
-    fn slot(&mut self) -> Result<u8> {
+    fn slot(&mut self) -> Field<u8> {
         let slot = self.u8()?;
-        if slot as usize >= MAX_SNAPSHOTS {
-            return Err(corrupt("a log record names a snapshot slot out of range"));
+        if usize::from(slot) >= MAX_SNAPSHOTS {
+            return Err(format!(
+                "names snapshot slot {slot}, beyond the {MAX_SNAPSHOTS} slots"
+            ));
         }
         Ok(slot)
     }
-    fn u64(&mut self) -> Result<u64> {
+    fn u64(&mut self) -> Field<u64> {
         Ok(u64::from_le_bytes(
             self.take(8)?.try_into().expect("8 bytes"),
         ))
@@ -315,7 +369,7 @@ impl Layout {
         origin_size: SectorCount,
         cow_size: SectorCount,
     ) -> Result<Layout> {
-        if !chunk.0.is_power_of_two() || chunk.0 < 8 || chunk.0 > 1 << 21 {
+        if !chunk_size_ok(chunk) {
             return Err(Error::invalid(format!(
                 "the chunk size must be a power of two from 4 KiB to 1 GiB, not {} bytes",
                 chunk.to_bytes()
@@ -395,15 +449,16 @@ impl Superblock {
         b
     }
 
-    /// `Ok(None)` when the slot holds no superblock at all (no magic).
-    pub fn decode(b: &[u8]) -> Result<Option<Superblock>> {
+    /// What a slot holds: nothing, a torn write, or a superblock. Fails when a sealed slot
+    /// (its checksum holds) is impossible (`Corrupt`, naming the field) or of another version.
+    pub fn read_slot(b: &[u8]) -> Result<Slot> {
         let b = &b[..BLOCK];
         let raw: &RawSuperblock = format::header(b).expect("a block holds a superblock");
         if raw.magic != SB_MAGIC {
-            return Ok(None);
+            return Ok(Slot::Blank);
         }
         if !crc::verify(b, CRC_AT) {
-            return Err(corrupt("a COW superblock slot fails its checksum"));
+            return Ok(Slot::Torn);
         }
         let version = raw.version.get();
         if version != VERSION {
@@ -421,36 +476,98 @@ impl Superblock {
             data_start: Sector(raw.data_start.get()),
             data_chunks: raw.data_chunks.get(),
         };
+        layout.check().map_err(corrupt)?;
         let active_area = raw.active_area.get();
-        if !layout.is_sane() || active_area >= 2 {
-            return Err(corrupt("the COW superblock describes an impossible layout"));
+        if active_area >= 2 {
+            return Err(corrupt(format!(
+                "active_area is {active_area}, not log area 0 or 1"
+            )));
         }
-        Ok(Some(Superblock {
+        let sequence = raw.sequence.get();
+        if sequence == u64::MAX {
+            return Err(corrupt(format!(
+                "sequence is {sequence}, which leaves no successor for the next compaction"
+            )));
+        }
+        Ok(Slot::Sealed(Superblock {
             layout,
-            sequence: raw.sequence.get(),
+            sequence,
             active_area: active_area as u8,
             epoch: raw.epoch.get(),
         }))
     }
+
+    /// `Ok(None)` when the slot holds no superblock at all (no magic); a torn slot is an error
+    /// (for tests).
+    #[cfg(test)]
+    pub fn decode(b: &[u8]) -> Result<Option<Superblock>> {
+        match Superblock::read_slot(b)? {
+            Slot::Blank => Ok(None),
+            Slot::Torn => Err(corrupt("a COW superblock slot fails its checksum")),
+            Slot::Sealed(sb) => Ok(Some(sb)),
+        }
+    }
+}
+
+/// What a superblock slot holds (see [`Superblock::read_slot`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Slot {
+    /// No superblock magic.
+    Blank,
+    /// The magic, but the checksum fails: a write torn by a power cut.
+    Torn,
+    Sealed(Superblock),
+}
+
+/// Whether a store may have chunks of `chunk`: a power of two from [`MIN_CHUNK`] to
+/// [`MAX_CHUNK`] (what `Layout::plan` creates, and what a superblock may say).
+fn chunk_size_ok(chunk: SectorCount) -> bool {
+    chunk.0.is_power_of_two() && (MIN_CHUNK.0..=MAX_CHUNK.0).contains(&chunk.0)
 }
 
 impl Layout {
-    /// Whether a layout read from disk is one the store can use: a power-of-two chunk, both
-    /// log areas before the data, the data within the device. Checked arithmetic: the
-    /// values are untrusted.
-    fn is_sane(&self) -> bool {
+    /// Whether a layout read from disk is one `Layout::plan` could have made: a chunk size it
+    /// allows, a non-empty origin, both log areas before the data, the data chunk aligned, at
+    /// least one data chunk, all of it within the COW size (checked against the device by
+    /// the caller). Checked arithmetic: the values are untrusted. The error names the field.
+    fn check(&self) -> std::result::Result<(), String> {
+        let chunk = self.chunk.0;
+        if !chunk_size_ok(self.chunk) {
+            return Err(format!(
+                "the chunk size of {chunk} sectors is not a power of two from {} to {} sectors",
+                MIN_CHUNK.0, MAX_CHUNK.0
+            ));
+        }
+        if self.origin_size.is_zero() {
+            return Err("the origin size is 0 sectors".to_owned());
+        }
         let meta_end = self
             .area_blocks
             .checked_mul(2 * BLOCK_SECTORS.0)
             .and_then(|n| n.checked_add(META_START.0));
+        let meta_end = match meta_end {
+            Some(end) if self.area_blocks > 0 => end,
+            _ => return Err(format!("area_blocks is {}", self.area_blocks)),
+        };
+        let start = self.data_start.0;
+        if start < meta_end || start % chunk != 0 {
+            return Err(format!(
+                "data_start is sector {start}, not a multiple of the chunk size ({chunk}) at or \
+                 after the end of the log areas ({meta_end})"
+            ));
+        }
         let data_end = self
             .data_chunks
-            .checked_mul(self.chunk.0)
-            .and_then(|n| n.checked_add(self.data_start.0));
-        self.chunk.0.is_power_of_two()
-            && self.area_blocks > 0
-            && meta_end.is_some_and(|end| self.data_start.0 >= end)
-            && data_end.is_some_and(|end| end <= self.cow_size.0)
+            .checked_mul(chunk)
+            .and_then(|n| n.checked_add(start));
+        match data_end {
+            Some(end) if self.data_chunks > 0 && end <= self.cow_size.0 => Ok(()),
+            _ => Err(format!(
+                "data_chunks is {}: not 1 or more chunks of {chunk} sectors from sector {start} \
+                 within the COW size ({} sectors)",
+                self.data_chunks, self.cow_size.0
+            )),
+        }
     }
 }
 
@@ -528,46 +645,64 @@ impl LogPacker {
     }
 
     fn seal(&mut self) {
-        let header = RawLogHeader {
-            magic: LOG_MAGIC,
-            crc: U32::ZERO,
-            used: U32::new(u32::try_from(self.payload.len()).expect("a payload fits a block")),
-            uuid: *self.uuid.as_bytes(),
-            epoch: U64::new(self.epoch),
-            index: U64::new(self.index),
-        };
-        let start = self.out.len();
-        self.out.resize(start + BLOCK, 0);
-        let b = &mut self.out[start..];
-        format::write_header(b, &header);
-        b[LOG_HEADER..LOG_HEADER + self.payload.len()].copy_from_slice(&self.payload);
-        crc::seal(b, LOG_CRC_AT);
+        let block = log_block(self.uuid, self.epoch, self.index, &self.payload);
+        self.out.extend_from_slice(&block);
         self.payload.clear();
         self.index += 1;
         self.sealed += 1;
     }
 }
 
+/// One sealed log block of `epoch` at `index` holding `payload` (at most a block's worth).
+pub fn log_block(uuid: Uuid, epoch: u64, index: u64, payload: &[u8]) -> Vec<u8> {
+    assert!(
+        LOG_HEADER + payload.len() <= BLOCK,
+        "a payload fits a block"
+    );
+    let header = RawLogHeader {
+        magic: LOG_MAGIC,
+        crc: U32::ZERO,
+        used: U32::new(u32::try_from(payload.len()).expect("a payload fits a block")),
+        uuid: *uuid.as_bytes(),
+        epoch: U64::new(epoch),
+        index: U64::new(index),
+    };
+    let mut b = vec![0u8; BLOCK];
+    format::write_header(&mut b, &header);
+    b[LOG_HEADER..LOG_HEADER + payload.len()].copy_from_slice(payload);
+    crc::seal(&mut b, LOG_CRC_AT);
+    b
+}
+
 /// The records of a log block if it is a whole block of this log, epoch and index; `None`
-/// for anything else (the end of the log: stale, torn, or never written).
-pub fn decode_block(b: &[u8], uuid: Uuid, epoch: u64, index: u64) -> Option<Vec<Record>> {
+/// for anything else (the end of the log: stale, torn, or never written). A block of this
+/// log whose length or records are impossible is an error (saying why): its checksum holds,
+/// so it is no torn write but a writer's bug or a crafted store, and ending the log there
+/// would drop the records after it.
+pub fn decode_block(
+    b: &[u8],
+    uuid: Uuid,
+    epoch: u64,
+    index: u64,
+) -> std::result::Result<Option<Vec<Record>>, String> {
     let b = &b[..BLOCK];
     let header: &RawLogHeader = format::header(b).expect("a block holds a header");
-    if header.magic != LOG_MAGIC {
-        return None;
-    }
-    let used = header.used.get() as usize;
-    let ok = crc::verify(b, LOG_CRC_AT)
+    let ours = header.magic == LOG_MAGIC
+        && crc::verify(b, LOG_CRC_AT)
         && header.uuid == *uuid.as_bytes()
         && header.epoch.get() == epoch
-        && header.index.get() == index
-        && used <= BLOCK - LOG_HEADER;
-    if !ok {
-        return None;
+        && header.index.get() == index;
+    if !ours {
+        return Ok(None);
     }
-    // A block whose checksum holds but whose records do not parse was written by a buggy
-    // build; ending the log there is the safe reading.
-    Record::decode_all(&b[LOG_HEADER..LOG_HEADER + used]).ok()
+    let used = header.used.get() as usize;
+    if used > BLOCK - LOG_HEADER {
+        return Err(format!(
+            "used is {used} bytes of records, more than the {} a block holds",
+            BLOCK - LOG_HEADER
+        ));
+    }
+    Record::decode_all(&b[LOG_HEADER..LOG_HEADER + used]).map(Some)
 }
 
 #[cfg(test)]
@@ -676,7 +811,7 @@ mod tests {
         ];
         crate::format::golden::assert_image(&bytes, BLOCK, GOLDEN);
         let image = crate::format::golden::image(BLOCK, GOLDEN);
-        let back = decode_block(&image, fixed_layout().uuid, 0x00ee_0001, 42);
+        let back = decode_block(&image, fixed_layout().uuid, 0x00ee_0001, 42).expect("valid");
         assert_eq!(back.as_deref(), Some(&records[..]));
     }
 
@@ -733,17 +868,74 @@ mod tests {
         assert!(bytes.len() > BLOCK, "spans blocks");
         let mut back = Vec::new();
         for (i, b) in bytes.chunks(BLOCK).enumerate() {
-            back.extend(decode_block(b, uuid, 5, 10 + i as u64).expect("valid block"));
+            let records = decode_block(b, uuid, 5, 10 + i as u64).expect("sane");
+            back.extend(records.expect("valid block"));
         }
         assert_eq!(back, records);
         // Another epoch, index or store, or a torn block, ends the log.
         let first = &bytes[..BLOCK];
-        assert!(decode_block(first, uuid, 4, 10).is_none());
-        assert!(decode_block(first, uuid, 5, 11).is_none());
-        assert!(decode_block(first, Uuid::new_v4(), 5, 10).is_none());
+        assert_eq!(decode_block(first, uuid, 4, 10), Ok(None));
+        assert_eq!(decode_block(first, uuid, 5, 11), Ok(None));
+        assert_eq!(decode_block(first, Uuid::new_v4(), 5, 10), Ok(None));
         let mut torn = first.to_vec();
         torn[2048..].fill(0);
-        assert!(decode_block(&torn, uuid, 5, 10).is_none());
+        assert_eq!(decode_block(&torn, uuid, 5, 10), Ok(None));
+    }
+
+    /// Blank, torn and sealed slots are told apart: only a sealed one with an impossible
+    /// field is an error.
+    #[test]
+    fn superblock_slots_are_blank_torn_or_sealed() {
+        let sb = Superblock {
+            layout: fixed_layout(),
+            sequence: 1,
+            active_area: 0,
+            epoch: 1,
+        };
+        let good = sb.encode();
+        assert_eq!(
+            Superblock::read_slot(&good).expect("sealed"),
+            Slot::Sealed(sb)
+        );
+        assert_eq!(
+            Superblock::read_slot(&[0; BLOCK]).expect("blank"),
+            Slot::Blank
+        );
+        let mut torn = good.clone();
+        torn[2000] ^= 1;
+        assert_eq!(Superblock::read_slot(&torn).expect("torn"), Slot::Torn);
+        let mut bad = good;
+        bad[40..48].copy_from_slice(&(MAX_CHUNK.0 * 2).to_le_bytes());
+        crc::seal(&mut bad, CRC_AT);
+        let err = Superblock::read_slot(&bad).expect_err("impossible");
+        assert_eq!(err.kind(), ErrorKind::Corrupt);
+        assert!(err.to_string().contains("chunk size"), "{err}");
+    }
+
+    /// A sealed block of this log with impossible records is an error, not the end of the log.
+    #[test]
+    fn sealed_blocks_with_impossible_records_are_errors() {
+        let uuid = Uuid::new_v4();
+        let cases: [(&[u8], &str); 5] = [
+            (&[9], "unknown type 9"),
+            (&[2, 64], "slot 64"),
+            (&[3, 1, 0], "reason 0"),
+            (&[5, 1, 2], "cut short"),
+            (
+                &[
+                    1, 0, 1, 0, 0, 0, 0, 0, 0, 0, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, b'a',
+                ],
+                "state 7",
+            ),
+        ];
+        for (payload, what) in cases {
+            let err = decode_block(&log_block(uuid, 1, 0, payload), uuid, 1, 0).expect_err(what);
+            assert!(err.starts_with("record 0 ") && err.contains(what), "{err}");
+        }
+        assert!(valid_name("nightly") && valid_name(&"x".repeat(MAX_NAME)));
+        for bad in ["", "a\0b", "tab\there", &"x".repeat(MAX_NAME + 1)] {
+            assert!(!valid_name(bad), "{bad:?}");
+        }
     }
 
     #[test]

@@ -38,7 +38,15 @@
 //! u64), records from byte 48. The log of the active area is the run of blocks 0, 1, 2, ...
 //! that carry the superblock's epoch, their own index and a good checksum; the first block
 //! that does not ends it. So a torn last block, a never-written one and a stale block of an
-//! earlier epoch all read as "end of log", never as records. Records (type byte first):
+//! earlier epoch all read as "end of log", never as records. A block that passes those checks
+//! was written whole by a writer of this store, so if its length or a record is impossible,
+//! or a record cannot follow the state the log built before it (a chunk outside the data area
+//! or the origin, a COW chunk in use mapped again, a record for an empty slot, a second
+//! merge, a name `snapshot create` refuses), the open fails as corrupt metadata (exit 7) in
+//! one line naming the record and the field; so does a sealed superblock slot with an
+//! impossible field, or two sealed slots with different layouts (a torn slot yields to the
+//! other). A store that opens thus never panics, allocates or reads beyond what its devices
+//! hold. Records (type byte first):
 //! `Create{slot u8, seq u64, state u8, reason u8, merge_total u64, name_len u8, name}` (1),
 //! `Delete{slot}` (2), `Invalidate{slot, reason u8}` (3), `MergeStart{slot, total u64}` (4),
 //! `Map{cow u64, origin u64, mask u64}` (5: COW chunk `cow` holds origin chunk `origin` for
@@ -148,7 +156,7 @@ pub fn kind() -> Box<dyn crate::registry::TargetKind> {
     Box::new(OriginKind)
 }
 
-use self::format::{Record, Superblock, BLOCK, BLOCK_SECTORS};
+use self::format::{Record, Slot, Superblock, BLOCK, BLOCK_SECTORS};
 use self::io::ChunkLocks;
 use self::state::Store;
 use crate::copy::{CopyConfig, CopyEngine};
@@ -252,7 +260,8 @@ impl SnapshotGroup {
         let info = group_info(origin.info(), cow.info())?;
         let found = load_superblock(&cow, origin_size, options).await?;
         if !found.fresh {
-            check_layout(&found.sb.layout, origin_size, cow.info().size, options)?;
+            check_layout(&found.sb.layout, origin_size, cow.info().size, options)
+                .map_err(|e| on_store(&cow, e))?;
         }
         let mut store = Store::new(found.sb.layout.data_chunks);
         let tail = replay(&cow, &found.sb.layout, &found.sb, &mut store).await?;
@@ -409,15 +418,15 @@ async fn load_superblock(
         read_block(cow, Sector(0)).await?,
         read_block(cow, BLOCK_SECTORS.to_sector()).await?,
     ];
-    let decoded = slots.map(|b| Superblock::decode(&b));
-    if decoded.iter().all(|d| matches!(d, Ok(None))) {
+    let read = slots.map(|b| Superblock::read_slot(&b));
+    if read.iter().all(|d| matches!(d, Ok(Slot::Blank))) {
         if !options.force {
             refuse_foreign_cow(cow).await?;
         }
         let sb = create_store(cow, origin_size, options).await?;
         return Ok(FoundSuperblock { sb, fresh: true });
     }
-    let sb = newest_superblock(decoded)?;
+    let sb = newest_superblock(read).map_err(|e| on_store(cow, e))?;
     Ok(FoundSuperblock { sb, fresh: false })
 }
 
@@ -444,25 +453,45 @@ async fn create_store(
     Ok(sb)
 }
 
-/// The valid superblock slot with the highest sequence; the first slot's error when neither
-/// is valid (at least one slot is not blank).
-fn newest_superblock(decoded: [Result<Option<Superblock>>; 2]) -> Result<Superblock> {
-    let mut best: Option<Superblock> = None;
-    let mut first_err = None;
-    for d in decoded {
-        match d {
-            Ok(Some(sb)) if best.as_ref().is_none_or(|b| b.sequence < sb.sequence) => {
-                best = Some(sb)
-            }
-            Ok(_) => {}
-            Err(e) => first_err = first_err.or(Some(e)),
+/// The sealed superblock slot with the highest sequence (a torn slot yields to the other;
+/// at least one slot is not blank). A sealed slot that is impossible fails the open, as do
+/// two sealed slots that disagree on what only a compaction changes: both carry the layout
+/// fixed at creation, and one sequence is one compaction's.
+fn newest_superblock(slots: [Result<Slot>; 2]) -> Result<Superblock> {
+    let mut sealed = Vec::with_capacity(2);
+    for (slot, letter) in slots.into_iter().zip(['A', 'B']) {
+        match slot.map_err(|e| e.context(format!("superblock slot {letter}")))? {
+            Slot::Sealed(sb) => sealed.push((sb, letter)),
+            Slot::Blank | Slot::Torn => {}
         }
     }
-    match (best, first_err) {
-        (Some(sb), _) => Ok(sb),
-        (None, Some(e)) => Err(e),
-        (None, None) => unreachable!("not blank yet no slot"),
+    if let [(a, _), (b, _)] = &sealed[..] {
+        if a.layout != b.layout {
+            return Err(format::corrupt(
+                "superblock slots A and B describe different layouts (or stores)",
+            ));
+        }
+        if a.sequence == b.sequence && a != b {
+            return Err(format::corrupt(format!(
+                "superblock slots A and B both have sequence {} but different logs",
+                a.sequence
+            )));
+        }
     }
+    sealed
+        .into_iter()
+        .map(|(sb, _)| sb)
+        .max_by_key(|sb| sb.sequence)
+        .ok_or_else(|| format::corrupt("no superblock slot passes its checksum"))
+}
+
+/// `err`, about the store on `cow`, in one line that names the device.
+fn on_store(cow: &DeviceRef, err: Error) -> Error {
+    let text = err.chain().join(": ");
+    Error::new(
+        err.kind(),
+        format!("the snapshot store on {}: {text}", cow.info().name),
+    )
 }
 
 /// Refuses an existing store that does not fit: another origin's, one on a COW device that
@@ -487,7 +516,7 @@ fn check_layout(
         return Err(Error::new(
             ErrorKind::Corrupt,
             format!(
-                "the COW device shrank: the store needs {} sectors, it has {}",
+                "the COW device shrank: the store's cow_size is {} sectors, the device has {}",
                 layout.cow_size.0, cow_size.0
             ),
         ));
@@ -503,8 +532,9 @@ fn check_layout(
     Ok(())
 }
 
-/// Applies the log of the active area to `store`; returns the index of the first block after
-/// it.
+/// Applies the log of the active area to `store`, checking each record against the state
+/// before it (see `state.rs`); returns the index of the first block after it. The area lies
+/// within the COW device (`check_layout` ran).
 async fn replay(
     cow: &DeviceRef,
     layout: &Layout,
@@ -513,7 +543,9 @@ async fn replay(
 ) -> Result<u64> {
     const READ_BLOCKS: u64 = 64;
     let start = layout.area_start(sb.active_area);
+    let corrupt = |what: String| on_store(cow, format::corrupt(what));
     let mut index = 0;
+    let mut number = 0u64;
     while index < layout.area_blocks {
         let n = READ_BLOCKS.min(layout.area_blocks - index);
         let at = start + SectorCount(index * BLOCK_SECTORS.0);
@@ -524,14 +556,32 @@ async fn replay(
         })
         .await?;
         for block in buf.as_slice().chunks(BLOCK) {
-            match format::decode_block(block, layout.uuid, sb.epoch, index) {
-                Some(records) => records.iter().for_each(|r| store.apply(r, false)),
-                None => return Ok(index),
+            let records = match format::decode_block(block, layout.uuid, sb.epoch, index) {
+                Ok(Some(records)) => records,
+                Ok(None) => return end_of_replay(cow, store, index),
+                Err(what) => return Err(corrupt(format!("log block {index}: {what}"))),
+            };
+            for r in &records {
+                store
+                    .check_replay(r, layout.origin_chunks())
+                    .map_err(|what| {
+                        corrupt(format!("log record {number} (block {index}) {what}"))
+                    })?;
+                store.apply(r, false);
+                number += 1;
             }
             index += 1;
         }
     }
-    Ok(index)
+    end_of_replay(cow, store, index)
+}
+
+/// The end of a replay at block `tail`: what the whole log built must hold too.
+fn end_of_replay(cow: &DeviceRef, store: &Store, tail: u64) -> Result<u64> {
+    store
+        .check_replayed()
+        .map_err(|what| on_store(cow, format::corrupt(format!("the log: {what}"))))?;
+    Ok(tail)
 }
 
 /// What every device of a group (the origin and each snapshot) advertises, from what is true of
@@ -722,11 +772,16 @@ impl Inner {
         let epoch = w
             .epoch
             .wrapping_add(1 + u64::from(uuid::Uuid::new_v4().as_u128() as u32));
+        // No sequence is left after u64::MAX - 1 (a slot of u64::MAX is refused on open).
+        let sequence = match w.sb_sequence.checked_add(1) {
+            Some(s) if s < u64::MAX => s,
+            _ => return Err(errno(libc::EOVERFLOW)),
+        };
         let n = self.write_checkpoint(area, epoch, w.piece_blocks).await?;
         self.cow.flush().await?;
         let sb = Superblock {
             layout: l.clone(),
-            sequence: w.sb_sequence + 1,
+            sequence,
             active_area: area,
             epoch,
         };

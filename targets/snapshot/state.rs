@@ -3,10 +3,20 @@
 //! only by applying log records once they are durable ([`Store::apply`]), so it always equals
 //! what a replay of the log after a crash would build; except that a failed metadata write
 //! invalidates snapshots at once ([`Store::fail_metadata`]), until a checkpoint records it.
+//!
+//! A replayed record is untrusted: [`Store::check_replay`] refuses one that this state could
+//! not have been given by a commit (a chunk outside the data area or the origin, a COW chunk
+//! in use mapped again, a record for an empty slot, a second merge, a name or creation number
+//! taken) before [`Store::apply`] runs, which therefore never panics on disk content. So at
+//! every step of a replay: each used COW chunk is below `data_chunks` and holds one origin
+//! chunk below the origin's chunk count, names and creation numbers are distinct, and at
+//! most one snapshot merges, with no more exceptions than its `merge_total`
+//! ([`Store::check_replayed`]). The free set is then bounded by `data_chunks`, which the
+//! superblock checks bound by the COW device.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use super::format::{Reason, Record, SnapState, MAX_SNAPSHOTS};
+use super::format::{valid_name, Reason, Record, SnapState, MAX_SNAPSHOTS};
 use super::free::FreeChunks;
 
 const REPLAYED: &str = "the free set is built once the log is replayed";
@@ -192,6 +202,161 @@ impl Store {
         for chunk in map.into_values() {
             self.unref(chunk, slot);
         }
+    }
+
+    /// Why `record`, read from the log, cannot follow this state (a commit never writes it):
+    /// the text completes "log record N ...". `origin_chunks` bounds the origin chunks.
+    pub fn check_replay(&self, record: &Record, origin_chunks: u64) -> Result<(), String> {
+        let (slot, verb) = match record {
+            Record::Create {
+                slot,
+                seq,
+                state,
+                name,
+                ..
+            } => return self.check_create(usize::from(*slot), *seq, *state, name),
+            Record::Map { cow, origin, mask } => {
+                return self.check_map(*cow, *origin, *mask, origin_chunks)
+            }
+            Record::MergeStart { slot, total } => {
+                return self.check_merge_start(usize::from(*slot), *total)
+            }
+            Record::Unmap { slot, origin } => {
+                return self.check_unmap(usize::from(*slot), *origin, origin_chunks)
+            }
+            Record::Delete { slot } => (slot, "deletes"),
+            Record::Invalidate { slot, .. } => (slot, "invalidates"),
+        };
+        match self.snap(usize::from(*slot)) {
+            Some(_) => Ok(()),
+            None => Err(format!("{verb} snapshot slot {slot}, which is empty")),
+        }
+    }
+
+    fn check_create(
+        &self,
+        slot: usize,
+        seq: u64,
+        state: SnapState,
+        name: &str,
+    ) -> Result<(), String> {
+        if seq == u64::MAX {
+            return Err(format!(
+                "gives snapshot slot {slot} creation number {seq}, which leaves none for the next"
+            ));
+        }
+        for (other, s) in self.slots.iter().enumerate() {
+            let Some(s) = s.as_ref().filter(|_| other != slot) else {
+                continue;
+            };
+            if s.name == name {
+                return Err(format!(
+                    "names snapshot slot {slot} {name:?}, the name of slot {other}"
+                ));
+            }
+            if s.seq == seq {
+                return Err(format!(
+                    "gives snapshot slot {slot} creation number {seq}, that of slot {other}"
+                ));
+            }
+            if state == SnapState::Merging && s.state == SnapState::Merging {
+                return Err(format!(
+                    "creates snapshot slot {slot} merging while slot {other} is merging"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn check_map(
+        &self,
+        cow: u64,
+        origin: u64,
+        mask: u64,
+        origin_chunks: u64,
+    ) -> Result<(), String> {
+        if cow >= self.data_chunks {
+            return Err(format!(
+                "maps COW chunk {cow} beyond the {} data chunks",
+                self.data_chunks
+            ));
+        }
+        if origin >= origin_chunks {
+            return Err(format!(
+                "maps origin chunk {origin} beyond the origin's {origin_chunks} chunks"
+            ));
+        }
+        if let Some(c) = self.chunks.get(&cow) {
+            return Err(format!(
+                "maps COW chunk {cow} to origin chunk {origin}, yet it holds origin chunk {} \
+                 for snapshots {:#x}",
+                c.origin, c.mask
+            ));
+        }
+        if mask == 0 {
+            return Err(format!("maps COW chunk {cow} for no snapshot"));
+        }
+        match (0..MAX_SNAPSHOTS).find(|&i| mask & (1 << i) != 0 && self.slots[i].is_none()) {
+            Some(i) => Err(format!(
+                "maps COW chunk {cow} for snapshot slot {i}, which is empty"
+            )),
+            None => Ok(()),
+        }
+    }
+
+    fn check_merge_start(&self, slot: usize, total: u64) -> Result<(), String> {
+        let Some(s) = self.snap(slot) else {
+            return Err(format!("merges snapshot slot {slot}, which is empty"));
+        };
+        if let Some(m) = self.merging() {
+            return Err(format!(
+                "merges snapshot slot {slot} while slot {m} is being merged"
+            ));
+        }
+        if matches!(s.state, SnapState::Invalid(_)) {
+            return Err(format!("merges snapshot slot {slot}, which is invalid"));
+        }
+        if total < s.map.len() as u64 {
+            return Err(format!(
+                "merges snapshot slot {slot} with a merge_total of {total}, below its {} \
+                 exceptions",
+                s.map.len()
+            ));
+        }
+        Ok(())
+    }
+
+    /// An `Unmap` drops a merged or discarded chunk. It may name a chunk the snapshot maps no
+    /// more: a discard's record can follow the snapshot's invalidation (which dropped its
+    /// maps), committed between the discard's look-up and its commit. Applying it changes
+    /// nothing then, so only an empty slot or a chunk past the origin is impossible.
+    fn check_unmap(&self, slot: usize, origin: u64, origin_chunks: u64) -> Result<(), String> {
+        let what = format!("unmaps origin chunk {origin} of snapshot slot {slot}");
+        match self.snap(slot) {
+            None => Err(format!("{what}, which is empty")),
+            Some(_) if origin >= origin_chunks => Err(format!(
+                "{what}, beyond the origin's {origin_chunks} chunks"
+            )),
+            Some(_) => Ok(()),
+        }
+    }
+
+    /// Why the state a whole replay built cannot be: what no single record shows (the
+    /// merging snapshot's `merge_total` is only known below its exceptions once its `Map`
+    /// records, which follow its `Create` in a checkpoint, are in).
+    pub fn check_replayed(&self) -> Result<(), String> {
+        let Some(m) = self.merging() else {
+            return Ok(());
+        };
+        let s = self.snap(m).expect("merging");
+        if s.merge_total < s.map.len() as u64 {
+            return Err(format!(
+                "snapshot slot {m} merges with a merge_total of {}, below its {} exceptions",
+                s.merge_total,
+                s.map.len()
+            ));
+        }
+        Ok(())
     }
 
     /// Applies a durable record. `live` records were reserved by this process (their Map
@@ -390,8 +555,22 @@ impl Store {
             - self.held.len() as u64
     }
 
-    /// Panics unless the maps, the chunk table and the free set agree (for tests).
+    /// Panics unless the maps, the chunk table and the free set agree, and the snapshots'
+    /// names, creation numbers and merge are as a replay may leave them (for tests).
     pub fn check(&self) {
+        let live: Vec<&Snap> = self.slots.iter().flatten().collect();
+        let merging = live.iter().filter(|s| s.state == SnapState::Merging);
+        assert!(merging.count() <= 1, "two snapshots merge");
+        let names: HashSet<&str> = live.iter().map(|s| s.name.as_str()).collect();
+        let seqs: HashSet<u64> = live.iter().map(|s| s.seq).collect();
+        assert_eq!(
+            (names.len(), seqs.len()),
+            (live.len(), live.len()),
+            "taken twice"
+        );
+        assert!(live
+            .iter()
+            .all(|s| valid_name(&s.name) && s.seq < self.next_seq));
         let mut seen: HashMap<u64, u64> = HashMap::new();
         for (i, s) in self.slots.iter().enumerate() {
             let Some(s) = s else { continue };

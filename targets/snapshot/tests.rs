@@ -885,3 +885,406 @@ fn a_discard_on_a_snapshot_releases_its_chunks() {
     })
     .expect("reopen");
 }
+
+// Hostile metadata: values behind valid checksums (issue 11, section 2). Each case crafts a
+// store, seals what it changed, and expects the open to fail as corrupt metadata in one line
+// naming what is wrong: never a panic, nor an allocation or I/O the devices cannot back.
+
+/// A fresh store on devices of 256 and 4096 sectors (16 KiB chunks: 8 origin chunks, 120 data
+/// chunks), with nothing logged yet (epoch 1, area 0).
+fn fresh_store() -> (Devs, Layout) {
+    let devs = Devs::new(256, 4096);
+    let layout = with_group(&devs, GroupOptions::default(), async |group| {
+        group.layout().clone()
+    })
+    .expect("create");
+    assert_eq!((layout.origin_chunks(), layout.data_chunks), (8, 120));
+    (devs, layout)
+}
+
+/// Makes the sealed log `blocks` the log of a [`fresh_store`], ending it after them.
+fn poke_log(devs: &Devs, layout: &Layout, blocks: &[u8]) {
+    devs.cow.poke(layout.area_start(0), blocks);
+    let after = SectorCount((blocks.len() / 512) as u64);
+    devs.cow.poke(layout.area_start(0) + after, &[0; BLOCK]);
+}
+
+/// Opening the store on `devs` fails as corrupt metadata, in one line containing `what`.
+fn assert_refused(devs: &Devs, what: &str) {
+    let err = with_group(devs, GroupOptions::default(), async |_| ()).expect_err("refused");
+    let text = err.chain().join(": ");
+    assert_eq!(err.kind(), ErrorKind::Corrupt, "{text}");
+    assert!(!text.contains('\n'), "one line: {text}");
+    assert!(text.contains(what), "'{what}' in: {text}");
+}
+
+/// A valid snapshot `name` in `slot`.
+fn snap(slot: u8, name: &str) -> Record {
+    Record::Create {
+        slot,
+        seq: u64::from(slot) + 1,
+        state: SnapState::Valid,
+        merge_total: 0,
+        name: name.into(),
+    }
+}
+
+/// A fresh store whose log holds `records`: refused, naming `what`.
+fn refuse_log(records: &[Record], what: &str) {
+    let (devs, layout) = fresh_store();
+    poke_log(
+        &devs,
+        &layout,
+        &format::encode_blocks(layout.uuid, 1, 0, records),
+    );
+    assert_refused(&devs, what);
+}
+
+/// A fresh store whose log is one block holding the raw `payload`: refused, naming `what`.
+fn refuse_payload(payload: &[u8], what: &str) {
+    let (devs, layout) = fresh_store();
+    poke_log(
+        &devs,
+        &layout,
+        &format::log_block(layout.uuid, 1, 0, payload),
+    );
+    assert_refused(&devs, what);
+}
+
+/// The raw bytes of a `Create` of slot 0 with the name bytes `name`.
+fn raw_create(name: &[u8]) -> Vec<u8> {
+    let mut out = vec![1, 0];
+    out.extend_from_slice(&1u64.to_le_bytes());
+    out.extend_from_slice(&[0, 0]);
+    out.extend_from_slice(&0u64.to_le_bytes());
+    out.push(name.len() as u8);
+    out.extend_from_slice(name);
+    out
+}
+
+#[test]
+fn hostile_log_map_beyond_the_data_area() {
+    refuse_log(
+        &[
+            snap(0, "a"),
+            Record::Map {
+                cow: 120,
+                origin: 0,
+                mask: 1,
+            },
+        ],
+        "COW chunk 120",
+    );
+}
+
+/// Before the fix this one built a set of 2^40 free chunks at open.
+#[test]
+fn hostile_log_map_far_beyond_the_data_area() {
+    refuse_log(
+        &[
+            snap(0, "a"),
+            Record::Map {
+                cow: 1 << 40,
+                origin: 0,
+                mask: 1,
+            },
+        ],
+        "COW chunk 1099511627776",
+    );
+}
+
+#[test]
+fn hostile_log_map_beyond_the_origin() {
+    refuse_log(
+        &[
+            snap(0, "a"),
+            Record::Map {
+                cow: 0,
+                origin: 8,
+                mask: 1,
+            },
+        ],
+        "origin chunk 8",
+    );
+}
+
+#[test]
+fn hostile_log_cow_chunk_mapped_twice() {
+    let map = |origin, mask| Record::Map {
+        cow: 3,
+        origin,
+        mask,
+    };
+    refuse_log(
+        &[snap(0, "a"), snap(1, "b"), map(0, 1), map(1, 2)],
+        "COW chunk 3",
+    );
+}
+
+#[test]
+fn hostile_log_map_for_an_empty_slot() {
+    let map = Record::Map {
+        cow: 0,
+        origin: 0,
+        mask: 1 << 5,
+    };
+    refuse_log(&[snap(0, "a"), map], "slot 5");
+}
+
+#[test]
+fn hostile_log_name_with_a_nul() {
+    refuse_log(&[snap(0, "a\0b")], "name");
+}
+
+#[test]
+fn hostile_log_name_too_long() {
+    refuse_log(&[snap(0, &"x".repeat(MAX_NAME + 1))], "name");
+}
+
+#[test]
+fn hostile_log_name_not_utf8() {
+    refuse_payload(&raw_create(&[0x61, 0xff, 0xfe]), "name");
+}
+
+#[test]
+fn hostile_log_empty_name() {
+    refuse_payload(&raw_create(b""), "name");
+}
+
+#[test]
+fn hostile_log_duplicate_name() {
+    refuse_log(&[snap(0, "a"), snap(1, "a")], "name");
+}
+
+#[test]
+fn hostile_log_creation_number_at_its_maximum() {
+    let create = Record::Create {
+        slot: 0,
+        seq: u64::MAX,
+        state: SnapState::Valid,
+        merge_total: 0,
+        name: "a".into(),
+    };
+    refuse_log(&[create], "creation number");
+}
+
+#[test]
+fn hostile_log_records_for_empty_slots() {
+    refuse_log(&[snap(0, "a"), Record::Delete { slot: 3 }], "slot 3");
+    let invalidate = Record::Invalidate {
+        slot: 3,
+        reason: Reason::Overflow,
+    };
+    refuse_log(&[snap(0, "a"), invalidate], "slot 3");
+    refuse_log(&[Record::MergeStart { slot: 3, total: 0 }], "slot 3");
+    refuse_log(&[Record::Unmap { slot: 3, origin: 0 }], "slot 3");
+    // A record after the snapshot's deletion.
+    refuse_log(
+        &[
+            snap(0, "a"),
+            Record::Delete { slot: 0 },
+            Record::Delete { slot: 0 },
+        ],
+        "slot 0",
+    );
+}
+
+#[test]
+fn hostile_log_unmap_beyond_the_origin() {
+    let unmap = Record::Unmap {
+        slot: 0,
+        origin: 1 << 40,
+    };
+    refuse_log(&[snap(0, "a"), unmap], "beyond the origin");
+}
+
+/// A discard's `Unmap` committed after the snapshot's invalidation (or of a chunk it maps no
+/// more) replays as nothing: it is no sign of a damaged store.
+#[test]
+fn an_unmap_after_an_invalidation_replays_as_nothing() {
+    let devs = Devs::new(512, 4096);
+    with_group(&devs, GroupOptions::default(), async |group| {
+        write(&*group.origin(), 0, 512, 1).await;
+        create(&group, "a").await;
+        create(&group, "b").await;
+        write(&*group.origin(), 0, 64, 2).await;
+        let invalidate = Record::Invalidate {
+            slot: 0,
+            reason: Reason::Overflow,
+        };
+        let unmaps = [
+            Record::Unmap { slot: 0, origin: 0 },
+            Record::Unmap { slot: 1, origin: 9 },
+        ];
+        group
+            .inner
+            .commit([invalidate].into_iter().chain(unmaps).collect())
+            .await
+            .expect("commit");
+    })
+    .expect("group");
+    with_group(&devs, GroupOptions::default(), async |group| {
+        let status = group.status();
+        assert_eq!(status["snapshots"][0]["state"], "invalid", "{status}");
+        assert_eq!(status["snapshots"][1]["exceptions"], 2, "{status}");
+    })
+    .expect("the store opens");
+}
+
+#[test]
+fn hostile_log_two_merges() {
+    let records = [
+        snap(0, "a"),
+        snap(1, "b"),
+        Record::MergeStart { slot: 0, total: 0 },
+        Record::MergeStart { slot: 1, total: 0 },
+    ];
+    refuse_log(&records, "merg");
+}
+
+#[test]
+fn hostile_log_merge_total_below_the_exceptions() {
+    let records = [
+        Record::Create {
+            slot: 0,
+            seq: 1,
+            state: SnapState::Merging,
+            merge_total: 0,
+            name: "a".into(),
+        },
+        Record::Map {
+            cow: 0,
+            origin: 0,
+            mask: 1,
+        },
+    ];
+    refuse_log(&records, "merge_total");
+}
+
+#[test]
+fn hostile_log_unknown_record_type() {
+    refuse_payload(&[9, 0, 0], "type");
+}
+
+#[test]
+fn hostile_log_unknown_reason() {
+    let mut payload = raw_create(b"a");
+    payload.extend_from_slice(&[3, 0, 9]);
+    refuse_payload(&payload, "reason");
+}
+
+#[test]
+fn hostile_log_block_used_past_the_block() {
+    let (devs, layout) = fresh_store();
+    let mut block = format::log_block(layout.uuid, 1, 0, &[]);
+    block[12..16].copy_from_slice(&(BLOCK as u32).to_le_bytes());
+    crate::format::crc::seal(&mut block, 8);
+    poke_log(&devs, &layout, &block);
+    assert_refused(&devs, "bytes");
+}
+
+/// Both superblock slots of `devs` edited by `edit` (each slot's bytes and its letter) and
+/// sealed again.
+fn edit_superblocks(devs: &Devs, edit: impl Fn(&mut [u8], char)) {
+    for (at, letter) in [(Sector(0), 'A'), (BLOCK_SECTORS.to_sector(), 'B')] {
+        let mut slot = devs.cow.snapshot(Extent::new(at, BLOCK_SECTORS));
+        edit(&mut slot, letter);
+        crate::format::crc::seal(&mut slot, 12);
+        devs.cow.poke(at, &slot);
+    }
+}
+
+fn put(slot: &mut [u8], at: usize, value: u64) {
+    slot[at..at + 8].copy_from_slice(&value.to_le_bytes());
+}
+
+/// A fresh store whose superblocks have `fields` (offset, value) set: refused, naming `what`.
+fn refuse_superblock(fields: &[(usize, u64)], what: &str) {
+    let (devs, _) = fresh_store();
+    edit_superblocks(&devs, |slot, _| {
+        for &(at, value) in fields {
+            put(slot, at, value);
+        }
+    });
+    assert_refused(&devs, what);
+}
+
+// Superblock field offsets (see the module doc).
+const SB_SEQUENCE: usize = 32;
+const SB_CHUNK: usize = 40;
+const SB_ORIGIN: usize = 48;
+const SB_AREA_BLOCKS: usize = 64;
+const SB_DATA_START: usize = 72;
+const SB_DATA_CHUNKS: usize = 80;
+const SB_ACTIVE_AREA: usize = 88;
+
+#[test]
+fn hostile_superblock_chunk_below_the_minimum() {
+    refuse_superblock(&[(SB_CHUNK, 4)], "chunk size");
+}
+
+#[test]
+fn hostile_superblock_chunk_above_the_maximum() {
+    refuse_superblock(
+        &[
+            (SB_CHUNK, 1 << 22),
+            (SB_DATA_START, 1 << 22),
+            (SB_DATA_CHUNKS, 0),
+        ],
+        "chunk size",
+    );
+}
+
+#[test]
+fn hostile_superblock_empty_origin() {
+    refuse_superblock(&[(SB_ORIGIN, 0)], "origin size");
+}
+
+#[test]
+fn hostile_superblock_no_data_chunks() {
+    refuse_superblock(&[(SB_DATA_CHUNKS, 0)], "data_chunks");
+}
+
+#[test]
+fn hostile_superblock_data_start_off_a_chunk() {
+    refuse_superblock(&[(SB_DATA_START, 257), (SB_DATA_CHUNKS, 119)], "data_start");
+}
+
+#[test]
+fn hostile_superblock_sequence_at_its_maximum() {
+    refuse_superblock(&[(SB_SEQUENCE, u64::MAX)], "sequence");
+}
+
+#[test]
+fn hostile_superblock_huge_log_areas() {
+    refuse_superblock(
+        &[(SB_AREA_BLOCKS, (1 << 61) - 1), (SB_ACTIVE_AREA, 1)],
+        "area_blocks",
+    );
+}
+
+/// The two slots of one store always describe the same layout.
+#[test]
+fn hostile_superblock_slots_of_two_stores() {
+    let (devs, _) = fresh_store();
+    edit_superblocks(&devs, |slot, letter| {
+        if letter == 'B' {
+            slot[16] ^= 0xff;
+        }
+    });
+    assert_refused(&devs, "slots");
+}
+
+/// A sealed slot is never skipped for the other one (which may be older): only a torn one
+/// (its checksum fails) is.
+#[test]
+fn hostile_superblock_newer_slot_impossible() {
+    let (devs, _) = fresh_store();
+    edit_superblocks(&devs, |slot, letter| {
+        if letter == 'A' {
+            put(slot, SB_SEQUENCE, 2);
+            put(slot, SB_DATA_CHUNKS, u64::MAX / 8);
+        }
+    });
+    assert_refused(&devs, "data_chunks");
+}

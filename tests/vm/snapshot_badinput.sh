@@ -13,7 +13,10 @@
 #   unknown name (exit 3, not-found, as docs/exit-codes.md says); `ublkdm del` of the
 #   snapshot's own id (s1 must go on serving its image); a snapshot command on a linear
 #   device. Then a delete of s1 while a reader holds it open must be refused at once (busy,
-#   exit 4; dm refuses to remove an open device) with s1 intact, and succeed once closed.
+#   exit 4; dm refuses to remove an open device) with s1 intact, and succeed once closed;
+# - at the end, add origin over a COW store whose two superblock slots are both damaged
+#   (magic kept, checksums failing): corrupt metadata, exit 7, one line naming the store's
+#   device, and no device remains.
 set -uo pipefail
 . "$UBLKDM_REPO/scripts/vm/lib.sh"
 . "$UBLKDM_REPO/tests/vm/common.sh"
@@ -107,4 +110,18 @@ fi
 lin=$(add_linear "$lin_disk") || die "add linear failed"
 expect_refusal snapshot-command-on-linear any snapshot create "$(dev_id "$lin")" --name x
 ublkdm del --all >/dev/null
+# A store whose two superblock slots are both damaged (magic kept, checksums failing).
+bad=$(slice badcow /dev/vdb 160 16)
+add_origin "$orig" "$bad" >/dev/null || die "add origin on $bad failed"
+ublkdm del --all >/dev/null
+for at in 100 $((4096 + 100)); do
+	printf 'ZZZZ' | dd of="$bad" bs=1 seek="$at" conv=notrunc,fsync status=none || die "cannot damage $bad"
+done
+expect_refusal corrupt-store 7 add origin "$orig" --cow "$bad"
+out=$(ublkdm add origin "$orig" --cow "$bad" 2>&1)
+if grep -q "^error: the snapshot store on .*: no superblock slot passes its checksum" <<<"$out" && no_devices; then
+	pass "corrupt-store-names-the-store"
+else
+	fail "corrupt-store-names-the-store" "$(tr '\n' '|' <<<"$out"); devices: $(ls /sys/class/ublk-char/)"
+fi
 vm_summary
