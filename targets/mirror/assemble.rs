@@ -15,6 +15,13 @@
 //! leg comes back with `add-leg`, resynced from the bitmap if its counter is at least
 //! `events_cleared` (no bit was cleared since it left), else fully.
 //!
+//! Metadata read from the legs is untrusted (each superblock is checked alone by
+//! `Superblock::decode`); here it is checked against the devices and the other legs: a member
+//! smaller than the layout's legs is left out, members whose layouts differ are refused
+//! (`ErrorKind::Corrupt`, naming the field and both legs), and a dirty log of another UUID
+//! or geometry is refused naming the field; a log that cannot be read at all is recreated
+//! with every region out of sync.
+//!
 //! Ordering rules that make creation and leg changes crash-safe:
 //! - create: wipe the old superblocks, write the log, mark every region dirty (unless
 //!   `nosync`), and only then write the superblocks: a crash before leaves blank legs;
@@ -29,7 +36,8 @@ use uuid::Uuid;
 use super::meta::MetaDevice;
 use super::state::{Leg, LegStats, State};
 use super::superblock::{
-    probe, refuse, wipe_superblocks, Layout, LegState, Probe, Superblock, MAX_LEGS, MIN_LEGS,
+    probe, refuse, wipe_superblocks, Layout, LegState, Probe, Superblock, MAX_LEGS,
+    MAX_OPEN_EVENTS, MIN_LEGS,
 };
 use super::survey::{
     name_absent_slots, not_member_note, plan, root_cause, survey, AssemblyReport, GivenLeg, LegSet,
@@ -39,7 +47,7 @@ use super::{AddLegOptions, CreateOptions, Inner, MirrorEnv, Notify};
 use crate::copy::Completions;
 use crate::device::{DeviceInfo, DeviceRef};
 use crate::error::{Error, ErrorKind, Result};
-use crate::region::{DirtyLog, RegionBitmap, RegionIndex, RegionMap, RegionRange};
+use crate::region::{DirtyLog, RegionBitmap, RegionGeometry, RegionIndex, RegionMap, RegionRange};
 
 fn check_leg_count(n: usize) -> Result<()> {
     if !(MIN_LEGS..=MAX_LEGS).contains(&n) {
@@ -365,6 +373,7 @@ fn decide_slots(sorted: Sorted, auth: &Superblock) -> Result<(Slots, Vec<(String
         .position(|(_, _, sb)| **sb == *auth)
         .expect("the freshest superblock is a member's");
     let verdicts = plan(&view, at)?;
+    check_layouts(&view, at, &verdicts)?;
     let mut present: Vec<Option<(DeviceRef, bool)>> = (0..MAX_LEGS).map(|_| None).collect();
     let mut left_out = Vec::new();
     for ((_, dev, sb), verdict) in members.iter().zip(verdicts) {
@@ -390,6 +399,35 @@ fn decide_slots(sorted: Sorted, auth: &Superblock) -> Result<(Slots, Vec<(String
     Ok((Slots { present, absent }, notes))
 }
 
+/// Refuses members the freshest table names whose layout differs from the freshest
+/// superblock's (`members[auth]`). The layout is fixed when the mirror is created, so one of
+/// the two superblocks is corrupt or crafted, and the data would be read at the wrong place:
+/// never guessed between (mdadm refuses superblocks that do not match the others too).
+fn check_layouts(
+    members: &[(String, u64, &Superblock)],
+    auth: usize,
+    verdicts: &[Verdict],
+) -> Result<()> {
+    let (auth_name, _, a) = &members[auth];
+    for ((name, _, sb), verdict) in members.iter().zip(verdicts) {
+        if matches!(verdict, Verdict::NotMember(_)) {
+            continue;
+        }
+        if let Some(field) = a.layout.difference(&sb.layout) {
+            return Err(Error::new(
+                ErrorKind::Corrupt,
+                format!(
+                    "mirror {}: the superblocks of {auth_name} (slot {}, event {}) and {name} \
+                     (slot {}, event {}) disagree on {field}, which is fixed at creation: one is \
+                     corrupt; refusing to assemble (give only the legs of one side)",
+                    a.uuid, a.slot, a.events, sb.slot, sb.events
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// "slot 1 (/dev/vdb): missing: cannot open: No such device"
 fn absent_line(slot: usize, name: &str, why: &str, leg_uuid: Uuid) -> String {
     if name.is_empty() {
@@ -409,14 +447,23 @@ async fn assemble_surveyed(
 ) -> Result<Arc<Inner>> {
     let uuid = chosen_mirror(&given, expected)?;
     let sorted = sort_given(given, uuid);
-    let auth = sorted
+    let (_, auth_dev, auth) = sorted
         .members
         .iter()
-        .map(|(_, _, sb)| sb)
-        .max_by_key(|sb| (sb.events, std::cmp::Reverse(sb.slot)))
-        .expect("a member of the chosen mirror")
-        .as_ref()
-        .clone();
+        .max_by_key(|(_, _, sb)| (sb.events, std::cmp::Reverse(sb.slot)))
+        .expect("a member of the chosen mirror");
+    if auth.events > MAX_OPEN_EVENTS {
+        return Err(Error::new(
+            ErrorKind::Corrupt,
+            format!(
+                "mirror {uuid}: the superblock of {} has an event counter of {}, more than the \
+                 {MAX_OPEN_EVENTS} any mirror reaches",
+                auth_dev.info().name,
+                auth.events
+            ),
+        ));
+    }
+    let auth = auth.as_ref().clone();
     let (slots, notes) = decide_slots(sorted, &auth)?;
     let lines: Vec<String> = slots
         .absent
@@ -503,9 +550,12 @@ async fn open_log(
         Ok((log, bits)) if log.uuid() == uuid && log.geometry() == &geometry => {
             Ok((log, bits, false))
         }
-        Ok(_) => Err(Error::new(
+        Ok((log, _)) => Err(Error::new(
             ErrorKind::Corrupt,
-            format!("the dirty log of mirror {uuid} belongs to another mirror or geometry"),
+            format!(
+                "the dirty log of mirror {uuid} {}",
+                log_mismatch(&log, uuid, &geometry)
+            ),
         )),
         Err(err) if err.kind() == ErrorKind::Corrupt => {
             // Invariant 7: a log that cannot be read means every region is out of sync.
@@ -514,6 +564,27 @@ async fn open_log(
             Ok((log, RegionBitmap::new(geometry.count()), true))
         }
         Err(err) => Err(err),
+    }
+}
+
+/// What in an opened dirty log disagrees with the superblock's mirror `uuid` and geometry,
+/// naming the field.
+fn log_mismatch(log: &DirtyLog, uuid: Uuid, geometry: &RegionGeometry) -> String {
+    let g = log.geometry();
+    if log.uuid() != uuid {
+        format!("belongs to another mirror (its UUID is {})", log.uuid())
+    } else if g.region_size() != geometry.region_size() {
+        format!(
+            "has a region size of {} sectors, not the superblock's {}",
+            g.region_size().0,
+            geometry.region_size().0
+        )
+    } else {
+        format!(
+            "has a device size of {}, not the superblock's data size of {}",
+            g.device_size(),
+            geometry.device_size()
+        )
     }
 }
 
