@@ -20,7 +20,9 @@
 //! smaller than the layout's legs is left out, members whose layouts differ are refused
 //! (`ErrorKind::Corrupt`, naming the field and both legs), and a dirty log of another UUID
 //! or geometry is refused naming the field; a log that cannot be read at all is recreated
-//! with every region out of sync.
+//! with every region out of sync. An assembly that finds no usable copy because the legs'
+//! superblocks are damaged (and none is merely missing) is refused as corrupt metadata
+//! (exit 7), naming each leg and why, rather than as not found (exit 3).
 //!
 //! Ordering rules that make creation and leg changes crash-safe:
 //! - create: wipe the old superblocks, write the log, mark every region dirty (unless
@@ -247,10 +249,19 @@ fn chosen_mirror(given: &[Surveyed], expected: Option<Uuid>) -> Result<Uuid> {
             }
         }
     }
+    let reasons = given.iter().map(|leg| match leg {
+        Surveyed::Other {
+            probe: Probe::Damaged(_),
+            ..
+        } => "damaged",
+        Surveyed::Absent { .. } => "missing",
+        _ => "",
+    });
+    let none_kind = no_copy_kind(reasons);
     match (expected, found.as_slice()) {
         (Some(uuid), _) if found.iter().any(|(u, _)| *u == uuid) => Ok(uuid),
         (Some(uuid), _) => Err(Error::new(
-            ErrorKind::NotFound,
+            none_kind,
             format!(
                 "no leg given carries a superblock of mirror {uuid}: {}",
                 given_summary(given)
@@ -258,7 +269,7 @@ fn chosen_mirror(given: &[Surveyed], expected: Option<Uuid>) -> Result<Uuid> {
         )),
         (None, [(uuid, _)]) => Ok(*uuid),
         (None, []) => Err(Error::new(
-            ErrorKind::NotFound,
+            none_kind,
             format!(
                 "no leg given carries a mirror superblock: {}",
                 given_summary(given)
@@ -268,6 +279,24 @@ fn chosen_mirror(given: &[Surveyed], expected: Option<Uuid>) -> Result<Uuid> {
             "the legs belong to different mirrors ({an} to {a}, {bn} to {b}); give the legs \
              of one mirror (a create never overwrites a mirror leg)"
         ))),
+    }
+}
+
+/// The kind of the error of an assembly that found no usable copy, from the reasons the
+/// legs that could have been one are absent ("damaged: ...", "missing: ...", "unreadable:
+/// ..."): `Corrupt` (exit 7) when damaged metadata stood in the way (our magic, no valid
+/// superblock: an impossible field, a checksum) and no leg is merely missing or unreadable;
+/// else `NotFound` (exit 3: the legs that hold the data are not there).
+fn no_copy_kind<'a>(reasons: impl Iterator<Item = &'a str>) -> ErrorKind {
+    let (mut damaged, mut missing) = (false, false);
+    for why in reasons {
+        damaged |= why.starts_with("damaged");
+        missing |= why.starts_with("missing") || why.starts_with("unreadable");
+    }
+    if damaged && !missing {
+        ErrorKind::Corrupt
+    } else {
+        ErrorKind::NotFound
     }
 }
 
@@ -474,8 +503,9 @@ async fn assemble_surveyed(
         .filter(|&s| matches!(slots.present[s], Some((_, true))))
         .collect();
     if in_sync.is_empty() {
+        let reasons = slots.absent.iter().map(|(_, _, why)| why.as_str());
         return Err(Error::new(
-            ErrorKind::NotFound,
+            no_copy_kind(reasons),
             format!(
                 "no leg given holds a complete copy of mirror {uuid} (none is a current in-sync \
                  leg): {}",
