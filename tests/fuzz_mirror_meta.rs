@@ -896,44 +896,55 @@ fn fuzz_mirror_assembly() {
         );
         prop_assert_eq!(size, layout.data_size);
         check_layout(&layout)?;
-        // What the mirror wrote assembles again, from the newest superblock (its counter
-        // went up), or is refused whole when the counter has no room left.
-        let devs: Vec<DeviceRef> = legs.iter().map(|l| Arc::clone(l) as DeviceRef).collect();
-        let events = status["events"].as_u64().expect("events");
-        match with_assembled(devs, |t| async move { t.status() }) {
-            Ok(again) => {
-                let later = again["events"].as_u64().expect("events");
-                prop_assert!(
-                    later > events,
-                    "an older superblock: {} <= {}",
-                    later,
-                    events
-                );
-            }
-            Err(err) => {
-                prop_assert!(err.to_string().contains("any mirror reaches"), "{}", err);
-                refused(&err, &[ErrorKind::Corrupt])?;
-            }
-        }
-        for leg in &legs {
-            prop_assert!(leg.outside().is_empty(), "{:?}", leg.outside());
-        }
-        for leg in status["legs"].as_array().expect("legs") {
-            let state = leg["state"].as_str().unwrap_or_default();
-            if state == "in-sync" || state == "recovering" {
-                let name = leg["device"].as_str().unwrap_or_default();
-                let i = cases
-                    .len()
-                    .min(name.trim_start_matches("leg").parse().unwrap_or(9));
-                prop_assert!(i < cases.len(), "{name}");
-                prop_assert!(
-                    cases[i].size >= layout.leg_sectors().0,
-                    "{name} is too small"
-                );
-            }
-        }
+        check_running_legs(&status, &cases, &layout)?;
+        check_reassembles(&legs, &status)?;
         Ok(Outcome::Ok)
     });
+}
+
+/// Every leg that runs (in sync or recovering) holds the layout.
+fn check_running_legs(
+    status: &serde_json::Value,
+    cases: &[LegCase],
+    layout: &Layout,
+) -> Result<(), TestCaseError> {
+    for leg in status["legs"].as_array().expect("legs") {
+        let state = leg["state"].as_str().unwrap_or_default();
+        if state == "in-sync" || state == "recovering" {
+            let name = leg["device"].as_str().unwrap_or_default();
+            let i: usize = name.trim_start_matches("leg").parse().unwrap_or(usize::MAX);
+            prop_assert!(i < cases.len(), "{name}");
+            prop_assert!(
+                cases[i].size >= layout.leg_sectors().0,
+                "{name} is too small"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// What the mirror wrote assembles again, from the newest superblock (its counter went
+/// up), or is refused whole when the counter has no room left; no request leaves a device.
+fn check_reassembles(
+    legs: &[Arc<Forwarding<Bounded>>],
+    status: &serde_json::Value,
+) -> Result<(), TestCaseError> {
+    let devs: Vec<DeviceRef> = legs.iter().map(|l| Arc::clone(l) as DeviceRef).collect();
+    let events = status["events"].as_u64().expect("events");
+    match with_assembled(devs, |t| async move { t.status() }) {
+        Ok(again) => {
+            let later = again["events"].as_u64().expect("events");
+            prop_assert!(later > events, "an older superblock: {later} <= {events}");
+        }
+        Err(err) => {
+            prop_assert!(err.to_string().contains("any mirror reaches"), "{}", err);
+            refused(&err, &[ErrorKind::Corrupt])?;
+        }
+    }
+    for leg in legs {
+        prop_assert!(leg.outside().is_empty(), "{:?}", leg.outside());
+    }
+    Ok(())
 }
 
 /// One dirty log case: its geometry and area, the device around it, the history written,
