@@ -33,6 +33,17 @@
 //! highest sequence. After a failed commit the next one goes to the same slot again, since
 //! the untouched slot is still the only one known good.
 //!
+//! # Reading untrusted images
+//!
+//! An image read from disk is untrusted (a crc guards against accidents only). A slot is
+//! valid when its header bounds every count and size before anything is sized from it (the
+//! region count at most `MAX_REGION_COUNT`, its image within half the area, the counters at
+//! most 2^62), its crc matches, it was written for this area's length, its geometry is one
+//! `RegionGeometry::new` accepts and has its region count, and no bit past the count is set.
+//! The newest valid image is opened only when its counters are at most 2^61, so that every
+//! image the log writes afterwards is valid again. Anything else is a one-line `Corrupt`
+//! error naming the field; no read leaves the area.
+//!
 //! # Concurrency and the marking rule
 //!
 //! The log is shared (`Arc<DirtyLog>`, `&self` methods) by threads that each run their own
@@ -421,6 +432,7 @@ impl DirtyLog {
                 ))
             }
         };
+        check_room(&header, area, &dev.info().name)?;
         let geometry = RegionGeometry::new(header.device_size, header.region_size)
             .expect("geometry was checked when the slot was read");
         let layout = Layout {
@@ -602,6 +614,27 @@ async fn write_image(dev: &DeviceRef, commit: &Commit) -> io::Result<()> {
     dev.flush().await
 }
 
+/// Refuses to open a log whose newest image's counters leave no room to count on (see
+/// [`MAX_OPEN_COUNTER`]); the error names the field.
+fn check_room(header: &Header, area: Extent, name: &str) -> Result<()> {
+    let counters = [
+        ("sequence number", header.sequence),
+        ("event counter", header.events),
+    ];
+    for (field, value) in counters {
+        if value > MAX_OPEN_COUNTER {
+            return Err(Error::new(
+                ErrorKind::Corrupt,
+                format!(
+                    "the dirty log in {area} on {name} has a {field} of {value}, more than \
+                     the {MAX_OPEN_COUNTER} any log reaches"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Checks that `area` suits a log on `dev` and returns the distance between its slots.
 fn check_area(dev: &DeviceRef, area: Extent) -> Result<SectorCount> {
     let info = dev.info();
@@ -687,9 +720,14 @@ fn encode_image(header: &Header, bits: &RegionBitmap, image: SectorCount) -> Ali
     buf
 }
 
-/// The highest sequence number or event counter a header may carry: far beyond any log's
-/// life, and low enough that the next commit's increment never overflows.
+/// The highest sequence number or event counter a valid image may carry: far beyond any
+/// log's life, and low enough that an increment never overflows.
 const MAX_COUNTER: u64 = 1 << 62;
+/// The highest sequence number or event counter a log is opened with. Below [`MAX_COUNTER`]
+/// by 2^61, so that the images an opened log writes (each one more) stay valid for 2^61
+/// commits, beyond any log's life: a log crafted at the limit would otherwise open, and then
+/// write images its next open refuses.
+const MAX_OPEN_COUNTER: u64 = 1 << 61;
 /// The largest device a log may describe, in sectors: its size in bytes fits in a `u64`.
 const MAX_DEVICE_SECTORS: u64 = u64::MAX / SECTOR_BYTES;
 
@@ -1311,6 +1349,47 @@ mod tests {
             };
             assert!(err.to_string().contains(name), "{err}");
             assert!(!err.to_string().contains('\n'), "{err}");
+        }
+    }
+
+    /// A log whose newest image carried a counter at the limit a valid image may carry
+    /// opened, and its next commit wrote an image (one more) that its reader refuses: the
+    /// reopen silently took the older slot and lost the mark (or the event). A log is opened
+    /// only with room to count on now; what it writes then is valid, so a reopen sees the
+    /// newest image: its bits, or a one-line Corrupt error naming the counter.
+    #[test]
+    fn counters_without_room_are_refused_at_open() {
+        for (field, name) in [(32, "sequence number"), (40, "event counter")] {
+            for value in [MAX_OPEN_COUNTER - 1, MAX_OPEN_COUNTER, MAX_COUNTER] {
+                let dev = mem(REGIONS);
+                create(dev.clone(), REGIONS);
+                craft_slot_b(&dev, REGIONS, &[(field, value)]);
+                let corrupt = |err: Error| {
+                    assert_eq!(err.kind(), ErrorKind::Corrupt, "{err}");
+                    assert!(err.to_string().contains(name), "{err}");
+                    assert!(!err.to_string().contains('\n'), "{err}");
+                };
+                let log = match reopen(dev.clone(), REGIONS) {
+                    Ok((log, _)) => log,
+                    Err(err) => {
+                        assert!(value > MAX_OPEN_COUNTER, "{value}: {err}");
+                        corrupt(err);
+                        continue;
+                    }
+                };
+                let events = log.events();
+                run_local(async move {
+                    log.mark(&indices(&[1])).await.expect("mark");
+                    log.bump_event().await.expect("event");
+                });
+                match reopen(dev, REGIONS) {
+                    Ok((log, bits)) => {
+                        assert!(bits.get(RegionIndex(1)), "{name} {value}: the mark is lost");
+                        assert_eq!(log.events(), events + 1, "{name} {value}: the event");
+                    }
+                    Err(err) => corrupt(err),
+                }
+            }
         }
     }
 

@@ -15,6 +15,15 @@
 //! leg comes back with `add-leg`, resynced from the bitmap if its counter is at least
 //! `events_cleared` (no bit was cleared since it left), else fully.
 //!
+//! Metadata read from the legs is untrusted (each superblock is checked alone by
+//! `Superblock::decode`); here it is checked against the devices and the other legs: a member
+//! smaller than the layout's legs is left out, members whose layouts differ are refused
+//! (`ErrorKind::Corrupt`, naming the field and both legs), and a dirty log of another UUID
+//! or geometry is refused naming the field; a log that cannot be read at all is recreated
+//! with every region out of sync. An assembly that finds no usable copy because the legs'
+//! superblocks are damaged (and none is merely missing) is refused as corrupt metadata
+//! (exit 7), naming each leg and why, rather than as not found (exit 3).
+//!
 //! Ordering rules that make creation and leg changes crash-safe:
 //! - create: wipe the old superblocks, write the log, mark every region dirty (unless
 //!   `nosync`), and only then write the superblocks: a crash before leaves blank legs;
@@ -29,7 +38,8 @@ use uuid::Uuid;
 use super::meta::MetaDevice;
 use super::state::{Leg, LegStats, State};
 use super::superblock::{
-    probe, refuse, wipe_superblocks, Layout, LegState, Probe, Superblock, MAX_LEGS, MIN_LEGS,
+    probe, refuse, wipe_superblocks, Layout, LegState, Probe, Superblock, MAX_LEGS,
+    MAX_OPEN_EVENTS, MIN_LEGS,
 };
 use super::survey::{
     name_absent_slots, not_member_note, plan, root_cause, survey, AssemblyReport, GivenLeg, LegSet,
@@ -39,7 +49,7 @@ use super::{AddLegOptions, CreateOptions, Inner, MirrorEnv, Notify};
 use crate::copy::Completions;
 use crate::device::{DeviceInfo, DeviceRef};
 use crate::error::{Error, ErrorKind, Result};
-use crate::region::{DirtyLog, RegionBitmap, RegionIndex, RegionMap, RegionRange};
+use crate::region::{DirtyLog, RegionBitmap, RegionGeometry, RegionIndex, RegionMap, RegionRange};
 
 fn check_leg_count(n: usize) -> Result<()> {
     if !(MIN_LEGS..=MAX_LEGS).contains(&n) {
@@ -239,10 +249,19 @@ fn chosen_mirror(given: &[Surveyed], expected: Option<Uuid>) -> Result<Uuid> {
             }
         }
     }
+    let reasons = given.iter().map(|leg| match leg {
+        Surveyed::Other {
+            probe: Probe::Damaged(_),
+            ..
+        } => "damaged",
+        Surveyed::Absent { .. } => "missing",
+        _ => "",
+    });
+    let none_kind = no_copy_kind(reasons);
     match (expected, found.as_slice()) {
         (Some(uuid), _) if found.iter().any(|(u, _)| *u == uuid) => Ok(uuid),
         (Some(uuid), _) => Err(Error::new(
-            ErrorKind::NotFound,
+            none_kind,
             format!(
                 "no leg given carries a superblock of mirror {uuid}: {}",
                 given_summary(given)
@@ -250,7 +269,7 @@ fn chosen_mirror(given: &[Surveyed], expected: Option<Uuid>) -> Result<Uuid> {
         )),
         (None, [(uuid, _)]) => Ok(*uuid),
         (None, []) => Err(Error::new(
-            ErrorKind::NotFound,
+            none_kind,
             format!(
                 "no leg given carries a mirror superblock: {}",
                 given_summary(given)
@@ -260,6 +279,24 @@ fn chosen_mirror(given: &[Surveyed], expected: Option<Uuid>) -> Result<Uuid> {
             "the legs belong to different mirrors ({an} to {a}, {bn} to {b}); give the legs \
              of one mirror (a create never overwrites a mirror leg)"
         ))),
+    }
+}
+
+/// The kind of the error of an assembly that found no usable copy, from the reasons the
+/// legs that could have been one are absent ("damaged: ...", "missing: ...", "unreadable:
+/// ..."): `Corrupt` (exit 7) when damaged metadata stood in the way (our magic, no valid
+/// superblock: an impossible field, a checksum) and no leg is merely missing or unreadable;
+/// else `NotFound` (exit 3: the legs that hold the data are not there).
+fn no_copy_kind<'a>(reasons: impl Iterator<Item = &'a str>) -> ErrorKind {
+    let (mut damaged, mut missing) = (false, false);
+    for why in reasons {
+        damaged |= why.starts_with("damaged");
+        missing |= why.starts_with("missing") || why.starts_with("unreadable");
+    }
+    if damaged && !missing {
+        ErrorKind::Corrupt
+    } else {
+        ErrorKind::NotFound
     }
 }
 
@@ -365,6 +402,7 @@ fn decide_slots(sorted: Sorted, auth: &Superblock) -> Result<(Slots, Vec<(String
         .position(|(_, _, sb)| **sb == *auth)
         .expect("the freshest superblock is a member's");
     let verdicts = plan(&view, at)?;
+    check_layouts(&view, at, &verdicts)?;
     let mut present: Vec<Option<(DeviceRef, bool)>> = (0..MAX_LEGS).map(|_| None).collect();
     let mut left_out = Vec::new();
     for ((_, dev, sb), verdict) in members.iter().zip(verdicts) {
@@ -390,6 +428,35 @@ fn decide_slots(sorted: Sorted, auth: &Superblock) -> Result<(Slots, Vec<(String
     Ok((Slots { present, absent }, notes))
 }
 
+/// Refuses members the freshest table names whose layout differs from the freshest
+/// superblock's (`members[auth]`). The layout is fixed when the mirror is created, so one of
+/// the two superblocks is corrupt or crafted, and the data would be read at the wrong place:
+/// never guessed between (mdadm refuses superblocks that do not match the others too).
+fn check_layouts(
+    members: &[(String, u64, &Superblock)],
+    auth: usize,
+    verdicts: &[Verdict],
+) -> Result<()> {
+    let (auth_name, _, a) = &members[auth];
+    for ((name, _, sb), verdict) in members.iter().zip(verdicts) {
+        if matches!(verdict, Verdict::NotMember(_)) {
+            continue;
+        }
+        if let Some(field) = a.layout.difference(&sb.layout) {
+            return Err(Error::new(
+                ErrorKind::Corrupt,
+                format!(
+                    "mirror {}: the superblocks of {auth_name} (slot {}, event {}) and {name} \
+                     (slot {}, event {}) disagree on {field}, which is fixed at creation: one is \
+                     corrupt; refusing to assemble (give only the legs of one side)",
+                    a.uuid, a.slot, a.events, sb.slot, sb.events
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// "slot 1 (/dev/vdb): missing: cannot open: No such device"
 fn absent_line(slot: usize, name: &str, why: &str, leg_uuid: Uuid) -> String {
     if name.is_empty() {
@@ -409,14 +476,23 @@ async fn assemble_surveyed(
 ) -> Result<Arc<Inner>> {
     let uuid = chosen_mirror(&given, expected)?;
     let sorted = sort_given(given, uuid);
-    let auth = sorted
+    let (_, auth_dev, auth) = sorted
         .members
         .iter()
-        .map(|(_, _, sb)| sb)
-        .max_by_key(|sb| (sb.events, std::cmp::Reverse(sb.slot)))
-        .expect("a member of the chosen mirror")
-        .as_ref()
-        .clone();
+        .max_by_key(|(_, _, sb)| (sb.events, std::cmp::Reverse(sb.slot)))
+        .expect("a member of the chosen mirror");
+    if auth.events > MAX_OPEN_EVENTS {
+        return Err(Error::new(
+            ErrorKind::Corrupt,
+            format!(
+                "mirror {uuid}: the superblock of {} has an event counter of {}, more than the \
+                 {MAX_OPEN_EVENTS} any mirror reaches",
+                auth_dev.info().name,
+                auth.events
+            ),
+        ));
+    }
+    let auth = auth.as_ref().clone();
     let (slots, notes) = decide_slots(sorted, &auth)?;
     let lines: Vec<String> = slots
         .absent
@@ -427,8 +503,9 @@ async fn assemble_surveyed(
         .filter(|&s| matches!(slots.present[s], Some((_, true))))
         .collect();
     if in_sync.is_empty() {
+        let reasons = slots.absent.iter().map(|(_, _, why)| why.as_str());
         return Err(Error::new(
-            ErrorKind::NotFound,
+            no_copy_kind(reasons),
             format!(
                 "no leg given holds a complete copy of mirror {uuid} (none is a current in-sync \
                  leg): {}",
@@ -503,9 +580,12 @@ async fn open_log(
         Ok((log, bits)) if log.uuid() == uuid && log.geometry() == &geometry => {
             Ok((log, bits, false))
         }
-        Ok(_) => Err(Error::new(
+        Ok((log, _)) => Err(Error::new(
             ErrorKind::Corrupt,
-            format!("the dirty log of mirror {uuid} belongs to another mirror or geometry"),
+            format!(
+                "the dirty log of mirror {uuid} {}",
+                log_mismatch(&log, uuid, &geometry)
+            ),
         )),
         Err(err) if err.kind() == ErrorKind::Corrupt => {
             // Invariant 7: a log that cannot be read means every region is out of sync.
@@ -514,6 +594,27 @@ async fn open_log(
             Ok((log, RegionBitmap::new(geometry.count()), true))
         }
         Err(err) => Err(err),
+    }
+}
+
+/// What in an opened dirty log disagrees with the superblock's mirror `uuid` and geometry,
+/// naming the field.
+fn log_mismatch(log: &DirtyLog, uuid: Uuid, geometry: &RegionGeometry) -> String {
+    let g = log.geometry();
+    if log.uuid() != uuid {
+        format!("belongs to another mirror (its UUID is {})", log.uuid())
+    } else if g.region_size() != geometry.region_size() {
+        format!(
+            "has a region size of {} sectors, not the superblock's {}",
+            g.region_size().0,
+            geometry.region_size().0
+        )
+    } else {
+        format!(
+            "has a device size of {}, not the superblock's data size of {}",
+            g.device_size(),
+            geometry.device_size()
+        )
     }
 }
 

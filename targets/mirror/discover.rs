@@ -20,6 +20,9 @@
 //! - two devices claiming the same slot and leg UUID (a cloned disk), or two sets of legs
 //!   with one mirror UUID and no leg in common, are refused with one line naming both
 //!   devices: never merged, since either may hold writes the other lacks;
+//! - a stored path whose device carries our magic but no valid superblock (an impossible
+//!   field, a checksum) is named with why; when it stands in the way of the assembly, that is
+//!   corrupt metadata (exit 7), not a leg not found;
 //! - the freshest superblock's table decides membership: a device that carries an older leg
 //!   of a slot (replaced or removed since) is left out and said so.
 
@@ -137,6 +140,8 @@ pub struct Found {
 pub struct Survey {
     pub legs: Vec<Found>,
     pub unreadable: Vec<(PathBuf, String)>,
+    /// The hints that carry our magic but no valid superblock, and why (the field).
+    pub damaged: Vec<(PathBuf, String)>,
     /// Devices probed (hints included).
     pub probed: usize,
 }
@@ -153,16 +158,13 @@ fn device_key(path: &Path) -> Result<(u64, u64)> {
 }
 
 /// Reads what `path` holds, read-only and shared.
-async fn read_leg(path: &Path) -> Result<Option<Superblock>> {
+async fn read_leg(path: &Path) -> Result<Probe> {
     let options = OpenOptions {
         exclusive: false,
         read_only: true,
     };
     let dev: DeviceRef = std::sync::Arc::new(UringDevice::open(path, options)?);
-    Ok(match probe(&dev).await? {
-        Probe::Ours(sb) => Some(*sb),
-        _ => None,
-    })
+    probe(&dev).await
 }
 
 /// Probes `hints` (any path: block devices or files), then the block devices of `roots`. An
@@ -179,18 +181,22 @@ pub fn survey(hints: &[PathBuf], roots: &ScanRoots) -> Result<Survey> {
                 Ok(key) if seen.contains(&key) => continue,
                 Ok(key) => {
                     seen.push(key);
-                    read_leg(path).await.map(|sb| sb.map(|sb| (key, sb)))
+                    read_leg(path).await.map(|probe| (key, probe))
                 }
                 Err(err) => Err(err),
             };
             survey.probed += 1;
             match probed {
-                Ok(Some((key, sb))) => survey.legs.push(Found {
+                Ok((key, Probe::Ours(sb))) => survey.legs.push(Found {
                     path: path.clone(),
                     key,
-                    sb,
+                    sb: *sb,
                 }),
-                Ok(None) => {}
+                Ok((_, Probe::Damaged(why))) if is_hint => {
+                    let why = format!("a damaged mirror superblock ({why})");
+                    survey.damaged.push((path.clone(), why));
+                }
+                Ok(_) => {}
                 Err(err) if is_hint => survey
                     .unreadable
                     .push((path.clone(), err.chain().join(": "))),
@@ -301,30 +307,44 @@ pub fn members(uuid: Uuid, found: &[Found]) -> Result<Members> {
 /// found by their superblocks (the stored paths are tried first); a stored path that could
 /// not be read is passed on too while a slot is missing, so that the assembly says why.
 pub fn leg_paths(spec: &MirrorSpec) -> Result<Vec<PathBuf>> {
+    leg_paths_in(spec, &ScanRoots::default())
+}
+
+/// [`leg_paths`], scanning `roots`.
+fn leg_paths_in(spec: &MirrorSpec, roots: &ScanRoots) -> Result<Vec<PathBuf>> {
     let legs = &spec.legs;
     let Some(uuid) = spec.uuid else {
         return Ok(legs.clone());
     };
-    let survey = survey(legs, &ScanRoots::default())?;
+    let survey = survey(legs, roots)?;
     let chosen = members(uuid, &survey.legs).map_err(|err| {
         if err.kind() != ErrorKind::NotFound {
             return err;
         }
-        let unreadable: Vec<String> = survey
-            .unreadable
-            .iter()
-            .map(|(path, why)| format!("{} ({why})", path.display()))
-            .collect();
+        let list = |what: &str, found: &[(PathBuf, String)]| {
+            let named: Vec<String> = found
+                .iter()
+                .map(|(path, why)| format!("{} ({why})", path.display()))
+                .collect();
+            if named.is_empty() {
+                String::new()
+            } else {
+                format!("; {what}: {}", named.join(", "))
+            }
+        };
+        // Damaged metadata in the way, and nothing merely unreadable: corrupt, not absent.
+        let kind = if !survey.damaged.is_empty() && survey.unreadable.is_empty() {
+            ErrorKind::Corrupt
+        } else {
+            ErrorKind::NotFound
+        };
         Error::new(
-            ErrorKind::NotFound,
+            kind,
             format!(
-                "no leg of mirror {uuid} found on {} devices probed{}",
+                "no leg of mirror {uuid} found on {} devices probed{}{}",
                 survey.probed,
-                if unreadable.is_empty() {
-                    String::new()
-                } else {
-                    format!("; unreadable: {}", unreadable.join(", "))
-                }
+                list("unreadable", &survey.unreadable),
+                list("damaged", &survey.damaged)
             ),
         )
     })?;
@@ -333,7 +353,8 @@ pub fn leg_paths(spec: &MirrorSpec) -> Result<Vec<PathBuf>> {
     }
     let mut paths: Vec<PathBuf> = chosen.legs.iter().map(|l| l.path.clone()).collect();
     if !chosen.missing.is_empty() {
-        paths.extend(survey.unreadable.iter().map(|(path, _)| path.clone()));
+        let named = survey.unreadable.iter().chain(&survey.damaged);
+        paths.extend(named.map(|(path, _)| path.clone()));
     }
     log::info!(
         "mirror {uuid}: legs {:?}, missing slots {:?}",
@@ -539,6 +560,45 @@ mod tests {
         assert!(err.to_string().contains("/dev/a"), "{err}");
         assert!(err.to_string().contains("/dev/x"), "{err}");
         assert!(members(Uuid::from_u128(5), &legs).is_err(), "no leg at all");
+    }
+
+    /// Stored legs whose superblocks carry an impossible field (behind a valid checksum)
+    /// were dropped as "no leg found" (not found, exit 3): now corrupt metadata (exit 7),
+    /// naming each device and the field.
+    #[test]
+    fn damaged_stored_legs_are_corrupt_not_missing() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut crafted = sb(0, 4, &[(0, 1), (1, 2)]);
+        crafted.layout.region_size = SectorCount(3);
+        let mut image = vec![0u8; 8192 * 512];
+        image[..4096].copy_from_slice(crafted.encode().as_slice());
+        let legs: Vec<PathBuf> = ["a", "b"].iter().map(|n| dir.path().join(n)).collect();
+        for leg in &legs {
+            std::fs::write(leg, &image).expect("leg file");
+        }
+        let spec = MirrorSpec {
+            uuid: Some(MIRROR),
+            legs: legs.clone(),
+            region_size_sectors: 64,
+            nosync: false,
+            force: false,
+            resync_throttle: Default::default(),
+        };
+        let roots = ScanRoots {
+            sys_class_block: dir.path().join("no-sysfs"),
+            dev: dir.path().to_owned(),
+            max_devices: 0,
+        };
+        let err = leg_paths_in(&spec, &roots).expect_err("no valid leg");
+        let line = err.to_string();
+        if line.contains("O_DIRECT") {
+            eprintln!("SKIP: this filesystem refuses O_DIRECT: {line}");
+            return;
+        }
+        assert_eq!(err.kind(), ErrorKind::Corrupt, "{line}");
+        assert!(line.contains("region size"), "{line}");
+        assert!(line.contains(&*legs[1].to_string_lossy()), "{line}");
+        assert!(!line.contains('\n'), "{line}");
     }
 
     #[test]

@@ -43,9 +43,18 @@
 //!   md's rule decides how it comes back: if its counter is at least `events_cleared`, no
 //!   dirty bit was cleared since it left and the bitmap covers what it missed.
 //! - Every field read from disk is untrusted: `Superblock::decode` bounds each length and
-//!   counter (`check_layout`: the layout is exactly one `Layout::compute` can make, so the
-//!   log area is at most the size of a log of `MAX_REGION_COUNT` regions, about 1 MiB), and
-//!   an impossible value is an error naming the field, never a panic or a huge buffer.
+//!   counter (`check_layout`: the layout is one `Layout::compute` can make: the log area at
+//!   sector 16, a whole number of 4 KiB, long enough for the bitmap of the data's regions and
+//!   at most the size of a log of `MAX_REGION_COUNT` regions, about 1 MiB; the data at the
+//!   log's end rounded up to 1 MiB, a whole number of 4 KiB, ending below 2^64 bytes; the
+//!   region size a power of two from 4 KiB to the data size; the counters below
+//!   `MAX_EVENTS`, so that raising them never overflows; a mirror is assembled only from a
+//!   counter at most `MAX_OPEN_EVENTS`, so that what it writes later decodes), and an
+//!   impossible value is an error
+//!   naming the field, never a panic or a huge buffer. The decoded layout is checked against
+//!   the device at assembly (a leg smaller than `Layout::leg_sectors` is left out) and
+//!   against the other legs (members whose layouts differ are refused, as mdadm refuses
+//!   superblocks that do not match).
 //! - Only the mirror writes a leg's metadata area (everything before the data offset), and the
 //!   encoded superblock fills only the first 512 bytes of its slot: a leg whose slot A is no
 //!   longer valid and whose metadata area shows another program's signature (libblkid's
@@ -139,6 +148,11 @@ pub const MAX_LEG_SECTORS: SectorCount = SectorCount(u64::MAX / SECTOR_BYTES);
 /// update a nanosecond for a century is below 2^62), and low enough that raising it never
 /// overflows.
 pub const MAX_EVENTS: u64 = 1 << 62;
+/// The highest event counter a mirror is assembled with. Below [`MAX_EVENTS`] by 2^61, so
+/// that the superblocks a running mirror writes (each update one more) stay valid for 2^61
+/// updates, beyond any mirror's life: a leg crafted at the limit would otherwise assemble,
+/// and then write superblocks its next assembly refuses.
+pub const MAX_OPEN_EVENTS: u64 = 1 << 61;
 /// The region size used when none is given: 512 KiB, dm-mirror's default, doubled while
 /// the device would have too many regions.
 pub const DEFAULT_REGION: SectorCount = SectorCount(1024);
@@ -265,6 +279,27 @@ impl Layout {
     pub fn leg_sectors(&self) -> SectorCount {
         self.data_offset + self.data_size - Sector(0)
     }
+
+    /// The first field in which `other` differs from this layout, as "the region size (64
+    /// vs 128 sectors)", or `None` when they are the same: for messages about two legs'
+    /// superblocks that disagree.
+    pub fn difference(&self, other: &Layout) -> Option<String> {
+        let fields = [
+            ("region size", self.region_size.0, other.region_size.0),
+            ("data offset", self.data_offset.0, other.data_offset.0),
+            ("data size", self.data_size.0, other.data_size.0),
+            (
+                "log area start",
+                self.log_area.start.0,
+                other.log_area.start.0,
+            ),
+            ("log area length", self.log_area.len.0, other.log_area.len.0),
+        ];
+        fields
+            .into_iter()
+            .find(|(_, a, b)| a != b)
+            .map(|(field, a, b)| format!("the {field} ({a} vs {b} sectors)"))
+    }
 }
 
 /// A decoded superblock.
@@ -330,10 +365,11 @@ impl Superblock {
         if !crc::verify(b, CRC_AT) {
             return Err("fails its checksum (torn or damaged)".into());
         }
-        let slot = raw.slot.get() as usize;
-        if slot >= MAX_LEGS {
-            return Err(format!("claims slot {slot}"));
-        }
+        let slot = raw.slot.get();
+        let slot = match usize::try_from(slot) {
+            Ok(slot) if slot < MAX_LEGS => slot,
+            _ => return Err(format!("claims slot {slot}, not one of 0..{MAX_LEGS}")),
+        };
         let layout = Layout {
             region_size: SectorCount(raw.region_size.get()),
             data_offset: Sector(raw.data_offset.get()),
@@ -395,6 +431,12 @@ fn check_layout(l: &Layout) -> std::result::Result<(), String> {
         ));
     }
     let max_log = DirtyLog::area_sectors(MAX_REGION_COUNT);
+    if l.log_area.len.0 % BLOCK_SECTORS.0 != 0 {
+        return Err(format!(
+            "has a log area length of {} sectors, not a multiple of {} (4 KiB)",
+            l.log_area.len.0, BLOCK_SECTORS.0
+        ));
+    }
     if l.log_area.len > max_log {
         return Err(format!(
             "has a log area length of {} sectors, more than the limit of {}",
@@ -405,6 +447,12 @@ fn check_layout(l: &Layout) -> std::result::Result<(), String> {
         return Err(format!(
             "has a data size of {} sectors, not within 1..={}",
             l.data_size.0, MAX_LEG_SECTORS.0
+        ));
+    }
+    if l.data_size.0 % BLOCK_SECTORS.0 != 0 {
+        return Err(format!(
+            "has a data size of {} sectors, not a multiple of {} (4 KiB)",
+            l.data_size.0, BLOCK_SECTORS.0
         ));
     }
     let geometry = RegionGeometry::new(l.data_size, l.region_size).map_err(|e| {
@@ -641,6 +689,46 @@ mod tests {
         assert!(Superblock::decode(&bad)
             .expect_err("crc")
             .contains("checksum"));
+    }
+
+    /// Lengths that `Layout::compute` never makes: a log area or a data size that is not a
+    /// whole number of 4 KiB (served on legs of 4 KiB blocks, their last part cannot be read
+    /// or written: a log area of 17 sectors failed the copy of the log to a joining leg with
+    /// an I/O error). Both decoded before this check.
+    #[test]
+    fn lengths_that_are_not_whole_blocks_are_refused_naming_the_field() {
+        type Craft = fn(&mut Layout);
+        let cases: [(&str, Craft); 3] = [
+            ("log area length", |l| {
+                l.log_area.len = l.log_area.len + SectorCount(1)
+            }),
+            ("data size", |l| l.data_size = l.data_size - SectorCount(1)),
+            ("data size", |l| l.data_size = l.data_size - SectorCount(4)),
+        ];
+        for (field, craft) in cases {
+            let mut sb = sample();
+            craft(&mut sb.layout);
+            let err = Superblock::decode(sb.encode().as_slice()).expect_err(field);
+            assert!(
+                err.contains(field) && err.contains("4 KiB"),
+                "{field}: {err}"
+            );
+        }
+        let mut sb = sample();
+        sb.layout.data_size = sb.layout.data_size - SB_SECTORS;
+        assert_eq!(Superblock::decode(sb.encode().as_slice()), Ok(sb));
+    }
+
+    #[test]
+    fn layout_differences_name_the_field() {
+        let a = sample().layout;
+        assert_eq!(a.difference(&a), None);
+        let mut b = a;
+        b.data_size = SectorCount(4096);
+        assert_eq!(
+            a.difference(&b).as_deref(),
+            Some("the data size (6144 vs 4096 sectors)")
+        );
     }
 
     /// The encoding of `sample()`, byte for byte, as the format was first written: any
