@@ -168,6 +168,7 @@ fn with_group<T: 'static>(
         let options = GroupOptions {
             chunk_size: chunk.map(SectorCount),
             force: false,
+            ..GroupOptions::default()
         };
         let group = SnapshotGroup::open(origin, cow, &options, engine.clone()).await;
         drop(engine);
