@@ -11,9 +11,11 @@
 //! `{"version":1,"ok":false,"error":{"kind":"busy","message":"..."}}`, `kind` being an
 //! [`ErrorKind::name`].
 //!
-//! Every exchange is bounded: a message is at most [`MAX_MESSAGE_BYTES`], and reads and
-//! writes time out after [`IO_TIMEOUT`], on both sides, but for the client's wait for a reply
-//! ([`REPLY_TIMEOUT`]).
+//! Every exchange is bounded: a request is at most [`MAX_REQUEST_BYTES`] and a reply at most
+//! [`MAX_REPLY_BYTES`] (a daemon whose reply would be larger answers with an error instead),
+//! and reads and writes time out after [`IO_TIMEOUT`], on both sides, but for the client's
+//! wait for a reply ([`REPLY_TIMEOUT`]). A connection closed before a whole line came is told
+//! apart from an oversized one: the first means the peer is gone (a daemon that died).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -26,8 +28,11 @@ use crate::error::{Error, ErrorKind, IoContext, Result};
 pub const PROTOCOL_VERSION: u32 = 1;
 /// The directory of the sockets (and nothing else of other users): root only.
 pub const SOCKET_DIR: &str = "/run/ublkdm";
-/// The largest request or reply, newline included.
-pub const MAX_MESSAGE_BYTES: u64 = 64 << 10;
+/// The largest request, newline included.
+pub const MAX_REQUEST_BYTES: u64 = 64 << 10;
+/// The largest reply, newline included: a group's status grows with its snapshots (each a
+/// device with its counters, about 400 bytes).
+pub const MAX_REPLY_BYTES: u64 = 4 << 20;
 /// How long either side waits for the other to send or take a message.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a client waits for the reply: a command may start or stop devices (a snapshot's),
@@ -161,27 +166,45 @@ impl Reply {
     }
 }
 
-/// Reads one line of at most [`MAX_MESSAGE_BYTES`] and parses it as `T`.
-pub fn read_message<T: serde::de::DeserializeOwned>(stream: &UnixStream) -> Result<T> {
+/// Reads one line of at most `limit` bytes and parses it as `T`.
+pub fn read_message<T: serde::de::DeserializeOwned>(stream: &UnixStream, limit: u64) -> Result<T> {
     let mut line = String::new();
-    let mut reader = BufReader::new(stream.take(MAX_MESSAGE_BYTES));
-    reader
+    let mut reader = BufReader::new(stream.take(limit));
+    let read = reader
         .read_line(&mut line)
         .context(|| "cannot read from the control socket".to_owned())?;
     if !line.ends_with('\n') {
-        return Err(Error::new(
-            ErrorKind::Daemon,
-            "truncated or oversized control message",
-        ));
+        let why = if u64::try_from(read).is_ok_and(|n| n >= limit) {
+            format!("a control message longer than {limit} bytes")
+        } else if read == 0 {
+            "the connection was closed without a message (did the peer exit?)".to_owned()
+        } else {
+            format!("the connection was closed after {read} bytes of a message")
+        };
+        return Err(Error::new(ErrorKind::Daemon, why));
     }
     serde_json::from_str(&line)
         .map_err(|e| Error::with_source(ErrorKind::InvalidArgument, "malformed control message", e))
 }
 
-/// Writes `message` as one line of JSON.
-pub fn write_message<T: serde::Serialize>(mut stream: &UnixStream, message: &T) -> Result<()> {
+/// Writes `message` as one line of JSON, refused (before anything is sent) if longer than
+/// `limit` bytes.
+pub fn write_message<T: serde::Serialize>(
+    mut stream: &UnixStream,
+    message: &T,
+    limit: u64,
+) -> Result<()> {
     let mut line = serde_json::to_string(message).expect("control messages serialize");
     line.push('\n');
+    if u64::try_from(line.len()).map_or(true, |n| n > limit) {
+        return Err(Error::new(
+            ErrorKind::Daemon,
+            format!(
+                "a control message of {} bytes is longer than the {limit} allowed",
+                line.len()
+            ),
+        ));
+    }
     stream
         .write_all(line.as_bytes())
         .context(|| "cannot write to the control socket".to_owned())
@@ -208,8 +231,9 @@ pub fn request(id: u32, command: Command) -> Result<serde_json::Value> {
             version: PROTOCOL_VERSION,
             command,
         },
+        MAX_REQUEST_BYTES,
     )?;
-    let reply: Reply = read_message(&stream).map_err(|e| {
+    let reply: Reply = read_message(&stream, MAX_REPLY_BYTES).map_err(|e| {
         Error::with_source(
             ErrorKind::Daemon,
             format!("the daemon of device {id} did not answer"),
@@ -277,9 +301,38 @@ mod tests {
                 version: 1,
                 command: Command::Stop,
             },
+            MAX_REQUEST_BYTES,
         )
         .expect("write");
-        let got: Request = read_message(&b).expect("read");
+        let got: Request = read_message(&b, MAX_REQUEST_BYTES).expect("read");
         assert_eq!(got.command, Command::Stop);
+    }
+
+    #[test]
+    fn a_closed_connection_is_told_from_an_oversized_message() {
+        let (a, b) = UnixStream::pair().expect("pair");
+        drop(a);
+        let err = read_message::<Reply>(&b, 64).expect_err("closed");
+        assert!(
+            err.to_string().contains("closed without a message"),
+            "{err}"
+        );
+
+        let (mut a, b) = UnixStream::pair().expect("pair");
+        a.write_all(&[b'x'; 100]).expect("write");
+        drop(a);
+        let err = read_message::<Reply>(&b, 64).expect_err("oversized");
+        assert!(err.to_string().contains("longer than 64 bytes"), "{err}");
+
+        let (mut a, b) = UnixStream::pair().expect("pair");
+        a.write_all(b"{\"version\"").expect("write");
+        drop(a);
+        let err = read_message::<Reply>(&b, 64).expect_err("cut");
+        assert!(err.to_string().contains("after 10 bytes"), "{err}");
+
+        let (a, _b) = UnixStream::pair().expect("pair");
+        let big = Reply::success(serde_json::json!("y".repeat(100)));
+        let err = write_message(&a, &big, 64).expect_err("too long to send");
+        assert_eq!(err.kind(), ErrorKind::Daemon);
     }
 }

@@ -52,18 +52,20 @@ impl Daemon {
                 }
             }
         }
-        for error in self.reconcile(&mut children, &recover) {
+        for (_, error) in self.reconcile(&mut children, &recover) {
             log::error!("{}", error.chain().join(": "));
         }
     }
 
     /// Makes the served children the target's: stops those it no longer has and starts the
-    /// new ones (taking over `recover`'s devices). Returns the errors, per child.
+    /// new ones (taking over `recover`'s devices). Returns the errors, per child: a child
+    /// whose device could not start stays a child of the target, and is tried again at the
+    /// next reconciliation.
     pub(super) fn reconcile(
         &self,
         children: &mut BTreeMap<String, ChildDevice>,
         recover: &BTreeMap<String, u32>,
-    ) -> Vec<Error> {
+    ) -> Vec<(String, Error)> {
         let wanted = self.target.child_names();
         let gone: Vec<String> = children
             .keys()
@@ -89,7 +91,7 @@ impl Daemon {
                 Ok(child) => {
                     children.insert(name, child);
                 }
-                Err(err) => errors.push(err),
+                Err(err) => errors.push((name, err)),
             }
         }
         errors
@@ -103,6 +105,7 @@ impl Daemon {
             kind: target.kind().to_owned(),
             name: name.to_owned(),
         });
+        let pool = Arc::clone(&self.pool);
         let (tx, rx) = mpsc::channel::<Result<Device>>();
         let failed = tx.clone();
         let thread_name = name.to_owned();
@@ -115,15 +118,24 @@ impl Daemon {
                         Ok(())
                     }),
                     live: Box::new(move |device| {
-                        let _ = tx.send(Ok(device));
+                        if let Err(mpsc::SendError(Ok(device))) = tx.send(Ok(device)) {
+                            // `start_child` gave up waiting: nothing serves this child, so its
+                            // device must not stay (`serve` deletes it once stopped).
+                            log::error!("device {} came up too late; stopping it", device.id());
+                            if let Err(err) = device.stop() {
+                                log::error!("{}", err.chain().join(": "));
+                            }
+                        }
                     }),
                 };
-                if let Err(err) = ublk::serve(start, target, &spec, hooks) {
+                if let Err(err) = ublk::serve(start, target, &spec, hooks, &pool) {
                     log::error!("{}", err.chain().join(": "));
                     let _ = failed.send(Err(err));
                 }
             })
-            .map_err(|e| Error::io("cannot start a thread", e))?;
+            .map_err(|e| {
+                ublk::thread_error(format!("cannot start a thread to serve '{name}'"), e)
+            })?;
         let context = |err: Error| err.context(format!("cannot serve '{name}'"));
         match rx.recv_timeout(START_TIMEOUT) {
             Ok(Ok(device)) => {

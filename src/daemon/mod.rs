@@ -60,7 +60,7 @@ use crate::device::reactor;
 use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::registry::Registry;
 use crate::target::{ChildSpec, Target, TargetSpec};
-use crate::ublk::{self, DevInfo, Device, DeviceConfig, Hooks, Start};
+use crate::ublk::{self, BufferPool, DevInfo, Device, DeviceConfig, Hooks, Start};
 
 /// Where daemons write their logs, one file per device.
 pub const LOG_DIR: &str = "/var/log/ublkdm";
@@ -76,8 +76,12 @@ const NODE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long `launch` waits for the CLI's helper threads to be gone before it forks.
 const FORK_SETTLE_TIMEOUT: Duration = Duration::from_secs(1);
 /// The deepest queue of a child device (the primary's depth when smaller): a group may have
-/// up to 64 children, and a tag's io buffer is memory.
+/// up to 64 children, and each tag costs the kernel a request and the queue ring 4 SQEs (and,
+/// on a kernel without user copy, a buffer of its own).
 const CHILD_MAX_DEPTH: u16 = 64;
+/// The most queues of a child device (the primary's count when smaller): each queue is a
+/// thread and a ring, and the children of a group share its one COW store.
+const CHILD_MAX_QUEUES: u16 = 1;
 /// How long stopping a child device may take before the daemon moves on.
 const CHILD_STOP_TIMEOUT: Duration = Duration::from_secs(30);
 /// The pause after a failed `accept` on the control socket (so an error cannot spin).
@@ -101,6 +105,9 @@ fn run(registry: &Registry, start: Start, spec: TargetSpec, reporter: Arc<Report
         Start::Recover(id) => (child_devices(id), None),
         Start::Add(config) => (Vec::new(), Some(config)),
     };
+    // One budget for the request buffers of every device this daemon serves.
+    let pool = BufferPool::new(ublk::BUFFER_BUDGET_BYTES, ublk::IDLE_BUFFER_BYTES);
+    let live_pool = Arc::clone(&pool);
     let watchdog = Watchdog::start(Arc::clone(&reporter));
     let socket: Arc<Mutex<Option<PathBuf>>> = Arc::default();
     let serving: Arc<Mutex<Option<Arc<Daemon>>>> = Arc::default();
@@ -115,7 +122,13 @@ fn run(registry: &Registry, start: Start, spec: TargetSpec, reporter: Arc<Report
             Ok(())
         }),
         live: Box::new(move |device| {
-            let daemon = Arc::new(Daemon::new(device, live_target, live_spec, config));
+            let daemon = Arc::new(Daemon::new(
+                device,
+                live_target,
+                live_spec,
+                config,
+                live_pool,
+            ));
             *live_serving.lock().expect("daemon") = Some(Arc::clone(&daemon));
             // Children come up off the serving thread; the handshake waits for them.
             thread::spawn(move || {
@@ -129,7 +142,7 @@ fn run(registry: &Registry, start: Start, spec: TargetSpec, reporter: Arc<Report
             });
         }),
     };
-    let served = ublk::serve(start, target, &spec, hooks);
+    let served = ublk::serve(start, target, &spec, hooks, &pool);
     if let Some(daemon) = serving.lock().expect("daemon").take() {
         // Stopped already in an orderly stop; this covers a primary stopped from outside.
         daemon.stop_children();
@@ -259,8 +272,11 @@ struct Daemon {
     target: Arc<dyn Target>,
     /// The spec stored with the device: follows the target after every command.
     spec: Mutex<TargetSpec>,
-    /// The shape of child devices: the primary's.
+    /// The shape of child devices: the primary's, at most [`CHILD_MAX_QUEUES`] x
+    /// [`CHILD_MAX_DEPTH`].
     child_config: DeviceConfig,
+    /// The request buffers of every device served (see [`ublk::BufferPool`]).
+    pool: Arc<BufferPool>,
     stopping: AtomicBool,
     /// Served children by name; its lock also serialises commands, so that a command and the
     /// reconciliation after it are one step.
@@ -273,6 +289,7 @@ impl Daemon {
         target: Arc<dyn Target>,
         spec: TargetSpec,
         config: Option<DeviceConfig>,
+        pool: Arc<BufferPool>,
     ) -> Daemon {
         let primary = config.unwrap_or_else(|| match device.info() {
             Ok(info) => DeviceConfig {
@@ -282,8 +299,9 @@ impl Daemon {
             },
             Err(_) => DeviceConfig::default(),
         });
-        // Each tag owns an io buffer: children (up to 64 snapshots) get shallower queues.
+        // Children (up to 64 snapshots) get fewer, shallower queues.
         let child_config = DeviceConfig {
+            queues: primary.queues.min(CHILD_MAX_QUEUES),
             depth: primary.depth.min(CHILD_MAX_DEPTH),
             ..primary
         };
@@ -292,6 +310,7 @@ impl Daemon {
             target,
             spec: Mutex::new(spec),
             child_config,
+            pool,
             stopping: AtomicBool::new(false),
             children: Mutex::default(),
         }
@@ -330,8 +349,12 @@ impl Daemon {
             if let Some(child) = children.get(&named) {
                 reply["id"] = child.device.id().into();
                 reply["device"] = child.device.block_device().to_string_lossy().into();
-            } else if let Some(err) = errors.into_iter().next() {
-                return Err(err);
+            } else if let Some((_, err)) = errors.into_iter().find(|(name, _)| *name == named) {
+                // The command took effect (a snapshot was taken); only its device is missing.
+                return Err(err.context(format!(
+                    "'{named}' was made but its device did not start (the next command tries \
+                     again; a delete removes it)"
+                )));
             }
         }
         Ok(reply)
@@ -403,6 +426,7 @@ impl Daemon {
                 "version": env!("CARGO_PKG_VERSION"),
                 "log": log_path(self.device.id()),
                 "stopping": self.stopping.load(Ordering::SeqCst),
+                "request_buffers": self.pool.stats(),
             },
             "spec": self.spec.lock().expect("spec").clone(),
             "target": { "kind": self.target.kind(), "status": self.target.status() },

@@ -58,13 +58,23 @@ pub(super) fn handle_connection(stream: &UnixStream, daemon: &Arc<Daemon>) {
         log::warn!("control connection: {err}");
         return;
     }
-    let reply = match control::read_message::<Request>(stream)
+    let reply = match control::read_message::<Request>(stream, control::MAX_REQUEST_BYTES)
         .and_then(|request| daemon.dispatch(request))
     {
         Ok(result) => Reply::success(result),
         Err(err) => Reply::failure(&err),
     };
-    if let Err(err) = control::write_message(stream, &reply) {
+    let sent = match control::write_message(stream, &reply, control::MAX_REPLY_BYTES) {
+        // Too long to send (nothing was): say so, so that the client does not take it for a
+        // daemon gone.
+        Err(err) if err.kind() == ErrorKind::Daemon => {
+            log::error!("{err}");
+            let failure = Reply::failure(&err.context("the reply was not sent"));
+            control::write_message(stream, &failure, control::MAX_REPLY_BYTES)
+        }
+        other => other,
+    };
+    if let Err(err) = sent {
         log::warn!("control reply not sent: {err}");
     }
 }

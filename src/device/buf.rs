@@ -4,6 +4,11 @@
 //! serve), and io_uring needs buffers that outlive the request. An [`AlignedBuf`] owns a fixed,
 //! page-aligned allocation and a `len` (the part an operation reads or writes), so it can be
 //! moved into a request and handed back with the completion.
+//!
+//! Two kinds of allocation: from the heap ([`AlignedBuf::new`]: zeroed at once, so every page
+//! is resident), or mapped ([`AlignedBuf::new_mapped`]: anonymous memory whose pages cost
+//! nothing until touched, and which goes back to the system when the buffer drops). Large,
+//! long-lived buffers that may stay unused (ublk request buffers) are mapped.
 
 use std::alloc::{alloc_zeroed, dealloc, Layout};
 use std::ptr::NonNull;
@@ -21,6 +26,8 @@ pub struct AlignedBuf {
     ptr: NonNull<u8>,
     capacity: usize,
     len: usize,
+    /// Allocated by `mmap` (freed by `munmap`), not from the heap.
+    mapped: bool,
 }
 
 // SAFETY: AlignedBuf owns its allocation exclusively (like a Box<[u8]>), so moving it or
@@ -45,6 +52,42 @@ impl AlignedBuf {
             ptr,
             capacity: bytes,
             len: bytes,
+            mapped: false,
+        }
+    }
+
+    /// A zeroed buffer of `bytes` (a positive multiple of [`BUF_ALIGN`]) in memory of its own,
+    /// mapped from the system: its pages are resident only once touched, and dropping it
+    /// returns them at once (see module doc). Running out of address space aborts, as a heap
+    /// allocation failure does.
+    pub fn new_mapped(bytes: usize) -> AlignedBuf {
+        assert!(
+            bytes > 0 && bytes % BUF_ALIGN == 0,
+            "mapped buffer of {bytes} bytes"
+        );
+        // SAFETY: an anonymous private mapping at an address of the kernel's choosing: no
+        // pointer of ours is passed, and the result is checked before use.
+        let raw = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        let layout = Layout::from_size_align(bytes, BUF_ALIGN).expect("buffer layout");
+        if raw == libc::MAP_FAILED {
+            std::alloc::handle_alloc_error(layout);
+        }
+        let ptr = NonNull::new(raw.cast::<u8>())
+            .unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
+        AlignedBuf {
+            ptr,
+            capacity: bytes,
+            len: bytes,
+            mapped: true,
         }
     }
 
@@ -119,6 +162,13 @@ impl AlignedBuf {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
+        if self.mapped {
+            // SAFETY: mapped in `new_mapped` with exactly this length, and unmapped only here;
+            // nothing borrows the buffer any more.
+            let rc = unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.capacity) };
+            assert_eq!(rc, 0, "munmap of a buffer we mapped");
+            return;
+        }
         let layout = Layout::from_size_align(self.capacity, BUF_ALIGN).expect("buffer layout");
         // SAFETY: allocated in `new` with exactly this layout, and freed only here.
         unsafe { dealloc(self.ptr.as_ptr(), layout) }
@@ -146,6 +196,17 @@ mod tests {
         buf.set_len(8192);
         assert_eq!(buf.as_slice()[511], 7);
         assert_eq!(buf.as_slice()[512], 0);
+    }
+
+    #[test]
+    fn mapped_buffers_are_aligned_zeroed_and_writable() {
+        let mut buf = AlignedBuf::new_mapped(64 << 10);
+        assert_eq!(buf.as_ptr() as usize % BUF_ALIGN, 0);
+        assert!(buf.as_slice().iter().all(|&b| b == 0));
+        buf.as_mut_slice().fill(9);
+        buf.set_len(4096);
+        assert_eq!(buf.capacity(), 64 << 10);
+        assert!(buf.as_slice().iter().all(|&b| b == 9));
     }
 
     #[test]

@@ -3,8 +3,15 @@
 //! It owns the life of a ublk device: creating it (ADD_DEV) or taking a quiesced one over
 //! (START/END_USER_RECOVERY), serving a [`Target`] on one thread per queue ([`queue`]), stopping
 //! and deleting it; and, for the CLI, reading the state of any device ([`query`], [`device_ids`],
-//! [`remove`]). Targets never see ublk; the daemon sees only [`serve`], [`Device`] and
-//! [`DevInfo`].
+//! [`remove`]). Targets never see ublk; the daemon sees only [`serve`], [`Device`],
+//! [`DevInfo`] and the [`BufferPool`] it gives every device it serves.
+//!
+//! Memory: a device's request data goes through the daemon's one [`BufferPool`], leased per
+//! request (`UBLK_F_USER_COPY`, asked for every new device), so the daemon's request buffers
+//! are bounded by the pool's limit whatever the number of devices, and an idle device holds
+//! none. A kernel without user copy (before 6.5) gives each tag its own mapped buffer instead
+//! (resident once used, outside the pool). Threads: each device costs one thread per queue
+//! (its ring: about `depth x 4` SQEs) besides the thread that serves it.
 //!
 //! Invariants:
 //! - every device is created with `UBLK_F_USER_RECOVERY`, and serving fails if the kernel did
@@ -17,7 +24,10 @@
 //!   to be released, and would wait forever on our own open queues).
 
 mod params;
+mod pool;
 mod queue;
+
+pub use pool::{BufferPool, PoolStats};
 
 use std::cell::RefCell;
 use std::io;
@@ -34,7 +44,7 @@ use libublk::{sys, UblkError, UblkFlags};
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::target::{Target, TargetSpec};
-use queue::QueueShared;
+use queue::{Buffers, QueueShared};
 
 /// Queues of a new device unless asked otherwise.
 pub const DEFAULT_QUEUES: u16 = 2;
@@ -46,6 +56,13 @@ pub const DEFAULT_DEPTH: u16 = 128;
 pub const MAX_DEPTH: u16 = 512;
 /// The io buffer of each tag, and so the largest request the kernel sends (max_sectors).
 pub const IO_BUF_BYTES: u32 = 512 << 10;
+/// A daemon's request-buffer budget: what all its devices' requests in flight may hold at once
+/// (128 requests of the largest size).
+pub const BUFFER_BUDGET_BYTES: usize = 64 << 20;
+/// The part of the budget kept for reuse when no request needs it.
+pub const IDLE_BUFFER_BYTES: usize = 8 << 20;
+/// Where the ublk driver says how many devices it allows.
+const UBLKS_MAX_PATH: &str = "/sys/module/ublk_drv/parameters/ublks_max";
 /// SQEs one tag may have on the queue ring at once (its ublk command plus target I/O); sizes
 /// the ring's SQ and CQ so that completions never overflow.
 const SQES_PER_TAG: u16 = 4;
@@ -309,12 +326,20 @@ pub struct Hooks {
     pub live: Box<dyn FnOnce(Device) + Send + Sync>,
 }
 
-/// Serves `target` as a ublk device until the device is stopped, then deletes it.
-pub fn serve(start: Start, target: Arc<dyn Target>, spec: &TargetSpec, hooks: Hooks) -> Result<()> {
+/// Serves `target` as a ublk device until the device is stopped, then deletes it. Its
+/// requests lease their buffers from `pool`.
+pub fn serve(
+    start: Start,
+    target: Arc<dyn Target>,
+    spec: &TargetSpec,
+    hooks: Hooks,
+    pool: &Arc<BufferPool>,
+) -> Result<()> {
     require_driver()?;
     if let Start::Add(config) = start {
         // Refuse a target the kernel cannot serve before a device exists.
         params::device_params(target.info(), config.io_buf_bytes)?;
+        check_pool(pool, config.io_buf_bytes)?;
     }
     let ctrl = Arc::new(match start {
         Start::Add(config) => add_ctrl(config, target.kind())?,
@@ -322,6 +347,7 @@ pub fn serve(start: Start, target: Arc<dyn Target>, spec: &TargetSpec, hooks: Ho
     });
     let info = ctrl.dev_info();
     check_granted_flags(&ctrl)?;
+    check_pool(pool, info.max_io_buf_bytes)?;
     let params = params::device_params(target.info(), info.max_io_buf_bytes)?;
     (hooks.added)(info.dev_id)?;
     let stats = Arc::new(Stats::new(info.nr_hw_queues));
@@ -329,6 +355,7 @@ pub fn serve(start: Start, target: Arc<dyn Target>, spec: &TargetSpec, hooks: Ho
         target: Arc::clone(&target),
         stats: Arc::clone(&stats),
         io_buf_bytes: usize::try_from(info.max_io_buf_bytes).expect("io buffer fits in memory"),
+        buffers: buffers_for(&ctrl, pool),
     });
     let threads = Arc::new(ThreadCount::default());
     let json = stored_json(spec);
@@ -351,10 +378,132 @@ pub fn serve(start: Start, target: Arc<dyn Target>, spec: &TargetSpec, hooks: Ho
         stats,
     };
     let live = hooks.live;
-    match ctrl.run_target(tgt_init, queue_fn, move |_| live(device)) {
-        Ok(_) => delete_stopped(&ctrl),
+    match run_device(&ctrl, tgt_init, queue_fn, move || live(device)) {
+        Ok(()) => delete_stopped(&ctrl),
         Err(err) => Err(abandon_start(&ctrl, &threads, err)),
     }
+}
+
+/// libublk's `run_target`, with thread creation that may fail: every queue thread exists
+/// before any of them touches the device, so a thread the system refuses is an error (not a
+/// panic, which would abort the daemon and every device it serves) and leaves a device that
+/// never started. Returns once the device is stopped and its queue threads are gone.
+fn run_device<T, Q>(ctrl: &UblkCtrl, tgt_init: T, queue_fn: Q, live: impl FnOnce()) -> Result<()>
+where
+    T: FnOnce(&mut UblkDev) -> Result<(), UblkError>,
+    Q: Fn(u16, &UblkDev) + Send + Sync + 'static,
+{
+    let id = ctrl.dev_info().dev_id;
+    let dev = UblkDev::new(ctrl.get_name(), tgt_init, ctrl)
+        .map_err(|e| ublk_error(format!("cannot set up device {id}"), e))?;
+    let dev = Arc::new(dev);
+    let queue_fn = Arc::new(queue_fn);
+    let gate = Arc::new(Gate::default());
+    let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+    let mut handles = Vec::new();
+    for qid in 0..dev.dev_info.nr_hw_queues {
+        let (dev, queue_fn, held) = (Arc::clone(&dev), Arc::clone(&queue_fn), Arc::clone(&gate));
+        let tid_tx = tid_tx.clone();
+        let spawned = thread::Builder::new()
+            .name(format!("ublk{id}q{qid}"))
+            .spawn(move || {
+                let tid = UblkCtrl::init_queue_thread();
+                if held.wait() {
+                    let _ = tid_tx.send((qid, tid));
+                    queue_fn(qid, &dev);
+                }
+            });
+        match spawned {
+            Ok(handle) => handles.push(handle),
+            Err(err) => {
+                gate.open(false);
+                for handle in handles {
+                    let _ = handle.join();
+                }
+                return Err(thread_error(
+                    format!("cannot start a queue thread of device {id}"),
+                    err,
+                ));
+            }
+        }
+    }
+    gate.open(true);
+    for _ in 0..handles.len() {
+        let Ok((qid, tid)) = tid_rx.recv() else { break };
+        ctrl.set_thread_affinity(qid, tid);
+        if let Err(err) = ctrl.configure_queue(&dev, qid, tid) {
+            log::warn!("device {id} queue {qid}: configuring the queue failed: {err}");
+        }
+    }
+    ctrl.start_dev(&dev)
+        .map_err(|e| ublk_error(format!("cannot start device {id}"), e))?;
+    live();
+    for handle in handles {
+        if handle.join().is_err() {
+            log::error!("device {id}: a queue thread panicked");
+        }
+    }
+    // STOP_DEV, for a device stopped from outside (the driver says ENOENT if it is gone).
+    let _ = ctrl.stop_dev();
+    Ok(())
+}
+
+/// Holds the queue threads of [`run_device`] until all exist: `Some(true)` lets them serve,
+/// `Some(false)` sends them away.
+#[derive(Default)]
+struct Gate {
+    open: Mutex<Option<bool>>,
+    opened: Condvar,
+}
+
+impl Gate {
+    fn open(&self, go: bool) {
+        *self.open.lock().expect("gate") = Some(go);
+        self.opened.notify_all();
+    }
+
+    fn wait(&self) -> bool {
+        let open = self.open.lock().expect("gate");
+        let open = self.opened.wait_while(open, |o| o.is_none()).expect("gate");
+        open.expect("opened")
+    }
+}
+
+/// A thread the system would not create: EAGAIN is a full resource (a thread or memory
+/// limit), so Busy.
+pub fn thread_error(message: String, err: io::Error) -> Error {
+    if err.raw_os_error() == Some(libc::EAGAIN) {
+        Error::with_source(ErrorKind::Busy, message, err)
+    } else {
+        Error::io(message, err)
+    }
+}
+
+/// Refuses a largest request that `pool` could never lend a buffer for.
+fn check_pool(pool: &BufferPool, io_buf_bytes: u32) -> Result<()> {
+    let fits = usize::try_from(io_buf_bytes).is_ok_and(|bytes| pool.check_lease(bytes));
+    if fits {
+        Ok(())
+    } else {
+        Err(Error::invalid(format!(
+            "requests of {io_buf_bytes} bytes do not fit the daemon's buffer budget of {} bytes",
+            pool.limit()
+        )))
+    }
+}
+
+/// Where the device's request data goes: the pool when the kernel granted user copy.
+fn buffers_for(ctrl: &UblkCtrl, pool: &Arc<BufferPool>) -> Buffers {
+    let info = ctrl.dev_info();
+    if info.flags & u64::from(sys::UBLK_F_USER_COPY) != 0 {
+        return Buffers::Leased(Arc::clone(pool));
+    }
+    log::warn!(
+        "device {}: the ublk driver has no user copy (Linux 6.5+): each tag keeps a buffer of \
+         its own, outside the daemon's buffer budget",
+        info.dev_id
+    );
+    Buffers::PerTag
 }
 
 fn add_ctrl(config: DeviceConfig, kind: &str) -> Result<UblkCtrl> {
@@ -365,10 +514,31 @@ fn add_ctrl(config: DeviceConfig, kind: &str) -> Result<UblkCtrl> {
         .nr_queues(config.queues)
         .depth(config.depth)
         .io_buf_bytes(config.io_buf_bytes)
-        .ctrl_flags(u64::from(sys::UBLK_F_USER_RECOVERY))
+        // A kernel without user copy drops the flag: the queues then use buffers per tag.
+        .ctrl_flags(u64::from(sys::UBLK_F_USER_RECOVERY | sys::UBLK_F_USER_COPY))
         .dev_flags(UblkFlags::UBLK_DEV_F_ADD_DEV)
         .build()
-        .map_err(|e| ublk_error("cannot create a ublk device".into(), e))
+        .map_err(add_error)
+}
+
+/// ADD_DEV's failure. EACCES from a privileged caller means the driver has as many devices as
+/// its `ublks_max` allows: a full resource (Busy), said with the way out.
+fn add_error(err: UblkError) -> Error {
+    let full =
+        matches!(err, UblkError::OtherError(e) | UblkError::UringIOError(e) if e == -libc::EACCES);
+    if !full {
+        return ublk_error("cannot create a ublk device".into(), err);
+    }
+    let limit = std::fs::read_to_string(UBLKS_MAX_PATH)
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "?".into());
+    Error::new(
+        ErrorKind::Busy,
+        format!(
+            "cannot create a ublk device: the ublk driver allows {limit} devices and has them \
+             all (raise {UBLKS_MAX_PATH})"
+        ),
+    )
 }
 
 /// START_USER_RECOVERY on QUIESCED device `id`, then a control for it with the same geometry.
@@ -441,10 +611,9 @@ fn delete_stopped(ctrl: &UblkCtrl) -> Result<()> {
 
 /// After a failed start: stop the device so that the queue threads exit, then delete it if
 /// they did (DEL_DEV would hang while they hold the char device).
-fn abandon_start(ctrl: &UblkCtrl, threads: &ThreadCount, err: UblkError) -> Error {
+fn abandon_start(ctrl: &UblkCtrl, threads: &ThreadCount, error: Error) -> Error {
     let id = ctrl.dev_info().dev_id;
-    let error = ublk_error(format!("cannot start device {id}"), err);
-    log::error!("{error}; stopping the device");
+    log::error!("{}; stopping the device", error.chain().join(": "));
     if let Err(e) = ctrl.kill_dev() {
         log::warn!("stop of device {id} failed: {e}");
     }
@@ -741,5 +910,49 @@ mod tests {
         assert_eq!(err.kind(), ErrorKind::Busy);
         let err = ublk_error("x".into(), UblkError::QueueIsDown);
         assert_eq!(err.kind(), ErrorKind::Daemon);
+    }
+
+    #[test]
+    fn a_full_resource_at_device_start_is_busy() {
+        let eagain = io::Error::from_raw_os_error(libc::EAGAIN);
+        assert_eq!(thread_error("t".into(), eagain).kind(), ErrorKind::Busy);
+        let other = io::Error::from_raw_os_error(libc::EINVAL);
+        assert_eq!(
+            thread_error("t".into(), other).kind(),
+            ErrorKind::InvalidArgument
+        );
+        let full = add_error(UblkError::OtherError(-libc::EACCES));
+        assert_eq!(full.kind(), ErrorKind::Busy);
+        assert!(full.to_string().contains("ublks_max"), "{full}");
+        let err = add_error(UblkError::OtherError(-libc::ENOMEM));
+        assert_eq!(err.kind(), ErrorKind::Io);
+    }
+
+    #[test]
+    fn the_gate_lets_every_waiter_through_or_none() {
+        for go in [true, false] {
+            let gate = Arc::new(Gate::default());
+            let waiters: Vec<_> = (0..3)
+                .map(|_| {
+                    let gate = Arc::clone(&gate);
+                    thread::spawn(move || gate.wait())
+                })
+                .collect();
+            gate.open(go);
+            for waiter in waiters {
+                assert_eq!(waiter.join().expect("waiter"), go);
+            }
+        }
+    }
+
+    #[test]
+    fn the_pool_must_hold_the_largest_request() {
+        let pool = BufferPool::new(BUFFER_BUDGET_BYTES, IDLE_BUFFER_BYTES);
+        assert!(check_pool(&pool, IO_BUF_BYTES).is_ok());
+        let small = BufferPool::new(256 << 10, 0);
+        assert_eq!(
+            check_pool(&small, IO_BUF_BYTES).map_err(|e| e.kind()),
+            Err(ErrorKind::InvalidArgument)
+        );
     }
 }

@@ -7,11 +7,18 @@
 //! [`reactor::Executor`] runs the tasks; its off-thread wakes reach the ring through the
 //! [`Notifier`] read that [`reactor::serve_notifier_until`] keeps in flight.
 //!
-//! Each tag has one task and one io buffer of `max_io_buf_bytes` for its whole life: FETCH
-//! hands the buffer's address to the kernel, then the task loops (request -> target -> COMMIT
-//! and FETCH). **Every fetched request is committed exactly once**, with the byte count or
-//! `-errno`: an uncommitted request would block STOP/DEL in the kernel for good. The request
-//! path therefore has no panics on bad input; it maps every failure to an errno.
+//! Each tag has one task, which loops (request -> target -> COMMIT and FETCH). Where a
+//! request's data lives ([`Buffers`]):
+//! - with `UBLK_F_USER_COPY` (Linux 6.5+) the kernel keeps it in its request: the task leases a
+//!   buffer from the daemon's [`BufferPool`] when a READ or WRITE arrives, copies the data in
+//!   (WRITE) or out (READ) with `pread`/`pwrite` on `/dev/ublkcN`, and gives the buffer back
+//!   before it commits, so an idle tag holds no memory;
+//! - without it, the tag owns one mapped buffer of `max_io_buf_bytes` for its whole life, whose
+//!   address FETCH hands to the kernel (its pages are resident once the kernel has used them).
+//!
+//! **Every fetched request is committed exactly once**, with the byte count or `-errno`: an
+//! uncommitted request would block STOP/DEL in the kernel for good. The request path therefore
+//! has no panics on bad input; it maps every failure (a failed copy too) to an errno.
 //!
 //! The queue ends when the kernel aborts its commands (STOP_DEV, or the device going away): the
 //! tag tasks see `QueueIsDown`, the notifier read is woken and not renewed, and the thread
@@ -19,15 +26,17 @@
 
 use std::cell::Cell;
 use std::io;
+use std::os::fd::RawFd;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use io_uring::squeue;
-use libublk::io::{UblkDev, UblkQueue};
+use libublk::io::{UblkDev, UblkIOCtx, UblkQueue};
 use libublk::uring_async::ublk_submit_sqe_async;
 use libublk::{sys, BufDesc, UblkError, UblkUringData};
 
+use super::pool::BufferPool;
 use super::Stats;
 use crate::device::reactor::{self, Executor, Notifier, RingDriver, SqeFuture};
 use crate::device::{AlignedBuf, WriteFlags};
@@ -46,7 +55,17 @@ const MAX_SECTOR: u64 = u64::MAX >> SECTOR_SHIFT;
 pub(super) struct QueueShared {
     pub target: Arc<dyn Target>,
     pub stats: Arc<Stats>,
+    /// The largest request (max_io_buf_bytes).
     pub io_buf_bytes: usize,
+    pub buffers: Buffers,
+}
+
+/// Where the device's request data lives (see module doc).
+pub(super) enum Buffers {
+    /// `UBLK_F_USER_COPY`: leased per request from the daemon's pool.
+    Leased(Arc<BufferPool>),
+    /// One buffer per tag, given to the kernel at FETCH.
+    PerTag,
 }
 
 /// The body of a queue thread: serves queue `qid` until the kernel aborts it.
@@ -83,12 +102,21 @@ fn run_queue(qid: u16, dev: &UblkDev, shared: &QueueShared) -> Result<(), String
     let tags: Vec<_> = queue
         .tags()
         .map(|tag| {
-            let buf = AlignedBuf::new(shared.io_buf_bytes);
+            let data = match &shared.buffers {
+                Buffers::Leased(pool) => TagData::Leased(UserCopy {
+                    pool: Arc::clone(pool),
+                    cdev: dev.tgt.fds[0],
+                    qid,
+                    tag,
+                    max_bytes: shared.io_buf_bytes,
+                }),
+                Buffers::PerTag => TagData::Own(Some(AlignedBuf::new_mapped(shared.io_buf_bytes))),
+            };
             let task = serve_tag(
                 Rc::clone(&queue),
                 tag,
                 Arc::clone(&shared.target),
-                buf,
+                data,
                 Arc::clone(&shared.stats),
             );
             exec.spawn(task)
@@ -96,7 +124,7 @@ fn run_queue(qid: u16, dev: &UblkDev, shared: &QueueShared) -> Result<(), String
         .collect();
     // FETCH passes each buffer as a raw address (the buffers are ours, not libublk's IoBufs),
     // so libublk's own registration count never runs: report this queue ready ourselves, or
-    // START_DEV would wait for it forever.
+    // START_DEV would wait for it forever. (With user copy libublk waits for none.)
     dev.notify_buffer_registration_complete(false);
     let stopping = Rc::new(Cell::new(false));
     let stop_flag = Rc::clone(&stopping);
@@ -187,31 +215,143 @@ async fn serve_tag(
     queue: Rc<UblkQueue<'static>>,
     tag: u16,
     target: Arc<dyn Target>,
-    mut buf: AlignedBuf,
+    mut data: TagData,
     stats: Arc<Stats>,
 ) {
-    let capacity = buf.capacity();
-    let fetched = queue
-        .submit_io_prep_cmd(tag, BufDesc::RawAddress(buf.as_ptr()), 0, None)
-        .await;
-    if let Err(err) = fetched {
+    let fetch = match &data {
+        TagData::Own(buf) => BufDesc::RawAddress(buf.as_ref().expect("owned").as_ptr()),
+        TagData::Leased(_) => BufDesc::Slice(&[]),
+    };
+    if let Err(err) = queue.submit_io_prep_cmd(tag, fetch, 0, None).await {
         return tag_ended(&queue, tag, err);
     }
     loop {
         let request = Request::from_iod(queue.get_iod(tag));
-        let (res, back) = handle_request(&*target, request, buf).await;
-        buf = back;
-        // The kernel copies read data from, and the next write into, this same allocation.
-        assert_eq!(buf.capacity(), capacity, "the target swapped a tag buffer");
-        buf.set_len(capacity);
+        let res = data.serve(&*target, request).await;
         stats.record(request.op, res);
-        if let Err(err) = queue
-            .submit_io_commit_cmd(tag, BufDesc::Slice(buf.as_slice()), res)
-            .await
-        {
+        let commit = match &data {
+            TagData::Own(buf) => BufDesc::Slice(buf.as_ref().expect("owned").as_slice()),
+            TagData::Leased(_) => BufDesc::Slice(&[]),
+        };
+        if let Err(err) = queue.submit_io_commit_cmd(tag, commit, res).await {
             return tag_ended(&queue, tag, err);
         }
     }
+}
+
+/// A tag's request data (see [`Buffers`]).
+enum TagData {
+    /// The tag's own buffer; `None` only while a request has it.
+    Own(Option<AlignedBuf>),
+    Leased(UserCopy),
+}
+
+impl TagData {
+    /// Serves one request: the result to commit (bytes or `-errno`).
+    async fn serve(&mut self, target: &dyn Target, request: Request) -> i32 {
+        match self {
+            TagData::Own(slot) => {
+                let buf = slot.take().expect("the tag's buffer is back");
+                let capacity = buf.capacity();
+                let (res, mut buf) = handle_request(target, request, buf).await;
+                // The kernel copies read data from, and the next write into, this same
+                // allocation.
+                assert_eq!(buf.capacity(), capacity, "the target swapped a tag buffer");
+                buf.set_len(capacity);
+                *slot = Some(buf);
+                res
+            }
+            TagData::Leased(io) => io.serve(target, request).await,
+        }
+    }
+}
+
+/// A tag's data path with `UBLK_F_USER_COPY`: a leased buffer, and copies through the char
+/// device at the tag's offset.
+struct UserCopy {
+    pool: Arc<BufferPool>,
+    /// `/dev/ublkcN`, libublk's (open for as long as the queue runs).
+    cdev: RawFd,
+    qid: u16,
+    tag: u16,
+    max_bytes: usize,
+}
+
+impl UserCopy {
+    /// Leases a buffer only for a READ or WRITE, and only while it is served.
+    async fn serve(&self, target: &dyn Target, request: Request) -> i32 {
+        let is_write = match request.op {
+            sys::UBLK_IO_OP_READ => false,
+            sys::UBLK_IO_OP_WRITE => true,
+            _ => return no_data_request(target, request).await,
+        };
+        let bytes = match request.data_bytes(self.max_bytes) {
+            Ok(bytes) => bytes,
+            Err(errno) => return errno,
+        };
+        let mut lease = self.pool.lease(bytes).await;
+        if is_write {
+            if let Err(errno) = self.copy(lease.buf_mut().as_mut_slice(), CopyDir::FromRequest) {
+                return errno;
+            }
+        }
+        let (res, buf) = handle_request(target, request, lease.take()).await;
+        lease.restore(buf);
+        if !is_write && res > 0 {
+            if let Err(errno) = self.copy(lease.buf_mut().as_mut_slice(), CopyDir::ToRequest) {
+                return errno;
+            }
+        }
+        res
+    }
+
+    /// Copies `buf` (the request's first `buf.len()` bytes) from or to the kernel's request.
+    fn copy(&self, buf: &mut [u8], dir: CopyDir) -> Result<(), i32> {
+        let mut done = 0;
+        while done < buf.len() {
+            let offset = u32::try_from(done).map_err(|_| -libc::EINVAL)?;
+            let pos = UblkIOCtx::ublk_user_copy_pos(self.qid, self.tag, offset);
+            let pos = libc::off_t::try_from(pos).map_err(|_| -libc::EINVAL)?;
+            let rest = &mut buf[done..];
+            // SAFETY: `rest` is valid for `rest.len()` bytes (written by pread, read by
+            // pwrite) for the whole call; `cdev` stays open while the queue runs.
+            let n = unsafe {
+                match dir {
+                    CopyDir::FromRequest => {
+                        libc::pread(self.cdev, rest.as_mut_ptr().cast(), rest.len(), pos)
+                    }
+                    CopyDir::ToRequest => {
+                        libc::pwrite(self.cdev, rest.as_ptr().cast(), rest.len(), pos)
+                    }
+                }
+            };
+            match usize::try_from(n) {
+                Ok(0) => return Err(-libc::EIO),
+                Ok(n) => done += n,
+                Err(_) => {
+                    let err = io::Error::last_os_error();
+                    if err.kind() != io::ErrorKind::Interrupted {
+                        log::error!(
+                            "queue {} tag {}: user copy failed: {err}",
+                            self.qid,
+                            self.tag
+                        );
+                        return Err(neg_errno(&err));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Which way [`UserCopy::copy`] moves data.
+#[derive(Clone, Copy)]
+enum CopyDir {
+    /// A WRITE's data, into our buffer.
+    FromRequest,
+    /// A READ's data, from our buffer.
+    ToRequest,
 }
 
 fn tag_ended(queue: &UblkQueue<'_>, tag: u16, err: UblkError) {
@@ -254,11 +394,11 @@ impl Request {
         }
     }
 
-    /// The data length of a read or write, checked against the tag buffer.
-    fn data_bytes(&self, buf: &AlignedBuf) -> Result<usize, i32> {
+    /// The data length of a read or write, checked against the largest request `max`.
+    fn data_bytes(&self, max: usize) -> Result<usize, i32> {
         self.extent()?;
         let bytes = usize::try_from(self.len.to_bytes()).map_err(|_| -libc::EINVAL)?;
-        if bytes == 0 || bytes > buf.capacity() {
+        if bytes == 0 || bytes > max {
             return Err(-libc::EINVAL);
         }
         Ok(bytes)
@@ -274,21 +414,28 @@ pub(super) async fn handle_request(
     match request.op {
         sys::UBLK_IO_OP_READ => read(target, request, buf).await,
         sys::UBLK_IO_OP_WRITE => write(target, request, buf).await,
-        sys::UBLK_IO_OP_FLUSH => (status(target.flush().await), buf),
+        _ => (no_data_request(target, request).await, buf),
+    }
+}
+
+/// Serves a request that carries no data: 0 or `-errno`.
+async fn no_data_request(target: &dyn Target, request: Request) -> i32 {
+    match request.op {
+        sys::UBLK_IO_OP_FLUSH => status(target.flush().await),
         sys::UBLK_IO_OP_DISCARD => match request.extent() {
-            Ok(extent) => (status(target.discard(extent).await), buf),
-            Err(errno) => (errno, buf),
+            Ok(extent) => status(target.discard(extent).await),
+            Err(errno) => errno,
         },
         sys::UBLK_IO_OP_WRITE_ZEROES => match request.extent() {
-            Ok(extent) => (status(target.write_zeroes(extent).await), buf),
-            Err(errno) => (errno, buf),
+            Ok(extent) => status(target.write_zeroes(extent).await),
+            Err(errno) => errno,
         },
-        _ => (-libc::EOPNOTSUPP, buf),
+        _ => -libc::EOPNOTSUPP,
     }
 }
 
 async fn read(target: &dyn Target, request: Request, mut buf: AlignedBuf) -> (i32, AlignedBuf) {
-    let bytes = match request.data_bytes(&buf) {
+    let bytes = match request.data_bytes(buf.capacity()) {
         Ok(bytes) => bytes,
         Err(errno) => return (errno, buf),
     };
@@ -301,7 +448,7 @@ async fn read(target: &dyn Target, request: Request, mut buf: AlignedBuf) -> (i3
 }
 
 async fn write(target: &dyn Target, request: Request, mut buf: AlignedBuf) -> (i32, AlignedBuf) {
-    let bytes = match request.data_bytes(&buf) {
+    let bytes = match request.data_bytes(buf.capacity()) {
         Ok(bytes) => bytes,
         Err(errno) => return (errno, buf),
     };
@@ -415,6 +562,69 @@ mod tests {
         assert!(buf.as_slice().iter().all(|&b| b == 0xab));
         let (res, _) = serve(&target, request(sys::UBLK_IO_OP_FLUSH, 0, 0, 0), buf);
         assert_eq!(res, 0);
+    }
+
+    /// A user copy whose "char device" is a sparse file: the request's data lives at the
+    /// tag's offset in it, as the kernel's request does behind `/dev/ublkcN`.
+    fn user_copy(file: &std::fs::File, pool: &Arc<BufferPool>, tag: u16) -> UserCopy {
+        use std::os::fd::AsRawFd;
+        UserCopy {
+            pool: Arc::clone(pool),
+            cdev: file.as_raw_fd(),
+            qid: 0,
+            tag,
+            max_bytes: 64 << 10,
+        }
+    }
+
+    #[test]
+    fn user_copy_moves_data_through_a_leased_buffer_given_back_after() {
+        use std::os::unix::fs::FileExt;
+        let file = tempfile::tempfile().expect("temp file");
+        let pool = BufferPool::new(64 << 10, 0);
+        let io = user_copy(&file, &pool, 3);
+        let pos = UblkIOCtx::ublk_user_copy_pos(0, 3, 0);
+        let mem = MemDevice::new_volatile("m", SectorCount(64));
+        let target = Arc::new(MemTarget(Arc::clone(&mem)));
+        file.write_all_at(&[0x5a; 8192], pos)
+            .expect("the request's data");
+        let run = |req| {
+            let (target, io) = (Arc::clone(&target), user_copy(&file, &pool, 3));
+            run_local(async move { io.serve(&*target, req).await })
+        };
+        assert_eq!(run(request(sys::UBLK_IO_OP_WRITE, 0, 16, 16)), 8192);
+        assert_eq!(pool.stats().held_bytes, 0, "the buffer went back");
+        file.write_all_at(&[0; 8192], pos).expect("clear");
+        assert_eq!(run(request(sys::UBLK_IO_OP_READ, 0, 16, 16)), 8192);
+        let mut back = [0u8; 8192];
+        file.read_exact_at(&mut back, pos).expect("read back");
+        assert!(
+            back.iter().all(|&b| b == 0x5a),
+            "the read's data reached the request"
+        );
+        assert_eq!(run(request(sys::UBLK_IO_OP_FLUSH, 0, 0, 0)), 0);
+        assert_eq!(pool.stats().peak_bytes, 8192, "no lease for a flush");
+        assert_eq!(
+            run(request(sys::UBLK_IO_OP_READ, 0, 0, 256)),
+            -libc::EINVAL,
+            "too large"
+        );
+        drop(io);
+    }
+
+    #[test]
+    fn a_failed_user_copy_completes_with_an_errno() {
+        let file = tempfile::tempfile().expect("temp file");
+        let pool = BufferPool::new(64 << 10, 0);
+        let target = Arc::new(MemTarget(MemDevice::new("m", SectorCount(64))));
+        // Nothing at the tag's offset: the copy of a WRITE's data reads end of file.
+        let io = user_copy(&file, &pool, 1);
+        let res = run_local(async move {
+            io.serve(&*target, request(sys::UBLK_IO_OP_WRITE, 0, 0, 8))
+                .await
+        });
+        assert_eq!(res, -libc::EIO);
+        assert_eq!(pool.stats().held_bytes, 0);
     }
 
     #[test]
