@@ -742,20 +742,14 @@ impl Inner {
             }
         }
         // The data the records point at is durable before the records. Only a `Map` points
-        // at data in the COW store (an `Unmap`'s merged data is flushed to the origin first).
+        // at data in the COW store (an `Unmap`'s merged data is flushed to the origin first;
+        // a discard's points at none).
         if records.iter().any(|r| matches!(r, Record::Map { .. })) {
             self.cow.flush().await?;
         }
-        let at = l.area_start(w.active_area) + SectorCount(w.tail * BLOCK_SECTORS.0);
-        let n = (bytes.len() / BLOCK) as u64;
-        self.cow
-            .write(
-                at,
-                Arc::new(AlignedBuf::from_slice(&bytes)),
-                WriteFlags::FUA,
-            )
+        w.tail = self
+            .write_log_blocks(w.active_area, w.tail, &bytes, WriteFlags::FUA)
             .await?;
-        w.tail += n;
         Ok(())
     }
 
@@ -843,13 +837,17 @@ impl Inner {
                 .checkpoint_piece(&mut cursor, CHECKPOINT_BATCH_RECORDS);
             if records.is_empty() {
                 let bytes = packer.finish();
-                return self.write_log_blocks(area, written, &bytes).await;
+                return self
+                    .write_log_blocks(area, written, &bytes, WriteFlags::default())
+                    .await;
             }
             for record in &records {
                 packer.push(record);
                 if packer.ready_blocks() >= piece_blocks {
                     let bytes = packer.take_blocks();
-                    written = self.write_log_blocks(area, written, &bytes).await?;
+                    written = self
+                        .write_log_blocks(area, written, &bytes, WriteFlags::default())
+                        .await?;
                 }
             }
         }
@@ -857,7 +855,13 @@ impl Inner {
 
     /// Writes whole log `blocks` to `area` from block `index`; returns the index after them.
     /// ENOSPC when they would pass the area's end.
-    async fn write_log_blocks(&self, area: u8, index: u64, blocks: &[u8]) -> std::io::Result<u64> {
+    async fn write_log_blocks(
+        &self,
+        area: u8,
+        index: u64,
+        blocks: &[u8],
+        flags: WriteFlags,
+    ) -> std::io::Result<u64> {
         let l = &self.layout;
         assert_eq!(blocks.len() % BLOCK, 0, "log writes are whole blocks");
         let end = index + (blocks.len() / BLOCK) as u64;
@@ -866,7 +870,7 @@ impl Inner {
         }
         let at = l.area_start(area) + SectorCount(index * BLOCK_SECTORS.0);
         let buf = Arc::new(AlignedBuf::from_slice(blocks));
-        self.cow.write(at, buf, WriteFlags::default()).await?;
+        self.cow.write(at, buf, flags).await?;
         Ok(end)
     }
 }
