@@ -71,6 +71,12 @@ pub trait Target: BlockDevice {
     fn command_releases(&self, _name: &str, _args: &serde_json::Value) -> Vec<String> {
         Vec::new()
     }
+
+    /// What a command that named child `name` (made it, or asked for its device) says when
+    /// the child's device did not start: what took effect and how to go on.
+    fn child_not_started(&self, name: &str) -> String {
+        format!("'{name}' was made but its device did not start (the next command tries again)")
+    }
 }
 
 /// What to build: the arguments of `ublkdm add`, persisted for `recover`.

@@ -399,6 +399,7 @@ fn open_origin(origin: &Path, cow: &Path) -> ublkdm::error::Result<()> {
         cow: cow.to_path_buf(),
         chunk_size_sectors: 0,
         force: false,
+        active: None,
     };
     let group = open_group(&spec)?;
     group.stop();

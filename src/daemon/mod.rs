@@ -351,10 +351,7 @@ impl Daemon {
                 reply["device"] = child.device.block_device().to_string_lossy().into();
             } else if let Some((_, err)) = errors.into_iter().find(|(name, _)| *name == named) {
                 // The command took effect (a snapshot was taken); only its device is missing.
-                return Err(err.context(format!(
-                    "'{named}' was made but its device did not start (the next command tries \
-                     again; a delete removes it)"
-                )));
+                return Err(err.context(self.target.child_not_started(&named)));
             }
         }
         Ok(reply)

@@ -33,6 +33,10 @@ pub struct OriginSpec {
     /// Create a store on a COW device that carries foreign metadata.
     #[serde(default)]
     pub force: bool,
+    /// The snapshots served as devices, by name (the daemon keeps it up to date). Absent
+    /// from a spec stored by older code, which served every snapshot: then every one is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active: Option<Vec<String>>,
 }
 
 impl From<OriginSpec> for TargetSpec {
@@ -88,12 +92,16 @@ impl TargetKind for OriginKind {
                 .chunk_size
                 .map_or(0, |b| b >> crate::units::SECTOR_SHIFT),
             force: args.force,
+            // A new origin, and one reassembled by `add origin` (after a reboot or `del`),
+            // serves no snapshot until `snapshot activate`.
+            active: Some(Vec::new()),
         }
         .into())
     }
 
     fn open(&self, spec: &TargetSpec) -> Result<Arc<dyn Target>> {
-        Ok(super::open_group(&spec.parse()?)?.origin())
+        let spec: OriginSpec = spec.parse()?;
+        Ok(super::open_group(&spec)?.origin_serving(spec.active))
     }
 
     fn describe(&self, spec: &TargetSpec) -> String {
@@ -110,7 +118,8 @@ impl TargetKind for OriginKind {
     fn commands(&self) -> Option<clap::Command> {
         Some(SnapshotCommand::augment_subcommands(
             clap::Command::new(COMMANDS).about(
-                "Snapshots of an origin: create, list, delete, merge (roll the origin back).",
+                "Snapshots of an origin: create (in metadata), activate and deactivate (serve \
+                 one as a device or stop it), list, delete, merge (roll the origin back).",
             ),
         ))
     }
@@ -149,16 +158,20 @@ fn merge_progress(status: &serde_json::Value) -> Option<Progress> {
 }
 
 /// Sends a snapshot command to the origin's daemon and prints its answer: a line a person
-/// reads (`create` prints only the device, for scripts), or the reply with `--json`.
+/// reads (`create` prints only the name, or the device when it activates, and `activate` the
+/// device, for scripts), or the reply with `--json`.
 fn run(registry: &Registry, command: SnapshotCommand) -> Result<()> {
     let (id, json) = match &command {
         SnapshotCommand::List { id, json } => return list(registry, *id, *json),
         SnapshotCommand::Create { id, json, .. }
+        | SnapshotCommand::Activate { id, json, .. }
+        | SnapshotCommand::Deactivate { id, json, .. }
         | SnapshotCommand::Delete { id, json, .. }
         | SnapshotCommand::Merge { id, json, .. } => (*id, *json),
         SnapshotCommand::Status {} => unreachable!("not a CLI command"),
     };
-    // The device a deleted or merged snapshot had: it is gone once the command ran.
+    // The device a deactivated, deleted or merged snapshot had: it is gone once the command
+    // ran.
     let released = match command.releases() {
         Some(name) if !json => device_of(registry, id, name)?,
         _ => {
@@ -171,20 +184,32 @@ fn run(registry: &Registry, command: SnapshotCommand) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&reply).expect("json"));
         return Ok(());
     }
-    let device = released.as_deref();
+    println!("{}", reply_line(&command, &reply, released.as_deref(), id));
+    Ok(())
+}
+
+/// The line a command prints from the daemon's `reply` (`device`: the one the snapshot had
+/// before a command that releases it).
+fn reply_line(
+    command: &SnapshotCommand,
+    reply: &serde_json::Value,
+    device: Option<&str>,
+    id: u32,
+) -> String {
+    let served = || reply["device"].as_str().unwrap_or("-").to_owned();
     match command {
-        SnapshotCommand::Create { .. } => {
-            println!("{}", reply["device"].as_str().unwrap_or("-"))
+        SnapshotCommand::Create {
+            activate: false, ..
+        } => text(&reply["name"]),
+        SnapshotCommand::Create { .. } | SnapshotCommand::Activate { .. } => served(),
+        SnapshotCommand::Deactivate { .. } => {
+            report::deactivated_line(&text(&reply["name"]), device, id)
         }
         SnapshotCommand::Delete { .. } => {
-            println!(
-                "{}",
-                report::deleted_line(&text(&reply["deleted"]), device, id)
-            )
+            report::deleted_line(&text(&reply["deleted"]), device, id)
         }
-        _ => println!("{}", report::merging_line(&reply, device, id)),
+        _ => report::merging_line(reply, device, id),
     }
-    Ok(())
 }
 
 /// The device serving snapshot `name` of origin `id`, if one does (fails unless `id` is an
@@ -241,21 +266,38 @@ fn list(registry: &Registry, id: u32, json: bool) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&rows).expect("json"));
         return Ok(());
     }
-    println!(
-        "{:<20} {:<9} {:<13} {:>10}  REASON",
-        "NAME", "STATE", "DEVICE", "EXCEPTIONS"
-    );
-    for row in &rows {
-        println!(
-            "{:<20} {:<9} {:<13} {:>10}  {}",
-            row["name"].as_str().unwrap_or("?"),
-            row["state"].as_str().unwrap_or("?"),
-            row["device"].as_str().unwrap_or("-"),
-            row["exceptions"],
-            row["reason"].as_str().unwrap_or("")
-        );
+    for line in list_lines(&rows) {
+        println!("{line}");
     }
     Ok(())
+}
+
+/// `snapshot list`: a row per snapshot; an inactive one has no device (`-`), an active one
+/// whose device is not up (it failed to start) shows `(none)`.
+fn list_lines(rows: &[serde_json::Value]) -> Vec<String> {
+    let mut lines = vec![format!(
+        "{:<20} {:<9} {:<8} {:<13} {:>10}  REASON",
+        "NAME", "STATE", "ACTIVE", "DEVICE", "EXCEPTIONS"
+    )];
+    for row in rows {
+        let active = row["active"].as_bool();
+        let device = match (row["device"].as_str(), active) {
+            (Some(device), _) => device,
+            (None, Some(true)) => "(none)",
+            (None, _) => "-",
+        };
+        let line = format!(
+            "{:<20} {:<9} {:<8} {:<13} {:>10}  {}",
+            row["name"].as_str().unwrap_or("?"),
+            row["state"].as_str().unwrap_or("?"),
+            active.map_or("?", |a| if a { "yes" } else { "no" }),
+            device,
+            row["exceptions"].to_string(),
+            row["reason"].as_str().unwrap_or("")
+        );
+        lines.push(line.trim_end().to_owned());
+    }
+    lines
 }
 
 #[cfg(test)]
@@ -297,5 +339,62 @@ mod tests {
         );
         let work = registry.progress(&status);
         assert_eq!(work.len(), 1, "the merge is followed");
+    }
+
+    /// What `snapshot create|activate|deactivate` print: the name of a snapshot made without a
+    /// device, else the device, for scripts.
+    #[test]
+    fn activation_lines() {
+        let create = |activate| SnapshotCommand::Create {
+            id: 0,
+            name: None,
+            activate,
+            json: false,
+        };
+        let made = json!({ "name": "s1", "active": false });
+        assert_eq!(reply_line(&create(false), &made, None, 0), "s1");
+        let served = json!({ "name": "s1", "active": true, "id": 3, "device": "/dev/ublkb3" });
+        assert_eq!(reply_line(&create(true), &served, None, 0), "/dev/ublkb3");
+        let activate = SnapshotCommand::Activate {
+            id: 0,
+            name: "s1".into(),
+            json: false,
+        };
+        assert_eq!(reply_line(&activate, &served, None, 0), "/dev/ublkb3");
+        let deactivate = SnapshotCommand::Deactivate {
+            id: 0,
+            name: "s1".into(),
+            json: false,
+        };
+        assert_eq!(
+            reply_line(&deactivate, &made, Some("/dev/ublkb3"), 0),
+            "snapshot s1 (/dev/ublkb3) deactivated on origin 0; the snapshot is kept"
+        );
+        assert_eq!(
+            reply_line(&deactivate, &made, None, 2),
+            "snapshot s1 deactivated on origin 2; the snapshot is kept"
+        );
+    }
+
+    #[test]
+    fn the_list_shows_which_snapshots_are_active() {
+        let rows = [
+            json!({ "name": "s1", "state": "valid", "active": true, "device": "/dev/ublkb3",
+                    "exceptions": 4 }),
+            json!({ "name": "s2", "state": "valid", "active": false, "device": null,
+                    "exceptions": 0 }),
+            json!({ "name": "s3", "state": "invalid", "active": true, "device": null,
+                    "exceptions": 0, "reason": "the COW store overflowed" }),
+        ];
+        assert_eq!(
+            list_lines(&rows),
+            [
+                "NAME                 STATE     ACTIVE   DEVICE        EXCEPTIONS  REASON",
+                "s1                   valid     yes      /dev/ublkb3            4",
+                "s2                   valid     no       -                      0",
+                "s3                   invalid   yes      (none)                 0  the COW store \
+                 overflowed",
+            ]
+        );
     }
 }

@@ -12,7 +12,8 @@
 //! - `state.rs`: the in-memory tables, changed only by applying durable records.
 //! - `free.rs`: the free COW chunks, one bit each.
 //! - `io.rs`: origin and snapshot I/O, copy-on-write, merge steps, per-chunk locks.
-//! - `commands.rs`: `snapshot-create`, `snapshot-delete`, `snapshot-list`, `merge`, `status`.
+//! - `commands.rs`: `snapshot-create`, `-activate`, `-deactivate`, `-delete`, `-list`, `merge`,
+//!   `status`, and which snapshots are active (served as devices; kept in the origin's spec).
 //! - `kind.rs`: the origin's kind: spec, `add origin` arguments, the `ublkdm snapshot` CLI.
 //! - `report.rs`: what a person reads: the origin's `ublkdm status` lines and command lines.
 //!
@@ -156,6 +157,7 @@ pub fn kind() -> Box<dyn crate::registry::TargetKind> {
     Box::new(OriginKind)
 }
 
+use self::commands::Activation;
 use self::format::{Record, Slot, Superblock, BLOCK, BLOCK_SECTORS};
 use self::io::ChunkLocks;
 use self::state::Store;
@@ -165,7 +167,7 @@ use crate::device::{
     OpenOptions, ReadDone, UringDevice, WriteFlags,
 };
 use crate::error::{Error, ErrorKind, Result};
-use crate::target::Target;
+use crate::target::{Target, TargetSpec};
 use crate::task::Notify;
 use crate::units::{Extent, Sector, SectorCount};
 
@@ -287,10 +289,22 @@ impl SnapshotGroup {
         }))
     }
 
-    /// The origin target (it takes the group's commands).
+    /// The origin target (it takes the group's commands), serving every snapshot as a
+    /// child until a command through it fixes which are active.
     pub fn origin(self: &Arc<Self>) -> Arc<OriginTarget> {
+        self.origin_serving(None)
+    }
+
+    /// The origin target with the snapshots `active` names active (`None`: every one, as a
+    /// spec stored by older code means).
+    pub fn origin_serving(self: &Arc<Self>, active: Option<Vec<String>>) -> Arc<OriginTarget> {
+        let active = match active {
+            Some(names) => Activation::of(names),
+            None => Activation::every(),
+        };
         Arc::new(OriginTarget {
             group: Arc::clone(self),
+            active: Arc::new(active),
         })
     }
 
@@ -879,6 +893,8 @@ impl Inner {
 /// need first. Takes the group's commands.
 pub struct OriginTarget {
     group: Arc<SnapshotGroup>,
+    /// Which snapshots are served as devices (see [`Activation`]).
+    active: Arc<Activation>,
 }
 
 impl OriginTarget {
@@ -929,7 +945,9 @@ impl Target for OriginTarget {
     }
 
     fn status(&self) -> serde_json::Value {
-        self.group.status()
+        let mut status = self.group.status();
+        self.active.annotate(&self.group.inner.store(), &mut status);
+        status
     }
 
     /// The orderly stop (after the snapshot devices stopped): the origin and the COW store
@@ -949,28 +967,33 @@ impl Target for OriginTarget {
     fn command(&self, name: &str, args: &serde_json::Value) -> Result<serde_json::Value> {
         let command = SnapshotCommand::parse(name, args)?;
         let inner = Arc::clone(&self.group.inner);
-        reactor::try_block_on(async move { inner.run(command).await })?
+        let active = Arc::clone(&self.active);
+        reactor::try_block_on(async move { inner.run_for_origin(&active, command).await })?
     }
 
-    /// Every snapshot but a merging one (whose I/O fails until it is gone), oldest first.
+    /// The active snapshots but a merging one (whose I/O fails until it is gone), oldest
+    /// first.
     fn child_names(&self) -> Vec<String> {
-        let store = self.group.inner.store();
-        let mut snaps: Vec<_> = store
-            .slots
-            .iter()
-            .flatten()
-            .filter(|s| s.state != SnapState::Merging)
-            .map(|s| (s.seq, s.name.clone()))
-            .collect();
-        snaps.sort();
-        snaps.into_iter().map(|(_, name)| name).collect()
+        self.active.served(&self.group.inner.store())
+    }
+
+    /// The spec it was built from, with the active snapshots now.
+    fn spec(&self, built_from: &TargetSpec) -> TargetSpec {
+        match built_from.parse::<OriginSpec>() {
+            Ok(spec) => OriginSpec {
+                active: Some(self.child_names()),
+                ..spec
+            }
+            .into(),
+            Err(_) => built_from.clone(),
+        }
     }
 
     fn open_child(&self, name: &str) -> Result<Arc<dyn Target>> {
         Ok(self.group.snapshot(name)?)
     }
 
-    /// Deleting or merging a snapshot ends its device.
+    /// Deactivating, deleting or merging a snapshot ends its device.
     fn command_releases(&self, name: &str, args: &serde_json::Value) -> Vec<String> {
         let Ok(command) = SnapshotCommand::parse(name, args) else {
             return Vec::new();
@@ -979,6 +1002,15 @@ impl Target for OriginTarget {
             Some(snap) if self.group.inner.store().find(snap).is_some() => vec![snap.to_owned()],
             _ => Vec::new(),
         }
+    }
+
+    /// The snapshot stays active (and taken, after a create): any later command tries its
+    /// device again.
+    fn child_not_started(&self, name: &str) -> String {
+        format!(
+            "snapshot '{name}' is active but its device did not start (`snapshot activate` \
+             tries again; `snapshot deactivate` forgets it)"
+        )
     }
 
     /// A merge is refused while the origin's device is open (see

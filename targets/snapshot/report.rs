@@ -1,5 +1,5 @@
 //! What a person reads: the origin's part of `ublkdm status` (a compact report, as `lvs`
-//! and `/proc/mdstat` give) and the human lines of `ublkdm snapshot create|delete|merge`.
+//! and `/proc/mdstat` give) and the human lines of `ublkdm snapshot deactivate|delete|merge`.
 //!
 //! Everything here reads the JSON the daemon answered with ([`super::commands`] makes it);
 //! it never changes that JSON, so `--json` output stays the daemon's. A field missing from an
@@ -145,6 +145,15 @@ fn percent(part: u64, whole: u64) -> String {
 /// origin 0`.
 pub fn deleted_line(name: &str, device: Option<&str>, origin: u32) -> String {
     format!("snapshot {name}{} deleted from origin {origin}", on(device))
+}
+
+/// The line `ublkdm snapshot deactivate` prints: `snapshot s1 (/dev/ublkb3) deactivated on
+/// origin 0; the snapshot is kept`.
+pub fn deactivated_line(name: &str, device: Option<&str>, origin: u32) -> String {
+    format!(
+        "snapshot {name}{} deactivated on origin {origin}; the snapshot is kept",
+        on(device)
+    )
 }
 
 /// The line `ublkdm snapshot merge` prints, from the daemon's reply.
