@@ -58,7 +58,8 @@ fn store_line(status: &Value) -> String {
     )
 }
 
-/// `snapshots: N`, then a table of them (in creation order, as the daemon lists them).
+/// `snapshots: N`, then a table of them (in creation order, as the daemon lists them), with
+/// whether each is active (served as a device).
 fn snapshot_lines(snapshots: &Value) -> Vec<String> {
     let snaps = snapshots.as_array().map(Vec::as_slice).unwrap_or_default();
     if snaps.is_empty() {
@@ -78,8 +79,8 @@ fn snapshot_lines(snapshots: &Value) -> Vec<String> {
     let mut lines = vec![
         head,
         format!(
-            "  {:<width$}  {:<8}  {:>10}  {:>7}  NOTE",
-            "NAME", "STATE", "EXCEPTIONS", "CREATED"
+            "  {:<width$}  {:<8}  {:<6}  {:>10}  {:>7}  NOTE",
+            "NAME", "STATE", "ACTIVE", "EXCEPTIONS", "CREATED"
         ),
     ];
     for snap in snaps {
@@ -88,8 +89,13 @@ fn snapshot_lines(snapshots: &Value) -> Vec<String> {
             Some(state) => (state, String::new()),
             None => ("?", String::new()),
         };
+        let active = match snap["active"].as_bool() {
+            Some(true) => "yes",
+            Some(false) => "no",
+            None => "?",
+        };
         let row = format!(
-            "  {:<width$}  {state:<8}  {:>10}  {:>7}  {note}",
+            "  {:<width$}  {state:<8}  {active:<6}  {:>10}  {:>7}  {note}",
             text(&snap["name"]),
             number(&snap["exceptions"]),
             number(&snap["created"]),
@@ -219,8 +225,9 @@ mod tests {
     #[test]
     fn two_snapshots_one_merging() {
         let snapshots = json!([
-            { "name": "nightly", "state": "merging", "exceptions": 400, "created": 1 },
-            { "name": "s2", "state": "valid", "exceptions": 1052, "created": 2 },
+            { "name": "nightly", "state": "merging", "exceptions": 400, "created": 1,
+              "active": false },
+            { "name": "s2", "state": "valid", "exceptions": 1052, "created": 2, "active": true },
         ]);
         let merge = json!({
             "active": true, "snapshot": "nightly", "done": 300, "total": 700, "error": null,
@@ -232,9 +239,9 @@ mod tests {
                 "store:     1452 of 4064 chunks used (36%), 2612 free, chunk 16 KiB",
                 "uuid:      6f1c2a9e-0b7d-4e8a-9c11-2d3f4a5b6c7d",
                 "snapshots: 2",
-                "  NAME     STATE     EXCEPTIONS  CREATED  NOTE",
-                "  nightly  merging          400        1",
-                "  s2       valid           1052        2",
+                "  NAME     STATE     ACTIVE  EXCEPTIONS  CREATED  NOTE",
+                "  nightly  merging   no             400        1",
+                "  s2       valid     yes           1052        2",
                 "merge:     nightly, 300/700 chunks (43%)",
             ]
         );
@@ -256,9 +263,9 @@ mod tests {
                 "metadata:  a log write FAILED: the snapshots are invalid; origin writes first \
                  retry the log",
                 "snapshots: 2 (1 INVALID)",
-                "  NAME  STATE     EXCEPTIONS  CREATED  NOTE",
-                "  s1    INVALID            0        1  the COW store overflowed",
-                "  s2    valid           4064        2",
+                "  NAME  STATE     ACTIVE  EXCEPTIONS  CREATED  NOTE",
+                "  s1    INVALID   ?                0        1  the COW store overflowed",
+                "  s2    valid     ?             4064        2",
                 "merge:     idle",
             ]
         );
