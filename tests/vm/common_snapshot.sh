@@ -17,7 +17,10 @@
 # g JQ                      a field of the kept status' target status (.daemon_status.target.status)
 # g_snaps                   the kept snapshots as "NAME:STATE ..." in creation order
 # g_child NAME              the device serving snapshot NAME in the kept status ("" if none)
-# snap_create ID NAME       ublkdm snapshot create ID --name NAME; prints the snapshot's device
+# snap_create ID NAME       ublkdm snapshot create ID --name NAME --activate; prints the
+#                           snapshot's device
+# snap_activate ID NAME..   ublkdm snapshot activate ID NAME for each NAME (after `add origin`
+#                           reassembled a store, none is active); prints their devices
 # snap_names ID             the snapshots' names in creation order, space-separated
 # dev_sum DEV               sha256 of all of DEV, read O_DIRECT
 # file_sum FILE             sha256 of FILE
@@ -72,7 +75,15 @@ g_child() {
 }
 
 snap_create() {
-	ublkdm snapshot create "${1:?snap_create ID NAME}" --name "${2:?snap_create ID NAME}"
+	ublkdm snapshot create "${1:?snap_create ID NAME}" --name "${2:?snap_create ID NAME}" --activate
+}
+
+snap_activate() {
+	local id=${1:?snap_activate ID NAME..} name
+	shift
+	for name in "${@:?snap_activate ID NAME..}"; do
+		ublkdm snapshot activate "$id" "$name" || return 1
+	done
 }
 
 snap_names() { sstatus "${1:?snap_names ID}" '[.snapshots[].name] | join(" ")'; }

@@ -10,7 +10,8 @@
 #   half rewritten; snapshot s2; both images are stored on vdc (the snapshots are never
 #   written, so these are their models for every later boot).
 # - p > 1: `ublkdm add origin ORIGIN --cow COW` must reassemble the origin LIVE with s1 and
-#   s2 valid, each served by a device; s1 and s2 must read exactly as their models; a
+#   s2 valid, each served by a device once activated (`snapshot activate`: a reassembled
+#   origin serves none); s1 and s2 must read exactly as their models; a
 #   verify-only fio (common_cycles.sh) must read back every write acknowledged before the last
 #   cut (none may be lost).
 # - p <= CUTS: fio writes verified blocks to an 8 MiB window of the origin (the window
@@ -71,6 +72,7 @@ assemble_after_cut() {
 	# Read back what was acknowledged before the cut while the snapshots are compared.
 	acked_verify "$dev" "$c" "$(window "$c")M" 8M &
 	verify_pid=$!
+	snap_activate "$id" s1 s2 >/dev/null || failed "cut-$c-activation" "snapshot activate failed"
 	group "$id"
 	if [[ $(jq -r .state <<<"$G") != LIVE || $(g_snaps) != "s1:valid s2:valid" ]]; then
 		failed "cut-$c-assembly" "state $(jq -r .state <<<"$G"), snapshots '$(g_snaps)'"

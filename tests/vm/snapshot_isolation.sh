@@ -12,8 +12,8 @@
 # - a second snapshot taken later holds the later image, and under more writes to the origin
 #   (chunks one snapshot holds already, chunks both share) and to both snapshots (a chunk the
 #   two share) each device keeps its own image;
-# - `ublkdm del` + the same `add origin` reassembles the group: both snapshots come back as
-#   devices, valid, with their images.
+# - `ublkdm del` + the same `add origin` reassembles the group: both snapshots come back
+#   valid, and once activated (a reassembled origin serves none) as devices with their images.
 set -uo pipefail
 . "$UBLKDM_REPO/scripts/vm/lib.sh"
 . "$UBLKDM_REPO/tests/vm/common.sh"
@@ -85,6 +85,7 @@ else
 fi
 dev=$(add_origin "$orig" "$cow") || die "second add origin failed"
 id=$(dev_id "$dev")
+snap_activate "$id" s1 s2 >/dev/null || fail "activate-after-reassembly" "snapshot activate failed"
 group "$id"
 s1=$(g_child s1)
 s2=$(g_child s2)

@@ -81,6 +81,8 @@ fi
 ublkdm del "$id" >/dev/null || fail "del" "ublkdm del $id failed"
 dev=$(add_origin "$orig" "$cow") || die "add origin after del failed"
 id=$(dev_id "$dev")
+# A reassembled origin serves no snapshot; an invalid one may be activated (its I/O fails).
+snap_activate "$id" s1 >/dev/null || fail "activate-invalid-after-reassembly" "snapshot activate failed"
 check_overflowed "-after-reassembly"
 
 if s2=$(snap_create "$id" s2) && [[ -b $s2 ]]; then

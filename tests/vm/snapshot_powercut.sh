@@ -11,7 +11,8 @@
 #   snapshot b2, then (origin writes delayed by 50 ms) `snapshot merge ID b1`.
 # Phase 1 stores the verify state and the model images (a1, b1, b2) on vdc and, with the
 #   second fio still writing and the merge still running, cuts the power.
-# Phase 2 (same disks): the same `add origin` must reassemble each group; a1 must hold the
+# Phase 2 (same disks): the same `add origin` must reassemble each group (serving no
+#   snapshot: a1 and b2 are activated); a1 must hold the
 #   image it had before the cut; a verify-only fio must find every acknowledged write on
 #   origin A; origin B must read as b1 at once, the merge must resume and finish, b1 must be
 #   gone and b2 must hold its image.
@@ -79,7 +80,9 @@ phase2() {
 		die "no state on $STATE_DISK (phase 1 did not run?)"
 	fi
 
-	if a=$(add_origin "$orig_a" "$cow_a") && ida=$(dev_id "$a") && group "$ida" && a1=$(g_child a1) &&
+	# A reassembled origin serves no snapshot until `snapshot activate`.
+	if a=$(add_origin "$orig_a" "$cow_a") && ida=$(dev_id "$a") && snap_activate "$ida" a1 >/dev/null &&
+		group "$ida" && a1=$(g_child a1) &&
 		[[ -b $a1 && $(g_snaps) == a1:valid ]]; then
 		pass "reassembles-after-cut-during-cow"
 	else
@@ -104,6 +107,7 @@ phase2() {
 	else
 		die "add origin B failed after the cut"
 	fi
+	snap_activate "$idb" b2 >/dev/null || fail "activate-b2-during-merge" "snapshot activate failed"
 	echo "power cut: merge after assembly: $(sstatus "$idb" ".merge | tojson")"
 	expect_image "origin-reads-as-merging-snapshot-after-cut" "$b" "$T/b1.img"
 	if wait_merged "$idb" 120 && group "$idb" && [[ $(g_snaps) == b2:valid ]]; then
