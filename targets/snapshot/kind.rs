@@ -116,12 +116,13 @@ impl TargetKind for OriginKind {
     }
 
     fn commands(&self) -> Option<clap::Command> {
-        Some(SnapshotCommand::augment_subcommands(
-            clap::Command::new(COMMANDS).about(
+        // The about after the subcommands: they would set the enum's doc as the about.
+        Some(
+            SnapshotCommand::augment_subcommands(clap::Command::new(COMMANDS)).about(
                 "Snapshots of an origin: create (in metadata), activate and deactivate (serve \
                  one as a device or stop it), list, delete, merge (roll the origin back).",
             ),
-        ))
+        )
     }
 
     fn run_command(&self, registry: &Registry, args: &clap::ArgMatches) -> Result<()> {
