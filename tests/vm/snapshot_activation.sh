@@ -124,7 +124,9 @@ put "$dev" 0 $((1 << 20)) "$T/origin.img" || fail "origin-write" "write to $dev 
 pid=$(daemon_pid "$id")
 kill -9 "$pid"
 wait_until 30 bash -c "! kill -0 $pid 2>/dev/null" || die "daemon $pid still alive"
-out=$(ublkdm recover "$id" 2>&1) || die "recover failed: $out"
+# (The driver may not have quiesced the devices yet: recover is retried, as snapshot_kills does.)
+wait_until 30 bash -c "$UBLKDM recover $id >/dev/null 2>$T/recover.err" ||
+	die "recover failed: $(cat "$T/recover.err")"
 group "$id"
 spec_active=$(jq -c '.daemon_status.spec.active' <<<"$G")
 if [[ $(jq -r .state <<<"$G") == LIVE && $(served) == "s1 s2" && $(g_child s1) == "$s1" &&
