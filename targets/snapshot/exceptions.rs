@@ -75,6 +75,9 @@ pub struct ExceptionIndex {
     live: BTreeSet<u64>,
     /// The merging snapshot: it needs no more origin copies.
     merging: Option<u64>,
+    /// Live snapshots that need no more origin copies: the merging one, and those invalid
+    /// in memory whose images stay until a checkpoint records them gone.
+    frozen: BTreeSet<u64>,
     /// (origin chunk, newest snapshot served) -> COW chunk.
     shared: BTreeMap<(u64, u64), u64>,
     /// (snapshot, origin chunk) -> COW chunk or [`MERGED`].
@@ -83,6 +86,8 @@ pub struct ExceptionIndex {
     refs: HashMap<u64, u32>,
     /// The newest snapshot any origin copy has served.
     newest_served: u64,
+    /// [`MERGED`] marks among the private entries.
+    marks: usize,
 }
 
 impl ExceptionIndex {
@@ -113,6 +118,14 @@ impl ExceptionIndex {
         assert!(self.live.contains(&seq), "snapshot {seq} is not live");
         assert!(self.merging.is_none(), "two snapshots merge");
         self.merging = Some(seq);
+        self.frozen.insert(seq);
+    }
+
+    /// Snapshot `seq` needs no more origin copies (it is invalid, but its images stay until
+    /// that is durable).
+    pub fn freeze(&mut self, seq: u64) {
+        assert!(self.live.contains(&seq), "snapshot {seq} is not live");
+        self.frozen.insert(seq);
     }
 
     /// Where snapshot `seq` reads chunk `c`.
@@ -151,22 +164,62 @@ impl ExceptionIndex {
         self.live
             .range(after + 1..)
             .rev()
-            .filter(|&&s| Some(s) != self.merging)
+            .filter(|&&s| !self.frozen.contains(&s))
             .find(|&&s| !self.private.contains_key(&(s, c)))
             .copied()
     }
 
-    /// Origin chunk `c` was copied to COW chunk `k` before the origin changed it: it serves
-    /// the snapshots [`ExceptionIndex::needs_copy`] named (up to `newest`).
-    pub fn add_origin_copy(&mut self, c: u64, newest: u64, k: u64) {
+    /// Every snapshot [`ExceptionIndex::needs_copy`] would copy `c` for, oldest first (for
+    /// invalidating them when the copy cannot be made).
+    pub fn needing(&self, c: u64) -> Vec<u64> {
+        let after = self.last_copy(c);
+        self.live
+            .range(after + 1..)
+            .filter(|&&s| !self.frozen.contains(&s) && !self.private.contains_key(&(s, c)))
+            .copied()
+            .collect()
+    }
+
+    /// Puts origin copy `(c, newest) -> k` in if it serves a live snapshot (a snapshot it
+    /// was made for may have become invalid meanwhile); whether it did. It must be `c`'s
+    /// newest copy.
+    pub fn insert_copy(&mut self, c: u64, newest: u64, k: u64) -> bool {
         assert!(k != MERGED, "COW chunk {k}");
         assert!(
             newest > self.last_copy(c),
             "origin copy of chunk {c} out of order"
         );
-        assert!(self.live.contains(&newest), "snapshot {newest} is not live");
         self.shared.insert((c, newest), k);
+        if !self.serves(c, newest) {
+            self.shared.remove(&(c, newest));
+            return false;
+        }
         self.newest_served = self.newest_served.max(newest);
+        true
+    }
+
+    /// Whether an origin copy of `c` for snapshots up to `newest` may follow `c`'s copies.
+    pub fn copy_in_order(&self, c: u64, newest: u64) -> bool {
+        newest > self.last_copy(c)
+    }
+
+    /// The COW chunk snapshot `seq` alone reads `c` from, if any: a write through it may
+    /// change that chunk in place. (Its private image; or a shared one every other snapshot
+    /// in whose range has an image of its own, which a later snapshot never joins.)
+    pub fn exclusive(&self, seq: u64, c: u64) -> Option<u64> {
+        match self.private.get(&(seq, c)) {
+            Some(&MERGED) => None,
+            Some(&k) => (!self.refs.contains_key(&k)).then_some(k),
+            None => {
+                let (t, k) = self.covering(seq, c)?;
+                let start = self.range_start(c, t);
+                let others = self
+                    .live
+                    .range(start + 1..=t)
+                    .any(|&s| s != seq && !self.private.contains_key(&(s, c)));
+                (!others).then_some(k)
+            }
+        }
     }
 
     /// Snapshot `seq` has its own image of `c` in `k` now (or [`MERGED`]); returns the COW
@@ -177,54 +230,34 @@ impl ExceptionIndex {
             k != MERGED || self.merging == Some(seq),
             "only the merging snapshot has merged chunks"
         );
-        let mut freed: Vec<u64> = self.private.insert((seq, c), k).into_iter().collect();
+        let mut freed: Vec<u64> = self.put_private((seq, c), k).into_iter().collect();
         freed.retain(|&old| self.unref_private(old));
         freed.extend(self.collect_covering(c, seq));
         freed
     }
 
     /// COW chunk `k` is the own image of `c` of every snapshot of `seqs` (a format 1 origin
-    /// copy with several sharers, none of which has a private image of `c` yet). Returns the
-    /// COW chunks no longer used (shared ones only they used).
+    /// copy with several sharers: their previous images of `c` are replaced). Returns the
+    /// COW chunks no longer used.
     pub fn add_private_set(&mut self, seqs: &[u64], c: u64, k: u64) -> Vec<u64> {
         assert!(
             seqs.len() >= 2 && k != MERGED,
             "a private set of {seqs:?} in {k}"
         );
+        let mut freed = Vec::new();
         for &s in seqs {
             assert!(self.live.contains(&s), "snapshot {s} is not live");
-            let old = self.private.insert((s, c), k);
-            assert!(old.is_none(), "snapshot {s} has an image of chunk {c}");
+            if let Some(old) = self.put_private((s, c), k) {
+                assert!(old != k, "snapshot {s} listed twice");
+                if self.unref_private(old) {
+                    freed.push(old);
+                }
+            }
         }
         self.refs
             .insert(k, u32::try_from(seqs.len()).expect("sharers fit"));
-        seqs.iter()
-            .filter_map(|&s| self.collect_covering(c, s))
-            .collect()
-    }
-
-    /// Puts back one entry of a checkpoint (or of a log record). The caller checked it
-    /// against this index (its key and COW chunk are new, its snapshots live); a shared entry
-    /// left serving nobody is collected by [`ExceptionIndex::collect_unserved`] once the
-    /// replay ends.
-    pub fn restore(&mut self, entry: &Entry) -> Vec<u64> {
-        match entry {
-            Entry::Copy {
-                cow,
-                origin,
-                newest,
-            } => {
-                let old = self.shared.insert((*origin, *newest), *cow);
-                assert!(
-                    old.is_none(),
-                    "shared entry ({origin}, {newest}) restored twice"
-                );
-                self.newest_served = self.newest_served.max(*newest);
-                Vec::new()
-            }
-            Entry::Private { cow, origin, seq } => self.set_private(*seq, *origin, *cow),
-            Entry::PrivateSet { cow, origin, seqs } => self.add_private_set(seqs, *origin, *cow),
-        }
+        freed.extend(seqs.iter().filter_map(|&s| self.collect_covering(c, s)));
+        freed
     }
 
     /// Removes every shared entry that serves nobody; returns their COW chunks.
@@ -245,7 +278,7 @@ impl ExceptionIndex {
     /// chunks no longer used: its private image, or the shared one it alone still used.
     pub fn discard(&mut self, seq: u64, c: u64) -> Vec<u64> {
         assert!(self.live.contains(&seq), "snapshot {seq} is not live");
-        if let Some(old) = self.private.remove(&(seq, c)) {
+        if let Some(old) = self.take_private((seq, c)) {
             return [old]
                 .into_iter()
                 .filter(|&k| k != MERGED && self.unref_private(k))
@@ -271,6 +304,7 @@ impl ExceptionIndex {
         if self.merging == Some(seq) {
             self.merging = None;
         }
+        self.frozen.remove(&seq);
         let mine: Vec<(u64, u64)> = self
             .private
             .range((seq, 0)..=(seq, u64::MAX))
@@ -278,7 +312,7 @@ impl ExceptionIndex {
             .collect();
         let mut freed = Vec::new();
         for key in mine {
-            let k = self.private.remove(&key).expect("listed");
+            let k = self.take_private(key).expect("listed");
             if k != MERGED && self.unref_private(k) {
                 freed.push(k);
             }
@@ -294,6 +328,21 @@ impl ExceptionIndex {
             freed.extend(self.collect_entry(c, t));
         }
         freed
+    }
+
+    /// Sets private entry `key`, counting [`MERGED`] marks; returns the one it replaced.
+    fn put_private(&mut self, key: (u64, u64), k: u64) -> Option<u64> {
+        let old = self.private.insert(key, k);
+        self.marks += usize::from(k == MERGED);
+        self.marks -= usize::from(old == Some(MERGED));
+        old
+    }
+
+    /// Removes private entry `key`, counting [`MERGED`] marks.
+    fn take_private(&mut self, key: (u64, u64)) -> Option<u64> {
+        let old = self.private.remove(&key);
+        self.marks -= usize::from(old == Some(MERGED));
+        old
     }
 
     /// One private entry of COW chunk `k` is gone: whether `k` is free now.
@@ -469,11 +518,10 @@ impl ExceptionIndex {
         self.shared.len()
     }
 
-    /// Every COW chunk in use (for building the free set after a replay).
-    pub fn used_chunks(&self) -> impl Iterator<Item = u64> + Clone + '_ {
-        let shared = self.shared.values().copied();
-        let private = self.private.values().copied().filter(|&k| k != MERGED);
-        shared.chain(private)
+    /// COW chunks in use.
+    pub fn cow_chunks(&self) -> u64 {
+        let extra: u64 = self.refs.values().map(|&n| u64::from(n) - 1).sum();
+        (self.shared.len() + self.private.len() - self.marks) as u64 - extra
     }
 
     /// Panics unless the invariants of the module doc hold.
@@ -508,6 +556,7 @@ impl ExceptionIndex {
             assert_eq!(*held_c, c, "COW chunk {k} holds two origin chunks");
             *n += 1;
         }
+        let distinct = holders.len();
         for (k, (_, n)) in holders {
             let want = self.refs.get(&k).copied().unwrap_or(1);
             assert_eq!(n, want, "COW chunk {k}'s private holders");
@@ -515,6 +564,17 @@ impl ExceptionIndex {
         if let Some(m) = self.merging {
             assert!(self.live.contains(&m), "the merging snapshot is not live");
         }
+        let marks = self.private.values().filter(|&&k| k == MERGED).count();
+        assert_eq!(marks, self.marks, "merged marks counted");
+        assert!(
+            self.frozen.iter().all(|s| self.live.contains(s)),
+            "a gone snapshot frozen"
+        );
+        assert_eq!(
+            self.cow_chunks(),
+            (shared_chunks.len() + distinct) as u64,
+            "COW chunks"
+        );
     }
 }
 
@@ -644,6 +704,7 @@ mod tests {
                 .map(|(&s, _)| s)
                 .collect();
             let newest = self.index.needs_copy(c);
+            assert_eq!(self.index.needing(c).last().copied(), newest, "needing {c}");
             if let Some(&last) = needing.last() {
                 assert!(
                     newest >= Some(last),
@@ -652,7 +713,7 @@ mod tests {
             }
             if let Some(newest) = newest {
                 let k = self.alloc();
-                self.index.add_origin_copy(c, newest, k);
+                self.index.insert_copy(c, newest, k);
                 for s in needing {
                     self.model.get_mut(&s).unwrap().insert(c, Want::Cow(k));
                 }
@@ -725,6 +786,7 @@ mod tests {
         fn check(&self) {
             self.index.check();
             let mut read = BTreeSet::new();
+            let mut exclusive = Vec::new();
             for (&s, m) in &self.model {
                 let mut images = BTreeMap::new();
                 for c in 0..CHUNKS {
@@ -740,11 +802,28 @@ mod tests {
                         read.insert(k);
                         images.insert(c, k);
                     }
+                    if let Some(k) = self.index.exclusive(s, c) {
+                        assert_eq!(got, Image::Cow(k), "{s}'s exclusive image of {c}");
+                        exclusive.push((s, c, k));
+                    }
                 }
                 assert_eq!(self.index.images_of(s), images, "images of {s}");
                 assert_eq!(self.index.counts()[&s], images.len() as u64, "count of {s}");
             }
             assert_eq!(read, self.used, "COW chunks in use");
+            assert_eq!(self.index.cow_chunks(), read.len() as u64);
+            // A chunk one snapshot alone reads is read by no other (Any images aside).
+            for (s, c, k) in exclusive {
+                for (&other, m) in &self.model {
+                    if other != s && m.get(&c) != Some(&Want::Any) {
+                        assert_ne!(
+                            self.index.lookup(other, c),
+                            Image::Cow(k),
+                            "{s} and {other} at {c}"
+                        );
+                    }
+                }
+            }
             self.check_checkpoint();
         }
 
@@ -764,7 +843,10 @@ mod tests {
                     break;
                 }
                 for entry in &entries {
-                    assert!(copy.restore(entry).is_empty(), "{entry:?} freed a chunk");
+                    assert!(
+                        restore(&mut copy, entry).is_empty(),
+                        "{entry:?} freed a chunk"
+                    );
                 }
             }
             assert!(copy.collect_unserved().is_empty());
@@ -775,6 +857,25 @@ mod tests {
                     assert_eq!(copy.lookup(s, c), self.index.lookup(s, c), "{s} at {c}");
                 }
             }
+        }
+    }
+
+    /// Puts back one checkpoint entry (what the store's replay of its record does).
+    fn restore(index: &mut ExceptionIndex, entry: &Entry) -> Vec<u64> {
+        match entry {
+            Entry::Copy {
+                cow,
+                origin,
+                newest,
+            } => {
+                if index.insert_copy(*origin, *newest, *cow) {
+                    Vec::new()
+                } else {
+                    vec![*cow]
+                }
+            }
+            Entry::Private { cow, origin, seq } => index.set_private(*seq, *origin, *cow),
+            Entry::PrivateSet { cow, origin, seqs } => index.add_private_set(seqs, *origin, *cow),
         }
     }
 
@@ -802,7 +903,7 @@ mod tests {
         }
         for c in 0..100 {
             assert_eq!(index.needs_copy(c), Some(1024));
-            index.add_origin_copy(c, 1024, c);
+            assert!(index.insert_copy(c, 1024, c));
             assert_eq!(index.needs_copy(c), None);
         }
         assert_eq!(index.len(), 100);

@@ -266,9 +266,11 @@ impl SnapshotGroup {
             check_layout(&found.sb.layout, origin_size, cow.info().size, options)
                 .map_err(|e| on_store(&cow, e))?;
         }
-        let mut store = Store::new(found.sb.layout.data_chunks);
-        let tail = replay(&cow, &found.sb.layout, &found.sb, &mut store).await?;
-        store.rebuild_free();
+        let layout = &found.sb.layout;
+        let mut store = Store::new(layout.data_chunks, layout.snapshot_capacity());
+        let tail = replay(&cow, layout, &found.sb, &mut store).await?;
+        // A store of an older format is rewritten in this one before anything is appended:
+        // the first commit after an open always compacts.
         let writer = LogWriter {
             sb_sequence: found.sb.sequence,
             active_area: found.sb.active_area,
@@ -446,6 +448,7 @@ async fn create_store(
         sequence: 1,
         active_area: 0,
         epoch: 1,
+        version: format::VERSION,
     };
     let bytes = Arc::new(AlignedBuf::from_slice(&sb.encode()));
     for at in [Sector(0), BLOCK_SECTORS.to_sector()] {
@@ -580,9 +583,9 @@ async fn replay(
 }
 
 /// The end of a replay at block `tail`: what the whole log built must hold too.
-fn end_of_replay(cow: &DeviceRef, store: &Store, tail: u64) -> Result<u64> {
+fn end_of_replay(cow: &DeviceRef, store: &mut Store, tail: u64) -> Result<u64> {
     store
-        .check_replayed()
+        .finish_replay()
         .map_err(|what| on_store(cow, format::corrupt(format!("the log: {what}"))))?;
     Ok(tail)
 }
@@ -781,6 +784,7 @@ impl Inner {
             sequence,
             active_area: area,
             epoch,
+            version: format::VERSION,
         };
         let slot = Sector((sb.sequence % 2) * BLOCK_SECTORS.0);
         let sb_bytes = sb.encode();
