@@ -198,6 +198,12 @@ impl ExceptionIndex {
         true
     }
 
+    /// Whether an origin copy of `c` for snapshots up to `newest` would serve snapshot `seq`
+    /// (its range holds it and it has no private image of `c`).
+    pub fn copy_would_serve(&self, seq: u64, c: u64, newest: u64) -> bool {
+        self.last_copy(c) < seq && seq <= newest && !self.private.contains_key(&(seq, c))
+    }
+
     /// Whether an origin copy of `c` for snapshots up to `newest` may follow `c`'s copies.
     pub fn copy_in_order(&self, c: u64, newest: u64) -> bool {
         newest > self.last_copy(c)

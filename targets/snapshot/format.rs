@@ -94,6 +94,7 @@ mod code {
     pub const UNMAP: u8 = 11;
     pub const COPY: u8 = 12;
     pub const PRIVATE: u8 = 13;
+    pub const COPY_MERGING: u8 = 14;
 }
 
 /// A superblock slot's fields as they lie on disk (the superblock paragraph of [`super`]).
@@ -239,14 +240,31 @@ pub enum Record {
     /// Snapshot `slot`'s chunk `origin` was merged into the origin, or discarded.
     Unmap { slot: u16, origin: u64 },
     /// COW chunk `cow` holds origin chunk `origin` as it was before an origin write, for every
-    /// snapshot up to creation number `newest` that had no image of it (format 2).
-    Copy { cow: u64, origin: u64, newest: u64 },
+    /// snapshot up to creation number `newest` that had no image of it (format 2). Made while
+    /// snapshot `merging` (a creation number) merged and read `origin` from the origin, it
+    /// does not serve that one: its image of `origin` is in the origin already (its
+    /// `Create` may be gone by the time this is logged, when its merge ended meanwhile).
+    Copy {
+        cow: u64,
+        origin: u64,
+        newest: u64,
+        merging: Option<u64>,
+    },
     /// COW chunk `cow` is snapshot `slot`'s own image of origin chunk `origin` (a write
     /// through the snapshot), or [`MERGED_CHUNK`]: a merge put it into the origin (format 2).
     Private { cow: u64, origin: u64, slot: u16 },
 }
 
 impl Record {
+    /// The COW chunk whose data the record makes an image of, if any (not a merged mark).
+    pub fn cow_chunk(&self) -> Option<u64> {
+        match *self {
+            Record::Map { cow, .. } | Record::Copy { cow, .. } => Some(cow),
+            Record::Private { cow, .. } if cow != MERGED_CHUNK => Some(cow),
+            _ => None,
+        }
+    }
+
     /// Appends the record in format 2.
     pub fn encode(&self, out: &mut Vec<u8>) {
         match self {
@@ -296,9 +314,13 @@ impl Record {
                 cow,
                 origin,
                 newest,
+                merging,
             } => {
-                out.push(code::COPY);
-                for v in [cow, origin, newest] {
+                out.push(match merging {
+                    None => code::COPY,
+                    Some(_) => code::COPY_MERGING,
+                });
+                for v in [cow, origin, newest].into_iter().chain(merging) {
                     out.extend_from_slice(&v.to_le_bytes());
                 }
             }
@@ -358,10 +380,14 @@ impl<'a> Reader<'a, '_> {
                 slot: self.slot(code == code::UNMAP)?,
                 origin: self.u64()?,
             },
-            code::COPY => Record::Copy {
+            code::COPY | code::COPY_MERGING => Record::Copy {
                 cow: self.u64()?,
                 origin: self.u64()?,
                 newest: self.u64()?,
+                merging: match code {
+                    code::COPY => None,
+                    _ => Some(self.u64()?),
+                },
             },
             code::PRIVATE => Record::Private {
                 cow: self.u64()?,
@@ -993,6 +1019,13 @@ mod tests {
                 cow: 0x0102,
                 origin: 0x0304,
                 newest: 0x0506,
+                merging: None,
+            },
+            Record::Copy {
+                cow: 0x11,
+                origin: 0x12,
+                newest: 0x13,
+                merging: Some(0x14),
             },
             Record::Private {
                 cow: MERGED_CHUNK,
@@ -1004,7 +1037,7 @@ mod tests {
         const GOLDEN: &[(usize, &str)] = &[
             (
                 0,
-                "5542444d534c4f476a9cba3d7f0000005eed0000000000000000000000000001",
+                "5542444d534c4f47fec139b0a00000005eed0000000000000000000000000001",
             ),
             (
                 32,
@@ -1018,11 +1051,12 @@ mod tests {
                 104,
                 "0d0c00000000000005000000000000800bff034d000000000000000c0201",
             ),
+            (140, "040300000000000006050000000000000e110000000000000012"),
             (
-                140,
-                "040300000000000006050000000000000dffffffffffffffff0807",
+                173,
+                "130000000000000014000000000000000dffffffffffffffff0807",
             ),
-            (173, "0902"),
+            (206, "0902"),
         ];
         crate::format::golden::assert_image(&bytes, BLOCK, GOLDEN);
         let image = crate::format::golden::image(BLOCK, GOLDEN);

@@ -437,6 +437,7 @@ impl Inner {
                         cow: k,
                         origin: c,
                         newest,
+                        merging: store.merging_excluded(c, newest),
                     });
                 } else {
                     store.unreserve(k);

@@ -747,10 +747,10 @@ impl Inner {
                 return Err(errno(libc::ENOSPC));
             }
         }
-        // The data the records point at is durable before the records. Only a `Map` points
-        // at data in the COW store (an `Unmap`'s merged data is flushed to the origin first;
-        // a discard's points at none).
-        if records.iter().any(|r| matches!(r, Record::Map { .. })) {
+        // The data the records point at is durable before the records. Only records giving
+        // a COW chunk its data point at data in the COW store (an `Unmap`'s merged data is
+        // flushed to the origin first; a discard's points at none).
+        if records.iter().any(|r| r.cow_chunk().is_some()) {
             self.cow.flush().await?;
         }
         w.tail = self

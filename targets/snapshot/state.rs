@@ -125,6 +125,16 @@ impl Store {
         self.index.needs_copy(c)
     }
 
+    /// The merging snapshot's creation number if an origin copy of `c` for snapshots up to
+    /// `newest` would take it in, though it reads `c` from the origin: the copy must say it
+    /// does not serve it (its image of `c` is in the origin already), or a replay would list
+    /// the copy as its image, to merge back over what the origin holds since.
+    pub fn merging_excluded(&self, c: u64, newest: u64) -> Option<u64> {
+        let m = self.merging()?;
+        let seq = self.snap(m).expect("merging").seq;
+        self.index.copy_would_serve(seq, c, newest).then_some(seq)
+    }
+
     /// The slots of the valid snapshots an origin write to `c` must copy it for.
     pub fn needing_slots(&self, c: u64) -> Vec<usize> {
         let needing = self.index.needing(c);
@@ -270,6 +280,7 @@ impl Store {
                 cow,
                 origin,
                 newest,
+                ..
             } => {
                 self.check_chunk(*cow, *origin, origin_chunks)?;
                 self.check_copy(*origin, *newest)
@@ -485,7 +496,7 @@ impl Store {
     /// are counted in `reserved`); replayed ones were not, and take their chunks here.
     pub fn apply(&mut self, record: &Record, live: bool) {
         self.generation += 1;
-        if let Some(cow) = record_chunk(record) {
+        if let Some(cow) = record.cow_chunk() {
             if live {
                 self.reserved -= 1;
             } else {
@@ -522,14 +533,8 @@ impl Store {
                 cow,
                 origin,
                 newest,
-            } => {
-                // A snapshot made later must not fall in this copy's range, even if the
-                // snapshots it served are gone.
-                self.next_seq = self.next_seq.max(newest + 1);
-                if !self.index.insert_copy(*origin, *newest, *cow) {
-                    self.release(*cow);
-                }
-            }
+                merging,
+            } => self.apply_copy(*cow, *origin, *newest, *merging),
             Record::Private { cow, origin, slot } => {
                 self.apply_private(*cow, *origin, usize::from(*slot))
             }
@@ -564,6 +569,24 @@ impl Store {
         });
         self.by_seq.insert(seq, slot);
         self.next_seq = self.next_seq.max(seq + 1);
+    }
+
+    fn apply_copy(&mut self, cow: u64, origin: u64, newest: u64, merging: Option<u64>) {
+        // A snapshot made later must not fall in this copy's range, even if the snapshots it
+        // served are gone.
+        self.next_seq = self.next_seq.max(newest + 1);
+        if let Some(m) = self.merging().filter(|_| merging.is_some()) {
+            if Some(self.snap(m).expect("merging").seq) == merging {
+                self.pending.remove(&origin);
+                let freed = self
+                    .index
+                    .set_private(merging.expect("some"), origin, MERGED);
+                self.release_all(freed);
+            }
+        }
+        if !self.index.insert_copy(origin, newest, cow) {
+            self.release(cow);
+        }
     }
 
     fn apply_merge_start(&mut self, slot: usize, total: u64) {
@@ -636,7 +659,7 @@ impl Store {
             }
         }
         for record in lost {
-            if let Some(cow) = record_chunk(record) {
+            if let Some(cow) = record.cow_chunk() {
                 self.reserved -= 1;
                 self.held.push(cow);
             }
@@ -657,15 +680,6 @@ impl Store {
         for chunk in std::mem::take(&mut self.held) {
             self.release(chunk);
         }
-    }
-}
-
-/// The COW chunk a record puts data in, if any (not a merged mark).
-fn record_chunk(record: &Record) -> Option<u64> {
-    match record {
-        Record::Map { cow, .. } | Record::Copy { cow, .. } => Some(*cow),
-        Record::Private { cow, .. } if *cow != MERGED_CHUNK => Some(*cow),
-        _ => None,
     }
 }
 
@@ -726,6 +740,7 @@ impl Store {
                 cow,
                 origin,
                 newest,
+                merging: None,
             },
             Entry::Private { cow, origin, seq } => Record::Private {
                 cow,
