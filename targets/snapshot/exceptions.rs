@@ -519,11 +519,6 @@ impl ExceptionIndex {
         self.shared.len() + self.private.len()
     }
 
-    /// Shared entries held.
-    pub fn shared_len(&self) -> usize {
-        self.shared.len()
-    }
-
     /// COW chunks in use.
     pub fn cow_chunks(&self) -> u64 {
         let extra: u64 = self.refs.values().map(|&n| u64::from(n) - 1).sum();
