@@ -13,7 +13,8 @@
 //!   device or the origin, or to random ones; each slot sealed again;
 //! - `snapshot-log`: the active log's records (parsed from the image) with hostile records
 //!   injected anywhere (out-of-range COW chunks, origin chunks and slots, a COW chunk mapped
-//!   twice, masks naming empty slots, names with a NUL, a control character, too long, empty,
+//!   twice, masks naming empty slots, origin copies out of order or for creation numbers
+//!   at their maximum, snapshot images and merged marks for empty or unmerging slots, names with a NUL, a control character, too long, empty,
 //!   not UTF-8 or taken, creation numbers at their maximum, unknown types, states and
 //!   reasons, records for empty slots, a record cut short), some records dropped or doubled,
 //!   and some block's `used` length changed; packed again into blocks of the superblock's
@@ -62,6 +63,10 @@ const BLOCK_SECTORS: u64 = 8;
 /// Bytes of a log block's header; its records follow.
 const LOG_HEADER: usize = 48;
 const PAYLOAD: usize = BLOCK - LOG_HEADER;
+/// Bytes of the longest record (a format 2 `Create` with a 64-byte name).
+const MAX_RECORD: u64 = 86;
+/// Snapshot slots of a format 2 store.
+const MAX_SLOTS: usize = 1024;
 /// Where the crc field of a superblock slot and of a log block is.
 const SB_CRC: usize = 12;
 const LOG_CRC: usize = 8;
@@ -135,7 +140,9 @@ fn cow_sectors(chunk: u64, data_chunks: u64) -> u64 {
     let mut size = 2 * BLOCK_SECTORS + data_chunks * chunk;
     loop {
         let chunks_max = size / chunk;
-        let checkpoint = chunks_max * 25 + 64 * 85;
+        // Snapshot records planned: as many as 1/64 of the device holds 4 times, 64 to 1024.
+        let snapshots = (size * 512 / 64 / (4 * MAX_RECORD)).clamp(64, 1024);
+        let checkpoint = chunks_max * 25 + snapshots * MAX_RECORD;
         let area_blocks = 2 * checkpoint.div_ceil(PAYLOAD as u64) + 8;
         let meta_end = 2 * BLOCK_SECTORS + 2 * area_blocks * BLOCK_SECTORS;
         let need = meta_end.next_multiple_of(chunk) + data_chunks * chunk;
@@ -252,7 +259,7 @@ struct Base {
     /// The active log's records, raw, in order.
     records: Vec<Vec<u8>>,
     /// Slots that hold a snapshot after the replay, and their names.
-    slots: Vec<(u8, String)>,
+    slots: Vec<(u16, String)>,
 }
 
 /// The fields of a sealed superblock slot that the fuzzer uses.
@@ -347,29 +354,37 @@ fn read_log(image: &[u8], sb: &SbView) -> Vec<Vec<u8>> {
     records
 }
 
-/// Bytes of the record at the start of `payload` (by its type).
+/// Bytes of the record at the start of `payload` (by its type: format 1's codes 1 to 6,
+/// format 2's 5 and 7 to 13).
 fn record_len(payload: &[u8]) -> Option<usize> {
     match payload[0] {
         1 => payload.get(20).map(|&n| 21 + usize::from(n)),
+        7 => payload.get(21).map(|&n| 22 + usize::from(n)),
         2 => Some(2),
-        3 => Some(3),
+        3 | 8 => Some(3),
+        9 => Some(4),
         4 | 6 => Some(10),
-        5 => Some(25),
+        10 | 11 => Some(11),
+        13 => Some(19),
+        5 | 12 => Some(25),
+        14 => Some(33),
         _ => None,
     }
 }
 
-/// The slots the raw `records` leave holding a snapshot, with their names.
-fn live_slots(records: &[Vec<u8>]) -> Vec<(u8, String)> {
-    let mut slots: Vec<Option<String>> = vec![None; 64];
+/// The slots the raw `records` (written in format 2) leave holding a snapshot, with their
+/// names.
+fn live_slots(records: &[Vec<u8>]) -> Vec<(u16, String)> {
+    let mut slots: Vec<Option<String>> = vec![None; MAX_SLOTS];
+    let slot = |r: &[u8]| usize::from(u16::from_le_bytes([r[1], r[2]]));
     for r in records {
         match r[0] {
-            1 => slots[usize::from(r[1])] = Some(String::from_utf8_lossy(&r[21..]).into()),
-            2 => slots[usize::from(r[1])] = None,
+            7 => slots[slot(r)] = Some(String::from_utf8_lossy(&r[22..]).into()),
+            8 => slots[slot(r)] = None,
             _ => {}
         }
     }
-    (0u8..)
+    (0u16..)
         .zip(slots)
         .filter_map(|(i, s)| s.map(|s| (i, s)))
         .collect()
@@ -659,14 +674,15 @@ fn fuzz_snapshot_superblock() {
 #[derive(Clone, Debug)]
 enum SlotValue {
     Live(usize),
-    Any(u8),
+    Any(u16),
 }
 
 fn slot_value() -> impl Strategy<Value = SlotValue> {
     prop_oneof![
         3 => any::<usize>().prop_map(SlotValue::Live),
-        2 => (0u8..64).prop_map(SlotValue::Any),
-        1 => (64u8..=255).prop_map(SlotValue::Any),
+        2 => (0u16..64).prop_map(SlotValue::Any),
+        1 => (64u16..1024).prop_map(SlotValue::Any),
+        1 => (1024u16..=u16::MAX).prop_map(SlotValue::Any),
     ]
 }
 
@@ -740,6 +756,19 @@ enum Hostile {
         mask: MaskValue,
     },
     Unmap(SlotValue, ChunkValue),
+    Copy {
+        cow: ChunkValue,
+        origin: ChunkValue,
+        newest: u64,
+        merging: Option<u64>,
+    },
+    /// `merged`: the merged mark instead of a COW chunk.
+    Private {
+        cow: ChunkValue,
+        merged: bool,
+        origin: ChunkValue,
+        slot: SlotValue,
+    },
     /// An unknown type byte and what follows it.
     Unknown(u8, Vec<u8>),
     /// A copy of the base's record at this index (a COW chunk mapped twice, a second Create).
@@ -782,7 +811,11 @@ fn hostile() -> impl Strategy<Value = Hostile> {
         1 => (slot_value(), seq_value()).prop_map(|(s, t)| Hostile::MergeStart(s, t)),
         4 => map,
         1 => (slot_value(), chunk_value()).prop_map(|(s, c)| Hostile::Unmap(s, c)),
-        1 => (prop_oneof![Just(0u8), 7u8..=255], prop::collection::vec(any::<u8>(), 0..30))
+        3 => (chunk_value(), chunk_value(), seq_value(), prop::option::weighted(0.3, seq_value()))
+            .prop_map(|(cow, origin, newest, merging)| Hostile::Copy { cow, origin, newest, merging }),
+        3 => (chunk_value(), prop::bool::weighted(0.2), chunk_value(), slot_value())
+            .prop_map(|(cow, merged, origin, slot)| Hostile::Private { cow, merged, origin, slot }),
+        1 => (prop_oneof![Just(0u8), 15u8..=255], prop::collection::vec(any::<u8>(), 0..30))
             .prop_map(|(t, rest)| Hostile::Unknown(t, rest)),
         2 => any::<usize>().prop_map(Hostile::Repeat),
     ]
@@ -843,14 +876,16 @@ struct Limits<'a> {
 }
 
 impl Limits<'_> {
-    fn slot(&self, s: &SlotValue) -> u8 {
-        match *s {
+    /// The slot `s` names, as a record carries it.
+    fn slot(&self, s: &SlotValue) -> [u8; 2] {
+        let slot = match *s {
             SlotValue::Live(i) if !self.base.slots.is_empty() => {
                 self.base.slots[i % self.base.slots.len()].0
             }
-            SlotValue::Live(i) => (i % 64) as u8,
+            SlotValue::Live(i) => (i % 64) as u16,
             SlotValue::Any(s) => s,
-        }
+        };
+        slot.to_le_bytes()
     }
 
     fn chunk(c: &ChunkValue, limit: u64) -> u64 {
@@ -863,7 +898,12 @@ impl Limits<'_> {
 
     fn mask(&self, m: &MaskValue) -> u64 {
         match *m {
-            MaskValue::Live(extra) => self.base.slots.iter().fold(extra, |m, (s, _)| m | 1 << s),
+            MaskValue::Live(extra) => self
+                .base
+                .slots
+                .iter()
+                .filter(|(s, _)| *s < 64)
+                .fold(extra, |m, (s, _)| m | 1 << s),
             MaskValue::One(s) => 1 << s,
             MaskValue::Const(v) => v,
         }
@@ -886,17 +926,26 @@ impl Limits<'_> {
                 merge_total,
                 name,
             } => {
-                out.extend_from_slice(&[1, self.slot(slot)]);
+                out.push(7);
+                out.extend_from_slice(&self.slot(slot));
                 u64s(&mut out, &[*seq]);
                 out.extend_from_slice(&[*state, *reason]);
                 u64s(&mut out, &[*merge_total]);
                 out.push(name.len() as u8);
                 out.extend_from_slice(name);
             }
-            Hostile::Delete(s) => out.extend_from_slice(&[2, self.slot(s)]),
-            Hostile::Invalidate(s, r) => out.extend_from_slice(&[3, self.slot(s), *r]),
+            Hostile::Delete(s) => {
+                out.push(8);
+                out.extend_from_slice(&self.slot(s));
+            }
+            Hostile::Invalidate(s, r) => {
+                out.push(9);
+                out.extend_from_slice(&self.slot(s));
+                out.push(*r);
+            }
             Hostile::MergeStart(s, total) => {
-                out.extend_from_slice(&[4, self.slot(s)]);
+                out.push(10);
+                out.extend_from_slice(&self.slot(s));
                 u64s(&mut out, &[*total]);
             }
             Hostile::Map { cow, origin, mask } => {
@@ -906,8 +955,35 @@ impl Limits<'_> {
                 u64s(&mut out, &[cow, origin, self.mask(mask)]);
             }
             Hostile::Unmap(s, c) => {
-                out.extend_from_slice(&[6, self.slot(s)]);
+                out.push(11);
+                out.extend_from_slice(&self.slot(s));
                 u64s(&mut out, &[Self::chunk(c, self.origin_chunks)]);
+            }
+            Hostile::Copy {
+                cow,
+                origin,
+                newest,
+                merging,
+            } => {
+                out.push(if merging.is_some() { 14 } else { 12 });
+                let cow = Self::chunk(cow, self.base.sb.data_chunks);
+                let origin = Self::chunk(origin, self.origin_chunks);
+                u64s(&mut out, &[cow, origin, *newest]);
+                u64s(&mut out, merging.as_slice());
+            }
+            Hostile::Private {
+                cow,
+                merged,
+                origin,
+                slot,
+            } => {
+                out.push(13);
+                let cow = match merged {
+                    true => u64::MAX,
+                    false => Self::chunk(cow, self.base.sb.data_chunks),
+                };
+                u64s(&mut out, &[cow, Self::chunk(origin, self.origin_chunks)]);
+                out.extend_from_slice(&self.slot(slot));
             }
             Hostile::Unknown(t, rest) => {
                 out.push(*t);
@@ -916,7 +992,7 @@ impl Limits<'_> {
             Hostile::Repeat(i) if !self.base.records.is_empty() => {
                 out = self.base.records[i % self.base.records.len()].clone();
             }
-            Hostile::Repeat(_) => out.extend_from_slice(&[2, 0]),
+            Hostile::Repeat(_) => out.extend_from_slice(&[8, 0, 0]),
         }
         out
     }

@@ -23,12 +23,17 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde_json::{json, Value};
 
-use super::format::{Record, SnapState, MAX_NAME, MAX_SNAPSHOTS};
+use super::format::{Record, SnapState, MAX_NAME};
 use super::state::Store;
 use super::Inner;
 use crate::cli::parse_id;
 use crate::control::Command;
 use crate::error::{Error, ErrorKind, Result};
+
+/// A slot as its records carry it.
+fn slot_number(slot: usize) -> u16 {
+    u16::try_from(slot).expect("a slot number fits its record")
+}
 
 fn io_err(what: &str) -> impl FnOnce(std::io::Error) -> Error + '_ {
     move |e| Error::io(format!("cannot {what}"), e)
@@ -403,7 +408,11 @@ impl Inner {
                 .ok_or_else(|| {
                     Error::new(
                         ErrorKind::Busy,
-                        format!("the group already has {MAX_SNAPSHOTS} snapshots"),
+                        format!(
+                            "the group already has {} snapshots, as many as its COW store has \
+                             room for",
+                            store.slots.len()
+                        ),
                     )
                 })?;
             // A creation number of u64::MAX would leave none for the next (a store holding
@@ -421,7 +430,7 @@ impl Inner {
             .await
             .map_err(io_err("flush the origin"))?;
         self.commit(vec![Record::Create {
-            slot: slot as u8,
+            slot: slot_number(slot),
             seq,
             state: SnapState::Valid,
             merge_total: 0,
@@ -441,9 +450,11 @@ impl Inner {
                 format!("snapshot '{name}' is being merged"),
             ));
         }
-        self.commit(vec![Record::Delete { slot: slot as u8 }])
-            .await
-            .map_err(io_err("record the deletion"))?;
+        self.commit(vec![Record::Delete {
+            slot: slot_number(slot),
+        }])
+        .await
+        .map_err(io_err("record the deletion"))?;
         Ok(json!({ "deleted": name }))
     }
 
@@ -466,7 +477,7 @@ impl Inner {
                     r.text()
                 )));
             }
-            snap.map.len() as u64
+            store.exceptions_of(slot)
         };
         // The origin is about to read as the snapshot: its in-place writes become durable.
         self.cow
@@ -474,7 +485,7 @@ impl Inner {
             .await
             .map_err(io_err("flush the COW device"))?;
         self.commit(vec![Record::MergeStart {
-            slot: slot as u8,
+            slot: slot_number(slot),
             total,
         }])
         .await
@@ -487,16 +498,18 @@ impl Inner {
     /// The status report: snapshots, COW usage, merge progress.
     pub(super) fn status(&self) -> Value {
         let store = self.store();
+        let counts = store.exceptions();
         let mut snaps: Vec<_> = store
             .slots
             .iter()
-            .flatten()
-            .map(|s| {
+            .enumerate()
+            .filter_map(|(slot, s)| Some((slot, s.as_ref()?)))
+            .map(|(slot, s)| {
                 let (state, reason) = state_json(s.state);
                 let mut v = json!({
                     "name": s.name,
                     "state": state,
-                    "exceptions": s.map.len(),
+                    "exceptions": counts.get(&slot).copied().unwrap_or(0),
                     "created": s.seq,
                 });
                 if let Some(reason) = reason {
@@ -513,14 +526,14 @@ impl Inner {
                 json!({
                     "active": true,
                     "snapshot": s.name,
-                    "done": total.saturating_sub(s.map.len() as u64),
+                    "done": total.saturating_sub(store.unmerged_count()),
                     "total": total,
                     "error": *self.merge_error.lock().expect("merge error"),
                 })
             }
             None => json!({ "active": false, "done": 0, "total": 0 }),
         };
-        let exceptions: usize = store.slots.iter().flatten().map(|s| s.map.len()).sum();
+        let exceptions: u64 = counts.values().sum();
         let chunk_bytes = self.layout.chunk.to_bytes();
         json!({
             "target": "snapshot-origin",
@@ -530,6 +543,7 @@ impl Inner {
             "cow": {
                 "chunks": self.layout.data_chunks,
                 "used": store.used(),
+                "index_entries": store.index_entries(),
                 "free": store.free_count(),
                 "used_bytes": chunk_bytes * store.used(),
                 "free_bytes": chunk_bytes * store.free_count(),

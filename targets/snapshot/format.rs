@@ -27,7 +27,13 @@ use crate::units::{Sector, SectorCount, BLOCK_BYTES};
 
 pub const SB_MAGIC: magic::Magic = magic::SNAPSHOT_SUPERBLOCK;
 pub const LOG_MAGIC: magic::Magic = magic::SNAPSHOT_LOG;
-pub const VERSION: u32 = 1;
+/// The store format this build writes: 2 (snapshots by 16-bit slots, origin copies shared by
+/// creation-number ranges). It also reads format 1 (64 slots, sharers by mask): such a store
+/// is rewritten in format 2 by the first compaction after it is opened, before any record of
+/// format 2 is appended.
+pub const VERSION: u32 = 2;
+/// The oldest store format this build reads.
+pub const OLDEST_VERSION: u32 = 1;
 /// Bytes of a superblock slot and of a log block.
 pub const BLOCK: usize = BLOCK_BYTES as usize;
 pub const BLOCK_SECTORS: SectorCount = crate::units::BLOCK_SECTORS;
@@ -35,8 +41,14 @@ pub const BLOCK_SECTORS: SectorCount = crate::units::BLOCK_SECTORS;
 pub const META_START: Sector = Sector(2 * BLOCK_SECTORS.0);
 /// Bytes of a log block's header.
 pub const LOG_HEADER: usize = std::mem::size_of::<RawLogHeader>();
-/// The most snapshots one store holds (a COW chunk's sharers are a 64-bit mask).
-pub const MAX_SNAPSHOTS: usize = 64;
+/// The most snapshots one store holds. A store's log areas are planned for as many (a store
+/// of format 1 was planned for [`FORMAT1_SNAPSHOTS`]; its limit is what its areas hold,
+/// [`Layout::snapshot_capacity`]).
+pub const MAX_SNAPSHOTS: usize = 1024;
+/// The snapshots of a format 1 store: its `Map` records name sharers by a 64-bit mask.
+pub const FORMAT1_SNAPSHOTS: usize = 64;
+/// A `Private` record's COW chunk that says the snapshot's chunk was merged into the origin.
+pub const MERGED_CHUNK: u64 = u64::MAX;
 /// The longest snapshot name, in bytes.
 pub const MAX_NAME: usize = 64;
 /// The smallest chunk a store has: 4 KiB, the COW store's block.
@@ -51,9 +63,39 @@ pub fn valid_name(name: &str) -> bool {
     !name.is_empty() && name.len() <= MAX_NAME && !name.chars().any(char::is_control)
 }
 /// Bytes of the biggest record (a `Create` with the longest name).
-const MAX_RECORD: usize = 1 + 1 + 8 + 1 + 1 + 8 + 1 + MAX_NAME;
-/// Bytes of a `Map` record, the one a store holds most of.
+const MAX_RECORD: usize = 1 + 2 + 8 + 1 + 1 + 8 + 1 + MAX_NAME;
+/// Bytes of the biggest record a COW chunk has in a checkpoint (a `Copy` or a `Map`; a
+/// `Private` is smaller): a checkpoint holds one per used chunk.
 const MAP_RECORD: usize = 1 + 8 + 8 + 8;
+
+/// How many snapshots a new store on a COW device of `cow_size` plans room for in its log
+/// areas: [`MAX_SNAPSHOTS`], unless their records (4 copies: a checkpoint and room to append,
+/// in each of two areas) would take more than 1/64 of the device; then as many as that
+/// allows, but at least [`FORMAT1_SNAPSHOTS`]. (A few MiB of COW store need not give up
+/// space for a thousand snapshots.)
+fn planned_snapshots(cow_size: SectorCount) -> u64 {
+    let budget = cow_size.to_bytes() / 64;
+    let fit = budget / (4 * MAX_RECORD as u64);
+    fit.clamp(FORMAT1_SNAPSHOTS as u64, MAX_SNAPSHOTS as u64)
+}
+
+/// Record type codes. Format 1 codes (slots of one byte) are read, never written.
+mod code {
+    pub const CREATE_1: u8 = 1;
+    pub const DELETE_1: u8 = 2;
+    pub const INVALIDATE_1: u8 = 3;
+    pub const MERGE_START_1: u8 = 4;
+    pub const MAP: u8 = 5;
+    pub const UNMAP_1: u8 = 6;
+    pub const CREATE: u8 = 7;
+    pub const DELETE: u8 = 8;
+    pub const INVALIDATE: u8 = 9;
+    pub const MERGE_START: u8 = 10;
+    pub const UNMAP: u8 = 11;
+    pub const COPY: u8 = 12;
+    pub const PRIVATE: u8 = 13;
+    pub const COPY_MERGING: u8 = 14;
+}
 
 /// A superblock slot's fields as they lie on disk (the superblock paragraph of [`super`]).
 #[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
@@ -172,32 +214,58 @@ impl SnapState {
     }
 }
 
-/// One metadata record of the log.
+/// One metadata record of the log. Snapshots are named by slot (below
+/// [`MAX_SNAPSHOTS`]); a `Copy` names the newest snapshot it serves by creation number, which
+/// may be a snapshot gone since.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Record {
-    /// Snapshot `slot` exists (replacing whatever the slot held), with an empty map.
+    /// Snapshot `slot` exists (replacing whatever the slot held), with no images of its own.
     Create {
-        slot: u8,
+        slot: u16,
         seq: u64,
         state: SnapState,
         merge_total: u64,
         name: String,
     },
     /// Snapshot `slot` is gone; its chunks are released.
-    Delete { slot: u8 },
+    Delete { slot: u16 },
     /// Snapshot `slot` is invalid; its chunks are released.
-    Invalidate { slot: u8, reason: Reason },
+    Invalidate { slot: u16, reason: Reason },
     /// Snapshot `slot` is being merged; it had `total` exceptions then.
-    MergeStart { slot: u8, total: u64 },
-    /// COW chunk `cow` holds origin chunk `origin` for every valid snapshot in `mask`: each
-    /// one's mapping of `origin` now points there (releasing its previous chunk).
+    MergeStart { slot: u16, total: u64 },
+    /// COW chunk `cow` holds origin chunk `origin` as the own image of every valid snapshot
+    /// in `mask` (slots below [`FORMAT1_SNAPSHOTS`]): format 1's origin copy, and format 2's
+    /// record of one kept from a format 1 store.
     Map { cow: u64, origin: u64, mask: u64 },
-    /// Snapshot `slot`'s chunk `origin` was merged into the origin, or discarded: its mapping
-    /// is dropped.
-    Unmap { slot: u8, origin: u64 },
+    /// Snapshot `slot`'s chunk `origin` was merged into the origin, or discarded.
+    Unmap { slot: u16, origin: u64 },
+    /// COW chunk `cow` holds origin chunk `origin` as it was before an origin write, for every
+    /// snapshot up to creation number `newest` that had no image of it (format 2). Made while
+    /// snapshot `merging` (a creation number) merged and read `origin` from the origin, it
+    /// does not serve that one: its image of `origin` is in the origin already (its
+    /// `Create` may be gone by the time this is logged, when its merge ended meanwhile).
+    Copy {
+        cow: u64,
+        origin: u64,
+        newest: u64,
+        merging: Option<u64>,
+    },
+    /// COW chunk `cow` is snapshot `slot`'s own image of origin chunk `origin` (a write
+    /// through the snapshot), or [`MERGED_CHUNK`]: a merge put it into the origin (format 2).
+    Private { cow: u64, origin: u64, slot: u16 },
 }
 
 impl Record {
+    /// The COW chunk whose data the record makes an image of, if any (not a merged mark).
+    pub fn cow_chunk(&self) -> Option<u64> {
+        match *self {
+            Record::Map { cow, .. } | Record::Copy { cow, .. } => Some(cow),
+            Record::Private { cow, .. } if cow != MERGED_CHUNK => Some(cow),
+            _ => None,
+        }
+    }
+
+    /// Appends the record in format 2.
     pub fn encode(&self, out: &mut Vec<u8>) {
         match self {
             Record::Create {
@@ -208,32 +276,59 @@ impl Record {
                 name,
             } => {
                 let (s, r) = state.code();
-                out.push(1);
-                out.push(*slot);
+                out.push(code::CREATE);
+                out.extend_from_slice(&slot.to_le_bytes());
                 out.extend_from_slice(&seq.to_le_bytes());
                 out.push(s);
                 out.push(r);
                 out.extend_from_slice(&merge_total.to_le_bytes());
-                out.push(name.len() as u8);
+                out.push(u8::try_from(name.len()).expect("names are checked short"));
                 out.extend_from_slice(name.as_bytes());
             }
-            Record::Delete { slot } => out.extend_from_slice(&[2, *slot]),
+            Record::Delete { slot } => {
+                out.push(code::DELETE);
+                out.extend_from_slice(&slot.to_le_bytes());
+            }
             Record::Invalidate { slot, reason } => {
-                out.extend_from_slice(&[3, *slot, *reason as u8])
+                out.push(code::INVALIDATE);
+                out.extend_from_slice(&slot.to_le_bytes());
+                out.push(*reason as u8);
             }
             Record::MergeStart { slot, total } => {
-                out.extend_from_slice(&[4, *slot]);
+                out.push(code::MERGE_START);
+                out.extend_from_slice(&slot.to_le_bytes());
                 out.extend_from_slice(&total.to_le_bytes());
             }
             Record::Map { cow, origin, mask } => {
-                out.push(5);
-                out.extend_from_slice(&cow.to_le_bytes());
-                out.extend_from_slice(&origin.to_le_bytes());
-                out.extend_from_slice(&mask.to_le_bytes());
+                out.push(code::MAP);
+                for v in [cow, origin, mask] {
+                    out.extend_from_slice(&v.to_le_bytes());
+                }
             }
             Record::Unmap { slot, origin } => {
-                out.extend_from_slice(&[6, *slot]);
+                out.push(code::UNMAP);
+                out.extend_from_slice(&slot.to_le_bytes());
                 out.extend_from_slice(&origin.to_le_bytes());
+            }
+            Record::Copy {
+                cow,
+                origin,
+                newest,
+                merging,
+            } => {
+                out.push(match merging {
+                    None => code::COPY,
+                    Some(_) => code::COPY_MERGING,
+                });
+                for v in [cow, origin, newest].into_iter().chain(merging) {
+                    out.extend_from_slice(&v.to_le_bytes());
+                }
+            }
+            Record::Private { cow, origin, slot } => {
+                out.push(code::PRIVATE);
+                out.extend_from_slice(&cow.to_le_bytes());
+                out.extend_from_slice(&origin.to_le_bytes());
+                out.extend_from_slice(&slot.to_le_bytes());
             }
         }
     }
@@ -262,32 +357,50 @@ type Field<T> = std::result::Result<T, String>;
 
 impl<'a> Reader<'a, '_> {
     fn record(&mut self) -> Field<Record> {
-        Ok(match self.u8()? {
-            1 => self.create()?,
-            2 => Record::Delete { slot: self.slot()? },
-            3 => Record::Invalidate {
-                slot: self.slot()?,
+        let code = self.u8()?;
+        Ok(match code {
+            code::CREATE_1 | code::CREATE => self.create(code == code::CREATE)?,
+            code::DELETE_1 | code::DELETE => Record::Delete {
+                slot: self.slot(code == code::DELETE)?,
+            },
+            code::INVALIDATE_1 | code::INVALIDATE => Record::Invalidate {
+                slot: self.slot(code == code::INVALIDATE)?,
                 reason: Reason::from_code(self.u8()?)?,
             },
-            4 => Record::MergeStart {
-                slot: self.slot()?,
+            code::MERGE_START_1 | code::MERGE_START => Record::MergeStart {
+                slot: self.slot(code == code::MERGE_START)?,
                 total: self.u64()?,
             },
-            5 => Record::Map {
+            code::MAP => Record::Map {
                 cow: self.u64()?,
                 origin: self.u64()?,
                 mask: self.u64()?,
             },
-            6 => Record::Unmap {
-                slot: self.slot()?,
+            code::UNMAP_1 | code::UNMAP => Record::Unmap {
+                slot: self.slot(code == code::UNMAP)?,
                 origin: self.u64()?,
+            },
+            code::COPY | code::COPY_MERGING => Record::Copy {
+                cow: self.u64()?,
+                origin: self.u64()?,
+                newest: self.u64()?,
+                merging: match code {
+                    code::COPY => None,
+                    _ => Some(self.u64()?),
+                },
+            },
+            code::PRIVATE => Record::Private {
+                cow: self.u64()?,
+                origin: self.u64()?,
+                slot: self.slot(true)?,
             },
             other => return Err(format!("has an unknown type {other}")),
         })
     }
 
-    fn create(&mut self) -> Field<Record> {
-        let slot = self.slot()?;
+    /// A `Create`; `wide`: with a slot of two bytes (format 2).
+    fn create(&mut self, wide: bool) -> Field<Record> {
+        let slot = self.slot(wide)?;
         let seq = self.u64()?;
         let state = SnapState::from_code(self.u8()?, self.u8()?)?;
         let merge_total = self.u64()?;
@@ -328,11 +441,17 @@ impl<'a> Reader<'a, '_> {
     fn u8(&mut self) -> Field<u8> {
         Ok(self.take(1)?[0])
     }
-    fn slot(&mut self) -> Field<u8> {
-        let slot = self.u8()?;
-        if usize::from(slot) >= MAX_SNAPSHOTS {
+    /// A slot number: two bytes if `wide` (format 2), else one (format 1, 64 slots).
+    fn slot(&mut self, wide: bool) -> Field<u16> {
+        let (slot, slots) = if wide {
+            let b = self.take(2)?;
+            (u16::from_le_bytes([b[0], b[1]]), MAX_SNAPSHOTS)
+        } else {
+            (u16::from(self.u8()?), FORMAT1_SNAPSHOTS)
+        };
+        if usize::from(slot) >= slots {
             return Err(format!(
-                "names snapshot slot {slot}, beyond the {MAX_SNAPSHOTS} slots"
+                "names snapshot slot {slot}, beyond the {slots} slots"
             ));
         }
         Ok(slot)
@@ -382,7 +501,8 @@ impl Layout {
         // area holds twice that, so appends have room between compactions.
         let chunks_max = cow_size.0 / chunk.0;
         let per_block = (BLOCK - LOG_HEADER) as u64;
-        let ckpt_bytes = chunks_max * MAP_RECORD as u64 + (MAX_SNAPSHOTS * MAX_RECORD) as u64;
+        let snapshots = planned_snapshots(cow_size);
+        let ckpt_bytes = chunks_max * MAP_RECORD as u64 + snapshots * MAX_RECORD as u64;
         let area_blocks = 2 * ckpt_bytes.div_ceil(per_block) + 8;
         let meta_end = META_START.0 + 2 * area_blocks * BLOCK_SECTORS.0;
         let data_start = meta_end.next_multiple_of(chunk.0);
@@ -405,6 +525,18 @@ impl Layout {
         })
     }
 
+    /// How many snapshots a checkpoint of this store has room for: each area holds a
+    /// checkpoint of every data chunk's record and the snapshots' records in its first half
+    /// (the rest is room for appends), at most [`MAX_SNAPSHOTS`]. A new store holds that many;
+    /// one of format 1 at least [`FORMAT1_SNAPSHOTS`].
+    pub fn snapshot_capacity(&self) -> usize {
+        let per_block = (BLOCK - LOG_HEADER) as u64;
+        let half = self.area_blocks.saturating_mul(per_block) / 2;
+        let room = half.saturating_sub(self.data_chunks.saturating_mul(MAP_RECORD as u64));
+        let fits = usize::try_from(room / MAX_RECORD as u64).unwrap_or(usize::MAX);
+        fits.clamp(FORMAT1_SNAPSHOTS, MAX_SNAPSHOTS)
+    }
+
     /// Origin chunks (the last may be short).
     pub fn origin_chunks(&self) -> u64 {
         self.origin_size.0.div_ceil(self.chunk.0)
@@ -423,6 +555,8 @@ pub struct Superblock {
     pub sequence: u64,
     pub active_area: u8,
     pub epoch: u64,
+    /// The store format (written as [`VERSION`]; read from [`OLDEST_VERSION`] on).
+    pub version: u32,
 }
 
 impl Superblock {
@@ -430,7 +564,7 @@ impl Superblock {
         let l = &self.layout;
         let raw = RawSuperblock {
             magic: SB_MAGIC,
-            version: U32::new(VERSION),
+            version: U32::new(self.version),
             crc: U32::ZERO,
             uuid: *l.uuid.as_bytes(),
             sequence: U64::new(self.sequence),
@@ -461,10 +595,13 @@ impl Superblock {
             return Ok(Slot::Torn);
         }
         let version = raw.version.get();
-        if version != VERSION {
+        if !(OLDEST_VERSION..=VERSION).contains(&version) {
             return Err(Error::new(
                 ErrorKind::Unsupported,
-                format!("the COW store has version {version}; this build reads version {VERSION}"),
+                format!(
+                    "the COW store has version {version}; this build reads versions \
+                     {OLDEST_VERSION} to {VERSION}"
+                ),
             ));
         }
         let layout = Layout {
@@ -494,6 +631,7 @@ impl Superblock {
             sequence,
             active_area: active_area as u8,
             epoch: raw.epoch.get(),
+            version,
         }))
     }
 
@@ -726,6 +864,7 @@ mod tests {
             sequence: 7,
             active_area: 1,
             epoch: 3,
+            version: VERSION,
         };
         let mut b = sb.encode();
         assert_eq!(Superblock::decode(&b).expect("valid"), Some(sb));
@@ -744,16 +883,22 @@ mod tests {
         .expect("layout")
     }
 
-    /// A superblock with fixed fields, byte for byte, as the format was first written: any
-    /// change to the on-disk format fails here.
+    /// The layout the format 1 goldens carry (planned for 64 snapshots).
+    fn format1_layout() -> Layout {
+        Layout {
+            uuid: Uuid::from_u128(0x5eed_0000_0000_0000_0000_0000_0000_0001),
+            chunk: SectorCount(32),
+            origin_size: SectorCount(1000),
+            cow_size: SectorCount(8192),
+            area_blocks: 14,
+            data_start: Sector(256),
+            data_chunks: 248,
+        }
+    }
+
+    /// A format 1 superblock, byte for byte as that format wrote it, still reads.
     #[test]
-    fn superblock_encoding_is_unchanged() {
-        let sb = Superblock {
-            layout: fixed_layout(),
-            sequence: 0x0102_0304_0506,
-            active_area: 1,
-            epoch: 77,
-        };
+    fn format_1_superblocks_still_read() {
         const GOLDEN: &[(usize, &str)] = &[
             (
                 0,
@@ -763,15 +908,46 @@ mod tests {
             (64, "0e000000000000000001000000000000f80000000000000001"),
             (96, "4d"),
         ];
+        let image = crate::format::golden::image(BLOCK, GOLDEN);
+        let sb = Superblock {
+            layout: format1_layout(),
+            sequence: 0x0102_0304_0506,
+            active_area: 1,
+            epoch: 77,
+            version: 1,
+        };
+        assert_eq!(Superblock::decode(&image).expect("golden"), Some(sb));
+    }
+
+    /// A superblock with fixed fields, byte for byte, as format 2 writes it: any change to
+    /// the on-disk format fails here.
+    #[test]
+    fn superblock_encoding_is_unchanged() {
+        let sb = Superblock {
+            layout: fixed_layout(),
+            sequence: 0x0102_0304_0506,
+            active_area: 1,
+            epoch: 77,
+            version: VERSION,
+        };
+        const GOLDEN: &[(usize, &str)] = &[
+            (
+                0,
+                "5542444d534e41500200000051f879685eed0000000000000000000000000001",
+            ),
+            (32, "06050403020100002000000000000000e8030000000000000020"),
+            (64, "14000000000000006001000000000000f50000000000000001"),
+            (96, "4d"),
+        ];
         crate::format::golden::assert_image(&sb.encode(), BLOCK, GOLDEN);
         let image = crate::format::golden::image(BLOCK, GOLDEN);
         assert_eq!(Superblock::decode(&image).expect("golden"), Some(sb));
     }
 
-    /// A log block holding one record of every type, byte for byte, as the format was first
-    /// written.
+    /// A log block holding one record of every format 1 type, byte for byte as that format
+    /// wrote it, still decodes.
     #[test]
-    fn log_block_encoding_is_unchanged() {
+    fn format_1_log_blocks_still_decode() {
         let records = [
             Record::Create {
                 slot: 3,
@@ -796,7 +972,6 @@ mod tests {
                 origin: 77,
             },
         ];
-        let bytes = encode_blocks(fixed_layout().uuid, 0x00ee_0001, 42, &records);
         const GOLDEN: &[(usize, &str)] = &[
             (
                 0,
@@ -808,6 +983,80 @@ mod tests {
             ),
             (68, "076e696768746c79020103020204030c00000000000000050b0a"),
             (100, "0d0c0000000000000500000000000080063f4d"),
+        ];
+        let image = crate::format::golden::image(BLOCK, GOLDEN);
+        let back = decode_block(&image, format1_layout().uuid, 0x00ee_0001, 42).expect("valid");
+        assert_eq!(back.as_deref(), Some(&records[..]));
+    }
+
+    /// A log block holding one record of every format 2 type, byte for byte.
+    #[test]
+    fn log_block_encoding_is_unchanged() {
+        let records = [
+            Record::Create {
+                slot: 1000,
+                seq: 9,
+                state: SnapState::Invalid(Reason::Overflow),
+                merge_total: 5,
+                name: "nightly".into(),
+            },
+            Record::Delete { slot: 1 },
+            Record::Invalidate {
+                slot: 2,
+                reason: Reason::CopyError,
+            },
+            Record::MergeStart { slot: 3, total: 12 },
+            Record::Map {
+                cow: 0x0a0b,
+                origin: 0x0c0d,
+                mask: 1 << 63 | 5,
+            },
+            Record::Unmap {
+                slot: 1023,
+                origin: 77,
+            },
+            Record::Copy {
+                cow: 0x0102,
+                origin: 0x0304,
+                newest: 0x0506,
+                merging: None,
+            },
+            Record::Copy {
+                cow: 0x11,
+                origin: 0x12,
+                newest: 0x13,
+                merging: Some(0x14),
+            },
+            Record::Private {
+                cow: MERGED_CHUNK,
+                origin: 0x0708,
+                slot: 0x0209,
+            },
+        ];
+        let bytes = encode_blocks(fixed_layout().uuid, 0x00ee_0001, 42, &records);
+        const GOLDEN: &[(usize, &str)] = &[
+            (
+                0,
+                "5542444d534c4f47fec139b0a00000005eed0000000000000000000000000001",
+            ),
+            (
+                32,
+                "0100ee00000000002a0000000000000007e8030900000000000000010105",
+            ),
+            (
+                69,
+                "076e696768746c79080100090200020a03000c00000000000000050b0a",
+            ),
+            (
+                104,
+                "0d0c00000000000005000000000000800bff034d000000000000000c0201",
+            ),
+            (140, "040300000000000006050000000000000e110000000000000012"),
+            (
+                173,
+                "130000000000000014000000000000000dffffffffffffffff0807",
+            ),
+            (206, "0902"),
         ];
         crate::format::golden::assert_image(&bytes, BLOCK, GOLDEN);
         let image = crate::format::golden::image(BLOCK, GOLDEN);
@@ -824,6 +1073,7 @@ mod tests {
             sequence: 1,
             active_area: 0,
             epoch: 1,
+            version: VERSION,
         };
         // area_blocks (64), data_start (72), data_chunks (80).
         for (at, value) in [(64, u64::MAX / 4), (72, u64::MAX - 1), (80, u64::MAX / 8)] {
@@ -891,6 +1141,7 @@ mod tests {
             sequence: 1,
             active_area: 0,
             epoch: 1,
+            version: VERSION,
         };
         let good = sb.encode();
         assert_eq!(
@@ -916,9 +1167,16 @@ mod tests {
     #[test]
     fn sealed_blocks_with_impossible_records_are_errors() {
         let uuid = Uuid::new_v4();
-        let cases: [(&[u8], &str); 5] = [
-            (&[9], "unknown type 9"),
+        let cases: [(&[u8], &str); 7] = [
+            (&[99], "unknown type 99"),
             (&[2, 64], "slot 64"),
+            (&[8, 0, 4], "slot 1024"),
+            (
+                &[
+                    13, 1, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff,
+                ],
+                "slot 65535",
+            ),
             (&[3, 1, 0], "reason 0"),
             (&[5, 1, 2], "cut short"),
             (

@@ -25,7 +25,6 @@ pub struct FreeChunks {
 
 impl FreeChunks {
     /// A data area of `limit` chunks, all free.
-    #[cfg(test)]
     pub fn new(limit: u64) -> FreeChunks {
         FreeChunks {
             bits: BitVec::new(),
@@ -38,6 +37,7 @@ impl FreeChunks {
     /// The free set of an area where exactly the chunks of `used` are in use: every chunk
     /// below the highest used one that is not used is free. Every chunk must lie below the
     /// area's end (the caller checked records read from disk against it).
+    #[cfg(test)]
     pub fn with_used(limit: u64, used: impl Iterator<Item = u64> + Clone) -> FreeChunks {
         let frontier = used.clone().max().map_or(0, |m| m + 1);
         assert!(frontier <= limit, "a used chunk lies past the data area");
@@ -76,6 +76,29 @@ impl FreeChunks {
         None
     }
 
+    /// Takes chunk `chunk`, which must be free (or past the frontier, which moves past it):
+    /// a replay marks the chunks its records use.
+    pub fn take(&mut self, chunk: u64) {
+        assert!(chunk < self.limit, "chunk {chunk} lies past the data area");
+        let c = usize::try_from(chunk).expect("a chunk within the device fits memory");
+        if c >= self.bits.len() {
+            let grown = c + 1 - self.bits.len();
+            self.bits.resize(c + 1, true);
+            self.count += grown as u64;
+        }
+        assert!(self.bits[c], "chunk {chunk} taken twice");
+        self.bits.set(c, false);
+        self.count -= 1;
+    }
+
+    /// Whether `chunk` is taken (handed out or marked, and not released).
+    pub fn is_taken(&self, chunk: u64) -> bool {
+        usize::try_from(chunk)
+            .ok()
+            .and_then(|c| self.bits.get(c).map(|b| !*b))
+            .unwrap_or(false)
+    }
+
     /// Makes a taken chunk free again.
     pub fn release(&mut self, chunk: u64) {
         let c = usize::try_from(chunk).expect("a chunk below the frontier fits memory");
@@ -87,6 +110,7 @@ impl FreeChunks {
     }
 
     /// Whether `chunk` is free below the frontier.
+    #[cfg(test)]
     pub fn is_free(&self, chunk: u64) -> bool {
         usize::try_from(chunk)
             .ok()

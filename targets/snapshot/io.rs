@@ -1,7 +1,7 @@
 //! I/O paths: origin and snapshot reads and writes, copy-on-write, merge steps, and the
 //! per-chunk locks that order them (see the module doc of [`super`]).
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::io;
 use std::ops::Range;
 use std::sync::atomic::Ordering;
@@ -145,11 +145,20 @@ fn runs(pairs: &[(u64, u64)]) -> Vec<Range<usize>> {
     out
 }
 
-/// `Invalidate` records for every snapshot in `mask`.
-fn invalidations(mask: u64, reason: Reason) -> impl Iterator<Item = Record> {
-    (0..64u8)
-        .filter(move |i| mask & (1 << i) != 0)
-        .map(move |slot| Record::Invalidate { slot, reason })
+/// `Invalidate` records for every snapshot of `slots`.
+fn invalidations(slots: &BTreeSet<usize>, reason: Reason) -> Vec<Record> {
+    slots
+        .iter()
+        .map(|&slot| Record::Invalidate {
+            slot: slot_number(slot),
+            reason,
+        })
+        .collect()
+}
+
+/// A slot as its records carry it.
+fn slot_number(slot: usize) -> u16 {
+    u16::try_from(slot).expect("a slot number fits its record")
 }
 
 impl Inner {
@@ -284,8 +293,9 @@ impl Inner {
         matches!(self.engine.copy(job).await, Ok(done) if done.is_ok())
     }
 
-    async fn invalidate(&self, mask: u64, reason: Reason) -> io::Result<()> {
-        self.commit(invalidations(mask, reason).collect()).await
+    async fn invalidate(&self, slot: usize, reason: Reason) -> io::Result<()> {
+        self.commit(invalidations(&BTreeSet::from([slot]), reason))
+            .await
     }
 
     /// The origin extent and the COW extent of a run of `pairs` (see [`runs`]). They differ in
@@ -407,58 +417,72 @@ impl Inner {
     }
 
     /// Copies each origin chunk of `chunks` for every valid snapshot that still reads it from
-    /// the origin (one copy and one record per chunk for all of them): every copy at once,
-    /// runs of neighbours as one job, then one commit for all the records. Call with the
-    /// chunks locked exclusively. Errors only when the metadata cannot be written.
+    /// the origin (one copy and one record per chunk for all of them, however many: a `Copy`
+    /// serves every snapshot up to the newest that needs it): every copy at once, runs of
+    /// neighbours as one job, then one commit for all the records. Call with the chunks
+    /// locked exclusively. Errors only when the metadata cannot be written.
     async fn preserve(&self, chunks: &[u64], priority: Priority) -> io::Result<()> {
-        let mut plan = Vec::new();
-        let mut masks = Vec::new();
-        let mut overflow = 0u64;
-        {
-            let mut store = self.store();
-            for &c in chunks {
-                assert!(self.locks.is_exclusive(c), "chunk {c} preserved unlocked");
-                let mask = store.needing(c) & !overflow;
-                if mask == 0 {
-                    continue;
-                }
-                match store.alloc() {
-                    Some(k) => {
-                        plan.push((c, k));
-                        masks.push(mask);
-                    }
-                    None => overflow |= mask,
-                }
-            }
-        }
-        if plan.is_empty() && overflow == 0 {
+        let (plan, newest, overflow) = self.plan_copies(chunks);
+        if plan.is_empty() && overflow.is_empty() {
             return Ok(());
         }
         let ok = self.copy_chunks(&plan, true, priority).await;
-        let mut failed = 0u64;
-        let mut maps = Vec::with_capacity(plan.len());
+        let mut failed = BTreeSet::new();
+        let mut copies = Vec::with_capacity(plan.len());
         {
             let mut store = self.store();
-            for ((&(c, k), mask), ok) in plan.iter().zip(masks).zip(ok) {
+            for ((&(c, k), newest), ok) in plan.iter().zip(newest).zip(ok) {
                 if ok {
-                    maps.push(Record::Map {
+                    copies.push(Record::Copy {
                         cow: k,
                         origin: c,
-                        mask,
+                        newest,
+                        merging: store.merging_excluded(c, newest),
                     });
                 } else {
                     store.unreserve(k);
-                    failed |= mask;
+                    failed.extend(store.needing_slots(c));
                 }
             }
         }
-        // The invalidations first: a map of an invalidated snapshot in the same batch is
-        // then dropped as it is applied.
-        let records = invalidations(overflow, Reason::Overflow)
-            .chain(invalidations(failed & !overflow, Reason::CopyError))
-            .chain(maps)
-            .collect();
+        // The invalidations first: a copy that then serves no valid snapshot is dropped as it
+        // is applied.
+        let failed: BTreeSet<usize> = failed.difference(&overflow).copied().collect();
+        let mut records = invalidations(&overflow, Reason::Overflow);
+        records.extend(invalidations(&failed, Reason::CopyError));
+        records.extend(copies);
         self.commit(records).await
+    }
+
+    /// The copies an origin write to `chunks` needs: (origin chunk, reserved COW chunk) and
+    /// the newest snapshot each serves, and the slots to invalidate for want of room.
+    fn plan_copies(&self, chunks: &[u64]) -> (Vec<(u64, u64)>, Vec<u64>, BTreeSet<usize>) {
+        let mut plan = Vec::new();
+        let mut newest = Vec::new();
+        let mut overflow = BTreeSet::new();
+        let mut store = self.store();
+        for &c in chunks {
+            assert!(self.locks.is_exclusive(c), "chunk {c} preserved unlocked");
+            let Some(mut last) = store.needs_copy(c) else {
+                continue;
+            };
+            if !overflow.is_empty() {
+                // Snapshots about to be invalidated need no copy.
+                let slots = store.needing_slots(c);
+                let Some(&slot) = slots.iter().rev().find(|&s| !overflow.contains(s)) else {
+                    continue;
+                };
+                last = store.snap(slot).expect("needing").seq;
+            }
+            match store.alloc() {
+                Some(k) => {
+                    plan.push((c, k));
+                    newest.push(last);
+                }
+                None => overflow.extend(store.needing_slots(c)),
+            }
+        }
+        (plan, newest, overflow)
     }
 
     /// Merges `pairs` (origin chunk, the COW chunk merging snapshot `m` holds it in) into the
@@ -489,7 +513,7 @@ impl Inner {
             .zip(ok)
             .filter(|(_, ok)| *ok)
             .map(|(&(c, _), _)| Record::Unmap {
-                slot: m as u8,
+                slot: slot_number(m),
                 origin: c,
             })
             .collect();
@@ -637,8 +661,7 @@ impl Inner {
             if !store.is_valid(slot, seq) {
                 return (Err(eio()), buf);
             }
-            let map = &store.snap(slot).expect("valid").map;
-            pieces.iter().map(|p| map.get(&p.chunk).copied()).collect()
+            pieces.iter().map(|p| store.image(seq, p.chunk)).collect()
         };
         let (res, buf) = self.read_pieces(&pieces, &sources, buf).await;
         if let Err(e) = res {
@@ -704,12 +727,13 @@ impl Inner {
                 if !store.is_valid(slot, seq) {
                     return Err(eio());
                 }
-                let map = &store.snap(slot).expect("valid").map;
-                let slot = u8::try_from(slot).expect("a slot fits its record");
                 whole
                     .iter()
-                    .filter(|c| map.contains_key(c))
-                    .map(|&origin| Record::Unmap { slot, origin })
+                    .filter(|&&c| store.image(seq, c).is_some())
+                    .map(|&origin| Record::Unmap {
+                        slot: slot_number(slot),
+                        origin,
+                    })
                     .collect()
             };
             if !records.is_empty() {
@@ -733,12 +757,12 @@ impl Inner {
             if !store.is_valid(slot, seq) {
                 return Err(eio());
             }
-            match store.snap(slot).expect("valid").map.get(&c).copied() {
-                Some(k) if store.chunks[&k].mask == 1 << slot => {
+            match store.exclusive(seq, c) {
+                Some(k) => {
                     store.begin_inplace(k);
                     WritePlan::InPlace(k)
                 }
-                source => WritePlan::Fresh(source),
+                None => WritePlan::Fresh(store.image(seq, c)),
             }
         };
         match plan {
@@ -750,7 +774,7 @@ impl Inner {
             }
             WritePlan::Fresh(source) => {
                 let Some(k) = self.store().alloc() else {
-                    self.invalidate(1 << slot, Reason::Overflow).await?;
+                    self.invalidate(slot, Reason::Overflow).await?;
                     return Err(eio());
                 };
                 if p.len != self.chunk_len(c) {
@@ -769,7 +793,7 @@ impl Inner {
                     };
                     if !copied {
                         self.store().unreserve(k);
-                        self.invalidate(1 << slot, Reason::CopyError).await?;
+                        self.invalidate(slot, Reason::CopyError).await?;
                         return Err(eio());
                     }
                 }
@@ -778,10 +802,10 @@ impl Inner {
                     self.store().unreserve(k);
                     return Err(e);
                 }
-                self.commit(vec![Record::Map {
+                self.commit(vec![Record::Private {
                     cow: k,
                     origin: c,
-                    mask: 1 << slot,
+                    slot: slot_number(slot),
                 }])
                 .await
             }
@@ -798,10 +822,9 @@ impl Inner {
             let failed = self.merge_error.lock().expect("merge error").is_some();
             let step = {
                 let store = self.store();
-                store.merging().map(|m| {
-                    let next = store.snap(m).expect("merging").map.first_key_value();
-                    (m, next.map(|(c, k)| (*c, *k)))
-                })
+                store
+                    .merging()
+                    .map(|m| (m, store.next_unmerged(1).first().copied()))
             };
             match step {
                 Some(_) if failed => self.kick.wait(seen).await,
@@ -811,7 +834,9 @@ impl Inner {
                     let still = self.store().merging() == Some(m);
                     if still
                         && self
-                            .commit(vec![Record::Delete { slot: m as u8 }])
+                            .commit(vec![Record::Delete {
+                                slot: slot_number(m),
+                            }])
                             .await
                             .is_err()
                     {
@@ -825,11 +850,10 @@ impl Inner {
                         .clamp(1, merge_step_cap()) as usize;
                     let next: Vec<u64> = {
                         let store = self.store();
-                        match store.snap(m) {
-                            Some(s) if store.merging() == Some(m) => {
-                                s.map.keys().take(step).copied().collect()
-                            }
-                            _ => Vec::new(),
+                        if store.merging() == Some(m) {
+                            store.next_unmerged(step)
+                        } else {
+                            Vec::new()
                         }
                     };
                     let mut guards = Vec::with_capacity(next.len());

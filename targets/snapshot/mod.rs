@@ -1,6 +1,6 @@
-//! The snapshot target: one origin device, any number (up to 64) of writable snapshots of
-//! it, and one COW store holding what the snapshots need, with background merge (rolling the
-//! origin back to a snapshot).
+//! The snapshot target: one origin device, up to 1024 writable snapshots of it, and one COW
+//! store holding what the snapshots need, with background merge (rolling the origin back to a
+//! snapshot).
 //!
 //! A [`SnapshotGroup`] owns the shared state and hands out targets: the origin
 //! ([`SnapshotGroup::origin`], kind `snapshot-origin`, which takes the commands) and each
@@ -10,6 +10,8 @@
 //! # Files
 //! - `format.rs`: the on-disk layout, superblock, log blocks and records.
 //! - `state.rs`: the in-memory tables, changed only by applying durable records.
+//! - `exceptions.rs`: the exception index: every snapshot's images, an origin copy shared by
+//!   any number of snapshots in one entry.
 //! - `free.rs`: the free COW chunks, one bit each.
 //! - `io.rs`: origin and snapshot I/O, copy-on-write, merge steps, per-chunk locks.
 //! - `commands.rs`: `snapshot-create`, `-activate`, `-deactivate`, `-delete`, `-list`, `merge`,
@@ -26,7 +28,8 @@
 //! | 16..16+8n, 16+8n..16+16n     | log areas 0 and 1, `n` = `area_blocks` 4 KiB blocks   |
 //! | `data_start`.. (chunk aligned)| `data_chunks` data chunks                            |
 //!
-//! A superblock slot: magic `UBDMSNAP` (0), version u32 = 1 (8), crc32c of the 4 KiB slot
+//! A superblock slot: magic `UBDMSNAP` (0), format version u32 = 2 (8; a store of format 1
+//! still opens, and the first commit rewrites it in format 2), crc32c of the 4 KiB slot
 //! computed with this field zero (12), store UUID (16), then u64s: sequence (32), chunk size
 //! in sectors (40), origin size in sectors (48), COW size at creation (56), `area_blocks`
 //! (64), `data_start` (72), `data_chunks` (80), active log area 0/1 (88), log epoch (96).
@@ -47,17 +50,27 @@
 //! one line naming the record and the field; so does a sealed superblock slot with an
 //! impossible field, or two sealed slots with different layouts (a torn slot yields to the
 //! other). A store that opens thus never panics, allocates or reads beyond what its devices
-//! hold. Records (type byte first):
-//! `Create{slot u8, seq u64, state u8, reason u8, merge_total u64, name_len u8, name}` (1),
-//! `Delete{slot}` (2), `Invalidate{slot, reason u8}` (3), `MergeStart{slot, total u64}` (4),
-//! `Map{cow u64, origin u64, mask u64}` (5: COW chunk `cow` holds origin chunk `origin` for
-//! every snapshot in the 64-bit `mask`; each one's previous mapping of that chunk is
-//! released), `Unmap{slot, origin u64}` (6: a merged or discarded chunk).
+//! hold. Records of format 2 (type byte first; slots u16 below 1024, `seq` a creation number):
+//! `Create{slot, seq u64, state u8, reason u8, merge_total u64, name_len u8, name}` (7),
+//! `Delete{slot}` (8), `Invalidate{slot, reason u8}` (9), `MergeStart{slot, total u64}` (10),
+//! `Unmap{slot, origin u64}` (11: a merged or discarded chunk), `Copy{cow u64, origin u64,
+//! newest u64}` (12: COW chunk `cow` holds origin chunk `origin` as it was before an origin
+//! write, for every snapshot created after the chunk's previous copy and up to creation
+//! number `newest` that had no image of its own), the same with the creation number of a
+//! merging snapshot it does not serve (14), `Private{cow u64, origin u64, slot}` (13: a
+//! snapshot's own image, written through it; `cow` = u64::MAX marks a merged chunk), and
+//! `Map{cow u64, origin u64, mask u64}` (5: one COW chunk as the own image of every snapshot
+//! in a 64-bit mask of slots, format 1's origin copy, kept so by format 2). Format 1 wrote
+//! codes 1 to 6 with slots of one byte (`Create` 1, `Delete` 2, `Invalidate` 3,
+//! `MergeStart` 4, `Map` 5, `Unmap` 6); they are still read. A new store plans its log areas
+//! for 1024 snapshots (fewer on a COW device under 22 MiB, at least 64); its limit is what
+//! a checkpoint has room for.
 //!
 //! Commits: each commit (a *batch* of every record queued meanwhile: group commit) flushes the
 //! COW device when it maps chunks, so the data chunks the records point at are durable first,
 //! then writes new blocks after the tail with FUA. A committed block is never rewritten. When
-//! the area is full the state is compacted: a checkpoint (its `Create` and `Map` records) goes
+//! the area is full the state is compacted: a checkpoint (its `Create`s, then one `Copy`,
+//! `Private` or `Map` per used COW chunk and the merged marks) goes
 //! to the other area with a new epoch, written in pieces of a bounded number of blocks as it
 //! is read from the state, so that compaction's memory does not grow with the store (the last one plus a random step, so that no earlier
 //! attempt cut short before its superblock landed used it), is flushed, and then the superblock
@@ -71,17 +84,20 @@
 //! releasing it is durable (the in-memory state changes only then).
 //!
 //! # Copy-on-write, shared across snapshots
-//! Each snapshot has a map origin chunk -> COW chunk; each used COW chunk knows the origin
-//! chunk it holds and the mask of snapshots sharing it. An origin write to chunk `c` first
-//! finds every valid snapshot with no mapping for `c` (they all still read it from the origin,
-//! so they share one image of it), copies `c` once to a free COW chunk through the copy engine
-//! (foreground priority), commits one `Map` record for all of them, and only then writes the
-//! origin: with `k` snapshots a first write costs one copy and one record. A write over many
+//! The exception index (`exceptions.rs`) keeps origin copies by (origin chunk, newest
+//! snapshot served) and snapshots' own images by (snapshot, origin chunk): a lookup is one
+//! B-tree search, whatever the number of snapshots. An origin write to chunk `c` first asks
+//! for the newest valid snapshot created after `c`'s last copy that has no image of its own
+//! (they all still read `c` from the origin, so they share one image of it), copies `c` once
+//! to a free COW chunk through the copy engine (foreground priority), commits one `Copy`
+//! record for all of them, and only then writes the origin: with `k` snapshots a first write
+//! costs one copy, one record and one index entry. A write over many
 //! chunks copies them all at once (chunks that are neighbours on both devices as one copy job)
 //! and commits their records in one batch. A write whose chunks need no copy (a rewrite) goes
 //! straight to the origin. A snapshot write to a chunk it shares takes a chunk of its own first
-//! (copying the shared image, or nothing when the write covers the whole chunk); to a chunk
-//! only it holds it writes in place.
+//! (copying the shared image, or nothing when the write covers the whole chunk; a `Private`
+//! record); to a chunk only it reads it writes in place. A copy that no live snapshot reads
+//! any more is released at once.
 //!
 //! # Ordering
 //! - Per chunk, a reader/writer lock: snapshot reads and origin reads/writes that need no
@@ -113,8 +129,11 @@
 //! to 4 MiB (256 chunks at most). Each step, under its chunks' exclusive locks: copy the
 //! origin chunks for the other snapshots that still read them from the origin, copy the COW
 //! chunks to the origin (all at once, neighbours as one job), flush the origin once, commit
-//! their `Unmap`s in one batch. An origin write to unmerged chunks does that first, in the
-//! foreground. When the map is empty the snapshot is deleted. Progress is the `Unmap`
+//! their `Unmap`s in one batch (each marks the chunk merged for the snapshot). An origin write
+//! to unmerged chunks does that first, in the foreground; a copy an origin write makes during
+//! the merge names the merging snapshot when its range would take it in, so that a replay does
+//! not count that copy as an image to merge. When nothing is left to merge the snapshot is
+//! deleted. Progress is the `Unmap`
 //! records, so a restart resumes. While merging, the snapshot's own I/O fails, and no
 //! snapshot can be created. Since the origin's data changes when the merge starts, a merge is
 //! refused while the origin's device is open (mounted, or open in a process: the daemon asks
@@ -134,6 +153,7 @@
 //! in whole COW blocks, the padding zeroed and never read as data.
 
 pub mod commands;
+mod exceptions;
 mod format;
 mod free;
 mod io;
@@ -265,9 +285,11 @@ impl SnapshotGroup {
             check_layout(&found.sb.layout, origin_size, cow.info().size, options)
                 .map_err(|e| on_store(&cow, e))?;
         }
-        let mut store = Store::new(found.sb.layout.data_chunks);
-        let tail = replay(&cow, &found.sb.layout, &found.sb, &mut store).await?;
-        store.rebuild_free();
+        let layout = &found.sb.layout;
+        let mut store = Store::new(layout.data_chunks, layout.snapshot_capacity());
+        let tail = replay(&cow, layout, &found.sb, &mut store).await?;
+        // A store of an older format is rewritten in this one before anything is appended:
+        // the first commit after an open always compacts.
         let writer = LogWriter {
             sb_sequence: found.sb.sequence,
             active_area: found.sb.active_area,
@@ -457,6 +479,7 @@ async fn create_store(
         sequence: 1,
         active_area: 0,
         epoch: 1,
+        version: format::VERSION,
     };
     let bytes = Arc::new(AlignedBuf::from_slice(&sb.encode()));
     for at in [Sector(0), BLOCK_SECTORS.to_sector()] {
@@ -591,9 +614,9 @@ async fn replay(
 }
 
 /// The end of a replay at block `tail`: what the whole log built must hold too.
-fn end_of_replay(cow: &DeviceRef, store: &Store, tail: u64) -> Result<u64> {
+fn end_of_replay(cow: &DeviceRef, store: &mut Store, tail: u64) -> Result<u64> {
     store
-        .check_replayed()
+        .finish_replay()
         .map_err(|what| on_store(cow, format::corrupt(format!("the log: {what}"))))?;
     Ok(tail)
 }
@@ -755,10 +778,10 @@ impl Inner {
                 return Err(errno(libc::ENOSPC));
             }
         }
-        // The data the records point at is durable before the records. Only a `Map` points
-        // at data in the COW store (an `Unmap`'s merged data is flushed to the origin first;
-        // a discard's points at none).
-        if records.iter().any(|r| matches!(r, Record::Map { .. })) {
+        // The data the records point at is durable before the records. Only records giving
+        // a COW chunk its data point at data in the COW store (an `Unmap`'s merged data is
+        // flushed to the origin first; a discard's points at none).
+        if records.iter().any(|r| r.cow_chunk().is_some()) {
             self.cow.flush().await?;
         }
         w.tail = self
@@ -792,6 +815,7 @@ impl Inner {
             sequence,
             active_area: area,
             epoch,
+            version: format::VERSION,
         };
         let slot = Sector((sb.sequence % 2) * BLOCK_SECTORS.0);
         let sb_bytes = sb.encode();

@@ -1,25 +1,32 @@
-//! The in-memory state of a snapshot group: the snapshot table, each snapshot's exception map,
-//! the COW chunks with their sharers, and the free chunks (a bitmap, `free.rs`). It changes
-//! only by applying log records once they are durable ([`Store::apply`]), so it always equals
-//! what a replay of the log after a crash would build; except that a failed metadata write
-//! invalidates snapshots at once ([`Store::fail_metadata`]), until a checkpoint records it.
+//! The in-memory state of a snapshot group: the snapshot table, every snapshot's images
+//! (the exception index, `exceptions.rs`: an origin copy shared by any number of snapshots is
+//! one entry), the merge's pending chunks, and the free chunks (a bitmap, `free.rs`). It
+//! changes only by applying log records once they are durable ([`Store::apply`]), so it always
+//! equals what a replay of the log after a crash would build; except that a failed metadata
+//! write invalidates snapshots at once ([`Store::fail_metadata`]), until a checkpoint records
+//! it.
 //!
 //! A replayed record is untrusted: [`Store::check_replay`] refuses one that this state could
 //! not have been given by a commit (a chunk outside the data area or the origin, a COW chunk
 //! in use mapped again, a record for an empty slot, a second merge, a name or creation number
-//! taken) before [`Store::apply`] runs, which therefore never panics on disk content. So at
-//! every step of a replay: each used COW chunk is below `data_chunks` and holds one origin
-//! chunk below the origin's chunk count, names and creation numbers are distinct, and at
-//! most one snapshot merges, with no more exceptions than its `merge_total`
-//! ([`Store::check_replayed`]). The free set is then bounded by `data_chunks`, which the
-//! superblock checks bound by the COW device.
+//! taken, an origin copy out of order) before [`Store::apply`] runs, which therefore never
+//! panics on disk content. So at every step of a replay: each used COW chunk is below
+//! `data_chunks` and holds one origin chunk below the origin's chunk count, names and
+//! creation numbers are distinct, and at most one snapshot merges, with no more exceptions
+//! than its `merge_total` ([`Store::check_replayed`]).
+//!
+//! Records of format 1 (a store written by an older build) map onto the same state: a `Map`
+//! is a private image of each valid snapshot in its mask, in one COW chunk.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use super::format::{valid_name, Reason, Record, SnapState, MAX_SNAPSHOTS};
+use super::exceptions::{Entry, EntryCursor, ExceptionIndex, Image, MERGED};
+use super::format::{
+    valid_name, Reason, Record, SnapState, FORMAT1_SNAPSHOTS, MAX_SNAPSHOTS, MERGED_CHUNK,
+};
 use super::free::FreeChunks;
 
-const REPLAYED: &str = "the free set is built once the log is replayed";
+const _: () = assert!(MERGED == MERGED_CHUNK, "one mark for a merged chunk");
 
 /// One snapshot.
 #[derive(Clone, Debug)]
@@ -30,32 +37,27 @@ pub struct Snap {
     pub state: SnapState,
     /// Exceptions when its merge started.
     pub merge_total: u64,
-    /// Origin chunk -> COW chunk.
-    pub map: BTreeMap<u64, u64>,
-}
-
-/// A used COW chunk: the origin chunk it holds and the snapshots sharing it.
-#[derive(Clone, Copy, Debug)]
-pub struct CowChunk {
-    pub origin: u64,
-    pub mask: u64,
 }
 
 /// Where a checkpoint being taken stands (see [`Store::checkpoint_piece`]).
 #[derive(Debug)]
 pub struct CheckpointCursor {
     next_slot: usize,
-    next_chunk: u64,
+    entries: EntryCursor,
     /// The store's generation when the checkpoint started.
     generation: u64,
 }
 
 pub struct Store {
+    /// Snapshots by slot; as many slots as the store's log areas have room for.
     pub slots: Vec<Option<Snap>>,
-    pub chunks: HashMap<u64, CowChunk>,
-    /// The free chunks, one bit each; `None` while the log is replayed (releases are not
-    /// tracked then: [`Store::rebuild_free`] derives the set from the replayed maps).
-    free: Option<FreeChunks>,
+    /// Slot by creation number, of every snapshot in `slots`.
+    by_seq: BTreeMap<u64, usize>,
+    index: ExceptionIndex,
+    /// The merging snapshot's images not merged yet: origin chunk -> COW chunk.
+    pending: BTreeMap<u64, u64>,
+    /// The free chunks, one bit each (a replay takes the chunks its records use).
+    free: FreeChunks,
     data_chunks: u64,
     /// Chunks allocated to a copy not yet committed.
     pub reserved: usize,
@@ -63,20 +65,27 @@ pub struct Store {
     /// reusable only once those writes are done).
     inflight: HashMap<u64, u32>,
     zombies: HashSet<u64>,
-    /// Chunks of `Map` records whose commit failed: reusable only once a checkpoint makes
-    /// sure those records are never replayed.
+    /// Chunks of records whose commit failed: reusable only once a checkpoint makes sure
+    /// those records are never replayed.
     held: Vec<u64>,
     pub next_seq: u64,
-    /// Counts changes to what a checkpoint records (snapshots, their states and maps).
+    /// Counts changes to what a checkpoint records (snapshots, their states and images).
     generation: u64,
 }
 
 impl Store {
-    pub fn new(data_chunks: u64) -> Store {
+    /// An empty store of `data_chunks` chunks with room for `capacity` snapshots.
+    pub fn new(data_chunks: u64, capacity: usize) -> Store {
+        assert!(
+            (FORMAT1_SNAPSHOTS..=MAX_SNAPSHOTS).contains(&capacity),
+            "room for {capacity} snapshots"
+        );
         Store {
-            slots: vec![None; MAX_SNAPSHOTS],
-            chunks: HashMap::new(),
-            free: None,
+            slots: vec![None; capacity],
+            by_seq: BTreeMap::new(),
+            index: ExceptionIndex::default(),
+            pending: BTreeMap::new(),
+            free: FreeChunks::new(data_chunks),
             data_chunks,
             reserved: 0,
             inflight: HashMap::new(),
@@ -85,17 +94,6 @@ impl Store {
             next_seq: 1,
             generation: 0,
         }
-    }
-
-    /// After replaying a log: every chunk below the highest used one that nothing uses is
-    /// free (a chunk copied but never committed before a crash is free again: no leak).
-    pub fn rebuild_free(&mut self) {
-        let used = self.chunks.keys().copied();
-        self.free = Some(FreeChunks::with_used(self.data_chunks, used));
-    }
-
-    fn free_set(&mut self) -> &mut FreeChunks {
-        self.free.as_mut().expect(REPLAYED)
     }
 
     pub fn snap(&self, slot: usize) -> Option<&Snap> {
@@ -121,34 +119,82 @@ impl Store {
             .position(|s| s.as_ref().is_some_and(|s| s.state == SnapState::Merging))
     }
 
-    /// Valid snapshots that read origin chunk `c` from the origin: those an origin write to
-    /// `c` must copy it for first.
-    pub fn needing(&self, c: u64) -> u64 {
-        let mut mask = 0;
-        for (i, s) in self.slots.iter().enumerate() {
-            if let Some(s) = s {
-                if s.state == SnapState::Valid && !s.map.contains_key(&c) {
-                    mask |= 1 << i;
-                }
-            }
-        }
-        mask
+    /// The newest valid snapshot an origin write to chunk `c` must copy it for first (one
+    /// copy serves every snapshot that needs it).
+    pub fn needs_copy(&self, c: u64) -> Option<u64> {
+        self.index.needs_copy(c)
+    }
+
+    /// The merging snapshot's creation number if an origin copy of `c` for snapshots up to
+    /// `newest` would take it in, though it reads `c` from the origin: the copy must say it
+    /// does not serve it (its image of `c` is in the origin already), or a replay would list
+    /// the copy as its image, to merge back over what the origin holds since.
+    pub fn merging_excluded(&self, c: u64, newest: u64) -> Option<u64> {
+        let m = self.merging()?;
+        let seq = self.snap(m).expect("merging").seq;
+        self.index.copy_would_serve(seq, c, newest).then_some(seq)
+    }
+
+    /// The slots of the valid snapshots an origin write to `c` must copy it for.
+    pub fn needing_slots(&self, c: u64) -> Vec<usize> {
+        let needing = self.index.needing(c);
+        needing.iter().map(|seq| self.by_seq[seq]).collect()
     }
 
     /// Whether an origin write to chunk `c` must first copy it for a snapshot or merge it.
     pub fn origin_needs_work(&self, c: u64) -> bool {
-        self.needing(c) != 0 || self.unmerged(c).is_some()
+        self.needs_copy(c).is_some() || self.unmerged(c).is_some()
     }
 
     /// The COW chunk of the merging snapshot for origin chunk `c`, if it is not merged yet.
     pub fn unmerged(&self, c: u64) -> Option<u64> {
-        let m = self.merging()?;
-        self.slots[m].as_ref()?.map.get(&c).copied()
+        self.pending.get(&c).copied()
+    }
+
+    /// The merging snapshot's next chunks not merged yet, in origin order.
+    pub fn next_unmerged(&self, max: usize) -> Vec<u64> {
+        self.pending.keys().take(max).copied().collect()
+    }
+
+    /// The merging snapshot's chunks not merged yet.
+    pub fn unmerged_count(&self) -> u64 {
+        self.pending.len() as u64
+    }
+
+    /// Where valid snapshot `seq` reads origin chunk `c`: a COW chunk, or the origin.
+    pub fn image(&self, seq: u64, c: u64) -> Option<u64> {
+        match self.index.lookup(seq, c) {
+            Image::Cow(k) => Some(k),
+            Image::Origin => None,
+        }
+    }
+
+    /// The COW chunk only snapshot `seq` reads `c` from, which a write through it may change
+    /// in place.
+    pub fn exclusive(&self, seq: u64, c: u64) -> Option<u64> {
+        self.index.exclusive(seq, c)
+    }
+
+    /// How many COW images each snapshot has, by slot (one pass over the exceptions).
+    pub fn exceptions(&self) -> BTreeMap<usize, u64> {
+        let counts = self.index.counts();
+        counts
+            .into_iter()
+            .map(|(seq, n)| (self.by_seq[&seq], n))
+            .collect()
+    }
+
+    /// How many COW images snapshot `slot` has (0 for an invalid one).
+    pub fn exceptions_of(&self, slot: usize) -> u64 {
+        match self.snap(slot) {
+            Some(s) if self.index.is_live(s.seq) => self.index.images_of(s.seq).len() as u64,
+            _ => 0,
+        }
     }
 
     /// A free COW chunk, reserved; `None` when the store is full.
     pub fn alloc(&mut self) -> Option<u64> {
-        let chunk = self.free_set().alloc()?;
+        let chunk = self.free.alloc()?;
         self.reserved += 1;
         Some(chunk)
     }
@@ -172,62 +218,89 @@ impl Store {
         if *n == 0 {
             self.inflight.remove(&chunk);
             if self.zombies.remove(&chunk) {
-                self.free_set().release(chunk);
+                self.free.release(chunk);
             }
         }
     }
 
     fn release(&mut self, chunk: u64) {
+        assert!(chunk != MERGED, "the merged mark is no chunk");
         if self.inflight.contains_key(&chunk) {
             self.zombies.insert(chunk);
-        } else if let Some(free) = self.free.as_mut() {
-            free.release(chunk);
+        } else {
+            self.free.release(chunk);
         }
     }
 
-    fn unref(&mut self, chunk: u64, slot: usize) {
-        let entry = self.chunks.get_mut(&chunk).expect("mapped chunk is used");
-        entry.mask &= !(1 << slot);
-        if entry.mask == 0 {
-            self.chunks.remove(&chunk);
+    fn release_all(&mut self, chunks: Vec<u64>) {
+        for chunk in chunks {
             self.release(chunk);
         }
     }
 
-    fn drop_map(&mut self, slot: usize) {
-        let map = match self.slots[slot].as_mut() {
-            Some(s) => std::mem::take(&mut s.map),
-            None => return,
-        };
-        for chunk in map.into_values() {
-            self.unref(chunk, slot);
-        }
+    /// Whether COW chunk `k` is in use or reserved (for checking replayed records).
+    fn taken(&self, k: u64) -> bool {
+        self.free.is_taken(k)
     }
 
+    /// The snapshot in `slot` leaves the index (deleted, invalid or replaced), releasing
+    /// what only it used.
+    fn drop_images(&mut self, slot: usize) {
+        let Some(seq) = self.snap(slot).map(|s| s.seq) else {
+            return;
+        };
+        if self.index.is_live(seq) {
+            let freed = self.index.remove_snapshot(seq);
+            self.release_all(freed);
+        }
+        if self.merging() == Some(slot) {
+            self.pending.clear();
+        }
+    }
+}
+
+/// Replay checks: why a record read from the log cannot follow this state.
+impl Store {
     /// Why `record`, read from the log, cannot follow this state (a commit never writes it):
     /// the text completes "log record N ...". `origin_chunks` bounds the origin chunks.
     pub fn check_replay(&self, record: &Record, origin_chunks: u64) -> Result<(), String> {
-        let (slot, verb) = match record {
+        match record {
             Record::Create {
                 slot,
                 seq,
                 state,
                 name,
                 ..
-            } => return self.check_create(usize::from(*slot), *seq, *state, name),
+            } => self.check_create(usize::from(*slot), *seq, *state, name),
             Record::Map { cow, origin, mask } => {
-                return self.check_map(*cow, *origin, *mask, origin_chunks)
+                self.check_chunk(*cow, *origin, origin_chunks)?;
+                self.check_mask(*cow, *mask)
+            }
+            Record::Copy {
+                cow,
+                origin,
+                newest,
+                ..
+            } => {
+                self.check_chunk(*cow, *origin, origin_chunks)?;
+                self.check_copy(*origin, *newest)
+            }
+            Record::Private { cow, origin, slot } => {
+                self.check_private(*cow, *origin, usize::from(*slot), origin_chunks)
             }
             Record::MergeStart { slot, total } => {
-                return self.check_merge_start(usize::from(*slot), *total)
+                self.check_merge_start(usize::from(*slot), *total)
             }
             Record::Unmap { slot, origin } => {
-                return self.check_unmap(usize::from(*slot), *origin, origin_chunks)
+                self.check_unmap(usize::from(*slot), *origin, origin_chunks)
             }
-            Record::Delete { slot } => (slot, "deletes"),
-            Record::Invalidate { slot, .. } => (slot, "invalidates"),
-        };
-        match self.snap(usize::from(*slot)) {
+            Record::Delete { slot } => self.check_slot(usize::from(*slot), "deletes"),
+            Record::Invalidate { slot, .. } => self.check_slot(usize::from(*slot), "invalidates"),
+        }
+    }
+
+    fn check_slot(&self, slot: usize, verb: &str) -> Result<(), String> {
+        match self.snap(slot) {
             Some(_) => Ok(()),
             None => Err(format!("{verb} snapshot slot {slot}, which is empty")),
         }
@@ -240,11 +313,34 @@ impl Store {
         state: SnapState,
         name: &str,
     ) -> Result<(), String> {
+        if slot >= self.slots.len() {
+            return Err(format!(
+                "creates snapshot slot {slot}, beyond the {} this store has room for",
+                self.slots.len()
+            ));
+        }
         if seq == u64::MAX {
             return Err(format!(
                 "gives snapshot slot {slot} creation number {seq}, which leaves none for the next"
             ));
         }
+        if state != SnapState::Valid && !matches!(state, SnapState::Invalid(_)) {
+            if let Some(m) = self.merging().filter(|&m| m != slot) {
+                return Err(format!(
+                    "creates snapshot slot {slot} merging while slot {m} is merging"
+                ));
+            }
+        }
+        if !matches!(state, SnapState::Invalid(_)) && !self.index.may_add_snapshot(seq) {
+            return Err(format!(
+                "gives snapshot slot {slot} creation number {seq}, not after the snapshots an \
+                 origin copy already serves"
+            ));
+        }
+        self.check_unique(slot, seq, name)
+    }
+
+    fn check_unique(&self, slot: usize, seq: u64, name: &str) -> Result<(), String> {
         for (other, s) in self.slots.iter().enumerate() {
             let Some(s) = s.as_ref().filter(|_| other != slot) else {
                 continue;
@@ -259,22 +355,12 @@ impl Store {
                     "gives snapshot slot {slot} creation number {seq}, that of slot {other}"
                 ));
             }
-            if state == SnapState::Merging && s.state == SnapState::Merging {
-                return Err(format!(
-                    "creates snapshot slot {slot} merging while slot {other} is merging"
-                ));
-            }
         }
         Ok(())
     }
 
-    fn check_map(
-        &self,
-        cow: u64,
-        origin: u64,
-        mask: u64,
-        origin_chunks: u64,
-    ) -> Result<(), String> {
+    /// A record putting origin chunk `origin` in COW chunk `cow`: both in range, `cow` unused.
+    fn check_chunk(&self, cow: u64, origin: u64, origin_chunks: u64) -> Result<(), String> {
         if cow >= self.data_chunks {
             return Err(format!(
                 "maps COW chunk {cow} beyond the {} data chunks",
@@ -286,22 +372,59 @@ impl Store {
                 "maps origin chunk {origin} beyond the origin's {origin_chunks} chunks"
             ));
         }
-        if let Some(c) = self.chunks.get(&cow) {
+        if self.taken(cow) {
             return Err(format!(
-                "maps COW chunk {cow} to origin chunk {origin}, yet it holds origin chunk {} \
-                 for snapshots {:#x}",
-                c.origin, c.mask
+                "maps COW chunk {cow} to origin chunk {origin}, yet it is in use"
             ));
         }
+        Ok(())
+    }
+
+    fn check_mask(&self, cow: u64, mask: u64) -> Result<(), String> {
         if mask == 0 {
             return Err(format!("maps COW chunk {cow} for no snapshot"));
         }
-        match (0..MAX_SNAPSHOTS).find(|&i| mask & (1 << i) != 0 && self.slots[i].is_none()) {
+        match (0..FORMAT1_SNAPSHOTS).find(|&i| mask & (1 << i) != 0 && self.snap(i).is_none()) {
             Some(i) => Err(format!(
                 "maps COW chunk {cow} for snapshot slot {i}, which is empty"
             )),
             None => Ok(()),
         }
+    }
+
+    fn check_copy(&self, origin: u64, newest: u64) -> Result<(), String> {
+        if newest == u64::MAX {
+            return Err(format!(
+                "copies origin chunk {origin} for snapshots up to creation number {newest}, \
+                 which leaves none for the next"
+            ));
+        }
+        if !self.index.copy_in_order(origin, newest) {
+            return Err(format!(
+                "copies origin chunk {origin} for snapshots up to creation number {newest}, \
+                 not after its last copy"
+            ));
+        }
+        Ok(())
+    }
+
+    fn check_private(
+        &self,
+        cow: u64,
+        origin: u64,
+        slot: usize,
+        origin_chunks: u64,
+    ) -> Result<(), String> {
+        self.check_slot(slot, "gives an image to")?;
+        if cow != MERGED_CHUNK {
+            return self.check_chunk(cow, origin, origin_chunks);
+        }
+        if self.merging() != Some(slot) {
+            return Err(format!(
+                "marks origin chunk {origin} of snapshot slot {slot} merged, which is not merging"
+            ));
+        }
+        self.check_unmap(slot, origin, origin_chunks)
     }
 
     fn check_merge_start(&self, slot: usize, total: u64) -> Result<(), String> {
@@ -316,19 +439,19 @@ impl Store {
         if matches!(s.state, SnapState::Invalid(_)) {
             return Err(format!("merges snapshot slot {slot}, which is invalid"));
         }
-        if total < s.map.len() as u64 {
+        let exceptions = self.exceptions_of(slot);
+        if total < exceptions {
             return Err(format!(
-                "merges snapshot slot {slot} with a merge_total of {total}, below its {} \
-                 exceptions",
-                s.map.len()
+                "merges snapshot slot {slot} with a merge_total of {total}, below its \
+                 {exceptions} exceptions"
             ));
         }
         Ok(())
     }
 
-    /// An `Unmap` drops a merged or discarded chunk. It may name a chunk the snapshot maps no
-    /// more: a discard's record can follow the snapshot's invalidation (which dropped its
-    /// maps), committed between the discard's look-up and its commit. Applying it changes
+    /// An `Unmap` drops a merged or discarded chunk. It may name a chunk the snapshot has no
+    /// image of: a discard's record can follow the snapshot's invalidation (which dropped its
+    /// images), committed between the discard's look-up and its commit. Applying it changes
     /// nothing then, so only an empty slot or a chunk past the origin is impossible.
     fn check_unmap(&self, slot: usize, origin: u64, origin_chunks: u64) -> Result<(), String> {
         let what = format!("unmaps origin chunk {origin} of snapshot slot {slot}");
@@ -341,28 +464,45 @@ impl Store {
         }
     }
 
-    /// Why the state a whole replay built cannot be: what no single record shows (the
-    /// merging snapshot's `merge_total` is only known below its exceptions once its `Map`
-    /// records, which follow its `Create` in a checkpoint, are in).
-    pub fn check_replayed(&self) -> Result<(), String> {
+    /// The end of a replay: drops origin copies that serve nobody (a checkpoint written
+    /// while snapshots were invalid in memory only may hold some), lists the merge's pending
+    /// chunks, and says why the state a whole replay built cannot be: what no single record
+    /// shows (the merging snapshot's `merge_total` is only known below its exceptions once
+    /// its images, which follow its `Create` in a checkpoint, are in).
+    pub fn finish_replay(&mut self) -> Result<(), String> {
+        let unserved = self.index.collect_unserved();
+        self.release_all(unserved);
         let Some(m) = self.merging() else {
             return Ok(());
         };
-        let s = self.snap(m).expect("merging");
-        if s.merge_total < s.map.len() as u64 {
+        let (seq, total) = {
+            let s = self.snap(m).expect("merging");
+            (s.seq, s.merge_total)
+        };
+        self.pending = self.index.images_of(seq);
+        if total < self.pending.len() as u64 {
             return Err(format!(
-                "snapshot slot {m} merges with a merge_total of {}, below its {} exceptions",
-                s.merge_total,
-                s.map.len()
+                "snapshot slot {m} merges with a merge_total of {total}, below its {} exceptions",
+                self.pending.len()
             ));
         }
         Ok(())
     }
+}
 
-    /// Applies a durable record. `live` records were reserved by this process (their Map
-    /// chunks are counted in `reserved`); replayed ones were not.
+/// Applying durable records.
+impl Store {
+    /// Applies a durable record. `live` records were reserved by this process (their chunks
+    /// are counted in `reserved`); replayed ones were not, and take their chunks here.
     pub fn apply(&mut self, record: &Record, live: bool) {
         self.generation += 1;
+        if let Some(cow) = record.cow_chunk() {
+            if live {
+                self.reserved -= 1;
+            } else {
+                self.free.take(cow);
+            }
+        }
         match record {
             Record::Create {
                 slot,
@@ -370,109 +510,158 @@ impl Store {
                 state,
                 merge_total,
                 name,
-            } => {
-                let slot = *slot as usize;
-                self.drop_map(slot);
-                self.slots[slot] = Some(Snap {
-                    name: name.clone(),
-                    seq: *seq,
-                    state: *state,
-                    merge_total: *merge_total,
-                    map: BTreeMap::new(),
-                });
-                self.next_seq = self.next_seq.max(seq + 1);
-            }
+            } => self.apply_create(usize::from(*slot), *seq, *state, *merge_total, name),
             Record::Delete { slot } => {
-                self.drop_map(*slot as usize);
-                self.slots[*slot as usize] = None;
+                let slot = usize::from(*slot);
+                self.drop_images(slot);
+                if let Some(s) = self.slots[slot].take() {
+                    self.by_seq.remove(&s.seq);
+                }
             }
             Record::Invalidate { slot, reason } => {
-                let slot = *slot as usize;
-                self.drop_map(slot);
+                let slot = usize::from(*slot);
+                self.drop_images(slot);
                 if let Some(s) = self.slots[slot].as_mut() {
                     s.state = SnapState::Invalid(*reason);
                 }
             }
             Record::MergeStart { slot, total } => {
-                if let Some(s) = self.slots[*slot as usize].as_mut() {
-                    s.state = SnapState::Merging;
-                    s.merge_total = *total;
-                }
+                self.apply_merge_start(usize::from(*slot), *total)
             }
-            Record::Map { cow, origin, mask } => self.apply_map(*cow, *origin, *mask, live),
-            Record::Unmap { slot, origin } => {
-                let slot = *slot as usize;
-                let old = self.slots[slot].as_mut().and_then(|s| s.map.remove(origin));
-                if let Some(old) = old {
-                    self.unref(old, slot);
-                }
-            }
-        }
-    }
-
-    /// Applies a `Map` record: COW chunk `cow` holds origin chunk `origin` for the snapshots
-    /// of `mask` that are still valid (the others lost their maps when invalidated).
-    fn apply_map(&mut self, cow: u64, origin: u64, mask: u64, live: bool) {
-        if live {
-            self.reserved -= 1;
-        }
-        let effective = self.effective_mask(mask);
-        if effective == 0 {
-            if live {
-                self.release(cow);
-            }
-            return;
-        }
-        self.chunks.insert(
-            cow,
-            CowChunk {
+            Record::Map { cow, origin, mask } => self.apply_map(*cow, *origin, *mask),
+            Record::Copy {
+                cow,
                 origin,
-                mask: effective,
-            },
-        );
-        for i in 0..MAX_SNAPSHOTS {
-            if effective & (1 << i) != 0 {
-                let old = self.slots[i]
-                    .as_mut()
-                    .expect("effective slot exists")
-                    .map
-                    .insert(origin, cow);
-                if let Some(old) = old {
-                    self.unref(old, i);
-                }
+                newest,
+                merging,
+            } => self.apply_copy(*cow, *origin, *newest, *merging),
+            Record::Private { cow, origin, slot } => {
+                self.apply_private(*cow, *origin, usize::from(*slot))
             }
+            Record::Unmap { slot, origin } => self.apply_unmap(usize::from(*slot), *origin),
         }
     }
 
-    /// The slots of `mask` that hold a snapshot that is not invalid.
-    fn effective_mask(&self, mask: u64) -> u64 {
-        let mut effective = 0u64;
-        for (i, s) in self.slots.iter().enumerate() {
-            let wanted = mask & (1 << i) != 0;
-            if wanted
-                && s.as_ref()
-                    .is_some_and(|s| !matches!(s.state, SnapState::Invalid(_)))
-            {
-                effective |= 1 << i;
-            }
+    fn apply_create(
+        &mut self,
+        slot: usize,
+        seq: u64,
+        state: SnapState,
+        merge_total: u64,
+        name: &str,
+    ) {
+        self.drop_images(slot);
+        if let Some(old) = self.slots[slot].take() {
+            self.by_seq.remove(&old.seq);
         }
-        effective
+        if !matches!(state, SnapState::Invalid(_)) {
+            self.index.add_snapshot(seq);
+        }
+        if state == SnapState::Merging {
+            // Its pending chunks are listed once its images are in (`finish_replay`).
+            self.index.set_merging(seq);
+        }
+        self.slots[slot] = Some(Snap {
+            name: name.to_owned(),
+            seq,
+            state,
+            merge_total,
+        });
+        self.by_seq.insert(seq, slot);
+        self.next_seq = self.next_seq.max(seq + 1);
     }
 
-    /// The commit of `lost` failed: every valid snapshot is invalid from now on. Its chunks
-    /// stay held until a checkpoint records that. A merging snapshot stays merging: the
-    /// origin reads as it.
+    fn apply_copy(&mut self, cow: u64, origin: u64, newest: u64, merging: Option<u64>) {
+        // A snapshot made later must not fall in this copy's range, even if the snapshots it
+        // served are gone.
+        self.next_seq = self.next_seq.max(newest + 1);
+        if let Some(m) = self.merging().filter(|_| merging.is_some()) {
+            if Some(self.snap(m).expect("merging").seq) == merging {
+                self.pending.remove(&origin);
+                let freed = self
+                    .index
+                    .set_private(merging.expect("some"), origin, MERGED);
+                self.release_all(freed);
+            }
+        }
+        if !self.index.insert_copy(origin, newest, cow) {
+            self.release(cow);
+        }
+    }
+
+    fn apply_merge_start(&mut self, slot: usize, total: u64) {
+        let Some(s) = self.slots[slot].as_mut() else {
+            return;
+        };
+        s.state = SnapState::Merging;
+        s.merge_total = total;
+        let seq = s.seq;
+        self.index.set_merging(seq);
+        self.pending = self.index.images_of(seq);
+    }
+
+    /// A format 1 origin copy: COW chunk `cow` is the own image of `origin` of every snapshot
+    /// of `mask` that is not invalid (the others lost their images when invalidated).
+    fn apply_map(&mut self, cow: u64, origin: u64, mask: u64) {
+        let seqs: Vec<u64> = (0..FORMAT1_SNAPSHOTS)
+            .filter(|&i| mask & (1 << i) != 0)
+            .filter_map(|i| self.snap(i))
+            .map(|s| s.seq)
+            .filter(|&seq| self.index.is_live(seq))
+            .collect();
+        let freed = match seqs.len() {
+            0 => vec![cow],
+            1 => self.index.set_private(seqs[0], origin, cow),
+            _ => self.index.add_private_set(&seqs, origin, cow),
+        };
+        self.release_all(freed);
+    }
+
+    fn apply_private(&mut self, cow: u64, origin: u64, slot: usize) {
+        if cow == MERGED_CHUNK {
+            return self.apply_unmap(slot, origin);
+        }
+        let seq = self.snap(slot).map(|s| s.seq);
+        match seq.filter(|&seq| self.index.is_live(seq)) {
+            Some(seq) => {
+                let freed = self.index.set_private(seq, origin, cow);
+                self.release_all(freed);
+            }
+            // Invalid since its write was planned.
+            None => self.release(cow),
+        }
+    }
+
+    /// Snapshot `slot`'s chunk `origin` was merged (it reads the origin now) or discarded.
+    fn apply_unmap(&mut self, slot: usize, origin: u64) {
+        let Some(s) = self.snap(slot) else { return };
+        let seq = s.seq;
+        let freed = match s.state {
+            SnapState::Merging => {
+                self.pending.remove(&origin);
+                self.index.set_private(seq, origin, MERGED)
+            }
+            SnapState::Valid => self.index.discard(seq, origin),
+            SnapState::Invalid(_) => Vec::new(),
+        };
+        self.release_all(freed);
+    }
+
+    /// The commit of `lost` failed: every valid snapshot is invalid from now on. Its images
+    /// (and the chunks of `lost`) stay held until a checkpoint records that. A merging
+    /// snapshot stays merging: the origin reads as it.
     pub fn fail_metadata(&mut self, lost: &[Record]) {
         self.generation += 1;
         for s in self.slots.iter_mut().flatten() {
             if s.state == SnapState::Valid {
                 s.state = SnapState::Invalid(Reason::MetadataError);
+                self.index.freeze(s.seq);
             }
         }
         for record in lost {
-            if let Record::Map { cow, .. } = record {
+            if let Some(cow) = record.cow_chunk() {
                 self.reserved -= 1;
-                self.held.push(*cow);
+                self.held.push(cow);
             }
         }
     }
@@ -485,28 +674,32 @@ impl Store {
                 .as_ref()
                 .is_some_and(|s| matches!(s.state, SnapState::Invalid(_)))
             {
-                self.drop_map(slot);
+                self.drop_images(slot);
             }
         }
         for chunk in std::mem::take(&mut self.held) {
             self.release(chunk);
         }
     }
+}
 
+/// Checkpoints and reports.
+impl Store {
     /// Starts a checkpoint: the records that rebuild this state from nothing, taken a piece
     /// at a time ([`Store::checkpoint_piece`]).
     pub fn checkpoint_cursor(&self) -> CheckpointCursor {
         CheckpointCursor {
             next_slot: 0,
-            next_chunk: 0,
+            entries: EntryCursor::default(),
             generation: self.generation,
         }
     }
 
     /// The next at most `max` records of the checkpoint `cursor` walks: every snapshot's
-    /// `Create`, then a `Map` per used COW chunk in chunk order. Empty once all are taken.
-    /// The durable state must not change meanwhile: the caller holds the log writer, the
-    /// only route by which it changes (asserted).
+    /// `Create`, then every image (one record per used COW chunk, plus a merged mark per
+    /// chunk merged). Empty once all are taken. The durable state must not change
+    /// meanwhile: the caller holds the log writer, the only route by which it changes
+    /// (asserted).
     pub fn checkpoint_piece(&self, cursor: &mut CheckpointCursor, max: usize) -> Vec<Record> {
         assert_eq!(
             cursor.generation, self.generation,
@@ -518,7 +711,7 @@ impl Store {
             cursor.next_slot += 1;
             if let Some(s) = &self.slots[i] {
                 records.push(Record::Create {
-                    slot: u8::try_from(i).expect("a slot number fits its record"),
+                    slot: u16::try_from(i).expect("a slot number fits its record"),
                     seq: s.seq,
                     state: s.state,
                     merge_total: s.merge_total,
@@ -526,24 +719,51 @@ impl Store {
                 });
             }
         }
-        let frontier = self.free.as_ref().expect(REPLAYED).frontier();
-        while records.len() < max && cursor.next_chunk < frontier {
-            let cow = cursor.next_chunk;
-            cursor.next_chunk += 1;
-            if let Some(c) = self.chunks.get(&cow) {
-                records.push(Record::Map {
-                    cow,
-                    origin: c.origin,
-                    mask: c.mask,
-                });
-            }
+        if records.len() < max {
+            let entries = self
+                .index
+                .entries_from(&mut cursor.entries, max - records.len());
+            records.extend(entries.into_iter().map(|e| self.entry_record(e)));
         }
         records
     }
 
+    /// The record of one index entry.
+    fn entry_record(&self, entry: Entry) -> Record {
+        let slot_of = |seq: &u64| u16::try_from(self.by_seq[seq]).expect("a slot fits");
+        match entry {
+            Entry::Copy {
+                cow,
+                origin,
+                newest,
+            } => Record::Copy {
+                cow,
+                origin,
+                newest,
+                merging: None,
+            },
+            Entry::Private { cow, origin, seq } => Record::Private {
+                cow,
+                origin,
+                slot: slot_of(&seq),
+            },
+            Entry::PrivateSet { cow, origin, seqs } => {
+                let mask = seqs.iter().fold(0u64, |mask, seq| {
+                    let slot = self.by_seq[seq];
+                    assert!(
+                        slot < FORMAT1_SNAPSHOTS,
+                        "a private set of format 1 snapshots"
+                    );
+                    mask | 1 << slot
+                });
+                Record::Map { cow, origin, mask }
+            }
+        }
+    }
+
     /// COW chunks holding data.
     pub fn used(&self) -> u64 {
-        self.chunks.len() as u64
+        self.index.cow_chunks()
     }
 
     /// Chunks neither used nor reserved.
@@ -555,40 +775,52 @@ impl Store {
             - self.held.len() as u64
     }
 
-    /// Panics unless the maps, the chunk table and the free set agree, and the snapshots'
-    /// names, creation numbers and merge are as a replay may leave them (for tests).
+    /// Entries of the exception index (shared and own images).
+    pub fn index_entries(&self) -> usize {
+        self.index.len()
+    }
+
+    /// Panics unless the index, the snapshot table and the free set agree, and the
+    /// snapshots' names, creation numbers and merge are as a replay may leave them (for
+    /// tests).
     pub fn check(&self) {
+        self.index.check();
         let live: Vec<&Snap> = self.slots.iter().flatten().collect();
         let merging = live.iter().filter(|s| s.state == SnapState::Merging);
         assert!(merging.count() <= 1, "two snapshots merge");
         let names: HashSet<&str> = live.iter().map(|s| s.name.as_str()).collect();
         let seqs: HashSet<u64> = live.iter().map(|s| s.seq).collect();
         assert_eq!(
-            (names.len(), seqs.len()),
-            (live.len(), live.len()),
+            (names.len(), seqs.len(), self.by_seq.len()),
+            (live.len(), live.len(), live.len()),
             "taken twice"
         );
         assert!(live
             .iter()
             .all(|s| valid_name(&s.name) && s.seq < self.next_seq));
-        let mut seen: HashMap<u64, u64> = HashMap::new();
-        for (i, s) in self.slots.iter().enumerate() {
+        for (slot, s) in self.slots.iter().enumerate() {
             let Some(s) = s else { continue };
-            // One invalidated by a failed metadata write holds them until that is durable.
-            if matches!(s.state, SnapState::Invalid(r) if r != Reason::MetadataError) {
-                assert!(s.map.is_empty(), "an invalid snapshot holds chunks");
-            }
-            for (&origin, &cow) in &s.map {
-                let c = self.chunks.get(&cow).expect("a mapped chunk is used");
-                assert_eq!(c.origin, origin, "chunk {cow} holds another origin chunk");
-                *seen.entry(cow).or_default() |= 1 << i;
+            assert_eq!(self.by_seq.get(&s.seq), Some(&slot), "slot of {}", s.seq);
+            // One invalidated by a failed metadata write holds its images until that is
+            // durable.
+            let holds = !matches!(s.state, SnapState::Invalid(r) if r != Reason::MetadataError);
+            assert!(
+                holds || !self.index.is_live(s.seq),
+                "an invalid snapshot holds chunks"
+            );
+        }
+        if let Some(m) = self.merging() {
+            let images = self
+                .index
+                .images_of(self.slots[m].as_ref().expect("merging").seq);
+            for (c, k) in &self.pending {
+                assert_eq!(images.get(c), Some(k), "pending chunk {c}");
             }
         }
-        for (cow, c) in &self.chunks {
-            assert_eq!(seen.get(cow), Some(&c.mask), "chunk {cow}'s sharers");
-            let free = self.free.as_ref().is_some_and(|f| f.is_free(*cow));
-            assert!(!free, "chunk {cow} is used and free");
-            assert!(*cow < self.data_chunks);
-        }
+        let taken = self.data_chunks - self.free_count();
+        assert!(
+            taken <= self.data_chunks,
+            "more chunks in use than there are"
+        );
     }
 }

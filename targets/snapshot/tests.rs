@@ -858,29 +858,29 @@ fn a_discard_on_a_snapshot_releases_its_chunks() {
         a.discard(Extent::new(Sector(16), SectorCount(240)))
             .await
             .expect("discard");
-        // Chunk 0 is kept (only half of it was discarded); chunks 1..4 stay for "b";
-        // chunks 4..8 were "a"'s alone.
+        // Chunk 0 is kept (only half of it was discarded); chunks 1..4 stay for "b" (and
+        // "a" goes on reading them: after a discard any content will do, and this one costs
+        // nothing); chunks 4..8 were "a"'s alone.
         let status = group.status();
         assert_eq!(status["cow"]["used"], 4, "{status}");
-        assert_eq!(status["exceptions"], 5, "{status}");
+        assert_eq!(status["exceptions"], 8, "{status}");
         let b = group.snapshot("b").expect("b");
         let data = read(&*b, 0, 512).await.expect("b");
         assert!(data.iter().all(|&x| x == 1), "b is untouched");
         let data = read(&*a, 0, 32).await.expect("a");
         assert!(data.iter().all(|&x| x == 1), "a keeps its part chunk");
-        // A discarded chunk reads the origin's image again, and is copied again when the
-        // origin changes.
+        // A discarded chunk of its own reads the origin's image again, and is copied again
+        // when the origin changes.
         let data = read(&*a, 32, 224).await.expect("a");
-        assert!(data[..96 * 512].iter().all(|&x| x == 2));
-        assert!(data[96 * 512..].iter().all(|&x| x == 1));
+        assert!(data.iter().all(|&x| x == 1));
         write(&*origin, 128, 32, 4).await;
         assert_eq!(read(&*a, 128, 1).await.expect("a")[0], 1);
     })
     .expect("group");
     with_group(&devs, GroupOptions::default(), async |group| {
-        // Chunk 4's new copy serves both ("b" never had one): a {0, 4}, b {0..5}.
+        // Chunk 4's new copy serves both ("b" never had one): a and b {0..5}.
         let status = group.status();
-        assert_eq!(status["exceptions"], 7, "{status}");
+        assert_eq!(status["exceptions"], 10, "{status}");
         assert_eq!(status["cow"]["used"], 5, "{status}");
     })
     .expect("reopen");
@@ -919,7 +919,7 @@ fn assert_refused(devs: &Devs, what: &str) {
 }
 
 /// A valid snapshot `name` in `slot`.
-fn snap(slot: u8, name: &str) -> Record {
+fn snap(slot: u16, name: &str) -> Record {
     Record::Create {
         slot,
         seq: u64::from(slot) + 1,
@@ -1163,7 +1163,7 @@ fn hostile_log_merge_total_below_the_exceptions() {
 
 #[test]
 fn hostile_log_unknown_record_type() {
-    refuse_payload(&[9, 0, 0], "type");
+    refuse_payload(&[99, 0, 0], "type");
 }
 
 #[test]
@@ -1287,4 +1287,184 @@ fn hostile_superblock_newer_slot_impossible() {
         }
     });
     assert_refused(&devs, "data_chunks");
+}
+
+// Store format 2 (issue 11, sections 3 and 4): stores of format 1 still open, and are
+// rewritten in format 2; a thousand snapshots share one copy per origin chunk.
+
+/// `records` as format 1 wrote them (slots of one byte; `Create`, `Map`, `Unmap` only).
+fn format1_payload(records: &[Record]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for r in records {
+        match r {
+            Record::Create {
+                slot, seq, name, ..
+            } => {
+                out.extend_from_slice(&[1, *slot as u8]);
+                out.extend_from_slice(&seq.to_le_bytes());
+                out.extend_from_slice(&[0, 0]);
+                out.extend_from_slice(&0u64.to_le_bytes());
+                out.push(name.len() as u8);
+                out.extend_from_slice(name.as_bytes());
+            }
+            Record::Map { cow, origin, mask } => {
+                out.push(5);
+                for v in [cow, origin, mask] {
+                    out.extend_from_slice(&v.to_le_bytes());
+                }
+            }
+            Record::Unmap { slot, origin } => {
+                out.extend_from_slice(&[6, *slot as u8]);
+                out.extend_from_slice(&origin.to_le_bytes());
+            }
+            other => panic!("not written by this test: {other:?}"),
+        }
+    }
+    out
+}
+
+/// What snapshot `name` reads, one byte per 16 KiB chunk (the chunks are filled whole).
+async fn chunk_bytes(group: &Arc<SnapshotGroup>, name: &str) -> Vec<u8> {
+    let snap = group.snapshot(name).expect(name);
+    let data = read(&*snap, 0, 256).await.expect(name);
+    data.chunks(32 * 512)
+        .map(|c| {
+            assert!(c.iter().all(|&b| b == c[0]), "{name}: a chunk read whole");
+            c[0]
+        })
+        .collect()
+}
+
+/// The format version in the newest superblock slot of `devs`.
+fn store_version(devs: &Devs) -> u32 {
+    [Sector(0), BLOCK_SECTORS.to_sector()]
+        .into_iter()
+        .filter_map(|at| {
+            let b = devs.cow.snapshot(Extent::new(at, BLOCK_SECTORS));
+            match format::Superblock::read_slot(&b).expect("a slot") {
+                format::Slot::Sealed(sb) => Some((sb.sequence, sb.version)),
+                _ => None,
+            }
+        })
+        .max()
+        .expect("a sealed slot")
+        .1
+}
+
+/// A store written by format 1 (three snapshots; chunk 0 copied once for all three, chunk 1
+/// for "a" and "c" while "b" has its own, chunk 2 for "a" alone; "c" discarded chunk 0)
+/// opens, every snapshot reads what format 1 said, and the first commit rewrites the store
+/// in format 2, which reopens the same.
+#[test]
+fn a_format_1_store_opens_and_is_rewritten_in_format_2() {
+    let (devs, layout) = fresh_store();
+    edit_superblocks(&devs, |slot, _| {
+        slot[8..12].copy_from_slice(&1u32.to_le_bytes())
+    });
+    let mut records: Vec<Record> = ["a", "b", "c"]
+        .iter()
+        .zip(0u16..)
+        .map(|(name, slot)| snap(slot, name))
+        .collect();
+    let map = |cow, origin, mask| Record::Map { cow, origin, mask };
+    records.extend([
+        map(0, 0, 0b111),
+        map(1, 1, 0b101),
+        map(2, 1, 0b010),
+        map(3, 2, 0b001),
+    ]);
+    records.push(Record::Unmap { slot: 2, origin: 0 });
+    poke_log(
+        &devs,
+        &layout,
+        &format::log_block(layout.uuid, 1, 0, &format1_payload(&records)),
+    );
+    devs.origin.poke(Sector(0), &[0xee; 256 * 512]);
+    for k in 0..4u64 {
+        let at = layout.data_start + SectorCount(k * 32);
+        devs.cow.poke(at, &[0x10 + k as u8; 32 * 512]);
+    }
+    assert_eq!(store_version(&devs), 1);
+    async fn check(group: &Arc<SnapshotGroup>) {
+        let want = |first: [u8; 3]| {
+            let mut v = first.to_vec();
+            v.resize(8, 0xee);
+            v
+        };
+        assert_eq!(chunk_bytes(group, "a").await, want([0x10, 0x11, 0x13]));
+        assert_eq!(chunk_bytes(group, "b").await, want([0x10, 0x12, 0xee]));
+        assert_eq!(chunk_bytes(group, "c").await, want([0xee, 0x11, 0xee]));
+    }
+    with_group(&devs, GroupOptions::default(), async move |group| {
+        check(&group).await;
+        let status = group.status();
+        assert_eq!(status["cow"]["used"], 4, "{status}");
+        assert_eq!(status["exceptions"], 6, "{status}");
+        // Chunk 3 copied once for all three (format 2's shared copy); chunk 0 for "c".
+        write(&*group.origin(), 96, 32, 0x77).await;
+        write(&*group.origin(), 0, 32, 0x66).await;
+        check(&group).await;
+        assert_eq!(group.status()["cow"]["used"], 6);
+    })
+    .expect("a format 1 store opens");
+    assert_eq!(
+        store_version(&devs),
+        format::VERSION,
+        "rewritten by the first commit"
+    );
+    with_group(&devs, GroupOptions::default(), async move |group| {
+        check(&group).await;
+        let status = group.status();
+        assert_eq!(status["cow"]["used"], 6, "{status}");
+        assert_eq!(status["exceptions"], 10, "{status}");
+    })
+    .expect("reopen in format 2");
+}
+
+/// A thousand and more snapshots: an origin first write makes one copy and one index entry
+/// per chunk whatever their number, every snapshot reads its image, and the store refuses
+/// the snapshot past its room with Busy.
+#[test]
+fn a_thousand_snapshots_share_one_copy_per_chunk() {
+    // 24 MiB of COW store: room for format::MAX_SNAPSHOTS snapshots.
+    let devs = Devs::new(256, 48 * 1024);
+    with_group(&devs, GroupOptions::default(), async move |group| {
+        let origin = group.origin();
+        write(&*origin, 0, 256, 1).await;
+        for i in 0..format::MAX_SNAPSHOTS {
+            create(&group, &format!("s{i}")).await;
+        }
+        let err = group
+            .command_async("snapshot-create", &json!({ "name": "one-too-many" }))
+            .await
+            .expect_err("full");
+        assert_eq!(err.kind(), ErrorKind::Busy, "{err}");
+        write(&*origin, 0, 128, 2).await;
+        let status = group.status();
+        assert_eq!(status["cow"]["used"], 4, "one copy per chunk");
+        assert_eq!(status["cow"]["index_entries"], 4, "one entry per copy");
+        assert_eq!(status["exceptions"], 4 * format::MAX_SNAPSHOTS as u64);
+        for name in ["s0", "s511", "s1023"] {
+            assert_eq!(chunk_bytes(&group, name).await, vec![1; 8], "{name}");
+        }
+        // A write through one snapshot gives it its own image; the others keep the copy.
+        write(&*group.snapshot("s7").expect("s7"), 0, 32, 3).await;
+        assert_eq!(chunk_bytes(&group, "s7").await[..2], [3, 1]);
+        assert_eq!(chunk_bytes(&group, "s8").await[..2], [1, 1]);
+        group
+            .command_async("snapshot-delete", &json!({ "name": "s0" }))
+            .await
+            .expect("delete");
+        assert_eq!(group.status()["cow"]["used"], 5);
+    })
+    .expect("group");
+    with_group(&devs, GroupOptions::default(), async move |group| {
+        assert_eq!(chunk_bytes(&group, "s1023").await, vec![1; 8]);
+        assert_eq!(chunk_bytes(&group, "s7").await[..2], [3, 1]);
+        assert_eq!(
+            group.status()["snapshots"].as_array().map(Vec::len),
+            Some(1023)
+        );
+    })
+    .expect("reopen");
 }
