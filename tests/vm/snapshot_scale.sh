@@ -95,7 +95,7 @@ if [[ $grew == "$chunks" && $entries == "$chunks" && $per_snapshot == "$chunks" 
 else
 	fail "one-copy-per-chunk-for-1024-snapshots" "used +$grew, index entries +$entries, per-snapshot exceptions $per_snapshot (want $chunks)"
 fi
-vm_log "COUNT: snapshot-scale snapshots=$SNAPSHOTS chunks_written=$chunks cow_used=$(g .cow.used) index_entries=$(g .cow.index_entries) exceptions=$(g .exceptions)"
+echo "COUNT: snapshot-scale snapshots=$SNAPSHOTS chunks_written=$chunks cow_used=$(g .cow.used) index_entries=$(g .cow.index_entries) exceptions=$(g .exceptions)"
 put "$dev" 0 $((4 << 20)) "$T/origin.img" || fail "origin-write" "write to $dev failed"
 used1=$(sstatus "$id" .cow.used)
 if [[ $used1 == $((used0 + chunks)) ]]; then
