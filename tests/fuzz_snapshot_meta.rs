@@ -778,7 +778,7 @@ enum Hostile {
 fn seq_value() -> impl Strategy<Value = u64> {
     prop_oneof![
         3 => 0u64..16,
-        1 => prop::sample::select(vec![u64::MAX - 1, u64::MAX, 1 << 63]),
+        1 => prop::sample::select(vec![(1 << 24) - 1, 1 << 24, u64::MAX - 1, u64::MAX, 1 << 63]),
         1 => any::<u64>(),
     ]
 }

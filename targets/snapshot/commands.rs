@@ -23,6 +23,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde_json::{json, Value};
 
+use super::exceptions::MAX_CREATION;
 use super::format::{Record, SnapState, MAX_NAME};
 use super::state::Store;
 use super::Inner;
@@ -415,12 +416,15 @@ impl Inner {
                         ),
                     )
                 })?;
-            // A creation number of u64::MAX would leave none for the next (a store holding
-            // one is refused on open).
-            if store.next_seq == u64::MAX {
+            // The index names creation numbers in 24 bits (a store holding a larger one is
+            // refused on open): numbers are never reused, so this is the store's lifetime.
+            if store.next_seq >= MAX_CREATION {
                 return Err(Error::new(
                     ErrorKind::Busy,
-                    "the store has used up its creation numbers",
+                    format!(
+                        "the store has used up its {MAX_CREATION} creation numbers: make a new \
+                         store to take more snapshots"
+                    ),
                 ));
             }
             (slot, store.next_seq)

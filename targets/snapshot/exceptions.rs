@@ -29,8 +29,50 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
+use super::packed::PackedMap;
+
 /// The private "image" of a chunk a merge put into the origin: the snapshot reads the origin.
 pub const MERGED: u64 = u64::MAX;
+
+/// Origin chunks the index can name: 40 bits of a key, as dm-thin's block numbers (4 PiB of
+/// origin in the smallest chunks).
+pub const MAX_ORIGIN_CHUNKS: u64 = 1 << ORIGIN_BITS;
+
+/// Creation numbers the index can name: they are below this, in 24 bits of a key, as
+/// dm-thin's device ids and snapshot times.
+pub const MAX_CREATION: u64 = 1 << CREATION_BITS;
+
+const ORIGIN_BITS: u32 = 40;
+const CREATION_BITS: u32 = 24;
+const _: () = assert!(ORIGIN_BITS + CREATION_BITS == u64::BITS);
+
+/// The key of shared entry `(c, t)`: by origin chunk, then by newest snapshot served.
+fn shared_key(c: u64, t: u64) -> u64 {
+    assert!(
+        c < MAX_ORIGIN_CHUNKS && t < MAX_CREATION,
+        "shared key ({c}, {t})"
+    );
+    (c << CREATION_BITS) | t
+}
+
+/// The `(c, t)` of a shared key.
+fn shared_parts(key: u64) -> (u64, u64) {
+    (key >> CREATION_BITS, key & (MAX_CREATION - 1))
+}
+
+/// The key of snapshot `seq`'s private image of `c`: by snapshot, then by origin chunk.
+fn private_key(seq: u64, c: u64) -> u64 {
+    assert!(
+        c < MAX_ORIGIN_CHUNKS && seq < MAX_CREATION,
+        "private key ({seq}, {c})"
+    );
+    (seq << ORIGIN_BITS) | c
+}
+
+/// The `(seq, c)` of a private key.
+fn private_parts(key: u64) -> (u64, u64) {
+    (key >> ORIGIN_BITS, key & (MAX_ORIGIN_CHUNKS - 1))
+}
 
 /// Where a snapshot's image of a chunk is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -63,8 +105,8 @@ pub enum Entry {
 pub struct EntryCursor {
     /// Past every shared entry: the private ones are being walked.
     in_private: bool,
-    /// The next key to look at, in the B-tree being walked.
-    next: (u64, u64),
+    /// The next key to look at, in the map being walked.
+    next: u64,
     done: bool,
 }
 
@@ -78,10 +120,10 @@ pub struct ExceptionIndex {
     /// Live snapshots that need no more origin copies: the merging one, and those invalid
     /// in memory whose images stay until a checkpoint records them gone.
     frozen: BTreeSet<u64>,
-    /// (origin chunk, newest snapshot served) -> COW chunk.
-    shared: BTreeMap<(u64, u64), u64>,
-    /// (snapshot, origin chunk) -> COW chunk or [`MERGED`].
-    private: BTreeMap<(u64, u64), u64>,
+    /// [`shared_key`] (origin chunk, newest snapshot served) -> COW chunk.
+    shared: PackedMap,
+    /// [`private_key`] (snapshot, origin chunk) -> COW chunk or [`MERGED`].
+    private: PackedMap,
     /// COW chunks held by more than one private entry, and by how many.
     refs: HashMap<u64, u32>,
     /// The newest snapshot any origin copy has served.
@@ -95,6 +137,7 @@ impl ExceptionIndex {
     /// an origin copy serves (a checkpoint's snapshots come before its entries), which
     /// [`ExceptionIndex::may_add_snapshot`] tells.
     pub fn add_snapshot(&mut self, seq: u64) {
+        assert!(seq < MAX_CREATION, "creation number {seq}");
         assert!(
             self.may_add_snapshot(seq),
             "snapshot {seq} added inside a range"
@@ -131,9 +174,9 @@ impl ExceptionIndex {
     /// Where snapshot `seq` reads chunk `c`.
     pub fn lookup(&self, seq: u64, c: u64) -> Image {
         assert!(self.live.contains(&seq), "snapshot {seq} is not live");
-        match self.private.get(&(seq, c)) {
-            Some(&MERGED) => Image::Origin,
-            Some(&k) => Image::Cow(k),
+        match self.private.get(private_key(seq, c)) {
+            Some(MERGED) => Image::Origin,
+            Some(k) => Image::Cow(k),
             None => match self.covering(seq, c) {
                 Some((_, k)) => Image::Cow(k),
                 None => Image::Origin,
@@ -143,18 +186,18 @@ impl ExceptionIndex {
 
     /// The shared entry whose range holds `seq` at `c`: its `t` and COW chunk.
     fn covering(&self, seq: u64, c: u64) -> Option<(u64, u64)> {
-        self.shared
-            .range((c, seq)..=(c, u64::MAX))
-            .next()
-            .map(|(&(_, t), &k)| (t, k))
+        let (key, k) = self.shared.first_from(shared_key(c, seq))?;
+        let (at, t) = shared_parts(key);
+        (at == c).then_some((t, k))
     }
 
     /// The newest snapshot served by chunk `c`'s last origin copy (0: none).
     fn last_copy(&self, c: u64) -> u64 {
         self.shared
-            .range((c, 0)..=(c, u64::MAX))
-            .next_back()
-            .map_or(0, |(&(_, t), _)| t)
+            .last_at_most(shared_key(c, MAX_CREATION - 1))
+            .map(|(key, _)| shared_parts(key))
+            .filter(|&(at, _)| at == c)
+            .map_or(0, |(_, t)| t)
     }
 
     /// The snapshots an origin write to `c` must copy it for first: the newest such, if any
@@ -165,7 +208,7 @@ impl ExceptionIndex {
             .range(after + 1..)
             .rev()
             .filter(|&&s| !self.frozen.contains(&s))
-            .find(|&&s| !self.private.contains_key(&(s, c)))
+            .find(|&&s| !self.has_private(s, c))
             .copied()
     }
 
@@ -175,7 +218,7 @@ impl ExceptionIndex {
         let after = self.last_copy(c);
         self.live
             .range(after + 1..)
-            .filter(|&&s| !self.frozen.contains(&s) && !self.private.contains_key(&(s, c)))
+            .filter(|&&s| !self.frozen.contains(&s) && !self.has_private(s, c))
             .copied()
             .collect()
     }
@@ -189,9 +232,9 @@ impl ExceptionIndex {
             newest > self.last_copy(c),
             "origin copy of chunk {c} out of order"
         );
-        self.shared.insert((c, newest), k);
+        self.shared.insert(shared_key(c, newest), k);
         if !self.serves(c, newest) {
-            self.shared.remove(&(c, newest));
+            self.shared.remove(shared_key(c, newest));
             return false;
         }
         self.newest_served = self.newest_served.max(newest);
@@ -201,7 +244,7 @@ impl ExceptionIndex {
     /// Whether an origin copy of `c` for snapshots up to `newest` would serve snapshot `seq`
     /// (its range holds it and it has no private image of `c`).
     pub fn copy_would_serve(&self, seq: u64, c: u64, newest: u64) -> bool {
-        self.last_copy(c) < seq && seq <= newest && !self.private.contains_key(&(seq, c))
+        self.last_copy(c) < seq && seq <= newest && !self.has_private(seq, c)
     }
 
     /// Whether an origin copy of `c` for snapshots up to `newest` may follow `c`'s copies.
@@ -213,16 +256,16 @@ impl ExceptionIndex {
     /// change that chunk in place. (Its private image; or a shared one every other snapshot
     /// in whose range has an image of its own, which a later snapshot never joins.)
     pub fn exclusive(&self, seq: u64, c: u64) -> Option<u64> {
-        match self.private.get(&(seq, c)) {
-            Some(&MERGED) => None,
-            Some(&k) => (!self.refs.contains_key(&k)).then_some(k),
+        match self.private.get(private_key(seq, c)) {
+            Some(MERGED) => None,
+            Some(k) => (!self.refs.contains_key(&k)).then_some(k),
             None => {
                 let (t, k) = self.covering(seq, c)?;
                 let start = self.range_start(c, t);
                 let others = self
                     .live
                     .range(start + 1..=t)
-                    .any(|&s| s != seq && !self.private.contains_key(&(s, c)));
+                    .any(|&s| s != seq && !self.has_private(s, c));
                 (!others).then_some(k)
             }
         }
@@ -236,7 +279,7 @@ impl ExceptionIndex {
             k != MERGED || self.merging == Some(seq),
             "only the merging snapshot has merged chunks"
         );
-        let mut freed: Vec<u64> = self.put_private((seq, c), k).into_iter().collect();
+        let mut freed: Vec<u64> = self.put_private(seq, c, k).into_iter().collect();
         freed.retain(|&old| self.unref_private(old));
         freed.extend(self.collect_covering(c, seq));
         freed
@@ -253,7 +296,7 @@ impl ExceptionIndex {
         let mut freed = Vec::new();
         for &s in seqs {
             assert!(self.live.contains(&s), "snapshot {s} is not live");
-            if let Some(old) = self.put_private((s, c), k) {
+            if let Some(old) = self.put_private(s, c, k) {
                 assert!(old != k, "snapshot {s} listed twice");
                 if self.unref_private(old) {
                     freed.push(old);
@@ -268,15 +311,18 @@ impl ExceptionIndex {
 
     /// Removes every shared entry that serves nobody; returns their COW chunks.
     pub fn collect_unserved(&mut self) -> Vec<u64> {
-        let unserved: Vec<(u64, u64)> = self
+        let unserved: Vec<u64> = self
             .shared
-            .keys()
-            .filter(|&&(c, t)| !self.serves(c, t))
-            .copied()
+            .iter()
+            .map(|(key, _)| key)
+            .filter(|&key| {
+                let (c, t) = shared_parts(key);
+                !self.serves(c, t)
+            })
             .collect();
         unserved
             .into_iter()
-            .filter_map(|key| self.shared.remove(&key))
+            .filter_map(|key| self.shared.remove(key))
             .collect()
     }
 
@@ -284,7 +330,7 @@ impl ExceptionIndex {
     /// chunks no longer used: its private image, or the shared one it alone still used.
     pub fn discard(&mut self, seq: u64, c: u64) -> Vec<u64> {
         assert!(self.live.contains(&seq), "snapshot {seq} is not live");
-        if let Some(old) = self.take_private((seq, c)) {
+        if let Some(old) = self.take_private(seq, c) {
             return [old]
                 .into_iter()
                 .filter(|&k| k != MERGED && self.unref_private(k))
@@ -297,11 +343,11 @@ impl ExceptionIndex {
         let others = self
             .live
             .range(start + 1..=t)
-            .any(|&s| s != seq && !self.private.contains_key(&(s, c)));
+            .any(|&s| s != seq && !self.has_private(s, c));
         if others {
             return Vec::new();
         }
-        self.shared.remove(&(c, t)).into_iter().collect()
+        self.shared.remove(shared_key(c, t)).into_iter().collect()
     }
 
     /// Snapshot `seq` is gone: returns the COW chunks only it used.
@@ -311,14 +357,10 @@ impl ExceptionIndex {
             self.merging = None;
         }
         self.frozen.remove(&seq);
-        let mine: Vec<(u64, u64)> = self
-            .private
-            .range((seq, 0)..=(seq, u64::MAX))
-            .map(|(&key, _)| key)
-            .collect();
+        let mine: Vec<u64> = self.private_of(seq).map(|(c, _)| c).collect();
         let mut freed = Vec::new();
-        for key in mine {
-            let k = self.take_private(key).expect("listed");
+        for c in mine {
+            let k = self.take_private(seq, c).expect("listed");
             if k != MERGED && self.unref_private(k) {
                 freed.push(k);
             }
@@ -326,9 +368,9 @@ impl ExceptionIndex {
         // Every shared entry whose range held it (one scan: deletes are rare).
         let covering: Vec<(u64, u64)> = self
             .shared
-            .keys()
-            .filter(|&&(c, t)| t >= seq && self.range_start(c, t) < seq)
-            .copied()
+            .iter()
+            .map(|(key, _)| shared_parts(key))
+            .filter(|&(c, t)| t >= seq && self.range_start(c, t) < seq)
             .collect();
         for (c, t) in covering {
             freed.extend(self.collect_entry(c, t));
@@ -336,17 +378,32 @@ impl ExceptionIndex {
         freed
     }
 
-    /// Sets private entry `key`, counting [`MERGED`] marks; returns the one it replaced.
-    fn put_private(&mut self, key: (u64, u64), k: u64) -> Option<u64> {
-        let old = self.private.insert(key, k);
+    /// Whether snapshot `seq` has a private image of `c` (or a [`MERGED`] mark).
+    fn has_private(&self, seq: u64, c: u64) -> bool {
+        self.private.contains_key(private_key(seq, c))
+    }
+
+    /// Snapshot `seq`'s private entries, `(c, k)` by origin chunk.
+    fn private_of(&self, seq: u64) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.private
+            .iter_from(private_key(seq, 0))
+            .map(|(key, k)| (private_parts(key), k))
+            .take_while(move |&((s, _), _)| s == seq)
+            .map(|((_, c), k)| (c, k))
+    }
+
+    /// Sets snapshot `seq`'s private entry of `c`, counting [`MERGED`] marks; returns the
+    /// one it replaced.
+    fn put_private(&mut self, seq: u64, c: u64, k: u64) -> Option<u64> {
+        let old = self.private.insert(private_key(seq, c), k);
         self.marks += usize::from(k == MERGED);
         self.marks -= usize::from(old == Some(MERGED));
         old
     }
 
-    /// Removes private entry `key`, counting [`MERGED`] marks.
-    fn take_private(&mut self, key: (u64, u64)) -> Option<u64> {
-        let old = self.private.remove(&key);
+    /// Removes snapshot `seq`'s private entry of `c`, counting [`MERGED`] marks.
+    fn take_private(&mut self, seq: u64, c: u64) -> Option<u64> {
+        let old = self.private.remove(private_key(seq, c));
         self.marks -= usize::from(old == Some(MERGED));
         old
     }
@@ -371,9 +428,10 @@ impl ExceptionIndex {
     /// The creation number the range of shared entry `(c, t)` starts after.
     fn range_start(&self, c: u64, t: u64) -> u64 {
         self.shared
-            .range((c, 0)..(c, t))
-            .next_back()
-            .map_or(0, |(&(_, before), _)| before)
+            .last_before(shared_key(c, t))
+            .map(|(key, _)| shared_parts(key))
+            .filter(|&(at, _)| at == c)
+            .map_or(0, |(_, before)| before)
     }
 
     /// Removes the shared entry serving `seq` at `c` if no live snapshot needs it any more.
@@ -387,7 +445,7 @@ impl ExceptionIndex {
         if self.serves(c, t) {
             return None;
         }
-        self.shared.remove(&(c, t))
+        self.shared.remove(shared_key(c, t))
     }
 
     /// Whether shared entry `(c, t)` serves a live snapshot without a private image of `c`.
@@ -395,7 +453,7 @@ impl ExceptionIndex {
         let start = self.range_start(c, t);
         self.live
             .range(start + 1..=t)
-            .any(|&s| !self.private.contains_key(&(s, c)))
+            .any(|&s| !self.has_private(s, c))
     }
 
     /// Snapshot `seq`'s images in the COW store, by origin chunk (one scan of the shared
@@ -404,13 +462,14 @@ impl ExceptionIndex {
         assert!(self.live.contains(&seq), "snapshot {seq} is not live");
         let mut images = BTreeMap::new();
         let mut last_c = None;
-        for (&(c, t), &k) in &self.shared {
+        for (key, k) in self.shared.iter() {
+            let (c, t) = shared_parts(key);
             if t >= seq && last_c != Some(c) {
                 last_c = Some(c);
                 images.insert(c, k);
             }
         }
-        for (&(_, c), &k) in self.private.range((seq, 0)..=(seq, u64::MAX)) {
+        for (c, k) in self.private_of(seq) {
             if k == MERGED {
                 images.remove(&c);
             } else {
@@ -426,7 +485,7 @@ impl ExceptionIndex {
         // Shared ranges as +1/-1 at positions of `seqs`, summed once.
         let mut diff = vec![0i64; seqs.len() + 1];
         let mut prev = (u64::MAX, 0);
-        for &(c, t) in self.shared.keys() {
+        for (c, t) in self.shared.iter().map(|(key, _)| shared_parts(key)) {
             let start = if prev.0 == c { prev.1 } else { 0 };
             prev = (c, t);
             diff[seqs.partition_point(|&s| s <= start)] += 1;
@@ -439,7 +498,8 @@ impl ExceptionIndex {
             counts.insert(s, run as u64);
         }
         // A private image replaces the shared one where a range holds the snapshot.
-        for (&(s, c), &k) in &self.private {
+        for (key, k) in self.private.iter() {
+            let (s, c) = private_parts(key);
             let n = counts.get_mut(&s).expect("private entries are live");
             let covered = self.covering(s, c).is_some();
             match (k == MERGED, covered) {
@@ -457,35 +517,35 @@ impl ExceptionIndex {
     pub fn entries_from(&self, cursor: &mut EntryCursor, max: usize) -> Vec<Entry> {
         let mut out = Vec::new();
         if !cursor.in_private && !cursor.done {
-            for (&(c, t), &k) in self.shared.range(cursor.next..).take(max) {
+            for (key, k) in self.shared.iter_from(cursor.next).take(max) {
+                let (c, t) = shared_parts(key);
                 out.push(Entry::Copy {
                     cow: k,
                     origin: c,
                     newest: t,
                 });
-                cursor.next = (c, t.saturating_add(1));
-                if t == u64::MAX {
-                    cursor.next = (c.saturating_add(1), 0);
-                }
+                cursor.next = key.wrapping_add(1);
             }
-            if out.len() == max {
+            // (A walk that stopped at the last possible key wrapped to 0: it is over.)
+            if out.len() == max && cursor.next != 0 {
                 return out;
             }
             *cursor = EntryCursor {
                 in_private: true,
-                next: (0, 0),
+                next: 0,
                 done: false,
             };
         }
         while out.len() < max && !cursor.done {
-            let Some((&(s, c), &k)) = self.private.range(cursor.next..).next() else {
+            let Some((key, k)) = self.private.first_from(cursor.next) else {
                 cursor.done = true;
                 break;
             };
-            cursor.next = match c.checked_add(1) {
-                Some(next) => (s, next),
-                None => (s + 1, 0),
-            };
+            let (s, c) = private_parts(key);
+            match key.checked_add(1) {
+                Some(next) => cursor.next = next,
+                None => cursor.done = true,
+            }
             out.extend(self.private_entry(s, c, k));
         }
         out
@@ -505,7 +565,7 @@ impl ExceptionIndex {
             .live
             .iter()
             .copied()
-            .filter(|&other| self.private.get(&(other, c)) == Some(&k))
+            .filter(|&other| self.private.get(private_key(other, c)) == Some(k))
             .collect();
         (seqs[0] == s).then_some(Entry::PrivateSet {
             cow: k,
@@ -528,7 +588,10 @@ impl ExceptionIndex {
     /// Panics unless the invariants of the module doc hold.
     pub fn check(&self) {
         let mut shared_chunks = BTreeSet::new();
-        for (&(c, t), &k) in &self.shared {
+        self.shared.check();
+        self.private.check();
+        for (key, k) in self.shared.iter() {
+            let (c, t) = shared_parts(key);
             assert!(
                 shared_chunks.insert(k),
                 "COW chunk {k} in two shared entries"
@@ -540,7 +603,8 @@ impl ExceptionIndex {
             assert!(self.serves(c, t), "shared entry ({c}, {t}) serves nobody");
         }
         let mut holders: HashMap<u64, (u64, u32)> = HashMap::new();
-        for (&(s, c), &k) in &self.private {
+        for (key, k) in self.private.iter() {
+            let (s, c) = private_parts(key);
             assert!(
                 self.live.contains(&s),
                 "private image of a gone snapshot {s}"
@@ -565,7 +629,7 @@ impl ExceptionIndex {
         if let Some(m) = self.merging {
             assert!(self.live.contains(&m), "the merging snapshot is not live");
         }
-        let marks = self.private.values().filter(|&&k| k == MERGED).count();
+        let marks = self.private.iter().filter(|&(_, k)| k == MERGED).count();
         assert_eq!(marks, self.marks, "merged marks counted");
         assert!(
             self.frozen.iter().all(|s| self.live.contains(s)),
@@ -735,7 +799,7 @@ mod tests {
                 .iter()
                 .filter(|&(&s, m)| Some(s) != self.merging && !m.contains_key(&c))
                 .map(|(&s, _)| s)
-                .filter(|&s| !self.index.private.contains_key(&(s, c)))
+                .filter(|&s| !self.index.has_private(s, c))
                 .collect();
             if seqs.len() < 2 {
                 return;

@@ -25,6 +25,8 @@ use crate::format::{self, crc, magic, FromBytes, Immutable, IntoBytes, KnownLayo
 use crate::format::{U32, U64};
 use crate::units::{Sector, SectorCount, BLOCK_BYTES};
 
+use super::exceptions::MAX_ORIGIN_CHUNKS;
+
 pub const SB_MAGIC: magic::Magic = magic::SNAPSHOT_SUPERBLOCK;
 pub const LOG_MAGIC: magic::Magic = magic::SNAPSHOT_LOG;
 /// The store format this build writes: 2 (snapshots by 16-bit slots, origin copies shared by
@@ -497,6 +499,14 @@ impl Layout {
         if origin_size.is_zero() {
             return Err(Error::invalid("the origin is empty"));
         }
+        if origin_size.0.div_ceil(chunk.0) > MAX_ORIGIN_CHUNKS {
+            return Err(Error::invalid(format!(
+                "the origin ({} sectors) has more than {MAX_ORIGIN_CHUNKS} chunks of {} bytes, \
+                 the most a store can name: choose larger chunks",
+                origin_size.0,
+                chunk.to_bytes()
+            )));
+        }
         // A checkpoint holds a map record per used chunk plus every snapshot's record; each
         // area holds twice that, so appends have room between compactions.
         let chunks_max = cow_size.0 / chunk.0;
@@ -678,6 +688,12 @@ impl Layout {
         }
         if self.origin_size.is_zero() {
             return Err("the origin size is 0 sectors".to_owned());
+        }
+        if self.origin_chunks() > MAX_ORIGIN_CHUNKS {
+            return Err(format!(
+                "the origin size of {} sectors is more than {MAX_ORIGIN_CHUNKS} chunks",
+                self.origin_size.0
+            ));
         }
         let meta_end = self
             .area_blocks
@@ -1214,5 +1230,22 @@ mod tests {
         assert!(err.to_string().contains("too small"), "{err}");
         let ok = plan(32, 1 << 14).expect("fits");
         assert!(ok.data_start.0 % 32 == 0 && ok.data_chunks > 0);
+    }
+
+    #[test]
+    fn an_origin_of_more_chunks_than_the_index_names_is_refused() {
+        let chunk = MIN_CHUNK;
+        let plan = |origin| Layout::plan(Uuid::nil(), chunk, origin, SectorCount(1 << 14));
+        let most = SectorCount(MAX_ORIGIN_CHUNKS * chunk.0);
+        let ok = plan(most).expect("the most chunks");
+        assert_eq!(ok.origin_chunks(), MAX_ORIGIN_CHUNKS);
+        let err = plan(SectorCount(most.0 + 1)).expect_err("one sector more");
+        assert!(err.to_string().contains("larger chunks"), "{err}");
+        let read = Layout {
+            origin_size: SectorCount(most.0 + 1),
+            ..ok
+        };
+        let err = read.check().expect_err("read from disk");
+        assert!(err.contains("origin size"), "{err}");
     }
 }

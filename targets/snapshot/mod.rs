@@ -158,6 +158,7 @@ mod format;
 mod free;
 mod io;
 mod kind;
+mod packed;
 mod report;
 mod state;
 

@@ -20,7 +20,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use super::exceptions::{Entry, EntryCursor, ExceptionIndex, Image, MERGED};
+use super::exceptions::{Entry, EntryCursor, ExceptionIndex, Image, MAX_CREATION, MERGED};
 use super::format::{
     valid_name, Reason, Record, SnapState, FORMAT1_SNAPSHOTS, MAX_SNAPSHOTS, MERGED_CHUNK,
 };
@@ -319,9 +319,9 @@ impl Store {
                 self.slots.len()
             ));
         }
-        if seq == u64::MAX {
+        if seq >= MAX_CREATION {
             return Err(format!(
-                "gives snapshot slot {slot} creation number {seq}, which leaves none for the next"
+                "gives snapshot slot {slot} creation number {seq}, not below {MAX_CREATION}"
             ));
         }
         if state != SnapState::Valid && !matches!(state, SnapState::Invalid(_)) {
@@ -393,10 +393,10 @@ impl Store {
     }
 
     fn check_copy(&self, origin: u64, newest: u64) -> Result<(), String> {
-        if newest == u64::MAX {
+        if newest >= MAX_CREATION {
             return Err(format!(
                 "copies origin chunk {origin} for snapshots up to creation number {newest}, \
-                 which leaves none for the next"
+                 not below {MAX_CREATION}"
             ));
         }
         if !self.index.copy_in_order(origin, newest) {

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use serde_json::json;
 
+use super::exceptions::MAX_CREATION;
 use super::*;
 use crate::copy::{CopyConfig, CopyEngine};
 use crate::device::reactor::{run_local, spawn};
@@ -1057,15 +1058,24 @@ fn hostile_log_duplicate_name() {
 }
 
 #[test]
-fn hostile_log_creation_number_at_its_maximum() {
-    let create = Record::Create {
-        slot: 0,
-        seq: u64::MAX,
-        state: SnapState::Valid,
-        merge_total: 0,
-        name: "a".into(),
-    };
-    refuse_log(&[create], "creation number");
+fn hostile_log_creation_number_past_what_the_index_names() {
+    for seq in [MAX_CREATION, u64::MAX] {
+        let create = Record::Create {
+            slot: 0,
+            seq,
+            state: SnapState::Valid,
+            merge_total: 0,
+            name: "a".into(),
+        };
+        refuse_log(&[create], "creation number");
+        let copy = Record::Copy {
+            cow: 0,
+            origin: 0,
+            newest: seq,
+            merging: None,
+        };
+        refuse_log(&[snap(0, "a"), copy], "creation number");
+    }
 }
 
 #[test]
