@@ -24,17 +24,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use serde_json::{json, Value};
 
 use super::exceptions::MAX_CREATION;
-use super::format::{Record, SnapState, MAX_NAME};
+use super::format::{slot_number, Record, SnapState, MAX_NAME};
 use super::state::Store;
 use super::Inner;
 use crate::cli::parse_id;
 use crate::control::Command;
 use crate::error::{Error, ErrorKind, Result};
-
-/// A slot as its records carry it.
-fn slot_number(slot: usize) -> u16 {
-    u16::try_from(slot).expect("a slot number fits its record")
-}
 
 fn io_err(what: &str) -> impl FnOnce(std::io::Error) -> Error + '_ {
     move |e| Error::io(format!("cannot {what}"), e)

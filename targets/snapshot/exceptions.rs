@@ -261,12 +261,7 @@ impl ExceptionIndex {
             Some(k) => (!self.refs.contains_key(&k)).then_some(k),
             None => {
                 let (t, k) = self.covering(seq, c)?;
-                let start = self.range_start(c, t);
-                let others = self
-                    .live
-                    .range(start + 1..=t)
-                    .any(|&s| s != seq && !self.has_private(s, c));
-                (!others).then_some(k)
+                (!self.serves_besides(c, t, Some(seq))).then_some(k)
             }
         }
     }
@@ -339,12 +334,7 @@ impl ExceptionIndex {
         let Some((t, _)) = self.covering(seq, c) else {
             return Vec::new();
         };
-        let start = self.range_start(c, t);
-        let others = self
-            .live
-            .range(start + 1..=t)
-            .any(|&s| s != seq && !self.has_private(s, c));
-        if others {
+        if self.serves_besides(c, t, Some(seq)) {
             return Vec::new();
         }
         self.shared.remove(shared_key(c, t)).into_iter().collect()
@@ -450,10 +440,16 @@ impl ExceptionIndex {
 
     /// Whether shared entry `(c, t)` serves a live snapshot without a private image of `c`.
     fn serves(&self, c: u64, t: u64) -> bool {
+        self.serves_besides(c, t, None)
+    }
+
+    /// Whether shared entry `(c, t)` serves a live snapshot other than `except` without a
+    /// private image of `c`.
+    fn serves_besides(&self, c: u64, t: u64, except: Option<u64>) -> bool {
         let start = self.range_start(c, t);
         self.live
             .range(start + 1..=t)
-            .any(|&s| !self.has_private(s, c))
+            .any(|&s| Some(s) != except && !self.has_private(s, c))
     }
 
     /// Snapshot `seq`'s images in the COW store, by origin chunk (one scan of the shared

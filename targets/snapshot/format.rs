@@ -58,6 +58,12 @@ pub const MIN_CHUNK: SectorCount = SectorCount(8);
 /// The largest chunk a store has: 1 GiB.
 pub const MAX_CHUNK: SectorCount = SectorCount(1 << 21);
 
+/// Slot `slot` as records carry it (slots are below [`MAX_SNAPSHOTS`], so they fit).
+pub fn slot_number(slot: usize) -> u16 {
+    assert!(slot < MAX_SNAPSHOTS, "slot {slot}");
+    u16::try_from(slot).expect("a slot number fits its record")
+}
+
 /// Whether `name` may name a snapshot: 1 to [`MAX_NAME`] bytes without control characters
 /// (the rule of `snapshot create`, checked again on every name read from disk: a name ends
 /// up in thread and device names, where a NUL is fatal).

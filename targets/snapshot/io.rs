@@ -11,7 +11,7 @@ use smol::lock::{RwLock, RwLockReadGuardArc, RwLockWriteGuardArc};
 
 use crate::task::join_all;
 
-use super::format::{Reason, Record};
+use super::format::{slot_number, Reason, Record};
 use super::Inner;
 use crate::copy::{CopyJob, Location, Priority};
 use crate::device::{errno, AlignedBuf, ReadDone, WriteFlags};
@@ -154,11 +154,6 @@ fn invalidations(slots: &BTreeSet<usize>, reason: Reason) -> Vec<Record> {
             reason,
         })
         .collect()
-}
-
-/// A slot as its records carry it.
-fn slot_number(slot: usize) -> u16 {
-    u16::try_from(slot).expect("a slot number fits its record")
 }
 
 impl Inner {
