@@ -1,14 +1,15 @@
 //! The command line: parsing (clap) and the core's commands.
 //!
-//! `ublkdm add`, `list`, `status`, `del`, `recover`, `assemble --scan` and `install-units`.
+//! `ublkdm add`, `list`, `status`, `del`, `recover`, `assemble --scan`, `install-units` and
+//! `features`.
 //! Commands that change a device act through its daemon where one runs (control socket,
 //! then signals), and on the driver directly only when the daemon is gone. Every wait is bounded. Output for people goes to
 //! stdout, errors to stderr as `error: <line>` plus `  caused by: <line>`s; the exit code is
 //! the error's [`ErrorKind::exit_code`] (see docs/exit-codes.md).
 //!
 //! Files: this one holds the argument tree and the entry point; `add.rs` (add, recover),
-//! `status.rs` (list, status), `del.rs` and `assemble.rs` (assemble --scan, install-units)
-//! hold one command family each. The targets' own arguments come from the [`Registry`] that
+//! `status.rs` (list, status), `del.rs`, `assemble.rs` (assemble --scan, install-units) and
+//! `features.rs` hold one command family each. The targets' own arguments come from the [`Registry`] that
 //! `main` passes in: `ublkdm add KIND` and `ublkdm KIND CMD` are each kind's clap arguments,
 //! parsed and run by the kind.
 
@@ -28,11 +29,13 @@ use crate::ublk::{self, DevInfo, DevState, DeviceConfig, Start};
 mod add;
 mod assemble;
 mod del;
+mod features;
 mod status;
 
 use add::{add, recover};
 use assemble::{assemble_scan, install_units};
 use del::del;
+use features::features;
 use status::{list, status};
 
 /// A userspace device-mapper served through Linux ublk.
@@ -98,6 +101,12 @@ pub enum CliCommand {
         /// The directory to write the unit to (default /etc/systemd/system).
         #[arg(long, value_name = "DIR")]
         prefix: Option<PathBuf>,
+    },
+    /// List the ublk features this kernel offers (GET_FEATURES) and which ublkdm uses.
+    Features {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -240,6 +249,7 @@ fn run_core(registry: &Registry, command: CliCommand) -> Result<()> {
             assemble_scan(registry, json)
         }
         CliCommand::InstallUnits { prefix } => install_units(prefix),
+        CliCommand::Features { json } => features(json),
     }
 }
 

@@ -154,6 +154,7 @@ pub(super) fn print_status(
             ""
         }
     );
+    println!("  data:    {}", ublk::data_path_text(info.flags));
     println!("  target:  {}", registry.describe(info.spec.as_ref()));
     match reply {
         Some(Ok(status)) => print_daemon_status(registry, status),

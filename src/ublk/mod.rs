@@ -13,6 +13,10 @@
 //! (resident once used, outside the pool). Threads: each device costs one thread per queue
 //! (its ring: about `depth x 4` SQEs) besides the thread that serves it.
 //!
+//! Features are detected, never assumed ([`features`]): a new device asks for the flags the
+//! driver reported in GET_FEATURES that ublkdm uses, and its data path ([`DataPath`], copy
+//! today) is read from the flags the driver granted.
+//!
 //! Invariants:
 //! - every device is created with `UBLK_F_USER_RECOVERY`, and serving fails if the kernel did
 //!   not grant it: a daemon that dies must leave a QUIESCED device that `recover` can take over;
@@ -23,10 +27,15 @@
 //! - a device is deleted only once its queue threads are gone (DEL_DEV waits for the char device
 //!   to be released, and would wait forever on our own open queues).
 
+mod features;
 mod params;
 mod pool;
 mod queue;
 
+pub use features::{
+    data_path, data_path_text, detect as detect_features, device_flags, kernel_release, DataPath,
+    FeatureInfo, FeatureRow, Features, FEATURES,
+};
 pub use pool::{BufferPool, PoolStats};
 
 use std::cell::RefCell;
@@ -180,6 +189,9 @@ pub struct DevInfo {
     pub max_io_bytes: u32,
     /// The `UBLK_F_*` flags the driver granted.
     pub flags: u64,
+    /// How request data moves, from the granted flags (`copy` or `zero-copy`).
+    #[serde(default)]
+    pub data_path: DataPath,
     pub user_recovery: bool,
     /// Size in bytes, when the device has parameters.
     pub size_bytes: Option<u64>,
@@ -508,14 +520,25 @@ fn buffers_for(ctrl: &UblkCtrl, pool: &Arc<BufferPool>) -> Buffers {
 
 fn add_ctrl(config: DeviceConfig, kind: &str) -> Result<UblkCtrl> {
     config.validate()?;
+    let features = features::query_here()?;
+    let flags = device_flags(features.as_ref());
+    match features {
+        Some(f) => log::info!(
+            "ublk driver features {:#x} ({}); asking for {}",
+            f.mask(),
+            Features::names(f.mask()).join(" "),
+            Features::names(flags).join(" ")
+        ),
+        None => log::info!("the ublk driver has no GET_FEATURES (before Linux 6.5)"),
+    }
     UblkCtrlBuilder::default()
         .name(kind)
         .id(-1)
         .nr_queues(config.queues)
         .depth(config.depth)
         .io_buf_bytes(config.io_buf_bytes)
-        // A kernel without user copy drops the flag: the queues then use buffers per tag.
-        .ctrl_flags(u64::from(sys::UBLK_F_USER_RECOVERY | sys::UBLK_F_USER_COPY))
+        // Without user copy (not offered) the queues use buffers per tag.
+        .ctrl_flags(flags)
         .dev_flags(UblkFlags::UBLK_DEV_F_ADD_DEV)
         .build()
         .map_err(add_error)
@@ -596,6 +619,12 @@ fn check_granted_flags(ctrl: &UblkCtrl) -> Result<()> {
             format!("the ublk driver refused user recovery (granted flags {flags:#x}); Linux 6.1 or later is needed"),
         ));
     }
+    log::info!(
+        "device {}: granted flags {flags:#x} ({}); data path {}",
+        ctrl.dev_info().dev_id,
+        Features::names(flags).join(" "),
+        data_path(flags)
+    );
     Ok(())
 }
 
@@ -834,6 +863,7 @@ fn dev_info(ctrl: &UblkCtrl, spec: Option<TargetSpec>) -> DevInfo {
         depth: raw.queue_depth,
         max_io_bytes: raw.max_io_buf_bytes,
         flags: raw.flags,
+        data_path: data_path(raw.flags),
         user_recovery: raw.flags & u64::from(sys::UBLK_F_USER_RECOVERY) != 0,
         size_bytes,
         block_device: PathBuf::from(ctrl.get_bdev_path()),
