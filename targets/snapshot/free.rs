@@ -128,6 +128,11 @@ impl FreeChunks {
     pub fn count_below_frontier(&self) -> u64 {
         self.count
     }
+
+    /// Free chunks in all: those below the frontier and every one from it to the end.
+    pub fn free_count(&self) -> u64 {
+        self.count + (self.limit - self.frontier())
+    }
 }
 
 #[cfg(test)]

@@ -766,13 +766,9 @@ impl Store {
         self.index.cow_chunks()
     }
 
-    /// Chunks neither used nor reserved.
+    /// Chunks neither used nor reserved (nor waiting to be given back).
     pub fn free_count(&self) -> u64 {
-        self.data_chunks
-            - self.used()
-            - self.reserved as u64
-            - self.zombies.len() as u64
-            - self.held.len() as u64
+        self.free.free_count()
     }
 
     /// Entries of the exception index (shared and own images).
@@ -817,10 +813,15 @@ impl Store {
                 assert_eq!(images.get(c), Some(k), "pending chunk {c}");
             }
         }
-        let taken = self.data_chunks - self.free_count();
-        assert!(
-            taken <= self.data_chunks,
-            "more chunks in use than there are"
+        let taken = self.used()
+            + self.reserved as u64
+            + self.zombies.len() as u64
+            + self.held.len() as u64;
+        assert_eq!(
+            self.data_chunks.checked_sub(taken),
+            Some(self.free_count()),
+            "free chunks: {taken} taken of {}",
+            self.data_chunks
         );
     }
 }
