@@ -478,15 +478,25 @@ impl ExceptionIndex {
     /// How many COW images each live snapshot has (one pass over the entries).
     pub fn counts(&self) -> BTreeMap<u64, u64> {
         let seqs: Vec<u64> = self.live.iter().copied().collect();
-        // Shared ranges as +1/-1 at positions of `seqs`, summed once.
+        // Shared ranges as +1/-1 at positions of `seqs`, summed once. Neighbouring chunks
+        // mostly have the same ranges: runs of one range are counted before they are placed.
         let mut diff = vec![0i64; seqs.len() + 1];
+        let mut place = |(start, t): (u64, u64), n: i64| {
+            diff[seqs.partition_point(|&s| s <= start)] += n;
+            diff[seqs.partition_point(|&s| s <= t)] -= n;
+        };
         let mut prev = (u64::MAX, 0);
+        let mut streak = ((0, 0), 0i64);
         for (c, t) in self.shared.iter().map(|(key, _)| shared_parts(key)) {
             let start = if prev.0 == c { prev.1 } else { 0 };
             prev = (c, t);
-            diff[seqs.partition_point(|&s| s <= start)] += 1;
-            diff[seqs.partition_point(|&s| s <= t)] -= 1;
+            if streak.0 != (start, t) {
+                place(streak.0, streak.1);
+                streak = ((start, t), 0);
+            }
+            streak.1 += 1;
         }
+        place(streak.0, streak.1);
         let mut counts = BTreeMap::new();
         let mut run = 0i64;
         for (i, &s) in seqs.iter().enumerate() {

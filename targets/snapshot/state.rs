@@ -813,10 +813,8 @@ impl Store {
                 assert_eq!(images.get(c), Some(k), "pending chunk {c}");
             }
         }
-        let taken = self.used()
-            + self.reserved as u64
-            + self.zombies.len() as u64
-            + self.held.len() as u64;
+        let taken =
+            self.used() + self.reserved as u64 + self.zombies.len() as u64 + self.held.len() as u64;
         assert_eq!(
             self.data_chunks.checked_sub(taken),
             Some(self.free_count()),
