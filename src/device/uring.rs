@@ -13,7 +13,9 @@
 //! (a block device's number, a file's device and inode), so two paths to it are caught too.
 //!
 //! Mapping of operations: read/write use `IORING_OP_READ`/`WRITE` (FUA as `RWF_DSYNC`, which
-//! the block layer turns into a FUA write or a write plus flush); flush is `fdatasync`;
+//! the block layer turns into a FUA write or a write plus flush), and `READ_FIXED`/
+//! `WRITE_FIXED` for a registered buffer (zero copy: only on the ring it is registered on,
+//! which is checked before the first SQE); flush is `fdatasync`;
 //! write-zeroes is `fallocate(ZERO_RANGE)` (the kernel offloads or writes zero pages);
 //! discard is `fallocate(PUNCH_HOLE)` on files and `BLKDISCARD` on block devices, run on
 //! smol's blocking pool because it is a synchronous ioctl.
@@ -28,9 +30,10 @@ use std::time::{Duration, Instant};
 
 use io_uring::{opcode, types};
 
-use super::reactor::{cqe_result, submit_owned};
+use super::reactor::{self, cqe_result, submit_owned};
 use super::{
-    check_buf_request, errno, AlignedBuf, BlockDevice, DeviceInfo, IoFuture, ReadDone, WriteFlags,
+    check_buf_request, errno, AlignedBuf, BlockDevice, DeviceInfo, IoBuf, IoFuture, IoReadDone,
+    ReadDone, RegBuf, WriteBuf, WriteFlags,
 };
 use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::units::{Extent, Sector, SectorCount};
@@ -425,6 +428,47 @@ impl BlockDevice for UringDevice {
         })
     }
 
+    fn read_buf(&self, offset: Sector, buf: IoBuf) -> IoFuture<IoReadDone> {
+        let reg = match buf {
+            IoBuf::Owned(owned) => {
+                let read = self.read(offset, owned);
+                return Box::pin(async move {
+                    let (res, owned) = read.await;
+                    (res, IoBuf::Owned(owned))
+                });
+            }
+            IoBuf::Registered(reg) => reg,
+        };
+        let fd = Arc::clone(&self.fd);
+        let checked = self.check_registered(offset, &reg);
+        Box::pin(async move {
+            if let Err(err) = checked.and_then(|()| reg.check_usable(reactor::current_ring_id())) {
+                return (Err(err), IoBuf::Registered(reg));
+            }
+            let done = rw_loop(fd, offset, RwBuf::Fixed(reg.clone(), false), WriteFlags::default());
+            (done.await.0, IoBuf::Registered(reg))
+        })
+    }
+
+    fn write_buf(
+        &self,
+        offset: Sector,
+        buf: WriteBuf,
+        flags: WriteFlags,
+    ) -> IoFuture<io::Result<()>> {
+        let reg = match buf {
+            IoBuf::Owned(owned) => return self.write(offset, owned, flags),
+            IoBuf::Registered(reg) => reg,
+        };
+        let fd = Arc::clone(&self.fd);
+        let checked = self.check_registered(offset, &reg);
+        Box::pin(async move {
+            checked?;
+            reg.check_usable(reactor::current_ring_id())?;
+            rw_loop(fd, offset, RwBuf::Fixed(reg, true), flags).await.0
+        })
+    }
+
     fn flush(&self) -> IoFuture<io::Result<()>> {
         let fd = Arc::clone(&self.fd);
         Box::pin(async move {
@@ -473,10 +517,22 @@ impl BlockDevice for UringDevice {
     }
 }
 
+impl UringDevice {
+    /// A registered buffer's request: whole sectors on the device. (Whether the buffer is
+    /// usable is checked when the I/O is submitted, on the ring it is submitted to.)
+    fn check_registered(&self, offset: Sector, reg: &RegBuf) -> io::Result<()> {
+        let sectors = crate::units::SectorCount::from_bytes_exact(reg.len() as u64)
+            .ok_or_else(|| errno(libc::EINVAL))?;
+        self.info.check_extent(Extent::new(offset, sectors))
+    }
+}
+
 /// The buffer of a read or a write in flight.
 enum RwBuf {
     Read(AlignedBuf),
     Write(Arc<AlignedBuf>),
+    /// A registered buffer (zero copy); `true` for a write.
+    Fixed(RegBuf, bool),
 }
 
 impl RwBuf {
@@ -484,6 +540,7 @@ impl RwBuf {
         match self {
             RwBuf::Read(b) => b.len(),
             RwBuf::Write(b) => b.len(),
+            RwBuf::Fixed(reg, _) => reg.len(),
         }
     }
 }
@@ -494,7 +551,7 @@ impl RwDone {
     fn into_read(self) -> ReadDone {
         match self.1 {
             RwBuf::Read(buf) => (self.0, buf),
-            RwBuf::Write(_) => unreachable!("a read completes with its read buffer"),
+            _ => unreachable!("a read completes with its read buffer"),
         }
     }
 }
@@ -512,7 +569,8 @@ async fn rw_loop(
     while done < total {
         let sqe = rw_sqe(&fd, offset.to_bytes() + done as u64, &mut buf, done, flags);
         // SAFETY: the SQE points into `buf`'s heap allocation, which moves into `keep` with the
-        // fd and stays put until the CQE.
+        // fd and stays put until the CQE; or, for a fixed buffer, at a registration that its
+        // lease (in `keep`) holds until the CQE (checked usable before the first SQE).
         let (res, back) = unsafe { submit_owned(sqe, (buf, fd)) }.await;
         (buf, fd) = back;
         match cqe_result(res) {
@@ -546,11 +604,34 @@ fn rw_sqe(
             assert!(done < b.len());
             // SAFETY: as above.
             let ptr = unsafe { b.as_ptr().add(done) };
-            let rw_flags = if flags.fua { libc::RWF_DSYNC } else { 0 };
             opcode::Write::new(fd, ptr, len)
                 .offset(pos)
-                .rw_flags(rw_flags)
+                .rw_flags(write_flags(flags))
                 .build()
         }
+        // The address is the byte's place in the registration (0-based for a ublk request's
+        // pages), which the kernel checks against the registered length.
+        RwBuf::Fixed(reg, false) => {
+            let addr = reg.sqe_addr(done) as *mut u8;
+            opcode::ReadFixed::new(fd, addr, len, reg.index())
+                .offset(pos)
+                .build()
+        }
+        RwBuf::Fixed(reg, true) => {
+            let addr = reg.sqe_addr(done) as *const u8;
+            opcode::WriteFixed::new(fd, addr, len, reg.index())
+                .offset(pos)
+                .rw_flags(write_flags(flags))
+                .build()
+        }
+    }
+}
+
+/// FUA as `RWF_DSYNC` (see module doc).
+fn write_flags(flags: WriteFlags) -> i32 {
+    if flags.fua {
+        libc::RWF_DSYNC
+    } else {
+        0
     }
 }

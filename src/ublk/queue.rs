@@ -38,8 +38,8 @@ use libublk::{sys, BufDesc, UblkError, UblkUringData};
 
 use super::pool::BufferPool;
 use super::Stats;
-use crate::device::reactor::{self, Executor, Notifier, RingDriver, SqeFuture};
-use crate::device::{AlignedBuf, WriteFlags};
+use crate::device::reactor::{self, Executor, Notifier, RingDriver, RingId, SqeFuture};
+use crate::device::{is_needs_copy, AlignedBuf, IoBuf, RegBuf, RegLease, WriteFlags};
 use crate::target::Target;
 use crate::units::{Extent, Sector, SectorCount, SECTOR_SHIFT};
 
@@ -66,6 +66,10 @@ pub(super) enum Buffers {
     Leased(Arc<BufferPool>),
     /// One buffer per tag, given to the kernel at FETCH.
     PerTag,
+    /// `UBLK_F_AUTO_BUF_REG` (zero copy): the request's own pages, registered on the queue
+    /// ring at index = tag; `fallback` (user copy, when granted too) serves the requests that
+    /// need their data in our memory.
+    Registered { fallback: Option<Arc<BufferPool>> },
 }
 
 /// The body of a queue thread: serves queue `qid` until the kernel aborts it.
@@ -95,7 +99,8 @@ fn run_queue(qid: u16, dev: &UblkDev, shared: &QueueShared) -> Result<(), String
     let dev: &'static UblkDev = unsafe { &*(dev as *const UblkDev) };
     let queue =
         Rc::new(UblkQueue::new(qid, dev).map_err(|e| format!("cannot set up the queue: {e}"))?);
-    let _driver = reactor::install_driver(Rc::new(QueueRing));
+    let ring = RingId::fresh();
+    let _driver = reactor::install_driver(Rc::new(QueueRing(ring)));
     let notifier = Notifier::new().map_err(|e| format!("cannot create an eventfd: {e}"))?;
     let exec = Executor::new(Some(notifier.clone()));
     let _current = exec.enter();
@@ -111,6 +116,18 @@ fn run_queue(qid: u16, dev: &UblkDev, shared: &QueueShared) -> Result<(), String
                     max_bytes: shared.io_buf_bytes,
                 }),
                 Buffers::PerTag => TagData::Own(Some(AlignedBuf::new_mapped(shared.io_buf_bytes))),
+                Buffers::Registered { fallback } => TagData::Registered(ZeroCopy {
+                    ring,
+                    tag,
+                    max_bytes: shared.io_buf_bytes,
+                    fallback: fallback.as_ref().map(|pool| UserCopy {
+                        pool: Arc::clone(pool),
+                        cdev: dev.tgt.fds[0],
+                        qid,
+                        tag,
+                        max_bytes: shared.io_buf_bytes,
+                    }),
+                }),
             };
             let task = serve_tag(
                 Rc::clone(&queue),
@@ -190,10 +207,14 @@ fn teardown(exec: &Executor, tags: Vec<async_task::Task<()>>, notifier_task: asy
     exec.run_ready();
 }
 
-/// The queue's ring as the thread's device ring.
-struct QueueRing;
+/// The queue's ring as the thread's device ring, and its identity.
+struct QueueRing(RingId);
 
 impl RingDriver for QueueRing {
+    fn id(&self) -> RingId {
+        self.0
+    }
+
     fn submit(&self, sqe: squeue::Entry) -> SqeFuture {
         Box::pin(async move {
             // Only the Target bit: libublk puts its slab key in the other bits and routes the
@@ -221,17 +242,19 @@ async fn serve_tag(
     let fetch = match &data {
         TagData::Own(buf) => BufDesc::RawAddress(buf.as_ref().expect("owned").as_ptr()),
         TagData::Leased(_) => BufDesc::Slice(&[]),
+        TagData::Registered(_) => auto_reg(tag),
     };
     if let Err(err) = queue.submit_io_prep_cmd(tag, fetch, 0, None).await {
         return tag_ended(&queue, tag, err);
     }
     loop {
         let request = Request::from_iod(queue.get_iod(tag));
-        let res = data.serve(&*target, request).await;
+        let res = data.serve(&*target, request, &stats).await;
         stats.record(request.op, res);
         let commit = match &data {
             TagData::Own(buf) => BufDesc::Slice(buf.as_ref().expect("owned").as_slice()),
             TagData::Leased(_) => BufDesc::Slice(&[]),
+            TagData::Registered(_) => auto_reg(tag),
         };
         if let Err(err) = queue.submit_io_commit_cmd(tag, commit, res).await {
             return tag_ended(&queue, tag, err);
@@ -239,16 +262,27 @@ async fn serve_tag(
     }
 }
 
+/// What FETCH and COMMIT pass with zero copy: register the request's pages at index = tag
+/// on this ring. No `UBLK_AUTO_BUF_REG_FALLBACK`: the index is ours alone, and a registration
+/// that fails anyway fails the request in the kernel.
+fn auto_reg(tag: u16) -> BufDesc<'static> {
+    BufDesc::AutoReg(sys::ublk_auto_buf_reg {
+        index: tag,
+        ..Default::default()
+    })
+}
+
 /// A tag's request data (see [`Buffers`]).
 enum TagData {
     /// The tag's own buffer; `None` only while a request has it.
     Own(Option<AlignedBuf>),
     Leased(UserCopy),
+    Registered(ZeroCopy),
 }
 
 impl TagData {
     /// Serves one request: the result to commit (bytes or `-errno`).
-    async fn serve(&mut self, target: &dyn Target, request: Request) -> i32 {
+    async fn serve(&mut self, target: &dyn Target, request: Request, stats: &Stats) -> i32 {
         match self {
             TagData::Own(slot) => {
                 let buf = slot.take().expect("the tag's buffer is back");
@@ -262,7 +296,99 @@ impl TagData {
                 res
             }
             TagData::Leased(io) => io.serve(target, request).await,
+            TagData::Registered(zc) => zc.serve(target, request, stats).await,
         }
+    }
+}
+
+/// A tag's data path with `UBLK_F_AUTO_BUF_REG`: the kernel registered the request's pages
+/// at index `tag` on this thread's ring (`ring`) before handing the request over, and
+/// unregisters them at COMMIT.
+struct ZeroCopy {
+    ring: RingId,
+    tag: u16,
+    max_bytes: usize,
+    /// Copy mode for one request (user copy), when the device was granted it.
+    fallback: Option<UserCopy>,
+}
+
+impl ZeroCopy {
+    /// Hands the target the registered buffer; a request the target cannot serve so
+    /// ([`needs_copy`](crate::device::needs_copy)), or whose memory the backing device
+    /// refused (`EINVAL` on a valid extent: ublk passes memory aligned to 4 bytes, `O_DIRECT`
+    /// wants the logical block), is served again in copy mode and counted.
+    async fn serve(&self, target: &dyn Target, request: Request, stats: &Stats) -> i32 {
+        let is_write = match request.op {
+            sys::UBLK_IO_OP_READ => false,
+            sys::UBLK_IO_OP_WRITE => true,
+            _ => return no_data_request(target, request).await,
+        };
+        if request.flags & sys::UBLK_IO_F_NEED_REG_BUF != 0 {
+            // Only with the FALLBACK flag, which we never pass.
+            log::error!("tag {}: the kernel did not register the request", self.tag);
+            return -libc::EIO;
+        }
+        let bytes = match request.data_bytes(self.max_bytes) {
+            Ok(bytes) => bytes,
+            Err(errno) => return errno,
+        };
+        let Some(len) = u32::try_from(bytes).ok() else {
+            return -libc::EINVAL;
+        };
+        let lease = RegLease::new();
+        let reg = RegBuf::new(self.ring, self.tag, 0, len, &lease);
+        let res = if is_write {
+            let flags = write_flags(request);
+            target
+                .write_buf(request.start, IoBuf::Registered(reg), flags)
+                .await
+        } else {
+            target.read_buf(request.start, IoBuf::Registered(reg)).await.0
+        };
+        // Before COMMIT, which unregisters the pages: nothing may use the index after this.
+        lease.end();
+        match res {
+            Ok(()) => byte_count(bytes),
+            Err(err) if self.falls_back(target, request, &err) => {
+                self.copy_mode(target, request, err, stats).await
+            }
+            Err(err) => neg_errno(&err),
+        }
+    }
+
+    /// Whether a failed zero-copy request is served again in copy mode (see [`Self::serve`]).
+    fn falls_back(&self, target: &dyn Target, request: Request, err: &io::Error) -> bool {
+        let valid = || {
+            request
+                .extent()
+                .is_ok_and(|extent| target.info().check_extent(extent).is_ok())
+        };
+        is_needs_copy(err) || (err.raw_os_error() == Some(libc::EINVAL) && valid())
+    }
+
+    /// Serves `request` in copy mode, after `err` in zero copy.
+    async fn copy_mode(
+        &self,
+        target: &dyn Target,
+        request: Request,
+        err: io::Error,
+        stats: &Stats,
+    ) -> i32 {
+        let Some(user_copy) = &self.fallback else {
+            log::error!(
+                "tag {}: the request cannot be served in zero copy ({err}) and the device has \
+                 no user copy to fall back to",
+                self.tag
+            );
+            return if is_needs_copy(&err) {
+                -libc::EOPNOTSUPP
+            } else {
+                neg_errno(&err)
+            };
+        };
+        stats.record_fallback();
+        log::debug!("tag {}: copy mode for one request ({err})", self.tag);
+        user_copy.serve(target, request).await
     }
 }
 
@@ -453,9 +579,7 @@ async fn write(target: &dyn Target, request: Request, mut buf: AlignedBuf) -> (i
         Err(errno) => return (errno, buf),
     };
     buf.set_len(bytes);
-    let flags = WriteFlags {
-        fua: request.flags & sys::UBLK_IO_F_FUA != 0,
-    };
+    let flags = write_flags(request);
     let shared = Arc::new(buf);
     let res = target
         .write(request.start, Arc::clone(&shared), flags)
@@ -465,6 +589,13 @@ async fn write(target: &dyn Target, request: Request, mut buf: AlignedBuf) -> (i
         res.map_or_else(|e| neg_errno(&e), |()| byte_count(bytes)),
         buf,
     )
+}
+
+/// The flags of a WRITE request.
+fn write_flags(request: Request) -> WriteFlags {
+    WriteFlags {
+        fua: request.flags & sys::UBLK_IO_F_FUA != 0,
+    }
 }
 
 /// The result of a request without data: 0 or `-errno`.

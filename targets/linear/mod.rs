@@ -1,7 +1,9 @@
 //! The linear target: a pass-through onto one backing device.
 //!
 //! Every request goes unchanged to the backing [`UringDevice`], opened `O_DIRECT` and `O_EXCL`
-//! so that no other user (a mount, dm, another ublkdm device) can write under it. The target
+//! so that no other user (a mount, dm, another ublkdm device) can write under it. It never
+//! looks at the data, so it serves registered buffers as they come (zero copy, where the
+//! kernel offers it: fixed-buffer I/O on the queue's ring) and owned ones in copy mode. The target
 //! advertises the backing device's geometry and capabilities as its own, so the kernel sends
 //! only what the backing device can do (discard, write-zeroes, FUA, flushes). Its spec and
 //! `add` arguments are in `kind.rs`.
@@ -11,7 +13,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::device::{
-    AlignedBuf, BlockDevice, DeviceInfo, IoFuture, OpenOptions, ReadDone, UringDevice, WriteFlags,
+    AlignedBuf, BlockDevice, DeviceInfo, IoBuf, IoFuture, IoReadDone, OpenOptions, ReadDone,
+    UringDevice, WriteBuf, WriteFlags,
 };
 use crate::error::Result;
 use crate::target::Target;
@@ -66,6 +69,19 @@ impl BlockDevice for Linear {
         self.backing.write(offset, buf, flags)
     }
 
+    fn read_buf(&self, offset: Sector, buf: IoBuf) -> IoFuture<IoReadDone> {
+        self.backing.read_buf(offset, buf)
+    }
+
+    fn write_buf(
+        &self,
+        offset: Sector,
+        buf: WriteBuf,
+        flags: WriteFlags,
+    ) -> IoFuture<io::Result<()>> {
+        self.backing.write_buf(offset, buf, flags)
+    }
+
     fn flush(&self) -> IoFuture<io::Result<()>> {
         self.backing.flush()
     }
@@ -82,6 +98,11 @@ impl BlockDevice for Linear {
 impl Target for Linear {
     fn kind(&self) -> &'static str {
         "linear"
+    }
+
+    /// A pass-through never looks at the data: zero copy wherever the kernel offers it.
+    fn zero_copy(&self) -> bool {
+        true
     }
 
     fn status(&self) -> serde_json::Value {
