@@ -155,7 +155,11 @@ impl RegBuf {
 
     /// The address a fixed-buffer SQE gives for byte `done` of this part.
     pub fn sqe_addr(&self, done: usize) -> u64 {
-        assert!(done <= self.len(), "byte {done} of a {}-byte buffer", self.len);
+        assert!(
+            done <= self.len(),
+            "byte {done} of a {}-byte buffer",
+            self.len
+        );
         self.base + u64::from(self.offset) + done as u64
     }
 
@@ -227,7 +231,10 @@ mod tests {
         assert!(reg.is_registered());
         assert_eq!(reg.sectors().unwrap(), SectorCount(16));
         let odd: IoBuf = IoBuf::Registered(RegBuf::new(ring(), 3, 0, 1000, &lease));
-        assert_eq!(odd.sectors().unwrap_err().raw_os_error(), Some(libc::EINVAL));
+        assert_eq!(
+            odd.sectors().unwrap_err().raw_os_error(),
+            Some(libc::EINVAL)
+        );
     }
 
     #[test]
@@ -266,7 +273,10 @@ mod tests {
         lease.end();
         assert!(!lease.is_live());
         assert!(reg.check_usable(Some(ring())).is_err(), "after its request");
-        assert!(part.check_usable(Some(ring())).is_err(), "slices share the lease");
+        assert!(
+            part.check_usable(Some(ring())).is_err(),
+            "slices share the lease"
+        );
     }
 
     #[test]

@@ -404,7 +404,11 @@ mod tests {
         assert_eq!(device_flags(Some(&Features::from_mask(0)), true), recovery);
         let f = Features::from_mask(MASK_6_12);
         assert_eq!(device_flags(Some(&f), false), recovery | user_copy);
-        assert_eq!(device_flags(Some(&f), true), recovery | user_copy, "not offered");
+        assert_eq!(
+            device_flags(Some(&f), true),
+            recovery | user_copy,
+            "not offered"
+        );
         // Resize is not used yet, even where offered; zero copy only where wanted.
         let f = Features::from_mask(MASK_7_3);
         assert_eq!(device_flags(Some(&f), false), recovery | user_copy);

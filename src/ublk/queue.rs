@@ -343,7 +343,10 @@ impl ZeroCopy {
                 .write_buf(request.start, IoBuf::Registered(reg), flags)
                 .await
         } else {
-            target.read_buf(request.start, IoBuf::Registered(reg)).await.0
+            target
+                .read_buf(request.start, IoBuf::Registered(reg))
+                .await
+                .0
         };
         // Before COMMIT, which unregisters the pages: nothing may use the index after this.
         lease.end();
@@ -756,6 +759,152 @@ mod tests {
         });
         assert_eq!(res, -libc::EIO);
         assert_eq!(pool.stats().held_bytes, 0);
+    }
+
+    /// A target that fails every registered buffer with `errno` (0: the default refusal,
+    /// `needs_copy`) and serves owned ones from memory.
+    struct RegisteredFails(Arc<MemDevice>, i32);
+
+    impl BlockDevice for RegisteredFails {
+        fn info(&self) -> &DeviceInfo {
+            self.0.info()
+        }
+        fn read(&self, offset: Sector, buf: AlignedBuf) -> IoFuture<ReadDone> {
+            self.0.read(offset, buf)
+        }
+        fn write(
+            &self,
+            offset: Sector,
+            buf: Arc<AlignedBuf>,
+            flags: WriteFlags,
+        ) -> IoFuture<io::Result<()>> {
+            self.0.write(offset, buf, flags)
+        }
+        fn read_buf(&self, offset: Sector, buf: IoBuf) -> IoFuture<crate::device::IoReadDone> {
+            match (&buf, self.1) {
+                (IoBuf::Registered(_), errno) if errno != 0 => Box::pin(std::future::ready((
+                    Err(io::Error::from_raw_os_error(errno)),
+                    buf,
+                ))),
+                _ => self.0.read_buf(offset, buf),
+            }
+        }
+        fn write_buf(
+            &self,
+            offset: Sector,
+            buf: crate::device::WriteBuf,
+            flags: WriteFlags,
+        ) -> IoFuture<io::Result<()>> {
+            match (&buf, self.1) {
+                (IoBuf::Registered(_), errno) if errno != 0 => {
+                    Box::pin(std::future::ready(Err(io::Error::from_raw_os_error(errno))))
+                }
+                _ => self.0.write_buf(offset, buf, flags),
+            }
+        }
+        fn flush(&self) -> IoFuture<io::Result<()>> {
+            self.0.flush()
+        }
+        fn discard(&self, extent: Extent) -> IoFuture<io::Result<()>> {
+            self.0.discard(extent)
+        }
+        fn write_zeroes(&self, extent: Extent) -> IoFuture<io::Result<()>> {
+            self.0.write_zeroes(extent)
+        }
+    }
+
+    impl Target for RegisteredFails {
+        fn kind(&self) -> &'static str {
+            "registered-fails"
+        }
+        fn status(&self) -> serde_json::Value {
+            serde_json::Value::Null
+        }
+    }
+
+    fn zero_copy(fallback: Option<UserCopy>) -> ZeroCopy {
+        ZeroCopy {
+            ring: RingId::fresh(),
+            tag: 3,
+            max_bytes: 64 << 10,
+            fallback,
+        }
+    }
+
+    /// A request whose target needs the data (the default of every target but linear), or
+    /// whose memory the backing device refused (EINVAL on a valid extent), is served again
+    /// in copy mode through user copy and counted; other errors are the request's result.
+    #[test]
+    fn zero_copy_requests_fall_back_to_copy_mode_one_by_one() {
+        use std::os::unix::fs::FileExt;
+        let file = tempfile::tempfile().expect("temp file");
+        let pool = BufferPool::new(64 << 10, 0);
+        let pos = UblkIOCtx::ublk_user_copy_pos(0, 3, 0);
+        file.write_all_at(&[0x6b; 8192], pos).expect("request data");
+        let mem = MemDevice::new_volatile("m", SectorCount(64));
+        let stats = Arc::new(Stats::new(1));
+        let run = |errno: i32, req: Request| {
+            let target = RegisteredFails(Arc::clone(&mem), errno);
+            let zc = zero_copy(Some(user_copy(&file, &pool, 3)));
+            let stats = Arc::clone(&stats);
+            run_local(async move { zc.serve(&target, req, &stats).await })
+        };
+        assert_eq!(run(0, request(sys::UBLK_IO_OP_WRITE, 0, 8, 16)), 8192);
+        assert_eq!(stats.zero_copy_fallbacks(), 1, "needs-copy falls back");
+        assert_eq!(
+            mem.snapshot(Extent::new(Sector(8), SectorCount(16))),
+            vec![0x6b; 8192]
+        );
+        file.write_all_at(&[0; 8192], pos).expect("clear");
+        assert_eq!(
+            run(libc::EINVAL, request(sys::UBLK_IO_OP_READ, 0, 8, 16)),
+            8192
+        );
+        assert_eq!(stats.zero_copy_fallbacks(), 2, "refused memory falls back");
+        let mut back = [0u8; 8192];
+        file.read_exact_at(&mut back, pos).expect("read back");
+        assert!(
+            back.iter().all(|&b| b == 0x6b),
+            "the read reached the request"
+        );
+        assert_eq!(
+            run(libc::EIO, request(sys::UBLK_IO_OP_READ, 0, 8, 16)),
+            -libc::EIO
+        );
+        assert_eq!(
+            run(libc::EINVAL, request(sys::UBLK_IO_OP_READ, 0, 60, 8)),
+            -libc::EINVAL,
+            "a request past the end is not retried"
+        );
+        assert_eq!(run(0, request(sys::UBLK_IO_OP_FLUSH, 0, 0, 0)), 0);
+        assert_eq!(
+            stats.zero_copy_fallbacks(),
+            2,
+            "errors and flushes never fall back"
+        );
+        assert_eq!(pool.stats().held_bytes, 0);
+    }
+
+    /// Without user copy there is nothing to fall back to: the request fails, it is not lost.
+    #[test]
+    fn a_zero_copy_request_without_a_fallback_fails_with_an_errno() {
+        let stats = Stats::new(1);
+        let mem = MemDevice::new("m", SectorCount(64));
+        let target = RegisteredFails(mem, 0);
+        let zc = zero_copy(None);
+        let res = run_local(async move {
+            let r = zc
+                .serve(&target, request(sys::UBLK_IO_OP_WRITE, 0, 0, 8), &stats)
+                .await;
+            (r, stats.zero_copy_fallbacks())
+        });
+        assert_eq!(res, (-libc::EOPNOTSUPP, 0));
+        let stats = Stats::new(1);
+        let target = RegisteredFails(MemDevice::new("m", SectorCount(64)), 0);
+        let zc = zero_copy(None);
+        let need_reg = request(sys::UBLK_IO_OP_READ, sys::UBLK_IO_F_NEED_REG_BUF, 0, 8);
+        let res = run_local(async move { zc.serve(&target, need_reg, &stats).await });
+        assert_eq!(res, -libc::EIO, "a request the kernel did not register");
     }
 
     #[test]
