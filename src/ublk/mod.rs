@@ -14,8 +14,9 @@
 //! (its ring: about `depth x 4` SQEs) besides the thread that serves it.
 //!
 //! Features are detected, never assumed ([`features`]): a new device asks for the flags the
-//! driver reported in GET_FEATURES that ublkdm uses, and its data path ([`DataPath`], copy
-//! today) is read from the flags the driver granted.
+//! driver reported in GET_FEATURES that ublkdm uses (zero copy for a target that never needs
+//! the data, `Target::zero_copy`, unless `--copy`), and its data path ([`DataPath`]) is read
+//! from the flags the driver granted, also after a recovery (the kernel keeps them).
 //!
 //! Invariants:
 //! - every device is created with `UBLK_F_USER_RECOVERY`, and serving fails if the kernel did

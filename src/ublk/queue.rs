@@ -15,6 +15,14 @@
 //!   before it commits, so an idle tag holds no memory;
 //! - without it, the tag owns one mapped buffer of `max_io_buf_bytes` for its whole life, whose
 //!   address FETCH hands to the kernel (its pages are resident once the kernel has used them).
+//! - with `UBLK_F_AUTO_BUF_REG` (zero copy, Linux 6.16+) the kernel registers the request's own
+//!   pages as this ring's fixed buffer at index = tag before it hands the request over (FETCH
+//!   and COMMIT pass `BufDesc::AutoReg`), and unregisters them at COMMIT: the task gives the
+//!   target a `RegBuf` of the request's bytes under a lease it ends before COMMIT, and the
+//!   target's backing I/O (awaited in the task, so on this ring) uses it with fixed-buffer
+//!   reads and writes. A request the target cannot serve so (`NeedsCopy`), or whose memory
+//!   the backing device refused (`EINVAL`), is served again in copy mode by user copy and
+//!   counted in `zero_copy_fallbacks`.
 //!
 //! **Every fetched request is committed exactly once**, with the byte count or `-errno`: an
 //! uncommitted request would block STOP/DEL in the kernel for good. The request path therefore
