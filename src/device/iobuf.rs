@@ -21,7 +21,7 @@ use std::sync::Arc;
 
 use super::reactor::RingId;
 use super::AlignedBuf;
-use crate::units::{SectorCount, SECTOR_BYTES};
+use crate::units::SectorCount;
 
 /// The buffer of a read (`IoBuf`) or of a write (`IoBuf<Arc<AlignedBuf>>`).
 #[derive(Debug)]
@@ -205,11 +205,6 @@ pub fn is_needs_copy(err: &io::Error) -> bool {
     err.get_ref().is_some_and(|inner| inner.is::<NeedsCopy>())
 }
 
-/// The length of a whole number of sectors as a `u32` (a request's bytes), for RegBuf::new.
-pub fn reg_len(sectors: SectorCount) -> Option<u32> {
-    u32::try_from(sectors.0.checked_mul(SECTOR_BYTES)?).ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -288,12 +283,5 @@ mod tests {
             libc::EOPNOTSUPP
         )));
         assert!(!is_needs_copy(&io::Error::other("x")));
-    }
-
-    #[test]
-    fn request_lengths_fit_or_are_refused() {
-        assert_eq!(reg_len(SectorCount(1024)), Some(512 << 10));
-        assert_eq!(reg_len(SectorCount(u64::MAX)), None);
-        assert_eq!(reg_len(SectorCount(1 << 23)), None, "4 GiB is past u32");
     }
 }

@@ -40,7 +40,7 @@ use std::sync::Arc;
 pub use buf::{AlignedBuf, BUF_ALIGN};
 #[cfg(feature = "sim")]
 pub use faulty::{FaultConfig, FaultyDevice, OpKind};
-pub use iobuf::{is_needs_copy, needs_copy, reg_len, IoBuf, NeedsCopy, RegBuf, RegLease, WriteBuf};
+pub use iobuf::{is_needs_copy, needs_copy, IoBuf, NeedsCopy, RegBuf, RegLease, WriteBuf};
 #[cfg(feature = "sim")]
 pub use mem::MemDevice;
 pub use uring::{

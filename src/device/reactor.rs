@@ -67,8 +67,8 @@ impl RingId {
         RingId(NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
     }
 
-    /// A fixed identity for tests that build buffers without a ring (0 is never handed out
-    /// by [`RingId::fresh`] below 2^63, so tests use small numbers only with each other).
+    /// An identity for tests that make buffers without a ring: the top bit is set, which
+    /// [`RingId::fresh`] never reaches, so it names no real ring.
     #[cfg(test)]
     pub fn for_test(n: u64) -> RingId {
         RingId(n | 1 << 63)
