@@ -26,6 +26,14 @@ pub trait Target: BlockDevice {
     /// The target's state for `ublkdm status`: a JSON object.
     fn status(&self) -> serde_json::Value;
 
+    /// Whether the target never needs a request's data in memory of ours: it passes
+    /// registered buffers on ([`BlockDevice::read_buf`] / `write_buf`), so its device is
+    /// created in zero copy where the kernel offers it (a request it cannot serve so falls
+    /// back to copy mode alone). Copy mode by default.
+    fn zero_copy(&self) -> bool {
+        false
+    }
+
     /// A target command such as `fail-leg` with its arguments; the reply is a JSON value.
     fn command(&self, name: &str, _args: &serde_json::Value) -> Result<serde_json::Value> {
         Err(Error::new(

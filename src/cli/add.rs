@@ -11,6 +11,7 @@ pub(super) fn add(registry: &Registry, spec: TargetSpec, options: AddOptions) ->
         queues: options.queues,
         depth: options.depth,
         io_buf_bytes: ublk::IO_BUF_BYTES,
+        copy: options.copy,
     };
     config.validate()?;
     ublk::require_driver()?;

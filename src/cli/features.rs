@@ -51,12 +51,20 @@ fn feature_lines(features: &Features, kernel: &str) -> Vec<String> {
             bits.join(", ")
         ));
     }
-    let flags = ublk::device_flags(Some(features));
+    let flags = ublk::device_flags(Some(features), false);
     lines.push(format!(
         "new devices ask for: {}; data path: {}",
         Features::names(flags).join(", "),
         ublk::data_path(flags)
     ));
+    if features.offers_zero_copy() {
+        let flags = ublk::device_flags(Some(features), true);
+        lines.push(format!(
+            "linear devices (unless --copy) ask for: {}; data path: {}",
+            Features::names(flags).join(", "),
+            ublk::data_path(flags)
+        ));
+    }
     lines
 }
 
@@ -80,6 +88,23 @@ mod tests {
         assert_eq!(
             lines.last().unwrap(),
             "new devices ask for: USER_RECOVERY, USER_COPY; data path: copy"
+        );
+    }
+
+    #[test]
+    fn a_driver_with_zero_copy_adds_the_line_of_linear_devices() {
+        let lines = feature_lines(&Features::from_mask(0x1f_ffff), "7.3.4");
+        assert_eq!(lines.len(), 2 + ublk::FEATURES.len() + 3);
+        let auto = lines.iter().find(|l| l.contains(" AUTO_BUF_REG ")).unwrap();
+        assert!(auto.contains(" yes     yes "), "{auto}");
+        assert_eq!(
+            lines[lines.len() - 2],
+            "new devices ask for: USER_RECOVERY, USER_COPY; data path: copy"
+        );
+        assert_eq!(
+            lines.last().unwrap(),
+            "linear devices (unless --copy) ask for: SUPPORT_ZERO_COPY, USER_RECOVERY, \
+             USER_COPY, AUTO_BUF_REG; data path: zero-copy"
         );
     }
 }

@@ -122,6 +122,9 @@ pub struct AddOptions {
     /// Stay attached and log to stderr.
     #[arg(long)]
     pub foreground: bool,
+    /// Serve in copy mode even where zero copy is possible (a linear device on Linux 6.16+).
+    #[arg(long)]
+    pub copy: bool,
 }
 
 /// Accepts `N`, `ublkbN` and `/dev/ublkbN`.

@@ -296,6 +296,7 @@ impl Daemon {
                 queues: info.queues,
                 depth: info.depth,
                 io_buf_bytes: info.max_io_bytes,
+                copy: !matches!(info.data_path, ublk::DataPath::ZeroCopy),
             },
             Err(_) => DeviceConfig::default(),
         });

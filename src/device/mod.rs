@@ -1,7 +1,9 @@
 //! Block devices: the core's only route to storage.
 //!
 //! [`BlockDevice`] is an asynchronous interface (read, write with optional FUA, flush, discard,
-//! write-zeroes) over owned buffers. Implementations:
+//! write-zeroes) over owned buffers, and, through `read_buf`/`write_buf`, over [`IoBuf`]s:
+//! owned memory or a kernel buffer registered on the calling thread's ring (zero copy; see
+//! `iobuf`). Implementations:
 //! - [`UringDevice`]: a real block device or regular file, `O_DIRECT`, through io_uring on the
 //!   calling thread's ring (see [`reactor`]);
 //! - `MemDevice`: memory, with a volatile write cache that a simulated crash can lose or tear;
@@ -21,6 +23,7 @@
 mod buf;
 #[cfg(feature = "sim")]
 mod faulty;
+mod iobuf;
 #[cfg(feature = "sim")]
 mod mem;
 pub mod probe;
@@ -37,6 +40,7 @@ use std::sync::Arc;
 pub use buf::{AlignedBuf, BUF_ALIGN};
 #[cfg(feature = "sim")]
 pub use faulty::{FaultConfig, FaultyDevice, OpKind};
+pub use iobuf::{is_needs_copy, needs_copy, IoBuf, NeedsCopy, RegBuf, RegLease, WriteBuf};
 #[cfg(feature = "sim")]
 pub use mem::MemDevice;
 pub use uring::{
@@ -51,6 +55,9 @@ pub type IoFuture<T> = Pin<Box<dyn Future<Output = T> + 'static>>;
 
 /// The result of a read: the outcome and the buffer, filled on success.
 pub type ReadDone = (io::Result<()>, AlignedBuf);
+
+/// The result of [`BlockDevice::read_buf`]: the outcome and the buffer.
+pub type IoReadDone = (io::Result<()>, IoBuf);
 
 /// What a device is and can do, read from the kernel (or set by a test device).
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -117,6 +124,37 @@ pub trait BlockDevice: Send + Sync + 'static {
         buf: Arc<AlignedBuf>,
         flags: WriteFlags,
     ) -> IoFuture<io::Result<()>>;
+
+    /// Reads `buf.len()` bytes at `offset` into an owned or a registered buffer (see
+    /// [`IoBuf`]). By default owned memory goes to [`BlockDevice::read`] and a registered
+    /// buffer is refused with [`needs_copy`], before any I/O: a device that can read into a
+    /// registered buffer, or pass one on, says so by overriding this.
+    fn read_buf(&self, offset: Sector, buf: IoBuf) -> IoFuture<IoReadDone> {
+        match buf {
+            IoBuf::Owned(owned) => {
+                let read = self.read(offset, owned);
+                Box::pin(async move {
+                    let (res, owned) = read.await;
+                    (res, IoBuf::Owned(owned))
+                })
+            }
+            reg @ IoBuf::Registered(_) => Box::pin(std::future::ready((Err(needs_copy()), reg))),
+        }
+    }
+
+    /// Writes an owned or a registered buffer at `offset`; the default is as for
+    /// [`BlockDevice::read_buf`].
+    fn write_buf(
+        &self,
+        offset: Sector,
+        buf: WriteBuf,
+        flags: WriteFlags,
+    ) -> IoFuture<io::Result<()>> {
+        match buf {
+            IoBuf::Owned(owned) => self.write(offset, owned, flags),
+            IoBuf::Registered(_) => Box::pin(std::future::ready(Err(needs_copy()))),
+        }
+    }
 
     /// Makes every completed write durable.
     fn flush(&self) -> IoFuture<io::Result<()>>;

@@ -50,6 +50,34 @@ pub trait RingDriver {
     /// Queues `sqe` (the driver owns its `user_data`) and returns its result's future. The
     /// caller guarantees that memory the SQE points at outlives the CQE (see [`submit_owned`]).
     fn submit(&self, sqe: squeue::Entry) -> SqeFuture;
+
+    /// Which ring this is: a fixed buffer registered on it is usable only by its SQEs.
+    fn id(&self) -> RingId;
+}
+
+/// A ring's identity in this process: fixed buffers name the ring they are registered on
+/// (see `device::RegBuf`). Never reused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct RingId(u64);
+
+impl RingId {
+    /// A new identity, distinct from every other in this process.
+    pub fn fresh() -> RingId {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        RingId(NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// An identity for tests that make buffers without a ring: the top bit is set, which
+    /// [`RingId::fresh`] never reaches, so it names no real ring.
+    #[cfg(test)]
+    pub fn for_test(n: u64) -> RingId {
+        RingId(n | 1 << 63)
+    }
+}
+
+/// The identity of this thread's ring, if it has one.
+pub fn current_ring_id() -> Option<RingId> {
+    DRIVER.with(|d| d.borrow().as_ref().map(|driver| driver.id()))
 }
 
 thread_local! {
@@ -340,6 +368,7 @@ pub const ENTER_RETRIES_MAX: u32 = 1024;
 
 /// A thread-owned io_uring with a slab of waiting futures.
 pub struct LocalRing {
+    id: RingId,
     ring: RefCell<IoUring>,
     slots: RefCell<Slab<Slot>>,
     in_flight: Cell<usize>,
@@ -367,6 +396,7 @@ impl LocalRing {
             .setup_cqsize(size.cq_entries)
             .build(size.sq_entries)?;
         Ok(Rc::new(LocalRing {
+            id: RingId::fresh(),
             ring: RefCell::new(ring),
             slots: RefCell::new(Slab::new()),
             in_flight: Cell::new(0),
@@ -463,6 +493,10 @@ impl RingDriver for Rc<LocalRing> {
             ring: Rc::clone(self),
             key,
         })
+    }
+
+    fn id(&self) -> RingId {
+        self.id
     }
 }
 
@@ -567,6 +601,15 @@ where
 {
     let ring = LocalRing::with_size(size)
         .map_err(|e| Error::with_source(ErrorKind::Unsupported, "cannot create an io_uring", e))?;
+    block_on_ring(ring, future)
+}
+
+/// [`try_block_on`] on a ring made already.
+fn block_on_ring<F>(ring: Rc<LocalRing>, future: F) -> Result<F::Output>
+where
+    F: Future + 'static,
+    F::Output: 'static,
+{
     let notifier = Notifier::new().map_err(|e| Error::io("cannot create an eventfd", e))?;
     let _driver = install_driver(Rc::new(Rc::clone(&ring)));
     let executor = Executor::new(Some(notifier.clone()));
@@ -591,6 +634,54 @@ where
         Poll::Ready(value) => Ok(value),
         Poll::Pending => unreachable!("finished task is pending"),
     }
+}
+
+/// [`block_on`] with `bufs` registered as the ring's fixed buffers 0, 1, ...: `make` gets a
+/// [`RegBuf`] of each, whole, and its future runs on that ring. Returns the output and the
+/// buffers (unregistered again). For tests of fixed-buffer I/O without a ublk device: the
+/// registration of user memory stands in for the kernel's registration of a request's pages.
+#[cfg(feature = "sim")]
+pub fn block_on_registered<M, F>(
+    mut bufs: Vec<crate::device::AlignedBuf>,
+    make: M,
+) -> (F::Output, Vec<crate::device::AlignedBuf>)
+where
+    M: FnOnce(Vec<crate::device::RegBuf>) -> F,
+    F: Future + 'static,
+    F::Output: 'static,
+{
+    use crate::device::{RegBuf, RegLease};
+    let ring = LocalRing::new().expect("an io_uring");
+    let iovecs: Vec<libc::iovec> = bufs
+        .iter_mut()
+        .map(|b| libc::iovec {
+            iov_base: b.as_mut_ptr().cast(),
+            iov_len: b.capacity(),
+        })
+        .collect();
+    // SAFETY: every iovec points into a buffer of `bufs`, which this function owns (their heap
+    // allocations do not move) and unregisters before it hands them back.
+    unsafe { ring.ring.borrow().submitter().register_buffers(&iovecs) }
+        .expect("register fixed buffers");
+    let lease = RegLease::new();
+    let regs = iovecs
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let index = u16::try_from(i).expect("a few buffers");
+            let len = u32::try_from(v.iov_len).expect("a test buffer");
+            RegBuf::new(ring.id, index, v.iov_base as u64, len, &lease)
+        })
+        .collect();
+    let future = make(regs);
+    let output = block_on_ring(Rc::clone(&ring), future).expect("the ring runs");
+    lease.end();
+    ring.ring
+        .borrow()
+        .submitter()
+        .unregister_buffers()
+        .expect("unregister fixed buffers");
+    (output, bufs)
 }
 
 /// Runs `executor`'s tasks, waiting on `ring` whenever none is ready, until `done()`.

@@ -2,8 +2,8 @@
 //! decoded into named features, what ublkdm uses of them, and the data path of a device.
 //!
 //! Features are detected, never assumed: [`detect`] asks the driver, [`device_flags`] picks a
-//! new device's `UBLK_F_*` flags from what it answered, and [`data_path`] reads what a device
-//! was granted. The decoding is a pure function of the mask ([`Features::rows`]), so it is
+//! new device's `UBLK_F_*` flags from what it answered (zero copy for a device whose target
+//! never needs the data, where offered), and [`data_path`] reads what a device was granted. The decoding is a pure function of the mask ([`Features::rows`]), so it is
 //! tested without a driver.
 //!
 //! Invariants:
@@ -11,7 +11,7 @@
 //! - a bit the table does not name is kept as unknown ([`Features::unknown_bits`]), never
 //!   dropped: a newer kernel's features still show;
 //! - a device always asks for `USER_RECOVERY` (serving refuses a device without it) and asks
-//!   for any other flag only when the driver offered it.
+//!   for any other flag only when the driver offered it; the zero-copy flags only together.
 
 use libublk::ctrl::UblkCtrl;
 use libublk::{sys, UblkFlags};
@@ -25,15 +25,28 @@ pub struct FeatureInfo {
     pub bit: u8,
     pub name: &'static str,
     pub since: &'static str,
-    pub used: bool,
+    pub used: Use,
     pub about: &'static str,
 }
+
+/// Which devices ask for a feature the driver offers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Use {
+    Never,
+    /// Every device.
+    Always,
+    /// Zero-copy devices: a target that never needs the data (`Target::zero_copy`), not
+    /// added with `--copy`, on a driver that offers both zero-copy bits.
+    ZeroCopy,
+}
+
+use Use::{Always, Never, ZeroCopy};
 
 const fn feature(
     bit: u8,
     name: &'static str,
     since: &'static str,
-    used: bool,
+    used: Use,
     about: &'static str,
 ) -> FeatureInfo {
     FeatureInfo {
@@ -47,29 +60,29 @@ const fn feature(
 
 /// Every feature bit ublkdm knows, in bit order. `since` is the first mainline kernel whose
 /// driver offers the bit (zero copy's flag is older, but 6.12 does not offer it: it works from
-/// 6.15). `used`: ublkdm asks for it on every device whenever the driver offers it.
+/// 6.15). `used`: which devices ask for it whenever the driver offers it ([`Use`]).
 #[rustfmt::skip]
 pub const FEATURES: [FeatureInfo; 20] = [
-    feature(0, "SUPPORT_ZERO_COPY", "6.15", false, "zero copy by explicit buffer registration"),
-    feature(1, "URING_CMD_COMP_IN_TASK", "6.0", false, "commands completed in task context (the kernel sets it)"),
-    feature(2, "NEED_GET_DATA", "6.0", false, "write data fetched by a second command (legacy)"),
-    feature(3, "USER_RECOVERY", "6.1", true, "a dead daemon leaves the device QUIESCED for 'ublkdm recover'"),
-    feature(4, "USER_RECOVERY_REISSUE", "6.1", false, "requests in flight at a crash are sent again"),
-    feature(5, "UNPRIVILEGED_DEV", "6.2", false, "devices created by unprivileged users"),
-    feature(6, "CMD_IOCTL_ENCODE", "6.4", false, "ioctl-encoded command opcodes (the kernel sets it)"),
-    feature(7, "USER_COPY", "6.5", true, "request data read and written with pread/pwrite on /dev/ublkcN"),
-    feature(8, "ZONED", "6.6", false, "zoned block devices"),
-    feature(9, "USER_RECOVERY_FAIL_IO", "6.13", false, "I/O fails at once while the daemon is away"),
-    feature(10, "UPDATE_SIZE", "6.16", false, "online resize of a live device"),
-    feature(11, "AUTO_BUF_REG", "6.16", false, "zero copy with automatic buffer registration"),
-    feature(12, "QUIESCE", "6.16", false, "quiesce a live device (daemon upgrade)"),
-    feature(13, "PER_IO_DAEMON", "6.16", false, "several threads serve one queue"),
-    feature(14, "BUF_REG_OFF_DAEMON", "6.16", false, "buffers registered from any thread"),
-    feature(15, "BATCH_IO", "7.0", false, "requests fetched and committed in batches"),
-    feature(16, "INTEGRITY", "7.0", false, "block integrity metadata"),
-    feature(17, "SAFE_STOP_DEV", "7.0", false, "stop refused while the device is open"),
-    feature(18, "NO_AUTO_PART_SCAN", "7.0", false, "no partition scan when the device starts"),
-    feature(19, "SHMEM_ZC", "7.1", false, "zero copy through registered shared memory"),
+    feature(0, "SUPPORT_ZERO_COPY", "6.15", ZeroCopy, "zero copy (linear devices, with AUTO_BUF_REG)"),
+    feature(1, "URING_CMD_COMP_IN_TASK", "6.0", Never, "commands completed in task context (the kernel sets it)"),
+    feature(2, "NEED_GET_DATA", "6.0", Never, "write data fetched by a second command (legacy)"),
+    feature(3, "USER_RECOVERY", "6.1", Always, "a dead daemon leaves the device QUIESCED for 'ublkdm recover'"),
+    feature(4, "USER_RECOVERY_REISSUE", "6.1", Never, "requests in flight at a crash are sent again"),
+    feature(5, "UNPRIVILEGED_DEV", "6.2", Never, "devices created by unprivileged users"),
+    feature(6, "CMD_IOCTL_ENCODE", "6.4", Never, "ioctl-encoded command opcodes (the kernel sets it)"),
+    feature(7, "USER_COPY", "6.5", Always, "request data read and written with pread/pwrite on /dev/ublkcN"),
+    feature(8, "ZONED", "6.6", Never, "zoned block devices"),
+    feature(9, "USER_RECOVERY_FAIL_IO", "6.13", Never, "I/O fails at once while the daemon is away"),
+    feature(10, "UPDATE_SIZE", "6.16", Never, "online resize of a live device"),
+    feature(11, "AUTO_BUF_REG", "6.16", ZeroCopy, "zero copy by automatic buffer registration (linear devices)"),
+    feature(12, "QUIESCE", "6.16", Never, "quiesce a live device (daemon upgrade)"),
+    feature(13, "PER_IO_DAEMON", "6.16", Never, "several threads serve one queue"),
+    feature(14, "BUF_REG_OFF_DAEMON", "6.16", Never, "buffers registered from any thread"),
+    feature(15, "BATCH_IO", "7.0", Never, "requests fetched and committed in batches"),
+    feature(16, "INTEGRITY", "7.0", Never, "block integrity metadata"),
+    feature(17, "SAFE_STOP_DEV", "7.0", Never, "stop refused while the device is open"),
+    feature(18, "NO_AUTO_PART_SCAN", "7.0", Never, "no partition scan when the device starts"),
+    feature(19, "SHMEM_ZC", "7.1", Never, "zero copy through registered shared memory"),
 ];
 
 /// How a device's request data moves between the kernel and the daemon.
@@ -120,13 +133,20 @@ pub fn data_path_text(flags: u64) -> String {
     }
 }
 
+/// The flags of zero copy: libublk's automatic buffer registration needs both.
+pub const ZERO_COPY_FLAGS: u64 =
+    sys::UBLK_F_SUPPORT_ZERO_COPY as u64 | sys::UBLK_F_AUTO_BUF_REG as u64;
+
 /// The flags a new device asks for, given the driver's features (`None`: a driver without
-/// GET_FEATURES, before Linux 6.5, which has no user copy either).
-pub fn device_flags(features: Option<&Features>) -> u64 {
+/// GET_FEATURES, before Linux 6.5, which has no user copy either); `zero_copy`: whether the
+/// device would serve in zero copy, which it does when the driver offers it. A zero-copy
+/// device keeps user copy (when offered) for the requests that fall back to copy mode.
+pub fn device_flags(features: Option<&Features>, zero_copy: bool) -> u64 {
     let recovery = u64::from(sys::UBLK_F_USER_RECOVERY);
+    let zero_copy = zero_copy && features.is_some_and(Features::offers_zero_copy);
     let optional = FEATURES
         .iter()
-        .filter(|f| f.used)
+        .filter(|f| f.used == Always || (zero_copy && f.used == ZeroCopy))
         .map(|f| 1u64 << f.bit)
         .filter(|&flag| features.is_some_and(|f| f.offers(flag)))
         .fold(0, |acc, flag| acc | flag);
@@ -162,16 +182,26 @@ impl Features {
         self.mask & flag == flag
     }
 
+    /// Whether zero copy by automatic buffer registration is offered (Linux 6.16+).
+    pub fn offers_zero_copy(&self) -> bool {
+        self.offers(ZERO_COPY_FLAGS)
+    }
+
     /// Every known feature, offered or not, in bit order.
     pub fn rows(&self) -> Vec<FeatureRow> {
         FEATURES
             .iter()
             .map(|&info| {
                 let offered = self.offers(1u64 << info.bit);
+                let used = match info.used {
+                    Never => false,
+                    Always => true,
+                    ZeroCopy => self.offers_zero_copy(),
+                };
                 FeatureRow {
                     info,
                     offered,
-                    used: offered && info.used,
+                    used: offered && used,
                 }
             })
             .collect()
@@ -195,7 +225,8 @@ impl Features {
     }
 
     /// `ublkdm features --json`: the kernel, the mask, every known feature, the unknown bits,
-    /// what a new device asks for and its data path.
+    /// what a new device asks for and its data path, in copy mode and where zero copy is
+    /// wanted (a linear device).
     pub fn to_json(&self, kernel: &str) -> serde_json::Value {
         let rows: Vec<_> = self
             .rows()
@@ -211,7 +242,8 @@ impl Features {
                 })
             })
             .collect();
-        let flags = device_flags(Some(self));
+        let flags = device_flags(Some(self), false);
+        let zc_flags = device_flags(Some(self), true);
         serde_json::json!({
             "kernel": kernel,
             "get_features": true,
@@ -221,6 +253,8 @@ impl Features {
             "unknown_bits": self.unknown_bits(),
             "device_flags": Features::names(flags),
             "data_path": data_path(flags),
+            "zero_copy_device_flags": Features::names(zc_flags),
+            "zero_copy_data_path": data_path(zc_flags),
         })
     }
 }
@@ -330,7 +364,25 @@ mod tests {
             .filter(|r| r.used)
             .map(|r| r.info.name)
             .collect();
+        assert_eq!(
+            used,
+            [
+                "SUPPORT_ZERO_COPY",
+                "USER_RECOVERY",
+                "USER_COPY",
+                "AUTO_BUF_REG"
+            ]
+        );
+        let rows = Features::from_mask(MASK_6_12).rows();
+        let used: Vec<_> = rows
+            .iter()
+            .filter(|r| r.used)
+            .map(|r| r.info.name)
+            .collect();
         assert_eq!(used, ["USER_RECOVERY", "USER_COPY"]);
+        // One zero-copy bit alone is not zero copy.
+        let half = Features::from_mask(MASK_6_12 | u64::from(sys::UBLK_F_SUPPORT_ZERO_COPY));
+        assert!(!half.rows()[0].used);
         let none = Features::from_mask(0).rows();
         assert_eq!(none.len(), FEATURES.len());
         assert!(none.iter().all(|r| !r.offered && !r.used));
@@ -347,13 +399,26 @@ mod tests {
     fn a_device_asks_for_recovery_always_and_user_copy_only_when_offered() {
         let recovery = u64::from(sys::UBLK_F_USER_RECOVERY);
         let user_copy = u64::from(sys::UBLK_F_USER_COPY);
-        assert_eq!(device_flags(None), recovery);
-        assert_eq!(device_flags(Some(&Features::from_mask(0))), recovery);
+        assert_eq!(device_flags(None, false), recovery);
+        assert_eq!(device_flags(None, true), recovery);
+        assert_eq!(device_flags(Some(&Features::from_mask(0)), true), recovery);
         let f = Features::from_mask(MASK_6_12);
-        assert_eq!(device_flags(Some(&f)), recovery | user_copy);
-        // Zero copy and resize are not used yet, even where offered.
+        assert_eq!(device_flags(Some(&f), false), recovery | user_copy);
+        assert_eq!(
+            device_flags(Some(&f), true),
+            recovery | user_copy,
+            "not offered"
+        );
+        // Resize is not used yet, even where offered; zero copy only where wanted.
         let f = Features::from_mask(MASK_7_3);
-        assert_eq!(device_flags(Some(&f)), recovery | user_copy);
+        assert_eq!(device_flags(Some(&f), false), recovery | user_copy);
+        assert_eq!(
+            device_flags(Some(&f), true),
+            recovery | user_copy | ZERO_COPY_FLAGS
+        );
+        assert_eq!(data_path(device_flags(Some(&f), true)), DataPath::ZeroCopy);
+        let half = Features::from_mask(MASK_6_12 | u64::from(sys::UBLK_F_AUTO_BUF_REG));
+        assert_eq!(device_flags(Some(&half), true), recovery | user_copy);
     }
 
     #[test]
@@ -384,5 +449,18 @@ mod tests {
             serde_json::json!(["USER_RECOVERY", "USER_COPY"])
         );
         assert_eq!(json["data_path"], "copy");
+        assert_eq!(json["zero_copy_data_path"], "copy", "not offered by 6.12");
+        let json = Features::from_mask(MASK_7_3).to_json("7.3.4");
+        assert_eq!(json["data_path"], "copy");
+        assert_eq!(json["zero_copy_data_path"], "zero-copy");
+        assert_eq!(
+            json["zero_copy_device_flags"],
+            serde_json::json!([
+                "SUPPORT_ZERO_COPY",
+                "USER_RECOVERY",
+                "USER_COPY",
+                "AUTO_BUF_REG"
+            ])
+        );
     }
 }

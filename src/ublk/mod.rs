@@ -14,8 +14,9 @@
 //! (its ring: about `depth x 4` SQEs) besides the thread that serves it.
 //!
 //! Features are detected, never assumed ([`features`]): a new device asks for the flags the
-//! driver reported in GET_FEATURES that ublkdm uses, and its data path ([`DataPath`], copy
-//! today) is read from the flags the driver granted.
+//! driver reported in GET_FEATURES that ublkdm uses (zero copy for a target that never needs
+//! the data, `Target::zero_copy`, unless `--copy`), and its data path ([`DataPath`]) is read
+//! from the flags the driver granted, also after a recovery (the kernel keeps them).
 //!
 //! Invariants:
 //! - every device is created with `UBLK_F_USER_RECOVERY`, and serving fails if the kernel did
@@ -34,7 +35,7 @@ mod queue;
 
 pub use features::{
     data_path, data_path_text, detect as detect_features, device_flags, kernel_release, DataPath,
-    FeatureInfo, FeatureRow, Features, FEATURES,
+    FeatureInfo, FeatureRow, Features, Use, FEATURES, ZERO_COPY_FLAGS,
 };
 pub use pool::{BufferPool, PoolStats};
 
@@ -98,6 +99,8 @@ pub struct DeviceConfig {
     pub queues: u16,
     pub depth: u16,
     pub io_buf_bytes: u32,
+    /// Copy mode even where the target and the driver could serve in zero copy (`--copy`).
+    pub copy: bool,
 }
 
 impl Default for DeviceConfig {
@@ -106,6 +109,7 @@ impl Default for DeviceConfig {
             queues: DEFAULT_QUEUES,
             depth: DEFAULT_DEPTH,
             io_buf_bytes: IO_BUF_BYTES,
+            copy: false,
         }
     }
 }
@@ -209,6 +213,8 @@ pub struct Stats {
     write_zeroes: AtomicU64,
     other: AtomicU64,
     errors: AtomicU64,
+    /// Zero-copy requests served in copy mode after all (see `queue::ZeroCopy`).
+    zero_copy_fallbacks: AtomicU64,
     io_flusher: Vec<AtomicBool>,
 }
 
@@ -222,6 +228,7 @@ impl Stats {
             write_zeroes: AtomicU64::new(0),
             other: AtomicU64::new(0),
             errors: AtomicU64::new(0),
+            zero_copy_fallbacks: AtomicU64::new(0),
             io_flusher: (0..queues).map(|_| AtomicBool::new(false)).collect(),
         }
     }
@@ -239,6 +246,15 @@ impl Stats {
         if res < 0 {
             self.errors.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    fn record_fallback(&self) {
+        self.zero_copy_fallbacks.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Zero-copy requests served in copy mode so far.
+    pub fn zero_copy_fallbacks(&self) -> u64 {
+        self.zero_copy_fallbacks.load(Ordering::Relaxed)
     }
 
     fn set_io_flusher(&self, qid: u16, on: bool) {
@@ -261,6 +277,7 @@ impl Stats {
             "write_zeroes": get(&self.write_zeroes),
             "other": get(&self.other),
             "errors": get(&self.errors),
+            "zero_copy_fallbacks": get(&self.zero_copy_fallbacks),
             "io_flusher": self.io_flusher.iter().map(|f| f.load(Ordering::Relaxed)).collect::<Vec<_>>(),
         })
     }
@@ -354,7 +371,7 @@ pub fn serve(
         check_pool(pool, config.io_buf_bytes)?;
     }
     let ctrl = Arc::new(match start {
-        Start::Add(config) => add_ctrl(config, target.kind())?,
+        Start::Add(config) => add_ctrl(config, target.kind(), target.zero_copy())?,
         Start::Recover(id) => recover_ctrl(id, &*target)?,
     });
     let info = ctrl.dev_info();
@@ -504,10 +521,17 @@ fn check_pool(pool: &BufferPool, io_buf_bytes: u32) -> Result<()> {
     }
 }
 
-/// Where the device's request data goes: the pool when the kernel granted user copy.
+/// Where the device's request data goes: its own pages when the kernel granted automatic
+/// buffer registration (zero copy), else the pool when it granted user copy.
 fn buffers_for(ctrl: &UblkCtrl, pool: &Arc<BufferPool>) -> Buffers {
     let info = ctrl.dev_info();
-    if info.flags & u64::from(sys::UBLK_F_USER_COPY) != 0 {
+    let user_copy = info.flags & u64::from(sys::UBLK_F_USER_COPY) != 0;
+    if info.flags & u64::from(sys::UBLK_F_AUTO_BUF_REG) != 0 {
+        return Buffers::Registered {
+            fallback: user_copy.then(|| Arc::clone(pool)),
+        };
+    }
+    if user_copy {
         return Buffers::Leased(Arc::clone(pool));
     }
     log::warn!(
@@ -518,10 +542,11 @@ fn buffers_for(ctrl: &UblkCtrl, pool: &Arc<BufferPool>) -> Buffers {
     Buffers::PerTag
 }
 
-fn add_ctrl(config: DeviceConfig, kind: &str) -> Result<UblkCtrl> {
+/// ADD_DEV for a target of `kind`; `zero_copy`: the target never needs the data.
+fn add_ctrl(config: DeviceConfig, kind: &str, zero_copy: bool) -> Result<UblkCtrl> {
     config.validate()?;
     let features = features::query_here()?;
-    let flags = device_flags(features.as_ref());
+    let flags = device_flags(features.as_ref(), zero_copy && !config.copy);
     match features {
         Some(f) => log::info!(
             "ublk driver features {:#x} ({}); asking for {}",

@@ -15,6 +15,14 @@
 //!   before it commits, so an idle tag holds no memory;
 //! - without it, the tag owns one mapped buffer of `max_io_buf_bytes` for its whole life, whose
 //!   address FETCH hands to the kernel (its pages are resident once the kernel has used them).
+//! - with `UBLK_F_AUTO_BUF_REG` (zero copy, Linux 6.16+) the kernel registers the request's own
+//!   pages as this ring's fixed buffer at index = tag before it hands the request over (FETCH
+//!   and COMMIT pass `BufDesc::AutoReg`), and unregisters them at COMMIT: the task gives the
+//!   target a `RegBuf` of the request's bytes under a lease it ends before COMMIT, and the
+//!   target's backing I/O (awaited in the task, so on this ring) uses it with fixed-buffer
+//!   reads and writes. A request the target cannot serve so (`NeedsCopy`), or whose memory
+//!   the backing device refused (`EINVAL`), is served again in copy mode by user copy and
+//!   counted in `zero_copy_fallbacks`.
 //!
 //! **Every fetched request is committed exactly once**, with the byte count or `-errno`: an
 //! uncommitted request would block STOP/DEL in the kernel for good. The request path therefore
@@ -38,8 +46,8 @@ use libublk::{sys, BufDesc, UblkError, UblkUringData};
 
 use super::pool::BufferPool;
 use super::Stats;
-use crate::device::reactor::{self, Executor, Notifier, RingDriver, SqeFuture};
-use crate::device::{AlignedBuf, WriteFlags};
+use crate::device::reactor::{self, Executor, Notifier, RingDriver, RingId, SqeFuture};
+use crate::device::{is_needs_copy, AlignedBuf, IoBuf, RegBuf, RegLease, WriteFlags};
 use crate::target::Target;
 use crate::units::{Extent, Sector, SectorCount, SECTOR_SHIFT};
 
@@ -66,6 +74,10 @@ pub(super) enum Buffers {
     Leased(Arc<BufferPool>),
     /// One buffer per tag, given to the kernel at FETCH.
     PerTag,
+    /// `UBLK_F_AUTO_BUF_REG` (zero copy): the request's own pages, registered on the queue
+    /// ring at index = tag; `fallback` (user copy, when granted too) serves the requests that
+    /// need their data in our memory.
+    Registered { fallback: Option<Arc<BufferPool>> },
 }
 
 /// The body of a queue thread: serves queue `qid` until the kernel aborts it.
@@ -95,7 +107,8 @@ fn run_queue(qid: u16, dev: &UblkDev, shared: &QueueShared) -> Result<(), String
     let dev: &'static UblkDev = unsafe { &*(dev as *const UblkDev) };
     let queue =
         Rc::new(UblkQueue::new(qid, dev).map_err(|e| format!("cannot set up the queue: {e}"))?);
-    let _driver = reactor::install_driver(Rc::new(QueueRing));
+    let ring = RingId::fresh();
+    let _driver = reactor::install_driver(Rc::new(QueueRing(ring)));
     let notifier = Notifier::new().map_err(|e| format!("cannot create an eventfd: {e}"))?;
     let exec = Executor::new(Some(notifier.clone()));
     let _current = exec.enter();
@@ -111,6 +124,18 @@ fn run_queue(qid: u16, dev: &UblkDev, shared: &QueueShared) -> Result<(), String
                     max_bytes: shared.io_buf_bytes,
                 }),
                 Buffers::PerTag => TagData::Own(Some(AlignedBuf::new_mapped(shared.io_buf_bytes))),
+                Buffers::Registered { fallback } => TagData::Registered(ZeroCopy {
+                    ring,
+                    tag,
+                    max_bytes: shared.io_buf_bytes,
+                    fallback: fallback.as_ref().map(|pool| UserCopy {
+                        pool: Arc::clone(pool),
+                        cdev: dev.tgt.fds[0],
+                        qid,
+                        tag,
+                        max_bytes: shared.io_buf_bytes,
+                    }),
+                }),
             };
             let task = serve_tag(
                 Rc::clone(&queue),
@@ -190,10 +215,14 @@ fn teardown(exec: &Executor, tags: Vec<async_task::Task<()>>, notifier_task: asy
     exec.run_ready();
 }
 
-/// The queue's ring as the thread's device ring.
-struct QueueRing;
+/// The queue's ring as the thread's device ring, and its identity.
+struct QueueRing(RingId);
 
 impl RingDriver for QueueRing {
+    fn id(&self) -> RingId {
+        self.0
+    }
+
     fn submit(&self, sqe: squeue::Entry) -> SqeFuture {
         Box::pin(async move {
             // Only the Target bit: libublk puts its slab key in the other bits and routes the
@@ -221,17 +250,19 @@ async fn serve_tag(
     let fetch = match &data {
         TagData::Own(buf) => BufDesc::RawAddress(buf.as_ref().expect("owned").as_ptr()),
         TagData::Leased(_) => BufDesc::Slice(&[]),
+        TagData::Registered(_) => auto_reg(tag),
     };
     if let Err(err) = queue.submit_io_prep_cmd(tag, fetch, 0, None).await {
         return tag_ended(&queue, tag, err);
     }
     loop {
         let request = Request::from_iod(queue.get_iod(tag));
-        let res = data.serve(&*target, request).await;
+        let res = data.serve(&*target, request, &stats).await;
         stats.record(request.op, res);
         let commit = match &data {
             TagData::Own(buf) => BufDesc::Slice(buf.as_ref().expect("owned").as_slice()),
             TagData::Leased(_) => BufDesc::Slice(&[]),
+            TagData::Registered(_) => auto_reg(tag),
         };
         if let Err(err) = queue.submit_io_commit_cmd(tag, commit, res).await {
             return tag_ended(&queue, tag, err);
@@ -239,16 +270,27 @@ async fn serve_tag(
     }
 }
 
+/// What FETCH and COMMIT pass with zero copy: register the request's pages at index = tag
+/// on this ring. No `UBLK_AUTO_BUF_REG_FALLBACK`: the index is ours alone, and a registration
+/// that fails anyway fails the request in the kernel.
+fn auto_reg(tag: u16) -> BufDesc<'static> {
+    BufDesc::AutoReg(sys::ublk_auto_buf_reg {
+        index: tag,
+        ..Default::default()
+    })
+}
+
 /// A tag's request data (see [`Buffers`]).
 enum TagData {
     /// The tag's own buffer; `None` only while a request has it.
     Own(Option<AlignedBuf>),
     Leased(UserCopy),
+    Registered(ZeroCopy),
 }
 
 impl TagData {
     /// Serves one request: the result to commit (bytes or `-errno`).
-    async fn serve(&mut self, target: &dyn Target, request: Request) -> i32 {
+    async fn serve(&mut self, target: &dyn Target, request: Request, stats: &Stats) -> i32 {
         match self {
             TagData::Own(slot) => {
                 let buf = slot.take().expect("the tag's buffer is back");
@@ -262,7 +304,102 @@ impl TagData {
                 res
             }
             TagData::Leased(io) => io.serve(target, request).await,
+            TagData::Registered(zc) => zc.serve(target, request, stats).await,
         }
+    }
+}
+
+/// A tag's data path with `UBLK_F_AUTO_BUF_REG`: the kernel registered the request's pages
+/// at index `tag` on this thread's ring (`ring`) before handing the request over, and
+/// unregisters them at COMMIT.
+struct ZeroCopy {
+    ring: RingId,
+    tag: u16,
+    max_bytes: usize,
+    /// Copy mode for one request (user copy), when the device was granted it.
+    fallback: Option<UserCopy>,
+}
+
+impl ZeroCopy {
+    /// Hands the target the registered buffer; a request the target cannot serve so
+    /// ([`needs_copy`](crate::device::needs_copy)), or whose memory the backing device
+    /// refused (`EINVAL` on a valid extent: ublk passes memory aligned to 4 bytes, `O_DIRECT`
+    /// wants the logical block), is served again in copy mode and counted.
+    async fn serve(&self, target: &dyn Target, request: Request, stats: &Stats) -> i32 {
+        let is_write = match request.op {
+            sys::UBLK_IO_OP_READ => false,
+            sys::UBLK_IO_OP_WRITE => true,
+            _ => return no_data_request(target, request).await,
+        };
+        if request.flags & sys::UBLK_IO_F_NEED_REG_BUF != 0 {
+            // Only with the FALLBACK flag, which we never pass.
+            log::error!("tag {}: the kernel did not register the request", self.tag);
+            return -libc::EIO;
+        }
+        let bytes = match request.data_bytes(self.max_bytes) {
+            Ok(bytes) => bytes,
+            Err(errno) => return errno,
+        };
+        let Some(len) = u32::try_from(bytes).ok() else {
+            return -libc::EINVAL;
+        };
+        let lease = RegLease::new();
+        let reg = RegBuf::new(self.ring, self.tag, 0, len, &lease);
+        let res = if is_write {
+            let flags = write_flags(request);
+            target
+                .write_buf(request.start, IoBuf::Registered(reg), flags)
+                .await
+        } else {
+            target
+                .read_buf(request.start, IoBuf::Registered(reg))
+                .await
+                .0
+        };
+        // Before COMMIT, which unregisters the pages: nothing may use the index after this.
+        lease.end();
+        match res {
+            Ok(()) => byte_count(bytes),
+            Err(err) if self.falls_back(target, request, &err) => {
+                self.copy_mode(target, request, err, stats).await
+            }
+            Err(err) => neg_errno(&err),
+        }
+    }
+
+    /// Whether a failed zero-copy request is served again in copy mode (see [`Self::serve`]).
+    fn falls_back(&self, target: &dyn Target, request: Request, err: &io::Error) -> bool {
+        let valid = || {
+            request
+                .extent()
+                .is_ok_and(|extent| target.info().check_extent(extent).is_ok())
+        };
+        is_needs_copy(err) || (err.raw_os_error() == Some(libc::EINVAL) && valid())
+    }
+
+    /// Serves `request` in copy mode, after `err` in zero copy.
+    async fn copy_mode(
+        &self,
+        target: &dyn Target,
+        request: Request,
+        err: io::Error,
+        stats: &Stats,
+    ) -> i32 {
+        let Some(user_copy) = &self.fallback else {
+            log::error!(
+                "tag {}: the request cannot be served in zero copy ({err}) and the device has \
+                 no user copy to fall back to",
+                self.tag
+            );
+            return if is_needs_copy(&err) {
+                -libc::EOPNOTSUPP
+            } else {
+                neg_errno(&err)
+            };
+        };
+        stats.record_fallback();
+        log::debug!("tag {}: copy mode for one request ({err})", self.tag);
+        user_copy.serve(target, request).await
     }
 }
 
@@ -453,9 +590,7 @@ async fn write(target: &dyn Target, request: Request, mut buf: AlignedBuf) -> (i
         Err(errno) => return (errno, buf),
     };
     buf.set_len(bytes);
-    let flags = WriteFlags {
-        fua: request.flags & sys::UBLK_IO_F_FUA != 0,
-    };
+    let flags = write_flags(request);
     let shared = Arc::new(buf);
     let res = target
         .write(request.start, Arc::clone(&shared), flags)
@@ -465,6 +600,13 @@ async fn write(target: &dyn Target, request: Request, mut buf: AlignedBuf) -> (i
         res.map_or_else(|e| neg_errno(&e), |()| byte_count(bytes)),
         buf,
     )
+}
+
+/// The flags of a WRITE request.
+fn write_flags(request: Request) -> WriteFlags {
+    WriteFlags {
+        fua: request.flags & sys::UBLK_IO_F_FUA != 0,
+    }
 }
 
 /// The result of a request without data: 0 or `-errno`.
@@ -625,6 +767,152 @@ mod tests {
         });
         assert_eq!(res, -libc::EIO);
         assert_eq!(pool.stats().held_bytes, 0);
+    }
+
+    /// A target that fails every registered buffer with `errno` (0: the default refusal,
+    /// `needs_copy`) and serves owned ones from memory.
+    struct RegisteredFails(Arc<MemDevice>, i32);
+
+    impl BlockDevice for RegisteredFails {
+        fn info(&self) -> &DeviceInfo {
+            self.0.info()
+        }
+        fn read(&self, offset: Sector, buf: AlignedBuf) -> IoFuture<ReadDone> {
+            self.0.read(offset, buf)
+        }
+        fn write(
+            &self,
+            offset: Sector,
+            buf: Arc<AlignedBuf>,
+            flags: WriteFlags,
+        ) -> IoFuture<io::Result<()>> {
+            self.0.write(offset, buf, flags)
+        }
+        fn read_buf(&self, offset: Sector, buf: IoBuf) -> IoFuture<crate::device::IoReadDone> {
+            match (&buf, self.1) {
+                (IoBuf::Registered(_), errno) if errno != 0 => Box::pin(std::future::ready((
+                    Err(io::Error::from_raw_os_error(errno)),
+                    buf,
+                ))),
+                _ => self.0.read_buf(offset, buf),
+            }
+        }
+        fn write_buf(
+            &self,
+            offset: Sector,
+            buf: crate::device::WriteBuf,
+            flags: WriteFlags,
+        ) -> IoFuture<io::Result<()>> {
+            match (&buf, self.1) {
+                (IoBuf::Registered(_), errno) if errno != 0 => {
+                    Box::pin(std::future::ready(Err(io::Error::from_raw_os_error(errno))))
+                }
+                _ => self.0.write_buf(offset, buf, flags),
+            }
+        }
+        fn flush(&self) -> IoFuture<io::Result<()>> {
+            self.0.flush()
+        }
+        fn discard(&self, extent: Extent) -> IoFuture<io::Result<()>> {
+            self.0.discard(extent)
+        }
+        fn write_zeroes(&self, extent: Extent) -> IoFuture<io::Result<()>> {
+            self.0.write_zeroes(extent)
+        }
+    }
+
+    impl Target for RegisteredFails {
+        fn kind(&self) -> &'static str {
+            "registered-fails"
+        }
+        fn status(&self) -> serde_json::Value {
+            serde_json::Value::Null
+        }
+    }
+
+    fn zero_copy(fallback: Option<UserCopy>) -> ZeroCopy {
+        ZeroCopy {
+            ring: RingId::fresh(),
+            tag: 3,
+            max_bytes: 64 << 10,
+            fallback,
+        }
+    }
+
+    /// A request whose target needs the data (the default of every target but linear), or
+    /// whose memory the backing device refused (EINVAL on a valid extent), is served again
+    /// in copy mode through user copy and counted; other errors are the request's result.
+    #[test]
+    fn zero_copy_requests_fall_back_to_copy_mode_one_by_one() {
+        use std::os::unix::fs::FileExt;
+        let file = tempfile::tempfile().expect("temp file");
+        let pool = BufferPool::new(64 << 10, 0);
+        let pos = UblkIOCtx::ublk_user_copy_pos(0, 3, 0);
+        file.write_all_at(&[0x6b; 8192], pos).expect("request data");
+        let mem = MemDevice::new_volatile("m", SectorCount(64));
+        let stats = Arc::new(Stats::new(1));
+        let run = |errno: i32, req: Request| {
+            let target = RegisteredFails(Arc::clone(&mem), errno);
+            let zc = zero_copy(Some(user_copy(&file, &pool, 3)));
+            let stats = Arc::clone(&stats);
+            run_local(async move { zc.serve(&target, req, &stats).await })
+        };
+        assert_eq!(run(0, request(sys::UBLK_IO_OP_WRITE, 0, 8, 16)), 8192);
+        assert_eq!(stats.zero_copy_fallbacks(), 1, "needs-copy falls back");
+        assert_eq!(
+            mem.snapshot(Extent::new(Sector(8), SectorCount(16))),
+            vec![0x6b; 8192]
+        );
+        file.write_all_at(&[0; 8192], pos).expect("clear");
+        assert_eq!(
+            run(libc::EINVAL, request(sys::UBLK_IO_OP_READ, 0, 8, 16)),
+            8192
+        );
+        assert_eq!(stats.zero_copy_fallbacks(), 2, "refused memory falls back");
+        let mut back = [0u8; 8192];
+        file.read_exact_at(&mut back, pos).expect("read back");
+        assert!(
+            back.iter().all(|&b| b == 0x6b),
+            "the read reached the request"
+        );
+        assert_eq!(
+            run(libc::EIO, request(sys::UBLK_IO_OP_READ, 0, 8, 16)),
+            -libc::EIO
+        );
+        assert_eq!(
+            run(libc::EINVAL, request(sys::UBLK_IO_OP_READ, 0, 60, 8)),
+            -libc::EINVAL,
+            "a request past the end is not retried"
+        );
+        assert_eq!(run(0, request(sys::UBLK_IO_OP_FLUSH, 0, 0, 0)), 0);
+        assert_eq!(
+            stats.zero_copy_fallbacks(),
+            2,
+            "errors and flushes never fall back"
+        );
+        assert_eq!(pool.stats().held_bytes, 0);
+    }
+
+    /// Without user copy there is nothing to fall back to: the request fails, it is not lost.
+    #[test]
+    fn a_zero_copy_request_without_a_fallback_fails_with_an_errno() {
+        let stats = Stats::new(1);
+        let mem = MemDevice::new("m", SectorCount(64));
+        let target = RegisteredFails(mem, 0);
+        let zc = zero_copy(None);
+        let res = run_local(async move {
+            let r = zc
+                .serve(&target, request(sys::UBLK_IO_OP_WRITE, 0, 0, 8), &stats)
+                .await;
+            (r, stats.zero_copy_fallbacks())
+        });
+        assert_eq!(res, (-libc::EOPNOTSUPP, 0));
+        let stats = Stats::new(1);
+        let target = RegisteredFails(MemDevice::new("m", SectorCount(64)), 0);
+        let zc = zero_copy(None);
+        let need_reg = request(sys::UBLK_IO_OP_READ, sys::UBLK_IO_F_NEED_REG_BUF, 0, 8);
+        let res = run_local(async move { zc.serve(&target, need_reg, &stats).await });
+        assert_eq!(res, -libc::EIO, "a request the kernel did not register");
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! The linear target: a pass-through onto one backing device.
 //!
 //! Every request goes unchanged to the backing [`UringDevice`], opened `O_DIRECT` and `O_EXCL`
-//! so that no other user (a mount, dm, another ublkdm device) can write under it. The target
+//! so that no other user (a mount, dm, another ublkdm device) can write under it. It never
+//! looks at the data, so it serves registered buffers as they come (zero copy, where the
+//! kernel offers it: fixed-buffer I/O on the queue's ring) and owned ones in copy mode. The target
 //! advertises the backing device's geometry and capabilities as its own, so the kernel sends
 //! only what the backing device can do (discard, write-zeroes, FUA, flushes). Its spec and
 //! `add` arguments are in `kind.rs`.
@@ -11,7 +13,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::device::{
-    AlignedBuf, BlockDevice, DeviceInfo, IoFuture, OpenOptions, ReadDone, UringDevice, WriteFlags,
+    AlignedBuf, BlockDevice, DeviceInfo, IoBuf, IoFuture, IoReadDone, OpenOptions, ReadDone,
+    UringDevice, WriteBuf, WriteFlags,
 };
 use crate::error::Result;
 use crate::target::Target;
@@ -66,6 +69,19 @@ impl BlockDevice for Linear {
         self.backing.write(offset, buf, flags)
     }
 
+    fn read_buf(&self, offset: Sector, buf: IoBuf) -> IoFuture<IoReadDone> {
+        self.backing.read_buf(offset, buf)
+    }
+
+    fn write_buf(
+        &self,
+        offset: Sector,
+        buf: WriteBuf,
+        flags: WriteFlags,
+    ) -> IoFuture<io::Result<()>> {
+        self.backing.write_buf(offset, buf, flags)
+    }
+
     fn flush(&self) -> IoFuture<io::Result<()>> {
         self.backing.flush()
     }
@@ -82,6 +98,11 @@ impl BlockDevice for Linear {
 impl Target for Linear {
     fn kind(&self) -> &'static str {
         "linear"
+    }
+
+    /// A pass-through never looks at the data: zero copy wherever the kernel offers it.
+    fn zero_copy(&self) -> bool {
+        true
     }
 
     fn status(&self) -> serde_json::Value {
@@ -124,6 +145,39 @@ mod tests {
         });
         assert!(back.as_slice().iter().all(|&b| b == 0x5a));
         assert_eq!(linear.status()["size_sectors"], 2048);
+    }
+
+    /// A linear target passes registered buffers to its backing device (zero copy), which
+    /// reads and writes them with fixed-buffer I/O on the calling thread's ring.
+    #[test]
+    fn passes_registered_buffers_through() {
+        use crate::device::reactor::block_on_registered;
+        use crate::device::IoBuf;
+        let file = tempfile::NamedTempFile::new().expect("temp file");
+        file.as_file().set_len(1 << 20).expect("size");
+        let linear = Arc::new(Linear::open(file.path()).expect("open"));
+        assert!(linear.zero_copy(), "linear asks for zero copy");
+        let bufs = vec![AlignedBuf::from_slice(&[0xc3; 8192]), AlignedBuf::new(8192)];
+        let dev = Arc::clone(&linear);
+        let (res, bufs) = block_on_registered(bufs, move |regs| async move {
+            let w = dev
+                .write_buf(
+                    Sector(32),
+                    IoBuf::Registered(regs[0].clone()),
+                    WriteFlags::FUA,
+                )
+                .await;
+            let (r, _) = dev
+                .read_buf(Sector(32), IoBuf::Registered(regs[1].clone()))
+                .await;
+            (w, r)
+        });
+        assert!(res.0.is_ok() && res.1.is_ok(), "{res:?}");
+        assert!(bufs[1].as_slice().iter().all(|&b| b == 0xc3));
+        let on_disk = std::fs::read(file.path()).expect("read the file");
+        assert!(on_disk[32 * 512..32 * 512 + 8192]
+            .iter()
+            .all(|&b| b == 0xc3));
     }
 
     #[test]

@@ -4,12 +4,14 @@
 # Run: tests/vm/run-all [--kernel lts|newest] tests/vm/features.sh
 # Method: `ublkdm features --json` must answer with the kernel's release, a non-zero mask, a
 # row per known feature whose `offered` is exactly its bit of the mask, USER_RECOVERY and
-# USER_COPY offered and used, and nothing else used (zero copy and resize are not used yet).
-# What the kernel adds is checked against the kernel the harness booted ($UBLKDM_VM_KERNEL):
-# on lts (6.12) AUTO_BUF_REG, UPDATE_SIZE and QUIESCE are not offered, on newest (6.16+) they
-# are. The table form must exit 0 and end with the data path. A linear device must then say
-# `copy` in `status --json` (.data_path) and `data:    copy (user copy)` in `status`, and be
-# granted only flags the driver offered.
+# USER_COPY offered and used, and nothing else used but zero copy (SUPPORT_ZERO_COPY and
+# AUTO_BUF_REG, used by linear devices) where offered (resize is not used yet). What the kernel
+# adds is checked against the kernel the harness booted ($UBLKDM_VM_KERNEL): on lts (6.12)
+# AUTO_BUF_REG, UPDATE_SIZE and QUIESCE are not offered, on newest (6.16+) they are. The table
+# form must exit 0 and end with the data path of new devices (on newest, then of linear
+# devices: zero-copy). A linear device must then say its data path in `status --json`
+# (.data_path) and `status` (lts: `data:    copy (user copy)`; newest: `data:    zero-copy`),
+# and be granted only flags the driver offered, user copy among them.
 set -uo pipefail
 . "$UBLKDM_REPO/scripts/vm/lib.sh"
 . "$UBLKDM_REPO/tests/vm/common.sh"
@@ -39,11 +41,22 @@ if jq -e '.mask as $m | [.features[] | (.offered == ((($m / pow(2; .bit)) | floo
 else
 	fail "each-feature-decoded-from-its-bit" "rows disagree with mask $mask"
 fi
+used='["USER_RECOVERY","USER_COPY"]'
+linear_path=copy
+linear_text='  data:    copy (user copy)'
+copy_line="new devices ask for: USER_RECOVERY, USER_COPY; data path: copy"
+last_line=$copy_line
+if [[ $kernel == newest ]]; then
+	used='["SUPPORT_ZERO_COPY","USER_RECOVERY","USER_COPY","AUTO_BUF_REG"]'
+	linear_path=zero-copy
+	linear_text='  data:    zero-copy'
+	last_line="linear devices (unless --copy) ask for: SUPPORT_ZERO_COPY, USER_RECOVERY, USER_COPY, AUTO_BUF_REG; data path: zero-copy"
+fi
 if offered USER_RECOVERY && offered USER_COPY &&
-	[[ $(jq -c '[.features[] | select(.used) | .name]' "$T/f.json") == '["USER_RECOVERY","USER_COPY"]' ]]; then
-	pass "recovery-and-user-copy-used-nothing-else"
+	[[ $(jq -c '[.features[] | select(.used) | .name]' "$T/f.json") == "$used" ]]; then
+	pass "recovery-user-copy-and-zero-copy-where-offered-used-nothing-else"
 else
-	fail "recovery-and-user-copy-used-nothing-else" "used: $(jq -c '[.features[] | select(.used) | .name]' "$T/f.json")"
+	fail "recovery-user-copy-and-zero-copy-where-offered-used-nothing-else" "used: $(jq -c '[.features[] | select(.used) | .name]' "$T/f.json"), expected $used"
 fi
 
 newer=(AUTO_BUF_REG UPDATE_SIZE QUIESCE)
@@ -70,7 +83,7 @@ lts)
 esac
 
 if ublkdm features >"$T/f.txt" 2>&1 && (($(grep -c '^ *[0-9]\+  [A-Z_]\+ ' "$T/f.txt") >= 20)) &&
-	[[ $(tail -n1 "$T/f.txt") == "new devices ask for: USER_RECOVERY, USER_COPY; data path: copy" ]]; then
+	grep -qxF "$copy_line" "$T/f.txt" && [[ $(tail -n1 "$T/f.txt") == "$last_line" ]]; then
 	pass "features-table"
 else
 	fail "features-table" "$(cat "$T/f.txt")"
@@ -84,10 +97,10 @@ flags=$(field "$id" .flags)
 vm_log "linear device $dev (id $id), granted flags $flags"
 status=$(ublkdm status "$id")
 echo "$status"
-if [[ $(field "$id" .data_path) == copy ]] && grep -qx '  data:    copy (user copy)' <<<"$status"; then
-	pass "status-says-copy"
+if [[ $(field "$id" .data_path) == "$linear_path" ]] && grep -qxF "$linear_text" <<<"$status"; then
+	pass "status-says-$linear_path"
 else
-	fail "status-says-copy" "data_path $(field "$id" .data_path); $(grep data: <<<"$status")"
+	fail "status-says-$linear_path" "data_path $(field "$id" .data_path); $(grep data: <<<"$status")"
 fi
 user_copy=$((1 << 7))
 if ((flags & user_copy && (flags & ~mask) == 0)); then
