@@ -59,6 +59,15 @@ pub type ReadDone = (io::Result<()>, AlignedBuf);
 /// The result of [`BlockDevice::read_buf`]: the outcome and the buffer.
 pub type IoReadDone = (io::Result<()>, IoBuf);
 
+/// An owned-memory read as a [`BlockDevice::read_buf`] result: the buffer comes back as
+/// [`IoBuf::Owned`].
+pub(crate) fn owned_read(read: IoFuture<ReadDone>) -> IoFuture<IoReadDone> {
+    Box::pin(async move {
+        let (res, owned) = read.await;
+        (res, IoBuf::Owned(owned))
+    })
+}
+
 /// What a device is and can do, read from the kernel (or set by a test device).
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DeviceInfo {
@@ -131,13 +140,7 @@ pub trait BlockDevice: Send + Sync + 'static {
     /// registered buffer, or pass one on, says so by overriding this.
     fn read_buf(&self, offset: Sector, buf: IoBuf) -> IoFuture<IoReadDone> {
         match buf {
-            IoBuf::Owned(owned) => {
-                let read = self.read(offset, owned);
-                Box::pin(async move {
-                    let (res, owned) = read.await;
-                    (res, IoBuf::Owned(owned))
-                })
-            }
+            IoBuf::Owned(owned) => owned_read(self.read(offset, owned)),
             reg @ IoBuf::Registered(_) => Box::pin(std::future::ready((Err(needs_copy()), reg))),
         }
     }

@@ -32,8 +32,8 @@ use io_uring::{opcode, types};
 
 use super::reactor::{self, cqe_result, submit_owned};
 use super::{
-    check_buf_request, errno, AlignedBuf, BlockDevice, DeviceInfo, IoBuf, IoFuture, IoReadDone,
-    ReadDone, RegBuf, WriteBuf, WriteFlags,
+    check_buf_request, errno, owned_read, AlignedBuf, BlockDevice, DeviceInfo, IoBuf, IoFuture,
+    IoReadDone, ReadDone, RegBuf, WriteBuf, WriteFlags,
 };
 use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::units::{Extent, Sector, SectorCount};
@@ -430,13 +430,7 @@ impl BlockDevice for UringDevice {
 
     fn read_buf(&self, offset: Sector, buf: IoBuf) -> IoFuture<IoReadDone> {
         let reg = match buf {
-            IoBuf::Owned(owned) => {
-                let read = self.read(offset, owned);
-                return Box::pin(async move {
-                    let (res, owned) = read.await;
-                    (res, IoBuf::Owned(owned))
-                });
-            }
+            IoBuf::Owned(owned) => return owned_read(self.read(offset, owned)),
             IoBuf::Registered(reg) => reg,
         };
         let fd = Arc::clone(&self.fd);
