@@ -17,6 +17,7 @@ use std::sync::Arc;
 
 use crate::device::{BlockDevice, IoFuture};
 use crate::error::{Error, ErrorKind, Result};
+use crate::units::SectorCount;
 
 /// A block device served through ublk, with device-mapper-style control.
 pub trait Target: BlockDevice {
@@ -32,6 +33,20 @@ pub trait Target: BlockDevice {
     /// back to copy mode alone). Copy mode by default.
     fn zero_copy(&self) -> bool {
         false
+    }
+
+    /// Grows the target to `to`, or, given `None`, to all that its devices now hold (a backing
+    /// device that was extended, mirror legs that were all replaced by bigger ones), and
+    /// returns the new size ([`BlockDevice::size`] from then on). Shrinking is refused
+    /// (InvalidArgument), and so is growing a target that cannot grow (the default). The
+    /// daemon calls it only when the kernel can resize a live device (`UBLK_F_UPDATE_SIZE`),
+    /// then tells the kernel the new size. What it changes on disk is persisted before it
+    /// returns.
+    fn resize(&self, _to: Option<SectorCount>) -> Result<SectorCount> {
+        Err(Error::new(
+            ErrorKind::InvalidArgument,
+            format!("a {} device cannot be resized", self.kind()),
+        ))
     }
 
     /// A target command such as `fail-leg` with its arguments; the reply is a JSON value.

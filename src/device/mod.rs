@@ -120,7 +120,15 @@ impl WriteFlags {
 /// An asynchronous block device. Shared between threads as `Arc<dyn BlockDevice>`; each
 /// operation runs on the thread that awaits it.
 pub trait BlockDevice: Send + Sync + 'static {
+    /// What the device was opened or built with. Its `size` is the size then: a device that
+    /// can grow at run time (see `Target::resize`) reports its present size by [`Self::size`].
     fn info(&self) -> &DeviceInfo;
+
+    /// The present size. Bounds checks use this, not `info().size`; it never shrinks while
+    /// the device is open.
+    fn size(&self) -> SectorCount {
+        self.info().size
+    }
 
     /// Reads `buf.len()` bytes at `offset` into `buf`.
     fn read(&self, offset: Sector, buf: AlignedBuf) -> IoFuture<ReadDone>;
