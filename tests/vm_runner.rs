@@ -1,6 +1,7 @@
 //! The host-side VM test runner (`tests/vm/run-all`), driven with a fake `scripts/vm/run`
 //! that plays a given sequence of boot outcomes. No VM boots here: these tests check how
-//! run-all counts phases, retries boots that never came up and reports failures.
+//! run-all counts phases, retries boots that never came up, reports failures and picks the
+//! tests of each kernel.
 //!
 //! Invariant checked: a boot that dies before its guest comes up (qemu's exit 125 with no
 //! "guest up" line) is retried, in any phase; a guest that came up and then died is a failure,
@@ -124,4 +125,55 @@ fn a_guest_that_came_up_and_died_is_a_failure_not_retried() {
         "a crash after the guest came up must not be retried"
     );
     assert!(run.stdout.contains("1 passed, 1 failed"), "{}", run.stdout);
+}
+
+/// With no test named, run-all on kernel K boots exactly the test files whose header's
+/// `--kernels` names K, and files that name none on lts only.
+#[test]
+fn with_no_test_named_each_kernel_runs_the_tests_written_for_it() {
+    for (kernel, want) in [
+        ("lts", vec!["both", "plain"]),
+        ("newest", vec!["both", "only-newest"]),
+    ] {
+        let ran = run_default_list(kernel);
+        assert_eq!(ran, want, "kernel {kernel}");
+    }
+}
+
+/// The tests run-all boots, by name, when it is given none on `kernel`, over a test folder
+/// of three files (`plain`: no `--kernels`; `only-newest`; `both`).
+fn run_default_list(kernel: &str) -> Vec<String> {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = tempdir(&format!("kernels-{kernel}"));
+    let runner = dir.join("fake-run");
+    fs::write(&runner, FAKE_RUNNER).unwrap();
+    chmod_x(&runner);
+    let tests = dir.join("tests");
+    fs::create_dir(&tests).unwrap();
+    for (name, header) in [
+        ("plain", "# vm: --disks 1x1M\n"),
+        ("only-newest", "# vm: --disks 1x1M --kernels newest\n"),
+        ("both", "# vm: --kernels lts,newest --disks 1x1M\n"),
+        ("common_lib", "# vm: --kernels lts,newest\n"),
+    ] {
+        fs::write(tests.join(format!("{name}.sh")), header).unwrap();
+    }
+    let state = dir.join("state");
+    fs::create_dir(&state).unwrap();
+    let out = Command::new(repo.join("tests/vm/run-all"))
+        .args(["--no-build", "--kernel", kernel])
+        .env("UBLKDM_VM_RUNNER", &runner)
+        .env("UBLKDM_VM_TEST_DIR", &tests)
+        .env("FAKE_STATE", &state)
+        .env("FAKE_PLAN", "ok ok ok ok")
+        .output()
+        .expect("run tests/vm/run-all");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{stdout}");
+    fs::remove_dir_all(&dir).unwrap();
+    stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("== ")?.split(':').next())
+        .map(str::to_owned)
+        .collect()
 }

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # tests/vm/features.sh: ublk features detected from the driver (GET_FEATURES), never assumed.
-# vm: --disks 1x64M
+# vm: --disks 1x64M --kernels lts,newest
 # Run: tests/vm/run-all [--kernel lts|newest] tests/vm/features.sh
 # Method: `ublkdm features --json` must answer with the kernel's release, a non-zero mask, a
 # row per known feature whose `offered` is exactly its bit of the mask, USER_RECOVERY and

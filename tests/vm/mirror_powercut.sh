@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # tests/vm/mirror_powercut.sh: the VM loses power during writes; after boot the same `add`
 # assembles the mirror, only dirty regions resync, and acknowledged writes are intact.
-# vm: --disks 3x256M --phases 2
+# vm: --disks 3x256M --phases 2 --kernels lts,newest
 # Phase 1: a 2-leg mirror (nosync) on vda+vdb; fio writes verified 4 KiB blocks to the first
 #   64 MiB while another fio writes elsewhere without pause; fio's verify state (what was
 #   acknowledged) is saved and stored on vdc (the job folder does not survive the boot); then,
