@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # tests/vm/linear_zero_copy.sh: a linear device in zero copy where the kernel offers it (newest),
 # in copy mode where it does not (lts) and with `--copy`; data integrity either way.
-# vm: --disks 2x256M --timeout 900 --kernels lts,newest
+# vm: --disks 2x256M --timeout 900 --kernels newest
 # Run: tests/vm/run-all [--debug] --kernel newest|lts tests/vm/linear_zero_copy.sh
 # Method: the data path expected is derived from the booted kernel ($UBLKDM_VM_KERNEL: newest
 # offers AUTO_BUF_REG, lts does not) and must agree with `features --json`. A linear device over

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# tests/vm/mirror_cuts.sh: CUTS (10) power cuts of the VM under writes to a 2-leg mirror, each
+# tests/vm/mirror_cuts.sh: CUTS (7) power cuts of the VM under writes to a 2-leg mirror, each
 # followed by assembly with the same `ublkdm add mirror` in the next boot, counted.
-# vm: --disks 3x16M --phases 11 --timeout 300
+# vm: --disks 3x16M --phases 8 --timeout 300
 # Boot PHASE=p of CUTS+1 over the same disks (vda+vdb the legs, vdc the test's state):
 # - p > 1: `ublkdm add mirror --leg /dev/vda --leg /dev/vdb` must assemble the mirror LIVE
 #   with both legs; the dirty regions resync; a verify-only fio (common_cycles.sh) must read

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# tests/vm/mirror_kills.sh: KILLS (20) kill -9 of a 2-leg mirror's daemon under fio, each followed
+# tests/vm/mirror_kills.sh: KILLS (14) kill -9 of a 2-leg mirror's daemon under fio, each followed
 # by `ublkdm recover`, counted.
 # vm: --disks 2x16M --timeout 1500
 # Method: a 2-leg mirror (512 KiB regions) on vda+vdb. Each cycle (common_cycles.sh): fio

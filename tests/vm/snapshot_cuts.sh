@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# tests/vm/snapshot_cuts.sh: CUTS (10) power cuts of the VM under writes to a snapshot origin
+# tests/vm/snapshot_cuts.sh: CUTS (7) power cuts of the VM under writes to a snapshot origin
 # with two snapshots, each followed by assembly with the same `ublkdm add origin` in the next
 # boot, counted.
-# vm: --disks 3x64M --phases 11 --timeout 300
+# vm: --disks 3x64M --phases 8 --timeout 300
 # The origin is a 16 MiB slice of vda, its COW store a 64 MiB slice of vdb; vdc holds the
 # test's state (a tar at 0) and the snapshots' models (s1 at 8 MiB, s2 at 24 MiB).
 # Boot PHASE=p of CUTS+1 over the same disks:

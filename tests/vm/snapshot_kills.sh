@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# tests/vm/snapshot_kills.sh: KILLS (20) kill -9 of a snapshot origin's daemon under fio (two
+# tests/vm/snapshot_kills.sh: KILLS (14) kill -9 of a snapshot origin's daemon under fio (two
 # snapshots), each followed by `ublkdm recover`, counted.
 # vm: --disks 2x64M --timeout 1500
 # Method: a 16 MiB origin of random bytes (a slice of vda) with its COW store on a 64 MiB

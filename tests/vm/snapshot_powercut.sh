@@ -2,7 +2,7 @@
 # tests/vm/snapshot_powercut.sh: the VM loses power during copy-on-write in one group and
 # during a merge in another; after boot `add origin` reassembles both, every image is intact
 # and the merge finishes.
-# vm: --disks 3x256M --phases 2 --kernels lts,newest
+# vm: --disks 3x256M --phases 2
 # Two groups, on slices of vda (origins) and vdb (COW stores), plus vdc for the state:
 # - group A: a 16 MiB origin of random bytes with snapshot a1. fio writes verified 4 KiB
 #   blocks to the first 8 MiB (each first write to a chunk copies it for a1) while another
