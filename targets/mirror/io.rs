@@ -18,6 +18,31 @@
 //! - a read error is retried on another readable leg; the region is then marked for a
 //!   resync from the leg that answered, which writes the good data back over the failing
 //!   leg (through the region protocol, so no foreground write can race the repair).
+//!
+//! # Zero copy
+//! A request's buffer is owned memory (copy mode, the simulations, every background path) or
+//! a kernel buffer registered on the queue's ring ([`RegBuf`]), which only fixed-buffer I/O on
+//! that ring can read or write, so the mirror never sees its bytes. The same code serves both:
+//! - a write marks the bitmap exactly as in copy mode, then hands every leg that takes it the
+//!   one buffer (`write_buf`; a piece of a request cut at `write_piece_regions` is a
+//!   [`RegBuf::slice`], not a copy);
+//! - a read is planned as in copy mode; each part fills its own slice of the one buffer, and
+//!   a read error is retried on the next leg into that same slice. The repair needs no data
+//!   (the resync copies the region from the leg that answered), so it is the same in both
+//!   modes;
+//! - a leg that refuses a registered buffer (`NeedsCopy`, said before any I/O), or that fails
+//!   one with `EINVAL` (ublk passes memory aligned to 4 bytes, which `O_DIRECT` refuses), is
+//!   not a failing leg: the request ends with [`needs_copy`] and the front end serves it again
+//!   in copy mode, before it completes. A read so refused is simply read again. A write so
+//!   refused ends its regions as every write does, before it returns: a region where every
+//!   leg refused with `NeedsCopy` wrote nothing and stays in sync; a region where some leg
+//!   took the data while another refused it (or refused with `EINVAL`, which may come after a
+//!   part of the transfer) may now differ between legs, so it is ended as a write a leg
+//!   missed: out of sync, its dirty bit (set before any leg was written) kept until the
+//!   resync has made the legs agree. The copy-mode write that follows then writes the same
+//!   data to every leg through the region protocol again. No bit is ever cleared while legs
+//!   may differ, and no leg is failed for a refusal (a leg that also refuses owned memory
+//!   fails in copy mode, as ever).
 
 use std::io;
 use std::sync::atomic::Ordering;
@@ -26,14 +51,18 @@ use std::sync::Arc;
 use super::state::{LegRef, LegStats};
 use super::superblock::{write_superblock, LegState};
 use super::{join_all, Inner};
-use crate::device::{errno, AlignedBuf, IoFuture, ReadDone, WriteFlags};
+use crate::device::{
+    errno, is_needs_copy, needs_copy, AlignedBuf, IoBuf, IoFuture, IoReadDone, ReadDone, RegBuf,
+    WriteBuf, WriteFlags,
+};
 use crate::region::{RegionIndex, RegionRange, WriteAdmission};
 use crate::units::{Extent, Sector, SectorCount};
 
 /// What a write does on each leg.
 pub(crate) enum LegOp {
+    /// Owned memory (copy mode) or a registered buffer (zero copy): one buffer for every leg.
     Write {
-        buf: Arc<AlignedBuf>,
+        buf: WriteBuf,
         flags: WriteFlags,
     },
     Discard,
@@ -48,12 +77,35 @@ impl LegOp {
     fn piece(&self, whole: Extent, piece: Extent) -> LegOp {
         match self {
             LegOp::Write { buf, flags } => LegOp::Write {
-                buf: slice_of(buf, whole, piece),
+                buf: piece_of(buf, whole, piece),
                 flags: *flags,
             },
             LegOp::Discard => LegOp::Discard,
             LegOp::WriteZeroes => LegOp::WriteZeroes,
         }
+    }
+
+    /// Whether this is a write of a registered buffer (zero copy).
+    fn is_registered(&self) -> bool {
+        matches!(self, LegOp::Write { buf, .. } if buf.is_registered())
+    }
+}
+
+/// Another handle on the same write buffer: owned memory is shared, a registration is named
+/// again (no byte is copied either way).
+fn share(buf: &WriteBuf) -> WriteBuf {
+    match buf {
+        IoBuf::Owned(owned) => IoBuf::Owned(Arc::clone(owned)),
+        IoBuf::Registered(reg) => IoBuf::Registered(reg.clone()),
+    }
+}
+
+/// The part of `buf` (the data of `whole`) that falls on `piece`: owned bytes are copied
+/// into a buffer of their own (as copy mode always did), a registered buffer is sliced.
+fn piece_of(buf: &WriteBuf, whole: Extent, piece: Extent) -> WriteBuf {
+    match buf {
+        IoBuf::Owned(owned) => IoBuf::Owned(slice_of(owned, whole, piece)),
+        IoBuf::Registered(reg) => IoBuf::Registered(reg_part(reg, whole, piece)),
     }
 }
 
@@ -71,6 +123,57 @@ fn slice_of(buf: &AlignedBuf, whole: Extent, piece: Extent) -> Arc<AlignedBuf> {
     let skip = (piece.start - whole.start).to_usize_bytes();
     let bytes = &buf.as_slice()[skip..skip + piece.len.to_usize_bytes()];
     Arc::new(AlignedBuf::from_slice(bytes))
+}
+
+/// The part of the registered buffer `reg` (the data of `whole`) that falls on `part`.
+fn reg_part(reg: &RegBuf, whole: Extent, part: Extent) -> RegBuf {
+    assert_eq!(
+        reg.len(),
+        whole.len.to_usize_bytes(),
+        "a registered buffer is its request's extent"
+    );
+    assert!(
+        part.start >= whole.start && part.end() <= whole.end(),
+        "part {part} outside {whole}"
+    );
+    // Both fit in u32: they lie within `reg`, whose length is a u32.
+    let skip = u32::try_from((part.start - whole.start).to_bytes()).expect("within a u32 buffer");
+    let len = u32::try_from(part.len.to_bytes()).expect("within a u32 buffer");
+    let sliced = reg
+        .slice(skip, len)
+        .expect("a part of a request lies within its buffer");
+    assert_eq!(sliced.len(), part.len.to_usize_bytes(), "a part's buffer");
+    sliced
+}
+
+/// The buffer of an owned read, back from [`BlockDevice::read_buf`](crate::device::BlockDevice::read_buf).
+fn owned(buf: IoBuf) -> AlignedBuf {
+    match buf {
+        IoBuf::Owned(owned) => owned,
+        IoBuf::Registered(_) => panic!("an owned read came back with a registered buffer"),
+    }
+}
+
+/// Whether a leg's `err` on a registered buffer refuses the buffer rather than failing the
+/// leg: `NeedsCopy`, or `EINVAL` (the memory's alignment, or a misuse the copy-mode retry
+/// does not repeat; a leg that fails owned memory too is failed then).
+fn refuses_registered(err: &io::Error) -> bool {
+    is_needs_copy(err) || err.raw_os_error() == Some(libc::EINVAL)
+}
+
+/// What the legs did with one piece of a write (see `Inner::tally`).
+struct Tally {
+    /// Per piece: every leg that was to take it took it.
+    piece_ok: Vec<bool>,
+    /// Per target: the leg failed the write (an I/O error, not a refusal).
+    failed: Vec<bool>,
+    /// (piece, target) of each leg I/O that succeeded.
+    took: Vec<(usize, usize)>,
+    /// Some leg could not discard (`EOPNOTSUPP`); some leg failed otherwise.
+    unsupported: bool,
+    other: bool,
+    /// Some leg refused the registered buffer: the request is served again in copy mode.
+    refused: bool,
 }
 
 /// Regions a write was admitted to while it waits for others: dropping the write then
@@ -166,7 +269,14 @@ impl Inner {
         assert_eq!(pieces.len(), regions.len(), "one piece per region written");
         let (ops, who) = self.leg_ops(extent, op, &pieces, &targets, &in_sync);
         let results = join_all(ops).await;
-        let outcome = self.settle_write(&pieces, &targets, &who, results);
+        let tally = Self::tally(
+            pieces.len(),
+            targets.len(),
+            &who,
+            results,
+            op.is_registered(),
+        );
+        let outcome = self.settle_write(&pieces, &targets, tally);
         outcome?;
         self.await_persisted().await
     }
@@ -185,8 +295,8 @@ impl Inner {
         let mut who = Vec::new();
         for (p, &(_, piece)) in pieces.iter().enumerate() {
             let piece_buf = match op {
-                LegOp::Write { buf, .. } if pieces.len() == 1 => Some(Arc::clone(buf)),
-                LegOp::Write { buf, .. } => Some(slice_of(buf, extent, piece)),
+                LegOp::Write { buf, .. } if pieces.len() == 1 => Some(share(buf)),
+                LegOp::Write { buf, .. } => Some(piece_of(buf, extent, piece)),
                 _ => None,
             };
             let at = self.leg_sector(piece.start);
@@ -200,7 +310,9 @@ impl Inner {
                 ops.push(match (op, &piece_buf) {
                     (LegOp::Write { flags, .. }, Some(b)) => {
                         assert_eq!(b.len(), piece.len.to_usize_bytes(), "piece buffer");
-                        leg.dev.write(at, Arc::clone(b), *flags)
+                        // The same buffer to every leg: owned memory goes to `write` as
+                        // ever, a registered buffer to fixed-buffer I/O on this ring.
+                        leg.dev.write_buf(at, share(b), *flags)
                     }
                     (LegOp::Discard, _) => leg.dev.discard(leg_extent),
                     _ => leg.dev.write_zeroes(leg_extent),
@@ -211,36 +323,71 @@ impl Inner {
         (ops, who)
     }
 
-    /// Fails the legs that failed the write and ends it on every region. `Ok` if every
-    /// piece is held by a leg still in sync now (after the failures).
-    fn settle_write(
-        &self,
-        pieces: &[(RegionIndex, Extent)],
-        targets: &[LegRef],
+    /// Sorts the leg results of a write: which legs took which piece, which failed, and
+    /// whether a leg refused the registered buffer (`registered`) instead. A piece is ok only
+    /// if every leg meant to take it did; one that some leg took while another refused it
+    /// is not (the legs may differ, see the module doc), one that every leg refused with
+    /// `NeedsCopy` is (nothing was written).
+    fn tally(
+        pieces: usize,
+        targets: usize,
         who: &[(usize, usize)],
         results: Vec<io::Result<()>>,
-    ) -> io::Result<()> {
+        registered: bool,
+    ) -> Tally {
         assert_eq!(who.len(), results.len(), "a result per leg I/O");
-        let mut piece_ok = vec![true; pieces.len()];
-        let mut failed = vec![false; targets.len()];
-        let mut took = Vec::new();
-        let (mut unsupported, mut other) = (false, false);
-        for (&(p, t), res) in who.iter().zip(results) {
+        let mut t = Tally {
+            piece_ok: vec![true; pieces],
+            failed: vec![false; targets],
+            took: Vec::new(),
+            unsupported: false,
+            other: false,
+            refused: false,
+        };
+        let mut refused = vec![false; pieces];
+        for (&(p, leg), res) in who.iter().zip(results) {
+            assert!(
+                p < pieces && leg < targets,
+                "leg I/O ({p}, {leg}) out of range"
+            );
             match res {
-                Ok(()) => took.push((p, t)),
+                Ok(()) => t.took.push((p, leg)),
+                Err(err) if registered && refuses_registered(&err) => {
+                    t.refused = true;
+                    refused[p] = true;
+                    // EINVAL may come after a part of the transfer: the legs may differ.
+                    t.piece_ok[p] &= is_needs_copy(&err);
+                }
                 Err(err) => {
-                    piece_ok[p] = false;
+                    t.piece_ok[p] = false;
                     // A leg that cannot discard is not broken: resync makes the legs agree.
                     if err.raw_os_error() == Some(libc::EOPNOTSUPP) {
-                        unsupported = true;
+                        t.unsupported = true;
                     } else {
-                        other = true;
-                        failed[t] = true;
+                        t.other = true;
+                        t.failed[leg] = true;
                     }
                 }
             }
         }
-        for (_, leg) in targets.iter().enumerate().filter(|(t, _)| failed[*t]) {
+        for &(p, _) in &t.took {
+            // Some leg holds the new data, another does not.
+            t.piece_ok[p] &= !refused[p];
+        }
+        t
+    }
+
+    /// Fails the legs that failed the write and ends it on every region. `Ok` if every
+    /// piece is held by a leg still in sync now (after the failures); [`needs_copy`] if a
+    /// leg refused the registered buffer (the request is served again in copy mode).
+    fn settle_write(
+        &self,
+        pieces: &[(RegionIndex, Extent)],
+        targets: &[LegRef],
+        tally: Tally,
+    ) -> io::Result<()> {
+        assert_eq!(tally.piece_ok.len(), pieces.len(), "a state per piece");
+        for (_, leg) in targets.iter().enumerate().filter(|(t, _)| tally.failed[*t]) {
             LegStats::bump(&leg.stats.write_errors);
             self.fail_leg(leg.slot, leg.generation, "a write failed");
         }
@@ -248,21 +395,28 @@ impl Inner {
         let mut resync = false;
         {
             let mut st = self.lock();
-            for &(p, t) in &took {
+            for &(p, t) in &tally.took {
                 let leg = &targets[t];
                 held[p] |= st.is_current(leg.slot, leg.generation)
                     && st.legs[leg.slot].state == LegState::InSync;
             }
             for (p, &(region, _)) in pieces.iter().enumerate() {
-                st.map.end_write(region, piece_ok[p]);
+                st.map.end_write(region, tally.piece_ok[p]);
                 resync |= !st.map.in_sync(region);
             }
         }
         if resync {
             self.kick();
         }
+        if tally.refused {
+            log::debug!(
+                "mirror {}: a leg refused a registered buffer; copy mode for this request",
+                self.uuid
+            );
+            return Err(needs_copy());
+        }
         if held.contains(&false) {
-            let code = if unsupported && !other {
+            let code = if tally.unsupported && !tally.other {
                 libc::EOPNOTSUPP
             } else {
                 libc::EIO
@@ -381,16 +535,20 @@ impl Inner {
         let plan = self.plan_read(extent);
         if plan.len() == 1 {
             let sub = plan.into_iter().next().expect("one read");
-            let (res, back) = self.read_sub(&sub, buf).await;
-            return (res, back);
+            let (res, back) = self.read_sub(&sub, IoBuf::Owned(buf)).await;
+            return (res, owned(back));
         }
         let reads = plan
             .iter()
-            .map(|sub| self.read_sub(sub, AlignedBuf::for_sectors(sub.extent.len)))
+            .map(|sub| {
+                let part = AlignedBuf::for_sectors(sub.extent.len);
+                self.read_sub(sub, IoBuf::Owned(part))
+            })
             .collect();
         let results = join_all(reads).await;
         let mut outcome = Ok(());
         for (sub, (res, part)) in plan.iter().zip(results) {
+            let part = owned(part);
             match res {
                 Ok(()) => {
                     let at = (sub.extent.start - extent.start).to_usize_bytes();
@@ -406,6 +564,49 @@ impl Inner {
             }
         }
         (outcome, buf)
+    }
+
+    /// A read into a registered buffer (zero copy): planned as [`Inner::read_op`] plans it,
+    /// each part read into its own slice of `reg` (no copy, no buffer of ours). Fails with
+    /// [`needs_copy`] when a leg refused the buffer, for the front end to read again in copy
+    /// mode.
+    pub(crate) async fn read_registered(
+        self: Arc<Self>,
+        offset: Sector,
+        reg: RegBuf,
+    ) -> IoReadDone {
+        let Some(sectors) = SectorCount::from_bytes_exact(reg.len() as u64) else {
+            return (Err(errno(libc::EINVAL)), IoBuf::Registered(reg));
+        };
+        let extent = Extent::new(offset, sectors);
+        if let Err(err) = self.check_request(extent) {
+            return (Err(err), IoBuf::Registered(reg));
+        }
+        if extent.is_empty() {
+            return (Ok(()), IoBuf::Registered(reg));
+        }
+        self.engine.note_foreground_io();
+        let plan = self.plan_read(extent);
+        let covered: u64 = plan.iter().map(|sub| sub.extent.len.0).sum();
+        assert_eq!(covered, sectors.0, "the parts of a read cover it exactly");
+        let reads = plan
+            .iter()
+            .map(|sub| {
+                let part = reg_part(&reg, extent, sub.extent);
+                self.read_sub(sub, IoBuf::Registered(part))
+            })
+            .collect();
+        let results = join_all(reads).await;
+        let mut outcome = Ok(());
+        for (res, _) in results {
+            match res {
+                Ok(()) => {}
+                // Copy mode reads it all again: no other error matters then.
+                Err(err) if is_needs_copy(&err) => return (Err(err), IoBuf::Registered(reg)),
+                Err(err) => outcome = Err(err),
+            }
+        }
+        (outcome, IoBuf::Registered(reg))
     }
 
     /// Cuts a read at regions, picks the legs each piece may come from, and splits large
@@ -475,26 +676,37 @@ impl Inner {
     }
 
     /// Reads one piece from its first candidate that answers; after a failure the region is
-    /// repaired from the leg that answered.
-    async fn read_sub(&self, sub: &SubRead, mut buf: AlignedBuf) -> ReadDone {
+    /// repaired from the leg that answered. A leg that refuses a registered buffer ends it at
+    /// once with [`needs_copy`]: it is not a read error, and no other leg is tried.
+    async fn read_sub(&self, sub: &SubRead, mut buf: IoBuf) -> IoReadDone {
+        assert_eq!(
+            buf.len(),
+            sub.extent.len.to_usize_bytes(),
+            "a sub-read's buffer"
+        );
         let mut last = errno(libc::EIO);
         let mut failed = false;
         let at = self.leg_sector(sub.extent.start);
+        let registered = buf.is_registered();
         for leg in &sub.candidates {
             leg.stats.in_flight.fetch_add(1, Ordering::Relaxed);
-            let (res, back) = leg.dev.read(at, buf).await;
+            let (res, back) = leg.dev.read_buf(at, buf).await;
             let before = leg.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
             assert!(before > 0, "leg {} in-flight count went negative", leg.slot);
-            LegStats::bump(&leg.stats.reads);
             buf = back;
             match res {
+                Err(err) if registered && refuses_registered(&err) => {
+                    return (Err(needs_copy()), buf);
+                }
                 Ok(()) => {
+                    LegStats::bump(&leg.stats.reads);
                     if failed {
                         self.repair_from(sub.region, leg.slot).await;
                     }
                     return (Ok(()), buf);
                 }
                 Err(err) => {
+                    LegStats::bump(&leg.stats.reads);
                     log::warn!(
                         "mirror {}: read error on {} (slot {}) at {at}: {err}",
                         self.uuid,

@@ -9,6 +9,7 @@
 //!   live leg (and why one replicated log rather than one log per leg).
 //! - `state.rs`: the in-memory state under the mirror's lock (region map + slot table).
 //! - `io.rs`: reads (balancing, splitting, retry and repair), writes (the region protocol),
+//!   in copy mode and zero copy (registered buffers, the fallback to copy mode),
 //!   flushes, discards; leg failure and superblock updates.
 //! - `resync.rs`: the resync driver (copies, lazy clearing, scrub), run as a local task or on
 //!   its own thread.
@@ -33,6 +34,12 @@
 //!   write that no in-sync leg took fails with EIO, even if a recovering leg took it.
 //! - **Reads** of an in-sync region go to any active leg (least in flight first; large reads
 //!   split across legs); reads of an out-of-sync region go to its resync source only.
+//! - **Zero copy** ([`Target::zero_copy`]): a request's buffer may be a kernel buffer
+//!   registered on the queue's ring. A write hands the one buffer to every leg, a split read
+//!   fills slices of it from several legs; the bitmap, retries, repair and leg failures are
+//!   as in copy mode. A leg refusing the buffer sends the request back to copy mode
+//!   (`NeedsCopy`), regions a leg may have written left out of sync (see `io.rs`). Resync,
+//!   scrub and metadata always use owned memory.
 //! - **Resync** copies out-of-sync regions from the source (the first in-sync leg, or the
 //!   leg a read-error repair named) to every other active leg, one engine job per region. A
 //!   recovering leg is promoted to in sync only once every region is, after a flush.
@@ -98,8 +105,8 @@ use self::state::State;
 use crate::copy::{Completions, CopyConfig, CopyEngine, ThrottleConfig};
 use crate::device::reactor;
 use crate::device::{
-    check_distinct, AlignedBuf, BlockDevice, DeviceInfo, DeviceRef, IoFuture, OpenOptions,
-    ReadDone, UringDevice, WriteFlags,
+    check_distinct, owned_read, AlignedBuf, BlockDevice, DeviceInfo, DeviceRef, IoBuf, IoFuture,
+    IoReadDone, OpenOptions, ReadDone, UringDevice, WriteBuf, WriteFlags,
 };
 use crate::error::Result;
 use crate::region::{DirtyLog, RegionGeometry};
@@ -409,7 +416,42 @@ impl BlockDevice for MirrorTarget {
         flags: WriteFlags,
     ) -> IoFuture<std::io::Result<()>> {
         let extent = Extent::new(offset, buf.sectors());
+        let buf = IoBuf::Owned(buf);
         Box::pin(Arc::clone(&self.inner).write_op(extent, io::LegOp::Write { buf, flags }))
+    }
+
+    /// Owned memory as [`BlockDevice::read`]; a registered buffer is filled by the legs
+    /// themselves, part by part (zero copy, see `io.rs`).
+    fn read_buf(&self, offset: Sector, buf: IoBuf) -> IoFuture<IoReadDone> {
+        match buf {
+            IoBuf::Owned(owned) => owned_read(self.read(offset, owned)),
+            IoBuf::Registered(reg) => {
+                Box::pin(Arc::clone(&self.inner).read_registered(offset, reg))
+            }
+        }
+    }
+
+    /// Owned memory as [`BlockDevice::write`]; a registered buffer goes, the same one, to
+    /// every leg that takes the write (zero copy, see `io.rs`).
+    fn write_buf(
+        &self,
+        offset: Sector,
+        buf: WriteBuf,
+        flags: WriteFlags,
+    ) -> IoFuture<std::io::Result<()>> {
+        match buf {
+            IoBuf::Owned(owned) => self.write(offset, owned, flags),
+            reg @ IoBuf::Registered(_) => {
+                // A registered buffer's length comes from a request: checked, not asserted.
+                let sectors = match reg.sectors() {
+                    Ok(sectors) => sectors,
+                    Err(err) => return Box::pin(std::future::ready(Err(err))),
+                };
+                let extent = Extent::new(offset, sectors);
+                let op = io::LegOp::Write { buf: reg, flags };
+                Box::pin(Arc::clone(&self.inner).write_op(extent, op))
+            }
+        }
     }
 
     fn flush(&self) -> IoFuture<std::io::Result<()>> {
@@ -433,6 +475,13 @@ impl BlockDevice for MirrorTarget {
 impl Target for MirrorTarget {
     fn kind(&self) -> &'static str {
         "mirror"
+    }
+
+    /// The mirror never needs a request's bytes: the legs read and write the request's own
+    /// buffer (`io.rs`), and whatever must see data (resync, scrub, metadata) uses memory of
+    /// its own through the copy engine.
+    fn zero_copy(&self) -> bool {
+        true
     }
 
     fn status(&self) -> serde_json::Value {
@@ -536,3 +585,5 @@ pub fn open_leg(path: &Path) -> Result<DeviceRef> {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod zc_tests;
