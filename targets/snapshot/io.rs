@@ -1,5 +1,7 @@
 //! I/O paths: origin and snapshot reads and writes, copy-on-write, merge steps, and the
-//! per-chunk locks that order them (see the module doc of [`super`]).
+//! per-chunk locks that order them (see the module doc of [`super`]). Reads and origin
+//! writes take owned memory or a registered buffer alike (zero copy, see "Zero copy" there);
+//! copies always go through the copy engine in memory of its own.
 
 use std::collections::{BTreeSet, HashMap};
 use std::io;
@@ -14,7 +16,9 @@ use crate::task::join_all;
 use super::format::{slot_number, Reason, Record};
 use super::Inner;
 use crate::copy::{CopyJob, Location, Priority};
-use crate::device::{errno, AlignedBuf, ReadDone, WriteFlags};
+use crate::device::{
+    errno, AlignedBuf, DeviceRef, IoBuf, IoReadDone, ReadDone, RegBuf, WriteBuf, WriteFlags,
+};
 use crate::units::{Extent, Sector, SectorCount};
 
 /// Reader/writer locks per chunk, created on demand and dropped when unused.
@@ -130,6 +134,25 @@ fn merge_step_cap() -> u64 {
     })
 }
 
+/// Splits a request's pieces, by their sources (a COW chunk, or `None`: the origin), into runs
+/// contiguous on one device: one read each.
+fn read_groups(sources: &[Option<u64>]) -> Vec<Range<usize>> {
+    let mut groups: Vec<Range<usize>> = Vec::new();
+    for i in 0..sources.len() {
+        let joins = i > 0
+            && match (sources[i - 1], sources[i]) {
+                (None, None) => true,
+                (Some(a), Some(b)) => b == a + 1,
+                _ => false,
+            };
+        match groups.last_mut() {
+            Some(g) if joins => g.end = i + 1,
+            _ => groups.push(i..i + 1),
+        }
+    }
+    groups
+}
+
 /// Splits `pairs` (origin chunk, COW chunk), in order, into runs that are contiguous on both
 /// devices: one copy job each.
 fn runs(pairs: &[(u64, u64)]) -> Vec<Range<usize>> {
@@ -195,44 +218,68 @@ impl Inner {
     /// Reads every piece of a request into its place in `buf`: piece `i` from COW chunk
     /// `sources[i]` when it is mapped there, else from the origin. Neighbours that are
     /// contiguous on one device are read as one, and all reads are in flight at once; a
-    /// request that is one such run reads straight into `buf`.
+    /// request that is one such run reads straight into `buf`. Owned memory reads each other
+    /// run into a buffer of its own and copies it into place; a registered buffer (zero copy)
+    /// has each run read straight into its part of it ([`RegBuf::slice`]).
     async fn read_pieces(
         &self,
         pieces: &[Piece],
         sources: &[Option<u64>],
-        mut buf: AlignedBuf,
-    ) -> ReadDone {
+        buf: IoBuf,
+    ) -> IoReadDone {
         assert_eq!(sources.len(), pieces.len(), "a source per piece");
-        let mut groups: Vec<Range<usize>> = Vec::new();
-        for i in 0..pieces.len() {
-            let joins = i > 0
-                && match (sources[i - 1], sources[i]) {
-                    (None, None) => true,
-                    (Some(a), Some(b)) => b == a + 1,
-                    _ => false,
-                };
-            match groups.last_mut() {
-                Some(g) if joins => g.end = i + 1,
-                _ => groups.push(i..i + 1),
+        let groups = read_groups(sources);
+        if let [g] = groups.as_slice() {
+            let (dev, at, _) = self.read_place(pieces, sources, g);
+            return dev.read_buf(at, buf).await;
+        }
+        match buf {
+            IoBuf::Owned(owned) => {
+                let (res, owned) = self
+                    .read_groups_owned(pieces, sources, &groups, owned)
+                    .await;
+                (res, IoBuf::Owned(owned))
+            }
+            IoBuf::Registered(reg) => {
+                let res = self
+                    .read_groups_registered(pieces, sources, &groups, &reg)
+                    .await;
+                (res, IoBuf::Registered(reg))
             }
         }
-        let place = |g: &Range<usize>| {
-            let p = &pieces[g.start];
-            let len = SectorCount(pieces[g.clone()].iter().map(|p| p.len.0).sum());
-            let (dev, at) = match sources[g.start] {
-                Some(k) => (&self.cow, self.cow_chunk(k, p.chunk).start + p.offset),
-                None => (&self.origin, self.origin_chunk(p.chunk).start + p.offset),
-            };
-            (dev, at, len)
-        };
-        if let [g] = groups.as_slice() {
-            let (dev, at, _) = place(g);
-            return dev.read(at, buf).await;
+    }
+
+    /// Where the run of pieces `g` is read from: the device, the sector, the length.
+    fn read_place(
+        &self,
+        pieces: &[Piece],
+        sources: &[Option<u64>],
+        g: &Range<usize>,
+    ) -> (&DeviceRef, Sector, SectorCount) {
+        let p = &pieces[g.start];
+        let len = SectorCount(pieces[g.clone()].iter().map(|p| p.len.0).sum());
+        match sources[g.start] {
+            Some(k) => (&self.cow, self.cow_chunk(k, p.chunk).start + p.offset, len),
+            None => (
+                &self.origin,
+                self.origin_chunk(p.chunk).start + p.offset,
+                len,
+            ),
         }
+    }
+
+    /// [`Inner::read_pieces`] of several runs into owned memory.
+    async fn read_groups_owned(
+        &self,
+        pieces: &[Piece],
+        sources: &[Option<u64>],
+        groups: &[Range<usize>],
+        mut buf: AlignedBuf,
+    ) -> ReadDone {
         let reads = groups
             .iter()
             .map(|g| {
-                let (dev, at, len) = place(g);
+                let (dev, at, len) = self.read_place(pieces, sources, g);
                 dev.read(at, AlignedBuf::for_sectors(len))
             })
             .collect();
@@ -250,6 +297,34 @@ impl Inner {
             buf.as_mut_slice()[at..at + piece.as_slice().len()].copy_from_slice(piece.as_slice());
         }
         (result, buf)
+    }
+
+    /// [`Inner::read_pieces`] of several runs into their parts of one registered buffer.
+    async fn read_groups_registered(
+        &self,
+        pieces: &[Piece],
+        sources: &[Option<u64>],
+        groups: &[Range<usize>],
+        reg: &RegBuf,
+    ) -> io::Result<()> {
+        let reads = groups
+            .iter()
+            .map(|g| {
+                let (dev, at, len) = self.read_place(pieces, sources, g);
+                let from = u32::try_from(pieces[g.start].buf_at).expect("inside a u32 buffer");
+                let bytes = u32::try_from(len.to_bytes()).expect("inside a u32 buffer");
+                // The pieces tile the request, whose length is the buffer's.
+                let part = reg
+                    .slice(from, bytes)
+                    .expect("a read group inside the request");
+                dev.read_buf(at, IoBuf::Registered(part))
+            })
+            .collect();
+        let mut result = Ok(());
+        for (res, _) in join_all(reads).await {
+            result = result.and(res);
+        }
+        result
     }
 
     /// Every piece's chunk locked shared, in ascending order (as every request takes them).
@@ -524,14 +599,19 @@ impl Inner {
         result
     }
 
-    pub(super) async fn origin_read(self: Arc<Self>, offset: Sector, buf: AlignedBuf) -> ReadDone {
-        let extent = Extent::new(offset, buf.sectors());
+    /// An origin read into owned memory or a registered buffer (zero copy: the reads go to
+    /// the origin, or while merging to the COW store, with parts of the one buffer).
+    pub(super) async fn origin_read(self: Arc<Self>, offset: Sector, buf: IoBuf) -> IoReadDone {
+        let extent = match buf.sectors() {
+            Ok(len) => Extent::new(offset, len),
+            Err(e) => return (Err(e), buf),
+        };
         if let Err(e) = self.origin_info.check_extent(extent) {
             return (Err(e), buf);
         }
         let _gate = self.gate.read().await;
         if self.store().merging().is_none() {
-            return self.origin.read(offset, buf).await;
+            return self.origin.read_buf(offset, buf).await;
         }
         // Merging: unmerged chunks read from the COW store.
         let pieces = self.pieces(extent);
@@ -543,20 +623,22 @@ impl Inner {
         self.read_pieces(&pieces, &sources, buf).await
     }
 
-    /// An origin write: its chunks are prepared ([`Inner::prepare_origin_change`]), then it
-    /// is passed on.
+    /// An origin write: its chunks are prepared ([`Inner::prepare_origin_change`]: the
+    /// copies the snapshots need go through the copy engine in memory of its own), then it is
+    /// passed on, with owned memory or a registered buffer alike (zero copy: the new data is
+    /// never seen).
     pub(super) async fn origin_write(
         self: Arc<Self>,
         offset: Sector,
-        buf: Arc<AlignedBuf>,
+        buf: WriteBuf,
         flags: WriteFlags,
     ) -> io::Result<()> {
-        let extent = Extent::new(offset, buf.sectors());
+        let extent = Extent::new(offset, buf.sectors()?);
         self.origin_info.check_extent(extent)?;
         let _gate = self.gate.read().await;
         let _guards = self.prepare_origin_change(extent).await?;
         self.engine.note_foreground_io();
-        self.origin.write(offset, buf, flags).await
+        self.origin.write_buf(offset, buf, flags).await
     }
 
     /// An origin discard, a step of at most [`DISCARD_STEP_CHUNKS`] chunks at a time: each
@@ -637,14 +719,19 @@ impl Inner {
         steps
     }
 
+    /// A snapshot read into owned memory or a registered buffer (zero copy: each chunk's
+    /// part read from the origin or the COW store straight into its part of the buffer).
     pub(super) async fn snap_read(
         self: Arc<Self>,
         slot: usize,
         seq: u64,
         offset: Sector,
-        buf: AlignedBuf,
-    ) -> ReadDone {
-        let extent = Extent::new(offset, buf.sectors());
+        buf: IoBuf,
+    ) -> IoReadDone {
+        let extent = match buf.sectors() {
+            Ok(len) => Extent::new(offset, len),
+            Err(e) => return (Err(e), buf),
+        };
         if let Err(e) = self.origin_info.check_extent(extent) {
             return (Err(e), buf);
         }

@@ -140,6 +140,31 @@
 //! `Target::command_needs_closed`); a merge already started (or resumed after a crash) changes
 //! nothing an opener sees, so it goes on.
 //!
+//! # Zero copy
+//! The origin and every snapshot ask for zero copy (`Target::zero_copy`): where the kernel
+//! offers automatic buffer registration a request's own pages reach the target as a
+//! registered buffer (`IoBuf::Registered`), which only fixed-buffer I/O on the queue's ring
+//! can read or write. What each path does with one:
+//! - an origin read passes it to the origin device; while a merge runs, each run of chunks
+//!   (from the origin, or unmerged from the COW store) is read into its part of it
+//!   (`RegBuf::slice`);
+//! - an origin write first makes its chunks ready as in copy mode (the copies the snapshots
+//!   need and any merge go through the copy engine, in memory of its own, and are durable
+//!   first: the ordering is the same), then passes the buffer to the origin device. The new
+//!   data is never seen, so nothing is copied;
+//! - a snapshot read fills parts of the one buffer from the origin and the COW store, as an
+//!   owned read fills parts of its buffer;
+//! - a snapshot write is refused with `NeedsCopy` before any I/O, and the front end serves
+//!   that request alone in copy mode (counted in `zero_copy_fallbacks`). It could be done
+//!   without seeing the data (a partial chunk is merged by copying the old image through the
+//!   engine, not in memory), but snapshot writes are rare, and one path keeps them simple;
+//! - discards and write-zeroes carry no data buffer (write-zeroes writes owned zeroes).
+//!
+//! A registered read or write that fails with `EINVAL` (memory a backing `O_DIRECT` device
+//! refuses) is served again in copy mode by the front end: every path above can run twice,
+//! since a copy-on-write already done makes the second write a rewrite. Copy mode (owned
+//! memory: the copy engine, metadata, the simulations) is unchanged.
+//!
 //! # Threads
 //! Futures are `!Send` and run where awaited; state sits behind `std::sync::Mutex`es never
 //! held across an await. [`SnapshotGroup::merge_task`] is the merge driver as a future: the
@@ -184,8 +209,8 @@ use self::io::ChunkLocks;
 use self::state::Store;
 use crate::copy::{CopyConfig, CopyEngine};
 use crate::device::{
-    errno, open_distinct, reactor, AlignedBuf, BlockDevice, DeviceInfo, DeviceRef, IoFuture,
-    OpenOptions, ReadDone, UringDevice, WriteFlags,
+    errno, needs_copy, open_distinct, reactor, AlignedBuf, BlockDevice, DeviceInfo, DeviceRef,
+    IoBuf, IoFuture, IoReadDone, OpenOptions, ReadDone, UringDevice, WriteBuf, WriteFlags,
 };
 use crate::error::{Error, ErrorKind, Result};
 use crate::target::{Target, TargetSpec};
@@ -928,6 +953,17 @@ impl OriginTarget {
     }
 }
 
+/// The owned read an [`IoBuf::Owned`] read of a group's device is: the buffer comes back
+/// owned (the read paths hand back the buffer they were given).
+fn owned(read: IoFuture<IoReadDone>) -> IoFuture<ReadDone> {
+    Box::pin(async move {
+        match read.await {
+            (res, IoBuf::Owned(buf)) => (res, buf),
+            (_, IoBuf::Registered(_)) => unreachable!("an owned read came back registered"),
+        }
+    })
+}
+
 /// A buffer of zeroes for `extent` (write-zeroes is emulated with writes).
 fn zeroes(extent: Extent) -> Arc<AlignedBuf> {
     Arc::new(AlignedBuf::for_sectors(extent.len))
@@ -939,13 +975,29 @@ impl BlockDevice for OriginTarget {
     }
 
     fn read(&self, offset: Sector, buf: AlignedBuf) -> IoFuture<ReadDone> {
-        Box::pin(Arc::clone(&self.group.inner).origin_read(offset, buf))
+        owned(self.read_buf(offset, IoBuf::Owned(buf)))
     }
 
     fn write(
         &self,
         offset: Sector,
         buf: Arc<AlignedBuf>,
+        flags: WriteFlags,
+    ) -> IoFuture<std::io::Result<()>> {
+        self.write_buf(offset, IoBuf::Owned(buf), flags)
+    }
+
+    /// Owned memory or a registered buffer (zero copy) alike: see [`Inner::origin_read`].
+    fn read_buf(&self, offset: Sector, buf: IoBuf) -> IoFuture<IoReadDone> {
+        Box::pin(Arc::clone(&self.group.inner).origin_read(offset, buf))
+    }
+
+    /// Owned memory or a registered buffer (zero copy) alike: the copy-on-write the write
+    /// needs goes through the copy engine first, then the data goes to the origin.
+    fn write_buf(
+        &self,
+        offset: Sector,
+        buf: WriteBuf,
         flags: WriteFlags,
     ) -> IoFuture<std::io::Result<()>> {
         Box::pin(Arc::clone(&self.group.inner).origin_write(offset, buf, flags))
@@ -967,6 +1019,12 @@ impl BlockDevice for OriginTarget {
 impl Target for OriginTarget {
     fn kind(&self) -> &'static str {
         "snapshot-origin"
+    }
+
+    /// Origin reads and writes never need the data (copy-on-write copies the old chunk
+    /// through the copy engine): zero copy wherever the kernel offers it.
+    fn zero_copy(&self) -> bool {
+        true
     }
 
     fn status(&self) -> serde_json::Value {
@@ -1070,8 +1128,28 @@ impl BlockDevice for SnapshotTarget {
     }
 
     fn read(&self, offset: Sector, buf: AlignedBuf) -> IoFuture<ReadDone> {
+        owned(self.read_buf(offset, IoBuf::Owned(buf)))
+    }
+
+    /// Owned memory or a registered buffer (zero copy) alike: see [`Inner::snap_read`].
+    fn read_buf(&self, offset: Sector, buf: IoBuf) -> IoFuture<IoReadDone> {
         let inner = Arc::clone(&self.group.inner);
         Box::pin(inner.snap_read(self.slot, self.seq, offset, buf))
+    }
+
+    /// A write to a snapshot is served in copy mode only: a registered buffer is refused
+    /// with `NeedsCopy` before any I/O, and the front end serves that request alone in copy
+    /// mode (see the module doc, "Zero copy").
+    fn write_buf(
+        &self,
+        offset: Sector,
+        buf: WriteBuf,
+        flags: WriteFlags,
+    ) -> IoFuture<std::io::Result<()>> {
+        match buf {
+            IoBuf::Owned(owned) => self.write(offset, owned, flags),
+            IoBuf::Registered(_) => Box::pin(std::future::ready(Err(needs_copy()))),
+        }
     }
 
     fn write(
@@ -1101,6 +1179,12 @@ impl BlockDevice for SnapshotTarget {
 impl Target for SnapshotTarget {
     fn kind(&self) -> &'static str {
         "snapshot"
+    }
+
+    /// Reads are served in zero copy; a write falls back to copy mode for that request
+    /// alone (see the module doc, "Zero copy").
+    fn zero_copy(&self) -> bool {
+        true
     }
 
     fn status(&self) -> serde_json::Value {
@@ -1161,6 +1245,8 @@ async fn refuse_foreign_cow(cow: &DeviceRef) -> Result<()> {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod zero_copy_tests;
 
 #[cfg(test)]
 mod cow_probe_tests {

@@ -1,0 +1,145 @@
+#!/usr/bin/env bash
+# tests/vm/snapshot_zero_copy.sh: an origin and its snapshot in zero copy where the kernel offers
+# it (newest), in copy mode where it does not (lts); data integrity either way.
+# vm: --disks 2x128M --timeout 900
+# Run: tests/vm/run-all [--debug] --kernel newest|lts tests/vm/snapshot_zero_copy.sh
+# Method: the data path expected is derived from the booted kernel ($UBLKDM_VM_KERNEL: newest
+# offers AUTO_BUF_REG, lts does not). A 16 MiB origin of random bytes (a slice of vda) with its
+# COW store on a 64 MiB slice of vdb, and one snapshot s1 taken before any write: both devices
+# must say the data path in `status --json` (.data_path). s1 must read as the origin's image
+# (its checksum, taken before the writes). fio then writes and verifies (crc32c) the origin: 4 KiB
+# random blocks at depth 32 and 1 MiB sequential blocks at depth 8, every first write copying
+# its chunk for s1 (zero copy: the old chunk through the copy engine, the new data from the
+# request's own pages); s1 read in zero copy (chunks from the origin and the COW store into one
+# request's pages) must still equal the image from before. No fallback for any of it; a 4 KiB
+# write to s1 (which must see no data: snapshot writes are served in copy mode) must count one
+# fallback in zero copy and none on lts, and read back. `kill -9` of the daemon under fio: the
+# origin QUIESCED, `recover` brings back the origin and s1 LIVE with the same data path,
+# every acknowledged write verifies, and s1 still holds its image.
+set -uo pipefail
+. "$UBLKDM_REPO/scripts/vm/lib.sh"
+. "$UBLKDM_REPO/tests/vm/common.sh"
+. "$UBLKDM_REPO/tests/vm/common_snapshot.sh"
+
+kernel=${UBLKDM_VM_KERNEL:-}
+case $kernel in
+newest) want=zero-copy want_fallbacks=1 ;;
+lts) want=copy want_fallbacks=0 ;;
+*) die "UBLKDM_VM_KERNEL is '$kernel', not lts or newest" ;;
+esac
+vm_log "kernel $(uname -r) ($kernel): the origin and its snapshot should be $want"
+
+MIB=16
+orig=$(slice origin /dev/vda 0 $MIB)
+cow=$(slice cow /dev/vdb 0 64)
+fill_random "$orig" "$T/s1.img" $MIB
+dev=$(add_origin "$orig" "$cow") || die "add origin failed"
+id=$(dev_id "$dev")
+set_sched_none "$dev"
+s1=$(snap_create "$id" s1) || die "snapshot create failed"
+sid=$(dev_id "$s1")
+before=$(file_sum "$T/s1.img")
+
+# The fallbacks of the origin (as its own device) and of s1 (a child of its daemon).
+fallbacks() {
+	group "$id"
+	printf '%s %s\n' "$(jq -r .daemon_status.io.zero_copy_fallbacks <<<"$G")" \
+		"$(jq -r '.daemon_status.children[] | select(.name == "s1") | .io.zero_copy_fallbacks' <<<"$G")"
+}
+paths() { printf '%s %s\n' "$(field "$id" .data_path)" "$(field "$sid" .data_path)"; }
+
+if [[ $(paths) == "$want $want" ]]; then
+	pass "status-says-$want"
+else
+	fail "status-says-$want" "origin and s1 data paths: $(paths)"
+fi
+
+# --- fio verify on the origin; every first write copies its chunk for s1.
+common=(--filename="$dev" --direct=1 --ioengine=io_uring --verify=crc32c --verify_fatal=1 --runtime=120)
+jobs=(
+	"4k-randwrite-qd32|--rw=randwrite --bs=4k --iodepth=32 --offset=0 --size=4M"
+	"1m-seqwrite-qd8|--rw=write --bs=1M --iodepth=8 --offset=4M --size=8M"
+)
+for entry in "${jobs[@]}"; do
+	name=${entry%%|*}
+	read -ra args <<<"${entry#*|}"
+	if run_fio "$name" "${common[@]}" "${args[@]}"; then
+		pass "fio-$name-verify"
+	else
+		fail "fio-$name-verify" "$(grep -m1 -E 'err=|verify' "$T/$name.out")"
+	fi
+	grep -hE '^ *(write|read):' "$T/$name.out" || true
+done
+group "$id"
+vm_log "store after fio: $(g '.cow | tojson'), exceptions $(g .exceptions)"
+if (($(g .exceptions) > 0)); then
+	pass "first-writes-copied-chunks"
+else
+	fail "first-writes-copied-chunks" "no exception after writes to the origin"
+fi
+expect_sum "snapshot-keeps-its-image" "$s1" "$before" "s1 after the origin writes"
+if [[ $(fallbacks) == "0 0" ]]; then
+	pass "aligned-io-never-falls-back"
+else
+	fail "aligned-io-never-falls-back" "origin and s1 fallbacks: $(fallbacks)"
+fi
+
+# --- a snapshot write: served in copy mode, one fallback in zero copy.
+if put "$s1" $((4 << 20)) 4096 "$T/s1.img"; then
+	pass "snapshot-write-served"
+else
+	fail "snapshot-write-served" "a 4 KiB write to $s1 failed"
+fi
+if [[ $(fallbacks) == "0 $want_fallbacks" ]]; then
+	pass "snapshot-write-falls-back-$want_fallbacks"
+else
+	fail "snapshot-write-falls-back-$want_fallbacks" "origin and s1 fallbacks: $(fallbacks)"
+fi
+expect_image "snapshot-reads-its-write" "$s1" "$T/s1.img"
+
+# --- kill -9 under fio, recover, acknowledged writes verify, s1 intact.
+vm_log "kill phase"
+pid=$(daemon_pid "$id")
+kill_job=(--filename="$dev" --direct=1 --ioengine=io_uring --rw=randwrite --bs=16k --iodepth=16
+	--offset=0 "--size=${MIB}M" --verify=crc32c --verify_fatal=1 --aux-path="$T")
+trigger=$T/kill-now
+run_fio kill-phase "${kill_job[@]}" --runtime=60 --verify_state_save=1 \
+	--trigger-file="$trigger" --trigger="kill -9 $pid" &
+fio_pid=$!
+writes=$(field "$id" .daemon_status.io.writes)
+wait_writes "$id" $((writes + 200)) || die "fio did not get going: $(cat "$T/kill-phase.err")"
+pid_alive "$fio_pid" || die "fio ended before the kill: $(cat "$T/kill-phase.out")"
+touch "$trigger"
+if wait_until 30 bash -c "! [[ -d /proc/$pid ]] || grep -q '^[^)]*) Z' /proc/$pid/stat" &&
+	wait_until 30 bash -c "[[ \$($UBLKDM status --json $id | jq -r .state) == QUIESCED ]]"; then
+	pass "kill-9-leaves-device-quiesced"
+else
+	fail "kill-9-leaves-device-quiesced" "state $(field "$id" .state)"
+fi
+if again=$(ublkdm recover "$id") && [[ $again == "$dev" && $(field "$id" .state) == LIVE &&
+	$(field "$sid" .state) == LIVE && $(paths) == "$want $want" ]]; then
+	pass "recover-brings-both-live-$want"
+else
+	fail "recover-brings-both-live-$want" "recover '${again:-}', states $(field "$id" .state) $(field "$sid" .state), data paths $(paths)"
+fi
+if wait_until 60 bash -c "! kill -0 $fio_pid 2>/dev/null"; then
+	wait "$fio_pid"
+else
+	kill -9 "$fio_pid"
+	fail "kill-phase-ends" "fio still running 60 s after recovery"
+fi
+state_files=("$T"/*verify.state)
+verified=0
+if [[ -e ${state_files[0]} ]] &&
+	timeout "$FIO_TIMEOUT" fio --name=kill-phase "${kill_job[@]}" --verify_only=1 --verify_state_load=1 \
+		--output-format=json --output="$T/verify.json" 2>"$T/verify.err"; then
+	verified=$(jq -r '.jobs[0].read.io_bytes' "$T/verify.json")
+fi
+if ((verified >= 200 * 16384)); then
+	pass "acknowledged-writes-verify-after-recover"
+	vm_log "verified $((verified >> 20)) MiB of acknowledged writes"
+else
+	fail "acknowledged-writes-verify-after-recover" "verified $verified bytes; $(head -3 "$T/verify.err")"
+fi
+expect_image "snapshot-intact-after-recover" "$s1" "$T/s1.img"
+vm_summary
