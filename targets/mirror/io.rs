@@ -161,7 +161,8 @@ fn refuses_registered(err: &io::Error) -> bool {
     is_needs_copy(err) || err.raw_os_error() == Some(libc::EINVAL)
 }
 
-/// What the legs did with one piece of a write (see `Inner::tally`).
+/// What the legs did with a write (one piece of at most `write_piece_regions` regions, cut
+/// at regions; see `Inner::tally`).
 struct Tally {
     /// Per piece: every leg that was to take it took it.
     piece_ok: Vec<bool>,
