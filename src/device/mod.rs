@@ -130,6 +130,13 @@ pub trait BlockDevice: Send + Sync + 'static {
         self.info().size
     }
 
+    /// Reads the present size from the device again (one that can be extended under us, a
+    /// block device or a file, grows [`Self::size`] to it) and returns it; by default the
+    /// size it has.
+    fn refresh_size(&self) -> io::Result<SectorCount> {
+        Ok(self.size())
+    }
+
     /// Reads `buf.len()` bytes at `offset` into `buf`.
     fn read(&self, offset: Sector, buf: AlignedBuf) -> IoFuture<ReadDone>;
 
@@ -186,6 +193,7 @@ pub fn errno(code: i32) -> io::Error {
 }
 
 /// Fails a request with `EINVAL` unless `extent` is valid for `info` and its buffer matches.
+#[cfg(feature = "sim")]
 pub(crate) fn check_buf_request(
     info: &DeviceInfo,
     offset: Sector,

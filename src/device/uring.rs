@@ -25,6 +25,7 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -32,8 +33,8 @@ use io_uring::{opcode, types};
 
 use super::reactor::{self, cqe_result, submit_owned};
 use super::{
-    check_buf_request, errno, owned_read, AlignedBuf, BlockDevice, DeviceInfo, IoBuf, IoFuture,
-    IoReadDone, ReadDone, RegBuf, WriteBuf, WriteFlags,
+    errno, owned_read, AlignedBuf, BlockDevice, DeviceInfo, IoBuf, IoFuture, IoReadDone, ReadDone,
+    RegBuf, WriteBuf, WriteFlags,
 };
 use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::units::{Extent, Sector, SectorCount};
@@ -71,6 +72,9 @@ pub struct UringDevice {
     is_block: bool,
     identity: DeviceIdentity,
     info: DeviceInfo,
+    /// The present size in sectors: `info.size` at open, grown by
+    /// [`BlockDevice::refresh_size`] (never shrunk). Bounds checks use it.
+    size: AtomicU64,
 }
 
 /// What makes two opens the same storage, whatever paths named them.
@@ -140,6 +144,7 @@ impl UringDevice {
             path: path.to_owned(),
             is_block,
             identity,
+            size: AtomicU64::new(info.size.0),
             info,
         })
     }
@@ -159,7 +164,7 @@ impl UringDevice {
 
     fn fallocate(&self, extent: Extent, mode: i32) -> IoFuture<io::Result<()>> {
         let fd = Arc::clone(&self.fd);
-        let checked = self.info.check_extent(extent);
+        let checked = self.check_extent(extent);
         Box::pin(async move {
             checked?;
             let sqe = opcode::Fallocate::new(types::Fd(fd.as_raw_fd()), extent.len.to_bytes())
@@ -401,9 +406,36 @@ impl BlockDevice for UringDevice {
         &self.info
     }
 
+    fn size(&self) -> SectorCount {
+        SectorCount(self.size.load(Ordering::Acquire))
+    }
+
+    /// Reads the size again (`BLKGETSIZE64`, or the file's length, in whole logical blocks):
+    /// a device extended under us (a dm table reloaded bigger, `losetup -c`) grows. A device
+    /// that shrank is refused (`EINVAL`): what was served beyond its end is gone.
+    fn refresh_size(&self) -> io::Result<SectorCount> {
+        let bytes = if self.is_block {
+            ioctl_u64(&self.fd, BLKGETSIZE64)?
+        } else {
+            std::fs::File::from(self.fd.try_clone()?).metadata()?.len()
+        };
+        let block = u64::from(self.info.logical_block_bytes);
+        let now = SectorCount::from_bytes_floor(bytes / block * block);
+        let before = self.size.fetch_max(now.0, Ordering::AcqRel);
+        if now.0 < before {
+            log::error!(
+                "{} shrank from {before} to {} sectors",
+                self.info.name,
+                now.0
+            );
+            return Err(errno(libc::EINVAL));
+        }
+        Ok(now)
+    }
+
     fn read(&self, offset: Sector, buf: AlignedBuf) -> IoFuture<ReadDone> {
         let fd = Arc::clone(&self.fd);
-        let checked = check_buf_request(&self.info, offset, &buf);
+        let checked = self.check_extent(Extent::new(offset, buf.sectors()));
         Box::pin(async move {
             if let Err(err) = checked {
                 return (Err(err), buf);
@@ -421,7 +453,7 @@ impl BlockDevice for UringDevice {
         flags: WriteFlags,
     ) -> IoFuture<io::Result<()>> {
         let fd = Arc::clone(&self.fd);
-        let checked = check_buf_request(&self.info, offset, &buf);
+        let checked = self.check_extent(Extent::new(offset, buf.sectors()));
         Box::pin(async move {
             checked?;
             rw_loop(fd, offset, RwBuf::Write(buf), flags).await.0
@@ -491,7 +523,7 @@ impl BlockDevice for UringDevice {
             );
         }
         let fd = Arc::clone(&self.fd);
-        let checked = self.info.check_extent(extent);
+        let checked = self.check_extent(extent);
         Box::pin(async move {
             checked?;
             let range = [extent.start.to_bytes(), extent.len.to_bytes()];
@@ -517,12 +549,23 @@ impl BlockDevice for UringDevice {
 }
 
 impl UringDevice {
+    /// Checks that `extent` lies within the present size, on logical-block boundaries.
+    fn check_extent(&self, extent: Extent) -> io::Result<()> {
+        let block = self.info.logical_block_sectors().0.max(1);
+        let aligned = extent.start.0 % block == 0 && extent.len.0 % block == 0;
+        if extent.fits_in(self.size()) && aligned {
+            Ok(())
+        } else {
+            Err(errno(libc::EINVAL))
+        }
+    }
+
     /// A registered buffer's request: whole sectors on the device. (Whether the buffer is
     /// usable is checked when the I/O is submitted, on the ring it is submitted to.)
     fn check_registered(&self, offset: Sector, reg: &RegBuf) -> io::Result<()> {
         let sectors = crate::units::SectorCount::from_bytes_exact(reg.len() as u64)
             .ok_or_else(|| errno(libc::EINVAL))?;
-        self.info.check_extent(Extent::new(offset, sectors))
+        self.check_extent(Extent::new(offset, sectors))
     }
 }
 
