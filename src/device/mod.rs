@@ -96,9 +96,15 @@ impl DeviceInfo {
 
     /// Checks that `extent` lies on the device and on logical-block boundaries.
     pub fn check_extent(&self, extent: Extent) -> io::Result<()> {
+        self.check_extent_in(extent, self.size)
+    }
+
+    /// Checks that `extent` lies within `size` (a device's present size, see
+    /// [`BlockDevice::size`]) and on logical-block boundaries.
+    pub fn check_extent_in(&self, extent: Extent, size: SectorCount) -> io::Result<()> {
         let block = self.logical_block_sectors().0.max(1);
         let aligned = extent.start.0 % block == 0 && extent.len.0 % block == 0;
-        if extent.fits_in(self.size) && aligned {
+        if extent.fits_in(size) && aligned {
             Ok(())
         } else {
             Err(io::Error::from_raw_os_error(libc::EINVAL))
@@ -132,7 +138,7 @@ pub trait BlockDevice: Send + Sync + 'static {
 
     /// Reads the present size from the device again (one that can be extended under us, a
     /// block device or a file, grows [`Self::size`] to it) and returns it; by default the
-    /// size it has.
+    /// size it has. For a target that holds its devices as `DeviceRef`s (a snapshot origin).
     fn refresh_size(&self) -> io::Result<SectorCount> {
         Ok(self.size())
     }

@@ -71,9 +71,10 @@ pub struct UringDevice {
     path: PathBuf,
     is_block: bool,
     identity: DeviceIdentity,
+    /// As opened; its `size` is the size then.
     info: DeviceInfo,
-    /// The present size in sectors: `info.size` at open, grown by
-    /// [`BlockDevice::refresh_size`] (never shrunk). Bounds checks use it.
+    /// The present size in sectors ([`BlockDevice::size`]): `info.size` until
+    /// [`UringDevice::refresh_size`] finds the device grown. It never shrinks.
     size: AtomicU64,
 }
 
@@ -149,6 +150,46 @@ impl UringDevice {
         })
     }
 
+    /// Re-reads the device's size (a block device extended under us, a file made longer) and
+    /// returns it; [`BlockDevice::size`] follows from then on. A device found smaller than its
+    /// present size is an error (`EINVAL`) and the size stays: a device never shrinks while it
+    /// is open, since data was promised up to its size.
+    pub fn refresh_size(&self) -> io::Result<SectorCount> {
+        let now = if self.is_block {
+            let bytes = ioctl_u64(&self.fd, BLKGETSIZE64)?;
+            let block = u64::from(self.info.logical_block_bytes);
+            SectorCount::from_bytes_floor(bytes / block * block)
+        } else {
+            // SAFETY: fstat writes into a zeroed, live stat buffer; the descriptor is open.
+            let mut st: libc::stat = unsafe { std::mem::zeroed() };
+            // SAFETY: as above.
+            if unsafe { libc::fstat(self.fd.as_raw_fd(), &mut st) } < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let bytes = u64::try_from(st.st_size).map_err(|_| errno(libc::EINVAL))?;
+            SectorCount::from_bytes_floor(bytes / FILE_BLOCK_BYTES * FILE_BLOCK_BYTES)
+        };
+        let before = self.size();
+        if now < before {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "{} shrank from {} to {} sectors while in use",
+                    self.path.display(),
+                    before.0,
+                    now.0
+                ),
+            ));
+        }
+        self.size.fetch_max(now.0, Ordering::SeqCst);
+        Ok(self.size())
+    }
+
+    /// Fails with `EINVAL` unless `extent` lies within the present size, on block boundaries.
+    fn check(&self, extent: Extent) -> io::Result<()> {
+        self.info.check_extent_in(extent, self.size())
+    }
+
     /// What this device is, whatever path named it (see [`same_device`]).
     pub fn identity(&self) -> DeviceIdentity {
         self.identity
@@ -164,7 +205,7 @@ impl UringDevice {
 
     fn fallocate(&self, extent: Extent, mode: i32) -> IoFuture<io::Result<()>> {
         let fd = Arc::clone(&self.fd);
-        let checked = self.check_extent(extent);
+        let checked = self.check(extent);
         Box::pin(async move {
             checked?;
             let sqe = opcode::Fallocate::new(types::Fd(fd.as_raw_fd()), extent.len.to_bytes())
@@ -385,9 +426,11 @@ fn sysfs_queue(fd: &OwnedFd) -> Option<PathBuf> {
         .find(|q| q.is_dir())
 }
 
+/// The block of a regular file: 4 KiB, which O_DIRECT accepts on every local filesystem.
+const FILE_BLOCK_BYTES: u64 = 4096;
+
 fn file_info(meta: &std::fs::Metadata, path: &Path) -> DeviceInfo {
-    // Files are served in 4 KiB blocks, which O_DIRECT accepts on every local filesystem.
-    let size = meta.len() / 4096 * 4096;
+    let size = meta.len() / FILE_BLOCK_BYTES * FILE_BLOCK_BYTES;
     DeviceInfo {
         name: path.display().to_string(),
         size: SectorCount::from_bytes_floor(size),
@@ -407,35 +450,17 @@ impl BlockDevice for UringDevice {
     }
 
     fn size(&self) -> SectorCount {
-        SectorCount(self.size.load(Ordering::Acquire))
+        SectorCount(self.size.load(Ordering::SeqCst))
     }
 
-    /// Reads the size again (`BLKGETSIZE64`, or the file's length, in whole logical blocks):
-    /// a device extended under us (a dm table reloaded bigger, `losetup -c`) grows. A device
-    /// that shrank is refused (`EINVAL`): what was served beyond its end is gone.
+    /// [`UringDevice::refresh_size`], for holders of a `DeviceRef`.
     fn refresh_size(&self) -> io::Result<SectorCount> {
-        let bytes = if self.is_block {
-            ioctl_u64(&self.fd, BLKGETSIZE64)?
-        } else {
-            std::fs::File::from(self.fd.try_clone()?).metadata()?.len()
-        };
-        let block = u64::from(self.info.logical_block_bytes);
-        let now = SectorCount::from_bytes_floor(bytes / block * block);
-        let before = self.size.fetch_max(now.0, Ordering::AcqRel);
-        if now.0 < before {
-            log::error!(
-                "{} shrank from {before} to {} sectors",
-                self.info.name,
-                now.0
-            );
-            return Err(errno(libc::EINVAL));
-        }
-        Ok(now)
+        UringDevice::refresh_size(self)
     }
 
     fn read(&self, offset: Sector, buf: AlignedBuf) -> IoFuture<ReadDone> {
         let fd = Arc::clone(&self.fd);
-        let checked = self.check_extent(Extent::new(offset, buf.sectors()));
+        let checked = self.check(Extent::new(offset, buf.sectors()));
         Box::pin(async move {
             if let Err(err) = checked {
                 return (Err(err), buf);
@@ -453,7 +478,7 @@ impl BlockDevice for UringDevice {
         flags: WriteFlags,
     ) -> IoFuture<io::Result<()>> {
         let fd = Arc::clone(&self.fd);
-        let checked = self.check_extent(Extent::new(offset, buf.sectors()));
+        let checked = self.check(Extent::new(offset, buf.sectors()));
         Box::pin(async move {
             checked?;
             rw_loop(fd, offset, RwBuf::Write(buf), flags).await.0
@@ -523,7 +548,7 @@ impl BlockDevice for UringDevice {
             );
         }
         let fd = Arc::clone(&self.fd);
-        let checked = self.check_extent(extent);
+        let checked = self.check(extent);
         Box::pin(async move {
             checked?;
             let range = [extent.start.to_bytes(), extent.len.to_bytes()];
@@ -549,23 +574,12 @@ impl BlockDevice for UringDevice {
 }
 
 impl UringDevice {
-    /// Checks that `extent` lies within the present size, on logical-block boundaries.
-    fn check_extent(&self, extent: Extent) -> io::Result<()> {
-        let block = self.info.logical_block_sectors().0.max(1);
-        let aligned = extent.start.0 % block == 0 && extent.len.0 % block == 0;
-        if extent.fits_in(self.size()) && aligned {
-            Ok(())
-        } else {
-            Err(errno(libc::EINVAL))
-        }
-    }
-
     /// A registered buffer's request: whole sectors on the device. (Whether the buffer is
     /// usable is checked when the I/O is submitted, on the ring it is submitted to.)
     fn check_registered(&self, offset: Sector, reg: &RegBuf) -> io::Result<()> {
         let sectors = crate::units::SectorCount::from_bytes_exact(reg.len() as u64)
             .ok_or_else(|| errno(libc::EINVAL))?;
-        self.check_extent(Extent::new(offset, sectors))
+        self.check(Extent::new(offset, sectors))
     }
 }
 
