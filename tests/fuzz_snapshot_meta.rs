@@ -368,6 +368,7 @@ fn record_len(payload: &[u8]) -> Option<usize> {
         13 => Some(19),
         5 | 12 => Some(25),
         14 => Some(33),
+        15 => Some(17),
         _ => None,
     }
 }
@@ -769,6 +770,12 @@ enum Hostile {
         origin: ChunkValue,
         slot: SlotValue,
     },
+    /// The origin grew to `size` (chunks, relative to the origin's) for snapshots from
+    /// creation number `since` on.
+    Grow {
+        size: ChunkValue,
+        since: u64,
+    },
     /// An unknown type byte and what follows it.
     Unknown(u8, Vec<u8>),
     /// A copy of the base's record at this index (a COW chunk mapped twice, a second Create).
@@ -815,7 +822,8 @@ fn hostile() -> impl Strategy<Value = Hostile> {
             .prop_map(|(cow, origin, newest, merging)| Hostile::Copy { cow, origin, newest, merging }),
         3 => (chunk_value(), prop::bool::weighted(0.2), chunk_value(), slot_value())
             .prop_map(|(cow, merged, origin, slot)| Hostile::Private { cow, merged, origin, slot }),
-        1 => (prop_oneof![Just(0u8), 15u8..=255], prop::collection::vec(any::<u8>(), 0..30))
+        2 => (chunk_value(), seq_value()).prop_map(|(size, since)| Hostile::Grow { size, since }),
+        1 => (prop_oneof![Just(0u8), 16u8..=255], prop::collection::vec(any::<u8>(), 0..30))
             .prop_map(|(t, rest)| Hostile::Unknown(t, rest)),
         2 => any::<usize>().prop_map(Hostile::Repeat),
     ]
@@ -985,6 +993,11 @@ impl Limits<'_> {
                 u64s(&mut out, &[cow, Self::chunk(origin, self.origin_chunks)]);
                 out.extend_from_slice(&self.slot(slot));
             }
+            Hostile::Grow { size, since } => {
+                out.push(15);
+                let chunks = Self::chunk(size, 2 * self.origin_chunks);
+                u64s(&mut out, &[chunks.wrapping_mul(self.base.sb.chunk), *since]);
+            }
             Hostile::Unknown(t, rest) => {
                 out.push(*t);
                 out.extend_from_slice(rest);
@@ -1069,7 +1082,17 @@ fn run_log_case(case: LogCase, tally: &Tally) {
         let at = log_at(sb, n);
         image[at..at + BLOCK].fill(0);
     }
-    open_mutated(&image, base.origin_sectors, &[], tally);
+    // A growth that holds is refused for the origin it was not made for (another size).
+    let grows = case
+        .inject
+        .iter()
+        .any(|(_, h)| matches!(h, Hostile::Grow { .. }));
+    let allowed: &[ErrorKind] = if grows {
+        &[ErrorKind::InvalidArgument]
+    } else {
+        &[]
+    };
+    open_mutated(&image, base.origin_sectors, allowed, tally);
 }
 
 #[test]

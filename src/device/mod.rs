@@ -96,9 +96,15 @@ impl DeviceInfo {
 
     /// Checks that `extent` lies on the device and on logical-block boundaries.
     pub fn check_extent(&self, extent: Extent) -> io::Result<()> {
+        self.check_extent_in(extent, self.size)
+    }
+
+    /// Checks that `extent` lies within `size` (a device's present size, see
+    /// [`BlockDevice::size`]) and on logical-block boundaries.
+    pub fn check_extent_in(&self, extent: Extent, size: SectorCount) -> io::Result<()> {
         let block = self.logical_block_sectors().0.max(1);
         let aligned = extent.start.0 % block == 0 && extent.len.0 % block == 0;
-        if extent.fits_in(self.size) && aligned {
+        if extent.fits_in(size) && aligned {
             Ok(())
         } else {
             Err(io::Error::from_raw_os_error(libc::EINVAL))
@@ -128,6 +134,13 @@ pub trait BlockDevice: Send + Sync + 'static {
     /// the device is open.
     fn size(&self) -> SectorCount {
         self.info().size
+    }
+
+    /// Reads the present size from the device again (one that can be extended under us, a
+    /// block device or a file, grows [`Self::size`] to it) and returns it; by default the
+    /// size it has. For a target that holds its devices as `DeviceRef`s (a snapshot origin).
+    fn refresh_size(&self) -> io::Result<SectorCount> {
+        Ok(self.size())
     }
 
     /// Reads `buf.len()` bytes at `offset` into `buf`.
@@ -186,6 +199,7 @@ pub fn errno(code: i32) -> io::Error {
 }
 
 /// Fails a request with `EINVAL` unless `extent` is valid for `info` and its buffer matches.
+#[cfg(feature = "sim")]
 pub(crate) fn check_buf_request(
     info: &DeviceInfo,
     offset: Sector,

@@ -538,7 +538,7 @@ impl Inner {
             "target": "snapshot-origin",
             "uuid": self.layout.uuid.to_string(),
             "chunk_sectors": self.layout.chunk.0,
-            "origin_sectors": self.layout.origin_size.0,
+            "origin_sectors": store.origin_size(),
             "cow": {
                 "chunks": self.layout.data_chunks,
                 "used": store.used(),

@@ -103,6 +103,7 @@ mod code {
     pub const COPY: u8 = 12;
     pub const PRIVATE: u8 = 13;
     pub const COPY_MERGING: u8 = 14;
+    pub const GROW: u8 = 15;
 }
 
 /// A superblock slot's fields as they lie on disk (the superblock paragraph of [`super`]).
@@ -261,6 +262,10 @@ pub enum Record {
     /// COW chunk `cow` is snapshot `slot`'s own image of origin chunk `origin` (a write
     /// through the snapshot), or [`MERGED_CHUNK`]: a merge put it into the origin (format 2).
     Private { cow: u64, origin: u64, slot: u16 },
+    /// The origin grew to `size` sectors (from a whole number of chunks): the snapshots of
+    /// creation number `since` on have that size, those before keep theirs (format 2, written
+    /// only by a store that grew: an older build refuses it as an unknown type).
+    Grow { size: u64, since: u64 },
 }
 
 impl Record {
@@ -338,6 +343,11 @@ impl Record {
                 out.extend_from_slice(&origin.to_le_bytes());
                 out.extend_from_slice(&slot.to_le_bytes());
             }
+            Record::Grow { size, since } => {
+                out.push(code::GROW);
+                out.extend_from_slice(&size.to_le_bytes());
+                out.extend_from_slice(&since.to_le_bytes());
+            }
         }
     }
 
@@ -401,6 +411,10 @@ impl<'a> Reader<'a, '_> {
                 cow: self.u64()?,
                 origin: self.u64()?,
                 slot: self.slot(true)?,
+            },
+            code::GROW => Record::Grow {
+                size: self.u64()?,
+                since: self.u64()?,
             },
             other => return Err(format!("has an unknown type {other}")),
         })
@@ -1105,6 +1119,23 @@ mod tests {
             let err = Superblock::decode(&b).expect_err("hostile");
             assert_eq!(err.kind(), ErrorKind::Corrupt, "field at {at}");
         }
+    }
+
+    /// The growth record: type 15, the new size and the first creation number it is for.
+    #[test]
+    fn a_grow_record_round_trips() {
+        let grow = Record::Grow {
+            size: 0x0102_0304_0506,
+            since: 7,
+        };
+        let mut bytes = Vec::new();
+        grow.encode(&mut bytes);
+        assert_eq!(bytes.len(), 17);
+        assert_eq!(bytes[0], 15);
+        assert_eq!(bytes[1..9], 0x0102_0304_0506u64.to_le_bytes());
+        assert_eq!(bytes[9..17], 7u64.to_le_bytes());
+        assert_eq!(Record::decode_all(&bytes), Ok(vec![grow]));
+        assert!(Record::decode_all(&bytes[..16]).is_err(), "cut short");
     }
 
     #[test]

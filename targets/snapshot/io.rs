@@ -183,11 +183,9 @@ impl Inner {
     fn chunk_len(&self, c: u64) -> SectorCount {
         let chunk = self.layout.chunk.0;
         let start = c.checked_mul(chunk).expect("chunk offset overflow");
-        assert!(
-            start < self.layout.origin_size.0,
-            "chunk {c} past the origin"
-        );
-        SectorCount(chunk.min(self.layout.origin_size.0 - c * chunk))
+        let size = self.origin_size();
+        assert!(start < size, "chunk {c} past the origin");
+        SectorCount(chunk.min(size - start))
     }
 
     fn origin_chunk(&self, c: u64) -> Extent {
@@ -606,7 +604,7 @@ impl Inner {
             Ok(len) => Extent::new(offset, len),
             Err(e) => return (Err(e), buf),
         };
-        if let Err(e) = self.origin_info.check_extent(extent) {
+        if let Err(e) = self.check_within(extent, self.origin_size()) {
             return (Err(e), buf);
         }
         let _gate = self.gate.read().await;
@@ -634,7 +632,7 @@ impl Inner {
         flags: WriteFlags,
     ) -> io::Result<()> {
         let extent = Extent::new(offset, buf.sectors()?);
-        self.origin_info.check_extent(extent)?;
+        self.check_within(extent, self.origin_size())?;
         let _gate = self.gate.read().await;
         let _guards = self.prepare_origin_change(extent).await?;
         self.engine.note_foreground_io();
@@ -645,7 +643,7 @@ impl Inner {
     /// step is prepared as a write is, then passed on. An origin device that takes no discard
     /// is left as it is, so nothing needs preparing (the discard promises no content).
     pub(super) async fn origin_discard(self: Arc<Self>, extent: Extent) -> io::Result<()> {
-        self.origin_info.check_extent(extent)?;
+        self.check_within(extent, self.origin_size())?;
         if !self.origin.info().discard {
             return Ok(());
         }
@@ -732,7 +730,8 @@ impl Inner {
             Ok(len) => Extent::new(offset, len),
             Err(e) => return (Err(e), buf),
         };
-        if let Err(e) = self.origin_info.check_extent(extent) {
+        let size = self.store().size_of(seq);
+        if let Err(e) = self.check_within(extent, size) {
             return (Err(e), buf);
         }
         let _gate = self.gate.read().await;
@@ -765,7 +764,7 @@ impl Inner {
         flags: WriteFlags,
     ) -> io::Result<()> {
         let extent = Extent::new(offset, buf.sectors());
-        self.origin_info.check_extent(extent)?;
+        self.check_within(extent, self.store().size_of(seq))?;
         let _gate = self.gate.read().await;
         for p in self.pieces(extent) {
             let _lock = self.locks.exclusive(p.chunk).await;
@@ -791,7 +790,7 @@ impl Inner {
         seq: u64,
         extent: Extent,
     ) -> io::Result<()> {
-        self.origin_info.check_extent(extent)?;
+        self.check_within(extent, self.store().size_of(seq))?;
         for step in self.discard_steps(extent) {
             let _gate = self.gate.read().await;
             let whole: Vec<u64> = self

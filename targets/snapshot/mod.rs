@@ -13,6 +13,7 @@
 //! - `exceptions.rs`: the exception index: every snapshot's images, an origin copy shared by
 //!   any number of snapshots in one entry.
 //! - `free.rs`: the free COW chunks, one bit each.
+//! - `grow.rs`: growing the origin (`Target::resize`), its snapshots keeping their size.
 //! - `io.rs`: origin and snapshot I/O, copy-on-write, merge steps, per-chunk locks.
 //! - `commands.rs`: `snapshot-create`, `-activate`, `-deactivate`, `-delete`, `-list`, `merge`,
 //!   `status`, and which snapshots are active (served as devices; kept in the origin's spec).
@@ -60,7 +61,14 @@
 //! merging snapshot it does not serve (14), `Private{cow u64, origin u64, slot}` (13: a
 //! snapshot's own image, written through it; `cow` = u64::MAX marks a merged chunk), and
 //! `Map{cow u64, origin u64, mask u64}` (5: one COW chunk as the own image of every snapshot
-//! in a 64-bit mask of slots, format 1's origin copy, kept so by format 2). Format 1 wrote
+//! in a 64-bit mask of slots, format 1's origin copy, kept so by format 2), and `Grow{size
+//! u64, since u64}` (15: the origin grew to `size` sectors, from a whole number of chunks; the
+//! snapshots of creation number `since` on have that size, older ones keep theirs; written
+//! only by a store whose origin grew, so a store that never grew stays readable by older
+//! builds; at most 64, checked on replay to grow, by whole chunks, within the index's 2^40
+//! chunks, for creation numbers not taken yet; a checkpoint writes them first). The
+//! superblock's origin size is the size at creation; the origin's size now is the last
+//! `Grow`'s, and the open refuses an origin device of any other size. Format 1 wrote
 //! codes 1 to 6 with slots of one byte (`Create` 1, `Delete` 2, `Invalidate` 3,
 //! `MergeStart` 4, `Map` 5, `Unmap` 6); they are still read. A new store plans its log areas
 //! for 1024 snapshots (fewer on a COW device under 22 MiB, at least 64); its limit is what
@@ -165,6 +173,15 @@
 //! since a copy-on-write already done makes the second write a rewrite. Copy mode (owned
 //! memory: the copy engine, metadata, the simulations) is unchanged.
 //!
+//! # Growth
+//! `Target::resize` grows the origin (`grow.rs`): one durable `Grow` record, between requests,
+//! then the origin serves the new size. Snapshots keep theirs (`Store::size_of`): an
+//! origin write to a chunk beyond an older snapshot's end copies nothing for it, and its merge
+//! rolls back only its range. A copy made for later snapshots of a chunk in the new area may
+//! take older ones in by its creation-number range; they never read it (their I/O is bounded
+//! by their size, their merge and exception counts by their chunks), but it stays allocated
+//! until the older snapshots that it takes in are gone too.
+//!
 //! # Threads
 //! Futures are `!Send` and run where awaited; state sits behind `std::sync::Mutex`es never
 //! held across an await. [`SnapshotGroup::merge_task`] is the merge driver as a future: the
@@ -181,13 +198,14 @@ pub mod commands;
 mod exceptions;
 mod format;
 mod free;
+mod grow;
 mod io;
 mod kind;
 mod packed;
 mod report;
 mod state;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
 
@@ -284,8 +302,12 @@ pub(crate) struct Inner {
     kick: Notify,
     stopping: AtomicBool,
     merge_error: Mutex<Option<String>>,
-    /// What the origin and every snapshot advertise (see [`group_info`]).
+    /// What the origin and every snapshot advertise (see [`group_info`]); its size is the
+    /// origin's at open.
     origin_info: DeviceInfo,
+    /// The origin's size now, in sectors: the store's ([`Store::origin_size`]), set when a
+    /// growth is durable; it never shrinks.
+    size: AtomicU64,
 }
 
 /// A snapshot group: an origin, its snapshots and their COW store (see the module doc).
@@ -304,16 +326,22 @@ impl SnapshotGroup {
         options: &GroupOptions,
         engine: CopyEngine,
     ) -> Result<Arc<SnapshotGroup>> {
-        let origin_size = origin.info().size;
-        let info = group_info(origin.info(), cow.info())?;
+        let origin_size = origin.size();
+        let info = group_info(origin.info(), origin_size, cow.info())?;
         let found = load_superblock(&cow, origin_size, options).await?;
         if !found.fresh {
-            check_layout(&found.sb.layout, origin_size, cow.info().size, options)
+            check_layout(&found.sb.layout, cow.info().size, options)
                 .map_err(|e| on_store(&cow, e))?;
         }
         let layout = &found.sb.layout;
-        let mut store = Store::new(layout.data_chunks, layout.snapshot_capacity());
+        let mut store = Store::new(
+            layout.data_chunks,
+            layout.snapshot_capacity(),
+            layout.chunk.0,
+            layout.origin_size.0,
+        );
         let tail = replay(&cow, layout, &found.sb, &mut store).await?;
+        check_origin_size(&store, origin_size, layout).map_err(|e| on_store(&cow, e))?;
         // A store of an older format is rewritten in this one before anything is appended:
         // the first commit after an open always compacts.
         let writer = LogWriter {
@@ -365,6 +393,8 @@ impl SnapshotGroup {
         let seq = store.snap(slot).expect("found").seq;
         let info = DeviceInfo {
             name: format!("snapshot {name}"),
+            // The origin's size when it was taken.
+            size: self.inner.served(store.size_of(seq)),
             ..self.inner.origin_info.clone()
         };
         Ok(Arc::new(SnapshotTarget {
@@ -557,24 +587,27 @@ fn on_store(cow: &DeviceRef, err: Error) -> Error {
     )
 }
 
-/// Refuses an existing store that does not fit: another origin's, one on a COW device that
-/// shrank, or one made with another chunk size than `options` asks for.
-fn check_layout(
-    layout: &Layout,
-    origin_size: SectorCount,
-    cow_size: SectorCount,
-    options: &GroupOptions,
-) -> Result<()> {
-    if layout.origin_size != origin_size {
+/// Refuses a store replayed for another origin: the size it records (at creation, or after
+/// its last growth) must be the origin's.
+fn check_origin_size(store: &Store, origin_size: SectorCount, layout: &Layout) -> Result<()> {
+    let recorded = store.origin_size();
+    if recorded != origin_size.0 {
         return Err(Error::new(
             ErrorKind::InvalidArgument,
             format!(
-                "the COW device holds the store of another origin ({} sectors, this one \
+                "the COW device holds the store of another origin ({recorded} sectors, this one \
                  has {}; store {})",
-                layout.origin_size.0, origin_size.0, layout.uuid
+                origin_size.0, layout.uuid
             ),
         ));
     }
+    Ok(())
+}
+
+/// Refuses an existing store that does not fit: one on a COW device that shrank, or one made
+/// with another chunk size than `options` asks for. (Its origin's size is checked once the
+/// log, which records growths, is replayed: [`check_origin_size`].)
+fn check_layout(layout: &Layout, cow_size: SectorCount, options: &GroupOptions) -> Result<()> {
     if cow_size < layout.cow_size {
         return Err(Error::new(
             ErrorKind::Corrupt,
@@ -626,7 +659,7 @@ async fn replay(
             };
             for r in &records {
                 store
-                    .check_replay(r, layout.origin_chunks())
+                    .check_replay(r, store.origin_chunks())
                     .map_err(|what| {
                         corrupt(format!("log record {number} (block {index}) {what}"))
                     })?;
@@ -662,24 +695,24 @@ fn end_of_replay(cow: &DeviceRef, store: &mut Store, tail: u64) -> Result<u64> {
 ///   discarded; neither promises zeroes. No write-zeroes offload (it is emulated with writes).
 ///
 /// Fails when the origin is smaller than one such block.
-fn group_info(origin: &DeviceInfo, cow: &DeviceInfo) -> Result<DeviceInfo> {
+fn group_info(origin: &DeviceInfo, size: SectorCount, cow: &DeviceInfo) -> Result<DeviceInfo> {
     let logical = origin.logical_block_bytes.max(cow.logical_block_bytes);
     let block = u64::from(logical) / crate::units::SECTOR_BYTES;
     assert!(
         block.is_power_of_two(),
         "a logical block of {logical} bytes"
     );
-    let size = SectorCount(origin.size.0 / block * block);
-    if size.is_zero() {
+    let served = SectorCount(size.0 / block * block);
+    if served.is_zero() {
         return Err(Error::invalid(format!(
             "the origin {} ({} sectors) is smaller than one {logical}-byte block of the COW \
              device {}",
-            origin.name, origin.size.0, cow.name
+            origin.name, size.0, cow.name
         )));
     }
     Ok(DeviceInfo {
         name: format!("snapshot-origin of {}", origin.name),
-        size,
+        size: served,
         logical_block_bytes: logical,
         physical_block_bytes: origin
             .physical_block_bytes
@@ -714,6 +747,7 @@ impl Inner {
             cow,
             info: origin_info,
         } = devices;
+        let store_size = store.origin_size();
         Inner {
             origin,
             cow,
@@ -726,8 +760,33 @@ impl Inner {
             kick: Notify::default(),
             stopping: AtomicBool::new(false),
             merge_error: Mutex::new(None),
+            size: AtomicU64::new(store_size),
             origin_info,
             layout,
+        }
+    }
+
+    /// The origin's size now, in sectors (see [`Inner::size`]).
+    fn origin_size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+
+    /// What a group device serves of `raw` sectors (an origin's, or a snapshot's): whole
+    /// logical blocks of the group ([`group_info`]).
+    fn served(&self, raw: u64) -> SectorCount {
+        let block = self.origin_info.logical_block_sectors().0.max(1);
+        SectorCount(raw / block * block)
+    }
+
+    /// Fails with `EINVAL` unless `extent` lies within what a device of `raw` sectors serves,
+    /// on logical-block boundaries.
+    fn check_within(&self, extent: Extent, raw: u64) -> std::io::Result<()> {
+        let block = self.origin_info.logical_block_sectors().0.max(1);
+        let aligned = extent.start.0 % block == 0 && extent.len.0 % block == 0;
+        if aligned && extent.fits_in(self.served(raw)) {
+            Ok(())
+        } else {
+            Err(errno(libc::EINVAL))
         }
     }
 
@@ -974,6 +1033,12 @@ impl BlockDevice for OriginTarget {
         &self.group.inner.origin_info
     }
 
+    /// The origin's size now: it grows by [`Target::resize`].
+    fn size(&self) -> SectorCount {
+        let inner = &self.group.inner;
+        inner.served(inner.origin_size())
+    }
+
     fn read(&self, offset: Sector, buf: AlignedBuf) -> IoFuture<ReadDone> {
         owned(self.read_buf(offset, IoBuf::Owned(buf)))
     }
@@ -1025,6 +1090,14 @@ impl Target for OriginTarget {
     /// through the copy engine): zero copy wherever the kernel offers it.
     fn zero_copy(&self) -> bool {
         true
+    }
+
+    /// Grows the origin, its snapshots keeping their size (see `grow.rs`). Blocks the
+    /// calling thread on a ring of its own, as [`Target::command`] does.
+    fn resize(&self, to: Option<SectorCount>) -> Result<SectorCount> {
+        let inner = Arc::clone(&self.group.inner);
+        reactor::try_block_on(async move { inner.grow(to).await })??;
+        Ok(self.size())
     }
 
     fn status(&self) -> serde_json::Value {
@@ -1243,6 +1316,8 @@ async fn refuse_foreign_cow(cow: &DeviceRef) -> Result<()> {
     ))
 }
 
+#[cfg(test)]
+mod grow_tests;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]

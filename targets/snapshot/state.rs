@@ -20,13 +20,18 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use super::exceptions::{Entry, EntryCursor, ExceptionIndex, Image, MAX_CREATION, MERGED};
+use super::exceptions::{
+    Entry, EntryCursor, ExceptionIndex, Image, MAX_CREATION, MAX_ORIGIN_CHUNKS, MERGED,
+};
 use super::format::{
     valid_name, Reason, Record, SnapState, FORMAT1_SNAPSHOTS, MAX_SNAPSHOTS, MERGED_CHUNK,
 };
 use super::free::FreeChunks;
 
 const _: () = assert!(MERGED == MERGED_CHUNK, "one mark for a merged chunk");
+
+/// The most times a store's origin grows (each a `Grow` record every checkpoint carries).
+pub const MAX_GROWTHS: usize = 64;
 
 /// One snapshot.
 #[derive(Clone, Debug)]
@@ -42,6 +47,7 @@ pub struct Snap {
 /// Where a checkpoint being taken stands (see [`Store::checkpoint_piece`]).
 #[derive(Debug)]
 pub struct CheckpointCursor {
+    next_growth: usize,
     next_slot: usize,
     entries: EntryCursor,
     /// The store's generation when the checkpoint started.
@@ -69,13 +75,22 @@ pub struct Store {
     /// those records are never replayed.
     held: Vec<u64>,
     pub next_seq: u64,
+    /// The chunk size and the origin's size at the store's creation, in sectors.
+    chunk: u64,
+    base_size: u64,
+    /// The origin's growths, oldest first (`Grow` records): `(since, size)`, sizes growing,
+    /// each from a whole number of chunks, `since` not decreasing. Snapshots of creation
+    /// number `since` on have `size` sectors (until the next growth).
+    growths: Vec<(u64, u64)>,
     /// Counts changes to what a checkpoint records (snapshots, their states and images).
     generation: u64,
 }
 
 impl Store {
-    /// An empty store of `data_chunks` chunks with room for `capacity` snapshots.
-    pub fn new(data_chunks: u64, capacity: usize) -> Store {
+    /// An empty store of `data_chunks` chunks with room for `capacity` snapshots, for an
+    /// origin of `origin_size` sectors (at creation) in chunks of `chunk` sectors.
+    pub fn new(data_chunks: u64, capacity: usize, chunk: u64, origin_size: u64) -> Store {
+        assert!(chunk > 0 && origin_size > 0, "a layout checked");
         assert!(
             (FORMAT1_SNAPSHOTS..=MAX_SNAPSHOTS).contains(&capacity),
             "room for {capacity} snapshots"
@@ -92,8 +107,58 @@ impl Store {
             zombies: HashSet::new(),
             held: Vec::new(),
             next_seq: 1,
+            chunk,
+            base_size: origin_size,
+            growths: Vec::new(),
             generation: 0,
         }
+    }
+
+    /// The origin's size now, in sectors.
+    pub fn origin_size(&self) -> u64 {
+        self.growths
+            .last()
+            .map_or(self.base_size, |&(_, size)| size)
+    }
+
+    /// The origin's chunks now (the last may be short).
+    pub fn origin_chunks(&self) -> u64 {
+        self.origin_size().div_ceil(self.chunk)
+    }
+
+    /// The size of snapshot `seq` in sectors: the origin's when it was taken.
+    pub fn size_of(&self, seq: u64) -> u64 {
+        self.growths
+            .iter()
+            .rev()
+            .find(|&&(since, _)| since <= seq)
+            .map_or(self.base_size, |&(_, size)| size)
+    }
+
+    /// The first creation number whose snapshots hold origin chunk `c` (those made before
+    /// the growth that brought `c` in do not); `u64::MAX` for a chunk past the origin.
+    fn holders_from(&self, c: u64) -> u64 {
+        if c < self.base_size.div_ceil(self.chunk) {
+            return 0;
+        }
+        self.growths
+            .iter()
+            .find(|&&(_, size)| c < size.div_ceil(self.chunk))
+            .map_or(u64::MAX, |&(since, _)| since)
+    }
+
+    /// How many growths the store holds, for the limit [`MAX_GROWTHS`].
+    pub fn growths(&self) -> usize {
+        self.growths.len()
+    }
+
+    /// Snapshot `seq`'s images of the chunks it holds (a copy made for the snapshots taken
+    /// after a growth may take in, by its range, older ones: they never read it).
+    fn own_images(&self, seq: u64) -> BTreeMap<u64, u64> {
+        let chunks = self.size_of(seq).div_ceil(self.chunk);
+        let mut images = self.index.images_of(seq);
+        images.retain(|&c, _| c < chunks);
+        images
     }
 
     pub fn snap(&self, slot: usize) -> Option<&Snap> {
@@ -122,7 +187,9 @@ impl Store {
     /// The newest valid snapshot an origin write to chunk `c` must copy it for first (one
     /// copy serves every snapshot that needs it).
     pub fn needs_copy(&self, c: u64) -> Option<u64> {
-        self.index.needs_copy(c)
+        // The newest needing one: if it is older than `c`, so are the rest.
+        let from = self.holders_from(c);
+        self.index.needs_copy(c).filter(|&seq| seq >= from)
     }
 
     /// The merging snapshot's creation number if an origin copy of `c` for snapshots up to
@@ -137,8 +204,13 @@ impl Store {
 
     /// The slots of the valid snapshots an origin write to `c` must copy it for.
     pub fn needing_slots(&self, c: u64) -> Vec<usize> {
+        let from = self.holders_from(c);
         let needing = self.index.needing(c);
-        needing.iter().map(|seq| self.by_seq[seq]).collect()
+        needing
+            .iter()
+            .filter(|&&seq| seq >= from)
+            .map(|seq| self.by_seq[seq])
+            .collect()
     }
 
     /// Whether an origin write to chunk `c` must first copy it for a snapshot or merge it.
@@ -178,16 +250,26 @@ impl Store {
     /// How many COW images each snapshot has, by slot (one pass over the exceptions).
     pub fn exceptions(&self) -> BTreeMap<usize, u64> {
         let counts = self.index.counts();
+        let now = self.origin_size();
         counts
             .into_iter()
-            .map(|(seq, n)| (self.by_seq[&seq], n))
+            .map(|(seq, n)| {
+                // A snapshot older than a growth is counted chunk by chunk: a copy made for
+                // later ones may take it in by its range, in the area it does not hold.
+                let n = if self.size_of(seq) < now {
+                    self.own_images(seq).len() as u64
+                } else {
+                    n
+                };
+                (self.by_seq[&seq], n)
+            })
             .collect()
     }
 
     /// How many COW images snapshot `slot` has (0 for an invalid one).
     pub fn exceptions_of(&self, slot: usize) -> u64 {
         match self.snap(slot) {
-            Some(s) if self.index.is_live(s.seq) => self.index.images_of(s.seq).len() as u64,
+            Some(s) if self.index.is_live(s.seq) => self.own_images(s.seq).len() as u64,
             _ => 0,
         }
     }
@@ -296,7 +378,43 @@ impl Store {
             }
             Record::Delete { slot } => self.check_slot(usize::from(*slot), "deletes"),
             Record::Invalidate { slot, .. } => self.check_slot(usize::from(*slot), "invalidates"),
+            Record::Grow { size, since } => self.check_grow(*size, *since),
         }
+    }
+
+    /// A growth: at most [`MAX_GROWTHS`], from a whole number of chunks to more sectors, no
+    /// more chunks than the index names, and for snapshots not made yet (in log order; a
+    /// checkpoint writes its growths first) nor before an earlier growth's.
+    pub fn check_grow(&self, size: u64, since: u64) -> Result<(), String> {
+        let now = self.origin_size();
+        if self.growths.len() >= MAX_GROWTHS {
+            return Err(format!(
+                "grows the origin past the {MAX_GROWTHS} growths a store holds"
+            ));
+        }
+        if size <= now || now % self.chunk != 0 {
+            return Err(format!(
+                "grows the origin from {now} sectors to {size}: not more, or not from whole chunks"
+            ));
+        }
+        if size.div_ceil(self.chunk) > MAX_ORIGIN_CHUNKS {
+            return Err(format!(
+                "grows the origin to {size} sectors, more than {MAX_ORIGIN_CHUNKS} chunks"
+            ));
+        }
+        let after = self.growths.last().map_or(0, |&(s, _)| s);
+        let why = if since < after {
+            format!("before an earlier growth's ({after})")
+        } else if since < self.next_seq {
+            format!("before the next one ({})", self.next_seq)
+        } else if since >= MAX_CREATION {
+            format!("past the last ({})", MAX_CREATION - 1)
+        } else {
+            return Ok(());
+        };
+        Err(format!(
+            "grows the origin for snapshots from creation number {since}, {why}"
+        ))
     }
 
     fn check_slot(&self, slot: usize, verb: &str) -> Result<(), String> {
@@ -479,7 +597,7 @@ impl Store {
             let s = self.snap(m).expect("merging");
             (s.seq, s.merge_total)
         };
-        self.pending = self.index.images_of(seq);
+        self.pending = self.own_images(seq);
         if total < self.pending.len() as u64 {
             return Err(format!(
                 "snapshot slot {m} merges with a merge_total of {total}, below its {} exceptions",
@@ -539,6 +657,10 @@ impl Store {
                 self.apply_private(*cow, *origin, usize::from(*slot))
             }
             Record::Unmap { slot, origin } => self.apply_unmap(usize::from(*slot), *origin),
+            Record::Grow { size, since } => {
+                self.growths.push((*since, *size));
+                self.next_seq = self.next_seq.max(*since);
+            }
         }
     }
 
@@ -597,7 +719,7 @@ impl Store {
         s.merge_total = total;
         let seq = s.seq;
         self.index.set_merging(seq);
-        self.pending = self.index.images_of(seq);
+        self.pending = self.own_images(seq);
     }
 
     /// A format 1 origin copy: COW chunk `cow` is the own image of `origin` of every snapshot
@@ -689,6 +811,7 @@ impl Store {
     /// at a time ([`Store::checkpoint_piece`]).
     pub fn checkpoint_cursor(&self) -> CheckpointCursor {
         CheckpointCursor {
+            next_growth: 0,
             next_slot: 0,
             entries: EntryCursor::default(),
             generation: self.generation,
@@ -706,6 +829,12 @@ impl Store {
             "the store changed while a checkpoint of it was written"
         );
         let mut records = Vec::new();
+        // The growths first: they bound the chunks the records after them may name.
+        while records.len() < max && cursor.next_growth < self.growths.len() {
+            let (since, size) = self.growths[cursor.next_growth];
+            cursor.next_growth += 1;
+            records.push(Record::Grow { size, since });
+        }
         while records.len() < max && cursor.next_slot < self.slots.len() {
             let i = cursor.next_slot;
             cursor.next_slot += 1;
@@ -806,9 +935,7 @@ impl Store {
             );
         }
         if let Some(m) = self.merging() {
-            let images = self
-                .index
-                .images_of(self.slots[m].as_ref().expect("merging").seq);
+            let images = self.own_images(self.slots[m].as_ref().expect("merging").seq);
             for (c, k) in &self.pending {
                 assert_eq!(images.get(c), Some(k), "pending chunk {c}");
             }

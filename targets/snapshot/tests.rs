@@ -1478,3 +1478,64 @@ fn a_thousand_snapshots_share_one_copy_per_chunk() {
     })
     .expect("reopen");
 }
+
+/// Hostile growth records: each refused as corrupt, naming what is wrong (the fresh store's
+/// origin has 256 sectors, 8 chunks of 32).
+#[test]
+fn hostile_log_growths() {
+    let grow = |size, since| Record::Grow { size, since };
+    refuse_log(&[grow(200, 1)], "from 256 sectors to 200");
+    refuse_log(&[grow(1000, 1), grow(2000, 1)], "not from whole chunks");
+    let huge = (super::exceptions::MAX_ORIGIN_CHUNKS + 1) * 32;
+    refuse_log(&[grow(huge, 1)], "more than");
+    refuse_log(&[snap(0, "a"), grow(512, 1)], "before the next");
+    refuse_log(&[grow(512, MAX_CREATION)], "past the last");
+    refuse_log(&[grow(512, 3), grow(1024, 2)], "before an earlier growth");
+    let many: Vec<Record> = (0..=super::state::MAX_GROWTHS as u64)
+        .map(|i| grow(256 + 32 * (i + 1), 1))
+        .collect();
+    refuse_log(&many, "growths a store holds");
+}
+
+/// A store that grew (a `Grow` in its log) opens on an origin of the new size, where copies
+/// of its new chunks are valid, and is another origin's for the size before.
+#[test]
+fn a_grown_store_opens_on_the_grown_origin_only() {
+    let (devs, layout) = fresh_store();
+    let copy = Record::Copy {
+        cow: 0,
+        origin: 12,
+        newest: 2,
+        merging: None,
+    };
+    let records = [
+        snap(0, "a"),
+        Record::Grow {
+            size: 512,
+            since: 2,
+        },
+        snap(1, "b"),
+        copy,
+    ];
+    poke_log(
+        &devs,
+        &layout,
+        &format::encode_blocks(layout.uuid, 1, 0, &records),
+    );
+    let err = with_group(&devs, GroupOptions::default(), async |_| ()).expect_err("old size");
+    assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
+    assert!(err.to_string().contains("another origin"), "{err}");
+    let grown = Devs {
+        origin: MemDevice::new_volatile("origin", SectorCount(512)),
+        cow: Arc::clone(&devs.cow),
+    };
+    with_group(&grown, GroupOptions::default(), async |group| {
+        assert_eq!(group.origin().size(), SectorCount(512));
+        assert_eq!(group.snapshot("a").expect("a").size(), SectorCount(256));
+        assert_eq!(group.snapshot("b").expect("b").size(), SectorCount(512));
+        assert_eq!(group.status()["origin_sectors"], 512);
+        // The copy of chunk 12 is b's: a does not hold it.
+        assert_eq!(group.status()["exceptions"], 1, "{}", group.status());
+    })
+    .expect("the grown origin");
+}
