@@ -96,9 +96,15 @@ impl DeviceInfo {
 
     /// Checks that `extent` lies on the device and on logical-block boundaries.
     pub fn check_extent(&self, extent: Extent) -> io::Result<()> {
+        self.check_extent_in(extent, self.size)
+    }
+
+    /// Checks that `extent` lies within `size` (a device's present size, see
+    /// [`BlockDevice::size`]) and on logical-block boundaries.
+    pub fn check_extent_in(&self, extent: Extent, size: SectorCount) -> io::Result<()> {
         let block = self.logical_block_sectors().0.max(1);
         let aligned = extent.start.0 % block == 0 && extent.len.0 % block == 0;
-        if extent.fits_in(self.size) && aligned {
+        if extent.fits_in(size) && aligned {
             Ok(())
         } else {
             Err(io::Error::from_raw_os_error(libc::EINVAL))
@@ -186,6 +192,7 @@ pub fn errno(code: i32) -> io::Error {
 }
 
 /// Fails a request with `EINVAL` unless `extent` is valid for `info` and its buffer matches.
+#[cfg(feature = "sim")]
 pub(crate) fn check_buf_request(
     info: &DeviceInfo,
     offset: Sector,

@@ -25,6 +25,7 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -32,8 +33,8 @@ use io_uring::{opcode, types};
 
 use super::reactor::{self, cqe_result, submit_owned};
 use super::{
-    check_buf_request, errno, owned_read, AlignedBuf, BlockDevice, DeviceInfo, IoBuf, IoFuture,
-    IoReadDone, ReadDone, RegBuf, WriteBuf, WriteFlags,
+    errno, owned_read, AlignedBuf, BlockDevice, DeviceInfo, IoBuf, IoFuture, IoReadDone, ReadDone,
+    RegBuf, WriteBuf, WriteFlags,
 };
 use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::units::{Extent, Sector, SectorCount};
@@ -70,7 +71,11 @@ pub struct UringDevice {
     path: PathBuf,
     is_block: bool,
     identity: DeviceIdentity,
+    /// As opened; its `size` is the size then.
     info: DeviceInfo,
+    /// The present size in sectors ([`BlockDevice::size`]): `info.size` until
+    /// [`UringDevice::refresh_size`] finds the device grown. It never shrinks.
+    size: AtomicU64,
 }
 
 /// What makes two opens the same storage, whatever paths named them.
@@ -140,8 +145,49 @@ impl UringDevice {
             path: path.to_owned(),
             is_block,
             identity,
+            size: AtomicU64::new(info.size.0),
             info,
         })
+    }
+
+    /// Re-reads the device's size (a block device extended under us, a file made longer) and
+    /// returns it; [`BlockDevice::size`] follows from then on. A device found smaller than its
+    /// present size is an error (`EINVAL`) and the size stays: a device never shrinks while it
+    /// is open, since data was promised up to its size.
+    pub fn refresh_size(&self) -> io::Result<SectorCount> {
+        let now = if self.is_block {
+            let bytes = ioctl_u64(&self.fd, BLKGETSIZE64)?;
+            let block = u64::from(self.info.logical_block_bytes);
+            SectorCount::from_bytes_floor(bytes / block * block)
+        } else {
+            // SAFETY: fstat writes into a zeroed, live stat buffer; the descriptor is open.
+            let mut st: libc::stat = unsafe { std::mem::zeroed() };
+            // SAFETY: as above.
+            if unsafe { libc::fstat(self.fd.as_raw_fd(), &mut st) } < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let bytes = u64::try_from(st.st_size).map_err(|_| errno(libc::EINVAL))?;
+            SectorCount::from_bytes_floor(bytes / FILE_BLOCK_BYTES * FILE_BLOCK_BYTES)
+        };
+        let before = self.size();
+        if now < before {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "{} shrank from {} to {} sectors while in use",
+                    self.path.display(),
+                    before.0,
+                    now.0
+                ),
+            ));
+        }
+        self.size.fetch_max(now.0, Ordering::SeqCst);
+        Ok(self.size())
+    }
+
+    /// Fails with `EINVAL` unless `extent` lies within the present size, on block boundaries.
+    fn check(&self, extent: Extent) -> io::Result<()> {
+        self.info.check_extent_in(extent, self.size())
     }
 
     /// What this device is, whatever path named it (see [`same_device`]).
@@ -159,7 +205,7 @@ impl UringDevice {
 
     fn fallocate(&self, extent: Extent, mode: i32) -> IoFuture<io::Result<()>> {
         let fd = Arc::clone(&self.fd);
-        let checked = self.info.check_extent(extent);
+        let checked = self.check(extent);
         Box::pin(async move {
             checked?;
             let sqe = opcode::Fallocate::new(types::Fd(fd.as_raw_fd()), extent.len.to_bytes())
@@ -380,9 +426,11 @@ fn sysfs_queue(fd: &OwnedFd) -> Option<PathBuf> {
         .find(|q| q.is_dir())
 }
 
+/// The block of a regular file: 4 KiB, which O_DIRECT accepts on every local filesystem.
+const FILE_BLOCK_BYTES: u64 = 4096;
+
 fn file_info(meta: &std::fs::Metadata, path: &Path) -> DeviceInfo {
-    // Files are served in 4 KiB blocks, which O_DIRECT accepts on every local filesystem.
-    let size = meta.len() / 4096 * 4096;
+    let size = meta.len() / FILE_BLOCK_BYTES * FILE_BLOCK_BYTES;
     DeviceInfo {
         name: path.display().to_string(),
         size: SectorCount::from_bytes_floor(size),
@@ -401,9 +449,13 @@ impl BlockDevice for UringDevice {
         &self.info
     }
 
+    fn size(&self) -> SectorCount {
+        SectorCount(self.size.load(Ordering::SeqCst))
+    }
+
     fn read(&self, offset: Sector, buf: AlignedBuf) -> IoFuture<ReadDone> {
         let fd = Arc::clone(&self.fd);
-        let checked = check_buf_request(&self.info, offset, &buf);
+        let checked = self.check(Extent::new(offset, buf.sectors()));
         Box::pin(async move {
             if let Err(err) = checked {
                 return (Err(err), buf);
@@ -421,7 +473,7 @@ impl BlockDevice for UringDevice {
         flags: WriteFlags,
     ) -> IoFuture<io::Result<()>> {
         let fd = Arc::clone(&self.fd);
-        let checked = check_buf_request(&self.info, offset, &buf);
+        let checked = self.check(Extent::new(offset, buf.sectors()));
         Box::pin(async move {
             checked?;
             rw_loop(fd, offset, RwBuf::Write(buf), flags).await.0
@@ -491,7 +543,7 @@ impl BlockDevice for UringDevice {
             );
         }
         let fd = Arc::clone(&self.fd);
-        let checked = self.info.check_extent(extent);
+        let checked = self.check(extent);
         Box::pin(async move {
             checked?;
             let range = [extent.start.to_bytes(), extent.len.to_bytes()];
@@ -522,7 +574,7 @@ impl UringDevice {
     fn check_registered(&self, offset: Sector, reg: &RegBuf) -> io::Result<()> {
         let sectors = crate::units::SectorCount::from_bytes_exact(reg.len() as u64)
             .ok_or_else(|| errno(libc::EINVAL))?;
-        self.info.check_extent(Extent::new(offset, sectors))
+        self.check(Extent::new(offset, sectors))
     }
 }
 

@@ -54,6 +54,7 @@ use libublk::{sys, UblkError, UblkFlags};
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::target::{Target, TargetSpec};
+use crate::units::SectorCount;
 use queue::{Buffers, QueueShared};
 
 /// Queues of a new device unless asked otherwise.
@@ -320,6 +321,43 @@ impl Device {
         rewrite_stored_spec(Path::new(&self.ctrl.run_path()), spec)
     }
 
+    /// Refuses (Unsupported, exit 5) unless the driver can resize a live device
+    /// (`UBLK_F_UPDATE_SIZE`): asked of the driver each time, never assumed.
+    pub fn require_resize(&self) -> Result<()> {
+        ctrl_ring_for_this_thread()?;
+        features::require_resize_here()
+    }
+
+    /// The size the kernel serves the device at now.
+    pub fn size(&self) -> Result<SectorCount> {
+        let bytes = self.info()?.size_bytes.ok_or_else(|| {
+            Error::new(
+                ErrorKind::Daemon,
+                format!("device {} has no parameters", self.id()),
+            )
+        })?;
+        Ok(SectorCount::from_bytes_floor(bytes))
+    }
+
+    /// UPDATE_SIZE: the kernel serves the device at `size` from now on (the block device's
+    /// capacity changes at once, and udev hears of it). Only ever a growth: the caller checks.
+    pub fn update_size(&self, size: SectorCount) -> Result<()> {
+        ctrl_ring_for_this_thread()?;
+        self.ctrl
+            .update_size(size.to_bytes())
+            .map(drop)
+            .map_err(|e| {
+                ublk_error(
+                    format!(
+                        "cannot resize device {} to {} bytes",
+                        self.id(),
+                        size.to_bytes()
+                    ),
+                    e,
+                )
+            })
+    }
+
     /// STOP_DEV: the kernel removes the block device, fails what is queued and aborts the queue
     /// commands, so the queue threads exit and [`serve`] returns (and deletes the device).
     pub fn stop(&self) -> Result<()> {
@@ -365,9 +403,15 @@ pub fn serve(
     pool: &Arc<BufferPool>,
 ) -> Result<()> {
     require_driver()?;
+    // The parameters say the target's present size (a target may have grown since it was
+    // opened; SET_PARAMS runs only for a new device, a recovered one keeps the kernel's).
+    let target_info = crate::device::DeviceInfo {
+        size: target.size(),
+        ..target.info().clone()
+    };
     if let Start::Add(config) = start {
         // Refuse a target the kernel cannot serve before a device exists.
-        params::device_params(target.info(), config.io_buf_bytes)?;
+        params::device_params(&target_info, config.io_buf_bytes)?;
         check_pool(pool, config.io_buf_bytes)?;
     }
     let ctrl = Arc::new(match start {
@@ -377,7 +421,7 @@ pub fn serve(
     let info = ctrl.dev_info();
     check_granted_flags(&ctrl)?;
     check_pool(pool, info.max_io_buf_bytes)?;
-    let params = params::device_params(target.info(), info.max_io_buf_bytes)?;
+    let params = params::device_params(&target_info, info.max_io_buf_bytes)?;
     (hooks.added)(info.dev_id)?;
     let stats = Arc::new(Stats::new(info.nr_hw_queues));
     let shared = Arc::new(QueueShared {
@@ -608,16 +652,7 @@ fn recover_ctrl(id: u32, target: &dyn Target) -> Result<UblkCtrl> {
             format!("device {id} was created without user recovery"),
         ));
     }
-    if info.size_bytes != Some(target.info().size.to_bytes()) {
-        return Err(Error::new(
-            ErrorKind::Corrupt,
-            format!(
-                "the backing store of device {id} changed size ({:?} -> {} bytes)",
-                info.size_bytes,
-                target.info().size.to_bytes()
-            ),
-        ));
-    }
+    check_recovered_size(id, info.size_bytes, target)?;
     // libublk retries EBUSY (the old daemon not fully gone) for a bounded time.
     old.start_user_recover()
         .map_err(|e| ublk_error(format!("cannot start recovery of device {id}"), e))?;
@@ -633,6 +668,42 @@ fn recover_ctrl(id: u32, target: &dyn Target) -> Result<UblkCtrl> {
         .dev_flags(UblkFlags::UBLK_DEV_F_RECOVER_DEV)
         .build()
         .map_err(|e| ublk_error(format!("cannot reopen device {id} for recovery"), e))
+}
+
+/// A recovered target must hold at least what the kernel serves. One that holds more grew by
+/// design (a resize the daemon had not yet told the kernel of, a backing device extended):
+/// it is served, and the daemon tells the kernel once live. One that holds less is first asked
+/// to grow to the kernel's size (its growth was told to the kernel but not yet stored in its
+/// spec); if it cannot, its backing store shrank: refused (Corrupt).
+fn check_recovered_size(id: u32, kernel: Option<u64>, target: &dyn Target) -> Result<()> {
+    let kernel = kernel.ok_or_else(|| {
+        Error::new(
+            ErrorKind::Corrupt,
+            format!("device {id} has no size (no parameters)"),
+        )
+    })?;
+    let has = target.size().to_bytes();
+    if has >= kernel {
+        return Ok(());
+    }
+    let grown = SectorCount::from_bytes_exact(kernel)
+        .ok_or_else(|| {
+            Error::new(
+                ErrorKind::Corrupt,
+                format!("device {id}'s size is not whole sectors"),
+            )
+        })
+        .and_then(|size| target.resize(Some(size)));
+    match grown {
+        Ok(size) if size.to_bytes() == kernel => Ok(()),
+        _ => Err(Error::new(
+            ErrorKind::Corrupt,
+            format!(
+                "the backing store of device {id} shrank: the device serves {kernel} bytes, \
+                 its target holds {has}"
+            ),
+        )),
+    }
 }
 
 /// The kernel silently drops flags it does not know; user recovery is not optional here.
