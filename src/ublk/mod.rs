@@ -1013,6 +1013,106 @@ mod tests {
         assert!(rewrite_stored_spec(&dir.path().join("missing.json"), &old).is_err());
     }
 
+    /// A target of `size` sectors that can grow to `holds` (what its devices hold).
+    struct Growable {
+        info: crate::device::DeviceInfo,
+        size: AtomicU64,
+        holds: u64,
+    }
+
+    impl Growable {
+        fn new(size: u64, holds: u64) -> Growable {
+            Growable {
+                info: crate::device::DeviceInfo {
+                    name: "growable".into(),
+                    size: SectorCount(size),
+                    logical_block_bytes: 512,
+                    physical_block_bytes: 512,
+                    discard: false,
+                    write_zeroes: false,
+                    volatile_cache: false,
+                    fua: false,
+                    rotational: false,
+                },
+                size: AtomicU64::new(size),
+                holds,
+            }
+        }
+    }
+
+    impl crate::device::BlockDevice for Growable {
+        fn info(&self) -> &crate::device::DeviceInfo {
+            &self.info
+        }
+        fn size(&self) -> SectorCount {
+            SectorCount(self.size.load(Ordering::SeqCst))
+        }
+        fn read(
+            &self,
+            _: crate::units::Sector,
+            buf: crate::device::AlignedBuf,
+        ) -> crate::device::IoFuture<crate::device::ReadDone> {
+            Box::pin(std::future::ready((
+                Err(crate::device::errno(libc::EIO)),
+                buf,
+            )))
+        }
+        fn write(
+            &self,
+            _: crate::units::Sector,
+            _: Arc<crate::device::AlignedBuf>,
+            _: crate::device::WriteFlags,
+        ) -> crate::device::IoFuture<io::Result<()>> {
+            Box::pin(std::future::ready(Err(crate::device::errno(libc::EIO))))
+        }
+        fn flush(&self) -> crate::device::IoFuture<io::Result<()>> {
+            Box::pin(std::future::ready(Ok(())))
+        }
+        fn discard(&self, _: crate::units::Extent) -> crate::device::IoFuture<io::Result<()>> {
+            Box::pin(std::future::ready(Err(crate::device::errno(libc::EIO))))
+        }
+        fn write_zeroes(&self, _: crate::units::Extent) -> crate::device::IoFuture<io::Result<()>> {
+            Box::pin(std::future::ready(Err(crate::device::errno(libc::EIO))))
+        }
+    }
+
+    impl Target for Growable {
+        fn kind(&self) -> &'static str {
+            "growable"
+        }
+        fn status(&self) -> serde_json::Value {
+            serde_json::Value::Null
+        }
+        fn resize(&self, to: Option<SectorCount>) -> Result<SectorCount> {
+            let to = to.map_or(self.holds, |n| n.0);
+            if to > self.holds {
+                return Err(Error::invalid("does not fit"));
+            }
+            self.size.fetch_max(to, Ordering::SeqCst);
+            Ok(SectorCount(self.size.load(Ordering::SeqCst)))
+        }
+    }
+
+    /// Recovery takes a target the size the kernel serves or bigger (it grew by design), grows
+    /// one that is smaller when it can (its growth was told to the kernel, not yet stored), and
+    /// refuses one whose devices shrank.
+    #[test]
+    fn a_recovered_target_may_have_grown_but_not_shrunk() {
+        let kib = |sectors: u64| sectors * 512;
+        assert!(check_recovered_size(1, Some(kib(2048)), &Growable::new(2048, 2048)).is_ok());
+        assert!(check_recovered_size(1, Some(kib(2048)), &Growable::new(4096, 4096)).is_ok());
+        let behind = Growable::new(2048, 8192);
+        assert!(check_recovered_size(1, Some(kib(4096)), &behind).is_ok());
+        let size = crate::device::BlockDevice::size(&behind);
+        assert_eq!(size, SectorCount(4096), "grown to the kernel's size");
+        let shrank = Growable::new(2048, 2048);
+        let err = check_recovered_size(1, Some(kib(4096)), &shrank).expect_err("shrank");
+        assert_eq!(err.kind(), ErrorKind::Corrupt);
+        assert!(err.to_string().contains("shrank"), "{err}");
+        let err = check_recovered_size(1, None, &shrank).expect_err("no parameters");
+        assert_eq!(err.kind(), ErrorKind::Corrupt);
+    }
+
     #[test]
     fn configs_are_bounded() {
         assert!(DeviceConfig::default().validate().is_ok());
