@@ -22,6 +22,10 @@
 //!   the daemon with an error instead of hanging `add`;
 //! - SIGTERM/SIGINT, and the control socket's `stop`, trigger one orderly stop: the target's
 //!   `shutdown()` (bounded), then STOP_DEV; the queues drain and the device is deleted;
+//! - online resize (`resize`, and any command after which the target is bigger) asks the
+//!   driver for `UPDATE_SIZE` before anything changes, grows the target, then tells the kernel;
+//!   the kernel's size only ever follows a growth of the target, also after `recover` (a
+//!   resize the crash interrupted completes once the device is live);
 //! - a panic anywhere is a bug: it is logged and the process aborts, so the device goes
 //!   QUIESCED and `recover` can take over, rather than a half-alive daemon holding requests.
 //!
