@@ -5,7 +5,9 @@
 //! JSON, the daemon answers with one line of JSON and closes. Messages are versioned
 //! ([`PROTOCOL_VERSION`]); a daemon refuses a version it does not speak.
 //!
-//! Requests: `{"version":1,"cmd":"status"}`, `{"version":1,"cmd":"stop"}`, and target commands
+//! Requests: `{"version":1,"cmd":"status"}`, `{"version":1,"cmd":"stop"}`,
+//! `{"version":1,"cmd":"resize","size_sectors":N}` (no `size_sectors`: all the target holds),
+//! and target commands
 //! `{"version":1,"cmd":"target","name":"fail-leg","args":{...}}`, which the daemon hands to
 //! [`crate::target::Target::command`]. Replies: `{"version":1,"ok":true,"result":...}` or
 //! `{"version":1,"ok":false,"error":{"kind":"busy","message":"..."}}`, `kind` being an
@@ -52,6 +54,11 @@ pub enum Command {
     Status,
     /// An orderly stop: flush the target, stop and delete the device, exit.
     Stop,
+    /// Online resize: `Target::resize(size_sectors)`, then the kernel is told.
+    Resize {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        size_sectors: Option<u64>,
+    },
     /// A target command, routed to `Target::command(name, args)`.
     Target {
         name: String,

@@ -49,6 +49,12 @@ pub trait Target: BlockDevice {
         ))
     }
 
+    /// Whether command `name` may grow the target (a mirror's `grow`): the daemon refuses it,
+    /// before it runs, on a kernel that cannot resize a live device, as it does `resize`.
+    fn command_grows(&self, _name: &str, _args: &serde_json::Value) -> bool {
+        false
+    }
+
     /// A target command such as `fail-leg` with its arguments; the reply is a JSON value.
     fn command(&self, name: &str, _args: &serde_json::Value) -> Result<serde_json::Value> {
         Err(Error::new(

@@ -1,14 +1,14 @@
 //! The command line: parsing (clap) and the core's commands.
 //!
-//! `ublkdm add`, `list`, `status`, `del`, `recover`, `assemble --scan`, `install-units` and
-//! `features`.
+//! `ublkdm add`, `list`, `status`, `del`, `recover`, `resize`, `assemble --scan`,
+//! `install-units` and `features`.
 //! Commands that change a device act through its daemon where one runs (control socket,
 //! then signals), and on the driver directly only when the daemon is gone. Every wait is bounded. Output for people goes to
 //! stdout, errors to stderr as `error: <line>` plus `  caused by: <line>`s; the exit code is
 //! the error's [`ErrorKind::exit_code`] (see docs/exit-codes.md).
 //!
 //! Files: this one holds the argument tree and the entry point; `add.rs` (add, recover),
-//! `status.rs` (list, status), `del.rs`, `assemble.rs` (assemble --scan, install-units) and
+//! `status.rs` (list, status), `del.rs`, `resize.rs`, `assemble.rs` (assemble --scan, install-units) and
 //! `features.rs` hold one command family each. The targets' own arguments come from the [`Registry`] that
 //! `main` passes in: `ublkdm add KIND` and `ublkdm KIND CMD` are each kind's clap arguments,
 //! parsed and run by the kind.
@@ -30,12 +30,14 @@ mod add;
 mod assemble;
 mod del;
 mod features;
+mod resize;
 mod status;
 
 use add::{add, recover};
 use assemble::{assemble_scan, install_units};
 use del::del;
 use features::features;
+use resize::{parse_resize, resize};
 use status::{list, status};
 
 /// A userspace device-mapper served through Linux ublk.
@@ -101,6 +103,21 @@ pub enum CliCommand {
         /// The directory to write the unit to (default /etc/systemd/system).
         #[arg(long, value_name = "DIR")]
         prefix: Option<PathBuf>,
+    },
+    /// Grow a live device: to all that its target now holds (a backing device that was
+    /// extended; a mirror's legs all replaced by bigger ones), or to SIZE. Needs a kernel that
+    /// can resize a live device (UPDATE_SIZE, Linux 6.16+); shrinking is refused.
+    Resize {
+        /// Device id, ublkbN or /dev/ublkbN.
+        #[arg(value_parser = parse_id)]
+        id: u32,
+        /// The new size (e.g. 2G, 1536M), a whole number of the device's logical blocks;
+        /// default: all that the target holds.
+        #[arg(value_parser = parse_resize)]
+        size: Option<u64>,
+        /// Print the daemon's reply as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// List the ublk features this kernel offers (GET_FEATURES) and which ublkdm uses.
     Features {
@@ -252,6 +269,7 @@ fn run_core(registry: &Registry, command: CliCommand) -> Result<()> {
             assemble_scan(registry, json)
         }
         CliCommand::InstallUnits { prefix } => install_units(prefix),
+        CliCommand::Resize { id, size, json } => resize(id, size, json),
         CliCommand::Features { json } => features(json),
     }
 }

@@ -22,6 +22,10 @@
 //!   the daemon with an error instead of hanging `add`;
 //! - SIGTERM/SIGINT, and the control socket's `stop`, trigger one orderly stop: the target's
 //!   `shutdown()` (bounded), then STOP_DEV; the queues drain and the device is deleted;
+//! - online resize (`resize`, and any command after which the target is bigger) asks the
+//!   driver for `UPDATE_SIZE` before anything changes, grows the target, then tells the kernel;
+//!   the kernel's size only ever follows a growth of the target, also after `recover` (a
+//!   resize the crash interrupted completes once the device is live);
 //! - a panic anywhere is a bug: it is logged and the process aborts, so the device goes
 //!   QUIESCED and `recover` can take over, rather than a half-alive daemon holding requests.
 //!
@@ -61,6 +65,7 @@ use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::registry::Registry;
 use crate::target::{ChildSpec, Target, TargetSpec};
 use crate::ublk::{self, BufferPool, DevInfo, Device, DeviceConfig, Hooks, Start};
+use crate::units::SectorCount;
 
 /// Where daemons write their logs, one file per device.
 pub const LOG_DIR: &str = "/var/log/ublkdm";
@@ -132,6 +137,10 @@ fn run(registry: &Registry, start: Start, spec: TargetSpec, reporter: Arc<Report
             *live_serving.lock().expect("daemon") = Some(Arc::clone(&daemon));
             // Children come up off the serving thread; the handshake waits for them.
             thread::spawn(move || {
+                // A recovered target may hold more than the kernel serves (a resize the
+                // crash interrupted), or have grown to the kernel's size at recovery.
+                let _ = daemon.sync_size();
+                daemon.refresh_spec();
                 daemon.adopt_children(leftovers);
                 *live_socket.lock().expect("socket path") = start_control_socket(&daemon);
                 start_signal_thread(&daemon);
@@ -325,6 +334,9 @@ impl Daemon {
     /// target.
     fn target_command(&self, name: &str, args: &serde_json::Value) -> Result<serde_json::Value> {
         let mut children = self.children();
+        if self.target.command_grows(name, args) {
+            self.device.require_resize()?;
+        }
         let _claimed = match self.target.command_needs_closed(name, args) {
             Some(advice) => Some(claim_closed(&self.device.block_device(), &advice)?),
             None => None,
@@ -338,10 +350,16 @@ impl Daemon {
         }
         let result = self.target.command(name, args);
         // Even a failed command may have changed the target (a replace-leg that emptied its
-        // slot): the stored spec follows what the target is now.
+        // slot): the stored spec follows what the target is now, and so does the kernel's size.
+        let told = self.sync_size();
         self.refresh_spec();
         let errors = self.reconcile(&mut children, &BTreeMap::new());
         let mut reply = result?;
+        told.map_err(|e| {
+            e.context(format!(
+                "'{name}' grew the target, but the device did not follow"
+            ))
+        })?;
         let named = reply
             .get("name")
             .and_then(|n| n.as_str())
@@ -356,6 +374,69 @@ impl Daemon {
             }
         }
         Ok(reply)
+    }
+
+    /// `ublkdm resize`: refused on a kernel that cannot resize a live device (nothing
+    /// changed), then the target grows (to `to`, or to all that its devices hold), then the
+    /// kernel is told and the spec stored. Serialised with the target's commands.
+    fn resize(&self, to: Option<SectorCount>) -> Result<serde_json::Value> {
+        let _serial = self.children();
+        self.device.require_resize()?;
+        let old = self.target.size();
+        if let Some(to) = to {
+            let block = self.target.info().logical_block_sectors().0.max(1);
+            if to.0 % block != 0 || to.is_zero() {
+                return Err(Error::invalid(format!(
+                    "{} sectors is not a whole number of the device's {}-byte blocks",
+                    to.0,
+                    self.target.info().logical_block_bytes
+                )));
+            }
+            if to < old {
+                return Err(Error::invalid(format!(
+                    "shrinking is refused: device {} serves {} bytes, {} asked",
+                    self.device.id(),
+                    old.to_bytes(),
+                    to.to_bytes()
+                )));
+            }
+        }
+        let grown = self.target.resize(to);
+        let told = self.sync_size();
+        self.refresh_spec();
+        let new = grown?;
+        told?;
+        Ok(serde_json::json!({
+            "old_size_sectors": old.0,
+            "size_sectors": new.0,
+            "device": self.device.block_device(),
+        }))
+    }
+
+    /// Tells the kernel the target's size when it grew (by `resize`, by a command such as a
+    /// mirror's `grow`, or before a crash the kernel did not hear of). The kernel's size only
+    /// ever follows a growth; a failure is logged and returned (the target has grown, the
+    /// device still serves the old size: a later command or `resize` tries again).
+    fn sync_size(&self) -> Result<()> {
+        let target = self.target.size();
+        let kernel = self.device.size()?;
+        if target <= kernel {
+            return Ok(());
+        }
+        let told = self
+            .device
+            .require_resize()
+            .and_then(|()| self.device.update_size(target));
+        match &told {
+            Ok(()) => log::info!("device resized from {} to {} sectors", kernel.0, target.0),
+            Err(err) => log::error!(
+                "the target holds {} sectors, the device serves {}: {}",
+                target.0,
+                kernel.0,
+                err.chain().join(": ")
+            ),
+        }
+        told
     }
 
     /// Stores the target's current spec with the device when it changed, so that `recover`
@@ -447,6 +528,7 @@ impl Daemon {
                 thread::spawn(move || daemon.stop("stop requested on the control socket"));
                 Ok(serde_json::json!({ "stopping": true }))
             }
+            Command::Resize { size_sectors } => self.resize(size_sectors.map(SectorCount)),
             Command::Target { name, args } => self.target_command(&name, &args),
         }
     }

@@ -38,9 +38,12 @@ pub enum Use {
     /// Zero-copy devices: a target that never needs the data (`Target::zero_copy`), not
     /// added with `--copy`, on a driver that offers both zero-copy bits.
     ZeroCopy,
+    /// Not a device flag: a command the daemon sends to a live device when asked (online
+    /// resize, `ublkdm resize`), refused where not offered.
+    Command,
 }
 
-use Use::{Always, Never, ZeroCopy};
+use Use::{Always, Command, Never, ZeroCopy};
 
 const fn feature(
     bit: u8,
@@ -73,7 +76,7 @@ pub const FEATURES: [FeatureInfo; 20] = [
     feature(7, "USER_COPY", "6.5", Always, "request data read and written with pread/pwrite on /dev/ublkcN"),
     feature(8, "ZONED", "6.6", Never, "zoned block devices"),
     feature(9, "USER_RECOVERY_FAIL_IO", "6.13", Never, "I/O fails at once while the daemon is away"),
-    feature(10, "UPDATE_SIZE", "6.16", Never, "online resize of a live device"),
+    feature(10, "UPDATE_SIZE", "6.16", Command, "online resize of a live device ('ublkdm resize', 'mirror grow')"),
     feature(11, "AUTO_BUF_REG", "6.16", ZeroCopy, "zero copy by automatic buffer registration (linear devices)"),
     feature(12, "QUIESCE", "6.16", Never, "quiesce a live device (daemon upgrade)"),
     feature(13, "PER_IO_DAEMON", "6.16", Never, "several threads serve one queue"),
@@ -195,7 +198,7 @@ impl Features {
                 let offered = self.offers(1u64 << info.bit);
                 let used = match info.used {
                     Never => false,
-                    Always => true,
+                    Always | Command => true,
                     ZeroCopy => self.offers_zero_copy(),
                 };
                 FeatureRow {
@@ -265,6 +268,23 @@ pub(super) fn query_here() -> Result<Option<Features>> {
     let ctrl = UblkCtrl::new(None, -1, 0, 0, 0, 0, 0, UblkFlags::empty())
         .map_err(|e| super::ublk_error("cannot open the ublk driver".into(), e))?;
     Ok(ctrl.get_driver_features().map(Features::from_mask))
+}
+
+/// Refuses (Unsupported, exit 5) unless the driver can resize a live device
+/// (`UBLK_F_UPDATE_SIZE`, Linux 6.16+); asked on this thread, which needs a control ring.
+pub(super) fn require_resize_here() -> Result<()> {
+    let offered = query_here()?.is_some_and(|f| f.offers(u64::from(sys::UBLK_F_UPDATE_SIZE)));
+    if offered {
+        return Ok(());
+    }
+    Err(Error::new(
+        ErrorKind::Unsupported,
+        format!(
+            "this kernel's ublk driver cannot resize a live device (UPDATE_SIZE, Linux 6.16 or \
+             later; this is {}); nothing was changed",
+            kernel_release()
+        ),
+    ))
 }
 
 /// The driver's features, for the CLI: exit 5 without a driver or without GET_FEATURES.
@@ -370,6 +390,7 @@ mod tests {
                 "SUPPORT_ZERO_COPY",
                 "USER_RECOVERY",
                 "USER_COPY",
+                "UPDATE_SIZE",
                 "AUTO_BUF_REG"
             ]
         );
@@ -409,7 +430,7 @@ mod tests {
             recovery | user_copy,
             "not offered"
         );
-        // Resize is not used yet, even where offered; zero copy only where wanted.
+        // Resize is a command, never a device flag; zero copy only where wanted.
         let f = Features::from_mask(MASK_7_3);
         assert_eq!(device_flags(Some(&f), false), recovery | user_copy);
         assert_eq!(

@@ -54,6 +54,7 @@ use libublk::{sys, UblkError, UblkFlags};
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::target::{Target, TargetSpec};
+use crate::units::SectorCount;
 use queue::{Buffers, QueueShared};
 
 /// Queues of a new device unless asked otherwise.
@@ -320,6 +321,43 @@ impl Device {
         rewrite_stored_spec(Path::new(&self.ctrl.run_path()), spec)
     }
 
+    /// Refuses (Unsupported, exit 5) unless the driver can resize a live device
+    /// (`UBLK_F_UPDATE_SIZE`): asked of the driver each time, never assumed.
+    pub fn require_resize(&self) -> Result<()> {
+        ctrl_ring_for_this_thread()?;
+        features::require_resize_here()
+    }
+
+    /// The size the kernel serves the device at now.
+    pub fn size(&self) -> Result<SectorCount> {
+        let bytes = self.info()?.size_bytes.ok_or_else(|| {
+            Error::new(
+                ErrorKind::Daemon,
+                format!("device {} has no parameters", self.id()),
+            )
+        })?;
+        Ok(SectorCount::from_bytes_floor(bytes))
+    }
+
+    /// UPDATE_SIZE: the kernel serves the device at `size` from now on (the block device's
+    /// capacity changes at once, and udev hears of it). Only ever a growth: the caller checks.
+    pub fn update_size(&self, size: SectorCount) -> Result<()> {
+        ctrl_ring_for_this_thread()?;
+        self.ctrl
+            .update_size(size.to_bytes())
+            .map(drop)
+            .map_err(|e| {
+                ublk_error(
+                    format!(
+                        "cannot resize device {} to {} bytes",
+                        self.id(),
+                        size.to_bytes()
+                    ),
+                    e,
+                )
+            })
+    }
+
     /// STOP_DEV: the kernel removes the block device, fails what is queued and aborts the queue
     /// commands, so the queue threads exit and [`serve`] returns (and deletes the device).
     pub fn stop(&self) -> Result<()> {
@@ -365,9 +403,15 @@ pub fn serve(
     pool: &Arc<BufferPool>,
 ) -> Result<()> {
     require_driver()?;
+    // The parameters say the target's present size (a target may have grown since it was
+    // opened; SET_PARAMS runs only for a new device, a recovered one keeps the kernel's).
+    let target_info = crate::device::DeviceInfo {
+        size: target.size(),
+        ..target.info().clone()
+    };
     if let Start::Add(config) = start {
         // Refuse a target the kernel cannot serve before a device exists.
-        params::device_params(target.info(), config.io_buf_bytes)?;
+        params::device_params(&target_info, config.io_buf_bytes)?;
         check_pool(pool, config.io_buf_bytes)?;
     }
     let ctrl = Arc::new(match start {
@@ -377,7 +421,7 @@ pub fn serve(
     let info = ctrl.dev_info();
     check_granted_flags(&ctrl)?;
     check_pool(pool, info.max_io_buf_bytes)?;
-    let params = params::device_params(target.info(), info.max_io_buf_bytes)?;
+    let params = params::device_params(&target_info, info.max_io_buf_bytes)?;
     (hooks.added)(info.dev_id)?;
     let stats = Arc::new(Stats::new(info.nr_hw_queues));
     let shared = Arc::new(QueueShared {
@@ -608,16 +652,7 @@ fn recover_ctrl(id: u32, target: &dyn Target) -> Result<UblkCtrl> {
             format!("device {id} was created without user recovery"),
         ));
     }
-    if info.size_bytes != Some(target.info().size.to_bytes()) {
-        return Err(Error::new(
-            ErrorKind::Corrupt,
-            format!(
-                "the backing store of device {id} changed size ({:?} -> {} bytes)",
-                info.size_bytes,
-                target.info().size.to_bytes()
-            ),
-        ));
-    }
+    check_recovered_size(id, info.size_bytes, target)?;
     // libublk retries EBUSY (the old daemon not fully gone) for a bounded time.
     old.start_user_recover()
         .map_err(|e| ublk_error(format!("cannot start recovery of device {id}"), e))?;
@@ -633,6 +668,42 @@ fn recover_ctrl(id: u32, target: &dyn Target) -> Result<UblkCtrl> {
         .dev_flags(UblkFlags::UBLK_DEV_F_RECOVER_DEV)
         .build()
         .map_err(|e| ublk_error(format!("cannot reopen device {id} for recovery"), e))
+}
+
+/// A recovered target must hold at least what the kernel serves. One that holds more grew by
+/// design (a resize the daemon had not yet told the kernel of, a backing device extended):
+/// it is served, and the daemon tells the kernel once live. One that holds less is first asked
+/// to grow to the kernel's size (its growth was told to the kernel but not yet stored in its
+/// spec); if it cannot, its backing store shrank: refused (Corrupt).
+fn check_recovered_size(id: u32, kernel: Option<u64>, target: &dyn Target) -> Result<()> {
+    let kernel = kernel.ok_or_else(|| {
+        Error::new(
+            ErrorKind::Corrupt,
+            format!("device {id} has no size (no parameters)"),
+        )
+    })?;
+    let has = target.size().to_bytes();
+    if has >= kernel {
+        return Ok(());
+    }
+    let grown = SectorCount::from_bytes_exact(kernel)
+        .ok_or_else(|| {
+            Error::new(
+                ErrorKind::Corrupt,
+                format!("device {id}'s size is not whole sectors"),
+            )
+        })
+        .and_then(|size| target.resize(Some(size)));
+    match grown {
+        Ok(size) if size.to_bytes() == kernel => Ok(()),
+        _ => Err(Error::new(
+            ErrorKind::Corrupt,
+            format!(
+                "the backing store of device {id} shrank: the device serves {kernel} bytes, \
+                 its target holds {has}"
+            ),
+        )),
+    }
 }
 
 /// The kernel silently drops flags it does not know; user recovery is not optional here.
@@ -940,6 +1011,106 @@ mod tests {
         assert_eq!(back["dev_info"], file["dev_info"]);
         assert_eq!(spec_from_json(Some(back["target_data"].clone())), Some(new));
         assert!(rewrite_stored_spec(&dir.path().join("missing.json"), &old).is_err());
+    }
+
+    /// A target of `size` sectors that can grow to `holds` (what its devices hold).
+    struct Growable {
+        info: crate::device::DeviceInfo,
+        size: AtomicU64,
+        holds: u64,
+    }
+
+    impl Growable {
+        fn new(size: u64, holds: u64) -> Growable {
+            Growable {
+                info: crate::device::DeviceInfo {
+                    name: "growable".into(),
+                    size: SectorCount(size),
+                    logical_block_bytes: 512,
+                    physical_block_bytes: 512,
+                    discard: false,
+                    write_zeroes: false,
+                    volatile_cache: false,
+                    fua: false,
+                    rotational: false,
+                },
+                size: AtomicU64::new(size),
+                holds,
+            }
+        }
+    }
+
+    impl crate::device::BlockDevice for Growable {
+        fn info(&self) -> &crate::device::DeviceInfo {
+            &self.info
+        }
+        fn size(&self) -> SectorCount {
+            SectorCount(self.size.load(Ordering::SeqCst))
+        }
+        fn read(
+            &self,
+            _: crate::units::Sector,
+            buf: crate::device::AlignedBuf,
+        ) -> crate::device::IoFuture<crate::device::ReadDone> {
+            Box::pin(std::future::ready((
+                Err(crate::device::errno(libc::EIO)),
+                buf,
+            )))
+        }
+        fn write(
+            &self,
+            _: crate::units::Sector,
+            _: Arc<crate::device::AlignedBuf>,
+            _: crate::device::WriteFlags,
+        ) -> crate::device::IoFuture<io::Result<()>> {
+            Box::pin(std::future::ready(Err(crate::device::errno(libc::EIO))))
+        }
+        fn flush(&self) -> crate::device::IoFuture<io::Result<()>> {
+            Box::pin(std::future::ready(Ok(())))
+        }
+        fn discard(&self, _: crate::units::Extent) -> crate::device::IoFuture<io::Result<()>> {
+            Box::pin(std::future::ready(Err(crate::device::errno(libc::EIO))))
+        }
+        fn write_zeroes(&self, _: crate::units::Extent) -> crate::device::IoFuture<io::Result<()>> {
+            Box::pin(std::future::ready(Err(crate::device::errno(libc::EIO))))
+        }
+    }
+
+    impl Target for Growable {
+        fn kind(&self) -> &'static str {
+            "growable"
+        }
+        fn status(&self) -> serde_json::Value {
+            serde_json::Value::Null
+        }
+        fn resize(&self, to: Option<SectorCount>) -> Result<SectorCount> {
+            let to = to.map_or(self.holds, |n| n.0);
+            if to > self.holds {
+                return Err(Error::invalid("does not fit"));
+            }
+            self.size.fetch_max(to, Ordering::SeqCst);
+            Ok(SectorCount(self.size.load(Ordering::SeqCst)))
+        }
+    }
+
+    /// Recovery takes a target the size the kernel serves or bigger (it grew by design), grows
+    /// one that is smaller when it can (its growth was told to the kernel, not yet stored), and
+    /// refuses one whose devices shrank.
+    #[test]
+    fn a_recovered_target_may_have_grown_but_not_shrunk() {
+        let kib = |sectors: u64| sectors * 512;
+        assert!(check_recovered_size(1, Some(kib(2048)), &Growable::new(2048, 2048)).is_ok());
+        assert!(check_recovered_size(1, Some(kib(2048)), &Growable::new(4096, 4096)).is_ok());
+        let behind = Growable::new(2048, 8192);
+        assert!(check_recovered_size(1, Some(kib(4096)), &behind).is_ok());
+        let size = crate::device::BlockDevice::size(&behind);
+        assert_eq!(size, SectorCount(4096), "grown to the kernel's size");
+        let shrank = Growable::new(2048, 2048);
+        let err = check_recovered_size(1, Some(kib(4096)), &shrank).expect_err("shrank");
+        assert_eq!(err.kind(), ErrorKind::Corrupt);
+        assert!(err.to_string().contains("shrank"), "{err}");
+        let err = check_recovered_size(1, None, &shrank).expect_err("no parameters");
+        assert_eq!(err.kind(), ErrorKind::Corrupt);
     }
 
     #[test]

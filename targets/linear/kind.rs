@@ -19,6 +19,10 @@ pub const NAME: &str = "linear";
 pub struct LinearSpec {
     /// The backing device (or file), absolute.
     pub device: PathBuf,
+    /// The size served, in sectors, when `resize ID SIZE` asked for one; absent: all of the
+    /// backing device (every spec stored before online resize).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size_sectors: Option<u64>,
 }
 
 /// `ublkdm add linear DEV`.
@@ -46,13 +50,15 @@ impl TargetKind for LinearKind {
         let args = AddLinear::from_arg_matches(args).map_err(crate::cli::clap_error)?;
         let spec = LinearSpec {
             device: crate::cli::absolute(args.device)?,
+            size_sectors: None,
         };
         Ok(TargetSpec::new(NAME, &spec))
     }
 
     fn open(&self, spec: &TargetSpec) -> Result<Arc<dyn Target>> {
         let spec: LinearSpec = spec.parse()?;
-        Ok(Arc::new(Linear::open(&spec.device)?))
+        let size = spec.size_sectors.map(crate::units::SectorCount);
+        Ok(Arc::new(Linear::open_sized(&spec.device, size)?))
     }
 
     fn describe(&self, spec: &TargetSpec) -> String {

@@ -69,7 +69,7 @@ use crate::device::{self, AlignedBuf, DeviceRef, WriteFlags};
 use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::format::{self, crc, magic, FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 use crate::format::{U32, U64};
-use crate::region::{DirtyLog, RegionGeometry, MAX_REGION_COUNT};
+use crate::region::{DirtyLog, RegionBitmap, RegionGeometry, MAX_REGION_COUNT};
 use crate::units::{Extent, Sector, SectorCount, BLOCK_SECTORS, SECTOR_BYTES};
 
 /// The most legs a mirror has (one copy job writes to all but the source: the copy engine's
@@ -278,6 +278,73 @@ impl Layout {
     /// The sectors a leg needs.
     pub fn leg_sectors(&self) -> SectorCount {
         self.data_offset + self.data_size - Sector(0)
+    }
+
+    /// The layout of this mirror grown onto legs of at least `smallest` sectors (`mdadm
+    /// --grow --size=max`; a building block of `mirror grow`, not yet wired): the log area
+    /// and the data offset stay, since they are fixed on every leg; the data size becomes all
+    /// that the smallest leg holds after the data offset (whole 4 KiB); the region size is
+    /// kept if the bitmap of the new region count fits the log area, else doubled until it
+    /// does (as md resizes its bitmap). The result passes the checks of
+    /// `Superblock::decode`. Refused (InvalidArgument) when the legs hold no more data.
+    pub fn grown(&self, smallest: SectorCount) -> Result<Layout> {
+        let data_size = SectorCount(
+            smallest.0.saturating_sub(self.data_offset.0) / BLOCK_SECTORS.0 * BLOCK_SECTORS.0,
+        );
+        if data_size <= self.data_size {
+            return Err(Error::invalid(format!(
+                "the smallest leg ({smallest}) holds {} sectors of data, no more than the {}                  the mirror has",
+                data_size.0, self.data_size.0
+            )));
+        }
+        let mut region_size = self.region_size;
+        loop {
+            let fits = RegionGeometry::new(data_size, region_size).is_ok_and(|geometry| {
+                DirtyLog::area_sectors(geometry.count()) <= self.log_area.len
+            });
+            if fits {
+                break;
+            }
+            region_size = SectorCount(region_size.0.checked_mul(2).ok_or_else(|| {
+                Error::invalid(format!("no region size fits {data_size} in the log area"))
+            })?);
+            if region_size > data_size {
+                return Err(Error::invalid(format!(
+                    "no region size fits {data_size} in the log area of {} sectors",
+                    self.log_area.len.0
+                )));
+            }
+        }
+        let grown = Layout {
+            region_size,
+            data_size,
+            ..*self
+        };
+        check_layout(&grown).map_err(|why| Error::invalid(format!("the grown layout {why}")))?;
+        Ok(grown)
+    }
+
+    /// The write-intent bits of this layout carried over to `grown` (from
+    /// [`Layout::grown`]): a region of the grown layout is dirty when any region of this one
+    /// it covers was (a doubled region merges two), and so is every region that reaches past
+    /// this layout's data (the new area, resynced as md does without `--assume-clean`).
+    pub fn grown_bits(&self, bits: &RegionBitmap, grown: &Layout) -> RegionBitmap {
+        let (old, new) = (self.geometry(), grown.geometry());
+        assert_eq!(bits.len(), old.count(), "bits of this layout");
+        assert!(
+            new.device_size() >= old.device_size() && new.region_size() >= old.region_size(),
+            "a grown layout"
+        );
+        let mut out = RegionBitmap::new(new.count());
+        for region in bits.iter_ones() {
+            out.set_range(new.regions_touching(old.extent_of(region)), true);
+        }
+        let added = old.device_size().0;
+        let fresh = Extent::new(Sector(added), SectorCount(new.device_size().0 - added));
+        if !fresh.len.is_zero() {
+            out.set_range(new.regions_touching(fresh), true);
+        }
+        out
     }
 
     /// The first field in which `other` differs from this layout, as "the region size (64
@@ -637,6 +704,89 @@ mod tests {
     use super::*;
     use crate::device::reactor::run_local;
     use crate::device::MemDevice;
+
+    /// Growing keeps the log area and the data offset, keeps the region size while the new
+    /// count fits the log area and doubles it otherwise; the grown layout decodes.
+    #[test]
+    fn a_grown_layout_keeps_its_log_area_and_doubles_regions_only_when_needed() {
+        let old = Layout::compute(SectorCount(8192), Some(SectorCount(8))).expect("layout");
+        let room = DirtyLog::area_sectors(old.geometry().count());
+        assert!(old.log_area.len >= room);
+        // A little bigger: the log area (4 KiB images) still holds the bits.
+        let small = old.grown(SectorCount(8192 + 64)).expect("grown");
+        assert_eq!(small.region_size, old.region_size);
+        assert_eq!(
+            (small.log_area, small.data_offset),
+            (old.log_area, old.data_offset)
+        );
+        assert_eq!(small.data_size, SectorCount(old.data_size.0 + 64));
+        // Much bigger: more regions than the area holds at 8 sectors, so regions double.
+        let big = old.grown(SectorCount(1 << 24)).expect("grown");
+        assert!(big.region_size > old.region_size);
+        assert!(big.region_size.0.is_power_of_two());
+        assert_eq!(
+            (big.log_area, big.data_offset),
+            (old.log_area, old.data_offset)
+        );
+        assert!(DirtyLog::area_sectors(big.geometry().count()) <= big.log_area.len);
+        let half = RegionGeometry::new(big.data_size, SectorCount(big.region_size.0 / 2));
+        assert!(half.is_err() || DirtyLog::area_sectors(half.unwrap().count()) > big.log_area.len);
+        let mut sb = sample();
+        sb.layout = big;
+        // A superblock that claims data beyond a leg it names does not decode.
+        let err = Superblock::decode(sb.encode().as_slice()).expect_err("legs too small");
+        assert!(err.contains("leg size"), "{err}");
+        for entry in sb.table.iter_mut().filter(|e| e.state != LegState::Empty) {
+            entry.leg_size = big.leg_sectors();
+        }
+        assert_eq!(
+            Superblock::decode(sb.encode().as_slice())
+                .expect("decodes")
+                .layout,
+            big
+        );
+        // Not bigger: refused.
+        let err = old.grown(old.leg_sectors()).expect_err("same size");
+        assert_eq!(err.kind(), ErrorKind::InvalidArgument);
+        assert!(old.grown(SectorCount(100)).is_err());
+    }
+
+    /// Bits carried over to a grown layout: a merged region is dirty if either half was, and
+    /// the new area is dirty (resynced).
+    #[test]
+    fn grown_bits_keep_every_dirty_region_and_mark_the_new_area() {
+        let old = Layout::compute(SectorCount(8192), Some(SectorCount(8))).expect("layout");
+        let big = old.grown(SectorCount(1 << 24)).expect("grown");
+        let (og, ng) = (old.geometry(), big.geometry());
+        let mut bits = RegionBitmap::new(og.count());
+        for i in [0u64, 3, 17, og.count().0 - 1] {
+            bits.set(crate::region::RegionIndex(i), true);
+        }
+        let grown = old.grown_bits(&bits, &big);
+        assert_eq!(grown.len(), ng.count());
+        for region in bits.iter_ones() {
+            let at = og.extent_of(region).start;
+            assert!(
+                grown.get(ng.region_of(at)),
+                "old dirty region {region:?} kept"
+            );
+        }
+        let first_new = ng.region_of(Sector(og.device_size().0));
+        assert!(grown.get(first_new) && grown.get(crate::region::RegionIndex(ng.count().0 - 1)));
+        // Exactly those: the new regions holding an old dirty one, and the new area.
+        let mut expected: Vec<_> = bits
+            .iter_ones()
+            .map(|r| ng.region_of(og.extent_of(r).start))
+            .collect();
+        expected.extend((first_new.0..ng.count().0).map(crate::region::RegionIndex));
+        expected.sort();
+        expected.dedup();
+        assert_eq!(grown.iter_ones().collect::<Vec<_>>(), expected);
+        assert!(
+            expected.len() < ng.count().to_usize(),
+            "some regions stay clean"
+        );
+    }
 
     fn sample() -> Superblock {
         let layout = Layout::compute(SectorCount(8192), Some(SectorCount(64))).expect("layout");
