@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # tests/vm/mirror_zero_copy.sh: a 2-leg mirror in zero copy where the kernel offers it
 # (newest), in copy mode where it does not (lts); data integrity and equal legs either way.
-# vm: --disks 2x256M --timeout 900
+# vm: --disks 2x256M --timeout 900 --kernels newest
 # Run: tests/vm/run-all [--debug] --kernel newest|lts tests/vm/mirror_zero_copy.sh
 # Method: the data path expected is derived from the booted kernel ($UBLKDM_VM_KERNEL: newest
 # offers AUTO_BUF_REG, lts does not). A 2-leg mirror over /dev/vda and /dev/vdb (nosync: both

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # tests/vm/resize.sh: online resize (`ublkdm resize`) on both kernels.
-# vm: --disks 2x256M --timeout 600
+# vm: --disks 2x256M --timeout 600 --kernels lts,newest
 # Run: tests/vm/run-all [--debug] --kernel newest|lts tests/vm/resize.sh
 # Method: a linear device over a dm-linear slice of /dev/vda (32 MiB) is written with fio
 # (crc32c verify); the slice is then grown (dmsetup reload + resume, 64 MiB).

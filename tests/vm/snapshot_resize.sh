@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # tests/vm/snapshot_resize.sh: an origin grows online, its snapshots keep their size.
-# vm: --disks 2x128M --timeout 900
+# vm: --disks 2x128M --timeout 900 --kernels newest
 # Run: tests/vm/run-all [--debug] --kernel newest|lts tests/vm/snapshot_resize.sh
-# Needs `ublkdm resize` (prints SKIP: without it).
+# (CI runs it on newest only: tests/vm/resize.sh checks lts's exit 5.)
 # Method: a 16 MiB origin of random bytes (a dm-linear slice of vda) with its COW store on a
 # 64 MiB slice of vdb and one snapshot s1. On lts (no UPDATE_SIZE) `ublkdm resize` must fail
 # with exit 5 and one line, the origin keeping its size. On newest the slice's table is
@@ -17,13 +17,6 @@ set -uo pipefail
 . "$UBLKDM_REPO/tests/vm/common.sh"
 . "$UBLKDM_REPO/tests/vm/common_snapshot.sh"
 
-if ! "$UBLKDM" resize --help >/dev/null 2>&1; then
-	# The daemon and CLI side (`ublkdm resize`) comes with its own branch; until it is in,
-	# this test has nothing to drive.
-	echo "SKIP: this build has no 'ublkdm resize' command"
-	vm_summary
-	exit
-fi
 kernel=${UBLKDM_VM_KERNEL:-}
 [[ $kernel == newest || $kernel == lts ]] || die "UBLKDM_VM_KERNEL is '$kernel', not lts or newest"
 MIB=16

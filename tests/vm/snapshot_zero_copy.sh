@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # tests/vm/snapshot_zero_copy.sh: an origin and its snapshot in zero copy where the kernel offers
 # it (newest), in copy mode where it does not (lts); data integrity either way.
-# vm: --disks 2x128M --timeout 900
+# vm: --disks 2x128M --timeout 900 --kernels newest
 # Run: tests/vm/run-all [--debug] --kernel newest|lts tests/vm/snapshot_zero_copy.sh
 # Method: the data path expected is derived from the booted kernel ($UBLKDM_VM_KERNEL: newest
 # offers AUTO_BUF_REG, lts does not). A 16 MiB origin of random bytes (a slice of vda) with its
