@@ -60,7 +60,7 @@ fn feature_lines(features: &Features, kernel: &str) -> Vec<String> {
     if features.offers_zero_copy() {
         let flags = ublk::device_flags(Some(features), true);
         lines.push(format!(
-            "linear devices (unless --copy) ask for: {}; data path: {}",
+            "zero-copy devices (unless --copy) ask for: {}; data path: {}",
             Features::names(flags).join(", "),
             ublk::data_path(flags)
         ));
@@ -92,7 +92,7 @@ mod tests {
     }
 
     #[test]
-    fn a_driver_with_zero_copy_adds_the_line_of_linear_devices() {
+    fn a_driver_with_zero_copy_adds_the_line_of_zero_copy_targets() {
         let lines = feature_lines(&Features::from_mask(0x1f_ffff), "7.3.4");
         assert_eq!(lines.len(), 2 + ublk::FEATURES.len() + 3);
         let auto = lines.iter().find(|l| l.contains(" AUTO_BUF_REG ")).unwrap();
@@ -103,7 +103,7 @@ mod tests {
         );
         assert_eq!(
             lines.last().unwrap(),
-            "linear devices (unless --copy) ask for: SUPPORT_ZERO_COPY, USER_RECOVERY, \
+            "zero-copy devices (unless --copy) ask for: SUPPORT_ZERO_COPY, USER_RECOVERY, \
              USER_COPY, AUTO_BUF_REG; data path: zero-copy"
         );
     }

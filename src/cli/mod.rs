@@ -139,7 +139,7 @@ pub struct AddOptions {
     /// Stay attached and log to stderr.
     #[arg(long)]
     pub foreground: bool,
-    /// Serve in copy mode even where zero copy is possible (a linear device on Linux 6.16+).
+    /// Serve in copy mode even where zero copy is possible (Linux 6.16+, for a target that never reads the data).
     #[arg(long)]
     pub copy: bool,
 }

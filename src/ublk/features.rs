@@ -66,7 +66,7 @@ const fn feature(
 /// 6.15). `used`: which devices ask for it whenever the driver offers it ([`Use`]).
 #[rustfmt::skip]
 pub const FEATURES: [FeatureInfo; 20] = [
-    feature(0, "SUPPORT_ZERO_COPY", "6.15", ZeroCopy, "zero copy (linear devices, with AUTO_BUF_REG)"),
+    feature(0, "SUPPORT_ZERO_COPY", "6.15", ZeroCopy, "zero copy (with AUTO_BUF_REG)"),
     feature(1, "URING_CMD_COMP_IN_TASK", "6.0", Never, "commands completed in task context (the kernel sets it)"),
     feature(2, "NEED_GET_DATA", "6.0", Never, "write data fetched by a second command (legacy)"),
     feature(3, "USER_RECOVERY", "6.1", Always, "a dead daemon leaves the device QUIESCED for 'ublkdm recover'"),
@@ -77,7 +77,7 @@ pub const FEATURES: [FeatureInfo; 20] = [
     feature(8, "ZONED", "6.6", Never, "zoned block devices"),
     feature(9, "USER_RECOVERY_FAIL_IO", "6.13", Never, "I/O fails at once while the daemon is away"),
     feature(10, "UPDATE_SIZE", "6.16", Command, "online resize of a live device ('ublkdm resize', 'mirror grow')"),
-    feature(11, "AUTO_BUF_REG", "6.16", ZeroCopy, "zero copy by automatic buffer registration (linear devices)"),
+    feature(11, "AUTO_BUF_REG", "6.16", ZeroCopy, "zero copy by automatic buffer registration (targets that never read the data)"),
     feature(12, "QUIESCE", "6.16", Never, "quiesce a live device (daemon upgrade)"),
     feature(13, "PER_IO_DAEMON", "6.16", Never, "several threads serve one queue"),
     feature(14, "BUF_REG_OFF_DAEMON", "6.16", Never, "buffers registered from any thread"),

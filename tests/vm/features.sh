@@ -5,10 +5,10 @@
 # Method: `ublkdm features --json` must answer with the kernel's release, a non-zero mask, a
 # row per known feature whose `offered` is exactly its bit of the mask, USER_RECOVERY and
 # USER_COPY offered and used, and nothing else used but zero copy (SUPPORT_ZERO_COPY and
-# AUTO_BUF_REG, used by linear devices, and UPDATE_SIZE, by `resize`) where offered. What the kernel
+# AUTO_BUF_REG, used by zero-copy targets, and UPDATE_SIZE, by `resize`) where offered. What the kernel
 # adds is checked against the kernel the harness booted ($UBLKDM_VM_KERNEL): on lts (6.12)
 # AUTO_BUF_REG, UPDATE_SIZE and QUIESCE are not offered, on newest (6.16+) they are. The table
-# form must exit 0 and end with the data path of new devices (on newest, then of linear
+# form must exit 0 and end with the data path of new devices (on newest, then of zero-copy
 # devices: zero-copy). A linear device must then say its data path in `status --json`
 # (.data_path) and `status` (lts: `data:    copy (user copy)`; newest: `data:    zero-copy`),
 # and be granted only flags the driver offered, user copy among them.
@@ -50,7 +50,7 @@ if [[ $kernel == newest ]]; then
 	used='["SUPPORT_ZERO_COPY","USER_RECOVERY","USER_COPY","UPDATE_SIZE","AUTO_BUF_REG"]'
 	linear_path=zero-copy
 	linear_text='  data:    zero-copy'
-	last_line="linear devices (unless --copy) ask for: SUPPORT_ZERO_COPY, USER_RECOVERY, USER_COPY, AUTO_BUF_REG; data path: zero-copy"
+	last_line="zero-copy devices (unless --copy) ask for: SUPPORT_ZERO_COPY, USER_RECOVERY, USER_COPY, AUTO_BUF_REG; data path: zero-copy"
 fi
 if offered USER_RECOVERY && offered USER_COPY &&
 	[[ $(jq -c '[.features[] | select(.used) | .name]' "$T/f.json") == "$used" ]]; then
