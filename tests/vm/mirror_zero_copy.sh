@@ -21,18 +21,14 @@ set -uo pipefail
 . "$UBLKDM_REPO/tests/vm/common.sh"
 . "$UBLKDM_REPO/tests/vm/common_mirror.sh"
 . "$UBLKDM_REPO/tests/vm/common_cycles.sh"
+. "$UBLKDM_REPO/tests/vm/common_zero_copy.sh"
 
 LEGS=(/dev/vda /dev/vdb)
 # The MiB fio writes, from the start of the device.
 WRITTEN_MIB=64
 for leg in "${LEGS[@]}"; do require_block "$leg"; done
-kernel=${UBLKDM_VM_KERNEL:-}
-case $kernel in
-newest) want=zero-copy want_text='  data:    zero-copy' ;;
-lts) want=copy want_text='  data:    copy (user copy)' ;;
-*) die "UBLKDM_VM_KERNEL is '$kernel', not lts or newest" ;;
-esac
-vm_log "kernel $(uname -r) ($kernel): a mirror should be $want"
+zc_expect "a mirror"
+want=$ZC_WANT
 
 dev=$(add_mirror --leg "${LEGS[0]}" --leg "${LEGS[1]}" --nosync --queues 2) || die "add mirror failed"
 id=$(dev_id "$dev")
@@ -40,7 +36,7 @@ set_sched_none "$dev"
 status=$(ublkdm status "$id")
 json=$(ublkdm status --json "$id")
 path=$(jq -r .data_path <<<"$json")
-if [[ $path == "$want" ]] && grep -qxF "$want_text" <<<"$status"; then
+if [[ $path == "$want" ]] && grep -qxF "$ZC_TEXT" <<<"$status"; then
 	pass "status-says-$want"
 else
 	fail "status-says-$want" "data_path $path; $(grep data: <<<"$status")"
@@ -55,22 +51,10 @@ legs_equal() {
 }
 
 # --- fio verify: block sizes 4 KiB .. 1 MiB, random and sequential, several in flight.
-common=(--filename="$dev" --direct=1 --ioengine=io_uring --verify=crc32c --verify_fatal=1 --runtime=120)
-jobs=(
-	"4k-randwrite-qd32|--rw=randwrite --bs=4k --iodepth=32 --offset=0 --size=8M"
-	"1m-seqwrite-qd8|--rw=write --bs=1M --iodepth=8 --offset=8M --size=32M"
+zc_verify "$dev" \
+	"4k-randwrite-qd32|--rw=randwrite --bs=4k --iodepth=32 --offset=0 --size=8M" \
+	"1m-seqwrite-qd8|--rw=write --bs=1M --iodepth=8 --offset=8M --size=32M" \
 	"4k-1m-randwrite-qd16|--rw=randwrite --bsrange=4k-1M --iodepth=16 --offset=40M --size=24M"
-)
-for entry in "${jobs[@]}"; do
-	name=${entry%%|*}
-	read -ra args <<<"${entry#*|}"
-	if run_fio "$name" "${common[@]}" "${args[@]}"; then
-		pass "fio-$name-verify"
-	else
-		fail "fio-$name-verify" "$(grep -m1 -E 'err=|verify' "$T/$name.out")"
-	fi
-	grep -hE '^ *(write|read):' "$T/$name.out" || true
-done
 fallbacks=$(field "$id" .daemon_status.io.zero_copy_fallbacks)
 if [[ $fallbacks == 0 ]]; then
 	pass "aligned-io-never-falls-back"
@@ -79,31 +63,9 @@ else
 fi
 
 # --- memory aligned to 4 bytes: ublk takes it, O_DIRECT on the legs does not.
-misaligned() {
-	python3 - "$dev" <<'PY'
-import mmap, os, sys
-fd = os.open(sys.argv[1], os.O_RDWR | os.O_DIRECT)
-area = mmap.mmap(-1, 3 * 4096)
-data = bytes((i * 7 + 3) % 251 for i in range(8192))
-view = memoryview(area)
-view[4:4 + 8192] = data
-offset = 62 << 20
-assert os.pwritev(fd, [view[4:4 + 8192]], offset) == 8192, "short write"
-view[:] = b"\0" * len(view)
-assert os.preadv(fd, [view[4:4 + 8192]], offset) == 8192, "short read"
-assert bytes(view[4:4 + 8192]) == data, "the data came back changed"
-aligned = mmap.mmap(-1, 8192)
-assert os.preadv(fd, [aligned], offset) == 8192 and bytes(aligned) == data, "device differs"
-PY
-}
-if err=$(misaligned 2>&1); then
-	pass "memory-aligned-to-4-bytes-round-trips"
-else
-	fail "memory-aligned-to-4-bytes-round-trips" "$err"
-fi
+zc_misaligned "$dev" 62
 fallbacks=$(field "$id" .daemon_status.io.zero_copy_fallbacks)
-want_fallbacks=0
-[[ $want == zero-copy ]] && want_fallbacks=2
+want_fallbacks=$(zc_fallbacks 2)
 if [[ $fallbacks == "$want_fallbacks" ]]; then
 	pass "fallbacks-counted"
 else

@@ -20,14 +20,11 @@ set -uo pipefail
 . "$UBLKDM_REPO/scripts/vm/lib.sh"
 . "$UBLKDM_REPO/tests/vm/common.sh"
 . "$UBLKDM_REPO/tests/vm/common_snapshot.sh"
+. "$UBLKDM_REPO/tests/vm/common_zero_copy.sh"
 
-kernel=${UBLKDM_VM_KERNEL:-}
-case $kernel in
-newest) want=zero-copy want_fallbacks=1 ;;
-lts) want=copy want_fallbacks=0 ;;
-*) die "UBLKDM_VM_KERNEL is '$kernel', not lts or newest" ;;
-esac
-vm_log "kernel $(uname -r) ($kernel): the origin and its snapshot should be $want"
+zc_expect "the origin and its snapshot"
+want=$ZC_WANT
+want_fallbacks=$(zc_fallbacks 1)
 
 MIB=16
 orig=$(slice origin /dev/vda 0 $MIB)
@@ -55,21 +52,9 @@ else
 fi
 
 # --- fio verify on the origin; every first write copies its chunk for s1.
-common=(--filename="$dev" --direct=1 --ioengine=io_uring --verify=crc32c --verify_fatal=1 --runtime=120)
-jobs=(
-	"4k-randwrite-qd32|--rw=randwrite --bs=4k --iodepth=32 --offset=0 --size=4M"
+zc_verify "$dev" \
+	"4k-randwrite-qd32|--rw=randwrite --bs=4k --iodepth=32 --offset=0 --size=4M" \
 	"1m-seqwrite-qd8|--rw=write --bs=1M --iodepth=8 --offset=4M --size=8M"
-)
-for entry in "${jobs[@]}"; do
-	name=${entry%%|*}
-	read -ra args <<<"${entry#*|}"
-	if run_fio "$name" "${common[@]}" "${args[@]}"; then
-		pass "fio-$name-verify"
-	else
-		fail "fio-$name-verify" "$(grep -m1 -E 'err=|verify' "$T/$name.out")"
-	fi
-	grep -hE '^ *(write|read):' "$T/$name.out" || true
-done
 group "$id"
 vm_log "store after fio: $(g '.cow | tojson'), exceptions $(g .exceptions)"
 if (($(g .exceptions) > 0)); then
@@ -99,47 +84,15 @@ expect_image "snapshot-reads-its-write" "$s1" "$T/s1.img"
 
 # --- kill -9 under fio, recover, acknowledged writes verify, s1 intact.
 vm_log "kill phase"
-pid=$(daemon_pid "$id")
 kill_job=(--filename="$dev" --direct=1 --ioengine=io_uring --rw=randwrite --bs=16k --iodepth=16
 	--offset=0 "--size=${MIB}M" --verify=crc32c --verify_fatal=1 --aux-path="$T")
-trigger=$T/kill-now
-run_fio kill-phase "${kill_job[@]}" --runtime=60 --verify_state_save=1 \
-	--trigger-file="$trigger" --trigger="kill -9 $pid" &
-fio_pid=$!
-writes=$(field "$id" .daemon_status.io.writes)
-wait_writes "$id" $((writes + 200)) || die "fio did not get going: $(cat "$T/kill-phase.err")"
-pid_alive "$fio_pid" || die "fio ended before the kill: $(cat "$T/kill-phase.out")"
-touch "$trigger"
-if wait_until 30 bash -c "! [[ -d /proc/$pid ]] || grep -q '^[^)]*) Z' /proc/$pid/stat" &&
-	wait_until 30 bash -c "[[ \$($UBLKDM status --json $id | jq -r .state) == QUIESCED ]]"; then
-	pass "kill-9-leaves-device-quiesced"
-else
-	fail "kill-9-leaves-device-quiesced" "state $(field "$id" .state)"
-fi
+zc_kill "$id" "$dev" 200 kill-9-leaves-device-quiesced "${kill_job[@]}" --runtime=60
 if again=$(ublkdm recover "$id") && [[ $again == "$dev" && $(field "$id" .state) == LIVE &&
 	$(field "$sid" .state) == LIVE && $(paths) == "$want $want" ]]; then
 	pass "recover-brings-both-live-$want"
 else
 	fail "recover-brings-both-live-$want" "recover '${again:-}', states $(field "$id" .state) $(field "$sid" .state), data paths $(paths)"
 fi
-if wait_until 60 bash -c "! kill -0 $fio_pid 2>/dev/null"; then
-	wait "$fio_pid"
-else
-	kill -9 "$fio_pid"
-	fail "kill-phase-ends" "fio still running 60 s after recovery"
-fi
-state_files=("$T"/*verify.state)
-verified=0
-if [[ -e ${state_files[0]} ]] &&
-	timeout "$FIO_TIMEOUT" fio --name=kill-phase "${kill_job[@]}" --verify_only=1 --verify_state_load=1 \
-		--output-format=json --output="$T/verify.json" 2>"$T/verify.err"; then
-	verified=$(jq -r '.jobs[0].read.io_bytes' "$T/verify.json")
-fi
-if ((verified >= 200 * 16384)); then
-	pass "acknowledged-writes-verify-after-recover"
-	vm_log "verified $((verified >> 20)) MiB of acknowledged writes"
-else
-	fail "acknowledged-writes-verify-after-recover" "verified $verified bytes; $(head -3 "$T/verify.err")"
-fi
+zc_acked_verify $((200 * 16384)) "${kill_job[@]}"
 expect_image "snapshot-intact-after-recover" "$s1" "$T/s1.img"
 vm_summary
