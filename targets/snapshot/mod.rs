@@ -781,13 +781,7 @@ impl Inner {
     /// Fails with `EINVAL` unless `extent` lies within what a device of `raw` sectors serves,
     /// on logical-block boundaries.
     fn check_within(&self, extent: Extent, raw: u64) -> std::io::Result<()> {
-        let block = self.origin_info.logical_block_sectors().0.max(1);
-        let aligned = extent.start.0 % block == 0 && extent.len.0 % block == 0;
-        if aligned && extent.fits_in(self.served(raw)) {
-            Ok(())
-        } else {
-            Err(errno(libc::EINVAL))
-        }
+        self.origin_info.check_extent_in(extent, self.served(raw))
     }
 
     fn store(&self) -> MutexGuard<'_, Store> {
