@@ -16,7 +16,9 @@
 # zc_kill ID DEV MIN NAME FIO_ARG..
 #                         `kill -9` of device ID's daemon under a fio write job (FIO_ARG.., with
 #                         its verify state saved in $T) once MIN more writes were acknowledged;
-#                         PASS/FAIL NAME (the daemon gone, ID QUIESCED); leaves ZC_FIO_PID
+#                         PASS/FAIL NAME (the daemon gone, ID QUIESCED); leaves ZC_FIO_PID.
+#                         The job must outlast MIN writes by far: a job that ends before fio
+#                         sees its trigger file fails NAME, saying so
 # zc_acked_verify MIN_BYTES FIO_ARG..
 #                         waits for the killed job's fio to end, then verifies every write it
 #                         had acknowledged (verify_state_load); PASS/FAIL
@@ -90,12 +92,29 @@ zc_kill() {
 	wait_writes "$id" $((writes + min)) || die "fio did not get going: $(cat "$T/kill-phase.err")"
 	pid_alive "$ZC_FIO_PID" || die "fio ended before the kill: $(cat "$T/kill-phase.out")"
 	touch "$T/kill-now"
-	if wait_until 30 bash -c "! [[ -d /proc/$pid ]] || grep -q '^[^)]*) Z' /proc/$pid/stat" &&
-		wait_until 30 bash -c "[[ \$($UBLKDM status --json $id | jq -r .state) == QUIESCED ]]"; then
+	if ! wait_until 30 zc_gone "$pid"; then
+		if pid_alive "$ZC_FIO_PID"; then
+			fail "$name" "the daemon $pid outlived kill -9 by 30 s: $(zc_threads "$pid")"
+		else
+			# Not the daemon's fault: the job ended before fio saw its trigger file.
+			fail "$name" "fio ended before its trigger killed the daemon (the job is too short)"
+		fi
+	elif wait_until 30 bash -c "[[ \$($UBLKDM status --json $id | jq -r .state) == QUIESCED ]]"; then
 		pass "$name"
 	else
-		fail "$name" "state $(field "$id" .state) on $dev"
+		fail "$name" "state $(field "$id" .state) on $dev 30 s after the daemon died"
 	fi
+}
+
+zc_gone() { ! pid_alive "${1:?zc_gone PID}"; }
+
+# zc_threads PID: each thread's state and kernel wait channel, for a failure's message.
+zc_threads() {
+	local task out=
+	for task in /proc/"${1:?zc_threads PID}"/task/*; do
+		out+="$(sed 's/.*) //' "$task/stat" 2>/dev/null | cut -d' ' -f1):$(cat "$task/wchan" 2>/dev/null) "
+	done
+	printf '%s\n' "${out:-gone}"
 }
 
 zc_acked_verify() {

@@ -84,7 +84,7 @@ expect_image "snapshot-reads-its-write" "$s1" "$T/s1.img"
 
 # --- kill -9 under fio, recover, acknowledged writes verify, s1 intact.
 vm_log "kill phase"
-kill_job=(--filename="$dev" --direct=1 --ioengine=io_uring --rw=randwrite --bs=16k --iodepth=16
+kill_job=(--filename="$dev" --direct=1 --ioengine=io_uring --rw=randwrite --bs=4k --iodepth=16
 	--offset=0 "--size=${MIB}M" --verify=crc32c --verify_fatal=1 --aux-path="$T")
 zc_kill "$id" "$dev" 200 kill-9-leaves-device-quiesced "${kill_job[@]}" --runtime=60
 if again=$(ublkdm recover "$id") && [[ $again == "$dev" && $(field "$id" .state) == LIVE &&
@@ -93,6 +93,6 @@ if again=$(ublkdm recover "$id") && [[ $again == "$dev" && $(field "$id" .state)
 else
 	fail "recover-brings-both-live-$want" "recover '${again:-}', states $(field "$id" .state) $(field "$sid" .state), data paths $(paths)"
 fi
-zc_acked_verify $((200 * 16384)) "${kill_job[@]}"
+zc_acked_verify $((200 * 4096)) "${kill_job[@]}"
 expect_image "snapshot-intact-after-recover" "$s1" "$T/s1.img"
 vm_summary
