@@ -65,10 +65,13 @@ pub const MAX_QUEUES: u16 = 16;
 pub const DEFAULT_DEPTH: u16 = 128;
 /// The deepest queue we accept: each tag owns an io buffer, so depth bounds memory.
 pub const MAX_DEPTH: u16 = 512;
-/// The io buffer of each tag, and so the largest request the kernel sends (max_sectors).
-pub const IO_BUF_BYTES: u32 = 512 << 10;
+/// The io buffer of each tag, and so the largest request the kernel sends (max_sectors). 1 MiB,
+/// as the kernel's own stacked targets pass on from a virtio or NVMe disk: at 512 KiB every
+/// 1 MiB request became two, each with its round trip through the daemon and its own I/O on
+/// every backing device, which is what bounds large requests in zero copy.
+pub const IO_BUF_BYTES: u32 = 1 << 20;
 /// A daemon's request-buffer budget: what all its devices' requests in flight may hold at once
-/// (128 requests of the largest size).
+/// (64 requests of the largest size; in zero copy requests hold none of it).
 pub const BUFFER_BUDGET_BYTES: usize = 64 << 20;
 /// The part of the budget kept for reuse when no request needs it.
 pub const IDLE_BUFFER_BYTES: usize = 8 << 20;

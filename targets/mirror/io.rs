@@ -45,6 +45,7 @@
 //!   fails in copy mode, as ever).
 
 use std::io;
+use std::ops::Range;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -89,6 +90,25 @@ impl LegOp {
     fn is_registered(&self) -> bool {
         matches!(self, LegOp::Write { buf, .. } if buf.is_registered())
     }
+}
+
+/// The runs of neighbouring pieces of a write that go to the same legs, given for each piece
+/// whether it goes to every active leg (`to_all`: its region is in sync, or no leg recovers)
+/// or to the in-sync legs only. Together the runs cover every piece once, in order.
+fn same_legs_runs(to_all: &[bool]) -> Vec<Range<usize>> {
+    let mut runs: Vec<Range<usize>> = Vec::new();
+    for (p, &all) in to_all.iter().enumerate() {
+        match runs.last_mut() {
+            Some(run) if to_all[run.start] == all => run.end = p + 1,
+            _ => runs.push(p..p + 1),
+        }
+    }
+    assert_eq!(
+        runs.iter().map(|r| r.len()).sum::<usize>(),
+        to_all.len(),
+        "runs cover every piece once"
+    );
+    runs
 }
 
 /// Another handle on the same write buffer: owned memory is shared, a registration is named
@@ -282,7 +302,11 @@ impl Inner {
         self.await_persisted().await
     }
 
-    /// The leg I/Os of a write cut into `pieces`, and for each its (piece, target).
+    /// The leg I/Os of a write cut into `pieces`, and for each the pieces it carries and its
+    /// target. Pieces go to the same legs unless a region is out of sync while a leg
+    /// recovers, so a write is one I/O per leg (md's one bio per disk) but where those sets
+    /// differ: a run of neighbouring pieces with the same set shares one leg I/O, which
+    /// succeeds or fails for all of them.
     fn leg_ops(
         &self,
         extent: Extent,
@@ -290,27 +314,31 @@ impl Inner {
         pieces: &[(RegionIndex, Extent)],
         targets: &[LegRef],
         in_sync: &[bool],
-    ) -> (Vec<LegWrite>, Vec<(usize, usize)>) {
+    ) -> (Vec<LegWrite>, Vec<(Range<usize>, usize)>) {
         assert_eq!(in_sync.len(), pieces.len(), "a sync state per piece");
         let mut ops: Vec<LegWrite> = Vec::new();
         let mut who = Vec::new();
-        for (p, &(_, piece)) in pieces.iter().enumerate() {
-            let piece_buf = match op {
-                LegOp::Write { buf, .. } if pieces.len() == 1 => Some(share(buf)),
-                LegOp::Write { buf, .. } => Some(piece_of(buf, extent, piece)),
+        let all_in_sync = targets.iter().all(|l| l.state == LegState::InSync);
+        let to_all: Vec<bool> = in_sync.iter().map(|&s| s || all_in_sync).collect();
+        for run in same_legs_runs(&to_all) {
+            let first = pieces[run.start].1.start;
+            let span = Extent::new(first, pieces[run.end - 1].1.end() - first);
+            let run_buf = match op {
+                LegOp::Write { buf, .. } if span == extent => Some(share(buf)),
+                LegOp::Write { buf, .. } => Some(piece_of(buf, extent, span)),
                 _ => None,
             };
-            let at = self.leg_sector(piece.start);
+            let at = self.leg_sector(span.start);
             for (t, leg) in targets.iter().enumerate() {
                 // A recovering leg gets the write only where its region is already copied;
                 // an out-of-sync region is copied to it whole later.
-                if !in_sync[p] && leg.state != LegState::InSync {
+                if !to_all[run.start] && leg.state != LegState::InSync {
                     continue;
                 }
-                let leg_extent = Extent::new(at, piece.len);
-                ops.push(match (op, &piece_buf) {
+                let leg_extent = Extent::new(at, span.len);
+                ops.push(match (op, &run_buf) {
                     (LegOp::Write { flags, .. }, Some(b)) => {
-                        assert_eq!(b.len(), piece.len.to_usize_bytes(), "piece buffer");
+                        assert_eq!(b.len(), span.len.to_usize_bytes(), "run buffer");
                         // The same buffer to every leg: owned memory goes to `write` as
                         // ever, a registered buffer to fixed-buffer I/O on this ring.
                         leg.dev.write_buf(at, share(b), *flags)
@@ -318,7 +346,7 @@ impl Inner {
                     (LegOp::Discard, _) => leg.dev.discard(leg_extent),
                     _ => leg.dev.write_zeroes(leg_extent),
                 });
-                who.push((p, t));
+                who.push((run.clone(), t));
             }
         }
         (ops, who)
@@ -332,7 +360,7 @@ impl Inner {
     fn tally(
         pieces: usize,
         targets: usize,
-        who: &[(usize, usize)],
+        who: &[(Range<usize>, usize)],
         results: Vec<io::Result<()>>,
         registered: bool,
     ) -> Tally {
@@ -346,21 +374,26 @@ impl Inner {
             refused: false,
         };
         let mut refused = vec![false; pieces];
-        for (&(p, leg), res) in who.iter().zip(results) {
+        for ((run, leg), res) in who.iter().zip(results) {
+            let leg = *leg;
             assert!(
-                p < pieces && leg < targets,
-                "leg I/O ({p}, {leg}) out of range"
+                !run.is_empty() && run.end <= pieces && leg < targets,
+                "leg I/O ({run:?}, {leg}) out of range"
             );
             match res {
-                Ok(()) => t.took.push((p, leg)),
+                Ok(()) => t.took.extend(run.clone().map(|p| (p, leg))),
                 Err(err) if registered && refuses_registered(&err) => {
                     t.refused = true;
-                    refused[p] = true;
-                    // EINVAL may come after a part of the transfer: the legs may differ.
-                    t.piece_ok[p] &= is_needs_copy(&err);
+                    for p in run.clone() {
+                        refused[p] = true;
+                        // EINVAL may come after a part of the transfer: the legs may differ.
+                        t.piece_ok[p] &= is_needs_copy(&err);
+                    }
                 }
                 Err(err) => {
-                    t.piece_ok[p] = false;
+                    for p in run.clone() {
+                        t.piece_ok[p] = false;
+                    }
                     // A leg that cannot discard is not broken: resync makes the legs agree.
                     if err.raw_os_error() == Some(libc::EOPNOTSUPP) {
                         t.unsupported = true;
