@@ -27,8 +27,9 @@
 //!   one after another (a large discard moves on while the resync runs), and each piece
 //!   splits at regions; `begin_write` for each (waiting while a region recovers),
 //!   one `DirtyLog::mark` for the regions that need it, then the legs (every in-sync leg, and
-//!   recovering legs where the region is already copied), then `end_write` with whether every
-//!   leg took the piece. A leg that fails is failed at once (in memory, then in the
+//!   recovering legs where the region is already copied: one I/O per leg for each run of
+//!   regions that go to the same legs, so one in all unless a leg recovers), then `end_write`
+//!   with whether every leg took the piece. A leg that fails is failed at once (in memory, then in the
 //!   superblocks of the survivors), and the write is acknowledged only after that update is
 //!   durable, so no acknowledged write can later be "resynced away" from a stale leg. A
 //!   write that no in-sync leg took fails with EIO, even if a recovering leg took it.
