@@ -59,6 +59,19 @@ pub fn command_line(
                  follow with 'ublkdm status {id} --watch'"
             )
         }
+        MirrorCommand::Grow { .. } => {
+            let mib = |v: &Value| {
+                v.as_u64()
+                    .map_or_else(|| "?".to_owned(), |s| (s.saturating_mul(SECTOR_BYTES) >> 20).to_string())
+            };
+            format!(
+                "mirror {id} grown from {} MiB to {} MiB; resyncing the new area ({} regions); \
+                 follow with 'ublkdm status {id} --watch'",
+                mib(&reply["old_size_sectors"]),
+                mib(&reply["size_sectors"]),
+                count(&reply["resync_regions"])
+            )
+        }
         MirrorCommand::Status {} => unreachable!("not a CLI command"),
     }
 }
