@@ -29,7 +29,10 @@ fn bad_sizes_and_ids_are_usage_errors() {
         (&["mirror", "grow"][..], "ID"),
         (&["mirror", "grow", "/dev/vda"][..], "not a device id"),
         (&["mirror", "grow", "0", "1G"][..], "unexpected argument"),
-        (&["mirror", "grow", "0", "--size", "1G"][..], "unexpected argument"),
+        (
+            &["mirror", "grow", "0", "--size", "1G"][..],
+            "unexpected argument",
+        ),
     ] {
         let (code, stdout, stderr) = ublkdm(args);
         assert_eq!(code, 2, "{args:?}: {stderr}");

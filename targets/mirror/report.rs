@@ -61,8 +61,10 @@ pub fn command_line(
         }
         MirrorCommand::Grow { .. } => {
             let mib = |v: &Value| {
-                v.as_u64()
-                    .map_or_else(|| "?".to_owned(), |s| (s.saturating_mul(SECTOR_BYTES) >> 20).to_string())
+                v.as_u64().map_or_else(
+                    || "?".to_owned(),
+                    |s| (s.saturating_mul(SECTOR_BYTES) >> 20).to_string(),
+                )
             };
             format!(
                 "mirror {id} grown from {} MiB to {} MiB; resyncing the new area ({} regions); \
