@@ -356,3 +356,86 @@ fn sb_layouts_differ(heads: &[Vec<u8>]) -> bool {
 }
 
 const SB_SECTORS_BYTES: usize = 4096;
+
+/// A leg grown in place (a dm table reloaded bigger): opened at `info.size`, it serves all of
+/// its inner device once [`BlockDevice::refresh_size`] read the new size.
+struct GrownInPlace {
+    inner: Arc<MemDevice>,
+    info: DeviceInfo,
+    size: std::sync::atomic::AtomicU64,
+}
+
+impl GrownInPlace {
+    fn new(inner: Arc<MemDevice>, opened: SectorCount) -> Arc<GrownInPlace> {
+        let info = DeviceInfo {
+            size: opened,
+            ..inner.info().clone()
+        };
+        Arc::new(GrownInPlace {
+            inner,
+            info,
+            size: opened.0.into(),
+        })
+    }
+}
+
+impl BlockDevice for GrownInPlace {
+    fn info(&self) -> &DeviceInfo {
+        &self.info
+    }
+    fn size(&self) -> SectorCount {
+        SectorCount(self.size.load(Ordering::Relaxed))
+    }
+    fn refresh_size(&self) -> std::io::Result<SectorCount> {
+        self.size.store(self.inner.info().size.0, Ordering::Relaxed);
+        Ok(self.size())
+    }
+    fn read(&self, offset: Sector, buf: AlignedBuf) -> IoFuture<ReadDone> {
+        self.inner.read(offset, buf)
+    }
+    fn write(
+        &self,
+        offset: Sector,
+        buf: Arc<AlignedBuf>,
+        flags: WriteFlags,
+    ) -> IoFuture<std::io::Result<()>> {
+        self.inner.write(offset, buf, flags)
+    }
+    fn flush(&self) -> IoFuture<std::io::Result<()>> {
+        self.inner.flush()
+    }
+    fn discard(&self, extent: Extent) -> IoFuture<std::io::Result<()>> {
+        self.inner.discard(extent)
+    }
+    fn write_zeroes(&self, extent: Extent) -> IoFuture<std::io::Result<()>> {
+        self.inner.write_zeroes(extent)
+    }
+}
+
+/// Legs grown in place (their devices were opened at the old size; the grow reads their new
+/// size): the resync of the new area copies past the size the legs were opened with, and
+/// completes (the copy engine once checked copies against the opened size, and the resync of
+/// the new area never ran).
+#[test]
+fn legs_grown_in_place_resync_the_new_area() {
+    let (small, old) = small_mirror(8);
+    let big = copied(&small, BIG, &["a2", "b2"]);
+    // What the bigger disks held before: different on each, so the resync must copy.
+    big[1].poke(Sector(LEG.0), &pattern(99, (BIG.0 - LEG.0) as usize));
+    let legs: Vec<DeviceRef> = big
+        .iter()
+        .map(|leg| GrownInPlace::new(Arc::clone(leg), LEG) as DeviceRef)
+        .collect();
+    let mems = big.clone();
+    with_mirror(legs, options(REGION), move |t| async move {
+        assert_eq!(t.size(), old.data_size);
+        grow(&t).await.expect("grow");
+        let grown = t.layout();
+        assert_eq!(grown.data_size.0, BIG.0 - old.data_offset.0);
+        settle(&t).await;
+        t.flush().await.expect("flush");
+        assert!(data_of(&mems[0], grown) == data_of(&mems[1], grown));
+        assert_eq!(read(&t, 0, 64).await, pattern(8, 64));
+    })
+    .expect("mirror");
+}
