@@ -1,4 +1,4 @@
-//! `ublkdm resize` as a user runs it: its usage errors (exit 2, one line), and on a host
+//! `ublkdm resize` and `ublkdm mirror grow` as a user runs them: its usage errors (exit 2, one line), and on a host
 //! without the ublk driver (this project's build machines) one line and exit 5. What it does
 //! to a live device is tested in the VM (tests/vm/resize.sh), on both kernels.
 
@@ -26,6 +26,13 @@ fn bad_sizes_and_ids_are_usage_errors() {
         (&["resize", "0", "0"][..], "512-byte sectors"),
         (&["resize", "0", "2X"][..], "unknown unit"),
         (&["resize", "0", "1G", "2G"][..], "unexpected argument"),
+        (&["mirror", "grow"][..], "ID"),
+        (&["mirror", "grow", "/dev/vda"][..], "not a device id"),
+        (&["mirror", "grow", "0", "1G"][..], "unexpected argument"),
+        (
+            &["mirror", "grow", "0", "--size", "1G"][..],
+            "unexpected argument",
+        ),
     ] {
         let (code, stdout, stderr) = ublkdm(args);
         assert_eq!(code, 2, "{args:?}: {stderr}");

@@ -243,13 +243,19 @@ impl CopyJob {
                     "copy extents differ in length: {loc:?} is not {len}"
                 )));
             }
-            loc.dev.info().check_extent(loc.extent).map_err(|e| {
-                Error::with_source(
-                    ErrorKind::InvalidArgument,
-                    format!("copy extent {loc:?} is off the device or unaligned"),
-                    e,
-                )
-            })?;
+            // The present size: a device grown in place (`BlockDevice::refresh_size`) is
+            // copied to and from beyond the size it was opened with.
+            let size = loc.dev.size();
+            loc.dev
+                .info()
+                .check_extent_in(loc.extent, size)
+                .map_err(|e| {
+                    Error::with_source(
+                        ErrorKind::InvalidArgument,
+                        format!("copy extent {loc:?} is off the device or unaligned"),
+                        e,
+                    )
+                })?;
         }
         Ok(())
     }

@@ -415,9 +415,35 @@ impl DirtyLog {
     /// Reads the log in `area` of `dev`: the newest valid image. Also returns its bits (the
     /// regions that may differ between legs after a crash).
     pub async fn open(dev: DeviceRef, area: Extent) -> Result<(DirtyLog, RegionBitmap)> {
+        DirtyLog::open_for(dev, area, None).await
+    }
+
+    /// [`DirtyLog::open`], preferring the newest valid image of `geometry` when one is given:
+    /// after a power cut in a [`DirtyLog::regrow`] the other slot holds the image of the
+    /// geometry its owner did not yet switch to (or already switched from). Without an image
+    /// of `geometry` the newest valid image is opened, for the caller to name the mismatch.
+    pub async fn open_for(
+        dev: DeviceRef,
+        area: Extent,
+        geometry: Option<&RegionGeometry>,
+    ) -> Result<(DirtyLog, RegionBitmap)> {
         let half = check_area(&dev, area)?;
-        let a = read_slot(&dev, area, half, area.start).await?;
-        let b = read_slot(&dev, area, half, area.start + half).await?;
+        let mut a = read_slot(&dev, area, half, area.start).await?;
+        let mut b = read_slot(&dev, area, half, area.start + half).await?;
+        if let Some(geometry) = geometry {
+            let fits = |slot: &std::result::Result<(Header, RegionBitmap), String>| {
+                slot.as_ref().is_ok_and(|(h, _)| {
+                    h.device_size == geometry.device_size()
+                        && h.region_size == geometry.region_size()
+                })
+            };
+            // One slot of the wanted geometry: the other is not a candidate.
+            match (fits(&a), fits(&b)) {
+                (true, false) if b.is_ok() => b = Err("is of another geometry".into()),
+                (false, true) if a.is_ok() => a = Err("is of another geometry".into()),
+                _ => {}
+            }
+        }
         let (slot, header, bits) = match (a, b) {
             (Ok((ha, ba)), Ok((hb, _))) if ha.sequence >= hb.sequence => (Slot::A, ha, ba),
             (_, Ok((hb, bb))) => (Slot::B, hb, bb),
@@ -581,6 +607,53 @@ impl DirtyLog {
 
     fn state(&self) -> MutexGuard<'_, LogState> {
         self.state.lock().expect("dirty log state")
+    }
+
+    /// The log of the same area for `geometry` (a device grown in place), carrying `bits`:
+    /// its first image, with the next sequence number, goes to the slot that does not hold
+    /// the newest durable image of this log, which thus survives a power cut until its owner
+    /// has switched to the new geometry (see [`DirtyLog::open_for`]). This log must not be
+    /// used afterwards; the caller keeps marks and clears away meanwhile (clears it asked
+    /// for and not committed are dropped: their bits stay set in `bits`).
+    pub async fn regrow(
+        &self,
+        geometry: RegionGeometry,
+        bits: RegionBitmap,
+    ) -> io::Result<DirtyLog> {
+        assert_eq!(bits.len(), geometry.count(), "bits of the new geometry");
+        let _writer = self.writer.lock().await;
+        let layout = Layout {
+            image: image_sectors(geometry.count()),
+            geometry,
+            ..self.layout.clone()
+        };
+        if layout.image > layout.half {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("the dirty log area is too small for {}", geometry.count()),
+            ));
+        }
+        let (sequence, events, slot) = {
+            let mut state = self.state();
+            assert!(!state.committing, "a commit under the writer");
+            // A failed regrow leaves the slot unknown, as a failed commit does: this log's
+            // next commit goes there again, with a higher sequence.
+            state.sequence += 1;
+            (state.sequence, state.events, state.good_slot.other())
+        };
+        let commit = Commit {
+            number: 0,
+            slot,
+            at: layout.slot_start(slot),
+            image: Arc::new(encode_image(
+                &layout.header(sequence, events),
+                &bits,
+                layout.image,
+            )),
+        };
+        write_image(&self.dev, &commit).await?;
+        let state = LogState::new(bits, events, sequence, slot);
+        Ok(DirtyLog::assemble(Arc::clone(&self.dev), layout, state))
     }
 
     /// Where the next commit will write: for crash tests.

@@ -76,7 +76,7 @@ pub const FEATURES: [FeatureInfo; 20] = [
     feature(7, "USER_COPY", "6.5", Always, "request data read and written with pread/pwrite on /dev/ublkcN"),
     feature(8, "ZONED", "6.6", Never, "zoned block devices"),
     feature(9, "USER_RECOVERY_FAIL_IO", "6.13", Never, "I/O fails at once while the daemon is away"),
-    feature(10, "UPDATE_SIZE", "6.16", Command, "online resize of a live device ('ublkdm resize')"),
+    feature(10, "UPDATE_SIZE", "6.16", Command, "online resize of a live device ('ublkdm resize', 'mirror grow')"),
     feature(11, "AUTO_BUF_REG", "6.16", ZeroCopy, "zero copy by automatic buffer registration (targets that never read the data)"),
     feature(12, "QUIESCE", "6.16", Never, "quiesce a live device (daemon upgrade)"),
     feature(13, "PER_IO_DAEMON", "6.16", Never, "several threads serve one queue"),

@@ -442,6 +442,10 @@ fn check_layouts(
         if matches!(verdict, Verdict::NotMember(_)) {
             continue;
         }
+        // A power cut during a grow: this member missed the update with the grown layout.
+        if sb.events < a.events && super::grow::grown_from(&a.layout, &sb.layout) {
+            continue;
+        }
         if let Some(field) = a.layout.difference(&sb.layout) {
             return Err(Error::new(
                 ErrorKind::Corrupt,
@@ -576,7 +580,9 @@ async fn open_log(
     let meta_dev: DeviceRef = meta.clone();
     let area = crate::units::Extent::new(crate::units::Sector(0), layout.log_area.len);
     let geometry = layout.geometry();
-    match DirtyLog::open(Arc::clone(&meta_dev), area).await {
+    // The image of the superblock's geometry: after a power cut in a grow, the other slot
+    // may hold the image of the geometry the superblocks did not reach (`grow.rs`).
+    match DirtyLog::open_for(Arc::clone(&meta_dev), area, Some(&geometry)).await {
         Ok((log, bits)) if log.uuid() == uuid && log.geometry() == &geometry => {
             Ok((log, bits, false))
         }
@@ -681,7 +687,7 @@ async fn start_assembled(
     let inner = build(uuid, layout, state, log, meta, env, report);
     if log_lost {
         inner
-            .log
+            .log()
             .mark_range(geometry.all())
             .await
             .map_err(|e| Error::io("cannot mark the mirror's regions for resync", e))?;
@@ -734,11 +740,11 @@ fn build(
     };
     let inner = Arc::new(Inner {
         uuid,
-        layout,
-        geometry: layout.geometry(),
+        shape: std::sync::RwLock::new(super::Shape::new(layout, log)),
+        gate: smol::lock::RwLock::new(()),
+        growing: std::sync::atomic::AtomicBool::new(false),
         info,
         state: std::sync::Mutex::new(state),
-        log,
         meta: Arc::clone(&meta),
         engine: env.engine,
         completions: Completions::new(),
@@ -800,8 +806,8 @@ impl Inner {
             .map_err(|e| Error::io(format!("cannot copy the dirty log to {name}"), e))?;
         let marks = self.join_leg(&dev, &joining)?;
         let marked = match marks {
-            None => self.log.mark_range(self.geometry.all()).await,
-            Some(regions) => self.log.mark(&regions).await,
+            None => self.log().mark_range(self.geometry().all()).await,
+            Some(regions) => self.log().mark(&regions).await,
         };
         marked.map_err(|e| Error::io("cannot mark the new leg's regions in the dirty log", e))?;
         if !self.meta.has_member(joining.slot, joining.generation) {
@@ -826,12 +832,12 @@ impl Inner {
 
     /// Refuses a device too small for the mirror's legs.
     fn check_leg_size(&self, dev: &DeviceRef) -> Result<()> {
-        if dev.info().size < self.layout.leg_sectors() {
+        if dev.info().size < self.layout().leg_sectors() {
             return Err(Error::invalid(format!(
                 "{} ({}) is smaller than the mirror's legs need ({})",
                 dev.info().name,
                 dev.info().size,
-                self.layout.leg_sectors()
+                self.layout().leg_sectors()
             )));
         }
         Ok(())
@@ -950,13 +956,13 @@ impl Inner {
         st.repair_source.clear();
         st.stuck.clear();
         let marks = if full {
-            st.map.mark_out_of_sync(self.geometry.all());
+            st.map.mark_out_of_sync(self.geometry().all());
             None
         } else {
             // Every region written while the leg was away: bits are never cleared while
             // a leg is missing, so the log's bits and the writes in flight cover them.
             st.map.resync_dirty();
-            let dirty = self.log.dirty_regions();
+            let dirty = self.log().dirty_regions();
             for &region in &dirty {
                 st.map.mark_out_of_sync(RegionRange::one(region));
             }

@@ -1,4 +1,5 @@
-//! Runtime commands (`fail-leg`, `remove-leg`, `add-leg`, `replace-leg`, `scrub`, `status`)
+//! Runtime commands (`fail-leg`, `remove-leg`, `add-leg`, `replace-leg`, `scrub`, `grow`,
+//! `status`)
 //! and the status report.
 //!
 //! [`MirrorCommand`] is the one schema of every command: clap parses it from `ublkdm mirror
@@ -94,6 +95,17 @@ pub enum MirrorCommand {
         #[serde(skip)]
         json: bool,
     },
+    /// Grow the mirror to all its legs hold, once every leg is bigger (after replace-leg
+    /// with bigger devices); the new area is resynced.
+    Grow {
+        #[arg(value_parser = parse_id)]
+        #[serde(skip)]
+        id: u32,
+        /// Print the daemon's reply as JSON instead of a line.
+        #[arg(long)]
+        #[serde(skip)]
+        json: bool,
+    },
     /// The status report (on the control socket only; `ublkdm status` shows it).
     #[command(skip)]
     Status {},
@@ -101,12 +113,13 @@ pub enum MirrorCommand {
 
 impl MirrorCommand {
     /// The commands' names on the control socket.
-    pub const NAMES: [&'static str; 6] = [
+    pub const NAMES: [&'static str; 7] = [
         "fail-leg",
         "remove-leg",
         "add-leg",
         "replace-leg",
         "scrub",
+        "grow",
         "status",
     ];
 
@@ -127,7 +140,8 @@ impl MirrorCommand {
             | MirrorCommand::RemoveLeg { json, .. }
             | MirrorCommand::AddLeg { json, .. }
             | MirrorCommand::ReplaceLeg { json, .. }
-            | MirrorCommand::Scrub { json, .. } => *json,
+            | MirrorCommand::Scrub { json, .. }
+            | MirrorCommand::Grow { json, .. } => *json,
             MirrorCommand::Status {} => true,
         }
     }
@@ -148,7 +162,8 @@ impl MirrorCommand {
             | MirrorCommand::RemoveLeg { id, .. }
             | MirrorCommand::AddLeg { id, .. }
             | MirrorCommand::ReplaceLeg { id, .. }
-            | MirrorCommand::Scrub { id, .. } => *id,
+            | MirrorCommand::Scrub { id, .. }
+            | MirrorCommand::Grow { id, .. } => *id,
             MirrorCommand::Status {} => unreachable!("not a CLI command"),
         }
     }
@@ -181,6 +196,12 @@ impl Inner {
 
     /// Runs one parsed command.
     pub(crate) async fn run(self: Arc<Self>, command: MirrorCommand) -> Result<Value> {
+        // Leg changes and a grow exclude each other (a grow takes the gate exclusively).
+        let holder = Arc::clone(&self);
+        let _gate = match command {
+            MirrorCommand::Grow { .. } | MirrorCommand::Status {} => None,
+            _ => Some(holder.gate.read().await),
+        };
         match command {
             MirrorCommand::Status {} => Ok(self.status()),
             MirrorCommand::FailLeg { slot, .. } => {
@@ -212,6 +233,7 @@ impl Inner {
                 self.start_scrub(repair)?;
                 Ok(json!({ "scrub": if repair { "repair" } else { "check" } }))
             }
+            MirrorCommand::Grow { .. } => self.grow(None).await,
         }
     }
 
@@ -265,13 +287,13 @@ impl Inner {
         let stats = self.engine.stats();
         let st = self.lock();
         let (missing, not_members) = self.missing_lines(&st);
-        let total = self.geometry.count().0;
+        let total = self.geometry().count().0;
         json!({
             "target": "mirror",
             "uuid": self.uuid.to_string(),
-            "size_sectors": self.layout.data_size.0,
-            "region_size_sectors": self.layout.region_size.0,
-            "data_offset_sectors": self.layout.data_offset.0,
+            "size_sectors": self.layout().data_size.0,
+            "region_size_sectors": self.layout().region_size.0,
+            "data_offset_sectors": self.layout().data_offset.0,
             "events": st.events,
             "events_cleared": st.events_cleared,
             "degraded": st.missing_legs(),
@@ -323,8 +345,8 @@ impl Inner {
         } else {
             0.0
         };
-        let remaining =
-            (self.geometry.count().0 - st.map.sync_count().0) * self.layout.region_size.to_bytes();
+        let remaining = (self.geometry().count().0 - st.map.sync_count().0)
+            * self.layout().region_size.to_bytes();
         let eta = (rate > 0.0).then(|| remaining as f64 / rate);
         json!({
             "active": p.active,

@@ -221,7 +221,9 @@ struct SubRead {
 
 impl Inner {
     fn check_request(&self, extent: Extent) -> io::Result<()> {
-        self.info.check_extent(extent)
+        // The present size: the caller holds the gate, so no grow moves it meanwhile.
+        self.info
+            .check_extent_in(extent, self.geometry().device_size())
     }
 
     // -----------------------------------------------------------------------------------------
@@ -251,13 +253,13 @@ impl Inner {
     /// Cuts a write at every `Tuning::write_piece_regions` regions.
     fn write_pieces(&self, extent: Extent) -> Vec<Extent> {
         let limit = self.tuning.write_piece_regions.max(1);
-        let regions = self.geometry.regions_touching(extent);
+        let regions = self.geometry().regions_touching(extent);
         let mut pieces = Vec::new();
         let (mut start, mut first) = (extent.start, regions.start.0);
         while start < extent.end() {
             let last = first.saturating_add(limit - 1).min(regions.end.0 - 1);
             let end = self
-                .geometry
+                .geometry()
                 .extent_of(RegionIndex(last))
                 .end()
                 .min(extent.end());
@@ -272,21 +274,21 @@ impl Inner {
     /// protocol. It succeeds only if, for each region, a leg that is in sync took it: a copy
     /// on recovering legs alone is one no assembly could read.
     async fn write_piece(&self, extent: Extent, op: &LegOp) -> io::Result<()> {
-        let regions: Vec<RegionIndex> = self.geometry.regions_touching(extent).collect();
+        let regions: Vec<RegionIndex> = self.geometry().regions_touching(extent).collect();
         let (needs_mark, targets, in_sync) = self.admit(&regions).await;
         if !targets.iter().any(|l| l.state == LegState::InSync) {
             self.abort(&regions);
             return Err(errno(libc::EIO));
         }
         if !needs_mark.is_empty() {
-            if let Err(err) = self.log.mark(&needs_mark).await {
+            if let Err(err) = self.log().mark(&needs_mark).await {
                 log::error!("mirror {}: cannot mark the dirty log: {err}", self.uuid);
                 self.abort(&regions);
                 return Err(err);
             }
             self.lock().map.marked(&needs_mark);
         }
-        let pieces: Vec<(RegionIndex, Extent)> = self.geometry.split_at_regions(extent).collect();
+        let pieces: Vec<(RegionIndex, Extent)> = self.geometry().split_at_regions(extent).collect();
         assert_eq!(pieces.len(), regions.len(), "one piece per region written");
         let (ops, who) = self.leg_ops(extent, op, &pieces, &targets, &in_sync);
         let results = join_all(ops).await;
@@ -648,7 +650,7 @@ impl Inner {
     fn plan_read(&self, extent: Extent) -> Vec<SubRead> {
         let mut st = self.lock();
         let mut plan = Vec::new();
-        for (region, piece) in self.geometry.split_at_regions(extent) {
+        for (region, piece) in self.geometry().split_at_regions(extent) {
             if !st.map.in_sync(region) {
                 let Some(source) = st.source_for(region) else {
                     plan.push(SubRead {
@@ -766,7 +768,7 @@ impl Inner {
             }
             st.map.mark_out_of_sync(RegionRange::one(region));
         }
-        if let Err(err) = self.log.mark_range(RegionRange::one(region)).await {
+        if let Err(err) = self.log().mark_range(RegionRange::one(region)).await {
             log::error!(
                 "mirror {}: cannot mark {region} for repair: {err}",
                 self.uuid
@@ -825,7 +827,7 @@ impl Inner {
                     .active()
                     .into_iter()
                     .map(|leg| {
-                        let sb = st.superblock(self.uuid, self.layout, leg.slot);
+                        let sb = st.superblock(self.uuid, self.layout(), leg.slot);
                         (leg, sb)
                     })
                     .collect();

@@ -19,6 +19,8 @@
 //!   scan of `assemble --scan`, and the spec that follows the legs.
 //! - `assemble.rs`: create, assemble (degraded when legs are absent), and adding legs (new or
 //!   returning).
+//! - `grow.rs`: growing the mirror onto bigger legs (`mirror grow`): the swap of its
+//!   geometry under a live device, and the crash-safe order of the metadata updates.
 //! - `commands.rs`: runtime commands and the status report (JSON).
 //! - `report.rs`: what a person reads: each command's line and the `ublkdm status` report.
 //!
@@ -71,6 +73,7 @@
 mod assemble;
 pub mod commands;
 pub mod discover;
+mod grow;
 mod io;
 mod kind;
 mod meta;
@@ -82,11 +85,11 @@ mod survey;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use smol::lock::Mutex as AsyncMutex;
+use smol::lock::{Mutex as AsyncMutex, RwLock as AsyncRwLock};
 use uuid::Uuid;
 
 pub use commands::MirrorCommand;
@@ -200,11 +203,17 @@ pub struct MirrorTarget {
 /// What the target, its futures and its resync driver share.
 pub(crate) struct Inner {
     uuid: Uuid,
-    layout: Layout,
-    geometry: RegionGeometry,
+    /// What a grow changes (see `grow.rs`): replaced only while `gate` is held exclusively,
+    /// so a request or a resync step reads the same shape for its whole life.
+    shape: RwLock<Shape>,
+    /// Held shared by every request and by the resync driver while it works; a grow holds
+    /// it exclusively (it waits for them to end and holds new ones back).
+    gate: AsyncRwLock<()>,
+    /// A grow waits for the gate: the resync driver starts no copy and lets the gate go.
+    growing: AtomicBool,
+    /// What the mirror was built with; its size is the size then (see [`BlockDevice::size`]).
     info: DeviceInfo,
     state: Mutex<State>,
-    log: DirtyLog,
     meta: Arc<MetaDevice>,
     engine: CopyEngine,
     completions: Completions,
@@ -221,9 +230,52 @@ pub(crate) struct Inner {
     report: survey::AssemblyReport,
 }
 
+/// The geometry-dependent part of a mirror: its layout, regions and dirty log.
+pub(crate) struct Shape {
+    layout: Layout,
+    geometry: RegionGeometry,
+    log: Arc<DirtyLog>,
+}
+
+impl Shape {
+    fn new(layout: Layout, log: DirtyLog) -> Shape {
+        assert_eq!(log.geometry(), &layout.geometry(), "a log of the layout");
+        Shape {
+            layout,
+            geometry: layout.geometry(),
+            log: Arc::new(log),
+        }
+    }
+}
+
 impl Inner {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().expect("mirror state")
+    }
+
+    fn shape(&self) -> RwLockReadGuard<'_, Shape> {
+        self.shape.read().expect("mirror shape")
+    }
+
+    /// The layout now (stable while the caller holds `gate`).
+    fn layout(&self) -> Layout {
+        self.shape().layout
+    }
+
+    /// The region geometry now (stable while the caller holds `gate`).
+    fn geometry(&self) -> RegionGeometry {
+        self.shape().geometry
+    }
+
+    /// The dirty log now (the same one while the caller holds `gate`).
+    fn log(&self) -> Arc<DirtyLog> {
+        Arc::clone(&self.shape().log)
+    }
+
+    /// Runs `work` holding the gate shared: a grow waits for it, and holds it back.
+    async fn gated<T>(self: Arc<Self>, work: impl std::future::Future<Output = T>) -> T {
+        let _gate = self.gate.read().await;
+        work.await
     }
 
     fn kick(&self) {
@@ -232,7 +284,7 @@ impl Inner {
 
     /// Where the data of the mirror's sector `at` is on every leg.
     fn leg_sector(&self, at: Sector) -> Sector {
-        self.layout.data_offset + (at - Sector(0))
+        self.layout().data_offset + (at - Sector(0))
     }
 }
 
@@ -332,7 +384,7 @@ impl MirrorTarget {
     }
 
     pub fn layout(&self) -> Layout {
-        self.inner.layout
+        self.inner.layout()
     }
 
     /// The state of every slot.
@@ -343,7 +395,7 @@ impl MirrorTarget {
     /// Whether every region is in sync and every present leg is in sync.
     pub fn is_synced(&self) -> bool {
         let st = self.inner.lock();
-        st.map.sync_count() == self.inner.geometry.count()
+        st.map.sync_count() == st.map.geometry().count()
             && st.legs.iter().all(|l| l.state != LegState::Recovering)
     }
 
@@ -384,6 +436,16 @@ impl MirrorTarget {
     }
 }
 
+impl MirrorTarget {
+    /// A request's future, holding the grow gate shared for its whole life.
+    fn gated<T: 'static>(
+        &self,
+        work: impl std::future::Future<Output = T> + 'static,
+    ) -> IoFuture<T> {
+        Box::pin(Arc::clone(&self.inner).gated(work))
+    }
+}
+
 impl Drop for MirrorTarget {
     fn drop(&mut self) {
         self.stop();
@@ -406,8 +468,13 @@ impl BlockDevice for MirrorTarget {
         &self.inner.info
     }
 
+    /// The data size now: `mirror grow` raises it.
+    fn size(&self) -> SectorCount {
+        self.inner.geometry().device_size()
+    }
+
     fn read(&self, offset: Sector, buf: AlignedBuf) -> IoFuture<ReadDone> {
-        Box::pin(Arc::clone(&self.inner).read_op(offset, buf))
+        self.gated(Arc::clone(&self.inner).read_op(offset, buf))
     }
 
     fn write(
@@ -418,7 +485,7 @@ impl BlockDevice for MirrorTarget {
     ) -> IoFuture<std::io::Result<()>> {
         let extent = Extent::new(offset, buf.sectors());
         let buf = IoBuf::Owned(buf);
-        Box::pin(Arc::clone(&self.inner).write_op(extent, io::LegOp::Write { buf, flags }))
+        self.gated(Arc::clone(&self.inner).write_op(extent, io::LegOp::Write { buf, flags }))
     }
 
     /// Owned memory as [`BlockDevice::read`]; a registered buffer is filled by the legs
@@ -427,7 +494,7 @@ impl BlockDevice for MirrorTarget {
         match buf {
             IoBuf::Owned(owned) => owned_read(self.read(offset, owned)),
             IoBuf::Registered(reg) => {
-                Box::pin(Arc::clone(&self.inner).read_registered(offset, reg))
+                self.gated(Arc::clone(&self.inner).read_registered(offset, reg))
             }
         }
     }
@@ -450,7 +517,7 @@ impl BlockDevice for MirrorTarget {
                 };
                 let extent = Extent::new(offset, sectors);
                 let op = io::LegOp::Write { buf: reg, flags };
-                Box::pin(Arc::clone(&self.inner).write_op(extent, op))
+                self.gated(Arc::clone(&self.inner).write_op(extent, op))
             }
         }
     }
@@ -465,11 +532,11 @@ impl BlockDevice for MirrorTarget {
                 libc::EOPNOTSUPP,
             ))));
         }
-        Box::pin(Arc::clone(&self.inner).write_op(extent, io::LegOp::Discard))
+        self.gated(Arc::clone(&self.inner).write_op(extent, io::LegOp::Discard))
     }
 
     fn write_zeroes(&self, extent: Extent) -> IoFuture<std::io::Result<()>> {
-        Box::pin(Arc::clone(&self.inner).write_op(extent, io::LegOp::WriteZeroes))
+        self.gated(Arc::clone(&self.inner).write_op(extent, io::LegOp::WriteZeroes))
     }
 }
 
@@ -495,6 +562,21 @@ impl Target for MirrorTarget {
         let command = MirrorCommand::parse(name, args)?;
         let inner = Arc::clone(&self.inner);
         reactor::try_block_on(async move { inner.run(command).await })?
+    }
+
+    /// `ublkdm resize` of a mirror is `mirror grow`: to all the legs hold (`None`), or to
+    /// `to` sectors only when that is what they hold (or the present size: nothing to do).
+    fn resize(&self, to: Option<SectorCount>) -> Result<SectorCount> {
+        if to == Some(self.size()) {
+            return Ok(self.size());
+        }
+        let inner = Arc::clone(&self.inner);
+        reactor::try_block_on(async move { inner.grow(to).await })??;
+        Ok(self.size())
+    }
+
+    fn command_grows(&self, name: &str, _args: &serde_json::Value) -> bool {
+        name == "grow"
     }
 
     fn spec(&self, built_from: &TargetSpec) -> TargetSpec {
@@ -584,6 +666,8 @@ pub fn open_leg(path: &Path) -> Result<DeviceRef> {
     Ok(Arc::new(UringDevice::open(path, OpenOptions::default())?))
 }
 
+#[cfg(test)]
+mod grow_tests;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]

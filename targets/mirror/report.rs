@@ -59,6 +59,21 @@ pub fn command_line(
                  follow with 'ublkdm status {id} --watch'"
             )
         }
+        MirrorCommand::Grow { .. } => {
+            let mib = |v: &Value| {
+                v.as_u64().map_or_else(
+                    || "?".to_owned(),
+                    |s| (s.saturating_mul(SECTOR_BYTES) >> 20).to_string(),
+                )
+            };
+            format!(
+                "mirror {id} grown from {} MiB to {} MiB; resyncing the new area ({} regions); \
+                 follow with 'ublkdm status {id} --watch'",
+                mib(&reply["old_size_sectors"]),
+                mib(&reply["size_sectors"]),
+                count(&reply["resync_regions"])
+            )
+        }
         MirrorCommand::Status {} => unreachable!("not a CLI command"),
     }
 }
@@ -541,5 +556,23 @@ mod tests {
             "scrub of mirror 0 started (check, 256 regions); \
              follow with 'ublkdm status 0 --watch'"
         );
+    }
+
+    #[test]
+    fn grow_says_from_what_size_to_what_and_that_the_new_area_resyncs() {
+        let grow = MirrorCommand::Grow { id: 2, json: false };
+        let reply = json!({
+            "old_size_sectors": 31 * 2048,
+            "size_sectors": 63 * 2048,
+            "region_size_sectors": 1024,
+            "resync_regions": 64,
+        });
+        assert_eq!(
+            command_line(&grow, &reply, &Value::Null, &healthy()),
+            "mirror 2 grown from 31 MiB to 63 MiB; resyncing the new area (64 regions); \
+             follow with 'ublkdm status 2 --watch'"
+        );
+        // A partial reply reads as unknown, never a panic.
+        assert!(command_line(&grow, &json!({}), &Value::Null, &Value::Null).contains("from ? MiB"));
     }
 }

@@ -71,7 +71,17 @@ impl Inner {
             ticks_seen: self.ticks.load(Ordering::Relaxed),
             ..Driver::default()
         };
+        // The grow gate, held shared while the driver works or has copies in flight (their
+        // regions' writes wait for them: a grow must never hold back a copy it waits for);
+        // let go when idle, or when a grow waits and no copy is in flight.
+        let mut gate = None;
         loop {
+            if d.jobs.is_empty() && self.growing.load(Ordering::Acquire) {
+                gate = None;
+            }
+            if gate.is_none() {
+                gate = Some(self.gate.read().await);
+            }
             let seen = self.kick.generation();
             let stopping = self.stopping.load(Ordering::Relaxed);
             let mut busy = false;
@@ -103,6 +113,7 @@ impl Inner {
                 continue;
             }
             if d.jobs.is_empty() {
+                gate = None;
                 self.kick.wait(seen).await;
             } else {
                 let done = or(async { Some(self.completions.next().await) }, async {
@@ -154,7 +165,7 @@ impl Inner {
         let (regions, legs) = {
             let mut st = self.lock();
             let regions = st.map.regions_to_clear(self.tuning.clear_batch);
-            self.log.clear(&regions);
+            self.log().clear(&regions);
             let legs: Vec<(usize, u64)> =
                 st.active().iter().map(|l| (l.slot, l.generation)).collect();
             (regions, legs)
@@ -163,7 +174,7 @@ impl Inner {
             return;
         }
         log::debug!("mirror {}: clearing {regions:?}", self.uuid);
-        let result = self.log.commit_clears(self.flush_for_clear(&legs)).await;
+        let result = self.log().commit_clears(self.flush_for_clear(&legs)).await;
         let mut st = self.lock();
         match result {
             Ok(()) => st.map.cleared(&regions),
@@ -219,12 +230,16 @@ impl Inner {
     /// it. `skipped` holds the stuck regions stepped past in this round: meeting one again
     /// means the walk went all the way round.
     fn next_copy(&self, d: &Driver, skipped: &mut HashSet<RegionIndex>) -> NextCopy {
+        if self.growing.load(Ordering::Acquire) {
+            // A grow waits for the copies in flight to end: start none.
+            return NextCopy::Stop;
+        }
         let mut st = self.lock();
         let Some(region) = st.map.next_to_recover() else {
             return NextCopy::Stop;
         };
         assert!(
-            region.0 < self.geometry.count().0,
+            region.0 < self.geometry().count().0,
             "{region} past the mirror's end"
         );
         assert!(
@@ -257,7 +272,7 @@ impl Inner {
             return NextCopy::Settled;
         }
         let source = st.leg_ref(source).expect("in-sync legs are present");
-        let extent = self.geometry.extent_of(region);
+        let extent = self.geometry().extent_of(region);
         assert!(
             dests.len() <= crate::copy::MAX_DESTS,
             "more legs than a copy writes"
@@ -316,7 +331,7 @@ impl Inner {
             .remove(&done.token)
             .expect("a completion for a copy we submitted");
         assert!(
-            region.0 < self.geometry.count().0,
+            region.0 < self.geometry().count().0,
             "{region} past the mirror's end"
         );
         for dest in done.write_errors.iter() {
@@ -374,10 +389,10 @@ impl Inner {
             }
             let in_sync = st.map.sync_count().0;
             assert!(
-                in_sync <= self.geometry.count().0,
+                in_sync <= self.geometry().count().0,
                 "more regions in sync than exist"
             );
-            let out_of_sync = self.geometry.count().0 - in_sync;
+            let out_of_sync = self.geometry().count().0 - in_sync;
             st.progress
                 .observe(out_of_sync, self.engine.stats().bytes_done);
         }
@@ -389,7 +404,7 @@ impl Inner {
     async fn promote_if_synced(&self) -> bool {
         let before = {
             let mut st = self.lock();
-            let out_of_sync = self.geometry.count().0 - st.map.sync_count().0;
+            let out_of_sync = self.geometry().count().0 - st.map.sync_count().0;
             st.progress
                 .observe(out_of_sync, self.engine.stats().bytes_done);
             let recovering = st
@@ -411,7 +426,7 @@ impl Inner {
         }
         let mut st = self.lock();
         let unchanged = (st.state_gen, st.progress.done) == before;
-        if !unchanged || st.map.sync_count() != self.geometry.count() {
+        if !unchanged || st.map.sync_count() != self.geometry().count() {
             return true;
         }
         for leg in st.legs.iter_mut() {
@@ -452,7 +467,7 @@ impl Inner {
     /// the reads (seen through the region's write epoch) makes the check count for nothing:
     /// it is retried, and skipped after a few tries.
     async fn scrub_step(&self) {
-        let count = self.geometry.count();
+        let count = self.geometry().count();
         let (region, legs, epoch) = {
             let mut st = self.lock();
             let Some(scrub) = st.scrub.clone() else {
@@ -481,7 +496,7 @@ impl Inner {
             }
             (region, legs, st.write_epoch(region))
         };
-        let extent = self.geometry.extent_of(region);
+        let extent = self.geometry().extent_of(region);
         let at = self.leg_sector(extent.start);
         let reads = legs
             .iter()
@@ -503,7 +518,7 @@ impl Inner {
             .windows(2)
             .any(|w| w[0].1.as_slice() != w[1].1.as_slice());
         if self.record_scrub(region, epoch, differ, read_failed, &copies) {
-            if let Err(err) = self.log.mark_range(RegionRange::one(region)).await {
+            if let Err(err) = self.log().mark_range(RegionRange::one(region)).await {
                 log::error!(
                     "mirror {}: cannot mark {region} for repair: {err}",
                     self.uuid

@@ -281,7 +281,7 @@ impl Layout {
     }
 
     /// The layout of this mirror grown onto legs of at least `smallest` sectors (`mdadm
-    /// --grow --size=max`; a building block of `mirror grow`, not yet wired): the log area
+    /// --grow --size=max`, see `grow.rs`): the log area
     /// and the data offset stay, since they are fixed on every leg; the data size becomes all
     /// that the smallest leg holds after the data offset (whole 4 KiB); the region size is
     /// kept if the bitmap of the new region count fits the log area, else doubled until it
@@ -293,7 +293,8 @@ impl Layout {
         );
         if data_size <= self.data_size {
             return Err(Error::invalid(format!(
-                "the smallest leg ({smallest}) holds {} sectors of data, no more than the {}                  the mirror has",
+                "the smallest leg ({smallest}) holds {} sectors of data, no more than the {} \
+                 the mirror has",
                 data_size.0, self.data_size.0
             )));
         }

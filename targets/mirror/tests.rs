@@ -15,13 +15,13 @@ use crate::error::{Error, ErrorKind};
 use crate::region::{RegionIndex, MAX_REGION_COUNT};
 use proptest::prelude::*;
 
-const LEG: SectorCount = SectorCount(4096);
+pub(super) const LEG: SectorCount = SectorCount(4096);
 
-fn mem(name: &str) -> Arc<MemDevice> {
+pub(super) fn mem(name: &str) -> Arc<MemDevice> {
     MemDevice::new(name, LEG)
 }
 
-fn devs(legs: &[Arc<MemDevice>]) -> Vec<DeviceRef> {
+pub(super) fn devs(legs: &[Arc<MemDevice>]) -> Vec<DeviceRef> {
     legs.iter().map(|l| Arc::clone(l) as DeviceRef).collect()
 }
 
@@ -33,7 +33,7 @@ fn small_engine() -> CopyConfig {
     }
 }
 
-fn options(region: u64) -> CreateOptions {
+pub(super) fn options(region: u64) -> CreateOptions {
     CreateOptions {
         region_size: Some(SectorCount(region)),
         nosync: false,
@@ -43,7 +43,7 @@ fn options(region: u64) -> CreateOptions {
 
 /// Runs `body` with the mirror on `legs` (opened: created or assembled), its engine and its
 /// resync driver as local tasks; stops everything afterwards.
-fn with_mirror<T: 'static, F>(
+pub(super) fn with_mirror<T: 'static, F>(
     legs: Vec<DeviceRef>,
     opts: CreateOptions,
     body: impl FnOnce(Arc<MirrorTarget>) -> F + 'static,
@@ -69,7 +69,7 @@ where
 
 /// Runs `body` with the mirror opened from `set` (created or assembled), its engine and its
 /// resync driver as local tasks; stops everything afterwards.
-fn with_set_tuned<T: 'static, F>(
+pub(super) fn with_set_tuned<T: 'static, F>(
     set: LegSet,
     opts: CreateOptions,
     tuning: Tuning,
@@ -110,7 +110,7 @@ fn faulty_legs(inner: &[Arc<MemDevice>]) -> (Vec<Arc<FaultyDevice<MemDevice>>>, 
 }
 
 /// Lets the driver run until every leg is in sync.
-async fn settle(target: &MirrorTarget) {
+pub(super) async fn settle(target: &MirrorTarget) {
     for _ in 0..100_000 {
         if target.is_synced() {
             return;
@@ -120,7 +120,7 @@ async fn settle(target: &MirrorTarget) {
     panic!("resync did not finish: {}", target.status());
 }
 
-async fn write(target: &MirrorTarget, sector: u64, data: &[u8]) {
+pub(super) async fn write(target: &MirrorTarget, sector: u64, data: &[u8]) {
     let buf = Arc::new(AlignedBuf::from_slice(data));
     target
         .write(Sector(sector), buf, WriteFlags::default())
@@ -128,7 +128,7 @@ async fn write(target: &MirrorTarget, sector: u64, data: &[u8]) {
         .expect("write");
 }
 
-async fn read(target: &MirrorTarget, sector: u64, sectors: u64) -> Vec<u8> {
+pub(super) async fn read(target: &MirrorTarget, sector: u64, sectors: u64) -> Vec<u8> {
     let (res, buf) = target
         .read(
             Sector(sector),
@@ -139,11 +139,11 @@ async fn read(target: &MirrorTarget, sector: u64, sectors: u64) -> Vec<u8> {
     buf.as_slice().to_vec()
 }
 
-fn data_of(leg: &MemDevice, layout: Layout) -> Vec<u8> {
+pub(super) fn data_of(leg: &MemDevice, layout: Layout) -> Vec<u8> {
     leg.snapshot(Extent::new(layout.data_offset, layout.data_size))
 }
 
-fn pattern(seed: u8, sectors: usize) -> Vec<u8> {
+pub(super) fn pattern(seed: u8, sectors: usize) -> Vec<u8> {
     (0..sectors * 512)
         .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
         .collect()
@@ -494,14 +494,14 @@ fn a_leg_failing_during_a_clear_keeps_its_regions_dirty() {
         // Hold the log's clearer, so that the clean pass below stops between its pick and its
         // flush, as it may on a multi-threaded daemon when a leg fails at that moment.
         let gate = Gate::new();
-        t.inner.log.clear(&[RegionIndex(5)]);
+        t.inner.log().clear(&[RegionIndex(5)]);
         let (inner, g) = (Arc::clone(&t.inner), Arc::clone(&gate));
         let holder = spawn(async move {
             let flush = async move {
                 g.wait().await;
                 Err(crate::device::errno(libc::EIO))
             };
-            inner.log.commit_clears(flush).await
+            inner.log().commit_clears(flush).await
         });
         turns(4).await;
         let inner = Arc::clone(&t.inner);
@@ -543,7 +543,7 @@ fn a_write_only_a_recovering_leg_took_fails() {
     let f = faulty.clone();
     with_mirror(legs, options(64), move |t| async move {
         f[0].fail_extent(OpKind::Read, stuck);
-        let count = t.inner.geometry.count().0;
+        let count = t.inner.geometry().count().0;
         for _ in 0..100_000 {
             if t.inner.lock().map.sync_count().0 == count - 1 {
                 break;
@@ -623,7 +623,7 @@ fn large_zeroing_during_resync(piece_regions: u64) {
         ..Tuning::default()
     };
     with_mirror_tuned(devices, options(64), tuning, move |t| async move {
-        let count = t.inner.geometry.count().0;
+        let count = t.inner.geometry().count().0;
         turns(10).await;
         let size = t.info().size;
         t.write_zeroes(Extent::new(Sector(0), size))
@@ -851,13 +851,13 @@ where
     with_set_tuned(set, opts, Tuning::default(), body)
 }
 
-fn given(legs: &[DeviceRef]) -> Vec<GivenLeg> {
+pub(super) fn given(legs: &[DeviceRef]) -> Vec<GivenLeg> {
     legs.iter()
         .map(|l| GivenLeg::Opened(Arc::clone(l)))
         .collect()
 }
 
-fn set_of(legs: Vec<GivenLeg>) -> LegSet {
+pub(super) fn set_of(legs: Vec<GivenLeg>) -> LegSet {
     LegSet { legs, uuid: None }
 }
 

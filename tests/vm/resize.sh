@@ -16,9 +16,18 @@
 #   grow: exit 2.
 # - both: a snapshot's device (an origin on /dev/vdb) keeps its size: `resize` of it fails
 #   with one line, exit 2.
+# - mirror (`mirror grow`): a 2-leg mirror over two 32 MiB dm slices (/dev/vda from 128 MiB,
+#   /dev/vdb from 128 MiB) is fio-written (crc32c verify); the slices then grow to 64 MiB
+#   (dmsetup reload; the mirror reads its legs' sizes again when it grows). On lts `mirror
+#   grow` fails with one line naming UPDATE_SIZE, exit 5, and nothing changes. On newest,
+#   with one slice grown, `mirror grow` fails with exit 2 naming slot 1; with both, it grows
+#   /dev/ublkbN to all the legs hold, the old data verifies, the resync of the new area
+#   (random bytes on one leg's slice beforehand) completes, fio writes and verifies half the
+#   new area, and after an orderly stop the legs' data areas are byte-equal.
 set -uo pipefail
 . "$UBLKDM_REPO/scripts/vm/lib.sh"
 . "$UBLKDM_REPO/tests/vm/common.sh"
+. "$UBLKDM_REPO/tests/vm/common_mirror.sh"
 
 require_block /dev/vda
 kernel=${UBLKDM_VM_KERNEL:-}
@@ -66,6 +75,80 @@ check() { # check NAME CMD..: pass or fail with the output of CMD
 	shift
 	if out=$("$@" 2>&1); then pass "$name"; else fail "$name" "$out"; fi
 }
+mleg() { # mleg NAME DISK MIB: /dev/mapper/NAME is MIB MiB of DISK from its 128th MiB
+	local table="0 $(($3 * 2048)) linear $2 262144"
+	if [[ -e /dev/mapper/$1 ]]; then
+		dmsetup suspend "$1" && dmsetup reload "$1" --table "$table" && dmsetup resume "$1"
+	else
+		dm_create "$1" "$table" >/dev/null
+	fi
+}
+# A mirror grows once every leg is bigger (`mirror grow`), on newest only.
+mirror_grow() {
+	local mdev mid msize out code off
+	mleg ml0 /dev/vda 32 || die "cannot create slice ml0"
+	mleg ml1 /dev/vdb 32 || die "cannot create slice ml1"
+	mdev=$(add_mirror --leg /dev/mapper/ml0 --leg /dev/mapper/ml1) || die "add mirror failed"
+	mid=$(dev_id "$mdev")
+	wait_in_sync "$mid" 120 || fail "mirror-initial-resync" "$(mstatus "$mid" .regions)"
+	msize=$(($(size_of "$mdev") / MIB))
+	dev=$mdev check "mirror-fio-writes-all-${msize}m" job mfirst 0 "$msize"
+	mleg ml0 /dev/vda 64 || die "cannot grow slice ml0"
+	if [[ $kernel == newest ]]; then
+		out=$(ublkdm mirror grow "$mid" 2>&1)
+		code=$?
+		if ((code == 2)) && [[ $(wc -l <<<"$out") == 1 && $out == *"slot 1 (/dev/mapper/ml1"* &&
+			$(size_of "$mdev") == $((msize * MIB)) ]]; then
+			pass "mirror-grow-with-a-leg-not-bigger-exit-2"
+		else
+			fail "mirror-grow-with-a-leg-not-bigger-exit-2" "exit $code: $out"
+		fi
+	fi
+	# What the bigger disk held before differs from the other leg's: the resync must copy it.
+	dd if=/dev/urandom of=/dev/vdb bs=1M seek=160 count=32 oflag=direct status=none ||
+		die "cannot fill the new area of ml1"
+	mleg ml1 /dev/vdb 64 || die "cannot grow slice ml1"
+	out=$(ublkdm mirror grow "$mid" 2>&1)
+	code=$?
+	if [[ $kernel == lts ]]; then
+		if ((code == 5)) && [[ $(wc -l <<<"$out") == 1 && $out == error:*UPDATE_SIZE* &&
+			$(size_of "$mdev") == $((msize * MIB)) &&
+			$(mstatus "$mid" .size_sectors) == $((msize * 2048)) ]]; then
+			pass "mirror-grow-without-update-size-is-one-line-exit-5"
+		else
+			fail "mirror-grow-without-update-size-is-one-line-exit-5" "exit $code: $out"
+		fi
+		dev=$mdev check "mirror-old-data-verifies" job mfirst 0 "$msize" --verify_only=1
+	else
+		if ((code == 0)) && [[ $out == *"grown from $msize MiB to $((msize + 32)) MiB"* &&
+			$(size_of "$mdev") == $(((msize + 32) * MIB)) &&
+			$(mstatus "$mid" .size_sectors) == $(((msize + 32) * 2048)) ]]; then
+			pass "mirror-grow-grows-the-device"
+		else
+			fail "mirror-grow-grows-the-device" "exit $code: $out; size $(size_of "$mdev")"
+		fi
+		dev=$mdev check "mirror-old-data-verifies-after-grow" job mfirst 0 "$msize" --verify_only=1
+		if wait_in_sync "$mid" 120; then
+			pass "mirror-new-area-resynced"
+		else
+			fail "mirror-new-area-resynced" "$(mstatus "$mid" .regions)"
+		fi
+		# Half the new area: the other half is equal on the legs only by the resync.
+		dev=$mdev check "mirror-fio-verifies-the-new-area" job msecond "$msize" 16
+	fi
+	off=$(data_offset_mib "$mid")
+	ublkdm del "$mid" >/dev/null || fail "del" "del mirror $mid failed"
+	if [[ $kernel == lts ]]; then # not grown: compare the mirror's data area alone
+		mleg ml0 /dev/vda 32 || fail "mirror-slices" "cannot shrink ml0 back"
+		mleg ml1 /dev/vdb 32 || fail "mirror-slices" "cannot shrink ml1 back"
+	fi
+	if legs_identical_raw "$off" /dev/mapper/ml0 /dev/mapper/ml1; then
+		pass "mirror-legs-equal"
+	else
+		fail "mirror-legs-equal" "the legs' data areas differ"
+	fi
+	dmsetup remove ml0 && dmsetup remove ml1
+}
 
 slice 32 || die "cannot create the dm slice"
 dev=$(add_linear /dev/mapper/grow) || die "add failed"
@@ -91,6 +174,7 @@ if [[ $kernel == lts ]]; then
 	ublkdm del "$id" >/dev/null || fail "del" "del $id failed"
 	dmsetup remove grow
 	child_refused
+	mirror_grow
 	vm_summary
 	exit
 fi
@@ -159,4 +243,5 @@ else
 fi
 ublkdm del "$(dev_id "$zdev")" >/dev/null || fail "del" "del zero failed"
 child_refused
+mirror_grow
 vm_summary
