@@ -253,13 +253,13 @@ impl Inner {
     /// Cuts a write at every `Tuning::write_piece_regions` regions.
     fn write_pieces(&self, extent: Extent) -> Vec<Extent> {
         let limit = self.tuning.write_piece_regions.max(1);
-        let regions = self.geometry().regions_touching(extent);
+        let geometry = self.geometry();
+        let regions = geometry.regions_touching(extent);
         let mut pieces = Vec::new();
         let (mut start, mut first) = (extent.start, regions.start.0);
         while start < extent.end() {
             let last = first.saturating_add(limit - 1).min(regions.end.0 - 1);
-            let end = self
-                .geometry()
+            let end = geometry
                 .extent_of(RegionIndex(last))
                 .end()
                 .min(extent.end());
@@ -274,7 +274,9 @@ impl Inner {
     /// protocol. It succeeds only if, for each region, a leg that is in sync took it: a copy
     /// on recovering legs alone is one no assembly could read.
     async fn write_piece(&self, extent: Extent, op: &LegOp) -> io::Result<()> {
-        let regions: Vec<RegionIndex> = self.geometry().regions_touching(extent).collect();
+        // One read of the shape for the whole piece (the gate keeps it still meanwhile).
+        let geometry = self.geometry();
+        let regions: Vec<RegionIndex> = geometry.regions_touching(extent).collect();
         let (needs_mark, targets, in_sync) = self.admit(&regions).await;
         if !targets.iter().any(|l| l.state == LegState::InSync) {
             self.abort(&regions);
@@ -288,7 +290,7 @@ impl Inner {
             }
             self.lock().map.marked(&needs_mark);
         }
-        let pieces: Vec<(RegionIndex, Extent)> = self.geometry().split_at_regions(extent).collect();
+        let pieces: Vec<(RegionIndex, Extent)> = geometry.split_at_regions(extent).collect();
         assert_eq!(pieces.len(), regions.len(), "one piece per region written");
         let (ops, who) = self.leg_ops(extent, op, &pieces, &targets, &in_sync);
         let results = join_all(ops).await;
