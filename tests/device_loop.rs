@@ -320,6 +320,7 @@ fn mirror_spec(legs: &[PathBuf], force: bool) -> MirrorSpec {
         nosync: true,
         force,
         resync_throttle: Default::default(),
+        leg_options: Default::default(),
     }
 }
 

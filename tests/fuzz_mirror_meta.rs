@@ -51,7 +51,7 @@ use ublkdm::targets::mirror::{
 use ublkdm::units::{Extent, Sector, SectorCount, SECTOR_BYTES};
 use uuid::Uuid;
 
-use common::forward::{Forward, Forwarding};
+use ublkdm::device::{Forward, Forwarding};
 
 /// Cases per decoder when `UBLKDM_FUZZ_CASES` is not set.
 const DEFAULT_CASES: u32 = 2000;

@@ -55,7 +55,7 @@ use ublkdm::target::Target;
 use ublkdm::targets::snapshot::{GroupOptions, SnapshotGroup};
 use ublkdm::units::{Extent, Sector, SectorCount};
 
-use common::forward::{Forward, Forwarding};
+use ublkdm::device::{Forward, Forwarding};
 
 /// Bytes of a superblock slot and of a log block.
 const BLOCK: usize = 4096;

@@ -31,6 +31,7 @@ fn spec(legs: &[PathBuf]) -> MirrorSpec {
         nosync: false,
         force: false,
         resync_throttle: Default::default(),
+        leg_options: Default::default(),
     }
 }
 
@@ -247,6 +248,7 @@ fn the_stored_spec_follows_replace_leg_and_finds_moved_legs_by_uuid() {
         nosync,
         force,
         resync_throttle,
+        leg_options,
     } = replaced.parse().expect("a mirror spec");
     let hints = vec![
         legs[0].clone(),
@@ -261,6 +263,7 @@ fn the_stored_spec_follows_replace_leg_and_finds_moved_legs_by_uuid() {
         nosync,
         force,
         resync_throttle,
+        leg_options: leg_options.clone(),
     };
     let target = open_spec(&again).expect("assemble by uuid");
     let status = wait_in_sync(&target);
@@ -295,6 +298,7 @@ fn the_stored_spec_follows_replace_leg_and_finds_moved_legs_by_uuid() {
         nosync,
         force,
         resync_throttle,
+        leg_options,
     };
     let err = match open_spec(&cloned) {
         Ok(_) => panic!("a cloned leg was accepted"),

@@ -62,9 +62,9 @@ use ublkdm::target::Target;
 use ublkdm::targets::snapshot::{GroupOptions, SnapshotGroup};
 use ublkdm::units::{Extent, Sector, SectorCount};
 
-use common::forward::{Forward, Forwarding};
 use common::oracle::{trace, Cell, Sectors};
 use common::{sectors as range, stamp, tag_of};
+use ublkdm::device::{Forward, Forwarding};
 
 /// How one write in a batch went, for the checks of a command run beside it.
 #[derive(Default)]

@@ -23,6 +23,8 @@
 mod buf;
 #[cfg(feature = "sim")]
 mod faulty;
+#[cfg(feature = "sim")]
+mod forward;
 mod iobuf;
 #[cfg(feature = "sim")]
 mod mem;
@@ -40,6 +42,8 @@ use std::sync::Arc;
 pub use buf::{AlignedBuf, BUF_ALIGN};
 #[cfg(feature = "sim")]
 pub use faulty::{FaultConfig, FaultyDevice, OpKind};
+#[cfg(feature = "sim")]
+pub use forward::{Forward, Forwarding};
 pub use iobuf::{is_needs_copy, needs_copy, IoBuf, NeedsCopy, RegBuf, RegLease, WriteBuf};
 #[cfg(feature = "sim")]
 pub use mem::MemDevice;

@@ -716,6 +716,11 @@ fn build(
     env: MirrorEnv,
     report: AssemblyReport,
 ) -> Arc<Inner> {
+    let mut state = state;
+    for (&slot, &options) in &env.tuning.leg_options {
+        assert!(slot < MAX_LEGS, "leg options of slot {slot}");
+        state.options[slot] = options;
+    }
     let present: Vec<&DeviceRef> = state.legs.iter().filter_map(|l| l.dev.as_ref()).collect();
     let all = |f: fn(&DeviceInfo) -> bool| present.iter().all(|d| f(d.info()));
     let any = |f: fn(&DeviceInfo) -> bool| present.iter().any(|d| f(d.info()));
@@ -755,6 +760,7 @@ fn build(
         stopping: std::sync::atomic::AtomicBool::new(false),
         ticks: std::sync::atomic::AtomicU64::new(0),
         report,
+        behind: super::behind::BehindLedger::new(super::behind::BEHIND_BYTES_MAX),
     });
     let weak = Arc::downgrade(&inner);
     meta.set_failure_hook(Box::new(move |slot, generation| {

@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 
 use super::state::{Scrub, State};
 use super::superblock::LegState;
-use super::{open_leg, AddLegOptions, Inner, MAX_LEGS};
+use super::{open_leg, AddLegOptions, Inner, LegOptions, MAX_LEGS};
 use crate::cli::{absolute, parse_id};
 use crate::control::Command;
 use crate::error::{Error, Result};
@@ -328,6 +328,13 @@ impl Inner {
                 });
                 if let Some(why) = self.missing_reason(st, slot) {
                     leg["reason"] = why.into();
+                }
+                let options = st.options[slot];
+                if options != LegOptions::default() {
+                    leg["options"] = options.words().into();
+                }
+                if options.write_behind > 0 {
+                    leg["lag"] = json!(self.behind.lag(slot));
                 }
                 leg
             })

@@ -411,6 +411,7 @@ fn discovered(uuid: Uuid, legs: &[Found]) -> Discovered {
                 nosync: false,
                 force: false,
                 resync_throttle: Default::default(),
+                leg_options: Default::default(),
             }
             .into()),
         },
@@ -439,14 +440,17 @@ impl MirrorTarget {
         else {
             return built_from.clone();
         };
-        let legs = self
-            .inner
-            .lock()
+        let st = self.inner.lock();
+        let legs = st
             .legs
             .iter()
             .filter(|l| l.state != LegState::Empty && l.dev.is_some())
             .map(|l| PathBuf::from(&l.name))
             .filter(|p| p.is_absolute())
+            .collect();
+        let leg_options = (0..st.options.len())
+            .filter(|&slot| st.options[slot] != Default::default())
+            .map(|slot| (slot, st.options[slot]))
             .collect();
         MirrorSpec {
             uuid: Some(self.uuid()),
@@ -455,6 +459,7 @@ impl MirrorTarget {
             nosync: false,
             force,
             resync_throttle,
+            leg_options,
         }
         .into()
     }
@@ -583,6 +588,7 @@ mod tests {
             nosync: false,
             force: false,
             resync_throttle: Default::default(),
+            leg_options: Default::default(),
         };
         let roots = ScanRoots {
             sys_class_block: dir.path().join("no-sysfs"),

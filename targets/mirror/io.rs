@@ -53,8 +53,8 @@ use super::state::{LegRef, LegStats};
 use super::superblock::{write_superblock, LegState};
 use super::{join_all, Inner};
 use crate::device::{
-    errno, is_needs_copy, needs_copy, AlignedBuf, IoBuf, IoFuture, IoReadDone, ReadDone, RegBuf,
-    WriteBuf, WriteFlags,
+    errno, is_needs_copy, needs_copy, reactor, AlignedBuf, DeviceRef, IoBuf, IoFuture, IoReadDone,
+    ReadDone, RegBuf, WriteBuf, WriteFlags,
 };
 use crate::region::{RegionIndex, RegionRange, WriteAdmission};
 use crate::units::{Extent, Sector, SectorCount};
@@ -72,6 +72,40 @@ pub(crate) enum LegOp {
 
 /// One leg's I/O of a write.
 type LegWrite = IoFuture<io::Result<()>>;
+
+/// One leg's share of a write, before it is issued.
+enum LegIo {
+    Write(WriteBuf, WriteFlags),
+    Discard(Extent),
+    WriteZeroes(Extent),
+}
+
+impl LegIo {
+    fn issue(self, dev: &DeviceRef, at: Sector) -> LegWrite {
+        match self {
+            LegIo::Write(buf, flags) => dev.write_buf(at, buf, flags),
+            LegIo::Discard(extent) => dev.discard(extent),
+            LegIo::WriteZeroes(extent) => dev.write_zeroes(extent),
+        }
+    }
+}
+
+/// The leg I/Os of a write: for each, the pieces it carries and its target
+/// (`(run of pieces, target)`), and whether it goes on in the background.
+#[derive(Default)]
+struct LegOps {
+    ops: Vec<LegWrite>,
+    who: Vec<(Range<usize>, usize)>,
+    background: Vec<bool>,
+}
+
+/// A leg I/O's result again, for the second of its two readers (the errno is what counts).
+fn copy_result(res: &io::Result<()>) -> io::Result<()> {
+    match res {
+        Ok(()) => Ok(()),
+        Err(err) => Err(errno(err.raw_os_error().unwrap_or(libc::EIO))),
+    }
+}
 
 impl LegOp {
     /// The part of this operation (on `whole`) that falls on `piece`.
@@ -273,7 +307,7 @@ impl Inner {
     /// Writes one piece of at most `Tuning::write_piece_regions` regions through the region
     /// protocol. It succeeds only if, for each region, a leg that is in sync took it: a copy
     /// on recovering legs alone is one no assembly could read.
-    async fn write_piece(&self, extent: Extent, op: &LegOp) -> io::Result<()> {
+    async fn write_piece(self: &Arc<Self>, extent: Extent, op: &LegOp) -> io::Result<()> {
         // One read of the shape for the whole piece (the gate keeps it still meanwhile).
         let geometry = self.geometry();
         let regions: Vec<RegionIndex> = geometry.regions_touching(extent).collect();
@@ -292,12 +326,15 @@ impl Inner {
         }
         let pieces: Vec<(RegionIndex, Extent)> = geometry.split_at_regions(extent).collect();
         assert_eq!(pieces.len(), regions.len(), "one piece per region written");
-        let (ops, who) = self.leg_ops(extent, op, &pieces, &targets, &in_sync);
-        let results = join_all(ops).await;
+        let ops = self.leg_ops(extent, op, &pieces, &targets, &in_sync);
+        if ops.background.contains(&true) {
+            return self.write_piece_behind(pieces, targets, ops).await;
+        }
+        let results = join_all(ops.ops).await;
         let tally = Self::tally(
             pieces.len(),
             targets.len(),
-            &who,
+            &ops.who,
             results,
             op.is_registered(),
         );
@@ -306,11 +343,11 @@ impl Inner {
         self.await_persisted().await
     }
 
-    /// The leg I/Os of a write cut into `pieces`, and for each the pieces it carries and its
-    /// target. Pieces go to the same legs unless a region is out of sync while a leg
-    /// recovers, so a write is one I/O per leg (md's one bio per disk) but where those sets
-    /// differ: a run of neighbouring pieces with the same set shares one leg I/O, which
-    /// succeeds or fails for all of them.
+    /// The leg I/Os of a write cut into `pieces`, and for each the pieces it carries, its
+    /// target and whether it goes on in the background. Pieces go to the same legs unless a
+    /// region is out of sync while a leg recovers, so a write is one I/O per leg (md's one
+    /// bio per disk) but where those sets differ: a run of neighbouring pieces with the same
+    /// set shares one leg I/O, which succeeds or fails for all of them.
     fn leg_ops(
         &self,
         extent: Extent,
@@ -318,11 +355,14 @@ impl Inner {
         pieces: &[(RegionIndex, Extent)],
         targets: &[LegRef],
         in_sync: &[bool],
-    ) -> (Vec<LegWrite>, Vec<(Range<usize>, usize)>) {
+    ) -> LegOps {
         assert_eq!(in_sync.len(), pieces.len(), "a sync state per piece");
-        let mut ops: Vec<LegWrite> = Vec::new();
-        let mut who = Vec::new();
+        let mut out = LegOps::default();
         let all_in_sync = targets.iter().all(|l| l.state == LegState::InSync);
+        // A write goes behind only while a leg that is not write-behind holds it in sync.
+        let behind_ok = targets
+            .iter()
+            .any(|l| l.state == LegState::InSync && l.options.write_behind == 0);
         let to_all: Vec<bool> = in_sync.iter().map(|&s| s || all_in_sync).collect();
         for run in same_legs_runs(&to_all) {
             let first = pieces[run.start].1.start;
@@ -340,20 +380,57 @@ impl Inner {
                     continue;
                 }
                 let leg_extent = Extent::new(at, span.len);
-                ops.push(match (op, &run_buf) {
+                let io = match (op, &run_buf) {
                     (LegOp::Write { flags, .. }, Some(b)) => {
                         assert_eq!(b.len(), span.len.to_usize_bytes(), "run buffer");
                         // The same buffer to every leg: owned memory goes to `write` as
                         // ever, a registered buffer to fixed-buffer I/O on this ring.
-                        leg.dev.write_buf(at, share(b), *flags)
+                        LegIo::Write(share(b), *flags)
                     }
-                    (LegOp::Discard, _) => leg.dev.discard(leg_extent),
-                    _ => leg.dev.write_zeroes(leg_extent),
-                });
-                who.push((run.clone(), t));
+                    (LegOp::Discard, _) => LegIo::Discard(leg_extent),
+                    _ => LegIo::WriteZeroes(leg_extent),
+                };
+                let (fut, background) = if leg.options.write_behind > 0 {
+                    self.ordered(leg, leg_extent, io, behind_ok)
+                } else {
+                    (io.issue(&leg.dev, at), false)
+                };
+                out.ops.push(fut);
+                out.who.push((run.clone(), t));
+                out.background.push(background);
             }
         }
-        (ops, who)
+        out
+    }
+
+    /// An I/O to a write-behind leg, issued in the ledger's order (see `behind.rs`). It goes
+    /// on in the background when it is an owned, non-FUA write, `allowed`, and the leg's
+    /// budget has room; its data is copied then, since the request's buffer goes back to the
+    /// front end when the request completes.
+    fn ordered(&self, leg: &LegRef, on_leg: Extent, io: LegIo, allowed: bool) -> (LegWrite, bool) {
+        let eligible = allowed && matches!(&io, LegIo::Write(IoBuf::Owned(_), flags) if !flags.fua);
+        let budget = if eligible {
+            leg.options.write_behind
+        } else {
+            0
+        };
+        let (ticket, background) = self.behind.take(leg.slot, on_leg, budget);
+        let io = match io {
+            LegIo::Write(IoBuf::Owned(data), flags) if background => {
+                let copy = Arc::new(AlignedBuf::from_slice(data.as_slice()));
+                LegIo::Write(IoBuf::Owned(copy), flags)
+            }
+            other => other,
+        };
+        let ledger = Arc::clone(&self.behind);
+        let dev = Arc::clone(&leg.dev);
+        let fut = Box::pin(async move {
+            ledger.wait_turn(&ticket).await;
+            let res = io.issue(&dev, on_leg.start).await;
+            drop(ticket);
+            res
+        });
+        (fut, background)
     }
 
     /// Sorts the leg results of a write: which legs took which piece, which failed, and
@@ -425,27 +502,9 @@ impl Inner {
         tally: Tally,
     ) -> io::Result<()> {
         assert_eq!(tally.piece_ok.len(), pieces.len(), "a state per piece");
-        for (_, leg) in targets.iter().enumerate().filter(|(t, _)| tally.failed[*t]) {
-            LegStats::bump(&leg.stats.write_errors);
-            self.fail_leg(leg.slot, leg.generation, "a write failed");
-        }
-        let mut held = vec![false; pieces.len()];
-        let mut resync = false;
-        {
-            let mut st = self.lock();
-            for &(p, t) in &tally.took {
-                let leg = &targets[t];
-                held[p] |= st.is_current(leg.slot, leg.generation)
-                    && st.legs[leg.slot].state == LegState::InSync;
-            }
-            for (p, &(region, _)) in pieces.iter().enumerate() {
-                st.map.end_write(region, tally.piece_ok[p]);
-                resync |= !st.map.in_sync(region);
-            }
-        }
-        if resync {
-            self.kick();
-        }
+        self.fail_legs(targets, &tally.failed);
+        let held = self.held(targets, &tally.took, pieces.len());
+        self.end_regions(pieces, &tally.piece_ok);
         if tally.refused {
             log::debug!(
                 "mirror {}: a leg refused a registered buffer; copy mode for this request",
@@ -462,6 +521,131 @@ impl Inner {
             return Err(errno(code));
         }
         Ok(())
+    }
+
+    /// Fails every target that `failed` names.
+    fn fail_legs(&self, targets: &[LegRef], failed: &[bool]) {
+        assert_eq!(targets.len(), failed.len(), "a verdict per target");
+        for (_, leg) in targets.iter().enumerate().filter(|(t, _)| failed[*t]) {
+            LegStats::bump(&leg.stats.write_errors);
+            self.fail_leg(leg.slot, leg.generation, "a write failed");
+        }
+    }
+
+    /// For each of `pieces` pieces, whether a leg that is still in sync took it.
+    fn held(&self, targets: &[LegRef], took: &[(usize, usize)], pieces: usize) -> Vec<bool> {
+        let mut held = vec![false; pieces];
+        let st = self.lock();
+        for &(p, t) in took {
+            let leg = &targets[t];
+            held[p] |= st.is_current(leg.slot, leg.generation)
+                && st.legs[leg.slot].state == LegState::InSync;
+        }
+        held
+    }
+
+    /// Ends a write on each piece's region: in sync if `piece_ok`, else out of sync (its
+    /// bit kept) and the resync driver woken.
+    fn end_regions(&self, pieces: &[(RegionIndex, Extent)], piece_ok: &[bool]) {
+        assert_eq!(pieces.len(), piece_ok.len(), "a state per piece");
+        let mut resync = false;
+        {
+            let mut st = self.lock();
+            for (&(region, _), &ok) in pieces.iter().zip(piece_ok) {
+                st.map.end_write(region, ok);
+                resync |= !st.map.in_sync(region);
+            }
+        }
+        if resync {
+            self.kick();
+        }
+    }
+
+    /// A write with leg I/Os in the background (write-behind legs): acknowledged once the
+    /// foreground ones end as a write without the others would (an in-sync leg holds every
+    /// piece, failures durable). Its regions end, and a leg that failed in the background is
+    /// failed, only when every leg I/O has ended ([`Inner::settle_behind`]), so their dirty
+    /// bits stay set until the write-behind leg has the data.
+    async fn write_piece_behind(
+        self: &Arc<Self>,
+        pieces: Vec<(RegionIndex, Extent)>,
+        targets: Vec<LegRef>,
+        ops: LegOps,
+    ) -> io::Result<()> {
+        let LegOps {
+            ops,
+            who,
+            background,
+        } = ops;
+        let (mut fg_idx, mut fg_ops, mut bg_idx, mut bg_ops) = (vec![], vec![], vec![], vec![]);
+        for (i, (fut, behind)) in ops.into_iter().zip(background).enumerate() {
+            if behind {
+                bg_idx.push(i);
+                bg_ops.push(fut);
+            } else {
+                fg_idx.push(i);
+                fg_ops.push(fut);
+            }
+        }
+        let (tx, rx) = smol::channel::bounded(1);
+        let settle = Arc::clone(self).settle_behind(
+            pieces.clone(),
+            targets.clone(),
+            who.clone(),
+            (bg_idx, bg_ops),
+            rx,
+        );
+        reactor::spawn(settle).detach();
+        let results = join_all(fg_ops).await;
+        let copies: Vec<io::Result<()>> = results.iter().map(copy_result).collect();
+        let fg_who: Vec<(Range<usize>, usize)> = fg_idx.iter().map(|&i| who[i].clone()).collect();
+        let tally = Self::tally(pieces.len(), targets.len(), &fg_who, results, false);
+        // The channel holds one message and this is the only one: it cannot be full.
+        let _ = tx.try_send(fg_idx.into_iter().zip(copies).collect());
+        self.fail_legs(&targets, &tally.failed);
+        if self
+            .held(&targets, &tally.took, pieces.len())
+            .contains(&false)
+        {
+            return Err(errno(libc::EIO));
+        }
+        self.await_persisted().await
+    }
+
+    /// The end of a write-behind write: waits for its background leg I/Os and for the
+    /// foreground's results, then settles the write with all of them.
+    async fn settle_behind(
+        self: Arc<Self>,
+        pieces: Vec<(RegionIndex, Extent)>,
+        targets: Vec<LegRef>,
+        who: Vec<(Range<usize>, usize)>,
+        background: (Vec<usize>, Vec<LegWrite>),
+        foreground: smol::channel::Receiver<Vec<(usize, io::Result<()>)>>,
+    ) {
+        let (bg_idx, bg_ops) = background;
+        let bg_results = join_all(bg_ops).await;
+        let Ok(fg_results) = foreground.recv().await else {
+            // The request was dropped while its legs were written: which took it is
+            // unknown, so its regions are left to the resync (no leg is blamed).
+            self.end_regions(&pieces, &vec![false; pieces.len()]);
+            return;
+        };
+        let mut results: Vec<Option<io::Result<()>>> = (0..who.len()).map(|_| None).collect();
+        for (i, res) in bg_idx.into_iter().zip(bg_results).chain(fg_results) {
+            assert!(results[i].is_none(), "one result per leg I/O");
+            results[i] = Some(res);
+        }
+        let results = results
+            .into_iter()
+            .map(|r| r.expect("a result per leg I/O"))
+            .collect();
+        let tally = Self::tally(pieces.len(), targets.len(), &who, results, false);
+        if let Err(err) = self.settle_write(&pieces, &targets, tally) {
+            log::debug!("mirror {}: a write behind ended with {err}", self.uuid);
+        }
+        if let Err(err) = self.await_persisted().await {
+            log::error!("mirror {}: cannot record a failed leg: {err}", self.uuid);
+        }
     }
 
     /// Admits a write to every region in `regions`, waiting while any recovers. Regions
@@ -523,6 +707,8 @@ impl Inner {
     /// flush that only recovering legs took fails: no assembly could read them.
     pub(crate) async fn flush_op(self: Arc<Self>) -> io::Result<()> {
         self.engine.note_foreground_io();
+        // fsync means every leg: the writes a write-behind leg still owes land first.
+        self.behind.drain().await;
         let (any, _) = self.flush_legs().await;
         any?;
         self.await_persisted().await
@@ -681,9 +867,14 @@ impl Inner {
             let n = legs.len().max(1);
             legs.sort_by_key(|l| {
                 let load = l.stats.in_flight.load(Ordering::Relaxed);
-                (load, (l.slot + n - rotor % n) % n)
+                (l.options.write_mostly, load, (l.slot + n - rotor % n) % n)
             });
-            let split = piece.len >= self.tuning.read_split && legs.len() > 1;
+            // Write-mostly legs come last: tried only when the others fail, never split onto.
+            let readers = match legs.iter().filter(|l| !l.options.write_mostly).count() {
+                0 => legs.len(),
+                some => some,
+            };
+            let split = piece.len >= self.tuning.read_split && readers > 1;
             if !split {
                 plan.push(SubRead {
                     extent: piece,
@@ -692,7 +883,7 @@ impl Inner {
                 });
                 continue;
             }
-            let ways = legs.len() as u64;
+            let ways = readers as u64;
             let chunk = piece.len.0.div_ceil(ways).next_multiple_of(8);
             assert!(chunk > 0, "an empty split of {piece}");
             let mut skip = 0;
@@ -700,7 +891,7 @@ impl Inner {
             while skip < piece.len.0 {
                 let part = piece.sub_extent(SectorCount(skip), SectorCount(chunk));
                 let mut candidates = legs.clone();
-                candidates.rotate_left(i % legs.len());
+                candidates[..readers].rotate_left(i % readers);
                 plan.push(SubRead {
                     extent: part,
                     region,
@@ -727,6 +918,11 @@ impl Inner {
         let at = self.leg_sector(sub.extent.start);
         let registered = buf.is_registered();
         for leg in &sub.candidates {
+            if leg.options.write_behind > 0 {
+                // Writes still on their way to the leg would make its data stale here.
+                let on_leg = Extent::new(at, sub.extent.len);
+                self.behind.wait_clear(leg.slot, on_leg).await;
+            }
             leg.stats.in_flight.fetch_add(1, Ordering::Relaxed);
             let (res, back) = leg.dev.read_buf(at, buf).await;
             let before = leg.stats.in_flight.fetch_sub(1, Ordering::Relaxed);

@@ -3,11 +3,13 @@
 //! worded from its reply and the mirror's status, or the reply itself with `--json`), and its
 //! part of `ublkdm status` (`report.rs`).
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use clap::{Args, FromArgMatches, Subcommand};
 
+use super::behind::LegOptions;
 use super::commands::MirrorCommand;
 use crate::cli::{absolute, clap_error, parse_pow2_size, text};
 use crate::control::{self, Command};
@@ -42,6 +44,9 @@ pub struct MirrorSpec {
     /// Resync bandwidth: the floor kept under foreground I/O and the ceiling when idle.
     #[serde(default)]
     pub resync_throttle: ThrottleConfig,
+    /// Write-mostly and write-behind legs, by slot.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub leg_options: BTreeMap<usize, LegOptions>,
 }
 
 impl From<MirrorSpec> for TargetSpec {
@@ -74,6 +79,11 @@ pub struct AddMirror {
     /// Resync bandwidth when the mirror is otherwise idle, in MB/s (default: unlimited).
     #[arg(long, value_name = "MB/s")]
     pub resync_max_mbps: Option<u64>,
+    /// Options of the leg in SLOT (the place of its --leg, from 0): write-mostly (read only
+    /// when no other leg can be), write-behind=N (write-mostly, and a write is acknowledged
+    /// with up to N writes still on their way to this leg). Repeat for several legs.
+    #[arg(long = "leg-options", value_name = "SLOT=OPTIONS", value_parser = LegOptions::parse_for_slot)]
+    pub leg_options: Vec<(usize, LegOptions)>,
 }
 
 /// A region size in bytes: a power of two, at least 4 KiB.
@@ -109,6 +119,7 @@ impl AddMirror {
             ceiling_mbps: self.resync_max_mbps,
         };
         resync_throttle.validate().map_err(Error::invalid)?;
+        let leg_options = leg_options_of(&self.leg_options, legs.len())?;
         Ok(MirrorSpec {
             uuid: None,
             legs,
@@ -116,8 +127,31 @@ impl AddMirror {
             nosync: self.nosync,
             force: self.force,
             resync_throttle,
+            leg_options,
         })
     }
+}
+
+/// The `--leg-options` as a map by slot: each slot names a given leg, once.
+fn leg_options_of(
+    given: &[(usize, LegOptions)],
+    legs: usize,
+) -> Result<BTreeMap<usize, LegOptions>> {
+    let mut map = BTreeMap::new();
+    for &(slot, options) in given {
+        if slot >= legs {
+            return Err(Error::invalid(format!(
+                "--leg-options {slot}=...: there are {legs} legs, slots 0 to {}",
+                legs - 1
+            )));
+        }
+        if map.insert(slot, options).is_some() {
+            return Err(Error::invalid(format!(
+                "--leg-options: slot {slot} is given twice"
+            )));
+        }
+    }
+    Ok(map)
 }
 
 /// The mirror's [`TargetKind`].

@@ -71,6 +71,7 @@
 //! [`MirrorTarget::tick`] themselves.
 
 mod assemble;
+mod behind;
 pub mod commands;
 pub mod discover;
 mod grow;
@@ -83,6 +84,7 @@ mod state;
 mod superblock;
 mod survey;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard};
@@ -92,6 +94,7 @@ use std::time::Duration;
 use smol::lock::{Mutex as AsyncMutex, RwLock as AsyncRwLock};
 use uuid::Uuid;
 
+pub use behind::{LegOptions, WRITE_BEHIND_MAX};
 pub use commands::MirrorCommand;
 pub use kind::{MirrorKind, MirrorSpec};
 pub use superblock::{
@@ -148,6 +151,8 @@ pub struct Tuning {
     /// Most regions one piece of a write, discard or write-zeroes covers: a larger request is
     /// written piece by piece, so it makes progress while the resync runs.
     pub write_piece_regions: u64,
+    /// Write-mostly and write-behind legs, by slot (see `behind.rs`).
+    pub leg_options: BTreeMap<usize, LegOptions>,
 }
 
 impl Default for Tuning {
@@ -159,6 +164,7 @@ impl Default for Tuning {
             clear_batch: 4096,
             tick: Duration::from_secs(1),
             write_piece_regions: 64,
+            leg_options: BTreeMap::new(),
         }
     }
 }
@@ -228,6 +234,8 @@ pub(crate) struct Inner {
     ticks: AtomicU64,
     /// The legs the assembly left out and why (for `status`).
     report: survey::AssemblyReport,
+    /// The I/O in flight to write-behind legs, in issue order (see `behind.rs`).
+    behind: Arc<behind::BehindLedger>,
 }
 
 /// The geometry-dependent part of a mirror: its layout, regions and dirty log.
@@ -597,7 +605,11 @@ impl Target for MirrorTarget {
 /// Opens the legs of `spec` and creates or assembles the mirror, with its own copy engine
 /// and resync thread.
 pub fn open_mirror(spec: &MirrorSpec) -> Result<Arc<dyn Target>> {
-    open_mirror_with(spec, spec.resync_throttle, Tuning::default())
+    let tuning = Tuning {
+        leg_options: spec.leg_options.clone(),
+        ..Tuning::default()
+    };
+    open_mirror_with(spec, spec.resync_throttle, tuning)
 }
 
 /// [`open_mirror`] with a resync throttle (floor and ceiling) and tuning.
@@ -666,6 +678,8 @@ pub fn open_leg(path: &Path) -> Result<DeviceRef> {
     Ok(Arc::new(UringDevice::open(path, OpenOptions::default())?))
 }
 
+#[cfg(test)]
+mod behind_tests;
 #[cfg(test)]
 mod grow_tests;
 #[cfg(test)]

@@ -83,6 +83,7 @@ pub fn status_lines(status: &Value) -> Vec<String> {
     let legs = status["legs"].as_array().map_or(&[][..], Vec::as_slice);
     let mut lines = vec![format!("state:   {}", health(status, legs))];
     lines.extend(leg_table(legs));
+    lines.extend(legs.iter().filter_map(leg_note));
     lines.push(format!("regions: {}", regions_line(status)));
     lines.push(format!("resync:  {}", resync_line(&status["resync"])));
     lines.push(format!("scrub:   {}", scrub_line(status)));
@@ -133,6 +134,30 @@ fn leg_table(legs: &[Value]) -> Vec<String> {
         ]);
     }
     align(&rows)
+}
+
+/// A leg's options and what it owes, if it has any: `leg 1:   write-behind=256, lag 3
+/// writes (12288 bytes)`.
+fn leg_note(leg: &Value) -> Option<String> {
+    let mut words = Vec::new();
+    if let Some(options) = leg["options"].as_str() {
+        words.push(options.to_string());
+    }
+    if leg["lag"].is_object() {
+        words.push(format!(
+            "lag {} writes ({} bytes)",
+            count(&leg["lag"]["writes"]),
+            count(&leg["lag"]["bytes"])
+        ));
+    }
+    if words.is_empty() {
+        return None;
+    }
+    Some(format!(
+        "leg {}:   {}",
+        count(&leg["slot"]),
+        words.join(", ")
+    ))
 }
 
 /// `rows` as lines, each column as wide as its widest cell (the last one unpadded).

@@ -23,6 +23,7 @@ use std::time::Instant;
 
 use uuid::Uuid;
 
+use super::behind::LegOptions;
 use super::superblock::{Layout, LegState, SlotEntry, Superblock, MAX_LEGS};
 use crate::device::DeviceRef;
 use crate::region::{RegionIndex, RegionMap};
@@ -86,6 +87,7 @@ pub struct LegRef {
     pub state: LegState,
     pub dev: DeviceRef,
     pub stats: Arc<LegStats>,
+    pub options: LegOptions,
 }
 
 /// Resync progress of the current pass (a pass ends when every region is in sync).
@@ -162,6 +164,9 @@ pub struct State {
     pub mismatch_count: u64,
     /// Read balancing tie-breaker.
     pub rotor: usize,
+    /// Each slot's write-mostly and write-behind options (kept while the slot is empty or
+    /// its leg away, so a returning leg gets them back).
+    pub options: [LegOptions; MAX_LEGS],
 }
 
 impl State {
@@ -186,6 +191,7 @@ impl State {
             last_scrub: None,
             mismatch_count: 0,
             rotor: 0,
+            options: [LegOptions::default(); MAX_LEGS],
         };
         state.update_degraded();
         state
@@ -215,6 +221,7 @@ impl State {
             state: leg.state,
             dev: leg.dev.clone()?,
             stats: Arc::clone(&leg.stats),
+            options: self.options[slot],
         })
     }
 
@@ -232,9 +239,15 @@ impl State {
             .collect()
     }
 
-    /// The default source: the first in-sync leg.
+    /// The default source: the first in-sync leg that is not write-mostly, else the first
+    /// in-sync leg (a write-behind leg may lag: it is the source only when no other is).
     pub fn primary(&self) -> Option<usize> {
-        self.in_sync_slots().first().copied()
+        let in_sync = self.in_sync_slots();
+        in_sync
+            .iter()
+            .copied()
+            .find(|&s| !self.options[s].write_mostly)
+            .or_else(|| in_sync.first().copied())
     }
 
     /// The leg to read an out-of-sync region from, and to copy it from.

@@ -55,7 +55,7 @@ where
 }
 
 /// [`with_mirror`] with `tuning`.
-fn with_mirror_tuned<T: 'static, F>(
+pub(super) fn with_mirror_tuned<T: 'static, F>(
     legs: Vec<DeviceRef>,
     opts: CreateOptions,
     tuning: Tuning,
@@ -468,7 +468,7 @@ impl Gate {
     }
 }
 
-async fn turns(n: usize) {
+pub(super) async fn turns(n: usize) {
     for _ in 0..n {
         smol::future::yield_now().await;
     }
@@ -1198,6 +1198,7 @@ fn open_mirror_with_a_leg_gone_comes_up_degraded() {
         nosync: true,
         force: false,
         resync_throttle: Default::default(),
+        leg_options: Default::default(),
     };
     let open = || open_mirror_with(&spec, ThrottleConfig::UNLIMITED, Tuning::default());
     let target = open().expect("create");

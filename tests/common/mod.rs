@@ -1,12 +1,11 @@
 //! Shared helpers for integration tests: real loop devices over sparse files, tagged sectors,
-//! the simulations' oracle ([`oracle`]) and forwarding device wrappers ([`forward`]).
+//! the simulations' oracle ([`oracle`]).
 //!
 //! Loop devices need root and `losetup`; a test that cannot have them prints `SKIP:` with
 //! the reason and returns. Every device and file made here is removed on drop, even when the
 //! test fails.
 #![allow(dead_code)]
 
-pub mod forward;
 pub mod oracle;
 
 use std::path::{Path, PathBuf};

@@ -1,0 +1,300 @@
+//! Tests of write-mostly and write-behind legs (`behind.rs`) over in-memory legs on the
+//! deterministic executor: reads stay off a write-mostly leg, writes behind are acknowledged
+//! early but bounded, never overtaken, waited for by a flush, and keep their regions dirty
+//! until the leg has them.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use super::tests::{
+    data_of, devs, mem, options, pattern, read, settle, turns, with_mirror_tuned, write,
+};
+use super::*;
+use crate::device::reactor::spawn;
+use crate::device::{Forward, Forwarding};
+use crate::region::RegionIndex;
+use crate::task::Notify;
+
+/// Holds the writes to the data area until the test lets them go, in the order the test
+/// picks: a slow link whose server may run requests in any order. (Metadata writes pass: the
+/// dirty log is written before the data, synchronously, on every leg.)
+struct Held {
+    inner: DeviceRef,
+    /// The writes waiting, each with its gate (opened: the generation moved).
+    waiting: Mutex<Vec<Arc<Notify>>>,
+    /// Writes at or past this sector are held (`u64::MAX`: none).
+    from: AtomicU64,
+}
+
+impl Held {
+    fn new(inner: DeviceRef) -> Arc<Forwarding<Held>> {
+        Arc::new(Forwarding(Held {
+            inner,
+            waiting: Mutex::new(Vec::new()),
+            from: AtomicU64::new(u64::MAX),
+        }))
+    }
+
+    /// Holds the writes to the mirror's data area from now on.
+    fn hold(&self, t: &MirrorTarget) {
+        self.from.store(t.layout().data_offset.0, Ordering::SeqCst);
+    }
+
+    fn waiting(&self) -> usize {
+        self.waiting.lock().unwrap().len()
+    }
+
+    /// Lets the newest waiting write go (so writes complete in reverse order).
+    fn release_newest(&self) -> bool {
+        let gate = self.waiting.lock().unwrap().pop();
+        gate.map(|g| g.notify_all()).is_some()
+    }
+
+    /// Stops holding, and lets every waiting write go.
+    fn open(&self) {
+        self.from.store(u64::MAX, Ordering::SeqCst);
+        while self.release_newest() {}
+    }
+}
+
+impl Forward for Held {
+    fn inner(&self) -> &DeviceRef {
+        &self.inner
+    }
+
+    fn write(
+        &self,
+        offset: Sector,
+        buf: Arc<AlignedBuf>,
+        flags: WriteFlags,
+    ) -> IoFuture<std::io::Result<()>> {
+        let inner = Arc::clone(&self.inner);
+        if offset.0 < self.from.load(Ordering::SeqCst) {
+            return inner.write(offset, buf, flags);
+        }
+        let gate = Arc::new(Notify::default());
+        let seen = gate.generation();
+        self.waiting.lock().unwrap().push(Arc::clone(&gate));
+        Box::pin(async move {
+            gate.wait(seen).await;
+            inner.write(offset, buf, flags).await
+        })
+    }
+}
+
+fn tuning(slot: usize, options: LegOptions) -> Tuning {
+    Tuning {
+        leg_options: BTreeMap::from([(slot, options)]),
+        ..Tuning::default()
+    }
+}
+
+fn behind(n: u32) -> LegOptions {
+    LegOptions {
+        write_mostly: true,
+        write_behind: n,
+    }
+}
+
+fn nosync() -> CreateOptions {
+    CreateOptions {
+        nosync: true,
+        ..options(64)
+    }
+}
+
+fn lag(t: &MirrorTarget, slot: usize) -> (u64, u64) {
+    let status = t.status();
+    let lag = &status["legs"][slot]["lag"];
+    (
+        lag["writes"].as_u64().expect("writes"),
+        lag["bytes"].as_u64().expect("bytes"),
+    )
+}
+
+#[test]
+fn a_write_mostly_leg_serves_reads_only_when_no_other_leg_can() {
+    let legs = vec![mem("a"), mem("b"), mem("c")];
+    let wm = LegOptions {
+        write_mostly: true,
+        write_behind: 0,
+    };
+    let l = legs.clone();
+    with_mirror_tuned(devs(&legs), nosync(), tuning(2, wm), move |t| async move {
+        write(&t, 0, &pattern(1, 512)).await;
+        for _ in 0..8 {
+            assert_eq!(read(&t, 0, 512).await, pattern(1, 512), "split read");
+            assert_eq!(
+                read(&t, 16, 8).await[..],
+                pattern(1, 512)[16 * 512..24 * 512]
+            );
+        }
+        let reads = |slot: usize| {
+            t.inner.lock().legs[slot]
+                .stats
+                .reads
+                .load(Ordering::Relaxed)
+        };
+        assert!(
+            reads(0) > 0 && reads(1) > 0,
+            "the other legs share the reads"
+        );
+        assert_eq!(reads(2), 0, "the write-mostly leg is never read");
+        assert_eq!(t.status()["legs"][2]["options"], "write-mostly");
+        // With the others gone, it serves.
+        t.fail_leg(0).await.expect("fail 0");
+        t.fail_leg(1).await.expect("fail 1");
+        assert_eq!(read(&t, 0, 512).await, pattern(1, 512));
+        assert!(reads(2) > 0);
+        let layout = t.layout();
+        assert_eq!(data_of(&l[2], layout), data_of(&l[0], layout));
+    })
+    .expect("mirror");
+}
+
+#[test]
+fn writes_behind_are_acknowledged_early_and_bounded() {
+    let (a, b) = (mem("a"), mem("b"));
+    let held = Held::new(b.clone());
+    let legs: Vec<DeviceRef> = vec![a.clone(), held.clone()];
+    let (h, a2, b2) = (Arc::clone(&held), a.clone(), b.clone());
+    with_mirror_tuned(legs, nosync(), tuning(1, behind(2)), move |t| async move {
+        h.hold(&t);
+        write(&t, 0, &pattern(1, 8)).await;
+        write(&t, 512, &pattern(2, 8)).await;
+        turns(20).await;
+        assert_eq!(h.waiting(), 2, "both acknowledged while leg 1 holds them");
+        assert_eq!(lag(&t, 1), (2, 8192));
+        // The budget is spent: the third write waits for leg 1 in the foreground.
+        let t3 = Arc::clone(&t);
+        let third = spawn(async move { write(&t3, 1024, &pattern(3, 8)).await });
+        turns(50).await;
+        assert!(
+            !third.is_finished(),
+            "a third write behind would exceed write-behind=2"
+        );
+        h.open();
+        third.await;
+        settle(&t).await;
+        assert_eq!(lag(&t, 1), (0, 0));
+        let layout = t.layout();
+        assert_eq!(data_of(&b2, layout), data_of(&a2, layout));
+        assert_eq!(read(&t, 512, 8).await, pattern(2, 8));
+    })
+    .expect("mirror");
+}
+
+/// Two writes to one sector, the second issued after the first was acknowledged: the leg
+/// behind must end with the second, even on a device that completes the newest first.
+#[test]
+fn a_later_write_behind_is_never_overtaken() {
+    let (a, b) = (mem("a"), mem("b"));
+    let held = Held::new(b.clone());
+    let legs: Vec<DeviceRef> = vec![a.clone(), held.clone()];
+    let (h, a2, b2) = (Arc::clone(&held), a.clone(), b.clone());
+    with_mirror_tuned(legs, nosync(), tuning(1, behind(8)), move |t| async move {
+        h.hold(&t);
+        write(&t, 0, &pattern(1, 8)).await;
+        write(&t, 0, &pattern(2, 8)).await;
+        write(&t, 4, &pattern(3, 8)).await;
+        turns(20).await;
+        assert_eq!(h.waiting(), 1, "the overlapping writes wait their turn");
+        assert_eq!(lag(&t, 1).0, 3);
+        while lag(&t, 1).0 > 0 {
+            h.release_newest();
+            turns(20).await;
+        }
+        let layout = t.layout();
+        assert_eq!(
+            data_of(&b2, layout),
+            data_of(&a2, layout),
+            "leg 1 is current"
+        );
+        let mut expect = pattern(2, 8);
+        expect[4 * 512..].copy_from_slice(&pattern(3, 8)[..4 * 512]);
+        assert_eq!(read(&t, 0, 8).await, expect);
+    })
+    .expect("mirror");
+}
+
+#[test]
+fn a_flush_and_a_fua_write_wait_for_every_leg() {
+    let (a, b) = (mem("a"), mem("b"));
+    let held = Held::new(b.clone());
+    let legs: Vec<DeviceRef> = vec![a.clone(), held.clone()];
+    let (h, b2) = (Arc::clone(&held), b.clone());
+    with_mirror_tuned(legs, nosync(), tuning(1, behind(8)), move |t| async move {
+        h.hold(&t);
+        write(&t, 64, &pattern(4, 8)).await;
+        let t2 = Arc::clone(&t);
+        let flush = spawn(async move { t2.flush().await });
+        let t3 = Arc::clone(&t);
+        let fua = spawn(async move {
+            let buf = Arc::new(AlignedBuf::from_slice(&pattern(5, 8)));
+            t3.write(Sector(256), buf, WriteFlags::FUA).await
+        });
+        turns(50).await;
+        assert!(!flush.is_finished(), "a flush waits for the write behind");
+        assert!(!fua.is_finished(), "a FUA write is not left behind");
+        h.open();
+        flush.await.expect("flush");
+        fua.await.expect("fua write");
+        let at = t.layout().data_offset + SectorCount(64);
+        assert_eq!(b2.snapshot(Extent::new(at, SectorCount(8))), pattern(4, 8));
+    })
+    .expect("mirror");
+}
+
+/// The dirty bit of a region written behind stays set, through clean passes, until the leg
+/// has the write: a crash meanwhile resyncs it.
+#[test]
+fn a_region_written_behind_stays_dirty_until_the_leg_has_it() {
+    let (a, b) = (mem("a"), mem("b"));
+    let held = Held::new(b.clone());
+    let legs: Vec<DeviceRef> = vec![a.clone(), held.clone()];
+    let h = Arc::clone(&held);
+    with_mirror_tuned(legs, nosync(), tuning(1, behind(8)), move |t| async move {
+        h.hold(&t);
+        write(&t, 64 * 5, &pattern(6, 8)).await;
+        for _ in 0..20 {
+            t.inner.clean_pass().await;
+            turns(5).await;
+        }
+        let dirty = t.inner.log().dirty_regions();
+        assert!(dirty.contains(&RegionIndex(5)), "{dirty:?}");
+        h.open();
+        turns(50).await;
+        for _ in 0..20 {
+            t.inner.clean_pass().await;
+            turns(5).await;
+        }
+        assert!(
+            t.inner.log().dirty_regions().is_empty(),
+            "cleared once the leg has it"
+        );
+    })
+    .expect("mirror");
+}
+
+/// A leg written behind that fails is failed (durably) once its write ends; the write was
+/// acknowledged from the other leg, which keeps it.
+#[test]
+fn a_write_behind_that_fails_fails_the_leg_not_the_write() {
+    let (a, b) = (mem("a"), mem("b"));
+    let faulty = crate::device::FaultyDevice::new(b.clone(), Default::default());
+    let held = Held::new(faulty.clone());
+    let legs: Vec<DeviceRef> = vec![a.clone(), held.clone()];
+    let (h, f) = (Arc::clone(&held), Arc::clone(&faulty));
+    with_mirror_tuned(legs, nosync(), tuning(1, behind(8)), move |t| async move {
+        h.hold(&t);
+        write(&t, 0, &pattern(7, 8)).await;
+        f.set_dead(true);
+        h.open();
+        turns(100).await;
+        assert_eq!(t.leg_states()[1], LegState::Failed);
+        assert_eq!(read(&t, 0, 8).await, pattern(7, 8));
+        assert_eq!(t.status()["degraded"], true);
+    })
+    .expect("mirror");
+}
