@@ -28,6 +28,7 @@ mod forward;
 mod iobuf;
 #[cfg(feature = "sim")]
 mod mem;
+pub mod nbd;
 pub mod probe;
 pub mod reactor;
 #[cfg(feature = "sim")]
@@ -47,6 +48,7 @@ pub use forward::{Forward, Forwarding};
 pub use iobuf::{is_needs_copy, needs_copy, IoBuf, NeedsCopy, RegBuf, RegLease, WriteBuf};
 #[cfg(feature = "sim")]
 pub use mem::MemDevice;
+pub use nbd::{is_nbd_url, NbdAddress, NbdDevice, NbdOptions};
 pub use uring::{
     check_distinct, open_distinct, same_device, DeviceIdentity, OpenOptions, UringDevice,
 };
@@ -192,6 +194,36 @@ pub trait BlockDevice: Send + Sync + 'static {
 
     /// Writes zeroes over `extent`, offloaded when the device can (see [`DeviceInfo::write_zeroes`]).
     fn write_zeroes(&self, extent: Extent) -> IoFuture<io::Result<()>>;
+
+    /// The state of the link to a remote device (an NBD export); `None` for a local one.
+    fn link(&self) -> Option<LinkStatus> {
+        None
+    }
+}
+
+/// Whether a remote device's link is up (see [`LinkStatus`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum LinkState {
+    Connected,
+    /// Requests fail at once (`ENOTCONN`) until a reconnect succeeds.
+    Down,
+    /// A reconnect is under way; requests still fail at once.
+    Connecting,
+}
+
+/// A remote device's link, as [`BlockDevice::link`] reports it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LinkStatus {
+    pub state: LinkState,
+    /// Successful connections so far, from 1: a caller tells a reconnect (a new epoch) from
+    /// the link it knew.
+    pub epoch: u64,
+    /// Reconnect attempts so far.
+    pub reconnects: u64,
+    /// Why the link last went down or a reconnect last failed.
+    pub last_error: Option<String>,
+    /// Requests sent and not yet answered.
+    pub in_flight: u64,
 }
 
 /// A shared handle to any block device.
