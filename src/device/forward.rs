@@ -11,8 +11,8 @@ use std::ops::Deref;
 use std::sync::Arc;
 
 use super::{
-    AlignedBuf, BlockDevice, DeviceInfo, DeviceRef, IoBuf, IoFuture, IoReadDone, ReadDone,
-    WriteBuf, WriteFlags,
+    AlignedBuf, BlockDevice, DeviceInfo, DeviceRef, IoBuf, IoFuture, IoReadDone, LinkStatus,
+    ReadDone, WriteBuf, WriteFlags,
 };
 use crate::units::{Extent, Sector, SectorCount};
 
@@ -88,6 +88,9 @@ impl<T: Forward> BlockDevice for Forwarding<T> {
     }
     fn refresh_size(&self) -> io::Result<SectorCount> {
         self.0.inner().refresh_size()
+    }
+    fn link(&self) -> Option<LinkStatus> {
+        self.0.inner().link()
     }
     fn read(&self, offset: Sector, buf: AlignedBuf) -> IoFuture<ReadDone> {
         Forward::read(&self.0, offset, buf)

@@ -235,6 +235,7 @@ fn present_leg(dev: &DeviceRef, state: LegState, uuid: Uuid, generation: u64) ->
         size: dev.info().size,
         name: dev.info().name.clone(),
         stats: Arc::new(LegStats::default()),
+        link_epoch: super::remote::link_epoch(dev),
     }
 }
 
@@ -563,6 +564,7 @@ fn assembled_table(auth: &Superblock, slots: &Slots) -> Vec<Leg> {
                     size: entry.leg_size,
                     name,
                     stats: Arc::new(LegStats::default()),
+                    link_epoch: 0,
                 }
             }
         };
@@ -761,6 +763,7 @@ fn build(
         ticks: std::sync::atomic::AtomicU64::new(0),
         report,
         behind: super::behind::BehindLedger::new(super::behind::BEHIND_BYTES_MAX),
+        remotes: Default::default(),
     });
     let weak = Arc::downgrade(&inner);
     meta.set_failure_hook(Box::new(move |slot, generation| {

@@ -18,7 +18,7 @@ use serde_json::{json, Value};
 use super::state::{Scrub, State};
 use super::superblock::LegState;
 use super::{open_leg, AddLegOptions, Inner, LegOptions, MAX_LEGS};
-use crate::cli::{absolute, parse_id};
+use crate::cli::parse_id;
 use crate::control::Command;
 use crate::error::{Error, Result};
 
@@ -173,7 +173,7 @@ impl MirrorCommand {
         if let MirrorCommand::AddLeg { device, .. } | MirrorCommand::ReplaceLeg { device, .. } =
             self
         {
-            *device = absolute(std::mem::take(device))?;
+            *device = super::leg_path(std::mem::take(device))?;
         }
         Ok(())
     }
@@ -298,6 +298,7 @@ impl Inner {
             "events_cleared": st.events_cleared,
             "degraded": st.missing_legs(),
             "missing_legs": missing,
+            "connecting": self.remotes.pending_status(),
             "not_members": not_members,
             "metadata_slots": self.meta.member_slots(),
             "legs": self.legs_status(&st),
@@ -335,6 +336,14 @@ impl Inner {
                 }
                 if options.write_behind > 0 {
                     leg["lag"] = json!(self.behind.lag(slot));
+                }
+                if let Some(link) = l.dev.as_ref().and_then(|dev| dev.link()) {
+                    leg["link"] = json!(link);
+                } else if let Some(watched) = self.remotes.watched(slot) {
+                    leg["link"] = watched["link"].clone();
+                    if !watched["refused"].is_null() {
+                        leg["readd_refused"] = watched["refused"].clone();
+                    }
                 }
                 leg
             })

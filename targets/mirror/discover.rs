@@ -146,8 +146,15 @@ pub struct Survey {
     pub probed: usize,
 }
 
-/// The identity of the device at `path`: its device number, or its file's inode.
+/// The identity of the device at `path`: its device number, or its file's inode; a remote
+/// leg's is its URL's hash.
 fn device_key(path: &Path) -> Result<(u64, u64)> {
+    if super::is_remote(path) {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        path.hash(&mut hasher);
+        return Ok((u64::MAX - 1, hasher.finish()));
+    }
     let meta = std::fs::metadata(path)
         .map_err(|e| Error::io(format!("cannot open {}", path.display()), e))?;
     Ok(if meta.file_type().is_block_device() {
@@ -157,8 +164,13 @@ fn device_key(path: &Path) -> Result<(u64, u64)> {
     })
 }
 
-/// Reads what `path` holds, read-only and shared.
+/// Reads what `path` holds, read-only and shared (a remote leg: over a connection of its
+/// own, closed after).
 async fn read_leg(path: &Path) -> Result<Probe> {
+    if super::is_remote(path) {
+        let dev = super::remote::open_remote(path)?;
+        return probe(&dev).await;
+    }
     let options = OpenOptions {
         exclusive: false,
         read_only: true,
@@ -444,9 +456,12 @@ impl MirrorTarget {
         let legs = st
             .legs
             .iter()
-            .filter(|l| l.state != LegState::Empty && l.dev.is_some())
-            .map(|l| PathBuf::from(&l.name))
-            .filter(|p| p.is_absolute())
+            .filter(|l| l.state != LegState::Empty)
+            .map(|l| (l.dev.is_some(), PathBuf::from(&l.name)))
+            // A local leg away is found again by the scan; a remote one only by its URL.
+            .filter(|(present, p)| (*present && p.is_absolute()) || super::is_remote(p))
+            .map(|(_, p)| p)
+            .chain(self.inner.remotes.pending_paths())
             .collect();
         let leg_options = (0..st.options.len())
             .filter(|&slot| st.options[slot] != Default::default())

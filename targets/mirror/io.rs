@@ -981,8 +981,21 @@ impl Inner {
     /// Fails the leg `(slot, generation)` if it is still that incarnation and active: no I/O
     /// goes to it from now on; the superblock update follows (see `persist`).
     pub(crate) fn fail_leg(&self, slot: usize, generation: u64, why: &str) {
-        let failed = self.lock().fail(slot, generation);
+        let (failed, remote) = {
+            let mut st = self.lock();
+            let leg = &st.legs[slot];
+            let remote = leg
+                .dev
+                .clone()
+                .filter(|dev| dev.link().is_some())
+                .map(|dev| (dev, leg.link_epoch));
+            (st.fail(slot, generation), remote)
+        };
         if failed {
+            if let Some((dev, epoch)) = remote {
+                // Kept for its return (see `remote.rs`).
+                self.remotes.watch(slot, dev, epoch);
+            }
             log::error!(
                 "mirror {}: leg in slot {slot} failed ({why}); running degraded",
                 self.uuid

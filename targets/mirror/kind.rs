@@ -11,7 +11,7 @@ use clap::{Args, FromArgMatches, Subcommand};
 
 use super::behind::LegOptions;
 use super::commands::MirrorCommand;
-use crate::cli::{absolute, clap_error, parse_pow2_size, text};
+use crate::cli::{clap_error, parse_pow2_size, text};
 use crate::control::{self, Command};
 use crate::copy::ThrottleConfig;
 use crate::error::{Error, Result};
@@ -99,7 +99,17 @@ impl AddMirror {
         let mut legs = Vec::with_capacity(self.legs.len());
         let mut seen = Vec::new();
         for leg in self.legs {
-            let leg = absolute(leg)?;
+            let leg = super::leg_path(leg)?;
+            if super::is_remote(&leg) {
+                if legs.contains(&leg) {
+                    return Err(Error::invalid(format!(
+                        "leg {} is given twice",
+                        leg.display()
+                    )));
+                }
+                legs.push(leg);
+                continue;
+            }
             let Ok(real) = std::fs::canonicalize(&leg) else {
                 legs.push(leg);
                 continue;

@@ -78,6 +78,7 @@ mod grow;
 mod io;
 mod kind;
 mod meta;
+mod remote;
 mod report;
 mod resync;
 mod state;
@@ -97,6 +98,7 @@ use uuid::Uuid;
 pub use behind::{LegOptions, WRITE_BEHIND_MAX};
 pub use commands::MirrorCommand;
 pub use kind::{MirrorKind, MirrorSpec};
+pub use remote::{is_remote, leg_path};
 pub use superblock::{
     own_metadata, probe, Layout, LegState, Probe, Superblock, MAX_LEGS, MIN_LEGS,
 };
@@ -236,6 +238,8 @@ pub(crate) struct Inner {
     report: survey::AssemblyReport,
     /// The I/O in flight to write-behind legs, in issue order (see `behind.rs`).
     behind: Arc<behind::BehindLedger>,
+    /// Remote legs away: failed ones waiting for their link, absent ones being reached.
+    remotes: remote::Remotes,
 }
 
 /// The geometry-dependent part of a mirror: its layout, regions and dirty log.
@@ -644,8 +648,17 @@ pub fn start_mirror(
 ) -> Result<Arc<dyn Target>> {
     let env = MirrorEnv::start(throttle, tuning)?;
     let options = options.clone();
+    let unreached: Vec<PathBuf> = set
+        .legs
+        .iter()
+        .filter_map(|leg| match leg {
+            GivenLeg::Unopened { path, .. } if is_remote(path) => Some(path.clone()),
+            _ => None,
+        })
+        .collect();
     let target =
         reactor::try_block_on(async move { MirrorTarget::open_set(set, &options, env).await })??;
+    target.inner.remotes.retry(unreached);
     target.start_resync_thread()?;
     Ok(Arc::new(target))
 }
@@ -673,8 +686,11 @@ pub fn open_legs(paths: &[PathBuf]) -> Vec<GivenLeg> {
         .collect()
 }
 
-/// Opens a leg device exclusively.
+/// Opens a leg: a local device exclusively, a remote one (an NBD URL) by connecting to it.
 pub fn open_leg(path: &Path) -> Result<DeviceRef> {
+    if is_remote(path) {
+        return remote::open_remote(path);
+    }
     Ok(Arc::new(UringDevice::open(path, OpenOptions::default())?))
 }
 

@@ -94,6 +94,14 @@ pub fn status_lines(status: &Value) -> Vec<String> {
     for line in list("not_members") {
         lines.push(format!("note:    {}", plain(&line)));
     }
+    for leg in list("connecting") {
+        lines.push(format!(
+            "connecting: {} ({} attempts; {})",
+            plain(&leg["device"]),
+            count(&leg["attempts"]),
+            plain(&leg["last_error"])
+        ));
+    }
     lines
 }
 
@@ -136,8 +144,8 @@ fn leg_table(legs: &[Value]) -> Vec<String> {
     align(&rows)
 }
 
-/// A leg's options and what it owes, if it has any: `leg 1:   write-behind=256, lag 3
-/// writes (12288 bytes)`.
+/// A leg's options, what it owes and its link, if it has any: `leg 1:   write-behind=256,
+/// lag 3 writes (12288 bytes), link connected (epoch 1, 0 reconnects)`.
 fn leg_note(leg: &Value) -> Option<String> {
     let mut words = Vec::new();
     if let Some(options) = leg["options"].as_str() {
@@ -149,6 +157,25 @@ fn leg_note(leg: &Value) -> Option<String> {
             count(&leg["lag"]["writes"]),
             count(&leg["lag"]["bytes"])
         ));
+    }
+    if let Some(link) = leg["link"].as_object() {
+        let state = link
+            .get("state")
+            .map_or_else(String::new, plain)
+            .to_lowercase();
+        let mut said = format!(
+            "link {state} (epoch {}, {} reconnects",
+            link.get("epoch").map_or_else(String::new, count),
+            link.get("reconnects").map_or_else(String::new, count)
+        );
+        if let Some(why) = link.get("last_error").filter(|e| !e.is_null()) {
+            said.push_str(&format!("; last error: {}", plain(why)));
+        }
+        said.push(')');
+        words.push(said);
+    }
+    if let Some(why) = leg["readd_refused"].as_str() {
+        words.push(format!("not added back: {why}"));
     }
     if words.is_empty() {
         return None;

@@ -95,6 +95,9 @@ impl Inner {
             if ticks != d.ticks_seen {
                 d.ticks_seen = ticks;
                 self.on_tick(&mut d).await;
+                if !stopping {
+                    self.watch_remotes();
+                }
             }
             if !stopping {
                 busy |= self.start_recoveries(&mut d).await;

@@ -59,6 +59,9 @@ pub struct Leg {
     pub size: SectorCount,
     pub name: String,
     pub stats: Arc<LegStats>,
+    /// The link epoch of a remote leg when it joined (0 for a local one): a later epoch
+    /// is a reconnect (see `remote.rs`).
+    pub link_epoch: u64,
 }
 
 impl Leg {
@@ -71,6 +74,7 @@ impl Leg {
             size: SectorCount(0),
             name: String::new(),
             stats: Arc::new(LegStats::default()),
+            link_epoch: 0,
         }
     }
 
