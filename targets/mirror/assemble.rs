@@ -226,7 +226,7 @@ fn check_sizes(legs: &[DeviceRef]) -> Result<()> {
     Ok(())
 }
 
-fn present_leg(dev: &DeviceRef, state: LegState, uuid: Uuid, generation: u64) -> Leg {
+pub(super) fn present_leg(dev: &DeviceRef, state: LegState, uuid: Uuid, generation: u64) -> Leg {
     Leg {
         state,
         dev: Some(Arc::clone(dev)),
@@ -764,6 +764,7 @@ fn build(
         report,
         behind: super::behind::BehindLedger::new(super::behind::BEHIND_BYTES_MAX),
         remotes: Default::default(),
+        held: Default::default(),
     });
     let weak = Arc::downgrade(&inner);
     meta.set_failure_hook(Box::new(move |slot, generation| {
@@ -804,8 +805,10 @@ impl Inner {
     ) -> Result<usize> {
         let name = dev.info().name.clone();
         self.check_leg_size(&dev)?;
-        let former = self.identify_leg(&dev, options.force).await?;
-        let joining = self.plan_join(&name, former, options.slot)?;
+        let former = self.identify_leg(&dev, options).await?;
+        let mut joining = self.plan_join(&name, former, options.slot)?;
+        // A side of a split brain the user chose to overwrite: every region resyncs.
+        joining.full |= options.discard_theirs;
         if former.is_none() {
             wipe_superblocks(&dev).await?;
         }
@@ -854,14 +857,24 @@ impl Inner {
 
     /// What the device is to this mirror: a former leg, or a newcomer (blank, or holding
     /// foreign metadata that `force` lets us overwrite).
-    async fn identify_leg(&self, dev: &DeviceRef, force: bool) -> Result<Option<Former>> {
+    async fn identify_leg(
+        &self,
+        dev: &DeviceRef,
+        options: AddLegOptions,
+    ) -> Result<Option<Former>> {
+        let force = options.force;
         let probed = probe(dev).await?;
         Ok(match &probed {
-            Probe::Ours(sb) if sb.uuid == self.uuid => Some(Former {
-                slot: sb.slot,
-                leg_uuid: sb.own().leg_uuid,
-                events: sb.events,
-            }),
+            Probe::Ours(sb) if sb.uuid == self.uuid => {
+                if !options.discard_theirs {
+                    self.check_no_split_brain(dev, sb)?;
+                }
+                Some(Former {
+                    slot: sb.slot,
+                    leg_uuid: sb.own().leg_uuid,
+                    events: sb.events,
+                })
+            }
             Probe::Blank => None,
             other if force => {
                 log::warn!(
@@ -1043,6 +1056,7 @@ impl Inner {
             AddLegOptions {
                 force,
                 slot: Some(slot),
+                discard_theirs: false,
             },
         )
         .await

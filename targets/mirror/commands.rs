@@ -106,6 +106,26 @@ pub enum MirrorCommand {
         #[serde(skip)]
         json: bool,
     },
+    /// Resolve a split brain: the leg held for it joins, and one side's writes since the
+    /// split are discarded (see the README before you pick).
+    Resolve {
+        #[arg(value_parser = parse_id)]
+        #[serde(skip)]
+        id: u32,
+        /// Keep this mirror's data: the held leg is resynced from it in full.
+        #[arg(long, required_unless_present = "keep_remote", conflicts_with = "keep_remote")]
+        #[serde(default)]
+        keep_local: bool,
+        /// Keep the held leg's data: every other leg is resynced from it in full, and the
+        /// device shows its data at once (unmount first).
+        #[arg(long)]
+        #[serde(default)]
+        keep_remote: bool,
+        /// Print the daemon's reply as JSON instead of a line.
+        #[arg(long)]
+        #[serde(skip)]
+        json: bool,
+    },
     /// The status report (on the control socket only; `ublkdm status` shows it).
     #[command(skip)]
     Status {},
@@ -113,13 +133,14 @@ pub enum MirrorCommand {
 
 impl MirrorCommand {
     /// The commands' names on the control socket.
-    pub const NAMES: [&'static str; 7] = [
+    pub const NAMES: [&'static str; 8] = [
         "fail-leg",
         "remove-leg",
         "add-leg",
         "replace-leg",
         "scrub",
         "grow",
+        "resolve",
         "status",
     ];
 
@@ -141,7 +162,8 @@ impl MirrorCommand {
             | MirrorCommand::AddLeg { json, .. }
             | MirrorCommand::ReplaceLeg { json, .. }
             | MirrorCommand::Scrub { json, .. }
-            | MirrorCommand::Grow { json, .. } => *json,
+            | MirrorCommand::Grow { json, .. }
+            | MirrorCommand::Resolve { json, .. } => *json,
             MirrorCommand::Status {} => true,
         }
     }
@@ -163,7 +185,8 @@ impl MirrorCommand {
             | MirrorCommand::AddLeg { id, .. }
             | MirrorCommand::ReplaceLeg { id, .. }
             | MirrorCommand::Scrub { id, .. }
-            | MirrorCommand::Grow { id, .. } => *id,
+            | MirrorCommand::Grow { id, .. }
+            | MirrorCommand::Resolve { id, .. } => *id,
             MirrorCommand::Status {} => unreachable!("not a CLI command"),
         }
     }
@@ -199,7 +222,10 @@ impl Inner {
         // Leg changes and a grow exclude each other (a grow takes the gate exclusively).
         let holder = Arc::clone(&self);
         let _gate = match command {
-            MirrorCommand::Grow { .. } | MirrorCommand::Status {} => None,
+            // These take the gate themselves (exclusively, or only for a part).
+            MirrorCommand::Grow { .. } | MirrorCommand::Resolve { .. } | MirrorCommand::Status {} => {
+                None
+            }
             _ => Some(holder.gate.read().await),
         };
         match command {
@@ -214,7 +240,10 @@ impl Inner {
             }
             MirrorCommand::AddLeg { device, force, .. } => {
                 let dev = open_leg(&device)?;
-                let options = AddLegOptions { force, slot: None };
+                let options = AddLegOptions {
+                    force,
+                    ..AddLegOptions::default()
+                };
                 let slot = self.add_leg(dev, options).await?;
                 Ok(json!({ "added": slot }))
             }
@@ -234,6 +263,7 @@ impl Inner {
                 Ok(json!({ "scrub": if repair { "repair" } else { "check" } }))
             }
             MirrorCommand::Grow { .. } => self.grow(None).await,
+            MirrorCommand::Resolve { keep_remote, .. } => self.resolve(keep_remote).await,
         }
     }
 
@@ -299,6 +329,7 @@ impl Inner {
             "degraded": st.missing_legs(),
             "missing_legs": missing,
             "connecting": self.remotes.pending_status(),
+            "split_brain": self.held_status(),
             "not_members": not_members,
             "metadata_slots": self.meta.member_slots(),
             "legs": self.legs_status(&st),

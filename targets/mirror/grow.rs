@@ -55,7 +55,32 @@ impl Drop for Growing<'_> {
     }
 }
 
+/// The gate held exclusively, with `growing` raised until it is let go: no request and no
+/// resync copy runs meanwhile.
+pub(crate) struct Exclusive<'a> {
+    _gate: smol::lock::RwLockWriteGuard<'a, ()>,
+    _growing: Growing<'a>,
+}
+
 impl Inner {
+    /// Waits for every request and resync copy to end and holds new ones back (as a grow
+    /// does); busy while a grow or another such change runs.
+    pub(crate) async fn exclusive(&self) -> Result<Exclusive<'_>> {
+        if self.growing.swap(true, Ordering::AcqRel) {
+            return Err(Error::new(
+                ErrorKind::Busy,
+                "a grow or a split-brain resolution is already running",
+            ));
+        }
+        let growing = Growing(self);
+        self.kick();
+        let gate = self.gate.write().await;
+        Ok(Exclusive {
+            _gate: gate,
+            _growing: growing,
+        })
+    }
+
     /// Grows the mirror onto its legs' present sizes (see the module doc). `expect`: the
     /// data size the caller asks for, refused unless it is what the legs allow. Returns the
     /// reply: the old and new sizes and the regions to resync.

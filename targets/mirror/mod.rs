@@ -80,6 +80,7 @@ mod kind;
 mod meta;
 mod remote;
 mod report;
+mod resolve;
 mod resync;
 mod state;
 mod superblock;
@@ -199,6 +200,9 @@ pub struct AddLegOptions {
     pub force: bool,
     /// Put the leg in this slot (which must be empty).
     pub slot: Option<usize>,
+    /// The leg is the other side of a split brain and the user chose this side
+    /// (`resolve --keep-local`): it joins with a full resync, its own writes discarded.
+    pub discard_theirs: bool,
 }
 
 /// A running mirror (see the module doc). Dropping it stops the resync driver and the copy
@@ -240,6 +244,8 @@ pub(crate) struct Inner {
     behind: Arc<behind::BehindLedger>,
     /// Remote legs away: failed ones waiting for their link, absent ones being reached.
     remotes: remote::Remotes,
+    /// Legs refused for split brain, waiting for `resolve` (see `resolve.rs`).
+    held: Mutex<Vec<resolve::HeldLeg>>,
 }
 
 /// The geometry-dependent part of a mirror: its layout, regions and dirty log.

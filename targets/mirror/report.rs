@@ -74,6 +74,19 @@ pub fn command_line(
                 count(&reply["resync_regions"])
             )
         }
+        MirrorCommand::Resolve { .. } => {
+            let slot = reply["resolved"].as_u64().unwrap_or(0);
+            let device = plain(&reply["device"]);
+            let discarded = if reply["kept"] == "remote" {
+                "this side's writes since the split are discarded, every other leg resyncs from it"
+            } else {
+                "its writes since the split are discarded, it resyncs in full"
+            };
+            format!(
+                "split brain of mirror {id} resolved: {device} is slot {slot} again; {discarded}; {}",
+                resync_started(after)
+            )
+        }
         MirrorCommand::Status {} => unreachable!("not a CLI command"),
     }
 }
@@ -93,6 +106,9 @@ pub fn status_lines(status: &Value) -> Vec<String> {
     }
     for line in list("not_members") {
         lines.push(format!("note:    {}", plain(&line)));
+    }
+    for held in list("split_brain") {
+        lines.push(format!("held:    slot {}: {}", count(&held["slot"]), plain(&held["reason"])));
     }
     for leg in list("connecting") {
         lines.push(format!(

@@ -262,7 +262,7 @@ fn check_named_members(members: &[(String, u64, &Superblock)], verdicts: &[Verdi
 /// source took every write `q` took and is still current, so nothing `q` holds is lost. A leg
 /// that was recovering holds no write of its own (an in-sync leg took every acknowledged
 /// write), so it is never one side of a split brain.
-fn holds_writes_the_sources_lack(q: &Superblock, sources: &[&Superblock]) -> bool {
+pub(super) fn holds_writes_the_sources_lack(q: &Superblock, sources: &[&Superblock]) -> bool {
     q.own().state == LegState::InSync
         && !sources.is_empty()
         && sources.iter().all(|s| disowns(q, s))
