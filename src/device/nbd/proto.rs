@@ -713,16 +713,19 @@ mod tests {
         fn a_wrong_magic_is_refused(r in request(), byte in 0usize..8, bit in 0u8..8) {
             let mut req = encode_request(&r);
             req[byte % 4] ^= 1 << bit;
-            prop_assert!(matches!(decode_request(&req), Err(ProtoError::BadMagic { .. })));
+            let bad = matches!(decode_request(&req), Err(ProtoError::BadMagic { .. }));
+            prop_assert!(bad);
             let mut rep = encode_simple_reply(&SimpleReply { error: 0, cookie: r.cookie });
             rep[byte % 4] ^= 1 << bit;
             prop_assert!(decode_simple_reply(&rep).is_err());
             let mut opt = encode_opt_reply(OptReply { option: 7, reply: 1, len: 0 });
             opt[byte] ^= 1 << bit;
-            prop_assert!(matches!(decode_opt_reply(&opt), Err(ProtoError::BadMagic { .. })));
+            let bad = matches!(decode_opt_reply(&opt), Err(ProtoError::BadMagic { .. }));
+            prop_assert!(bad);
             let mut g = encode_greeting(1);
             g[byte] ^= 1 << bit;
-            prop_assert!(matches!(decode_greeting(&g), Err(ProtoError::BadMagic { .. })));
+            let bad = matches!(decode_greeting(&g), Err(ProtoError::BadMagic { .. }));
+            prop_assert!(bad);
         }
 
         #[test]
