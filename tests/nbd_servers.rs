@@ -102,7 +102,8 @@ impl Server {
         let mut cmd = match self.kind {
             Kind::Nbdkit => {
                 let mut c = Command::new("nbdkit");
-                c.args(["-f", "--exit-with-parent", "-U"]).arg(self.socket());
+                c.args(["-f", "--exit-with-parent", "-U"])
+                    .arg(self.socket());
                 if self.memory {
                     c.args(["memory", &SIZE.to_string()]);
                 } else {
@@ -151,8 +152,10 @@ impl Server {
             if let Kind::NbdServer = self.kind {
                 let pid = std::fs::read_to_string(self.pid_file()).unwrap_or_default();
                 self.daemon = self.daemon.or(pid.trim().parse().ok());
-            } else if let Some(status) =
-                self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
+            } else if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
             {
                 panic!("{} exited at start: {status}", self.kind.binary());
             }
@@ -261,7 +264,11 @@ fn verify_workload(kind: Kind, dev: &NbdDevice) {
     write(dev, 40 << 11, &big, false).unwrap();
     block_on(dev.flush()).unwrap();
     for (sector, data) in &written {
-        assert_eq!(&read(dev, *sector, data.len()).unwrap(), data, "{kind:?} at {sector}");
+        assert_eq!(
+            &read(dev, *sector, data.len()).unwrap(),
+            data,
+            "{kind:?} at {sector}"
+        );
     }
     assert_eq!(read(dev, 40 << 11, big.len()).unwrap(), big, "{kind:?} big");
     let zeroed = Extent::new(Sector(40 << 11), SectorCount(2048));
@@ -277,7 +284,11 @@ fn verify_workload(kind: Kind, dev: &NbdDevice) {
     let past = read(dev, SIZE / 512, 4096).unwrap_err();
     assert_eq!(past.raw_os_error(), Some(libc::EINVAL));
     let link = dev.link().unwrap();
-    assert_eq!((link.state, link.epoch), (LinkState::Connected, 1), "{kind:?}");
+    assert_eq!(
+        (link.state, link.epoch),
+        (LinkState::Connected, 1),
+        "{kind:?}"
+    );
 }
 
 fn workload_against(kind: Kind, memory: bool) {
@@ -317,7 +328,10 @@ fn kill_and_restart(kind: Kind) {
     });
     std::thread::sleep(Duration::from_millis(200));
     server.kill();
-    let failed = reader.join().unwrap().expect("a read failed when the server died");
+    let failed = reader
+        .join()
+        .unwrap()
+        .expect("a read failed when the server died");
     stop.store(true, Ordering::Relaxed);
     let code = failed.raw_os_error();
     assert!(

@@ -43,8 +43,8 @@ use smol::{Async, Timer};
 
 use super::proto::{self, *};
 use super::{NbdAddress, NbdEndpoint, NbdOptions};
-use crate::device::{LinkState, LinkStatus};
 use crate::device::{errno, AlignedBuf, BUF_ALIGN};
+use crate::device::{LinkState, LinkStatus};
 use crate::units::SECTOR_BYTES;
 
 /// The most option replies one `NBD_OPT_GO` may draw (infos before the ACK): a server that
@@ -92,7 +92,11 @@ impl fmt::Display for LinkError {
                 code,
                 message,
             } => {
-                write!(f, "the server refused export '{export}': {}", rep_error_name(*code))?;
+                write!(
+                    f,
+                    "the server refused export '{export}': {}",
+                    rep_error_name(*code)
+                )?;
                 if !message.is_empty() {
                     write!(f, ": {message}")?;
                 }
@@ -279,9 +283,15 @@ impl Shared {
 /// A request's operation and buffer.
 pub enum Op {
     /// Read into `buf[at..at + len]`.
-    Read { buf: AlignedBuf, at: usize },
+    Read {
+        buf: AlignedBuf,
+        at: usize,
+    },
     /// Write `buf[at..at + len]`.
-    Write { buf: Arc<AlignedBuf>, at: usize },
+    Write {
+        buf: Arc<AlignedBuf>,
+        at: usize,
+    },
     Flush,
     Trim,
     WriteZeroes,
@@ -305,7 +315,13 @@ pub struct Job {
 
 impl Job {
     /// A job and the receiver of its outcome.
-    pub fn new(op: Op, flags: u16, offset: u64, len: u32, deadline: Instant) -> (Job, Receiver<Done>) {
+    pub fn new(
+        op: Op,
+        flags: u16,
+        offset: u64,
+        len: u32,
+        deadline: Instant,
+    ) -> (Job, Receiver<Done>) {
         match &op {
             Op::Read { buf, at } => assert!(*at + len as usize <= buf.len(), "read piece"),
             Op::Write { buf, at } => assert!(*at + len as usize <= buf.len(), "write piece"),
@@ -587,12 +603,14 @@ impl Worker {
     /// One reconnect attempt; `None` if the device was dropped meanwhile.
     async fn reconnect(&self, original: &Geometry) -> Option<Result<Conn, LinkError>> {
         let attempt = async {
-            let res = connect(&self.addr, &self.opts).await.and_then(|(conn, now)| {
-                original
-                    .check_reconnect(&now)
-                    .map_err(LinkError::Unsuitable)?;
-                Ok((conn, now))
-            });
+            let res = connect(&self.addr, &self.opts)
+                .await
+                .and_then(|(conn, now)| {
+                    original
+                        .check_reconnect(&now)
+                        .map_err(LinkError::Unsuitable)?;
+                    Ok((conn, now))
+                });
             Some(res)
         };
         let res = attempt
@@ -779,7 +797,12 @@ where
         let tick = (self.worker.opts.request_timeout / 4).min(DEADLINE_TICK_MAX);
         loop {
             let now = Instant::now();
-            let earliest = self.in_flight.borrow().values().map(|(j, _)| j.deadline).min();
+            let earliest = self
+                .in_flight
+                .borrow()
+                .values()
+                .map(|(j, _)| j.deadline)
+                .min();
             let wake = earliest.map_or(now + tick, |d| d.min(now + tick));
             Timer::at(wake).await;
             let now = Instant::now();

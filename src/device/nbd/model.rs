@@ -134,10 +134,8 @@ impl ModelServer {
     pub fn start(config: ModelConfig) -> ModelServer {
         static NEXT: AtomicU64 = AtomicU64::new(0);
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let path = std::env::temp_dir().join(format!(
-            "ublkdm-nbd-model-{}-{n}.sock",
-            std::process::id()
-        ));
+        let path =
+            std::env::temp_dir().join(format!("ublkdm-nbd-model-{}-{n}.sock", std::process::id()));
         let state = Arc::new(State {
             data: Mutex::new(vec![0; config.size as usize]),
             config: Mutex::new(config),
@@ -255,7 +253,14 @@ fn serve(mut conn: &UnixStream, state: &State) -> io::Result<()> {
             lock(&state.stats).discs += 1;
             return Ok(());
         }
-        let mut payload = vec![0; if req.cmd == CMD_WRITE { req.len as usize } else { 0 }];
+        let mut payload = vec![
+            0;
+            if req.cmd == CMD_WRITE {
+                req.len as usize
+            } else {
+                0
+            }
+        ];
         conn.read_exact(&mut payload)?;
         let (drop_now, apply) = take_drop(state);
         let mut reply = Vec::new();

@@ -42,7 +42,11 @@ fn read(dev: &NbdDevice, sector: u64, sectors: u64) -> io::Result<Vec<u8>> {
 
 fn write(dev: &NbdDevice, sector: u64, data: &[u8], fua: bool) -> io::Result<()> {
     let flags = WriteFlags { fua };
-    block_on(dev.write(Sector(sector), Arc::new(AlignedBuf::from_slice(data)), flags))
+    block_on(dev.write(
+        Sector(sector),
+        Arc::new(AlignedBuf::from_slice(data)),
+        flags,
+    ))
 }
 
 fn extent(sector: u64, sectors: u64) -> Extent {
@@ -96,7 +100,10 @@ fn geometry_comes_from_the_export() {
     assert!(info.discard && info.write_zeroes && info.volatile_cache && info.fua);
     assert!(info.rotational);
     let l = link(&dev);
-    assert_eq!((l.state, l.epoch, l.reconnects, l.in_flight), (LinkState::Connected, 1, 0, 0));
+    assert_eq!(
+        (l.state, l.epoch, l.reconnects, l.in_flight),
+        (LinkState::Connected, 1, 0, 0)
+    );
     // Requests off the 4 KiB grid are refused before they are sent.
     assert_eq!(errno_of(read(&dev, 1, 8)), libc::EINVAL);
     assert_eq!(errno_of(read(&dev, 2048, 8)), libc::EINVAL);
@@ -110,7 +117,10 @@ fn geometry_rules() {
         block,
     };
     let g = Geometry::of(&export(1 << 20, None)).unwrap();
-    assert_eq!((g.logical, g.physical, g.max_payload), (512, 4096, DEFAULT_MAX_PAYLOAD));
+    assert_eq!(
+        (g.logical, g.physical, g.max_payload),
+        (512, 4096, DEFAULT_MAX_PAYLOAD)
+    );
     let g = Geometry::of(&export(1 << 20, Some((1, 512, 100_000)))).unwrap();
     assert_eq!((g.logical, g.max_payload), (512, 99_840));
     for (size, block, why) in [
@@ -127,10 +137,16 @@ fn geometry_rules() {
     let first = Geometry::of(&export(1 << 20, None)).unwrap();
     let bigger = Geometry::of(&export(2 << 20, None)).unwrap();
     assert!(first.check_reconnect(&bigger).is_ok());
-    assert!(bigger.check_reconnect(&first).unwrap_err().contains("shrank"));
+    assert!(bigger
+        .check_reconnect(&first)
+        .unwrap_err()
+        .contains("shrank"));
     let mut ro = first;
     ro.flags |= FLAG_READ_ONLY;
-    assert!(first.check_reconnect(&ro).unwrap_err().contains("read-only"));
+    assert!(first
+        .check_reconnect(&ro)
+        .unwrap_err()
+        .contains("read-only"));
 }
 
 #[test]
@@ -148,7 +164,15 @@ fn every_command_round_trips() {
     assert!(back[..8192].iter().all(|&b| b == 0));
     assert_eq!(back[8192..], data[8192..]);
     let stats = server.stats();
-    assert_eq!((stats.fua_writes, stats.flushes, stats.trims, stats.write_zeroes), (1, 1, 1, 1));
+    assert_eq!(
+        (
+            stats.fua_writes,
+            stats.flushes,
+            stats.trims,
+            stats.write_zeroes
+        ),
+        (1, 1, 1, 1)
+    );
     assert_eq!(server.contents()[100 * 1024..104 * 1024], data[..4096]);
 }
 
@@ -163,7 +187,10 @@ fn missing_features_are_emulated_or_refused() {
     // FUA without SEND_FUA: a write, then a flush.
     write(&dev, 0, &pattern(1, 4096), true).unwrap();
     assert_eq!((server.stats().fua_writes, server.stats().flushes), (0, 1));
-    assert_eq!(errno_of(block_on(dev.discard(extent(0, 8)))), libc::EOPNOTSUPP);
+    assert_eq!(
+        errno_of(block_on(dev.discard(extent(0, 8)))),
+        libc::EOPNOTSUPP
+    );
     // Write-zeroes without SEND_WRITE_ZEROES: zero writes, in bounded pieces.
     write(&dev, 0, &pattern(2, 256 * KIB as usize), false).unwrap();
     let writes = server.stats().writes;
@@ -191,7 +218,10 @@ fn read_only_exports_refuse_writes() {
     assert!(dev.read_only());
     assert_eq!(errno_of(write(&dev, 0, &[1; 512], false)), libc::EROFS);
     assert_eq!(errno_of(block_on(dev.discard(extent(0, 1)))), libc::EROFS);
-    assert_eq!(errno_of(block_on(dev.write_zeroes(extent(0, 1)))), libc::EROFS);
+    assert_eq!(
+        errno_of(block_on(dev.write_zeroes(extent(0, 1)))),
+        libc::EROFS
+    );
     assert_eq!(read(&dev, 0, 1).unwrap(), vec![0; 512]);
     assert_eq!(server.stats().writes, 0);
 }
@@ -236,7 +266,10 @@ fn many_concurrent_requests_are_bounded_and_correct() {
         .collect();
     let watcher = dev.clone();
     let results = block_on(async move {
-        let tasks: Vec<_> = writes.into_iter().map(crate::device::reactor::spawn).collect();
+        let tasks: Vec<_> = writes
+            .into_iter()
+            .map(crate::device::reactor::spawn)
+            .collect();
         let mut out = Vec::new();
         for task in tasks {
             out.push(task.await);
@@ -247,7 +280,10 @@ fn many_concurrent_requests_are_bounded_and_correct() {
     assert!(results.iter().all(|r| r.is_ok()));
     let contents = server.contents();
     for i in 0..64usize {
-        assert_eq!(contents[i * 4096..(i + 1) * 4096], pattern(i as u8, 4096)[..]);
+        assert_eq!(
+            contents[i * 4096..(i + 1) * 4096],
+            pattern(i as u8, 4096)[..]
+        );
     }
 }
 
@@ -258,16 +294,28 @@ fn a_wrong_address_fails_at_once_with_context() {
     addr.export = "elsewhere".into();
     let err = NbdDevice::connect(addr.clone(), fast()).err().unwrap();
     let msg = err.to_string();
-    assert!(msg.starts_with(&format!("cannot connect to {addr}: ")), "{msg}");
-    assert!(msg.contains("'elsewhere'") && msg.contains("no such export"), "{msg}");
+    assert!(
+        msg.starts_with(&format!("cannot connect to {addr}: ")),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("'elsewhere'") && msg.contains("no such export"),
+        "{msg}"
+    );
     assert_eq!(err.kind(), crate::error::ErrorKind::NotFound);
 
     let gone = NbdAddress::unix("/nonexistent/nbd.sock", "");
     let msg = NbdDevice::connect(gone, fast()).err().unwrap().to_string();
     assert!(msg.contains("No such file or directory"), "{msg}");
     let refused = NbdAddress::tcp("127.0.0.1", 1, "x");
-    let msg = NbdDevice::connect(refused, fast()).err().unwrap().to_string();
-    assert!(msg.starts_with("cannot connect to nbd://127.0.0.1:1/x: Connection refused"), "{msg}");
+    let msg = NbdDevice::connect(refused, fast())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        msg.starts_with("cannot connect to nbd://127.0.0.1:1/x: Connection refused"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -276,7 +324,10 @@ fn malformed_handshakes_are_errors() {
         (HandshakeFault::BadMagic, "bad greeting magic"),
         (HandshakeFault::NotFixedNewstyle, "fixed newstyle"),
         (HandshakeFault::TruncatedGreeting, "closed the connection"),
-        (HandshakeFault::OversizedReply, "option reply of 4294967295 bytes"),
+        (
+            HandshakeFault::OversizedReply,
+            "option reply of 4294967295 bytes",
+        ),
         (HandshakeFault::TruncatedInfo, "closed the connection"),
         (HandshakeFault::NoExportInfo, "without NBD_INFO_EXPORT"),
         (HandshakeFault::EndlessInfos, "more than 32 replies"),
@@ -290,7 +341,10 @@ fn malformed_handshakes_are_errors() {
         let err = NbdDevice::connect(server.address(), fast()).err();
         let msg = err.expect("a malformed server is an error").to_string();
         assert!(msg.contains(why), "{fault:?}: {msg}");
-        assert!(msg.contains("'m'") || !msg.contains("refused export"), "{msg}");
+        assert!(
+            msg.contains("'m'") || !msg.contains("refused export"),
+            "{msg}"
+        );
     }
 }
 
@@ -299,12 +353,19 @@ fn exports_we_cannot_serve_are_errors() {
     for (size, block, why) in [
         (0, None, "empty"),
         (1000, None, "whole number of 512-byte"),
-        (64 * KIB, Some((8192, 8192, 1 << 20)), "minimum block size of 8192"),
+        (
+            64 * KIB,
+            Some((8192, 8192, 1 << 20)),
+            "minimum block size of 8192",
+        ),
     ] {
         let mut config = ModelConfig::new(size, "small");
         config.block = block;
         let server = ModelServer::start(config);
-        let msg = NbdDevice::connect(server.address(), fast()).err().unwrap().to_string();
+        let msg = NbdDevice::connect(server.address(), fast())
+            .err()
+            .unwrap()
+            .to_string();
         assert!(msg.contains(why), "{msg}");
     }
 }
@@ -313,7 +374,10 @@ fn exports_we_cannot_serve_are_errors() {
 fn a_refused_connection_is_an_error() {
     let server = ModelServer::start(ModelConfig::new(64 * KIB, "r"));
     server.faults().refuse = true;
-    let msg = NbdDevice::connect(server.address(), fast()).err().unwrap().to_string();
+    let msg = NbdDevice::connect(server.address(), fast())
+        .err()
+        .unwrap()
+        .to_string();
     assert!(msg.contains("closed the connection"), "{msg}");
 }
 
@@ -326,7 +390,10 @@ fn a_silent_server_times_out_the_connect() {
     let mut opts = fast();
     opts.connect_timeout = Duration::from_millis(200);
     let start = Instant::now();
-    let msg = NbdDevice::connect(NbdAddress::unix(&dir, ""), opts).err().unwrap().to_string();
+    let msg = NbdDevice::connect(NbdAddress::unix(&dir, ""), opts)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(msg.contains("timed out"), "{msg}");
     assert!(start.elapsed() < Duration::from_secs(2));
     drop(listener);
@@ -343,7 +410,11 @@ fn a_late_reply_times_out_and_the_link_recovers() {
     server.faults().reply_delay = Duration::from_secs(1);
     let start = Instant::now();
     assert_eq!(errno_of(read(&dev, 0, 8)), libc::ETIMEDOUT);
-    assert!(start.elapsed() < Duration::from_millis(900), "{:?}", start.elapsed());
+    assert!(
+        start.elapsed() < Duration::from_millis(900),
+        "{:?}",
+        start.elapsed()
+    );
     let l = link(&dev);
     assert_ne!(l.state, LinkState::Connected);
     assert!(l.last_error.unwrap().contains("no reply within"));
@@ -376,7 +447,9 @@ fn a_dead_server_fails_requests_fast_until_it_returns() {
     let start = Instant::now();
     assert_eq!(errno_of(read(&dev, 0, 1)), libc::ENOTCONN);
     assert!(start.elapsed() < Duration::from_millis(100));
-    wait_until("reconnect attempts", Duration::from_secs(2), || link(&dev).reconnects >= 2);
+    wait_until("reconnect attempts", Duration::from_secs(2), || {
+        link(&dev).reconnects >= 2
+    });
     assert!(link(&dev).last_error.is_some());
     server.listen();
     wait_reconnected(&dev, 1);
@@ -389,8 +462,14 @@ fn a_reconnect_refuses_a_shrunk_or_read_only_export() {
     let server = ModelServer::start(ModelConfig::new(64 * KIB, "s"));
     let dev = connect(&server);
     for (change, why) in [
-        (Box::new(|c: &mut ModelConfig| c.size = 32 * KIB) as Box<dyn Fn(&mut ModelConfig)>, "shrank"),
-        (Box::new(|c: &mut ModelConfig| c.flags |= FLAG_READ_ONLY), "read-only"),
+        (
+            Box::new(|c: &mut ModelConfig| c.size = 32 * KIB) as Box<dyn Fn(&mut ModelConfig)>,
+            "shrank",
+        ),
+        (
+            Box::new(|c: &mut ModelConfig| c.flags |= FLAG_READ_ONLY),
+            "read-only",
+        ),
     ] {
         let epoch = link(&dev).epoch;
         let good = server.config().clone();
@@ -398,8 +477,7 @@ fn a_reconnect_refuses_a_shrunk_or_read_only_export() {
         server.kill_connections();
         wait_until("a refused reconnect", Duration::from_secs(5), || {
             let l = link(&dev);
-            l.state != LinkState::Connected
-                && l.last_error.is_some_and(|e| e.contains(why))
+            l.state != LinkState::Connected && l.last_error.is_some_and(|e| e.contains(why))
         });
         assert_eq!(errno_of(read(&dev, 0, 1)), libc::ENOTCONN);
         *server.config() = good;
@@ -414,7 +492,9 @@ fn dropping_the_device_stops_promptly() {
     let start = Instant::now();
     drop(dev);
     assert!(start.elapsed() < Duration::from_millis(500));
-    wait_until("the disconnect", Duration::from_secs(2), || server.stats().discs == 1);
+    wait_until("the disconnect", Duration::from_secs(2), || {
+        server.stats().discs == 1
+    });
 
     // Also while the link is down and the worker is backing off.
     let mut server = ModelServer::start(ModelConfig::new(64 * KIB, "y"));
@@ -435,14 +515,21 @@ fn dropping_the_device_stops_promptly() {
 fn go_replies_from_hostile_bytes_are_errors() {
     // A valid reply sequence, then every truncation of it.
     let mut good = Vec::new();
-    let info = encode_info(&Info::Export { size: 1 << 20, flags: 1 });
+    let info = encode_info(&Info::Export {
+        size: 1 << 20,
+        flags: 1,
+    });
     good.extend_from_slice(&encode_opt_reply(OptReply {
         option: OPT_GO,
         reply: REP_INFO,
         len: info.len() as u32,
     }));
     good.extend_from_slice(&info);
-    good.extend_from_slice(&encode_opt_reply(OptReply { option: OPT_GO, reply: REP_ACK, len: 0 }));
+    good.extend_from_slice(&encode_opt_reply(OptReply {
+        option: OPT_GO,
+        reply: REP_ACK,
+        len: 0,
+    }));
     let parse = |bytes: Vec<u8>| -> Result<Export, LinkError> {
         block_on(async move { read_go_replies(&mut bytes.as_slice(), "e").await })
     };
@@ -515,7 +602,12 @@ impl Reference {
 }
 
 /// Runs `op`; `Ok(Err(errno))` when the device failed it.
-fn run_op(dev: &NbdDevice, op: &TestOp, r: &mut Reference, trim: bool) -> Result<Result<(), i32>, TestCaseError> {
+fn run_op(
+    dev: &NbdDevice,
+    op: &TestOp,
+    r: &mut Reference,
+    trim: bool,
+) -> Result<Result<(), i32>, TestCaseError> {
     let res = match *op {
         TestOp::Read(s, n) => match read(dev, s, n) {
             Ok(got) => {
@@ -576,11 +668,16 @@ fn model_with(flags: u16, max_block: u32) -> ModelServer {
 
 fn flag_set() -> impl Strategy<Value = u16> {
     (0u16..16).prop_map(|bits| {
-        [FLAG_SEND_FLUSH, FLAG_SEND_FUA, FLAG_SEND_TRIM, FLAG_SEND_WRITE_ZEROES]
-            .into_iter()
-            .enumerate()
-            .filter(|(i, _)| bits & (1 << i) != 0)
-            .fold(0, |acc, (_, f)| acc | f)
+        [
+            FLAG_SEND_FLUSH,
+            FLAG_SEND_FUA,
+            FLAG_SEND_TRIM,
+            FLAG_SEND_WRITE_ZEROES,
+        ]
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| bits & (1 << i) != 0)
+        .fold(0, |acc, (_, f)| acc | f)
     })
 }
 

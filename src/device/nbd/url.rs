@@ -306,7 +306,12 @@ mod tests {
 
     #[test]
     fn what_counts_as_an_nbd_url() {
-        for url in ["nbd://h/x", "nbd+unix:///x?socket=/s", "nbds://h", "nbd+vsock://1"] {
+        for url in [
+            "nbd://h/x",
+            "nbd+unix:///x?socket=/s",
+            "nbds://h",
+            "nbd+vsock://1",
+        ] {
             assert!(is_nbd_url(url), "{url}");
         }
         for path in ["/dev/sda", "nbd0", "./nbd://x", "NBD://h", "http://h", ""] {
