@@ -579,9 +579,9 @@ impl Worker {
         let mut backoff = self.opts.reconnect_backoff_min;
         loop {
             if let Some(live) = conn.take() {
-                match self.session(live).await {
-                    SessionEnd::Stopped => return,
-                    SessionEnd::Failed(e) => self.shared.set_down(&e),
+                // A failed session marked the link down before failing its jobs.
+                if let SessionEnd::Stopped = self.session(live).await {
+                    return;
                 }
                 backoff = self.opts.reconnect_backoff_min;
             }
@@ -701,6 +701,8 @@ where
                 SessionEnd::Stopped
             }
             SessionEnd::Failed(e) => {
+                // Down first: a caller that sees its request fail finds the link down.
+                self.worker.shared.set_down(&e);
                 if matches!(e, LinkError::ServerShutdown) {
                     self.send_disc().await;
                 }

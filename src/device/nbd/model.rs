@@ -50,6 +50,17 @@ pub enum HandshakeFault {
     Refuse(u32),
 }
 
+/// A broken reply header to send in place of a good one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Corruption {
+    /// The reply's magic is wrong.
+    BadMagic,
+    /// The reply names a cookie the client never sent.
+    UnknownCookie,
+    /// A structured reply's magic (never negotiated).
+    Structured,
+}
+
 /// What the server advertises.
 #[derive(Clone, Debug)]
 pub struct ModelConfig {
@@ -93,6 +104,8 @@ pub struct Faults {
     pub fail_range: Option<Range<u64>>,
     /// Connections are accepted and closed at once.
     pub refuse: bool,
+    /// The next reply's header is broken this way (then the fault clears).
+    pub corrupt_reply: Option<Corruption>,
 }
 
 /// What the server saw.
@@ -270,11 +283,27 @@ fn serve(mut conn: &UnixStream, state: &State) -> io::Result<()> {
         if drop_now {
             return Ok(());
         }
-        let delay = lock(&state.faults).reply_delay;
+        let (delay, corruption) = {
+            let mut faults = lock(&state.faults);
+            (faults.reply_delay, faults.corrupt_reply.take())
+        };
         if !delay.is_zero() {
             std::thread::sleep(delay);
         }
+        if let Some(how) = corruption {
+            corrupt(&mut reply, how);
+        }
         conn.write_all(&reply)?;
+    }
+}
+
+fn corrupt(reply: &mut [u8], how: Corruption) {
+    match how {
+        Corruption::BadMagic => reply[0] ^= 0xff,
+        Corruption::UnknownCookie => reply[8] ^= 0x80,
+        Corruption::Structured => {
+            reply[0..4].copy_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes())
+        }
     }
 }
 

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use proptest::prelude::*;
 
 use super::conn::{read_go_replies, Export, Geometry, LinkError};
-use super::model::{HandshakeFault, ModelConfig, ModelServer};
+use super::model::{Corruption, HandshakeFault, ModelConfig, ModelServer};
 use super::proto::*;
 use super::*;
 use crate::device::reactor::block_on;
@@ -239,6 +239,31 @@ fn server_errors_are_errnos_and_keep_the_link() {
 }
 
 #[test]
+fn broken_replies_drop_the_connection() {
+    let server = ModelServer::start(ModelConfig::new(64 * KIB, "b"));
+    let dev = connect(&server);
+    write(&dev, 0, &pattern(4, 4096), true).unwrap();
+    for (n, (how, why)) in [
+        (Corruption::BadMagic, "bad reply magic"),
+        (Corruption::UnknownCookie, "not in flight"),
+        (Corruption::Structured, "structured reply"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        server.faults().corrupt_reply = Some(how);
+        assert_eq!(errno_of(read(&dev, 0, 8)), libc::EIO, "{how:?}");
+        let l = link(&dev);
+        assert!(
+            l.last_error.as_ref().unwrap().contains(why),
+            "{how:?}: {l:?}"
+        );
+        wait_reconnected(&dev, n as u64 + 1);
+        assert_eq!(read(&dev, 0, 8).unwrap(), pattern(4, 4096));
+    }
+}
+
+#[test]
 fn large_requests_are_split_at_the_maximum_block() {
     let mut config = ModelConfig::new(2 << 20, "split");
     config.block = Some((512, 4096, 64 * 1024));
@@ -405,6 +430,9 @@ fn a_late_reply_times_out_and_the_link_recovers() {
     let server = ModelServer::start(ModelConfig::new(64 * KIB, "slow"));
     let mut opts = fast();
     opts.request_timeout = Duration::from_millis(200);
+    // Long enough that the link is still down when the test looks.
+    opts.reconnect_backoff_min = Duration::from_millis(300);
+    opts.reconnect_backoff_max = Duration::from_millis(300);
     let dev = NbdDevice::connect(server.address(), opts).unwrap();
     write(&dev, 0, &pattern(5, 4096), true).unwrap();
     server.faults().reply_delay = Duration::from_secs(1);
