@@ -409,6 +409,12 @@ pub async fn handshake<S>(io: &mut S, export: &str) -> Result<Export, LinkError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    if export.len() > MAX_EXPORT_NAME {
+        return Err(LinkError::Unsuitable(format!(
+            "an export name of {} bytes (at most {MAX_EXPORT_NAME})",
+            export.len()
+        )));
+    }
     let mut greeting = [0; GREETING_LEN];
     io.read_exact(&mut greeting).await?;
     let flags = decode_greeting(&greeting)?;

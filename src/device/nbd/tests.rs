@@ -329,6 +329,11 @@ fn a_wrong_address_fails_at_once_with_context() {
     );
     assert_eq!(err.kind(), crate::error::ErrorKind::NotFound);
 
+    let mut long = server.address();
+    long.export = "x".repeat(MAX_EXPORT_NAME + 1);
+    let msg = NbdDevice::connect(long, fast()).err().unwrap().to_string();
+    assert!(msg.contains("an export name of 4097 bytes"), "{msg}");
+
     let gone = NbdAddress::unix("/nonexistent/nbd.sock", "");
     let msg = NbdDevice::connect(gone, fast()).err().unwrap().to_string();
     assert!(msg.contains("No such file or directory"), "{msg}");
