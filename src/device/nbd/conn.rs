@@ -161,7 +161,10 @@ pub struct Geometry {
 }
 
 impl Geometry {
-    /// Checks `export` against what we can serve (see the module doc of `mod.rs`).
+    /// Checks `export` against what we can serve: a non-empty size of whole logical blocks;
+    /// a minimum block (our logical block, at least 512) that is a power of two up to
+    /// [`MAX_LOGICAL_BLOCK`]; a maximum block of at least one logical block (payloads are
+    /// capped at [`DEFAULT_MAX_PAYLOAD`] either way).
     pub fn of(export: &Export) -> Result<Geometry, String> {
         let (min, preferred, max) = export.block.unwrap_or((1, 4096, DEFAULT_MAX_PAYLOAD));
         if !min.is_power_of_two() || min > MAX_LOGICAL_BLOCK {
