@@ -43,8 +43,8 @@ use smol::{Async, Timer};
 
 use super::proto::{self, *};
 use super::{NbdAddress, NbdEndpoint, NbdOptions};
-use crate::device::{LinkState, LinkStatus};
 use crate::device::{errno, AlignedBuf, BUF_ALIGN};
+use crate::device::{LinkState, LinkStatus};
 use crate::units::SECTOR_BYTES;
 
 /// The most option replies one `NBD_OPT_GO` may draw (infos before the ACK): a server that
@@ -92,7 +92,11 @@ impl fmt::Display for LinkError {
                 code,
                 message,
             } => {
-                write!(f, "the server refused export '{export}': {}", rep_error_name(*code))?;
+                write!(
+                    f,
+                    "the server refused export '{export}': {}",
+                    rep_error_name(*code)
+                )?;
                 if !message.is_empty() {
                     write!(f, ": {message}")?;
                 }
@@ -157,7 +161,10 @@ pub struct Geometry {
 }
 
 impl Geometry {
-    /// Checks `export` against what we can serve (see the module doc of `mod.rs`).
+    /// Checks `export` against what we can serve: a non-empty size of whole logical blocks;
+    /// a minimum block (our logical block, at least 512) that is a power of two up to
+    /// [`MAX_LOGICAL_BLOCK`]; a maximum block of at least one logical block (payloads are
+    /// capped at [`DEFAULT_MAX_PAYLOAD`] either way).
     pub fn of(export: &Export) -> Result<Geometry, String> {
         let (min, preferred, max) = export.block.unwrap_or((1, 4096, DEFAULT_MAX_PAYLOAD));
         if !min.is_power_of_two() || min > MAX_LOGICAL_BLOCK {
@@ -279,9 +286,15 @@ impl Shared {
 /// A request's operation and buffer.
 pub enum Op {
     /// Read into `buf[at..at + len]`.
-    Read { buf: AlignedBuf, at: usize },
+    Read {
+        buf: AlignedBuf,
+        at: usize,
+    },
     /// Write `buf[at..at + len]`.
-    Write { buf: Arc<AlignedBuf>, at: usize },
+    Write {
+        buf: Arc<AlignedBuf>,
+        at: usize,
+    },
     Flush,
     Trim,
     WriteZeroes,
@@ -305,7 +318,13 @@ pub struct Job {
 
 impl Job {
     /// A job and the receiver of its outcome.
-    pub fn new(op: Op, flags: u16, offset: u64, len: u32, deadline: Instant) -> (Job, Receiver<Done>) {
+    pub fn new(
+        op: Op,
+        flags: u16,
+        offset: u64,
+        len: u32,
+        deadline: Instant,
+    ) -> (Job, Receiver<Done>) {
         match &op {
             Op::Read { buf, at } => assert!(*at + len as usize <= buf.len(), "read piece"),
             Op::Write { buf, at } => assert!(*at + len as usize <= buf.len(), "write piece"),
@@ -393,6 +412,12 @@ pub async fn handshake<S>(io: &mut S, export: &str) -> Result<Export, LinkError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    if export.len() > MAX_EXPORT_NAME {
+        return Err(LinkError::Unsuitable(format!(
+            "an export name of {} bytes (at most {MAX_EXPORT_NAME})",
+            export.len()
+        )));
+    }
     let mut greeting = [0; GREETING_LEN];
     io.read_exact(&mut greeting).await?;
     let flags = decode_greeting(&greeting)?;
@@ -563,9 +588,9 @@ impl Worker {
         let mut backoff = self.opts.reconnect_backoff_min;
         loop {
             if let Some(live) = conn.take() {
-                match self.session(live).await {
-                    SessionEnd::Stopped => return,
-                    SessionEnd::Failed(e) => self.shared.set_down(&e),
+                // A failed session marked the link down before failing its jobs.
+                if let SessionEnd::Stopped = self.session(live).await {
+                    return;
                 }
                 backoff = self.opts.reconnect_backoff_min;
             }
@@ -587,12 +612,14 @@ impl Worker {
     /// One reconnect attempt; `None` if the device was dropped meanwhile.
     async fn reconnect(&self, original: &Geometry) -> Option<Result<Conn, LinkError>> {
         let attempt = async {
-            let res = connect(&self.addr, &self.opts).await.and_then(|(conn, now)| {
-                original
-                    .check_reconnect(&now)
-                    .map_err(LinkError::Unsuitable)?;
-                Ok((conn, now))
-            });
+            let res = connect(&self.addr, &self.opts)
+                .await
+                .and_then(|(conn, now)| {
+                    original
+                        .check_reconnect(&now)
+                        .map_err(LinkError::Unsuitable)?;
+                    Ok((conn, now))
+                });
             Some(res)
         };
         let res = attempt
@@ -683,6 +710,8 @@ where
                 SessionEnd::Stopped
             }
             SessionEnd::Failed(e) => {
+                // Down first: a caller that sees its request fail finds the link down.
+                self.worker.shared.set_down(&e);
                 if matches!(e, LinkError::ServerShutdown) {
                     self.send_disc().await;
                 }
@@ -779,7 +808,12 @@ where
         let tick = (self.worker.opts.request_timeout / 4).min(DEADLINE_TICK_MAX);
         loop {
             let now = Instant::now();
-            let earliest = self.in_flight.borrow().values().map(|(j, _)| j.deadline).min();
+            let earliest = self
+                .in_flight
+                .borrow()
+                .values()
+                .map(|(j, _)| j.deadline)
+                .min();
             let wake = earliest.map_or(now + tick, |d| d.min(now + tick));
             Timer::at(wake).await;
             let now = Instant::now();

@@ -141,7 +141,10 @@ impl NbdDevice {
             Ok(Ok(geometry)) => geometry,
             Ok(Err(e)) => {
                 let _ = thread.join();
-                return Err(Error::new(e.kind(), format!("cannot connect to {addr}: {e}")));
+                return Err(Error::new(
+                    e.kind(),
+                    format!("cannot connect to {addr}: {e}"),
+                ));
             }
             Err(_) => {
                 let _ = thread.join();

@@ -129,16 +129,17 @@ fn parse_tcp(authority: &str, query: Option<&str>, export: String) -> Result<Nbd
         };
         (host, port)
     } else {
-        match authority.split_once(':') {
+        let (host, port) = match authority.split_once(':') {
             Some((host, port)) => (host, Some(port)),
             None => (authority, None),
+        };
+        if host.contains(['@', '[', ']', ':', '%']) {
+            return Err(format!("'{host}' is not a host name"));
         }
+        (host, port)
     };
     if host.is_empty() {
         return Err("no host".to_owned());
-    }
-    if host.contains(['@', '[', ']', ':', '%']) {
-        return Err(format!("'{host}' is not a host name"));
     }
     let port = match port {
         None => DEFAULT_PORT,
@@ -305,7 +306,12 @@ mod tests {
 
     #[test]
     fn what_counts_as_an_nbd_url() {
-        for url in ["nbd://h/x", "nbd+unix:///x?socket=/s", "nbds://h", "nbd+vsock://1"] {
+        for url in [
+            "nbd://h/x",
+            "nbd+unix:///x?socket=/s",
+            "nbds://h",
+            "nbd+vsock://1",
+        ] {
             assert!(is_nbd_url(url), "{url}");
         }
         for path in ["/dev/sda", "nbd0", "./nbd://x", "NBD://h", "http://h", ""] {
