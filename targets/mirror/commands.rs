@@ -113,7 +113,11 @@ pub enum MirrorCommand {
         #[serde(skip)]
         id: u32,
         /// Keep this mirror's data: the held leg is resynced from it in full.
-        #[arg(long, required_unless_present = "keep_remote", conflicts_with = "keep_remote")]
+        #[arg(
+            long,
+            required_unless_present = "keep_remote",
+            conflicts_with = "keep_remote"
+        )]
         #[serde(default)]
         keep_local: bool,
         /// Keep the held leg's data: every other leg is resynced from it in full, and the
@@ -223,9 +227,9 @@ impl Inner {
         let holder = Arc::clone(&self);
         let _gate = match command {
             // These take the gate themselves (exclusively, or only for a part).
-            MirrorCommand::Grow { .. } | MirrorCommand::Resolve { .. } | MirrorCommand::Status {} => {
-                None
-            }
+            MirrorCommand::Grow { .. }
+            | MirrorCommand::Resolve { .. }
+            | MirrorCommand::Status {} => None,
             _ => Some(holder.gate.read().await),
         };
         match command {

@@ -701,9 +701,9 @@ pub fn open_leg(path: &Path) -> Result<DeviceRef> {
 }
 
 #[cfg(test)]
-mod behind_tests;
-#[cfg(test)]
 mod grow_tests;
+#[cfg(test)]
+mod remote_tests;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]

@@ -108,7 +108,11 @@ pub fn status_lines(status: &Value) -> Vec<String> {
         lines.push(format!("note:    {}", plain(&line)));
     }
     for held in list("split_brain") {
-        lines.push(format!("held:    slot {}: {}", count(&held["slot"]), plain(&held["reason"])));
+        lines.push(format!(
+            "held:    slot {}: {}",
+            count(&held["slot"]),
+            plain(&held["reason"])
+        ));
     }
     for leg in list("connecting") {
         lines.push(format!(

@@ -103,7 +103,10 @@ impl Inner {
             Err(err) => {
                 // Held again: nothing was decided.
                 let why = err.to_string();
-                self.held.lock().expect("held legs").push(HeldLeg { slot, dev, why });
+                self.held
+                    .lock()
+                    .expect("held legs")
+                    .push(HeldLeg { slot, dev, why });
                 Err(err)
             }
         }
@@ -119,7 +122,10 @@ impl Inner {
             1 => Ok(held.remove(0)),
             n => Err(Error::new(
                 ErrorKind::Busy,
-                format!("mirror {} holds {n} legs for split brain; resolve needs one", self.uuid),
+                format!(
+                    "mirror {} holds {n} legs for split brain; resolve needs one",
+                    self.uuid
+                ),
             )),
         }
     }
@@ -132,7 +138,10 @@ impl Inner {
         let Probe::Ours(sb) = super::probe(&dev).await? else {
             return Err(Error::new(
                 ErrorKind::Corrupt,
-                format!("{} no longer carries this mirror's superblock", dev.info().name),
+                format!(
+                    "{} no longer carries this mirror's superblock",
+                    dev.info().name
+                ),
             ));
         };
         let generation = {
@@ -149,7 +158,12 @@ impl Inner {
         self.meta
             .add_member(slot, generation, Arc::clone(&dev))
             .await
-            .map_err(|e| Error::io(format!("cannot copy the dirty log to {}", dev.info().name), e))?;
+            .map_err(|e| {
+                Error::io(
+                    format!("cannot copy the dirty log to {}", dev.info().name),
+                    e,
+                )
+            })?;
         self.swap_sides(slot, generation, &dev, sb.own().leg_uuid);
         self.log()
             .mark_range(self.geometry().all())
@@ -181,7 +195,11 @@ impl Inner {
         st.repair_source.clear();
         st.stuck.clear();
         st.map.mark_out_of_sync(self.geometry().all());
-        assert_eq!(st.in_sync_slots(), vec![slot], "the adopted leg is the one source");
+        assert_eq!(
+            st.in_sync_slots(),
+            vec![slot],
+            "the adopted leg is the one source"
+        );
         st.update_degraded();
         st.state_gen += 1;
     }

@@ -11,7 +11,12 @@
 #   meanwhile (both counts printed); status shows the link's epoch 2;
 # - write-behind=16 (assembled again with --leg-options) at 20 ms: the lag stays at most 16
 #   writes and is seen above 0 while fio writes;
-# - at the end the legs are identical.
+# - the legs are then identical; the far disk alone assembles (disaster recovery) with every
+#   acknowledged write;
+# - split brain, twice: the far disk alone writes, this side alone writes, and the link
+#   returns: add-leg is refused (exit 7), then `mirror resolve --keep-remote` (then
+#   `--keep-local`) keeps that side's data and discards the other's; the legs end identical;
+# - the same leg served by qemu-nbd and by nbd-server: a short fio verify each.
 set -uo pipefail
 . "$UBLKDM_REPO/scripts/vm/lib.sh"
 . "$UBLKDM_REPO/tests/vm/common.sh"
@@ -158,7 +163,100 @@ wait_until 60 bash -c "[[ \$($UBLKDM status --json $id | jq -r '.daemon_status.t
 wait_in_sync "$id" 120 || fail "behind-in-sync" "$(mstatus "$id" .regions)"
 
 offset=$(data_offset_mib "$id")
+mib=$(($(blockdev --getsize64 "$dev") / 1048576))
+acked=$(sha_range "$dev" "$mib")
 ublkdm del "$id" >/dev/null
 stop_serving
 if legs_identical_raw "$offset" /dev/vda /dev/vdb; then pass "legs-identical"; else fail "legs-identical" "legs differ"; fi
+
+# Disaster recovery: this host is gone; the far disk alone assembles, degraded, with every
+# acknowledged write (here it is local to the guest, as it is to the far host).
+far_alone() {
+	dev=$(add_mirror --leg /dev/vdb) || die "the far disk alone does not assemble"
+	id=$(dev_id "$dev")
+}
+far_alone
+if [[ $(mstatus "$id" .degraded) == true && $(sha_range "$dev" "$mib") == "$acked" ]]; then
+	pass "disaster-recovery-far-disk-alone"
+else
+	fail "disaster-recovery-far-disk-alone" "degraded $(mstatus "$id" .degraded), data differs or not"
+fi
+
+# Split brain: both sides written apart, then the link returns. Nothing moves until
+# `resolve` picks a side; each side once.
+split_then_resolve() {
+	local keep=$1 theirs ours at_theirs at_ours kept rc
+	head -c 1M /dev/urandom >"$T/theirs"
+	head -c 1M /dev/urandom >"$T/ours"
+	dd if="$T/theirs" of="$dev" bs=1M seek=100 oflag=direct status=none
+	ublkdm del "$id" >/dev/null
+	dev=$(add_mirror --leg /dev/vda) || die "this side alone does not assemble"
+	id=$(dev_id "$dev")
+	dd if="$T/ours" of="$dev" bs=1M seek=110 oflag=direct status=none
+	serve
+	ublkdm mirror add-leg "$id" "$URL" >"$T/add.out" 2>&1
+	rc=$?
+	if ((rc == 7)) && grep -q "split brain" "$T/add.out" &&
+		[[ $(mstatus "$id" '.split_brain | length') == 1 ]]; then
+		pass "split-brain-refused-$keep"
+	else
+		fail "split-brain-refused-$keep" "add-leg exit $rc: $(head -c 300 "$T/add.out")"
+	fi
+	ublkdm mirror resolve "$id" "--keep-$keep" || fail "resolve-$keep" "resolve failed"
+	wait_in_sync "$id" 180 || fail "resolve-$keep-resync" "$(mstatus "$id" .regions)"
+	theirs=$(sha256sum <"$T/theirs" | cut -d' ' -f1)
+	ours=$(sha256sum <"$T/ours" | cut -d' ' -f1)
+	at_theirs=$(sha_range "$dev" 1 100)
+	at_ours=$(sha_range "$dev" 1 110)
+	if [[ $keep == remote ]]; then
+		[[ $at_theirs == "$theirs" && $at_ours != "$ours" ]]
+	else
+		[[ $at_theirs != "$theirs" && $at_ours == "$ours" ]]
+	fi
+	kept=$?
+	if ((kept == 0)); then
+		pass "resolve-keeps-$keep"
+	else
+		fail "resolve-keeps-$keep" "the data is not the $keep side's"
+	fi
+	echo "split brain resolved --keep-$keep: ${keep} side's 1 MiB kept, the other side's discarded"
+	ublkdm del "$id" >/dev/null
+	stop_serving
+	if legs_identical_raw "$offset" /dev/vda /dev/vdb; then
+		pass "legs-identical-after-$keep"
+	else
+		fail "legs-identical-after-$keep" "legs differ"
+	fi
+}
+split_then_resolve remote
+far_alone
+split_then_resolve local
+
+# The same leg served by qemu-nbd and by nbd-server: a short fio verify each.
+other_server() {
+	local name=$1 url=$2
+	dev=$(add_mirror --leg /dev/vda --leg "$url") || { fail "$name-assembles" "add failed"; return; }
+	id=$(dev_id "$dev")
+	set_sched_none "$dev"
+	if [[ $(leg_state "$id" 1) == in-sync ]] &&
+		run_fio "$name" "${verify_job[@]}" --offset=32M --size=4M; then
+		pass "fio-verify-$name"
+	else
+		fail "fio-verify-$name" "leg 1 $(leg_state "$id" 1); $(grep -m1 -E 'err=|verify' "$T/$name.out")"
+	fi
+	wait_in_sync "$id" 60 || fail "$name-in-sync" "$(mstatus "$id" .regions)"
+	ublkdm del "$id" >/dev/null
+}
+ip netns exec far qemu-nbd -f raw --cache=none -b "$FAR" -p 10810 -t /dev/vdb &
+QEMU_NBD=$!
+wait_until 20 bash -c "exec 3<>/dev/tcp/$FAR/10810" 2>/dev/null || die "qemu-nbd does not answer"
+other_server qemu-nbd "nbd://$FAR:10810/"
+kill -9 "$QEMU_NBD"
+wait "$QEMU_NBD" 2>/dev/null
+printf '[generic]\n\tlistenaddr = %s\n\tport = 10811\n[export]\n\texportname = /dev/vdb\n\tflush = true\n\tfua = true\n' \
+	"$FAR" >"$T/nbd-server.conf"
+ip netns exec far nbd-server -C "$T/nbd-server.conf" -p "$T/nbd-server.pid" || die "nbd-server does not start"
+wait_until 20 bash -c "exec 3<>/dev/tcp/$FAR/10811" 2>/dev/null || die "nbd-server does not answer"
+other_server nbd-server "nbd://$FAR:10811/export"
+pkill -9 -x nbd-server
 vm_summary

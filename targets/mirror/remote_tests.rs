@@ -1,18 +1,20 @@
-//! Tests of write-mostly and write-behind legs (`behind.rs`) over in-memory legs on the
-//! deterministic executor: reads stay off a write-mostly leg, writes behind are acknowledged
-//! early but bounded, never overtaken, waited for by a flush, and keep their regions dirty
-//! until the leg has them.
+//! Tests of the legs a remote host adds, over in-memory legs on the deterministic executor:
+//! write-mostly and write-behind (`behind.rs`: reads stay off a write-mostly leg, writes
+//! behind are acknowledged early but bounded, never overtaken, waited for by a flush, and
+//! keep their regions dirty until the leg has them), and split brain on a leg's return
+//! (`resolve.rs`).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::tests::{
-    data_of, devs, mem, options, pattern, read, settle, turns, with_mirror_tuned, write,
+    self, data_of, devs, mem, options, pattern, read, settle, turns, with_mirror,
+    with_mirror_tuned, write,
 };
 use super::*;
 use crate::device::reactor::spawn;
-use crate::device::{Forward, Forwarding};
+use crate::device::{Forward, Forwarding, MemDevice};
 use crate::region::RegionIndex;
 use crate::task::Notify;
 
@@ -297,4 +299,91 @@ fn a_write_behind_that_fails_fails_the_leg_not_the_write() {
         assert_eq!(t.status()["degraded"], true);
     })
     .expect("mirror");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Split brain on a leg's return (`resolve.rs`).
+
+/// Makes the two sides of a split brain: a mirror over `a` and `b` with `first` at sector 0;
+/// then `b` alone (the other host) writes `theirs` at 64, and `a` alone writes `ours` at 128.
+fn split(a: &Arc<MemDevice>, b: &Arc<MemDevice>) {
+    with_mirror(devs(&[a.clone(), b.clone()]), options(64), |t| async move {
+        settle(&t).await;
+        write(&t, 0, &pattern(1, 8)).await;
+        t.flush().await.expect("flush");
+    })
+    .expect("create");
+    with_mirror(devs(&[b.clone()]), options(64), |t| async move {
+        assert_eq!(t.status()["degraded"], true);
+        write(&t, 64, &pattern(2, 8)).await;
+        t.flush().await.expect("flush");
+    })
+    .expect("the other host runs b alone");
+}
+
+async fn refused_then_resolved(t: Arc<MirrorTarget>, b: Arc<MemDevice>, keep_remote: bool) {
+    write(&t, 128, &pattern(3, 8)).await;
+    let err = t
+        .add_leg(b.clone(), AddLegOptions::default())
+        .await
+        .expect_err("split brain");
+    assert_eq!(err.kind(), crate::error::ErrorKind::Corrupt, "{err}");
+    assert!(err.to_string().contains("split brain"), "{err}");
+    assert_eq!(t.status()["split_brain"].as_array().map(Vec::len), Some(1));
+    assert_eq!(t.leg_states()[1], LegState::Stale, "nothing joined");
+    Arc::clone(&t.inner)
+        .resolve(keep_remote)
+        .await
+        .expect("resolve");
+    settle(&t).await;
+    assert_eq!(t.status()["split_brain"].as_array().map(Vec::len), Some(0));
+    assert_eq!(t.leg_states()[..2], [LegState::InSync; 2]);
+    let (theirs, ours) = (read(&t, 64, 8).await, read(&t, 128, 8).await);
+    if keep_remote {
+        assert_eq!(theirs, pattern(2, 8), "the other side's write is kept");
+        assert_ne!(ours, pattern(3, 8), "this side's write is discarded");
+    } else {
+        assert_ne!(theirs, pattern(2, 8), "the other side's write is discarded");
+        assert_eq!(ours, pattern(3, 8), "this side's write is kept");
+    }
+    assert_eq!(read(&t, 0, 8).await, pattern(1, 8), "from before the split");
+}
+
+#[test]
+fn a_split_brain_leg_is_held_until_resolved_either_way() {
+    for keep_remote in [false, true] {
+        let (a, b) = (mem("a"), mem("b"));
+        split(&a, &b);
+        let (a2, b2) = (a.clone(), b.clone());
+        with_mirror(devs(&[a.clone()]), options(64), move |t| {
+            refused_then_resolved(t, b2, keep_remote)
+        })
+        .expect("this host runs a alone");
+        let layout = Layout::compute(tests::LEG, Some(SectorCount(64))).expect("layout");
+        assert_eq!(
+            data_of(&a2, layout),
+            data_of(&b, layout),
+            "keep_remote {keep_remote}"
+        );
+    }
+}
+
+/// A leg that merely missed writes (failed here, never run elsewhere) is no split brain.
+#[test]
+fn a_leg_that_only_missed_writes_is_not_a_split_brain() {
+    let (a, b) = (mem("a"), mem("b"));
+    with_mirror(devs(&[a.clone(), b.clone()]), options(64), |t| async move {
+        settle(&t).await;
+    })
+    .expect("create");
+    let b2 = b.clone();
+    with_mirror(devs(&[a.clone()]), options(64), move |t| async move {
+        write(&t, 64, &pattern(4, 8)).await;
+        t.add_leg(b2, AddLegOptions::default())
+            .await
+            .expect("re-add");
+        settle(&t).await;
+        assert_eq!(read(&t, 64, 8).await, pattern(4, 8));
+    })
+    .expect("assemble a alone");
 }
