@@ -21,6 +21,18 @@ pub trait Forward: Send + Sync + 'static {
     /// The device below.
     fn inner(&self) -> &DeviceRef;
 
+    fn info(&self) -> &DeviceInfo {
+        self.inner().info()
+    }
+
+    fn size(&self) -> SectorCount {
+        self.inner().size()
+    }
+
+    fn refresh_size(&self) -> io::Result<SectorCount> {
+        self.inner().refresh_size()
+    }
+
     fn read(&self, offset: Sector, buf: AlignedBuf) -> IoFuture<ReadDone> {
         self.inner().read(offset, buf)
     }
@@ -81,13 +93,13 @@ impl<T> Deref for Forwarding<T> {
 
 impl<T: Forward> BlockDevice for Forwarding<T> {
     fn info(&self) -> &DeviceInfo {
-        self.0.inner().info()
+        Forward::info(&self.0)
     }
     fn size(&self) -> SectorCount {
-        self.0.inner().size()
+        Forward::size(&self.0)
     }
     fn refresh_size(&self) -> io::Result<SectorCount> {
-        self.0.inner().refresh_size()
+        Forward::refresh_size(&self.0)
     }
     fn link(&self) -> Option<LinkStatus> {
         self.0.inner().link()

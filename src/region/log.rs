@@ -886,8 +886,7 @@ mod tests {
     use super::*;
     use crate::device::reactor::{block_on, run_local, sleep, spawn};
     use crate::device::{
-        errno, BlockDevice, DeviceInfo, FaultConfig, FaultyDevice, IoFuture, MemDevice, OpKind,
-        ReadDone,
+        errno, FaultConfig, FaultyDevice, Forward, Forwarding, IoFuture, MemDevice, OpKind,
     };
     use proptest::prelude::*;
     use rand::SeedableRng;
@@ -951,14 +950,14 @@ mod tests {
     }
 
     impl Counting {
-        fn new(inner: DeviceRef, delay: Delay) -> Arc<Counting> {
+        fn new(inner: DeviceRef, delay: Delay) -> Arc<Forwarding<Counting>> {
             let (writes, flushes) = (AtomicU64::new(0), AtomicU64::new(0));
-            Arc::new(Counting {
+            Arc::new(Forwarding(Counting {
                 inner,
                 writes,
                 flushes,
                 delay,
-            })
+            }))
         }
 
         fn writes(&self) -> u64 {
@@ -966,12 +965,9 @@ mod tests {
         }
     }
 
-    impl BlockDevice for Counting {
-        fn info(&self) -> &DeviceInfo {
-            self.inner.info()
-        }
-        fn read(&self, offset: Sector, buf: AlignedBuf) -> IoFuture<ReadDone> {
-            self.inner.read(offset, buf)
+    impl Forward for Counting {
+        fn inner(&self) -> &DeviceRef {
+            &self.inner
         }
         fn write(
             &self,
@@ -998,31 +994,28 @@ mod tests {
             self.flushes.fetch_add(1, Ordering::SeqCst);
             self.inner.flush()
         }
-        fn discard(&self, extent: Extent) -> IoFuture<io::Result<()>> {
-            self.inner.discard(extent)
-        }
-        fn write_zeroes(&self, extent: Extent) -> IoFuture<io::Result<()>> {
-            self.inner.write_zeroes(extent)
-        }
     }
 
     /// A volatile memory device that loses or tears the unflushed writes at the next flush
     /// once armed: a power cut between a commit's write and its flush. With `fail_next`, the
     /// next flush fails and leaves the unflushed writes at risk.
     struct CrashAtFlush {
-        inner: Arc<MemDevice>,
+        mem: Arc<MemDevice>,
+        /// `mem`, as the device below.
+        inner: DeviceRef,
         armed: Mutex<Option<ChaCha8Rng>>,
         fail_next: std::sync::atomic::AtomicBool,
     }
 
     impl CrashAtFlush {
-        fn new(inner: Arc<MemDevice>) -> Arc<CrashAtFlush> {
+        fn new(mem: Arc<MemDevice>) -> Arc<Forwarding<CrashAtFlush>> {
             let fail_next = std::sync::atomic::AtomicBool::new(false);
-            Arc::new(CrashAtFlush {
-                inner,
+            Arc::new(Forwarding(CrashAtFlush {
+                inner: Arc::clone(&mem) as DeviceRef,
+                mem,
                 armed: Mutex::new(None),
                 fail_next,
-            })
+            }))
         }
 
         fn arm(&self, seed: u64) {
@@ -1030,20 +1023,9 @@ mod tests {
         }
     }
 
-    impl BlockDevice for CrashAtFlush {
-        fn info(&self) -> &DeviceInfo {
-            self.inner.info()
-        }
-        fn read(&self, offset: Sector, buf: AlignedBuf) -> IoFuture<ReadDone> {
-            self.inner.read(offset, buf)
-        }
-        fn write(
-            &self,
-            at: Sector,
-            buf: Arc<AlignedBuf>,
-            f: WriteFlags,
-        ) -> IoFuture<io::Result<()>> {
-            self.inner.write(at, buf, f)
+    impl Forward for CrashAtFlush {
+        fn inner(&self) -> &DeviceRef {
+            &self.inner
         }
         fn flush(&self) -> IoFuture<io::Result<()>> {
             if self.fail_next.swap(false, Ordering::SeqCst) {
@@ -1051,17 +1033,11 @@ mod tests {
             }
             match self.armed.lock().expect("armed").take() {
                 Some(mut rng) => {
-                    self.inner.crash(&mut rng);
+                    self.mem.crash(&mut rng);
                     Box::pin(std::future::ready(Err(errno(libc::EIO))))
                 }
                 None => self.inner.flush(),
             }
-        }
-        fn discard(&self, extent: Extent) -> IoFuture<io::Result<()>> {
-            self.inner.discard(extent)
-        }
-        fn write_zeroes(&self, extent: Extent) -> IoFuture<io::Result<()>> {
-            self.inner.write_zeroes(extent)
         }
     }
 

@@ -630,38 +630,24 @@ fn byte_count(bytes: usize) -> i32 {
 mod tests {
     use super::*;
     use crate::device::reactor::run_local;
-    use crate::device::{BlockDevice, DeviceInfo, IoFuture, MemDevice, ReadDone};
+    use crate::device::{DeviceRef, Forward, Forwarding, IoFuture, MemDevice};
 
     /// A target over a memory device, to drive the request mapping without a kernel.
-    struct MemTarget(Arc<MemDevice>);
+    struct MemTarget(DeviceRef);
 
-    impl BlockDevice for MemTarget {
-        fn info(&self) -> &DeviceInfo {
-            self.0.info()
-        }
-        fn read(&self, offset: Sector, buf: AlignedBuf) -> IoFuture<ReadDone> {
-            self.0.read(offset, buf)
-        }
-        fn write(
-            &self,
-            offset: Sector,
-            buf: Arc<AlignedBuf>,
-            flags: WriteFlags,
-        ) -> IoFuture<io::Result<()>> {
-            self.0.write(offset, buf, flags)
-        }
-        fn flush(&self) -> IoFuture<io::Result<()>> {
-            self.0.flush()
-        }
-        fn discard(&self, extent: Extent) -> IoFuture<io::Result<()>> {
-            self.0.discard(extent)
-        }
-        fn write_zeroes(&self, extent: Extent) -> IoFuture<io::Result<()>> {
-            self.0.write_zeroes(extent)
+    impl MemTarget {
+        fn new(mem: Arc<MemDevice>) -> Arc<Forwarding<MemTarget>> {
+            Arc::new(Forwarding(MemTarget(mem)))
         }
     }
 
-    impl Target for MemTarget {
+    impl Forward for MemTarget {
+        fn inner(&self) -> &DeviceRef {
+            &self.0
+        }
+    }
+
+    impl Target for Forwarding<MemTarget> {
         fn kind(&self) -> &'static str {
             "mem"
         }
@@ -679,7 +665,11 @@ mod tests {
         }
     }
 
-    fn serve(target: &Arc<MemTarget>, req: Request, buf: AlignedBuf) -> (i32, AlignedBuf) {
+    fn serve(
+        target: &Arc<Forwarding<MemTarget>>,
+        req: Request,
+        buf: AlignedBuf,
+    ) -> (i32, AlignedBuf) {
         let target = Arc::clone(target);
         run_local(async move { handle_request(&*target, req, buf).await })
     }
@@ -687,7 +677,7 @@ mod tests {
     #[test]
     fn writes_and_reads_return_byte_counts_and_data() {
         let mem = MemDevice::new_volatile("m", SectorCount(64));
-        let target = Arc::new(MemTarget(Arc::clone(&mem)));
+        let target = MemTarget::new(Arc::clone(&mem));
         let mut buf = AlignedBuf::new(16 << 10);
         buf.as_mut_slice()[..4096].fill(0xab);
         let (res, mut buf) = serve(
@@ -727,7 +717,7 @@ mod tests {
         let io = user_copy(&file, &pool, 3);
         let pos = UblkIOCtx::ublk_user_copy_pos(0, 3, 0);
         let mem = MemDevice::new_volatile("m", SectorCount(64));
-        let target = Arc::new(MemTarget(Arc::clone(&mem)));
+        let target = MemTarget::new(Arc::clone(&mem));
         file.write_all_at(&[0x5a; 8192], pos)
             .expect("the request's data");
         let run = |req| {
@@ -758,7 +748,7 @@ mod tests {
     fn a_failed_user_copy_completes_with_an_errno() {
         let file = tempfile::tempfile().expect("temp file");
         let pool = BufferPool::new(64 << 10, 0);
-        let target = Arc::new(MemTarget(MemDevice::new("m", SectorCount(64))));
+        let target = MemTarget::new(MemDevice::new("m", SectorCount(64)));
         // Nothing at the tag's offset: the copy of a WRITE's data reads end of file.
         let io = user_copy(&file, &pool, 1);
         let res = run_local(async move {
@@ -771,22 +761,11 @@ mod tests {
 
     /// A target that fails every registered buffer with `errno` (0: the default refusal,
     /// `needs_copy`) and serves owned ones from memory.
-    struct RegisteredFails(Arc<MemDevice>, i32);
+    struct RegisteredFails(DeviceRef, i32);
 
-    impl BlockDevice for RegisteredFails {
-        fn info(&self) -> &DeviceInfo {
-            self.0.info()
-        }
-        fn read(&self, offset: Sector, buf: AlignedBuf) -> IoFuture<ReadDone> {
-            self.0.read(offset, buf)
-        }
-        fn write(
-            &self,
-            offset: Sector,
-            buf: Arc<AlignedBuf>,
-            flags: WriteFlags,
-        ) -> IoFuture<io::Result<()>> {
-            self.0.write(offset, buf, flags)
+    impl Forward for RegisteredFails {
+        fn inner(&self) -> &DeviceRef {
+            &self.0
         }
         fn read_buf(&self, offset: Sector, buf: IoBuf) -> IoFuture<crate::device::IoReadDone> {
             match (&buf, self.1) {
@@ -810,18 +789,9 @@ mod tests {
                 _ => self.0.write_buf(offset, buf, flags),
             }
         }
-        fn flush(&self) -> IoFuture<io::Result<()>> {
-            self.0.flush()
-        }
-        fn discard(&self, extent: Extent) -> IoFuture<io::Result<()>> {
-            self.0.discard(extent)
-        }
-        fn write_zeroes(&self, extent: Extent) -> IoFuture<io::Result<()>> {
-            self.0.write_zeroes(extent)
-        }
     }
 
-    impl Target for RegisteredFails {
+    impl Target for Forwarding<RegisteredFails> {
         fn kind(&self) -> &'static str {
             "registered-fails"
         }
@@ -852,7 +822,7 @@ mod tests {
         let mem = MemDevice::new_volatile("m", SectorCount(64));
         let stats = Arc::new(Stats::new(1));
         let run = |errno: i32, req: Request| {
-            let target = RegisteredFails(Arc::clone(&mem), errno);
+            let target = Forwarding(RegisteredFails(mem.clone(), errno));
             let zc = zero_copy(Some(user_copy(&file, &pool, 3)));
             let stats = Arc::clone(&stats);
             run_local(async move { zc.serve(&target, req, &stats).await })
@@ -898,7 +868,7 @@ mod tests {
     fn a_zero_copy_request_without_a_fallback_fails_with_an_errno() {
         let stats = Stats::new(1);
         let mem = MemDevice::new("m", SectorCount(64));
-        let target = RegisteredFails(mem, 0);
+        let target = Forwarding(RegisteredFails(mem, 0));
         let zc = zero_copy(None);
         let res = run_local(async move {
             let r = zc
@@ -908,7 +878,7 @@ mod tests {
         });
         assert_eq!(res, (-libc::EOPNOTSUPP, 0));
         let stats = Stats::new(1);
-        let target = RegisteredFails(MemDevice::new("m", SectorCount(64)), 0);
+        let target = Forwarding(RegisteredFails(MemDevice::new("m", SectorCount(64)), 0));
         let zc = zero_copy(None);
         let need_reg = request(sys::UBLK_IO_OP_READ, sys::UBLK_IO_F_NEED_REG_BUF, 0, 8);
         let res = run_local(async move { zc.serve(&target, need_reg, &stats).await });
@@ -917,7 +887,7 @@ mod tests {
 
     #[test]
     fn bad_requests_complete_with_an_errno() {
-        let target = Arc::new(MemTarget(MemDevice::new("m", SectorCount(64))));
+        let target = MemTarget::new(MemDevice::new("m", SectorCount(64)));
         let buf = AlignedBuf::new(4096);
         let (res, buf) = serve(&target, request(sys::UBLK_IO_OP_READ, 0, 60, 8), buf);
         assert_eq!(res, -libc::EINVAL, "past the end");

@@ -14,7 +14,7 @@ use serde_json::json;
 use super::tests::{data_of, devs, mem, options, pattern, read, settle, with_mirror, write, LEG};
 use super::*;
 use crate::device::reactor::spawn;
-use crate::device::MemDevice;
+use crate::device::{Forward, Forwarding, MemDevice};
 use crate::error::ErrorKind;
 use crate::region::RegionIndex;
 
@@ -224,18 +224,15 @@ fn grow_is_refused_naming_why() {
 /// A leg that takes a picture of every leg whenever a write to it is issued while armed: the
 /// pictures are what a power cut at that moment leaves (the legs' writes are durable at once).
 struct Tap {
-    inner: Arc<MemDevice>,
+    inner: DeviceRef,
     legs: Vec<Arc<MemDevice>>,
     armed: Arc<AtomicBool>,
     pictures: Arc<Mutex<Vec<Vec<Vec<u8>>>>>,
 }
 
-impl BlockDevice for Tap {
-    fn info(&self) -> &DeviceInfo {
-        self.inner.info()
-    }
-    fn read(&self, offset: Sector, buf: AlignedBuf) -> IoFuture<ReadDone> {
-        self.inner.read(offset, buf)
+impl Forward for Tap {
+    fn inner(&self) -> &DeviceRef {
+        &self.inner
     }
     fn write(
         &self,
@@ -248,15 +245,6 @@ impl BlockDevice for Tap {
             self.pictures.lock().expect("pictures").push(picture);
         }
         self.inner.write(offset, buf, flags)
-    }
-    fn flush(&self) -> IoFuture<std::io::Result<()>> {
-        self.inner.flush()
-    }
-    fn discard(&self, extent: Extent) -> IoFuture<std::io::Result<()>> {
-        self.inner.discard(extent)
-    }
-    fn write_zeroes(&self, extent: Extent) -> IoFuture<std::io::Result<()>> {
-        self.inner.write_zeroes(extent)
     }
 }
 
@@ -274,12 +262,12 @@ fn a_power_cut_at_any_step_of_a_grow_assembles_old_or_new() {
     let taps: Vec<DeviceRef> = big
         .iter()
         .map(|leg| {
-            Arc::new(Tap {
-                inner: Arc::clone(leg),
+            Arc::new(Forwarding(Tap {
+                inner: Arc::clone(leg) as DeviceRef,
                 legs: big.clone(),
                 armed: Arc::clone(&armed),
                 pictures: Arc::clone(&pictures),
-            }) as DeviceRef
+            })) as DeviceRef
         })
         .collect();
     let (a, p, legs) = (Arc::clone(&armed), Arc::clone(&pictures), big.clone());
@@ -360,26 +348,29 @@ const SB_SECTORS_BYTES: usize = 4096;
 /// A leg grown in place (a dm table reloaded bigger): opened at `info.size`, it serves all of
 /// its inner device once [`BlockDevice::refresh_size`] read the new size.
 struct GrownInPlace {
-    inner: Arc<MemDevice>,
+    inner: DeviceRef,
     info: DeviceInfo,
     size: std::sync::atomic::AtomicU64,
 }
 
 impl GrownInPlace {
-    fn new(inner: Arc<MemDevice>, opened: SectorCount) -> Arc<GrownInPlace> {
+    fn new(inner: DeviceRef, opened: SectorCount) -> Arc<Forwarding<GrownInPlace>> {
         let info = DeviceInfo {
             size: opened,
             ..inner.info().clone()
         };
-        Arc::new(GrownInPlace {
+        Arc::new(Forwarding(GrownInPlace {
             inner,
             info,
             size: opened.0.into(),
-        })
+        }))
     }
 }
 
-impl BlockDevice for GrownInPlace {
+impl Forward for GrownInPlace {
+    fn inner(&self) -> &DeviceRef {
+        &self.inner
+    }
     fn info(&self) -> &DeviceInfo {
         &self.info
     }
@@ -388,27 +379,7 @@ impl BlockDevice for GrownInPlace {
     }
     fn refresh_size(&self) -> std::io::Result<SectorCount> {
         self.size.store(self.inner.info().size.0, Ordering::Relaxed);
-        Ok(self.size())
-    }
-    fn read(&self, offset: Sector, buf: AlignedBuf) -> IoFuture<ReadDone> {
-        self.inner.read(offset, buf)
-    }
-    fn write(
-        &self,
-        offset: Sector,
-        buf: Arc<AlignedBuf>,
-        flags: WriteFlags,
-    ) -> IoFuture<std::io::Result<()>> {
-        self.inner.write(offset, buf, flags)
-    }
-    fn flush(&self) -> IoFuture<std::io::Result<()>> {
-        self.inner.flush()
-    }
-    fn discard(&self, extent: Extent) -> IoFuture<std::io::Result<()>> {
-        self.inner.discard(extent)
-    }
-    fn write_zeroes(&self, extent: Extent) -> IoFuture<std::io::Result<()>> {
-        self.inner.write_zeroes(extent)
+        Ok(Forward::size(self))
     }
 }
 
@@ -424,7 +395,7 @@ fn legs_grown_in_place_resync_the_new_area() {
     big[1].poke(Sector(LEG.0), &pattern(99, (BIG.0 - LEG.0) as usize));
     let legs: Vec<DeviceRef> = big
         .iter()
-        .map(|leg| GrownInPlace::new(Arc::clone(leg), LEG) as DeviceRef)
+        .map(|leg| GrownInPlace::new(Arc::clone(leg) as DeviceRef, LEG) as DeviceRef)
         .collect();
     let mems = big.clone();
     with_mirror(legs, options(REGION), move |t| async move {

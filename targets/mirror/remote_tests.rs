@@ -313,7 +313,7 @@ fn split(a: &Arc<MemDevice>, b: &Arc<MemDevice>) {
         t.flush().await.expect("flush");
     })
     .expect("create");
-    with_mirror(devs(&[b.clone()]), options(64), |t| async move {
+    with_mirror(devs(std::slice::from_ref(b)), options(64), |t| async move {
         assert_eq!(t.status()["degraded"], true);
         write(&t, 64, &pattern(2, 8)).await;
         t.flush().await.expect("flush");
@@ -355,7 +355,7 @@ fn a_split_brain_leg_is_held_until_resolved_either_way() {
         let (a, b) = (mem("a"), mem("b"));
         split(&a, &b);
         let (a2, b2) = (a.clone(), b.clone());
-        with_mirror(devs(&[a.clone()]), options(64), move |t| {
+        with_mirror(devs(std::slice::from_ref(&a)), options(64), move |t| {
             refused_then_resolved(t, b2, keep_remote)
         })
         .expect("this host runs a alone");
@@ -377,13 +377,17 @@ fn a_leg_that_only_missed_writes_is_not_a_split_brain() {
     })
     .expect("create");
     let b2 = b.clone();
-    with_mirror(devs(&[a.clone()]), options(64), move |t| async move {
-        write(&t, 64, &pattern(4, 8)).await;
-        t.add_leg(b2, AddLegOptions::default())
-            .await
-            .expect("re-add");
-        settle(&t).await;
-        assert_eq!(read(&t, 64, 8).await, pattern(4, 8));
-    })
+    with_mirror(
+        devs(std::slice::from_ref(&a)),
+        options(64),
+        move |t| async move {
+            write(&t, 64, &pattern(4, 8)).await;
+            t.add_leg(b2, AddLegOptions::default())
+                .await
+                .expect("re-add");
+            settle(&t).await;
+            assert_eq!(read(&t, 64, 8).await, pattern(4, 8));
+        },
+    )
     .expect("assemble a alone");
 }

@@ -10,7 +10,7 @@ use super::superblock::{self, SlotEntry, SB_SECTORS};
 use super::*;
 use crate::copy::CopyConfig;
 use crate::device::reactor::{run_local, spawn};
-use crate::device::{FaultConfig, FaultyDevice, MemDevice, OpKind};
+use crate::device::{FaultConfig, FaultyDevice, Forward, Forwarding, MemDevice, OpKind};
 use crate::error::{Error, ErrorKind};
 use crate::region::{RegionIndex, MAX_REGION_COUNT};
 use proptest::prelude::*;
@@ -576,9 +576,9 @@ struct SlowReads {
     turns: usize,
 }
 
-impl BlockDevice for SlowReads {
-    fn info(&self) -> &DeviceInfo {
-        self.inner.info()
+impl Forward for SlowReads {
+    fn inner(&self) -> &DeviceRef {
+        &self.inner
     }
     fn read(&self, offset: Sector, buf: AlignedBuf) -> IoFuture<ReadDone> {
         let (inner, n) = (Arc::clone(&self.inner), self.turns);
@@ -586,23 +586,6 @@ impl BlockDevice for SlowReads {
             turns(n).await;
             inner.read(offset, buf).await
         })
-    }
-    fn write(
-        &self,
-        offset: Sector,
-        buf: Arc<AlignedBuf>,
-        flags: WriteFlags,
-    ) -> IoFuture<std::io::Result<()>> {
-        self.inner.write(offset, buf, flags)
-    }
-    fn flush(&self) -> IoFuture<std::io::Result<()>> {
-        self.inner.flush()
-    }
-    fn discard(&self, extent: Extent) -> IoFuture<std::io::Result<()>> {
-        self.inner.discard(extent)
-    }
-    fn write_zeroes(&self, extent: Extent) -> IoFuture<std::io::Result<()>> {
-        self.inner.write_zeroes(extent)
     }
 }
 
@@ -612,10 +595,10 @@ impl BlockDevice for SlowReads {
 fn large_zeroing_during_resync(piece_regions: u64) {
     let legs = vec![mem("a"), mem("b")];
     legs[0].poke(Sector(2048), &pattern(3, 2048));
-    let slow: DeviceRef = Arc::new(SlowReads {
+    let slow: DeviceRef = Arc::new(Forwarding(SlowReads {
         inner: legs[0].clone(),
         turns: 40,
-    });
+    }));
     let devices = vec![slow, legs[1].clone() as DeviceRef];
     let l = legs.clone();
     let tuning = Tuning {

@@ -12,7 +12,9 @@ use super::state::LegStats;
 use super::*;
 use crate::copy::CopyConfig;
 use crate::device::reactor::{block_on_registered, sleep, spawn};
-use crate::device::{errno, is_needs_copy, IoBuf, IoReadDone, RegBuf, WriteBuf};
+use crate::device::{
+    errno, is_needs_copy, Forward, Forwarding, IoBuf, IoReadDone, RegBuf, WriteBuf,
+};
 use crate::region::{RegionIndex, RegionState};
 
 /// Region size of every mirror here, in sectors (128 KiB).
@@ -211,9 +213,9 @@ impl FailingReads {
     }
 }
 
-impl BlockDevice for FailingReads {
-    fn info(&self) -> &DeviceInfo {
-        self.inner.info()
+impl Forward for FailingReads {
+    fn inner(&self) -> &DeviceRef {
+        &self.inner
     }
     fn read(&self, offset: Sector, buf: AlignedBuf) -> IoFuture<ReadDone> {
         if self.fails(offset, buf.len()) {
@@ -227,14 +229,7 @@ impl BlockDevice for FailingReads {
         }
         self.inner.read_buf(offset, buf)
     }
-    fn write(
-        &self,
-        offset: Sector,
-        buf: Arc<AlignedBuf>,
-        flags: WriteFlags,
-    ) -> IoFuture<std::io::Result<()>> {
-        self.inner.write(offset, buf, flags)
-    }
+    /// Straight down, owned memory too.
     fn write_buf(
         &self,
         offset: Sector,
@@ -242,15 +237,6 @@ impl BlockDevice for FailingReads {
         flags: WriteFlags,
     ) -> IoFuture<std::io::Result<()>> {
         self.inner.write_buf(offset, buf, flags)
-    }
-    fn flush(&self) -> IoFuture<std::io::Result<()>> {
-        self.inner.flush()
-    }
-    fn discard(&self, extent: Extent) -> IoFuture<std::io::Result<()>> {
-        self.inner.discard(extent)
-    }
-    fn write_zeroes(&self, extent: Extent) -> IoFuture<std::io::Result<()>> {
-        self.inner.write_zeroes(extent)
     }
 }
 
@@ -261,10 +247,10 @@ fn a_registered_read_error_is_retried_and_repaired() {
     let Some((_dir, paths)) = leg_files(2) else {
         return;
     };
-    let failing = Arc::new(FailingReads {
+    let failing = Arc::new(Forwarding(FailingReads {
         inner: file_leg(&paths[0]),
         bad: StdMutex::new(None),
-    });
+    }));
     let legs = vec![Arc::clone(&failing) as DeviceRef, file_leg(&paths[1])];
     let data = pattern(11, 16 << 10);
     let bufs = vec![AlignedBuf::from_slice(&data), AlignedBuf::new(16 << 10)];
@@ -320,10 +306,10 @@ struct Refusing {
 
 impl Refusing {
     fn leg(path: &std::path::Path, how: Refusal) -> DeviceRef {
-        Arc::new(Refusing {
+        Arc::new(Forwarding(Refusing {
             inner: file_leg(path),
             how,
-        })
+        }))
     }
 
     fn refusal(&self) -> std::io::Error {
@@ -334,26 +320,15 @@ impl Refusing {
     }
 }
 
-impl BlockDevice for Refusing {
-    fn info(&self) -> &DeviceInfo {
-        self.inner.info()
-    }
-    fn read(&self, offset: Sector, buf: AlignedBuf) -> IoFuture<ReadDone> {
-        self.inner.read(offset, buf)
+impl Forward for Refusing {
+    fn inner(&self) -> &DeviceRef {
+        &self.inner
     }
     fn read_buf(&self, offset: Sector, buf: IoBuf) -> IoFuture<IoReadDone> {
         match buf {
             IoBuf::Owned(owned) => crate::device::owned_read(self.inner.read(offset, owned)),
             reg => Box::pin(std::future::ready((Err(self.refusal()), reg))),
         }
-    }
-    fn write(
-        &self,
-        offset: Sector,
-        buf: Arc<AlignedBuf>,
-        flags: WriteFlags,
-    ) -> IoFuture<std::io::Result<()>> {
-        self.inner.write(offset, buf, flags)
     }
     fn write_buf(
         &self,
@@ -365,15 +340,6 @@ impl BlockDevice for Refusing {
             IoBuf::Owned(owned) => self.inner.write(offset, owned, flags),
             IoBuf::Registered(_) => Box::pin(std::future::ready(Err(self.refusal()))),
         }
-    }
-    fn flush(&self) -> IoFuture<std::io::Result<()>> {
-        self.inner.flush()
-    }
-    fn discard(&self, extent: Extent) -> IoFuture<std::io::Result<()>> {
-        self.inner.discard(extent)
-    }
-    fn write_zeroes(&self, extent: Extent) -> IoFuture<std::io::Result<()>> {
-        self.inner.write_zeroes(extent)
     }
 }
 

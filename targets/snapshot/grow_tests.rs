@@ -11,50 +11,34 @@ use serde_json::json;
 
 use super::*;
 use crate::device::reactor::{run_local, spawn};
-use crate::device::MemDevice;
+use crate::device::{Forward, Forwarding, MemDevice};
 
 /// A memory origin whose present size (`size`) is less than the memory behind it until a test
 /// grows it, as a block device extended under the group is.
 struct Growing {
-    mem: Arc<MemDevice>,
+    mem: DeviceRef,
     size: AtomicU64,
 }
 
 impl Growing {
-    fn new(sectors: u64, memory: u64) -> Arc<Growing> {
-        Arc::new(Growing {
+    fn new(sectors: u64, memory: u64) -> Arc<Forwarding<Growing>> {
+        Arc::new(Forwarding(Growing {
             mem: MemDevice::new("origin", SectorCount(memory)),
             size: AtomicU64::new(sectors),
-        })
+        }))
     }
 }
 
-impl BlockDevice for Growing {
-    fn info(&self) -> &DeviceInfo {
-        self.mem.info()
+impl Forward for Growing {
+    fn inner(&self) -> &DeviceRef {
+        &self.mem
     }
     fn size(&self) -> SectorCount {
         SectorCount(self.size.load(Ordering::Relaxed))
     }
-    fn read(&self, offset: Sector, buf: AlignedBuf) -> IoFuture<ReadDone> {
-        self.mem.read(offset, buf)
-    }
-    fn write(
-        &self,
-        offset: Sector,
-        buf: Arc<AlignedBuf>,
-        flags: WriteFlags,
-    ) -> IoFuture<std::io::Result<()>> {
-        self.mem.write(offset, buf, flags)
-    }
-    fn flush(&self) -> IoFuture<std::io::Result<()>> {
-        self.mem.flush()
-    }
-    fn discard(&self, extent: Extent) -> IoFuture<std::io::Result<()>> {
-        self.mem.discard(extent)
-    }
-    fn write_zeroes(&self, extent: Extent) -> IoFuture<std::io::Result<()>> {
-        self.mem.write_zeroes(extent)
+    /// A memory device has no size to read again: the present one.
+    fn refresh_size(&self) -> std::io::Result<SectorCount> {
+        Ok(Forward::size(self))
     }
 }
 
@@ -207,16 +191,13 @@ fn an_origin_ending_inside_a_chunk_cannot_grow() {
 
 /// A COW device that records every write it passes on.
 struct Recorder {
-    mem: Arc<MemDevice>,
+    mem: DeviceRef,
     writes: Mutex<Vec<(Sector, Vec<u8>)>>,
 }
 
-impl BlockDevice for Recorder {
-    fn info(&self) -> &DeviceInfo {
-        self.mem.info()
-    }
-    fn read(&self, offset: Sector, buf: AlignedBuf) -> IoFuture<ReadDone> {
-        self.mem.read(offset, buf)
+impl Forward for Recorder {
+    fn inner(&self) -> &DeviceRef {
+        &self.mem
     }
     fn write(
         &self,
@@ -227,15 +208,6 @@ impl BlockDevice for Recorder {
         let bytes = buf.as_slice().to_vec();
         self.writes.lock().expect("writes").push((offset, bytes));
         self.mem.write(offset, buf, flags)
-    }
-    fn flush(&self) -> IoFuture<std::io::Result<()>> {
-        self.mem.flush()
-    }
-    fn discard(&self, extent: Extent) -> IoFuture<std::io::Result<()>> {
-        self.mem.discard(extent)
-    }
-    fn write_zeroes(&self, extent: Extent) -> IoFuture<std::io::Result<()>> {
-        self.mem.write_zeroes(extent)
     }
 }
 
@@ -251,10 +223,10 @@ fn a_crash_during_a_growth_leaves_the_old_size_or_the_new() {
     })
     .expect("group");
     let before = cow.contents();
-    let recorder = Arc::new(Recorder {
+    let recorder = Arc::new(Forwarding(Recorder {
         mem: cow,
         writes: Mutex::new(Vec::new()),
-    });
+    }));
     let origin = Growing::new(512, 1024);
     let grown = Arc::clone(&origin);
     with(origin, recorder.clone(), async move |group| {

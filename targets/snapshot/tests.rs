@@ -10,7 +10,8 @@ use super::*;
 use crate::copy::{CopyConfig, CopyEngine};
 use crate::device::reactor::{run_local, spawn};
 use crate::device::{
-    AlignedBuf, BlockDevice, DeviceRef, FaultConfig, FaultyDevice, MemDevice, OpKind, WriteFlags,
+    AlignedBuf, BlockDevice, DeviceRef, FaultConfig, FaultyDevice, Forward, Forwarding, MemDevice,
+    OpKind, WriteFlags,
 };
 use crate::units::{Extent, Sector, SectorCount};
 
@@ -644,16 +645,13 @@ enum Trap {
 
 /// A COW device whose superblock writes fail as set.
 struct SuperblockTrap {
-    inner: Arc<MemDevice>,
+    inner: DeviceRef,
     traps: std::sync::Mutex<Vec<Trap>>,
 }
 
-impl BlockDevice for SuperblockTrap {
-    fn info(&self) -> &DeviceInfo {
-        self.inner.info()
-    }
-    fn read(&self, offset: Sector, buf: AlignedBuf) -> IoFuture<ReadDone> {
-        self.inner.read(offset, buf)
+impl Forward for SuperblockTrap {
+    fn inner(&self) -> &DeviceRef {
+        &self.inner
     }
     fn write(
         &self,
@@ -684,15 +682,6 @@ impl BlockDevice for SuperblockTrap {
             Trap::Fail => Box::pin(std::future::ready(Err(errno(libc::EIO)))),
         }
     }
-    fn flush(&self) -> IoFuture<std::io::Result<()>> {
-        self.inner.flush()
-    }
-    fn discard(&self, extent: Extent) -> IoFuture<std::io::Result<()>> {
-        self.inner.discard(extent)
-    }
-    fn write_zeroes(&self, extent: Extent) -> IoFuture<std::io::Result<()>> {
-        self.inner.write_zeroes(extent)
-    }
 }
 
 #[test]
@@ -706,10 +695,10 @@ fn superblock_write_that_failed_yet_landed_is_not_overwritten() {
     .expect("create");
     // The first commit after the reopen compacts. Its superblock write lands yet fails; the
     // next compaction's fails outright.
-    let cow = Arc::new(SuperblockTrap {
-        inner: Arc::clone(&devs.cow),
+    let cow = Arc::new(Forwarding(SuperblockTrap {
+        inner: Arc::clone(&devs.cow) as DeviceRef,
         traps: std::sync::Mutex::new(vec![Trap::LandThenFail, Trap::Fail]),
-    });
+    }));
     with_devices(
         devs.origin.clone(),
         cow,
@@ -736,16 +725,13 @@ fn superblock_write_that_failed_yet_landed_is_not_overwritten() {
 
 /// A device that passes everything to a memory device and keeps the largest write it saw.
 struct LargestWrite {
-    inner: Arc<MemDevice>,
+    inner: DeviceRef,
     sectors: std::sync::atomic::AtomicU64,
 }
 
-impl BlockDevice for LargestWrite {
-    fn info(&self) -> &crate::device::DeviceInfo {
-        self.inner.info()
-    }
-    fn read(&self, offset: Sector, buf: AlignedBuf) -> crate::device::IoFuture<ReadDone> {
-        self.inner.read(offset, buf)
+impl Forward for LargestWrite {
+    fn inner(&self) -> &DeviceRef {
+        &self.inner
     }
     fn write(
         &self,
@@ -757,15 +743,6 @@ impl BlockDevice for LargestWrite {
         self.sectors
             .fetch_max(sectors, std::sync::atomic::Ordering::Relaxed);
         self.inner.write(offset, buf, flags)
-    }
-    fn flush(&self) -> crate::device::IoFuture<std::io::Result<()>> {
-        self.inner.flush()
-    }
-    fn discard(&self, extent: Extent) -> crate::device::IoFuture<std::io::Result<()>> {
-        self.inner.discard(extent)
-    }
-    fn write_zeroes(&self, extent: Extent) -> crate::device::IoFuture<std::io::Result<()>> {
-        self.inner.write_zeroes(extent)
     }
 }
 
@@ -788,10 +765,10 @@ fn a_checkpoint_is_written_in_bounded_pieces() {
         assert_eq!(group.status()["cow"]["used"], 4 * ORIGIN / 8);
     })
     .expect("fill");
-    let cow = Arc::new(LargestWrite {
-        inner: Arc::clone(&devs.cow),
+    let cow = Arc::new(Forwarding(LargestWrite {
+        inner: Arc::clone(&devs.cow) as DeviceRef,
         sectors: Default::default(),
-    });
+    }));
     let spied: DeviceRef = cow.clone();
     with_devices(devs.origin.clone(), spied, options.clone(), async |group| {
         // The first commit after opening writes a checkpoint of 1024 maps (7 blocks).
