@@ -166,6 +166,7 @@ mod tests {
             slot: 1,
             device: "/dev/vdc".into(),
             force: false,
+            leg_options: None,
             json: true,
         };
         let crate::control::Command::Target { name, args } = command.to_wire() else {

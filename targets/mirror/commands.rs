@@ -60,6 +60,10 @@ pub enum MirrorCommand {
         #[arg(long)]
         #[serde(default)]
         force: bool,
+        /// The slot's options: write-mostly, write-behind=N (see `add mirror --leg-options`).
+        #[arg(long = "leg-options", value_name = "OPTIONS", value_parser = LegOptions::parse)]
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        leg_options: Option<LegOptions>,
         /// Print the daemon's reply as JSON instead of a line.
         #[arg(long)]
         #[serde(skip)]
@@ -76,6 +80,10 @@ pub enum MirrorCommand {
         #[arg(long)]
         #[serde(default)]
         force: bool,
+        /// The slot's options: write-mostly, write-behind=N (see `add mirror --leg-options`).
+        #[arg(long = "leg-options", value_name = "OPTIONS", value_parser = LegOptions::parse)]
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        leg_options: Option<LegOptions>,
         /// Print the daemon's reply as JSON instead of a line.
         #[arg(long)]
         #[serde(skip)]
@@ -242,24 +250,32 @@ impl Inner {
                 self.remove_leg(slot_index(slot)?).await?;
                 Ok(json!({ "removed": slot }))
             }
-            MirrorCommand::AddLeg { device, force, .. } => {
+            MirrorCommand::AddLeg {
+                device,
+                force,
+                leg_options,
+                ..
+            } => {
                 let dev = open_leg(&device)?;
                 let options = AddLegOptions {
                     force,
                     ..AddLegOptions::default()
                 };
-                let slot = self.add_leg(dev, options).await?;
+                let slot = Arc::clone(&self).add_leg(dev, options).await?;
+                self.set_leg_options(slot, leg_options);
                 Ok(json!({ "added": slot }))
             }
             MirrorCommand::ReplaceLeg {
                 slot,
                 device,
                 force,
+                leg_options,
                 ..
             } => {
                 let slot = slot_index(slot)?;
                 let dev = open_leg(&device)?;
-                let slot = self.replace_leg(slot, dev, force).await?;
+                let slot = Arc::clone(&self).replace_leg(slot, dev, force).await?;
+                self.set_leg_options(slot, leg_options);
                 Ok(json!({ "replaced": slot }))
             }
             MirrorCommand::Scrub { repair, .. } => {
@@ -268,6 +284,14 @@ impl Inner {
             }
             MirrorCommand::Grow { .. } => self.grow(None).await,
             MirrorCommand::Resolve { keep_remote, .. } => self.resolve(keep_remote).await,
+        }
+    }
+
+    /// Gives the leg in `slot` the options asked for (the slot keeps its own otherwise).
+    fn set_leg_options(&self, slot: usize, options: Option<LegOptions>) {
+        if let Some(options) = options {
+            self.lock().options[slot] = options;
+            log::info!("mirror {}: slot {slot} is {}", self.uuid, options.words());
         }
     }
 

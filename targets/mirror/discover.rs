@@ -453,7 +453,7 @@ impl MirrorTarget {
             return built_from.clone();
         };
         let st = self.inner.lock();
-        let legs = st
+        let mut legs: Vec<PathBuf> = st
             .legs
             .iter()
             .filter(|l| l.state != LegState::Empty)
@@ -463,6 +463,9 @@ impl MirrorTarget {
             .map(|(_, p)| p)
             .chain(self.inner.remotes.pending_paths())
             .collect();
+        // A remote leg absent at assembly is both a named slot and a pending connection.
+        let mut seen = std::collections::HashSet::new();
+        legs.retain(|leg| seen.insert(leg.clone()));
         let leg_options = (0..st.options.len())
             .filter(|&slot| st.options[slot] != Default::default())
             .map(|slot| (slot, st.options[slot]))

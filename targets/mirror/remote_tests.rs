@@ -391,3 +391,61 @@ fn a_leg_that_only_missed_writes_is_not_a_split_brain() {
     )
     .expect("assemble a alone");
 }
+
+// ---------------------------------------------------------------------------------------------
+// The command line: remote legs and leg options.
+
+fn add_spec(args: &[&str]) -> crate::error::Result<MirrorSpec> {
+    use crate::registry::TargetKind;
+    let matches = MirrorKind
+        .add_command()
+        .try_get_matches_from(std::iter::once("mirror").chain(args.iter().copied()))
+        .map_err(crate::cli::clap_error)?;
+    MirrorKind.add_spec(&matches)?.parse()
+}
+
+#[test]
+fn add_mirror_takes_remote_legs_and_leg_options() {
+    let spec = add_spec(&[
+        "--leg",
+        "/dev/vda",
+        "--leg",
+        "nbd://far.example:10810/disk",
+        "--leg-options",
+        "1=write-behind=64",
+    ])
+    .expect("spec");
+    assert_eq!(
+        spec.legs[1],
+        std::path::PathBuf::from("nbd://far.example:10810/disk")
+    );
+    assert_eq!(spec.leg_options[&1], behind(64));
+    let bad: [&[&str]; 4] = [
+        &["--leg", "/dev/vda", "--leg", "nbd://[::1/x"],
+        &[
+            "--leg",
+            "/dev/vda",
+            "--leg",
+            "/dev/vdb",
+            "--leg-options",
+            "2=write-mostly",
+        ],
+        &[
+            "--leg",
+            "/dev/vda",
+            "--leg",
+            "/dev/vdb",
+            "--leg-options",
+            "1=fast",
+        ],
+        &["--leg", "nbd://a/x", "--leg", "nbd://a/x"],
+    ];
+    for args in bad {
+        let err = add_spec(args).expect_err("refused");
+        assert_eq!(
+            err.kind(),
+            crate::error::ErrorKind::InvalidArgument,
+            "{args:?}: {err}"
+        );
+    }
+}

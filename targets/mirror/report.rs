@@ -566,6 +566,7 @@ mod tests {
             id: 0,
             device: PathBuf::from("/dev/vdd"),
             force: false,
+            leg_options: None,
             json: false,
         };
         let mut after = status(
@@ -599,6 +600,7 @@ mod tests {
             slot: 1,
             device: PathBuf::from("/dev/vdd"),
             force: false,
+            leg_options: None,
             json: false,
         };
         let mut after = healthy();
