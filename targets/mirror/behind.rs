@@ -20,6 +20,10 @@
 //! waits ([`BehindLedger::wait_turn`]) until no earlier ticket of its leg overlaps it; reads
 //! of such a leg wait the same way.
 //!
+//! A write behind outlives its request, so the request's hold on the gate does not cover
+//! it: a change of the region map (a grow, a split-brain resolution) also waits until every
+//! such write has ended its regions ([`BehindLedger::settled`]).
+//!
 //! Invariants: a ticket lives until its I/O ended (dropping it, also on cancellation, ends
 //! it and wakes the waiters); the background tickets of a slot never exceed its
 //! `write_behind`, their bytes never exceed [`BEHIND_BYTES_MAX`].
@@ -124,6 +128,8 @@ struct LedgerState {
     next_seq: u64,
     entries: Vec<Entry>,
     background_bytes: usize,
+    /// Writes with I/O in the background not yet settled (their regions still begun).
+    unsettled: usize,
 }
 
 /// The I/O in flight to write-behind legs (see the module doc).
@@ -131,6 +137,12 @@ pub struct BehindLedger {
     state: Mutex<LedgerState>,
     changed: Notify,
     bytes_max: usize,
+}
+
+/// A write with I/O in the background, until it has ended its regions; dropped, it lets
+/// [`BehindLedger::settled`] go on.
+pub struct Unsettled {
+    ledger: Arc<BehindLedger>,
 }
 
 /// An I/O's place in its leg's order; it ends when dropped.
@@ -258,6 +270,30 @@ impl BehindLedger {
         }
     }
 
+    /// Counts a write whose background I/O will end its regions later.
+    pub fn unsettled(self: &Arc<Self>) -> Unsettled {
+        self.lock().unsettled += 1;
+        Unsettled {
+            ledger: Arc::clone(self),
+        }
+    }
+
+    /// Waits until every write with background I/O has ended its regions: a change of the
+    /// region map (a grow, a split-brain resolution), which holds requests back through the
+    /// gate, must also wait for these, which outlive their requests.
+    pub async fn settled(&self) {
+        loop {
+            let seen = {
+                let st = self.lock();
+                if st.unsettled == 0 {
+                    return;
+                }
+                self.changed.generation()
+            };
+            self.changed.wait(seen).await;
+        }
+    }
+
     /// Whether nothing is in flight to any write-behind leg.
     #[cfg(test)]
     pub fn is_idle(&self) -> bool {
@@ -287,6 +323,17 @@ impl BehindLedger {
             st.background_bytes -= entry.bytes;
         }
         self.changed.notify_all();
+    }
+}
+
+impl Drop for Unsettled {
+    fn drop(&mut self) {
+        {
+            let mut st = self.ledger.lock();
+            assert!(st.unsettled > 0, "an unsettled write counted");
+            st.unsettled -= 1;
+        }
+        self.ledger.changed.notify_all();
     }
 }
 
@@ -362,6 +409,18 @@ mod tests {
         drop((second, other_leg, apart));
         assert!(ready(ledger.drain()));
         assert!(ledger.is_idle());
+    }
+
+    #[test]
+    fn settled_waits_for_every_unsettled_write() {
+        let ledger = BehindLedger::new(1 << 20);
+        assert!(ready(ledger.settled()));
+        let (a, b) = (ledger.unsettled(), ledger.unsettled());
+        assert!(!ready(ledger.settled()));
+        drop(a);
+        assert!(!ready(ledger.settled()));
+        drop(b);
+        assert!(ready(ledger.settled()));
     }
 
     #[test]

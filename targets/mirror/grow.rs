@@ -75,6 +75,7 @@ impl Inner {
         let growing = Growing(self);
         self.kick();
         let gate = self.gate.write().await;
+        self.behind.settled().await;
         Ok(Exclusive {
             _gate: gate,
             _growing: growing,
@@ -92,6 +93,8 @@ impl Inner {
         let _growing = Growing(self);
         self.kick();
         let _exclusive = self.gate.write().await;
+        // Writes behind outlive their requests: their regions must end in this map.
+        self.behind.settled().await;
         // The legs may have changed while the gate drained.
         self.check_growable(&self.lock())?;
         let old = self.layout();

@@ -588,6 +588,7 @@ impl Inner {
             }
         }
         let (tx, rx) = smol::channel::bounded(1);
+        let unsettled = self.behind.unsettled();
         let settle = Arc::clone(self).settle_behind(
             pieces.clone(),
             targets.clone(),
@@ -595,7 +596,11 @@ impl Inner {
             (bg_idx, bg_ops),
             rx,
         );
-        reactor::spawn(settle).detach();
+        reactor::spawn(async move {
+            settle.await;
+            drop(unsettled);
+        })
+        .detach();
         let results = join_all(fg_ops).await;
         let copies: Vec<io::Result<()>> = results.iter().map(copy_result).collect();
         let fg_who: Vec<(Range<usize>, usize)> = fg_idx.iter().map(|&i| who[i].clone()).collect();

@@ -248,6 +248,32 @@ fn a_flush_and_a_fua_write_wait_for_every_leg() {
     .expect("mirror");
 }
 
+/// A change of the region map (a grow, a split-brain resolution) waits for writes behind,
+/// which outlive their requests and end their regions in the map they began in.
+#[test]
+fn a_map_change_waits_for_the_writes_behind() {
+    let (a, b) = (mem("a"), mem("b"));
+    let held = Held::new(b.clone());
+    let legs: Vec<DeviceRef> = vec![a.clone(), held.clone()];
+    let h = Arc::clone(&held);
+    with_mirror_tuned(legs, nosync(), tuning(1, behind(8)), move |t| async move {
+        h.hold(&t);
+        write(&t, 64, &pattern(8, 8)).await;
+        let inner = Arc::clone(&t.inner);
+        let change = spawn(async move {
+            let _quiet = inner.exclusive().await.expect("exclusive");
+        });
+        turns(50).await;
+        assert!(
+            !change.is_finished(),
+            "the write behind has not ended its region"
+        );
+        h.open();
+        change.await;
+    })
+    .expect("mirror");
+}
+
 /// The dirty bit of a region written behind stays set, through clean passes, until the leg
 /// has the write: a crash meanwhile resyncs it.
 #[test]
