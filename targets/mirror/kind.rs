@@ -92,25 +92,20 @@ fn parse_region_size(text: &str) -> std::result::Result<u64, String> {
 }
 
 impl AddMirror {
-    /// The spec: legs made absolute and checked for repeats (the same device under two names
-    /// included), the region size in sectors. A leg that does not exist is kept: the mirror
+    /// The spec: local legs made absolute, remote ones checked, and every leg checked for
+    /// repeats (the same device under two names included), the region size in sectors. A leg that does not exist is kept: the mirror
     /// may assemble degraded without it (a create refuses it).
     pub fn spec(self) -> Result<MirrorSpec> {
         let mut legs = Vec::with_capacity(self.legs.len());
         let mut seen = Vec::new();
         for leg in self.legs {
             let leg = super::leg_path(leg)?;
-            if super::is_remote(&leg) {
-                if legs.contains(&leg) {
-                    return Err(Error::invalid(format!(
-                        "leg {} is given twice",
-                        leg.display()
-                    )));
-                }
-                legs.push(leg);
-                continue;
-            }
-            let Ok(real) = std::fs::canonicalize(&leg) else {
+            // A remote leg is its URL; a local one the file it resolves to.
+            let real = if super::is_remote(&leg) {
+                leg.clone()
+            } else if let Ok(real) = std::fs::canonicalize(&leg) {
+                real
+            } else {
                 legs.push(leg);
                 continue;
             };
