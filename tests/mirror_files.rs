@@ -10,16 +10,18 @@
 //! test print `SKIP:` and return. The loop-device test needs root and `losetup`, else it
 //! prints `SKIP:`.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ublkdm::copy::ThrottleConfig;
 use ublkdm::device::reactor::block_on;
-use ublkdm::device::{AlignedBuf, WriteFlags};
 use ublkdm::target::{Target, TargetSpec};
 use ublkdm::targets::mirror::{open_mirror_with, MirrorSpec, Tuning};
-use ublkdm::units::{Sector, SectorCount};
+
+use common::target_io::{read, write};
 
 const LEG_BYTES: u64 = 8 << 20;
 
@@ -64,29 +66,6 @@ fn wait_in_sync(target: &Arc<dyn Target>) -> serde_json::Value {
     }
 }
 
-fn write(target: &Arc<dyn Target>, sector: u64, data: Vec<u8>) {
-    let t = Arc::clone(target);
-    block_on(async move {
-        let buf = Arc::new(AlignedBuf::from_slice(&data));
-        t.write(Sector(sector), buf, WriteFlags::FUA).await
-    })
-    .expect("write");
-}
-
-fn read(target: &Arc<dyn Target>, sector: u64, sectors: u64) -> Vec<u8> {
-    let t = Arc::clone(target);
-    block_on(async move {
-        let (res, buf) = t
-            .read(
-                Sector(sector),
-                AlignedBuf::for_sectors(SectorCount(sectors)),
-            )
-            .await;
-        res.map(|()| buf.as_slice().to_vec())
-    })
-    .expect("read")
-}
-
 fn direct_io_works(dir: &Path) -> bool {
     use std::os::unix::fs::OpenOptionsExt;
     let probe = dir.join("probe");
@@ -115,7 +94,7 @@ fn open_mirror_over_files_resyncs_on_its_own_threads_and_reassembles() {
     let uuid = {
         let target = open(&legs);
         assert_eq!(target.kind(), "mirror");
-        write(&target, 1024, data.clone());
+        write(&target, 1024, &data);
         let status = wait_in_sync(&target);
         assert_eq!(read(&target, 1024, 64), data);
         // Commands run from this (control) thread.
@@ -123,7 +102,7 @@ fn open_mirror_over_files_resyncs_on_its_own_threads_and_reassembles() {
             .command("fail-leg", &serde_json::json!({ "slot": 2 }))
             .expect("fail-leg");
         assert_eq!(reply["failed"], 2);
-        write(&target, 2048, data.clone());
+        write(&target, 2048, &data);
         assert_eq!(target.status()["degraded"], true);
         let path = legs[2].to_str().expect("utf-8 path");
         let reply = target
@@ -198,7 +177,7 @@ fn the_stored_spec_follows_replace_leg_and_finds_moved_legs_by_uuid() {
     let data: Vec<u8> = (0..64 * 512).map(|i| (i % 239) as u8).collect();
     let given = spec(&legs[..2]);
     let target = open_spec(&given).expect("create");
-    write(&target, 512, data.clone());
+    write(&target, 512, &data);
     wait_in_sync(&target);
     let created = target.spec(&given.clone().into());
     let (uuid, paths) = spec_legs(&created);
@@ -363,7 +342,7 @@ fn loop_legs_that_moved_are_found_by_the_scan_and_a_clone_is_refused() {
     let data: Vec<u8> = (0..64 * 512).map(|i| (i % 241) as u8).collect();
     let given = spec(&loops.0);
     let target = open_spec(&given).expect("create on loop devices");
-    write(&target, 4096, data.clone());
+    write(&target, 4096, &data);
     wait_in_sync(&target);
     let stored = target.spec(&given.clone().into());
     shut(target);

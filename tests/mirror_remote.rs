@@ -5,6 +5,8 @@
 //! with only the regions written meanwhile, and the stored spec names the remote leg once.
 //! (The same against nbdkit, over veth with netem delay, is `tests/vm/mirror_remote.sh`.)
 
+mod common;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -12,10 +14,10 @@ use std::time::{Duration, Instant};
 use ublkdm::copy::ThrottleConfig;
 use ublkdm::device::nbd::model::{ModelConfig, ModelServer};
 use ublkdm::device::reactor::block_on;
-use ublkdm::device::{AlignedBuf, WriteFlags};
 use ublkdm::target::{Target, TargetSpec};
 use ublkdm::targets::mirror::{open_mirror_with, MirrorSpec, Tuning};
-use ublkdm::units::{Sector, SectorCount};
+
+use common::target_io::{read, write};
 
 const LEG_BYTES: u64 = 8 << 20;
 
@@ -62,30 +64,6 @@ fn in_sync(status: &serde_json::Value) -> bool {
         && legs.iter().all(|l| l["state"] == "in-sync")
 }
 
-fn write(target: &Arc<dyn Target>, sector: u64, byte: u8, sectors: u64) {
-    let t = Arc::clone(target);
-    let data = vec![byte; (sectors * 512) as usize];
-    block_on(async move {
-        let buf = Arc::new(AlignedBuf::from_slice(&data));
-        t.write(Sector(sector), buf, WriteFlags::FUA).await
-    })
-    .expect("write");
-}
-
-fn read(target: &Arc<dyn Target>, sector: u64, sectors: u64) -> Vec<u8> {
-    let t = Arc::clone(target);
-    block_on(async move {
-        let (res, buf) = t
-            .read(
-                Sector(sector),
-                AlignedBuf::for_sectors(SectorCount(sectors)),
-            )
-            .await;
-        res.map(|()| buf.as_slice().to_vec())
-    })
-    .expect("read")
-}
-
 fn shut(target: Arc<dyn Target>) {
     block_on(async move { target.shutdown().await }).expect("shutdown");
 }
@@ -109,7 +87,7 @@ fn a_remote_leg_is_reached_later_fails_with_its_link_and_comes_back() {
     let first = spec(vec![local.clone(), url.clone()], None);
     let target = open(&first);
     wait_for(&target, "the initial resync", in_sync);
-    write(&target, 0, 0x11, 64);
+    write(&target, 0, &[0x11; 64 * 512]);
     let uuid = target.status()["uuid"].as_str().expect("uuid").parse().ok();
     shut(target);
 
@@ -123,7 +101,7 @@ fn a_remote_leg_is_reached_later_fails_with_its_link_and_comes_back() {
         vec![local.clone(), url.clone()],
         "the remote leg is named once, and kept while it is away"
     );
-    write(&target, 1024, 0x22, 64);
+    write(&target, 1024, &[0x22; 64 * 512]);
     server.listen();
     wait_for(&target, "the remote leg reached in the background", in_sync);
 
@@ -133,11 +111,11 @@ fn a_remote_leg_is_reached_later_fails_with_its_link_and_comes_back() {
     // The link drops: the leg fails on the next write, then comes back by itself.
     server.kill_connections();
     server.stop_listening();
-    write(&target, 2048, 0x33, 64);
+    write(&target, 2048, &[0x33; 64 * 512]);
     wait_for(&target, "the leg failed", |s| {
         s["legs"][1]["state"] == "failed"
     });
-    write(&target, 4096, 0x44, 64);
+    write(&target, 4096, &[0x44; 64 * 512]);
     let copied_before = target.status()["copy"]["bytes_done"].as_u64().unwrap_or(0);
     server.listen();
     wait_for(&target, "the leg back by itself", in_sync);

@@ -1,5 +1,5 @@
 //! Shared helpers for integration tests: real loop devices over sparse files, tagged sectors,
-//! the simulations' oracle ([`oracle`]).
+//! the simulations' oracle ([`oracle`]), reads and writes of a target ([`target_io`]).
 //!
 //! Loop devices need root and `losetup`; a test that cannot have them prints `SKIP:` with
 //! the reason and returns. Every device and file made here is removed on drop, even when the
@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 pub mod oracle;
+pub mod target_io;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
