@@ -5,9 +5,10 @@
 //! (`smol::Async`). Callers, on any thread, hand it [`Job`]s through a bounded channel and
 //! await a one-shot reply; cross-thread wakers are safe on every executor we run on. In a
 //! session three loops share the socket: the writer takes jobs (at most `max_in_flight` in
-//! flight, held by semaphore permits) and sends them, the reader matches replies to cookies
-//! and reads a read's payload straight into the caller's buffer, the deadline watcher ends the
-//! session when a request outlives its deadline.
+//! flight, held by semaphore permits) and sends those queued together in one vectored write,
+//! the reader matches replies to cookies (through a buffer, so a burst of replies is one
+//! read) and reads a large read's payload straight into the caller's buffer, the deadline
+//! watcher ends the session when a request outlives its deadline.
 //!
 //! **Invariants.**
 //! - Every [`Job`] completes exactly once, with its buffer: [`Job::complete`] or, if a job is
@@ -37,7 +38,7 @@ use std::time::{Duration, Instant};
 
 use smol::channel::{Receiver, Sender};
 use smol::future::{self, FutureExt as _};
-use smol::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use smol::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use smol::lock::{Semaphore, SemaphoreGuardArc};
 use smol::{Async, Timer};
 
@@ -59,6 +60,12 @@ pub const MAX_PHYSICAL_BLOCK: u32 = 64 << 10;
 /// The deadline watcher looks at least this often (a job may enter with a deadline earlier
 /// than the one it sleeps to).
 const DEADLINE_TICK_MAX: Duration = Duration::from_millis(250);
+/// The most requests one vectored write sends.
+pub const SEND_BATCH_JOBS_MAX: usize = 64;
+/// The most write payload one vectored write sends (more waits for the next one).
+pub const SEND_BATCH_BYTES_MAX: usize = 1 << 20;
+/// The buffer replies are read through.
+pub const RECV_BUFFER_BYTES: usize = 64 << 10;
 
 /// Why a connection failed or ended.
 #[derive(Debug)]
@@ -386,6 +393,82 @@ impl Drop for Job {
     }
 }
 
+/// Requests on their way into one vectored write: each a header and, for a write, its
+/// payload (a range of the caller's buffer, shared, not copied).
+///
+/// A part lets go of its payload as soon as it is wholly sent: the server may answer it
+/// while later parts are still being written, and the caller may then want its buffer back
+/// unshared (the copy engine does).
+#[derive(Default)]
+struct SendBatch {
+    parts: Vec<SendPart>,
+    payload_bytes: usize,
+}
+
+struct SendPart {
+    header: [u8; REQUEST_LEN],
+    payload: Option<(Arc<AlignedBuf>, Range<usize>)>,
+}
+
+impl SendPart {
+    fn len(&self) -> usize {
+        REQUEST_LEN + self.payload.as_ref().map_or(0, |(_, r)| r.len())
+    }
+}
+
+impl SendBatch {
+    fn has_room(&self) -> bool {
+        self.parts.len() < SEND_BATCH_JOBS_MAX && self.payload_bytes < SEND_BATCH_BYTES_MAX
+    }
+
+    fn push(
+        &mut self,
+        header: [u8; REQUEST_LEN],
+        payload: Option<(Arc<AlignedBuf>, Range<usize>)>,
+    ) {
+        self.payload_bytes += payload.as_ref().map_or(0, |(_, r)| r.len());
+        self.parts.push(SendPart { header, payload });
+    }
+
+    /// The unsent bytes: the parts from `first` on, less `skip` bytes of the first.
+    fn unsent(&self, first: usize, skip: usize) -> Vec<io::IoSlice<'_>> {
+        let mut slices = Vec::with_capacity((self.parts.len() - first) * 2);
+        let mut skip = skip;
+        for part in &self.parts[first..] {
+            let payload = part.payload.as_ref().map(|(b, r)| &b.as_slice()[r.clone()]);
+            for bytes in std::iter::once(&part.header[..]).chain(payload) {
+                let from = skip.min(bytes.len());
+                skip -= from;
+                if from < bytes.len() {
+                    slices.push(io::IoSlice::new(&bytes[from..]));
+                }
+            }
+        }
+        slices
+    }
+
+    /// Writes every part, in order, and empties the batch.
+    async fn send(&mut self, io: &mut (impl AsyncWrite + Unpin)) -> io::Result<()> {
+        let (mut first, mut skip) = (0, 0);
+        while first < self.parts.len() {
+            let n = io.write_vectored(&self.unsent(first, skip)).await?;
+            if n == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            skip += n;
+            while first < self.parts.len() && skip >= self.parts[first].len() {
+                skip -= self.parts[first].len();
+                self.parts[first].payload = None;
+                first += 1;
+            }
+        }
+        assert_eq!(skip, 0, "sent more than the batch held");
+        self.parts.clear();
+        self.payload_bytes = 0;
+        Ok(())
+    }
+}
+
 /// Waits until `stop` is closed (the device was dropped).
 async fn stopped(stop: &Receiver<()>) {
     while stop.recv().await.is_ok() {}
@@ -691,7 +774,10 @@ where
     }
 
     async fn run(self) -> SessionEnd {
-        let failed = async { SessionEnd::Failed(self.read_loop().await) }
+        // The reply buffer outlives the read loop: replies it holds when the device is
+        // dropped are still drained by `disconnect`.
+        let mut replies = BufReader::with_capacity(RECV_BUFFER_BYTES, self.sock);
+        let failed = async { SessionEnd::Failed(self.read_loop(&mut replies).await) }
             .or(async {
                 match self.write_loop().await {
                     Ok(()) => SessionEnd::Stopped,
@@ -706,7 +792,7 @@ where
             .await;
         match failed {
             SessionEnd::Stopped => {
-                self.disconnect().await;
+                self.disconnect(&mut replies).await;
                 SessionEnd::Stopped
             }
             SessionEnd::Failed(e) => {
@@ -725,53 +811,67 @@ where
         self.worker.shared.status().in_flight = n as u64;
     }
 
-    /// Takes jobs and sends them; `Ok` when the device closed the channel.
+    /// Takes jobs and sends them; `Ok` when the device closed the channel. Jobs already
+    /// queued when one is taken go out with it in one vectored write (at most
+    /// [`SEND_BATCH_JOBS_MAX`] jobs, [`SEND_BATCH_BYTES_MAX`] bytes of payload): under load a
+    /// burst of requests costs one system call, not two per request.
     async fn write_loop(&self) -> Result<(), LinkError> {
         let mut io = self.sock;
+        let mut batch = SendBatch::default();
         loop {
             let permit = self.slots.acquire_arc().await;
             let Ok(job) = self.worker.jobs.recv().await else {
                 return Ok(());
             };
-            if job.deadline <= Instant::now() {
-                // It waited its whole time in the queue: the server is too slow for it.
-                job.complete(Err(errno(libc::ETIMEDOUT)));
-                continue;
+            self.stage(job, permit, &mut batch);
+            while batch.has_room() {
+                let Some(permit) = self.slots.try_acquire_arc() else {
+                    break;
+                };
+                let Ok(job) = self.worker.jobs.try_recv() else {
+                    break;
+                };
+                self.stage(job, permit, &mut batch);
             }
-            let cookie = self.next_cookie.get();
-            self.next_cookie.set(cookie.wrapping_add(1));
-            let header = encode_request(&Request {
+            self.set_in_flight(self.in_flight.borrow().len());
+            batch.send(&mut io).await?;
+        }
+    }
+
+    /// Gives `job` a cookie, enters it in flight and adds its bytes to `batch`; a job that
+    /// waited its whole time in the queue fails instead (the server is too slow for it).
+    fn stage(&self, job: Job, permit: SemaphoreGuardArc, batch: &mut SendBatch) {
+        if job.deadline <= Instant::now() {
+            job.complete(Err(errno(libc::ETIMEDOUT)));
+            return;
+        }
+        let cookie = self.next_cookie.get();
+        self.next_cookie.set(cookie.wrapping_add(1));
+        batch.push(
+            encode_request(&Request {
                 flags: job.flags,
                 cmd: job.cmd(),
                 cookie,
                 offset: job.offset,
                 len: job.len,
-            });
-            let payload = job.payload();
-            let n = {
-                let mut table = self.in_flight.borrow_mut();
-                table.insert(cookie, (job, permit));
-                table.len()
-            };
-            self.set_in_flight(n);
-            io.write_all(&header).await?;
-            if let Some((buf, range)) = payload {
-                io.write_all(&buf.as_slice()[range]).await?;
-            }
-        }
+            }),
+            job.payload(),
+        );
+        self.in_flight.borrow_mut().insert(cookie, (job, permit));
     }
 
-    /// Reads replies until something breaks; returns why.
-    async fn read_loop(&self) -> LinkError {
+    /// Reads replies until something breaks; returns why. Replies are read through a buffer,
+    /// so a burst of them costs one system call; a read's payload larger than the buffer goes
+    /// straight into the caller's buffer.
+    async fn read_loop(&self, replies: &mut (impl AsyncRead + Unpin)) -> LinkError {
         loop {
-            if let Err(e) = self.read_one().await {
+            if let Err(e) = self.read_one(replies).await {
                 return e;
             }
         }
     }
 
-    async fn read_one(&self) -> Result<(), LinkError> {
-        let mut io = self.sock;
+    async fn read_one(&self, io: &mut (impl AsyncRead + Unpin)) -> Result<(), LinkError> {
         let mut head = [0; SIMPLE_REPLY_LEN];
         io.read_exact(&mut head).await?;
         let reply = decode_simple_reply(&head)?;
@@ -848,10 +948,10 @@ where
     }
 
     /// The device is gone: let replies in flight arrive (for a while), then `NBD_CMD_DISC`.
-    async fn disconnect(&self) {
+    async fn disconnect(&self, replies: &mut (impl AsyncRead + Unpin)) {
         let drained = async {
             while !self.in_flight.borrow().is_empty() {
-                if self.read_one().await.is_err() {
+                if self.read_one(replies).await.is_err() {
                     return;
                 }
             }
@@ -880,5 +980,84 @@ where
             Ok(())
         })
         .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// A socket that takes at most `chunk` bytes per write, and at each write checks that
+    /// every part wholly sent by the earlier ones has let go of its payload.
+    struct Trickle {
+        chunk: usize,
+        got: Vec<u8>,
+        payloads: Vec<(usize, Arc<AlignedBuf>)>,
+    }
+
+    impl AsyncWrite for Trickle {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            let me = self.get_mut();
+            // The parts wholly sent by the writes before this one.
+            for (end, payload) in &me.payloads {
+                if *end <= me.got.len() {
+                    assert_eq!(
+                        Arc::strong_count(payload),
+                        1,
+                        "a part sent keeps its payload"
+                    );
+                }
+            }
+            let n = buf.len().min(me.chunk);
+            me.got.extend_from_slice(&buf[..n]);
+            Poll::Ready(Ok(n))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+        /// A batch sends its headers and payloads in order, whole, however the socket cuts
+        /// the writes, and lets go of each payload once it is sent.
+        #[test]
+        fn a_batch_is_sent_whole_and_lets_go_as_it_goes(
+            lens in proptest::collection::vec(prop_oneof![Just(0usize), 1usize..9], 1..12),
+            chunk in 1usize..6000,
+        ) {
+            let mut batch = SendBatch::default();
+            let mut want = Vec::new();
+            let mut sock = Trickle { chunk, got: Vec::new(), payloads: Vec::new() };
+            for (i, &sectors) in lens.iter().enumerate() {
+                let header = [i as u8; REQUEST_LEN];
+                want.extend_from_slice(&header);
+                // A payload is a part of its buffer (one sector in), as a piece of a write is.
+                let payload = (sectors > 0).then(|| {
+                    let bytes = sectors * 512;
+                    let buf = Arc::new(AlignedBuf::from_slice(&vec![i as u8 ^ 0x5a; bytes + 512]));
+                    want.extend_from_slice(&buf.as_slice()[512..]);
+                    sock.payloads.push((want.len(), Arc::clone(&buf)));
+                    (buf, 512..bytes + 512)
+                });
+                batch.push(header, payload);
+            }
+            smol::block_on(batch.send(&mut sock)).expect("send");
+            prop_assert_eq!(&sock.got, &want);
+            prop_assert!(batch.parts.is_empty());
+            prop_assert!(sock.payloads.iter().all(|(_, b)| Arc::strong_count(b) == 1));
+        }
     }
 }
