@@ -12,12 +12,18 @@
 //! - `dirty`: the region's dirty-log bit may be set, so it must be cleared some day;
 //! - `marked` (a subset of `dirty`): the bit is known durable, so writes need not mark it;
 //! - `clearing` (a subset of `dirty`, disjoint from `marked`): handed out by
-//!   [`RegionMap::regions_to_clear`] and not yet confirmed.
+//!   [`RegionMap::regions_to_clear`] and not yet confirmed;
+//! - `written_since_pass`: a write began since the last clearing pass.
 //!
 //! Invariants, asserted where they are relied on: a recovering region has no writes in flight
 //! (writes wait while it recovers); a region with writes in flight or out of sync is `dirty`
 //! (its bit was marked before its legs were written, or it was loaded from the log); a region
 //! is offered for clearing only when in sync, idle, and the set is not degraded.
+//!
+//! **Aging.** A bit is cleared only once its region has gone a whole clearing pass without a
+//! write (md clears a bitmap chunk only after a whole daemon period without one): a region
+//! written all the time keeps its bit, instead of costing a clear and then a mark (a metadata
+//! write on every leg, a round trip for a remote one, in a write's path) at every pass.
 //!
 //! The clearing protocol, which keeps the on-disk bit set while any write may be in flight:
 //! 1. under the map's lock, take [`RegionMap::regions_to_clear`] and pass them at once to
@@ -77,6 +83,8 @@ pub struct RegionMap {
     dirty: RegionBitmap,
     marked: RegionBitmap,
     clearing: RegionBitmap,
+    /// Regions a write began on since the last [`RegionMap::regions_to_clear`] (aging).
+    written_since_pass: RegionBitmap,
     /// Writes in flight, only for regions that have any (never a zero entry).
     pending: BTreeMap<RegionIndex, u32>,
     /// Where the next search for resync work starts: resync walks the disk in order.
@@ -95,7 +103,8 @@ impl RegionMap {
             resync_again: bitmap.clone(),
             dirty: bitmap.clone(),
             marked: bitmap.clone(),
-            clearing: bitmap,
+            clearing: bitmap.clone(),
+            written_since_pass: bitmap,
             pending: BTreeMap::new(),
             cursor: RegionIndex(0),
             degraded: false,
@@ -156,6 +165,7 @@ impl RegionMap {
         let count = self.pending.entry(region).or_insert(0);
         *count = count.checked_add(1).expect("pending writes overflow");
         self.dirty.set(region, true);
+        self.written_since_pass.set(region, true);
         // A clear in progress is cancelled: the caller's mark lands after the log's clear.
         self.clearing.set(region, false);
         WriteAdmission::Proceed {
@@ -341,10 +351,11 @@ impl RegionMap {
     // -----------------------------------------------------------------------------------------
     // Lazy clearing
 
-    /// Hands out up to `max` regions whose dirty-log bits may now be cleared: in sync, no
-    /// write in flight, not already being cleared. None while degraded. See the module doc
-    /// for the protocol; the regions stop being `marked`, so a write that starts before
-    /// [`RegionMap::cleared`] marks the bit again.
+    /// A clearing pass: hands out up to `max` regions whose dirty-log bits may now be
+    /// cleared: in sync, no write in flight, not already being cleared, and no write begun
+    /// since the previous pass (aging, see the module doc); then starts the next period.
+    /// None while degraded. See the module doc for the protocol; the regions stop being
+    /// `marked`, so a write that starts before [`RegionMap::cleared`] marks the bit again.
     pub fn regions_to_clear(&mut self, max: usize) -> Vec<RegionIndex> {
         if self.degraded {
             return Vec::new();
@@ -356,9 +367,14 @@ impl RegionMap {
             .take(max)
             .collect();
         for &region in &picked {
+            assert!(
+                !self.written_since_pass.get(region),
+                "{region} cleared in the pass it was written in"
+            );
             self.marked.set(region, false);
             self.clearing.set(region, true);
         }
+        self.written_since_pass.fill(false);
         picked
     }
 
@@ -366,6 +382,7 @@ impl RegionMap {
         !self.out_of_sync.get(region)
             && !self.clearing.get(region)
             && !self.pending.contains_key(&region)
+            && !self.written_since_pass.get(region)
     }
 
     /// Confirms that the dirty-log bits of `regions` (from `regions_to_clear`) are durably
@@ -454,6 +471,7 @@ mod tests {
         m.begin_write(R);
         m.marked(&[R]);
         m.end_write(R, true);
+        assert!(m.regions_to_clear(8).is_empty(), "written in this pass");
         assert_eq!(m.regions_to_clear(8), vec![R]);
         assert_eq!(
             m.begin_write(R),
@@ -463,6 +481,7 @@ mod tests {
         m.cleared(&[R]);
         assert_eq!(m.state(R), RegionState::Dirty);
         m.end_write(R, true);
+        assert!(m.regions_to_clear(8).is_empty(), "written in this pass");
         assert_eq!(m.regions_to_clear(8), vec![R]);
         m.clear_failed(&[R]);
         assert_eq!(m.state(R), RegionState::Dirty);
@@ -470,6 +489,36 @@ mod tests {
             m.begin_write(R),
             WriteAdmission::Proceed { needs_mark: true }
         );
+    }
+
+    #[test]
+    fn a_region_written_in_every_pass_keeps_its_bit() {
+        let mut m = map(8);
+        let other = RegionIndex(5);
+        for r in [R, other] {
+            m.begin_write(r);
+            m.marked(&[r]);
+            m.end_write(r, true);
+        }
+        for pass in 0..4 {
+            // R is written in every pass, `other` never again.
+            assert_eq!(
+                m.begin_write(R),
+                WriteAdmission::Proceed { needs_mark: false },
+                "pass {pass}: R kept its mark"
+            );
+            m.end_write(R, true);
+            let picked = m.regions_to_clear(8);
+            assert!(!picked.contains(&R), "pass {pass}: {picked:?}");
+            if pass == 1 {
+                assert_eq!(picked, vec![other], "idle for a whole pass");
+                m.cleared(&picked);
+            } else {
+                assert!(picked.is_empty(), "pass {pass}: {picked:?}");
+            }
+        }
+        assert_eq!(m.state(other), RegionState::Clean);
+        assert_eq!(m.state(R), RegionState::Dirty);
     }
 
     #[test]
