@@ -24,6 +24,12 @@
 //! it: a change of the region map (a grow, a split-brain resolution) also waits until every
 //! such write has ended its regions ([`BehindLedger::settled`]).
 //!
+//! A write behind runs as a task on the executor of the thread that issued the request (a
+//! ublk queue thread), so that thread must keep running until the writes behind end: the
+//! daemon shuts a target down (whose FLUSH drains them) before it stops the queues. A caller
+//! that writes from a `block_on` of its own and returns from it leaves them unpolled, and
+//! a later FLUSH would wait for them forever: such a caller flushes before it leaves.
+//!
 //! Invariants: a ticket lives until its I/O ended (dropping it, also on cancellation, ends
 //! it and wakes the waiters); the background tickets of a slot never exceed its
 //! `write_behind`, their bytes never exceed [`BEHIND_BYTES_MAX`].
