@@ -93,8 +93,9 @@ fn parse_region_size(text: &str) -> std::result::Result<u64, String> {
 
 impl AddMirror {
     /// The spec: local legs made absolute, remote ones checked, and every leg checked for
-    /// repeats (the same device under two names included), the region size in sectors. A leg that does not exist is kept: the mirror
-    /// may assemble degraded without it (a create refuses it).
+    /// repeats (the same device under two names included), the region size in sectors. A
+    /// leg that does not exist is kept: the mirror may assemble degraded without it (a
+    /// create refuses it).
     pub fn spec(self) -> Result<MirrorSpec> {
         let mut legs = Vec::with_capacity(self.legs.len());
         let mut seen = Vec::new();

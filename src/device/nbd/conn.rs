@@ -411,8 +411,12 @@ struct SendPart {
 }
 
 impl SendPart {
+    fn payload_len(&self) -> usize {
+        self.payload.as_ref().map_or(0, |(_, r)| r.len())
+    }
+
     fn len(&self) -> usize {
-        REQUEST_LEN + self.payload.as_ref().map_or(0, |(_, r)| r.len())
+        REQUEST_LEN + self.payload_len()
     }
 }
 
@@ -426,8 +430,9 @@ impl SendBatch {
         header: [u8; REQUEST_LEN],
         payload: Option<(Arc<AlignedBuf>, Range<usize>)>,
     ) {
-        self.payload_bytes += payload.as_ref().map_or(0, |(_, r)| r.len());
-        self.parts.push(SendPart { header, payload });
+        let part = SendPart { header, payload };
+        self.payload_bytes += part.payload_len();
+        self.parts.push(part);
     }
 
     /// The unsent bytes: the parts from `first` on, less `skip` bytes of the first.
