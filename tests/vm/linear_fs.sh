@@ -9,6 +9,14 @@ set -uo pipefail
 . "$UBLKDM_REPO/tests/vm/common.sh"
 
 BACKING=/dev/vda
+# The guest's record of I/O errors on the VM's own disks, for a failure message: a backing
+# disk that failed a write loses the data below ublkdm, which passes the error up.
+disk_errors() {
+	local n
+	n=$(dmesg | grep -c 'I/O error, dev vd')
+	((n == 0)) || printf ' (%s I/O errors on the backing disks: %s)' "$n" \
+		"$(dmesg | grep -m1 'I/O error, dev vd')"
+}
 MNT=$T/mnt
 modprobe ext4 || die "cannot load ext4"
 mkdir -p "$MNT"
@@ -38,7 +46,7 @@ fi
 if mount "$dev" "$MNT" && (cd "$MNT" && sha256sum --quiet -c "$T/sums"); then
 	pass "files-read-back"
 else
-	fail "files-read-back" "checksums differ after remount"
+	fail "files-read-back" "checksums differ after remount$(disk_errors)"
 fi
 umount "$MNT" 2>/dev/null
 
@@ -47,7 +55,7 @@ ublkdm del "$id" >/dev/null
 if dev=$(add_linear "$BACKING") && mount -o ro "$dev" "$MNT" && (cd "$MNT" && sha256sum --quiet -c "$T/sums"); then
 	pass "files-survive-a-new-daemon"
 else
-	fail "files-survive-a-new-daemon" "checksums differ under a new daemon"
+	fail "files-survive-a-new-daemon" "checksums differ under a new daemon$(disk_errors)"
 fi
 umount "$MNT" 2>/dev/null
 vm_summary
