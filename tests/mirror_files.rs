@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use ublkdm::copy::ThrottleConfig;
 use ublkdm::device::reactor::block_on;
 use ublkdm::target::{Target, TargetSpec};
-use ublkdm::targets::mirror::{open_mirror_with, MirrorSpec, Tuning};
+use ublkdm::targets::mirror::{open_mirror_with, LegOptions, MirrorSpec, Tuning};
 
 use common::target_io::{read, write};
 
@@ -75,6 +75,34 @@ fn direct_io_works(dir: &Path) -> bool {
         .custom_flags(libc::O_DIRECT)
         .open(&probe)
         .is_ok()
+}
+
+/// The leg options a spec carries are those the mirror runs with, whatever the tuning says
+/// (`open_mirror_with` used to drop them: only `open_mirror` passed them on).
+#[test]
+fn open_mirror_with_runs_with_the_specs_leg_options() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("temp dir");
+    if !direct_io_works(dir.path()) {
+        eprintln!("SKIP: this filesystem refuses O_DIRECT");
+        return;
+    }
+    let legs: Vec<PathBuf> = (0..2).map(|i| dir.path().join(format!("leg{i}"))).collect();
+    for leg in &legs {
+        let file = std::fs::File::create(leg).expect("create a leg");
+        file.set_len(LEG_BYTES).expect("size a leg");
+    }
+    let mut spec = spec(&legs);
+    let mostly = LegOptions::parse("write-mostly").expect("options");
+    spec.leg_options.insert(1, mostly);
+    let target =
+        open_mirror_with(&spec, ThrottleConfig::UNLIMITED, tuning()).expect("open the mirror");
+    let status = target.status();
+    assert_eq!(status["legs"][1]["options"], "write-mostly", "{status}");
+    assert_eq!(
+        status["legs"][0]["options"],
+        serde_json::Value::Null,
+        "{status}"
+    );
 }
 
 #[test]

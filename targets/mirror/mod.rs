@@ -615,19 +615,19 @@ impl Target for MirrorTarget {
 /// Opens the legs of `spec` and creates or assembles the mirror, with its own copy engine
 /// and resync thread.
 pub fn open_mirror(spec: &MirrorSpec) -> Result<Arc<dyn Target>> {
-    let tuning = Tuning {
-        leg_options: spec.leg_options.clone(),
-        ..Tuning::default()
-    };
-    open_mirror_with(spec, spec.resync_throttle, tuning)
+    open_mirror_with(spec, spec.resync_throttle, Tuning::default())
 }
 
-/// [`open_mirror`] with a resync throttle (floor and ceiling) and tuning.
+/// [`open_mirror`] with a resync throttle (floor and ceiling) and tuning. The spec's leg
+/// options are the user's and win over those of `tuning` for the same slot.
 pub fn open_mirror_with(
     spec: &MirrorSpec,
     throttle: ThrottleConfig,
-    tuning: Tuning,
+    mut tuning: Tuning,
 ) -> Result<Arc<dyn Target>> {
+    tuning
+        .leg_options
+        .extend(spec.leg_options.iter().map(|(&slot, &o)| (slot, o)));
     let options = CreateOptions {
         region_size: (spec.region_size_sectors != 0)
             .then_some(SectorCount(spec.region_size_sectors)),
