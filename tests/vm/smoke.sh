@@ -44,31 +44,4 @@ else
 	fail "fio-verify" "fio failed or did not verify"
 fi
 
-# Large writes that start 1 KiB off a 4 KiB boundary (ext4 with 1 KiB blocks makes them, and
-# so does ublkdm serving it): qemu 7.2 merges neighbouring requests up to 1024 iovecs and,
-# with cache=none, pads a misaligned one to the host's 4 KiB; padded past 1024 iovecs it
-# fails the write with EINVAL, and the guest sees an I/O error on vda. scripts/vm/run turns
-# qemu's request merging off; this case fails if it ever comes back.
-# fio's buffers must span 256 scattered pages per MiB, as a long-running daemon's do: no
-# transparent huge pages, and every other page of a tmpfs file freed so that the next
-# allocations are single pages.
-thp=/sys/kernel/mm/transparent_hugepage/enabled
-[[ -w $thp ]] && echo never >"$thp"
-mkdir -p "$tmp/frag" && mount -t tmpfs -o size=80M frag "$tmp/frag"
-xfs_io -f -c "pwrite -q -b 4k 0 64m" "$tmp/frag/f"
-for ((i = 0; i < 8192; i++)); do echo "fpunch $((i * 8192)) 4096"; done | xfs_io "$tmp/frag/f"
-dmesg -C 2>/dev/null || true
-if fio --name=misaligned --filename=/dev/vda --direct=1 --ioengine=io_uring --rw=write \
-	--bs=1M --offset=1k --size=200M --iodepth=16 --iodepth_batch_submit=8 \
-	--verify=crc32c --verify_fatal=1 \
-	--output="$tmp/fio-mis.txt" && ! dmesg | grep -q 'I/O error, dev vda'; then
-	pass "misaligned-large-writes"
-else
-	tail -5 "$tmp/fio-mis.txt" || true
-	fail "misaligned-large-writes" \
-		"$(dmesg | grep -c 'I/O error, dev vda') I/O errors on vda: $(dmesg | grep -m1 'I/O error, dev vda')"
-fi
-umount "$tmp/frag"
-
-
 vm_summary
