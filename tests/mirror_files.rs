@@ -66,6 +66,18 @@ fn wait_in_sync(target: &Arc<dyn Target>) -> serde_json::Value {
     }
 }
 
+/// A scratch folder for leg files, or `None` (after printing `SKIP:`) where the filesystem
+/// refuses `O_DIRECT` (tmpfs).
+fn direct_io_dir() -> Option<tempfile::TempDir> {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("temp dir");
+    if direct_io_works(dir.path()) {
+        Some(dir)
+    } else {
+        eprintln!("SKIP: this filesystem refuses O_DIRECT");
+        None
+    }
+}
+
 fn direct_io_works(dir: &Path) -> bool {
     use std::os::unix::fs::OpenOptionsExt;
     let probe = dir.join("probe");
@@ -81,16 +93,10 @@ fn direct_io_works(dir: &Path) -> bool {
 /// (`open_mirror_with` used to drop them: only `open_mirror` passed them on).
 #[test]
 fn open_mirror_with_runs_with_the_specs_leg_options() {
-    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("temp dir");
-    if !direct_io_works(dir.path()) {
-        eprintln!("SKIP: this filesystem refuses O_DIRECT");
+    let Some(dir) = direct_io_dir() else {
         return;
-    }
-    let legs: Vec<PathBuf> = (0..2).map(|i| dir.path().join(format!("leg{i}"))).collect();
-    for leg in &legs {
-        let file = std::fs::File::create(leg).expect("create a leg");
-        file.set_len(LEG_BYTES).expect("size a leg");
-    }
+    };
+    let legs = make_legs(dir.path(), &["leg0", "leg1"]);
     let mut spec = spec(&legs);
     let mostly = LegOptions::parse("write-mostly").expect("options");
     spec.leg_options.insert(1, mostly);
@@ -107,11 +113,9 @@ fn open_mirror_with_runs_with_the_specs_leg_options() {
 
 #[test]
 fn open_mirror_over_files_resyncs_on_its_own_threads_and_reassembles() {
-    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("temp dir");
-    if !direct_io_works(dir.path()) {
-        eprintln!("SKIP: this filesystem refuses O_DIRECT");
+    let Some(dir) = direct_io_dir() else {
         return;
-    }
+    };
     let legs: Vec<PathBuf> = (0..3).map(|i| dir.path().join(format!("leg{i}"))).collect();
     for (i, leg) in legs.iter().enumerate() {
         let file = std::fs::File::create(leg).expect("create a leg");
@@ -196,11 +200,9 @@ fn spec_legs(spec: &TargetSpec) -> (Option<uuid::Uuid>, Vec<PathBuf>) {
 
 #[test]
 fn the_stored_spec_follows_replace_leg_and_finds_moved_legs_by_uuid() {
-    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("temp dir");
-    if !direct_io_works(dir.path()) {
-        eprintln!("SKIP: this filesystem refuses O_DIRECT");
+    let Some(dir) = direct_io_dir() else {
         return;
-    }
+    };
     let legs = make_legs(dir.path(), &["a", "b", "c"]);
     let data: Vec<u8> = (0..64 * 512).map(|i| (i % 239) as u8).collect();
     let given = spec(&legs[..2]);

@@ -625,9 +625,7 @@ pub fn open_mirror_with(
     throttle: ThrottleConfig,
     mut tuning: Tuning,
 ) -> Result<Arc<dyn Target>> {
-    tuning
-        .leg_options
-        .extend(spec.leg_options.iter().map(|(&slot, &o)| (slot, o)));
+    tuning.leg_options.extend(&spec.leg_options);
     let options = CreateOptions {
         region_size: (spec.region_size_sectors != 0)
             .then_some(SectorCount(spec.region_size_sectors)),
