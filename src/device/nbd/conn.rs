@@ -804,7 +804,7 @@ where
                 // Down first: a caller that sees its request fail finds the link down.
                 self.worker.shared.set_down(&e);
                 if matches!(e, LinkError::ServerShutdown) {
-                    self.send_disc().await;
+                    self.send_disc(DISC_GRACE).await;
                 }
                 self.fail_in_flight();
                 SessionEnd::Failed(e)
@@ -952,8 +952,10 @@ where
         self.set_in_flight(0);
     }
 
-    /// The device is gone: let replies in flight arrive (for a while), then `NBD_CMD_DISC`.
+    /// The device is gone: let replies in flight arrive, then `NBD_CMD_DISC`, all within
+    /// [`DISC_GRACE`] (a server that stopped reading must not hold the drop up twice).
     async fn disconnect(&self, replies: &mut (impl AsyncRead + Unpin)) {
+        let deadline = Instant::now() + DISC_GRACE;
         let drained = async {
             while !self.in_flight.borrow().is_empty() {
                 if self.read_one(replies).await.is_err() {
@@ -963,14 +965,17 @@ where
         };
         drained
             .or(async {
-                Timer::after(DISC_GRACE).await;
+                Timer::at(deadline).await;
             })
             .await;
-        self.send_disc().await;
+        self.send_disc(deadline.saturating_duration_since(Instant::now()))
+            .await;
         // Jobs still in flight complete with ENOTCONN as they drop with the session.
     }
 
-    async fn send_disc(&self) {
+    /// Sends `NBD_CMD_DISC`, giving up after `limit` (a write that can go at once still
+    /// goes with no time left).
+    async fn send_disc(&self, limit: Duration) {
         let mut io = self.sock;
         let disc = encode_request(&Request {
             flags: 0,
@@ -980,7 +985,7 @@ where
             len: 0,
         });
         // Best effort: the socket may be dead already, and we close it either way.
-        let _ = within(DISC_GRACE, "NBD_CMD_DISC", async {
+        let _ = within(limit, "NBD_CMD_DISC", async {
             io.write_all(&disc).await?;
             Ok(())
         })

@@ -10,12 +10,12 @@ use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
 
-use super::conn::{read_go_replies, Export, Geometry, LinkError};
+use super::conn::{read_go_replies, Export, Geometry, LinkError, DISC_GRACE};
 use super::model::{Corruption, HandshakeFault, ModelConfig, ModelServer};
 use super::proto::*;
 use super::*;
 use crate::device::reactor::block_on;
-use crate::device::{BlockDevice, LinkState};
+use crate::device::{BlockDevice, IoFuture, LinkState};
 use crate::units::{Extent, Sector, SectorCount};
 
 const KIB: u64 = 1024;
@@ -454,6 +454,76 @@ fn a_late_reply_times_out_and_the_link_recovers() {
     server.faults().reply_delay = Duration::ZERO;
     wait_reconnected(&dev, 1);
     assert_eq!(read(&dev, 0, 8).unwrap(), pattern(5, 4096));
+}
+
+/// A write gives its buffer back unshared once it completes, however soon its reply comes:
+/// the caller (a ublk queue's buffer pool, the copy engine) takes it back with
+/// `Arc::try_unwrap`, so a reference the sending side keeps past the reply aborts the
+/// daemon. A client whose sender ran on a thread of its own once did so, in an experiment.
+#[test]
+fn a_completed_write_holds_no_reference_to_its_buffer() {
+    let server = ModelServer::start(ModelConfig::new(64 * KIB, "unshared"));
+    let dev = connect(&server);
+    for i in 0..2000u64 {
+        let buf = Arc::new(AlignedBuf::from_slice(&pattern(i as u8, 4096)));
+        let res = block_on(dev.write(Sector(i % 64), Arc::clone(&buf), WriteFlags { fua: false }));
+        res.expect("a write");
+        assert_eq!(
+            Arc::strong_count(&buf),
+            1,
+            "write {i} left its buffer shared"
+        );
+    }
+}
+
+/// Two 1 MiB writes to a server that reads the first and then sleeps before its reply
+/// (`reply_delay`): the second's send stalls on a full socket.
+fn stalled_sends(dev: &NbdDevice, server: &ModelServer) -> [IoFuture<io::Result<()>>; 2] {
+    server.faults().reply_delay = Duration::from_secs(3);
+    [(0, 1), (4096, 2)].map(|(sector, seed)| {
+        let data = Arc::new(AlignedBuf::from_slice(&pattern(seed, 1 << 20)));
+        dev.write(Sector(sector), data, WriteFlags { fua: false })
+    })
+}
+
+#[test]
+fn a_send_the_server_does_not_read_times_out() {
+    let server = ModelServer::start(ModelConfig::new(4 << 20, "stall"));
+    let mut opts = fast();
+    opts.request_timeout = Duration::from_millis(300);
+    opts.reconnect_backoff_min = Duration::from_secs(5);
+    opts.reconnect_backoff_max = Duration::from_secs(5);
+    let dev = NbdDevice::connect(server.address(), opts).unwrap();
+    let start = Instant::now();
+    let [a, b] = stalled_sends(&dev, &server);
+    let (a, b) = block_on(smol::future::zip(a, b));
+    let took = start.elapsed();
+    assert!(a.is_err() && b.is_err(), "writes past their deadline fail");
+    assert!(took < Duration::from_millis(2000), "{took:?}");
+    let l = link(&dev);
+    assert_ne!(l.state, LinkState::Connected);
+    assert!(l.last_error.unwrap().contains("no reply within"));
+}
+
+#[test]
+fn dropping_the_device_during_a_stalled_send_stops_promptly() {
+    let server = ModelServer::start(ModelConfig::new(4 << 20, "stall"));
+    let dev = connect(&server);
+    let [mut a, mut b] = stalled_sends(&dev, &server);
+    // One poll each hands both jobs to the client; then the second's send stalls.
+    let (a, b) = block_on(async move {
+        assert!(smol::future::poll_once(&mut a).await.is_none());
+        assert!(smol::future::poll_once(&mut b).await.is_none());
+        (a, b)
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let start = Instant::now();
+    drop(dev);
+    let took = start.elapsed();
+    // The replies in flight get their grace, and sending NBD_CMD_DISC no more on top.
+    assert!(took < DISC_GRACE + Duration::from_millis(400), "{took:?}");
+    let (a, b) = block_on(smol::future::zip(a, b));
+    assert!(a.is_err() && b.is_err(), "the link was dropped under them");
 }
 
 #[test]
