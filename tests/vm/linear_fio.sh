@@ -4,8 +4,8 @@
 # Method: a linear device over /dev/vda with 2 queues; fio writes 4 KiB random blocks at
 # iodepth 32, then 1 MiB sequential blocks, each verified with crc32c; the device and the
 # backing disk must then hold the same bytes over the written range (read O_DIRECT); list and
-# status must show the device; the control socket must answer its protocol; del must remove
-# device and daemon.
+# status must show the device; the control socket must answer its protocol; the queue threads
+# must not be pinned (each may run on every CPU the daemon may); del must remove device and daemon.
 set -uo pipefail
 . "$UBLKDM_REPO/scripts/vm/lib.sh"
 . "$UBLKDM_REPO/tests/vm/common.sh"
@@ -63,7 +63,24 @@ else
 	fail "control-socket" "status=$status_ok target-cmd=$cmd_err version=$version_err junk=$junk_err modes=$modes"
 fi
 
+# Queue threads are not pinned: each may run on every CPU the daemon may (module doc of
+# src/ublk/mod.rs), so a queue's server can run beside the application that submits to it.
 pid=$(field "$id" .daemon_pid)
+allowed=$(awk '/^Cpus_allowed_list:/ { print $2 }' "/proc/$pid/status")
+queues=() pinned=0
+for task in /proc/"$pid"/task/*; do
+	name=$(cat "$task/comm" 2>/dev/null) || continue
+	[[ $name == "ublk${id}q"* ]] || continue
+	cpus=$(awk '/^Cpus_allowed_list:/ { print $2 }' "$task/status")
+	queues+=("$name:$cpus")
+	[[ $cpus == "$allowed" ]] || pinned=$((pinned + 1))
+done
+if ((${#queues[@]} == 2 && pinned == 0)); then
+	pass "queue-threads-unpinned"
+else
+	fail "queue-threads-unpinned" "the daemon may run on CPUs $allowed; its queue threads: ${queues[*]:-none}"
+fi
+
 if ublkdm del "$id" && wait_until 10 bash -c "! [[ -e /sys/class/ublk-char/ublkc$id ]]" && ! pid_alive "$pid"; then
 	pass "del"
 else
