@@ -18,9 +18,9 @@
 //! CPU the application submits from, so the server could never run beside its client and
 //! every request waited for the application to yield its CPU (on a 2-CPU guest, pinned: 4 KiB
 //! random requests at depth 32 at 0.55-0.57x and 1 MiB writes at 0.69x of the same device
-//! unpinned, one boot, three interleaved rounds). A queue thread keeps the CPUs the daemon was started with (a
-//! `taskset` or cgroup still applies) and the scheduler places it, as it places the kernel's
-//! own I/O workers for dm and md.
+//! unpinned, one boot, three interleaved rounds). A queue thread keeps the CPUs the daemon was
+//! started with (a `taskset` or cgroup still applies) and the scheduler places it, as it
+//! places the kernel's own I/O workers for dm and md.
 //!
 //! Features are detected, never assumed ([`features`]): a new device asks for the flags the
 //! driver reported in GET_FEATURES that ublkdm uses (zero copy for a target that never needs

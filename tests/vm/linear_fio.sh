@@ -5,7 +5,8 @@
 # iodepth 32, then 1 MiB sequential blocks, each verified with crc32c; the device and the
 # backing disk must then hold the same bytes over the written range (read O_DIRECT); list and
 # status must show the device; the control socket must answer its protocol; the queue threads
-# must not be pinned (each may run on every CPU the daemon may); del must remove device and daemon.
+# must not be pinned (each may run on every CPU the daemon may); del must remove device and
+# daemon.
 set -uo pipefail
 . "$UBLKDM_REPO/scripts/vm/lib.sh"
 . "$UBLKDM_REPO/tests/vm/common.sh"
@@ -65,13 +66,14 @@ fi
 
 # Queue threads are not pinned: each may run on every CPU the daemon may (module doc of
 # src/ublk/mod.rs), so a queue's server can run beside the application that submits to it.
+cpus_allowed() { awk '/^Cpus_allowed_list:/ { print $2 }' "$1/status"; }
 pid=$(field "$id" .daemon_pid)
-allowed=$(awk '/^Cpus_allowed_list:/ { print $2 }' "/proc/$pid/status")
+allowed=$(cpus_allowed "/proc/$pid")
 queues=() pinned=0
 for task in /proc/"$pid"/task/*; do
 	name=$(cat "$task/comm" 2>/dev/null) || continue
 	[[ $name == "ublk${id}q"* ]] || continue
-	cpus=$(awk '/^Cpus_allowed_list:/ { print $2 }' "$task/status")
+	cpus=$(cpus_allowed "$task")
 	queues+=("$name:$cpus")
 	[[ $cpus == "$allowed" ]] || pinned=$((pinned + 1))
 done
