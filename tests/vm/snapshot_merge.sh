@@ -9,7 +9,8 @@
 #   (merge.active false), leave the origin with s1's image, remove s1's device and s1 from
 #   the list, and free the store.
 # Part 2: snapshot s2, 8 MiB written to the origin (512 chunks to merge back), snapshot s3.
-#   With origin writes delayed by 20 ms, `snapshot merge ID s2`; mid-merge the origin is read
+#   With origin writes delayed by 100 ms (the merge then takes 50 s at least: one chunk per
+#   step, each step's origin write delayed), `snapshot merge ID s2`; mid-merge the origin is read
 #   in full (it must read as s2) and written (512 KiB); then, while the merge still runs, the
 #   daemon is killed with -9. The device must wait QUIESCED; `ublkdm recover ID` must bring
 #   back the origin and s3's device (same paths); with the delay removed the merge must
@@ -68,7 +69,9 @@ cp "$T/origin.img" "$T/s2.img"
 put "$dev" $((8 << 20)) $((8 << 20)) "$T/origin.img" || fail "origin-write" "8 MiB write failed"
 s3=$(snap_create "$id" s3) || die "snapshot s3 failed"
 cp "$T/origin.img" "$T/s3.img"
-write_delay origin /dev/vda 0 $MIB 20 || die "cannot slow the origin down"
+# 100 ms, not less: at 20 ms a slow CI machine finished the merge (10 s at least) before the
+# checks below were done, and the kill found nothing to interrupt.
+write_delay origin /dev/vda 0 $MIB 100 || die "cannot slow the origin down"
 ublkdm snapshot merge "$id" s2 >/dev/null || fail "merge-starts-with-another-snapshot" "merge s2 failed"
 if wait_until 10 test ! -b "$s2"; then
 	pass "merge-removes-the-snapshots-device"
