@@ -13,17 +13,36 @@ use std::process::Command;
 
 /// The fake runner: boot number N (counted in `$FAKE_STATE/boots`) plays the Nth word of
 /// `$FAKE_PLAN`: `ok` (guest up, one PASS line, exit 0), `flake` (qemu dies at boot: exit 125,
-/// no guest output) or `crash` (guest up, then no exit status: exit 125).
+/// no guest output) or `crash` (guest up, then no exit status: exit 125). A batch boot
+/// (guest script `.../batch` with `SECS:TEST` arguments) frames each test's PASS line as
+/// tests/vm/batch does; with `crash` it dies in its second test. Each boot's guest script
+/// and arguments are appended to `$FAKE_STATE/boots.log`.
 const FAKE_RUNNER: &str = r#"#!/usr/bin/env bash
 set -u
 phase=1
+batch=()
 for arg in "$@"; do
-	case $arg in PHASE=*) phase=${arg#PHASE=} ;; esac
+	case $arg in
+	PHASE=*) phase=${arg#PHASE=} ;;
+	[0-9]*:*) batch+=("$(basename "${arg#*:}" .sh)") ;;
+	esac
 done
 n=$(($(cat "$FAKE_STATE/boots" 2>/dev/null || echo 0) + 1))
 echo "$n" >"$FAKE_STATE/boots"
+echo "${batch[*]:-alone}" >>"$FAKE_STATE/boots.log"
 read -r -a plan <<<"$FAKE_PLAN"
-case ${plan[n - 1]:-missing} in
+step=${plan[n - 1]:-missing}
+if ((${#batch[@]})) && [[ $step == ok || $step == crash ]]; then
+	echo "vm: guest up after 1.0 s"
+	for ((i = 0; i < ${#batch[@]}; i++)); do
+		echo "vm-batch: begin ${batch[i]}"
+		[[ $step == crash && $i == 1 ]] && { echo "vm: error: the guest wrote no exit status"; exit 125; }
+		echo "PASS: ${batch[i]}-case"
+		echo "vm-batch: end ${batch[i]} rc=0 secs=1"
+	done
+	exit 0
+fi
+case $step in
 ok) echo "vm: guest up after 1.0 s"; echo "PASS: phase-$phase"; exit 0 ;;
 flake) echo "vm: error: the guest wrote no exit status (qemu exit 1)"; exit 125 ;;
 crash) echo "vm: guest up after 1.0 s"; echo "vm: error: the guest wrote no exit status"; exit 125 ;;
@@ -143,19 +162,38 @@ fn with_no_test_named_each_kernel_runs_the_tests_written_for_it() {
 /// The tests run-all boots, by name, when it is given none on `kernel`, over a test folder
 /// of three files (`plain`: no `--kernels`; `only-newest`; `both`).
 fn run_default_list(kernel: &str) -> Vec<String> {
+    let files = [
+        ("plain", "# vm: --disks 1x1M\n"),
+        ("only-newest", "# vm: --disks 1x1M --kernels newest\n"),
+        ("both", "# vm: --kernels lts,newest --disks 1x1M\n"),
+        ("common_lib", "# vm: --kernels lts,newest\n"),
+    ];
+    let run = run_files(&format!("kernels-{kernel}"), kernel, &files, "ok ok ok ok");
+    assert!(run.outcome.success, "{}", run.outcome.stdout);
+    summaries(&run.outcome.stdout)
+        .into_iter()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// What [`run_files`] saw: run-all's outcome and, boot by boot, the tests each batch boot
+/// ran (`alone` for a boot of one test).
+struct BatchRun {
+    outcome: Outcome,
+    boots_log: Vec<String>,
+}
+
+/// Runs run-all (no build) on `kernel` over a test folder of `files` (name, header), naming no
+/// test, with boot outcomes `plan`.
+fn run_files(dir_name: &str, kernel: &str, files: &[(&str, &str)], plan: &str) -> BatchRun {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let dir = tempdir(&format!("kernels-{kernel}"));
+    let dir = tempdir(dir_name);
     let runner = dir.join("fake-run");
     fs::write(&runner, FAKE_RUNNER).unwrap();
     chmod_x(&runner);
     let tests = dir.join("tests");
     fs::create_dir(&tests).unwrap();
-    for (name, header) in [
-        ("plain", "# vm: --disks 1x1M\n"),
-        ("only-newest", "# vm: --disks 1x1M --kernels newest\n"),
-        ("both", "# vm: --kernels lts,newest --disks 1x1M\n"),
-        ("common_lib", "# vm: --kernels lts,newest\n"),
-    ] {
+    for (name, header) in files {
         fs::write(tests.join(format!("{name}.sh")), header).unwrap();
     }
     let state = dir.join("state");
@@ -164,16 +202,79 @@ fn run_default_list(kernel: &str) -> Vec<String> {
         .args(["--no-build", "--kernel", kernel])
         .env("UBLKDM_VM_RUNNER", &runner)
         .env("UBLKDM_VM_TEST_DIR", &tests)
+        .env_remove("UBLKDM_VM_BATCH")
         .env("FAKE_STATE", &state)
-        .env("FAKE_PLAN", "ok ok ok ok")
+        .env("FAKE_PLAN", plan)
         .output()
         .expect("run tests/vm/run-all");
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(out.status.success(), "{stdout}");
+    let boots = fs::read_to_string(state.join("boots")).unwrap_or_default();
+    let boots_log = fs::read_to_string(state.join("boots.log")).unwrap_or_default();
     fs::remove_dir_all(&dir).unwrap();
+    BatchRun {
+        outcome: Outcome {
+            success: out.status.success(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            boots: boots.trim().parse().unwrap_or(0),
+        },
+        boots_log: boots_log.lines().map(str::to_owned).collect(),
+    }
+}
+
+/// The `== NAME:` summary lines of a run, in order.
+fn summaries(stdout: &str) -> Vec<&str> {
     stdout
         .lines()
         .filter_map(|l| l.strip_prefix("== ")?.split(':').next())
-        .map(str::to_owned)
         .collect()
+}
+
+/// Single-phase tests that want the same disks share one boot; a test that wants other disks,
+/// or has several phases (power cuts), boots alone.
+#[test]
+fn single_phase_tests_with_the_same_disks_share_one_boot() {
+    let run = run_files(
+        "batches",
+        "lts",
+        &[
+            ("a", "# vm: --disks 1x1M\n"),
+            ("b", "# vm: --disks 2x1M\n"),
+            ("c", "# vm: --disks 1x1M --timeout 30\n"),
+            ("d", "# vm: --disks 1x1M --phases 2\n"),
+        ],
+        "ok ok ok ok",
+    );
+    let out = &run.outcome;
+    assert!(out.success, "{}", out.stdout);
+    assert_eq!(run.boots_log, ["a c", "alone", "alone", "alone"]);
+    assert_eq!(summaries(&out.stdout), ["a", "c", "b", "d"]);
+    assert!(out.stdout.contains("5 passed, 0 failed"), "{}", out.stdout);
+}
+
+/// A batch whose VM dies in a test fails that test (as a boot of its own would), and boots each
+/// test it never began alone: no test goes unrun.
+#[test]
+fn a_batch_that_dies_fails_that_test_and_boots_the_rest_alone() {
+    let files = [
+        ("a", "# vm: --disks 1x1M\n"),
+        ("b", "# vm: --disks 1x1M\n"),
+        ("c", "# vm: --disks 1x1M\n"),
+    ];
+    let run = run_files("batch-crash", "lts", &files, "crash ok");
+    let out = &run.outcome;
+    assert!(!out.success, "{}", out.stdout);
+    assert_eq!(run.boots_log, ["a b c", "alone"]);
+    assert_eq!(summaries(&out.stdout), ["a", "b", "c"]);
+    assert!(
+        out.stdout
+            .contains("FAIL: b: the VM exited 125 without a FAIL line"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout
+            .contains("c: not run in its batch; booting it alone"),
+        "{}",
+        out.stdout
+    );
+    assert!(out.stdout.contains("2 passed, 1 failed"), "{}", out.stdout);
 }

@@ -145,10 +145,10 @@ set_sched_none "$dev"
 wait_until 60 leg_in_sync "$id" 1 || fail "write-behind-leg-in-sync" "$(mstatus "$id" .legs[1])"
 tc qdisc add dev v0 root netem delay 20ms || die "cannot add netem delay"
 run_fio behind --filename="$dev" --direct=1 --ioengine=io_uring --rw=randwrite --bs=4k \
-	--iodepth=32 --offset=64M --size=8M --runtime=20 --time_based &
+	--iodepth=32 --offset=64M --size=8M --runtime=10 --time_based &
 fio_pid=$!
 max=0
-for _ in $(seq 1 40); do
+for _ in $(seq 1 20); do
 	lag=$(mstatus "$id" '.legs[1].lag.writes // 0')
 	((lag > max)) && max=$lag
 	sleep 0.3
