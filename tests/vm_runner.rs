@@ -73,6 +73,7 @@ fn run_all(name: &str, phases: u32, plan: &str) -> Outcome {
         .arg("--no-build")
         .arg(&test)
         .env("UBLKDM_VM_RUNNER", &runner)
+        .env("UBLKDM_VM_LOG_DIR", dir.join("logs"))
         .env("FAKE_STATE", &state)
         .env("FAKE_PLAN", plan)
         .output()
@@ -181,11 +182,22 @@ fn run_default_list(kernel: &str) -> Vec<String> {
 struct BatchRun {
     outcome: Outcome,
     boots_log: Vec<String>,
+    stderr: String,
 }
 
 /// Runs run-all (no build) on `kernel` over a test folder of `files` (name, header), naming no
-/// test, with boot outcomes `plan`.
+/// test, with boot outcomes `plan`; `batch` is `UBLKDM_VM_BATCH` (unset: the default).
 fn run_files(dir_name: &str, kernel: &str, files: &[(&str, &str)], plan: &str) -> BatchRun {
+    run_files_batched(dir_name, kernel, files, plan, None)
+}
+
+fn run_files_batched(
+    dir_name: &str,
+    kernel: &str,
+    files: &[(&str, &str)],
+    plan: &str,
+    batch: Option<&str>,
+) -> BatchRun {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
     let dir = tempdir(dir_name);
     let runner = dir.join("fake-run");
@@ -198,15 +210,19 @@ fn run_files(dir_name: &str, kernel: &str, files: &[(&str, &str)], plan: &str) -
     }
     let state = dir.join("state");
     fs::create_dir(&state).unwrap();
-    let out = Command::new(repo.join("tests/vm/run-all"))
-        .args(["--no-build", "--kernel", kernel])
+    let mut cmd = Command::new(repo.join("tests/vm/run-all"));
+    cmd.args(["--no-build", "--kernel", kernel])
         .env("UBLKDM_VM_RUNNER", &runner)
         .env("UBLKDM_VM_TEST_DIR", &tests)
-        .env_remove("UBLKDM_VM_BATCH")
+        .env("UBLKDM_VM_LOG_DIR", dir.join("logs"))
         .env("FAKE_STATE", &state)
-        .env("FAKE_PLAN", plan)
-        .output()
-        .expect("run tests/vm/run-all");
+        .env("FAKE_PLAN", plan);
+    match batch {
+        Some(batch) => cmd.env("UBLKDM_VM_BATCH", batch),
+        None => cmd.env_remove("UBLKDM_VM_BATCH"),
+    };
+    let out = cmd.output().expect("run tests/vm/run-all");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     let boots = fs::read_to_string(state.join("boots")).unwrap_or_default();
     let boots_log = fs::read_to_string(state.join("boots.log")).unwrap_or_default();
     fs::remove_dir_all(&dir).unwrap();
@@ -217,6 +233,7 @@ fn run_files(dir_name: &str, kernel: &str, files: &[(&str, &str)], plan: &str) -
             boots: boots.trim().parse().unwrap_or(0),
         },
         boots_log: boots_log.lines().map(str::to_owned).collect(),
+        stderr,
     }
 }
 
@@ -277,4 +294,33 @@ fn a_batch_that_dies_fails_that_test_and_boots_the_rest_alone() {
         out.stdout
     );
     assert!(out.stdout.contains("2 passed, 1 failed"), "{}", out.stdout);
+}
+
+/// `UBLKDM_VM_BATCH` caps a batch: the tests of one disk set go in chunks of that many, and
+/// a chunk of one boots alone.
+#[test]
+fn a_batch_holds_at_most_ublkdm_vm_batch_tests() {
+    let files = [
+        ("a", "# vm: --disks 1x1M\n"),
+        ("b", "# vm: --disks 1x1M\n"),
+        ("c", "# vm: --disks 1x1M\n"),
+    ];
+    let run = run_files_batched("batch-cap", "lts", &files, "ok ok", Some("2"));
+    assert!(run.outcome.success, "{}", run.outcome.stdout);
+    assert_eq!(run.boots_log, ["a b", "alone"]);
+    assert!(run.outcome.stdout.contains("3 passed, 0 failed"));
+}
+
+/// A cap that is not a count of tests is a one-line usage error before any boot (it once
+/// was a bash arithmetic error, and 0 would have chunked forever but for a guard elsewhere).
+#[test]
+fn a_bad_ublkdm_vm_batch_is_a_usage_error() {
+    let files = [("a", "# vm: --disks 1x1M\n")];
+    for bad in ["0", "two", "-1", "08"] {
+        let run = run_files_batched("batch-bad", "lts", &files, "ok", Some(bad));
+        assert!(!run.outcome.success, "UBLKDM_VM_BATCH={bad:?} was taken");
+        assert_eq!(run.outcome.boots, 0, "UBLKDM_VM_BATCH={bad:?} booted");
+        assert_eq!(run.stderr.lines().count(), 1, "{}", run.stderr);
+        assert!(run.stderr.contains("UBLKDM_VM_BATCH"), "{}", run.stderr);
+    }
 }

@@ -37,6 +37,8 @@ for dev in $UBLKDM_DISKS; do
 	done
 	[ -b "$dev" ] || job_err "$dev did not appear"
 done
+# No udev here, so the devtmpfs has no /dev/fd: bash's process substitution needs it.
+[ -e /dev/fd ] || ln -s /proc/self/fd /dev/fd || job_err "cannot link /dev/fd"
 
 # /tmp and /run are fresh tmpfs here; a checkout that lives there is bound back from the
 # host's view (see init), at the same path, so that absolute paths still work.

@@ -26,9 +26,6 @@ FIO_TIMEOUT=${FIO_TIMEOUT:-240}
 # Bounds for the CLI itself: add and del have their own bounds below these.
 CLI_TIMEOUT=120
 
-# No udev and no /dev/fd in the guest's devtmpfs: bash process substitution needs it.
-[[ -e /dev/fd ]] || ln -s /proc/self/fd /dev/fd
-
 T=$(mktemp -d)
 _common_cleanup() {
 	if ((VM_FAILED > 0)); then
